@@ -1,0 +1,43 @@
+"""Image geometry helpers: resize to cover and crop, never stretching."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def cover_size(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int]:
+    """Smallest size with the source aspect ratio that covers dst_w x dst_h."""
+    scale = max(dst_w / src_w, dst_h / src_h)
+    return max(dst_w, round(src_w * scale)), max(dst_h, round(src_h * scale))
+
+
+def center_crop_box(w: int, h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
+    left = (w - dst_w) // 2
+    top = (h - dst_h) // 2
+    return left, top, left + dst_w, top + dst_h
+
+
+def resize_cover_crop(img: Image.Image, dst_w: int, dst_h: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Resize to cover dst (keeping aspect), then center-crop. Returns the image and the
+    crop box in resized coordinates (left, top, right, bottom)."""
+    cw, ch = cover_size(img.width, img.height, dst_w, dst_h)
+    resized = img.resize((cw, ch), Image.Resampling.LANCZOS) if (cw, ch) != img.size else img
+    box = center_crop_box(cw, ch, dst_w, dst_h)
+    return resized.crop(box), box
+
+
+def pil_to_tensor_m11(img: Image.Image):
+    """PIL RGB -> float tensor 1x3xHxW in [-1, 1]."""
+    import torch
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+def tensor_m11_to_pil(t) -> Image.Image:
+    """Float tensor 1x3xHxW (or 3xHxW) in [-1, 1] -> PIL RGB."""
+    if t.ndim == 4:
+        t = t[0]
+    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)

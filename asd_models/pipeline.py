@@ -1,0 +1,152 @@
+"""AnySizePipeline: text to image at any width x height (ARAD stage 1 + FSTD stage 2)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
+from asd_models.fstd import FSTDConfig, fstd_sample
+from asd_models.images import pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
+from asd_models.loading import SDComponents, load_components
+from asd_models.seams import grid_lines
+
+MIN_SIDE, MAX_SIDE = 64, 16384
+
+# stage name, step, total steps, tiles done in this step, tiles in this step
+PipelineProgress = Callable[[str, int, int, int, int], None]
+
+
+@dataclass
+class AnySizeResult:
+    image: Image.Image
+    bucket: Bucket
+    canvas: tuple[int, int]  # (width, height) in pixels that stage 2 denoised
+    crop_box: tuple[int, int, int, int]  # final crop inside the canvas (left, top, right, bottom)
+    tile_px: int
+    seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
+    tiles_per_step: int = 0
+
+
+class AnySizePipeline:
+    """Diffusers-style two-stage pipeline.
+
+    1. ARAD: render the prompt at the training bucket nearest the requested aspect ratio.
+    2. FSTD: upsample that image to cover the requested size, re-noise it to `strength`,
+       denoise with implicit-overlap tiles, decode, and crop to exactly width x height.
+    """
+
+    def __init__(self, components: SDComponents, buckets: list[Bucket] | None = None) -> None:
+        self.c = components
+        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self.buckets = buckets or asd_buckets(
+            base=components.unet.config.sample_size * components.vae_scale_factor,
+            step=components.vae_scale_factor * components.unet_multiple,
+        )
+        for m in (self.c.unet, self.c.vae, self.c.text_encoder):
+            m.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, buckets: list[Bucket] | None = None) -> AnySizePipeline:
+        """Load components; use the model's training buckets (`buckets.json`) when it has them."""
+        listed = Path(source) / "buckets.json"
+        if buckets is None and listed.is_file():
+            buckets = [Bucket.parse(b) for b in json.loads(listed.read_text())]
+        return cls(load_components(source), buckets)
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.c.vae_scale_factor * self.c.unet_multiple
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.c.tokenizer
+        ids = tok([prompt, ""], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        emb = self.c.text_encoder(ids)[0]
+        return emb[:1], emb[1:]
+
+    @torch.no_grad()
+    def encode_image(self, img: Image.Image) -> torch.Tensor:
+        x = pil_to_tensor_m11(img).to(self.c.vae.dtype)
+        return self.c.vae.encode(x).latent_dist.mean * self.c.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> Image.Image:
+        x = self.c.vae.decode(latents / self.c.vae.config.scaling_factor).sample
+        return tensor_m11_to_pil(x.float())
+
+    def _check_size(self, width: int, height: int) -> None:
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or not MIN_SIDE <= v <= MAX_SIDE:
+                raise ValueError(f"{name} must be an integer in [{MIN_SIDE}, {MAX_SIDE}], got {v!r}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        width: int,
+        height: int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        strength: float = 0.6,
+        seed: int = 0,
+        fstd: FSTDConfig | None = None,
+        progress: PipelineProgress | None = None,
+    ) -> AnySizeResult:
+        self._check_size(width, height)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        f = self.c.vae_scale_factor
+        fstd = fstd or FSTDConfig(tile=self.c.unet.config.sample_size)
+        if fstd.tile % self.c.unet_multiple:
+            raise ValueError(f"FSTD tile {fstd.tile} must be a multiple of {self.c.unet_multiple} latent pixels")
+        generator = torch.Generator().manual_seed(seed)
+        cond, uncond = self.encode_prompt(prompt)
+
+        # 1. ARAD: the bucket nearest the requested ratio, sampled whole.
+        bucket = nearest_bucket(width, height, self.buckets)
+        shape = (1, self.c.unet.config.in_channels, bucket.height // f, bucket.width // f)
+        latents = torch.randn(shape, generator=generator)
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = latents * self.scheduler.init_noise_sigma
+        whole = FSTDConfig(tile=max(shape[2:]), tile_batch_size=1)
+        latents, _ = fstd_sample(
+            self.c.unet, self.scheduler, latents, self.scheduler.timesteps, cond, uncond, guidance_scale,
+            whole, generator, progress=(lambda s, n, d, t: progress("arad", s, n, d, t)) if progress else None,
+        )
+        image = self.decode_latents(latents)
+
+        # 2. FSTD: enlarge to a canvas that covers the target (sides multiple of the UNet's
+        # pixel multiple), then crop the exact size: the aspect ratio is never stretched.
+        m = self.pixel_multiple
+        cw, ch = -(-width // m) * m, -(-height // m) * m
+        canvas_img, _ = resize_cover_crop(image, cw, ch)
+        tile_px = fstd.tile * f
+        if (cw, ch) != (bucket.width, bucket.height) or cw * ch > bucket.width * bucket.height:
+            x0 = self.encode_image(canvas_img)
+            self.scheduler.set_timesteps(num_inference_steps)
+            start = int(round(num_inference_steps * (1 - strength)))
+            timesteps = self.scheduler.timesteps[min(start, num_inference_steps - 1):]
+            noise = torch.randn(x0.shape, generator=generator)
+            latents = self.scheduler.add_noise(x0, noise, timesteps[:1])
+            latents, _ = fstd_sample(
+                self.c.unet, self.scheduler, latents, timesteps, cond, uncond, guidance_scale, fstd, generator,
+                progress=(lambda s, n, d, t: progress("fstd", s, n, d, t)) if progress else None,
+            )
+            canvas_img = self.decode_latents(latents)
+        box = ((cw - width) // 2, (ch - height) // 2, (cw - width) // 2 + width, (ch - height) // 2 + height)
+        final = canvas_img.crop(box)
+        lat_h, lat_w = ch // f, cw // f
+        tiles = -(-lat_h // min(fstd.tile, lat_h)) * -(-lat_w // min(fstd.tile, lat_w))
+        return AnySizeResult(
+            image=final, bucket=bucket, canvas=(cw, ch), crop_box=box, tile_px=tile_px,
+            seam_lines={"x": grid_lines(width, tile_px, box[0]), "y": grid_lines(height, tile_px, box[1])},
+            tiles_per_step=tiles,
+        )

@@ -1,0 +1,61 @@
+"""Arrow schemas of every manifest the pipeline writes. Defined once, used everywhere."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+DATASET_MANIFEST = pa.schema([
+    ("key", pa.string()),             # sanitized sample key (tar member basename)
+    ("source", pa.string()),          # where the input came from (path or URL)
+    ("caption", pa.string()),
+    ("status", pa.string()),          # ok | failed
+    ("error", pa.string()),           # reason when failed, else null
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("width", pa.int32()),            # final (bucket) size
+    ("height", pa.int32()),
+    ("bucket", pa.string()),          # "WxH"
+    ("crop_left", pa.int32()),        # crop box in the resized-to-cover image
+    ("crop_top", pa.int32()),
+    ("crop_right", pa.int32()),
+    ("crop_bottom", pa.int32()),
+    ("sha256", pa.string()),          # sha256 of the decoded RGB pixels (duplicate detection)
+    ("shard", pa.string()),           # shard path relative to the version
+    ("bytes", pa.int64()),            # encoded image size in the shard
+])
+
+PROMPTS = pa.schema([
+    ("prompt", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("seed", pa.int64()),
+])
+
+GENERATIONS_MANIFEST = pa.schema([
+    ("key", pa.string()),
+    ("prompt", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("seed", pa.int64()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("image", pa.string()),           # path relative to the version
+    ("bucket", pa.string()),          # ARAD stage-1 bucket
+    ("canvas_width", pa.int32()),     # FSTD canvas before the exact crop
+    ("canvas_height", pa.int32()),
+    ("tile_px", pa.int32()),
+    ("tiles_per_step", pa.int32()),
+    ("seam_x", pa.list_(pa.int32())),  # unshifted tile grid lines in the final image
+    ("seam_y", pa.list_(pa.int32())),
+    ("seconds", pa.float64()),
+])
+
+METRICS = pa.schema([
+    ("metric", pa.string()),
+    ("value", pa.float64()),          # null when skipped
+    ("status", pa.string()),          # ok | skipped
+    ("detail", pa.string()),          # sample counts, seeds, or why it was skipped
+])

@@ -1,0 +1,1 @@
+"""Prefect flows: compose tasks, own parameters (pydantic), fan out, publish UI artifacts."""

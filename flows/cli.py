@@ -1,0 +1,256 @@
+"""`asd`: the command line. Each subcommand runs a flow or reads the store."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+DEMO_INGEST = {"bucket_base": 128, "bucket_step": 16, "min_side": 64}
+DEMO_TRAIN = {"base_model": "tiny", "vae_steps": 400, "steps": 1000, "batch_size": 8, "learning_rate": 1e-3}
+QUICK_TRAIN = {"base_model": "tiny", "vae_steps": 20, "steps": 20, "batch_size": 4, "learning_rate": 1e-3}
+DEMO_GENERATE = {"steps": 20, "guidance_scale": 4.0, "strength": 0.6, "shard_size": 3}
+
+
+def _ref(text: str, kind: str) -> str:
+    """Accept NAME, NAME@VERSION or KIND/NAME@VERSION."""
+    return text if text.startswith(f"{kind}/") else f"{kind}/{text}"
+
+
+def _print_metrics(store, ref: str) -> None:
+    import polars as pl
+
+    df = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "metrics.parquet")))
+    df = df.filter(~pl.col("metric").str.contains("/"))
+    with pl.Config(tbl_rows=50, fmt_str_lengths=90, tbl_width_chars=160, tbl_hide_dataframe_shape=True):
+        print(df)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from data_manifests.demo import demo_prompts, materialize_demo_photos
+    from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
+    from flows.pipeline_flow import asd_pipeline
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    print(f"asd demo: store {store.url}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="asd-demo-photos-") as tmp:
+        folder = materialize_demo_photos(Path(tmp) / "photos")
+        prompts = [PromptSpec(**p) for p in demo_prompts()]
+        if args.quick:
+            prompts = [PromptSpec(prompt=p.prompt, width=p.width // 4 + 64, height=p.height // 4 + 64, seed=p.seed)
+                       for p in prompts[:3]]
+        refs = asd_pipeline(
+            source=str(folder), prompts=prompts, name=args.name,
+            ingest=IngestSettings(**DEMO_INGEST),
+            train=TrainSettings(**(QUICK_TRAIN if args.quick else DEMO_TRAIN)),
+            generate=GenerateSettings(**{**DEMO_GENERATE, **({"steps": 6} if args.quick else {})}),
+            evaluate=EvaluateSettings(patch_size=64 if args.quick else 96),
+            store_url=store.url, rerun=args.rerun,
+        )
+    print("\nCommitted versions:")
+    for stage, ref in refs.model_dump().items():
+        print(f"  {stage:12s} {ref}")
+    import polars as pl
+
+    manifest = pl.read_parquet(io.BytesIO(store.read_bytes(refs.generations, "manifest.parquet")))
+    gen = store.resolve(refs.generations)
+    print("\nGenerated images:")
+    for r in manifest.iter_rows(named=True):
+        where = store.file_uri(gen, r["image"]) if r["image"] else f"FAILED: {r['error']}"
+        print(f"  {r['width']:>5d}x{r['height']:<5d} {where}")
+    print(f"\nMetrics ({refs.evaluation}):")
+    _print_metrics(store, refs.evaluation)
+    if args.quick:
+        print("\n(--quick: the model is barely trained; these numbers mean nothing.)")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.params import IngestSettings
+    from flows.stages import ingest_flow
+
+    settings = IngestSettings(bucket_base=args.bucket_base, bucket_step=args.bucket_step, min_side=args.min_side)
+    if len(args.source) != 1:
+        print("asd ingest: give exactly one source folder", file=sys.stderr)
+        return 2
+    print(ingest_flow(str(Path(args.source[0]).resolve()), args.dataset, settings, args.store, args.rerun))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.params import TrainSettings
+    from flows.stages import train_flow
+
+    settings = TrainSettings(base_model=args.base_model, steps=args.steps, vae_steps=args.vae_steps,
+                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    print(train_flow(_ref(args.dataset, "datasets"), args.model, settings, args.store, args.rerun))
+    return 0
+
+
+def _load_prompts(args: argparse.Namespace) -> list:
+    import polars as pl
+
+    from flows.params import PromptSpec
+
+    if args.prompts:
+        p = args.prompts
+        df = (pl.read_ndjson(p) if p.endswith(".jsonl") else pl.read_csv(p) if p.endswith(".csv")
+              else pl.read_parquet(p))
+        return [PromptSpec(**r) for r in df.iter_rows(named=True)]
+    if not args.prompt or not args.size:
+        raise SystemExit("asd generate: give --prompts FILE, or --prompt TEXT with one or more --size WxH")
+    out = []
+    for s in args.size:
+        w, _, h = s.lower().partition("x")
+        out.append(PromptSpec(prompt=args.prompt, width=int(w), height=int(h), seed=args.seed))
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flows.params import GenerateSettings
+    from flows.stages import generate_flow
+
+    settings = GenerateSettings(steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
+                                tile=args.tile, shard_size=args.shard_size)
+    print(generate_flow(_ref(args.model, "models"), _load_prompts(args), args.name, settings, args.store, args.rerun))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.params import EvaluateSettings
+    from flows.stages import evaluate_flow
+    from tasks.store import ArtifactStore
+
+    ref = evaluate_flow(_ref(args.generations, "generations"), _ref(args.dataset, "datasets"), args.name,
+                        EvaluateSettings(), args.store, args.rerun)
+    print(ref)
+    _print_metrics(ArtifactStore(args.store), ref)
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    if args.store_cmd == "ls":
+        found = False
+        for kind, name in store.list_artifacts():
+            for ref in store.list_versions(kind, name):
+                rec = store.record(ref)
+                size = sum(f["size"] for f in rec["files"].values())
+                print(f"{ref}  {len(rec['files'])} files  {size / 1e6:.2f} MB  parents: {', '.join(rec['parents']) or '-'}")
+                found = True
+        if not found:
+            print(f"(no committed versions in {store.url})")
+        return 0
+    if args.store_cmd == "show":
+        lineage = store.lineage(args.ref)
+        head = lineage[0]
+        shown = {k: v for k, v in head.items() if k not in ("files", "depth")}
+        shown["files"] = {k: v["size"] for k, v in head["files"].items()} if not args.files else head["files"]
+        print(json.dumps(shown, indent=2, default=str))
+        print("\nLineage:")
+        for rec in lineage:
+            print(f"  {'  ' * rec['depth']}{rec['ref']}" + (f"  (MISSING: {rec['missing']})" if "missing" in rec else ""))
+        return 0
+    if args.store_cmd == "verify":
+        refs = args.refs or [str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)]
+        bad = 0
+        for r in refs:
+            problems = store.verify(r)
+            if problems:
+                bad += 1
+                for p in problems:
+                    print(f"MISMATCH {p}")
+            else:
+                print(f"ok {store.resolve(r)}")
+        return 1 if bad else 0
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asd", description="Any-Size-Diffusion pipeline (Prefect 3)")
+    p.add_argument("--store", default=None, help="artifact store URL (default: $ASD_STORE or ./asd-store)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the packaged demo photos")
+    d.add_argument("--name", default="demo")
+    d.add_argument("--quick", action="store_true", help="tiny training and small sizes (smoke test)")
+    d.add_argument("--rerun", action="store_true", help="redo stages even if finished work exists")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("ingest", help="ingest a folder of images + captions into a bucketed dataset")
+    i.add_argument("source", nargs="+")
+    i.add_argument("--dataset", required=True)
+    i.add_argument("--bucket-base", type=int, default=512)
+    i.add_argument("--bucket-step", type=int, default=64)
+    i.add_argument("--min-side", type=int, default=64)
+    i.add_argument("--rerun", action="store_true")
+    i.set_defaults(func=cmd_ingest)
+
+    t = sub.add_parser("train", help="ARAD fine-tuning on a dataset version")
+    t.add_argument("--dataset", required=True, help="NAME, NAME@VERSION or datasets/NAME@VERSION")
+    t.add_argument("--model", required=True, help="name of the model artifact to write")
+    t.add_argument("--base-model", default="tiny")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--vae-steps", type=int, default=400)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rerun", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="render prompts at any size with FSTD")
+    g.add_argument("--model", required=True)
+    g.add_argument("--name", default="generations")
+    g.add_argument("--prompts", help="JSONL/CSV/Parquet with prompt, width, height, seed")
+    g.add_argument("--prompt")
+    g.add_argument("--size", action="append", help="WxH, repeatable")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance-scale", type=float, default=5.0)
+    g.add_argument("--strength", type=float, default=0.6)
+    g.add_argument("--tile", type=int, default=None)
+    g.add_argument("--shard-size", type=int, default=100)
+    g.add_argument("--rerun", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="FID/KID/CLIP/seam scores of a generations version")
+    e.add_argument("--generations", required=True)
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--name", default="evaluation")
+    e.add_argument("--rerun", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("store", help="inspect the artifact store")
+    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    ssub.add_parser("ls", help="list committed versions")
+    sh = ssub.add_parser("show", help="commit record and lineage of a version")
+    sh.add_argument("ref")
+    sh.add_argument("--files", action="store_true", help="show sha256 of every file")
+    v = ssub.add_parser("verify", help="re-hash files; exit 1 on any mismatch")
+    v.add_argument("refs", nargs="*", help="references (default: every committed version)")
+    s.set_defaults(func=cmd_store)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tasks.store import StoreError
+
+    try:
+        return args.func(args)
+    except StoreError as exc:
+        print(f"asd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The whole pipeline: ingest -> ARAD fine-tuning -> FSTD generation -> evaluation."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
+from flows.stages import evaluate_flow, generate_flow, ingest_flow, train_flow
+from tasks.runs import record_run
+from tasks.store import ArtifactStore
+
+
+class PipelineRefs(BaseModel):
+    dataset: str
+    model: str
+    generations: str
+    evaluation: str
+
+
+@flow(name="asd-pipeline", log_prints=True)
+def asd_pipeline(
+    source: str,
+    prompts: list[PromptSpec],
+    name: str = "demo",
+    ingest: IngestSettings = IngestSettings(),
+    train: TrainSettings = TrainSettings(),
+    generate: GenerateSettings = GenerateSettings(),
+    evaluate: EvaluateSettings = EvaluateSettings(),
+    store_url: str | None = None,
+    rerun: bool = False,
+) -> PipelineRefs:
+    """Run every stage as a child flow; each stage's output version is the next one's input."""
+    store_url = ArtifactStore(store_url).url
+    dataset = ingest_flow(source, name, ingest, store_url, rerun)
+    model = train_flow(dataset, name, train, store_url, rerun)
+    generations = generate_flow(model, prompts, name, generate, store_url, rerun)
+    evaluation = evaluate_flow(generations, dataset, name, evaluate, store_url, rerun)
+    refs = PipelineRefs(dataset=dataset, model=model, generations=generations, evaluation=evaluation)
+    record_run(store_url, "asd-pipeline", [source], list(refs.model_dump().values()), {"name": name})
+    return refs

@@ -1,0 +1,61 @@
+"""Model versions in the store: local cache (one download per version), loading once per worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+from asd_models.loading import SDComponents, load_components
+from asd_models.pipeline import AnySizePipeline
+from tasks.store import ArtifactRef, ArtifactStore, StoreError
+
+_LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ASD_CACHE", Path.home() / ".cache" / "asd")).expanduser()
+
+
+def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
+    """Local copy of a committed model version (versions are immutable, so cached by id)."""
+    ref = store.resolve(ref)
+    target = cache_root() / "models" / ref.name / ref.version
+    with _LOCK:
+        if not (target / "model_index.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".dl-"))
+            try:
+                store.download(ref, tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.rename(target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base_model(store: ArtifactStore, base: str) -> Path | str:
+    """A base model given as a store reference (`models/NAME@VERSION`), a local diffusers folder
+    or a hub model id already in the local HF cache."""
+    if base.startswith("models/"):
+        try:
+            return local_model_dir(store, base)
+        except StoreError as exc:
+            raise StoreError(f"base model {base!r}: {exc}") from exc
+    return base
+
+
+def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
+    return load_components(resolve_base_model(store, base))
+
+
+@lru_cache(maxsize=4)
+def cached_pipeline(store_url: str, ref: str) -> AnySizePipeline:
+    """Load a pipeline once per worker process and model version."""
+    store = ArtifactStore(store_url)
+    return AnySizePipeline.from_pretrained(local_model_dir(store, ref))

@@ -1,0 +1,63 @@
+"""Progress for long loops: tqdm in a terminal, a Prefect progress artifact in the UI."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tasks.runtime import in_prefect_run
+
+
+class Progress:
+    """Context manager: `update(done)` with an absolute count; `note(text)` sets the postfix."""
+
+    def __init__(self, label: str, total: int, unit: str = "it", min_interval_s: float = 2.0) -> None:
+        self.label, self.total, self.unit = label, max(1, total), unit
+        self.min_interval_s = min_interval_s
+        self.bar: Any = None
+        self.artifact_id: Any = None
+        self._last_push = 0.0
+        self.done = 0
+
+    def __enter__(self) -> Progress:
+        self.bar = tqdm(total=self.total, desc=self.label, unit=self.unit, file=sys.stderr,
+                        dynamic_ncols=True, leave=False, disable=None)
+        if in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            key = re.sub(r"[^a-z0-9-]+", "-", self.label.lower()).strip("-")[:60] or "progress"
+            try:
+                self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=self.label)
+            except Exception:  # noqa: BLE001 - the UI artifact is optional, the work is not
+                self.artifact_id = None
+        return self
+
+    def update(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+        now = time.monotonic()
+        if self.artifact_id is not None and (now - self._last_push >= self.min_interval_s or done >= self.total):
+            from prefect.artifacts import update_progress_artifact
+
+            self._last_push = now
+            try:
+                update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total)
+            except Exception:  # noqa: BLE001
+                self.artifact_id = None
+
+    def set_total(self, total: int) -> None:
+        self.total = max(1, total)
+        self.bar.total = self.total
+        self.bar.refresh()
+
+    def note(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.artifact_id is not None and exc[0] is None:
+            self.update(self.total)
+        self.bar.close()

@@ -1,0 +1,19 @@
+"""What the running Prefect context says about itself (flow run id), outside a run too."""
+
+from __future__ import annotations
+
+
+def current_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+    except Exception:  # noqa: BLE001 - outside Prefect there is simply no run id
+        return None
+    return str(run_id) if run_id else None
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
