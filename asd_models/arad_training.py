@@ -110,7 +110,7 @@ def train_unet_arad(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
             on_step(step, config.steps, losses[-1])
     unet.eval().requires_grad_(False)
@@ -156,7 +156,7 @@ def fit_vae(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
             on_step(step, steps, losses[-1])
     vae.eval().requires_grad_(False)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Our table of 9 ratios (w:h) around a square base area. The paper's exact table is not
-# published; this one covers portrait, square and landscape up to 16:9.
+# Our table of 9 ratios (w:h) around a square base area: the paper's exact table is not
+# published. It spans portrait to landscape up to 21:9 and stays 9 distinct buckets at the
+# usual 512/64 and at the demo's 128/16 (coarser steps may merge neighbours).
 ASD_RATIOS: tuple[tuple[int, int], ...] = (
-    (1, 1), (5, 4), (4, 5), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16),
+    (1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (21, 9), (9, 21),
 )
 
 

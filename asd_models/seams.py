@@ -7,27 +7,32 @@ import math
 import numpy as np
 
 
-def seam_score(image: np.ndarray, xs: list[int], ys: list[int]) -> float:
-    """Mean |gradient| across the given grid lines over the median |gradient| across all
-    other pixel boundaries. About 1.0 for a seamless image, clearly above 1 where tiles
-    meet visibly. `xs`/`ys` are pixel positions of vertical/horizontal lines (a line at x
-    lies between columns x-1 and x). NaN when there is no line inside the image.
+def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1) -> float:
+    """Mean |gradient| across the given tile lines over the median |gradient| across the other
+    lines of the same phase. About 1.0 for a seamless image, clearly above 1 where tiles meet
+    visibly. `xs`/`ys` are pixel positions of vertical/horizontal lines (a line at x lies
+    between columns x-1 and x). `period` is the VAE factor: decoders leave a faint pattern
+    every `period` pixels, so tile lines (multiples of it) are compared with other lines on
+    that lattice, not with every pixel boundary. NaN when there is nothing to compare.
     """
     img = np.asarray(image, dtype=np.float32)
     gray = img.mean(axis=2) if img.ndim == 3 else img
-    h, w = gray.shape
-    col = np.abs(np.diff(gray, axis=1)).mean(axis=0)  # boundary j: between column j and j+1
-    row = np.abs(np.diff(gray, axis=0)).mean(axis=1)
-    xi = sorted({x - 1 for x in xs if 1 <= x < w})
-    yi = sorted({y - 1 for y in ys if 1 <= y < h})
-    if not xi and not yi:
+    ratios, weights = [], []
+    # per axis, since row and column gradients of one image can differ in scale
+    for grad, lines in ((np.abs(np.diff(gray, axis=1)).mean(axis=0), xs), (np.abs(np.diff(gray, axis=0)).mean(axis=1), ys)):
+        n = grad.size + 1  # image side
+        on = sorted({p for p in lines if 1 <= p < n})
+        rest = [grad[p - 1] for p in range(period, n, period) if p not in set(on)]
+        if not on or not rest:
+            continue
+        base = float(np.median(rest))
+        if base <= 1e-12:
+            continue
+        ratios.append(float(np.mean([grad[p - 1] for p in on])) / base)
+        weights.append(len(on))
+    if not ratios:
         return math.nan
-    line_vals = np.concatenate([col[xi], row[yi]])
-    rest = np.concatenate([np.delete(col, xi), np.delete(row, yi)])
-    base = float(np.median(rest)) if rest.size else 0.0
-    if base <= 1e-12:
-        return math.nan
-    return float(line_vals.mean() / base)
+    return float(np.average(ratios, weights=weights))
 
 
 def grid_lines(length: int, period: int, origin: int = 0) -> list[int]:

@@ -58,4 +58,5 @@ class EvaluateSettings(BaseModel):
     patch_size: int = Field(96, ge=16, description="patch-FID/KID crop size at native resolution")
     patches_per_image: int = Field(8, ge=1)
     seed: int = 0
+    seam_period: int = Field(8, ge=1, description="VAE factor: seams are compared with lines on this lattice")
     clip_model: str = Field("openai/clip-vit-base-patch16", description="local folder or cached hub id")

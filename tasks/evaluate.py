@@ -76,7 +76,7 @@ def evaluate_generations(
         img = Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB")
         arr = np.asarray(img)
         fakes.append(arr)
-        s = seam_score(arr, r["seam_x"] or [], r["seam_y"] or [])
+        s = seam_score(arr, r["seam_x"] or [], r["seam_y"] or [], period=settings.get("seam_period", 8))
         seams.append(s)
         rows.append(_row(f"seam_score/{r['key']}", s, f"{len(r['seam_x'] or [])} x-lines, {len(r['seam_y'] or [])} "
                          f"y-lines at tile {r['tile_px']} px"))

@@ -118,6 +118,11 @@ def load_image(path: Path, options: IngestOptions) -> Image.Image:
             raise ValueError(f"too many pixels: {w}x{h} > {options.max_pixels}")
         im.load()
         im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit depth: rescale to 8 bits
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+            im = Image.fromarray(arr.round().astype(np.uint8), "L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

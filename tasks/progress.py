@@ -12,6 +12,13 @@ from tqdm.auto import tqdm
 from tasks.runtime import in_prefect_run
 
 
+def _log(message: str) -> None:
+    if in_prefect_run():
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+
+
 class Progress:
     """Context manager: `update(done)` with an absolute count; `note(text)` sets the postfix."""
 
@@ -21,7 +28,9 @@ class Progress:
         self.bar: Any = None
         self.artifact_id: Any = None
         self._last_push = 0.0
+        self._next_log = 0.1
         self.done = 0
+        self.postfix = ""
 
     def __enter__(self) -> Progress:
         self.bar = tqdm(total=self.total, desc=self.label, unit=self.unit, file=sys.stderr,
@@ -39,6 +48,9 @@ class Progress:
     def update(self, done: int) -> None:
         self.bar.update(done - self.done)
         self.done = done
+        if done / self.total >= self._next_log:  # a log line every 10%, for logs and the Prefect UI
+            self._next_log = (int(10 * done / self.total) + 1) / 10
+            _log(f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%) {self.postfix}")
         now = time.monotonic()
         if self.artifact_id is not None and (now - self._last_push >= self.min_interval_s or done >= self.total):
             from prefect.artifacts import update_progress_artifact
@@ -55,6 +67,7 @@ class Progress:
         self.bar.refresh()
 
     def note(self, text: str) -> None:
+        self.postfix = text
         self.bar.set_postfix_str(text, refresh=False)
 
     def __exit__(self, *exc: Any) -> None:

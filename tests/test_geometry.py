@@ -1,0 +1,92 @@
+"""Buckets, tile geometry and the seam score."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
+from asd_models.images import resize_cover_crop
+from asd_models.seams import grid_lines, seam_score
+from asd_models.tiling import count_fstd_tiles, grid_boxes, tile_starts
+
+
+def test_asd_table_has_nine_ratios_around_the_base_area():
+    buckets = asd_buckets(512, 64)
+    assert len(buckets) == 9
+    for b in buckets:
+        assert b.width % 64 == 0 and b.height % 64 == 0
+        assert 0.75 < b.width * b.height / 512**2 < 1.25
+    assert Bucket(512, 512) in buckets
+
+
+@pytest.mark.parametrize("size,expected", [((1000, 1000), (512, 512)), ((1920, 1080), (704, 384)),
+                                           ((1080, 1920), (384, 704)), ((600, 400), (640, 448))])
+def test_nearest_bucket_by_log_aspect(size, expected):
+    b = nearest_bucket(*size, asd_buckets(512, 64))
+    assert (b.width, b.height) == expected
+
+
+def test_nearest_bucket_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="positive"):
+        nearest_bucket(0, 10, asd_buckets())
+
+
+def test_resize_cover_crop_never_stretches():
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 100))
+    out, box = resize_cover_crop(img, 128, 128)
+    assert out.size == (128, 128)
+    assert box == (128, 0, 256, 128)  # resized to 384x128, centre crop
+
+
+@pytest.mark.parametrize("length,tile,offset", [(64, 16, 0), (64, 16, 5), (70, 16, 3), (10, 16, 4), (17, 16, 15)])
+def test_tiles_cover_every_position_with_one_shape(length, tile, offset):
+    starts = tile_starts(length, tile, offset)
+    t = min(tile, length)
+    covered = np.zeros(length, bool)
+    for s in starts:
+        assert 0 <= s <= length - t
+        covered[s : s + t] = True
+    assert covered.all()
+
+
+def test_unshifted_grid_costs_ceil_tiles_and_shift_adds_an_edge_row():
+    assert len(grid_boxes(128, 128, 64)) == count_fstd_tiles(128, 128, 64) == 4
+    assert len(grid_boxes(135, 240, 16)) == math.ceil(135 / 16) * math.ceil(240 / 16)
+    assert len(grid_boxes(128, 128, 64, 10, 10)) == 9  # edge tile + 2 shifted per axis
+
+
+def _smooth_image(seed: int, n: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:n, 0:n].astype(float)
+    field = 100 + 40 * np.sin(x / 13 + 1) * np.cos(y / 17) + 20 * np.sin((x + y) / 7) + rng.normal(0, 3, (n, n))
+    return np.repeat(field[:, :, None], 3, axis=2)
+
+
+def test_seam_score_catches_a_planted_seam_and_not_a_smooth_image():
+    smooth = _smooth_image(0)
+    lines = grid_lines(256, 64)
+    assert lines == [64, 128, 192]
+    clean = seam_score(smooth, lines, lines)
+    seamed = smooth.copy()
+    seamed[:, 128:] += 25  # brightness steps at tile borders
+    seamed[128:, :] += 25
+    assert 0.8 < clean < 1.2
+    assert seam_score(seamed, lines, lines) > 1.5
+    assert math.isnan(seam_score(smooth, [], []))
+
+
+def test_seam_score_ignores_the_vae_lattice_but_not_a_seam_on_it():
+    img = _smooth_image(1)
+    img[:, ::8] += 15  # a decoder pattern every 8 px, tile lines included
+    img[::8, :] += 15
+    lines = grid_lines(256, 64)
+    assert seam_score(img, lines, lines, period=1) > 1.5  # naive baseline is fooled
+    assert 0.8 < seam_score(img, lines, lines, period=8) < 1.2
+    for p in lines:  # a step at every vertical tile border
+        img[:, p:] += 20
+    assert seam_score(img, lines, lines, period=8) > 1.3

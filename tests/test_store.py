@@ -1,0 +1,189 @@
+"""The artifact store: commits are atomic, versions immutable, verify catches corruption."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main as asd_main
+from tasks.store import (
+    COMMIT_RECORD,
+    ArtifactRef,
+    ArtifactStore,
+    InvalidReference,
+    StoreError,
+    VersionNotFound,
+)
+
+
+def _commit(store: ArtifactStore, name: str = "d", payload: bytes = b"hello", parents=None) -> ArtifactRef:
+    w = store.new_version("datasets", name)
+    w.put_bytes("a/file.bin", payload)
+    w.put_bytes("manifest.parquet", b"x" * 10)
+    return w.commit(parents=parents or [], params={"p": 1})
+
+
+def test_commit_then_read_back(tmp_path):
+    store = ArtifactStore(str(tmp_path / "s"))
+    ref = _commit(store)
+    assert store.resolve("datasets/d@latest") == ref
+    assert store.read_bytes(ref, "a/file.bin") == b"hello"
+    rec = store.record(ref)
+    assert rec["files"]["a/file.bin"]["size"] == 5
+    assert rec["params"] == {"p": 1}
+    assert rec["code_version"]
+    assert store.verify(ref) == []
+
+
+def test_versions_are_sortable_and_latest_moves_forward(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    refs = [_commit(store, payload=bytes([i])) for i in range(3)]
+    assert store.list_versions("datasets", "d") == sorted(refs)
+    assert store.resolve(ArtifactRef("datasets", "d", "latest")) == refs[-1]
+    assert [r.version for r in refs] == sorted(r.version for r in refs)
+
+
+def test_version_invisible_until_commit_record(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    first = _commit(store)
+    w = store.new_version("datasets", "d")
+    w.put_bytes("big.bin", b"0" * 1000)
+    # files are on disk, but no commit record: nobody sees the version
+    assert store.list_versions("datasets", "d") == [first]
+    assert store.resolve("datasets/d@latest") == first
+    with pytest.raises(VersionNotFound):
+        store.resolve(w.ref)
+
+
+def test_writer_killed_before_commit_leaves_previous_state(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    first = _commit(store)
+    script = f"""
+import os, signal
+from tasks.store import ArtifactStore
+w = ArtifactStore({str(tmp_path)!r}).new_version("datasets", "d")
+w.put_bytes("part-0.bin", b"1" * 100000)
+with w.open("part-1.bin") as f:
+    f.write(b"2" * 50000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -9
+    leftovers = [p for p in (tmp_path / "datasets" / "d").iterdir() if p.is_dir() and p.name != first.version]
+    assert leftovers, "the killed writer should have left files behind"
+    assert store.list_versions("datasets", "d") == [first]
+    assert store.resolve("datasets/d@latest") == first
+
+
+def test_torn_commit_record_is_no_commit(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    first = _commit(store)
+    w = store.new_version("datasets", "d")
+    w.put_bytes("x", b"1")
+    (tmp_path / "datasets" / "d" / w.ref.version / COMMIT_RECORD).write_text('{"format": 1, "files": {')
+    assert store.list_versions("datasets", "d") == [first]
+
+
+def test_verify_catches_one_flipped_byte(tmp_path, capsys):
+    store = ArtifactStore(str(tmp_path))
+    ref = _commit(store, payload=b"abcdefgh" * 100)
+    path = tmp_path / ref.prefix / "a" / "file.bin"
+    data = bytearray(path.read_bytes())
+    data[123] ^= 0x01
+    path.write_bytes(bytes(data))
+    problems = store.verify(ref)
+    assert len(problems) == 1 and "a/file.bin" in problems[0] and "sha256" in problems[0]
+    assert asd_main(["--store", str(tmp_path), "store", "verify", str(ref)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_verify_reports_missing_and_truncated_files(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    ref = _commit(store)
+    (tmp_path / ref.prefix / "a" / "file.bin").unlink()
+    (tmp_path / ref.prefix / "manifest.parquet").write_bytes(b"x")
+    problems = store.verify(ref)
+    assert any("missing" in p for p in problems)
+    assert any("size 1 != recorded 10" in p for p in problems)
+
+
+def test_two_concurrent_writers_never_collide(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    refs: list[ArtifactRef] = []
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        w = ArtifactStore(str(tmp_path)).new_version("models", "m")
+        w.put_bytes("weights.bin", bytes([i]) * 1000)
+        refs.append(w.commit())
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.version for r in refs}) == 8
+    assert sorted(refs) == store.list_versions("models", "m")
+    assert store.resolve("models/m@latest") in refs
+    for r in refs:
+        assert store.verify(r) == []
+
+
+def test_versions_are_immutable(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    w = store.new_version("datasets", "d")
+    w.put_bytes("f", b"1")
+    with pytest.raises(StoreError, match="written once"):
+        w.put_bytes("f", b"2")
+    w.commit()
+    with pytest.raises(StoreError, match="immutable"):
+        w.put_bytes("g", b"3")
+    with pytest.raises(StoreError, match="read-only"):
+        store.open(w.ref, "f", "wb")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/", "", COMMIT_RECORD])
+def test_file_paths_cannot_escape_the_version(tmp_path, bad):
+    w = ArtifactStore(str(tmp_path)).new_version("datasets", "d")
+    with pytest.raises(InvalidReference):
+        w.put_bytes(bad, b"x")
+
+
+@pytest.mark.parametrize("bad", ["datasets", "nokind/x@latest", "datasets/x@notaversion", "datasets/../x@latest",
+                                 "datasets/a b@latest"])
+def test_bad_references_are_rejected_with_a_message(bad):
+    with pytest.raises(InvalidReference, match="bad|unknown"):
+        ArtifactRef.parse(bad)
+
+
+def test_lineage_and_show(tmp_path, capsys):
+    store = ArtifactStore(str(tmp_path))
+    d = _commit(store)
+    w = store.new_version("models", "m")
+    w.put_bytes("unet.safetensors", b"w")
+    m = w.commit(parents=[d])
+    lineage = store.lineage("models/m@latest")
+    assert [r["ref"] for r in lineage] == [str(m), str(d)]
+    assert asd_main(["--store", str(tmp_path), "store", "show", "models/m"]) == 0
+    out = capsys.readouterr().out
+    assert str(d) in out and json.loads(out.split("\nLineage:")[0])["ref"] == str(m)
+    assert asd_main(["--store", str(tmp_path), "store", "ls"]) == 0
+    assert str(m) in capsys.readouterr().out
+
+
+def test_unknown_reference_exits_with_message(tmp_path, capsys):
+    assert asd_main(["--store", str(tmp_path), "store", "show", "models/nothing"]) == 2
+    assert "no committed version of models/nothing" in capsys.readouterr().err
+
+
+def test_store_url_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASD_STORE", str(tmp_path / "env-store"))
+    store = ArtifactStore()
+    _commit(store)
+    assert (tmp_path / "env-store" / "datasets" / "d" / "LATEST").is_file()
