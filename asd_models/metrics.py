@@ -64,7 +64,7 @@ def random_patches(images: list[np.ndarray], size: int, per_image: int, seed: in
     rng = np.random.default_rng(seed)
     out = []
     for img in images:
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
         h, w = t.shape[1:]
         if min(h, w) < size:
             s = size / min(h, w)

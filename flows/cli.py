@@ -11,6 +11,17 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-fallback chatter
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _quiet_library_bars() -> None:
+    """Weight loading bars of diffusers/transformers say nothing to a pipeline user."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 DEMO_INGEST = {"bucket_base": 128, "bucket_step": 16, "min_side": 64}
 DEMO_TRAIN = {"base_model": "tiny", "vae_steps": 400, "steps": 1000, "batch_size": 8, "learning_rate": 1e-3}
@@ -54,9 +65,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             evaluate=EvaluateSettings(patch_size=64 if args.quick else 96),
             store_url=store.url, rerun=args.rerun,
         )
-    print("\nCommitted versions:")
-    for stage, ref in refs.model_dump().items():
-        print(f"  {stage:12s} {ref}")
+    print("\nCommitted versions (the evaluation and everything it descends from):")
+    stages = {v: k for k, v in refs.model_dump().items()}
+    for rec in store.lineage(refs.evaluation):
+        print(f"  {stages.get(rec['ref'], ''):12s} {rec['ref']}")
     import polars as pl
 
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(refs.generations, "manifest.parquet")))
@@ -245,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tasks.store import StoreError
 
+    _quiet_library_bars()
     try:
         return args.func(args)
     except StoreError as exc:
