@@ -59,3 +59,18 @@ METRICS = pa.schema([
     ("status", pa.string()),          # ok | skipped
     ("detail", pa.string()),          # sample counts, seeds, or why it was skipped
 ])
+
+CATALOG = pa.schema([
+    ("kind", pa.string()),
+    ("name", pa.string()),
+    ("version", pa.string()),
+    ("ref", pa.string()),
+    ("committed_at", pa.timestamp("us", tz="UTC")),
+    ("size_bytes", pa.int64()),
+    ("file_count", pa.int32()),
+    ("parents", pa.list_(pa.string())),
+    ("flow_run_id", pa.string()),
+    ("code_version", pa.string()),
+    ("metrics", pa.map_(pa.string(), pa.float64())),  # numeric summary: losses, sample counts, KID...
+    ("uri", pa.string()),
+])

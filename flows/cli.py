@@ -163,14 +163,45 @@ def cmd_store(args: argparse.Namespace) -> int:
             print(f"(no committed versions in {store.url})")
         return 0
     if args.store_cmd == "show":
-        lineage = store.lineage(args.ref)
-        head = lineage[0]
-        shown = {k: v for k, v in head.items() if k not in ("files", "depth")}
-        shown["files"] = {k: v["size"] for k, v in head["files"].items()} if not args.files else head["files"]
+        rec = store.record(args.ref)
+        shown = {k: v for k, v in rec.items() if k != "files"}
+        shown["files"] = rec["files"] if args.files else {k: v["size"] for k, v in rec["files"].items()}
         print(json.dumps(shown, indent=2, default=str))
         print("\nLineage:")
-        for rec in lineage:
-            print(f"  {'  ' * rec['depth']}{rec['ref']}" + (f"  (MISSING: {rec['missing']})" if "missing" in rec else ""))
+        _print_lineage(store, str(store.resolve(args.ref)), full=args.lineage)
+        return 0
+    if args.store_cmd == "lineage":
+        ref, rel = store.locate(args.file)
+        rec = store.record(ref)
+        meta = rec["files"][rel]
+        print(f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
+              + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "") + ")")
+        print(f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "
+              f"code {rec.get('code_version')}")
+        print("\nMade from:")
+        _print_lineage(store, str(ref), full=True)
+        return 0
+    if args.store_cmd == "gc":
+        found = store.gc(_duration_s(args.grace), delete=args.delete)
+        verb = "removed" if args.delete else "would remove (pass --delete)"
+        for path in found:
+            print(f"{verb}: {path}")
+        print(f"{len(found)} leftover(s) of uncommitted versions older than {args.grace}")
+        return 0
+    if args.store_cmd == "catalog":
+        import polars as pl
+
+        table = store.catalog(rebuild=args.rebuild)
+        if args.output:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, args.output)
+            print(f"wrote {table.num_rows} rows to {args.output}")
+            return 0
+        df = pl.from_arrow(table).select("ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id")
+        with pl.Config(tbl_rows=200, fmt_str_lengths=70, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+            print(df)
+        print(f"catalog: {store.uri('_catalog')}/*/*/*.parquet ({table.num_rows} versions)")
         return 0
     if args.store_cmd == "verify":
         refs = args.refs or [str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)]
@@ -185,6 +216,30 @@ def cmd_store(args: argparse.Namespace) -> int:
                 print(f"ok {store.resolve(r)}")
         return 1 if bad else 0
     return 2
+
+
+def _duration_s(text: str) -> float:
+    """'90s', '30m', '24h', '7d' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise SystemExit(f"asd: bad duration {text!r}: use e.g. 90s, 30m, 24h, 7d") from None
+
+
+def _print_lineage(store, ref: str, full: bool) -> None:
+    """The version and its parents as a tree, down to the source folders the data came from."""
+    for rec in store.lineage(ref):
+        pad = "  " * (rec["depth"] + 1)
+        if "missing" in rec:
+            print(f"{pad}{rec['ref']}  (MISSING: {rec['missing']})")
+            continue
+        extra = f"  run {rec.get('flow_run_id') or '-'}  code {rec.get('code_version')}" if full else ""
+        print(f"{pad}{rec['ref']}{extra}")
+        source = (rec.get("params") or {}).get("source")
+        if source and not rec.get("parents"):
+            print(f"{pad}  source: {source}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     sh = ssub.add_parser("show", help="commit record and lineage of a version")
     sh.add_argument("ref")
     sh.add_argument("--files", action="store_true", help="show sha256 of every file")
+    sh.add_argument("--lineage", action="store_true", help="flow runs and code versions in the parent tree")
+    ln = ssub.add_parser("lineage", help="which version produced this file, and from what")
+    ln.add_argument("file", help="a path or URI of a file inside the store")
+    gc = ssub.add_parser("gc", help="leftovers of uncommitted versions (killed writers)")
+    gc.add_argument("--grace", default="24h", help="only older than this (default 24h)")
+    gc.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    cat = ssub.add_parser("catalog", help="one row per committed version (Parquet, for dashboards)")
+    cat.add_argument("--rebuild", action="store_true", help="add rows missing for committed versions")
+    cat.add_argument("--output", help="write the whole catalog to this Parquet file")
     v = ssub.add_parser("verify", help="re-hash files; exit 1 on any mismatch")
     v.add_argument("refs", nargs="*", help="references (default: every committed version)")
     s.set_defaults(func=cmd_store)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 COMMIT_RECORD = "_COMMITTED.json"
+CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
 KINDS = ("datasets", "models", "generations", "evaluations")
 DEFAULT_STORE = "./asd-store"
@@ -145,17 +147,72 @@ def code_version() -> str:
     return _CODE_VERSION
 
 
-def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and root path for a store URL; S3 endpoint from the AWS environment."""
+STORE_BLOCK_ENV = "ASD_STORE_BLOCK"
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session", "key_id", "access_key")
+
+
+def s3_storage_options(version_aware: bool = False) -> dict[str, Any]:
+    """s3fs options: endpoint from the AWS environment (or a Prefect JSON block named by
+    $ASD_STORE_BLOCK holding s3fs options), retries with backoff, version-aware reads."""
+    opts: dict[str, Any] = {
+        "version_aware": version_aware,
+        # s3fs' own retry loop (exponential backoff) and botocore's adaptive mode, for
+        # throttling and connection errors; $ASD_S3_RETRIES overrides the attempt count.
+        "config_kwargs": {"retries": {"max_attempts": int(os.environ.get("ASD_S3_RETRIES", "8")), "mode": "adaptive"},
+                          "connect_timeout": 10, "read_timeout": 120},
+        "default_block_size": 16 << 20,  # multipart upload part size for large files
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    block = os.environ.get(STORE_BLOCK_ENV)
+    if block:
+        from prefect.blocks.system import JSON
+
+        try:
+            value = JSON.load(block).value
+        except Exception as exc:  # noqa: BLE001 - re-raised with the block name only, never its value
+            raise StoreError(f"cannot load the Prefect JSON block {block!r} named by ${STORE_BLOCK_ENV}") from exc
+        if not isinstance(value, dict):
+            raise StoreError(f"Prefect JSON block {block!r} must hold an object of s3fs options")
+        opts.update(value)
+    return opts
+
+
+def redact(text: str) -> str:
+    """Remove credentials from a URL or message (user:secret@ and secret-looking key=values)."""
+    text = re.sub(r"(?<=://)[^/@\s]+:[^/@\s]+@", "***@", text)
+    for word in _SECRET_WORDS:
+        text = re.sub(rf"({word}[A-Za-z_]*['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}}]+", r"\1***", text, flags=re.I)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        val = os.environ.get(var)
+        if val and len(val) >= 4:
+            text = text.replace(val, "***")
+    return text
+
+
+def _filesystem(url: str, version_aware: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and root path for a store URL. On S3, a version-aware client writes
+    (to learn each object's VersionId) and reads pinned versions; a plain one lists, since
+    version listings keep showing prefixes whose objects were deleted."""
     if url.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        return url_to_fs(url, **kwargs)
+        fs, root = url_to_fs(url, **s3_storage_options(version_aware))
+        fs.retries = int(os.environ.get("ASD_S3_RETRIES", "8"))  # s3fs' backoff loop (class attribute)
+        return fs, root
     if "://" not in url:
         url = str(Path(url).expanduser().resolve())
     return url_to_fs(url)
+
+
+# Fault points, so tests can kill a writer (SIGKILL) at each phase of a commit.
+FAULT_ENV = "ASD_FAULT_AT"
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _HashingWriter:
@@ -184,6 +241,12 @@ class _HashingWriter:
     @property
     def closed(self) -> bool:
         return self._raw.closed
+
+    @property
+    def version_id(self) -> str | None:
+        """S3 VersionId of the object once closed (None without bucket versioning)."""
+        vid = getattr(self._raw, "version_id", None)
+        return vid if vid and vid != "null" else None
 
 
 class VersionWriter:
@@ -220,10 +283,15 @@ class VersionWriter:
         rel = self._target(relpath)
         path = self.store.path(self.ref.prefix, rel)
         self.store._ensure_parent(path)
-        with self.store.fs.open(path, "wb") as raw:
+        with self.store.vfs.open(path, "wb") as raw:
             writer = _HashingWriter(raw)
             yield writer
-        self.files[rel] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
+            fault_point("during-upload")
+        meta: dict[str, Any] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
+        if writer.version_id:
+            meta["version_id"] = writer.version_id
+        self.files[rel] = meta
+        fault_point("between-files")
 
     def put_bytes(self, relpath: str, data: bytes) -> None:
         with self.open(relpath) as f:
@@ -277,8 +345,12 @@ class VersionWriter:
             "files": dict(sorted(self.files.items())),
         }
         data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        fault_point("before-commit-record")
         self.store._write_atomic(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
         self.committed = True
+        fault_point("before-catalog")
+        self.store._write_catalog_row(record)
+        fault_point("before-latest")
         self.store._advance_latest(self.ref)
         return self.ref
 
@@ -287,10 +359,13 @@ class ArtifactStore:
     """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`)."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
-        self.fs, self.root = _filesystem(self.url)
+        self.url = redact(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+        raw_url = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        self.fs, self.root = _filesystem(raw_url)
+        self.vfs = _filesystem(raw_url, version_aware=True)[0] if raw_url.startswith(("s3://", "s3a://")) else self.fs
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = self.protocol in ("file", "local")
+        self._records: dict[str, dict[str, Any]] = {}  # commit records are immutable: cache them
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -314,20 +389,24 @@ class ArtifactStore:
         if self.is_local:
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(data[: len(data) // 2])
+                fault_point("during-commit-record")
+                f.write(data[len(data) // 2 :])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
+            fault_point("during-commit-record")  # a single PUT: all or nothing
             self.fs.pipe_file(path, data)
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(path))
+            rec = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn record is no record: the version stays invisible
+        return rec if isinstance(rec, dict) and isinstance(rec.get("files"), dict) else None
 
     # writing ---------------------------------------------------------------
     def new_version(self, kind: str, name: str, version: str | None = None) -> VersionWriter:
@@ -359,10 +438,21 @@ class ArtifactStore:
     def record(self, ref: ArtifactRef | str) -> dict[str, Any]:
         """Commit record of a committed version (resolving `@latest`)."""
         ref = self.resolve(ref)
+        if str(ref) in self._records:
+            return self._records[str(ref)]
         rec = self._read_json(self.path(ref.prefix, COMMIT_RECORD))
         if rec is None:
             raise VersionNotFound(f"{ref} has no commit record in {self.url}")
+        self._records[str(ref)] = rec
         return rec
+
+    def _pinned(self, ref: ArtifactRef, relpath: str) -> str:
+        """Path of a committed file; on a versioned S3 bucket, pinned to the recorded VersionId."""
+        path = self.path(ref.prefix, relpath)
+        meta = self.record(ref)["files"].get(relpath)
+        if meta and meta.get("version_id") and not self.is_local:
+            return f"{path}?versionId={meta['version_id']}"
+        return path
 
     def is_committed(self, ref: ArtifactRef) -> bool:
         return self._read_json(self.path(ref.prefix, COMMIT_RECORD)) is not None
@@ -420,11 +510,11 @@ class ArtifactStore:
         if "w" in mode or "a" in mode:
             raise StoreError("committed versions are read-only; write with new_version()")
         ref = self.resolve(ref)
-        return self.fs.open(self.path(ref.prefix, relpath), mode)
+        return self.vfs.open(self._pinned(ref, relpath), mode)
 
     def read_bytes(self, ref: ArtifactRef | str, relpath: str) -> bytes:
         ref = self.resolve(ref)
-        return self.fs.cat_file(self.path(ref.prefix, relpath))
+        return self.vfs.cat_file(self._pinned(ref, relpath))
 
     def file_uri(self, ref: ArtifactRef, relpath: str) -> str:
         return self.uri(ref.prefix, relpath)
@@ -439,19 +529,29 @@ class ArtifactStore:
                 continue
             target = dest / (rel[len(prefix.rstrip("/")) + 1 :] if prefix else rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(self.path(ref.prefix, rel), str(target))
+            self.vfs.get_file(self._pinned(ref, rel), str(target))
         return dest
 
     def verify(self, ref: ArtifactRef | str) -> list[str]:
-        """Re-hash every recorded file; return one line per problem (empty when intact)."""
+        """Re-hash every recorded file (the recorded S3 VersionId, where there is one, and
+        check it is still the current object); one line per problem, empty when intact."""
         ref = self.resolve(ref)
         rec = self.record(ref)
         problems = []
         for rel, meta in rec["files"].items():
+            vid = meta.get("version_id")
+            if vid and not self.is_local:
+                try:
+                    current = self.vfs.info(self.path(ref.prefix, rel), refresh=True).get("VersionId")
+                except FileNotFoundError:
+                    current = None
+                if current != vid:
+                    problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
+                                    "(overwritten or deleted after commit)")
             h = hashlib.sha256()
             size = 0
             try:
-                with self.fs.open(self.path(ref.prefix, rel), "rb") as f:
+                with self.vfs.open(self._pinned(ref, rel), "rb") as f:
                     while block := f.read(8 << 20):
                         h.update(block)
                         size += len(block)
@@ -463,6 +563,116 @@ class ArtifactStore:
             if h.hexdigest() != meta["sha256"]:
                 problems.append(f"{ref}: {rel}: sha256 {h.hexdigest()[:16]}… != recorded {meta['sha256'][:16]}…")
         return problems
+
+    # leftovers ---------------------------------------------------------------
+    def uncommitted(self, grace_s: float = 24 * 3600) -> list[str]:
+        """Version prefixes (and temp files) without a commit record, older than `grace_s`:
+        what killed writers left behind. Age comes from the version id's timestamp."""
+        now = datetime.now(UTC)
+        out = []
+        for kind, name in self.list_artifacts():
+            try:
+                entries = self.fs.ls(self.path(kind, name), detail=False)
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                base = e.rstrip("/").rsplit("/", 1)[-1]
+                stamp = base.split("-", 1)[0] if _VERSION_RE.match(base) else None
+                if stamp is None and ".tmp" not in base:
+                    continue
+                if stamp is not None:
+                    if self.is_committed(ArtifactRef(kind, name, base)):
+                        continue
+                    born = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
+                    if (now - born).total_seconds() < grace_s:
+                        continue
+                    if not [f for f in self.fs.find(e) if f.startswith(e.rstrip("/") + "/")]:
+                        continue  # nothing left under it (some S3 servers list emptied prefixes)
+                elif (now.timestamp() - self._mtime(e)) < grace_s:
+                    continue
+                out.append(e)
+        return sorted(out)
+
+    def _mtime(self, path: str) -> float:
+        info = self.fs.info(path)
+        m = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return m.timestamp() if isinstance(m, datetime) else float(m or 0)
+
+    def gc(self, grace_s: float = 24 * 3600, delete: bool = False) -> list[str]:
+        """List (and with `delete`, remove) leftovers of uncommitted versions."""
+        found = self.uncommitted(grace_s)
+        if delete:
+            for path in found:
+                self.fs.rm(path, recursive=True)
+        return found
+
+    # catalog -----------------------------------------------------------------
+    def _write_catalog_row(self, record: dict[str, Any]) -> None:
+        """One immutable Parquet file per committed version: appends never race."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from data_manifests.schemas import CATALOG
+
+        metrics = {k: float(v) for k, v in (record.get("summary") or {}).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and v == v}
+        row = {
+            "kind": record["kind"], "name": record["name"], "version": record["version"], "ref": record["ref"],
+            "committed_at": datetime.fromisoformat(record["committed_at"]),
+            "size_bytes": sum(f["size"] for f in record["files"].values()), "file_count": len(record["files"]),
+            "parents": record.get("parents", []), "flow_run_id": record.get("flow_run_id"),
+            "code_version": record.get("code_version"), "metrics": list(metrics.items()),
+            "uri": self.uri(record["kind"], record["name"], record["version"]),
+        }
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([row], schema=CATALOG), buf)
+        self._write_atomic(self.path(CATALOG_DIR, record["kind"], record["name"], f"{record['version']}.parquet"),
+                           buf.getvalue())
+
+    def catalog(self, rebuild: bool = False) -> Any:
+        """The catalog as a pyarrow Table (one row per committed version). With `rebuild`,
+        first write the rows missing for committed versions (a writer killed after its commit
+        record and before its catalog row)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from data_manifests.schemas import CATALOG
+
+        if rebuild:
+            have = set(self.fs.glob(self.path(CATALOG_DIR, "*", "*", "*.parquet")))
+            for kind, name in self.list_artifacts():
+                for ref in self.list_versions(kind, name):
+                    if self.path(CATALOG_DIR, kind, name, f"{ref.version}.parquet") not in have:
+                        self._write_catalog_row(self.record(ref))
+        tables = []
+        for path in sorted(self.fs.glob(self.path(CATALOG_DIR, "*", "*", "*.parquet"))):
+            with self.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, schema=CATALOG))
+        return pa.concat_tables(tables) if tables else CATALOG.empty_table()
+
+    # locating files ------------------------------------------------------------
+    def locate(self, file_or_uri: str) -> tuple[ArtifactRef, str]:
+        """Which committed version holds this file (a path or URI inside the store)."""
+        text = file_or_uri.split("?versionId=", 1)[0]
+        if "://" in text and not text.startswith("file://"):
+            text = text.split("://", 1)[1]
+        elif text.startswith("file://"):
+            text = text[len("file://"):]
+        if self.is_local:
+            text = str(Path(text).expanduser().resolve())
+        root = self.root.rstrip("/") + "/"
+        if not text.startswith(root):
+            raise InvalidReference(f"{file_or_uri} is not inside the store {self.url}")
+        parts = text[len(root):].split("/")
+        if len(parts) < 4 or parts[0] not in KINDS or not _VERSION_RE.match(parts[2]):
+            raise InvalidReference(f"{file_or_uri} is not a file of a version (KIND/NAME/VERSION/PATH)")
+        ref = ArtifactRef(parts[0], parts[1], parts[2])
+        if not self.is_committed(ref):
+            raise VersionNotFound(f"{file_or_uri} belongs to {ref}, which is not committed")
+        rel = "/".join(parts[3:])
+        if rel not in self.record(ref)["files"]:
+            raise VersionNotFound(f"{file_or_uri} is not a recorded file of {ref}")
+        return ref, rel
 
     def lineage(self, ref: ArtifactRef | str) -> list[dict[str, Any]]:
         """The version and all its ancestors (depth-first), each as its commit record."""
