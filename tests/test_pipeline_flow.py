@@ -85,3 +85,17 @@ def test_whole_pipeline_on_s3(prefect_harness, s3_bucket, photos):
     store = ArtifactStore(s3_bucket)
     check_pipeline_outputs(store, refs)
     assert asd_main(["--store", s3_bucket, "store", "verify"]) == 0
+
+
+@pytest.mark.slow
+def test_demo_command_on_s3(prefect_harness, s3_bucket, capsys):
+    """`asd demo --store s3://...` commits every stage; verify and the catalog agree."""
+    assert asd_main(["--store", s3_bucket, "demo", "--quick"]) == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore(s3_bucket)
+    kinds = {k for k, _ in store.list_artifacts()}
+    assert kinds == {"datasets", "models", "generations", "evaluations"}
+    assert "s3://" in out and "these numbers mean nothing" in out
+    assert asd_main(["--store", s3_bucket, "store", "verify"]) == 0
+    refs = {str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)}
+    assert set(store.catalog()["ref"].to_pylist()) == refs and len(refs) == 5
