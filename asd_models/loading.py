@@ -31,6 +31,7 @@ class SDComponents:
     tokenizer: CLIPTokenizer
     scheduler: Any
     source: str
+    low_res_scheduler: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -56,6 +57,27 @@ def _check_folder(folder: Path) -> None:
             "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. a local "
             "download of stabilityai/stable-diffusion-2-1-base"
         )
+
+
+def load_upscaler_components(source: str | Path) -> SDComponents:
+    """An SD-x4-upscaler-style model (StableDiffusionUpscalePipeline layout): the usual
+    components plus `low_res_scheduler`, which noises the low-res condition image."""
+    c = load_components(source)
+    path = Path(str(source)).expanduser()
+    base, kw = (str(path), {}) if path.exists() else (str(source), {"local_files_only": True})
+    try:
+        c.low_res_scheduler = DDPMScheduler.from_pretrained(base, subfolder="low_res_scheduler", **kw)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"{source} has no low_res_scheduler/: an upscaler must be in the StableDiffusionUpscalePipeline layout "
+            "(e.g. a local download of stabilityai/stable-diffusion-x4-upscaler)"
+        ) from exc
+    if c.unet.config.in_channels != c.vae.config.latent_channels + 3:
+        raise ModelNotFoundError(
+            f"{source}: UNet takes {c.unet.config.in_channels} channels, an upscaler's takes latent "
+            f"{c.vae.config.latent_channels} + 3 image channels"
+        )
+    return c
 
 
 def load_components(source: str | Path) -> SDComponents:

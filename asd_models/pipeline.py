@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
@@ -14,8 +16,9 @@ from PIL import Image
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.fstd import FSTDConfig, fstd_sample
 from asd_models.images import pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
-from asd_models.loading import SDComponents, load_components
+from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.seams import grid_lines
+from asd_models.tiled_vae import tiled_decode, tiled_encode
 
 MIN_SIDE, MAX_SIDE = 64, 16384
 
@@ -42,8 +45,17 @@ class AnySizePipeline:
        denoise with implicit-overlap tiles, decode, and crop to exactly width x height.
     """
 
-    def __init__(self, components: SDComponents, buckets: list[Bucket] | None = None) -> None:
+    memmap_pixels = 64_000_000  # larger outputs are decoded straight into a file on disk
+
+    def __init__(self, components: SDComponents, buckets: list[Bucket] | None = None,
+                 upscaler: SDComponents | None = None) -> None:
         self.c = components
+        self.upscaler = upscaler
+        if upscaler is not None:
+            upscaler.unet.eval().requires_grad_(False)
+            upscaler.vae.eval().requires_grad_(False)
+            upscaler.text_encoder.eval().requires_grad_(False)
+            self.upscale_scheduler = DDIMScheduler.from_config(upscaler.scheduler.config)
         self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
         self.buckets = buckets or asd_buckets(
             base=components.unet.config.sample_size * components.vae_scale_factor,
@@ -53,12 +65,51 @@ class AnySizePipeline:
             m.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, buckets: list[Bucket] | None = None) -> AnySizePipeline:
-        """Load components; use the model's training buckets (`buckets.json`) when it has them."""
+    def from_pretrained(cls, source: str | Path, buckets: list[Bucket] | None = None,
+                        upscaler: str | Path | None = None) -> AnySizePipeline:
+        """Load components; use the model's training buckets (`buckets.json`) when it has them.
+        `upscaler`: an SD-x4-upscaler-style model for stage 2 instead of img2img."""
         listed = Path(source) / "buckets.json"
         if buckets is None and listed.is_file():
             buckets = [Bucket.parse(b) for b in json.loads(listed.read_text())]
-        return cls(load_components(source), buckets)
+        return cls(load_components(source), buckets, load_upscaler_components(upscaler) if upscaler else None)
+
+    def _output_array(self, width: int, height: int) -> np.ndarray:
+        if width * height <= self.memmap_pixels:
+            return np.zeros((height, width, 3), dtype=np.uint8)
+        handle = tempfile.NamedTemporaryFile(prefix="asd-output-", suffix=".u8", delete=False)
+        handle.close()
+        return np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=(height, width, 3))
+
+    def _enlarge_with_upscaler(self, prompt: str, image: Image.Image, cw: int, ch: int, steps: int, guidance: float,
+                               noise_level: int, fstd: FSTDConfig, generator: torch.Generator,
+                               progress: Callable | None) -> torch.Tensor:
+        """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
+        the latent; FSTD denoises from pure noise at the upscaler's latent size."""
+        up = self.upscaler
+        f = up.vae_scale_factor
+        low, _ = resize_cover_crop(image, cw // f, ch // f)
+        low_t = pil_to_tensor_m11(low)
+        level = torch.tensor([noise_level], dtype=torch.long)
+        low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=generator), level)
+        tok = up.tokenizer
+        ids = tok([prompt, ""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        emb = up.text_encoder(ids)[0]
+        sched = self.upscale_scheduler
+        sched.set_timesteps(steps)
+        latents = torch.randn((1, up.vae.config.latent_channels, ch // f, cw // f), generator=generator)
+        latents = latents * sched.init_noise_sigma
+        cfg = FSTDConfig(tile=up.unet.config.sample_size, tile_batch_size=fstd.tile_batch_size,
+                         reset_every=fstd.reset_every, mode=fstd.mode, size_multiple=up.unet_multiple)
+        latents, _ = fstd_sample(up.unet, sched, latents, sched.timesteps, emb[:1], emb[1:], guidance, cfg, generator,
+                                 condition=low_t, unet_kwargs={"class_labels": level}, progress=progress)
+        return latents
+
+    def default_fstd(self, tile: int | None = None, tile_batch_size: int = 8) -> FSTDConfig:
+        """FSTD at the UNet's native size, offsets on the UNet's down-sampling lattice."""
+        return FSTDConfig(tile=tile or self.c.unet.config.sample_size, tile_batch_size=tile_batch_size,
+                          size_multiple=self.c.unet_multiple)
 
     @property
     def pixel_multiple(self) -> int:
@@ -99,14 +150,23 @@ class AnySizePipeline:
         seed: int = 0,
         fstd: FSTDConfig | None = None,
         progress: PipelineProgress | None = None,
+        noise_level: int = 20,
+        vae_tile: int = 64,
     ) -> AnySizeResult:
+        """Render `prompt` at exactly `width` x `height`.
+
+        strength: how far stage 2 re-noises the enlarged image (img2img path). noise_level:
+        noise added to the low-res condition (upscaler path). vae_tile: tiled VAE tile in
+        latent pixels. Outputs over `memmap_pixels` are decoded into a memory-mapped file.
+        """
         self._check_size(width, height)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         f = self.c.vae_scale_factor
-        fstd = fstd or FSTDConfig(tile=self.c.unet.config.sample_size)
-        if fstd.tile % self.c.unet_multiple:
-            raise ValueError(f"FSTD tile {fstd.tile} must be a multiple of {self.c.unet_multiple} latent pixels")
+        fstd = fstd or self.default_fstd()
+        if fstd.tile % self.c.unet_multiple or fstd.size_multiple % self.c.unet_multiple:
+            raise ValueError(f"FSTD tile {fstd.tile} and size_multiple {fstd.size_multiple} must be multiples "
+                             f"of the UNet's {self.c.unet_multiple} latent pixels")
         generator = torch.Generator().manual_seed(seed)
         cond, uncond = self.encode_prompt(prompt)
 
@@ -116,7 +176,7 @@ class AnySizePipeline:
         latents = torch.randn(shape, generator=generator)
         self.scheduler.set_timesteps(num_inference_steps)
         latents = latents * self.scheduler.init_noise_sigma
-        whole = FSTDConfig(tile=max(shape[2:]), tile_batch_size=1)
+        whole = FSTDConfig(tile=max(shape[2:]), tile_batch_size=1, size_multiple=1)
         latents, _ = fstd_sample(
             self.c.unet, self.scheduler, latents, self.scheduler.timesteps, cond, uncond, guidance_scale,
             whole, generator, progress=(lambda s, n, d, t: progress("arad", s, n, d, t)) if progress else None,
@@ -125,26 +185,34 @@ class AnySizePipeline:
 
         # 2. FSTD: enlarge to a canvas that covers the target (sides multiple of the UNet's
         # pixel multiple), then crop the exact size: the aspect ratio is never stretched.
-        m = self.pixel_multiple
+        up = self.upscaler
+        f2 = up.vae_scale_factor if up else f
+        m = (up.vae_scale_factor * up.unet_multiple) if up else self.pixel_multiple
         cw, ch = -(-width // m) * m, -(-height // m) * m
-        canvas_img, _ = resize_cover_crop(image, cw, ch)
-        tile_px = fstd.tile * f
-        if (cw, ch) != (bucket.width, bucket.height) or cw * ch > bucket.width * bucket.height:
-            x0 = self.encode_image(canvas_img)
+        box = ((cw - width) // 2, (ch - height) // 2, (cw - width) // 2 + width, (ch - height) // 2 + height)
+        out = self._output_array(width, height)
+        stage2 = (lambda s, n, d, t: progress("fstd", s, n, d, t)) if progress else None
+        if up is not None:
+            latents = self._enlarge_with_upscaler(prompt, image, cw, ch, num_inference_steps, guidance_scale,
+                                                  noise_level, fstd, generator, stage2)
+            final = tiled_decode(up.vae, latents, tile=vae_tile, out=out, crop=box)
+        else:
+            canvas_img, _ = resize_cover_crop(image, cw, ch)
+            x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.c.vae.dtype), tile=vae_tile * f)
+            del canvas_img
             self.scheduler.set_timesteps(num_inference_steps)
             start = int(round(num_inference_steps * (1 - strength)))
             timesteps = self.scheduler.timesteps[min(start, num_inference_steps - 1):]
             noise = torch.randn(x0.shape, generator=generator)
             latents = self.scheduler.add_noise(x0, noise, timesteps[:1])
-            latents, _ = fstd_sample(
-                self.c.unet, self.scheduler, latents, timesteps, cond, uncond, guidance_scale, fstd, generator,
-                progress=(lambda s, n, d, t: progress("fstd", s, n, d, t)) if progress else None,
-            )
-            canvas_img = self.decode_latents(latents)
-        box = ((cw - width) // 2, (ch - height) // 2, (cw - width) // 2 + width, (ch - height) // 2 + height)
-        final = canvas_img.crop(box)
-        lat_h, lat_w = ch // f, cw // f
-        tiles = -(-lat_h // min(fstd.tile, lat_h)) * -(-lat_w // min(fstd.tile, lat_w))
+            latents, _ = fstd_sample(self.c.unet, self.scheduler, latents, timesteps, cond, uncond, guidance_scale,
+                                     fstd, generator, progress=stage2)
+            final = tiled_decode(self.c.vae, latents, tile=vae_tile, out=out, crop=box)
+        final = Image.frombuffer("RGB", (width, height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
+        tile = up.unet.config.sample_size if up else fstd.tile
+        tile_px = tile * f2
+        lat_h, lat_w = ch // f2, cw // f2
+        tiles = -(-lat_h // min(tile, lat_h)) * -(-lat_w // min(tile, lat_w))
         return AnySizeResult(
             image=final, bucket=bucket, canvas=(cw, ch), crop_box=box, tile_px=tile_px,
             seam_lines={"x": grid_lines(width, tile_px, box[0]), "y": grid_lines(height, tile_px, box[1])},

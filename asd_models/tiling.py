@@ -1,4 +1,8 @@
-"""Tile geometry for tiled diffusion: shifted grids, clamped edge tiles, Gaussian weights."""
+"""Tile geometry for tiled diffusion: shifted grids (FSTD), overlapping windows (baselines),
+Gaussian weights.
+
+All boxes are (top, left, height, width) in latent pixels.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +36,61 @@ def tile_starts(length: int, tile: int, offset: int) -> list[int]:
     return sorted(starts)
 
 
-def grid_boxes(height: int, width: int, tile: int, dy: int = 0, dx: int = 0) -> list[Box]:
-    """All tile boxes of the grid shifted by (dy, dx); tiles are min(tile, side) big."""
+def cropped_segments(length: int, tile: int, offset: int) -> list[tuple[int, int]]:
+    """(start, size) segments cut at offset + k*tile: a partition of [0, length), edge
+    segments cropped. Same total area as the unshifted grid: the cost of naive tiling."""
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
+    if length <= tile:
+        return [(0, length)]  # one tile holds the whole side: nothing to shift
+    offset %= tile
+    cuts = [0] + [c for c in range(offset, length, tile) if c > 0] + [length]
+    return [(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def official_starts(length: int, tile: int, offset: int) -> list[int]:
+    """The official ASD code: origins k*tile + offset clamped to [0, length - tile]; the strip
+    [0, offset) stays uncovered (it reuses the previous step's prediction there)."""
+    if length <= tile:
+        return [0]
+    n = math.ceil(length / tile)
+    return sorted({min(k * tile + offset, length - tile) for k in range(n)})
+
+
+def grid_boxes(height: int, width: int, tile: int, dy: int = 0, dx: int = 0, mode: str = "cropped") -> list[Box]:
+    """Tile boxes of the grid shifted by (dy, dx).
+
+    mode "cropped": edge tiles cropped to fit (a partition; no overlap, naive-tiling cost);
+    "edge-tile": full-size tiles, an extra edge tile covers the strip before the first line;
+    "official": full-size clamped tiles, the strip before the first line left uncovered.
+    """
+    if mode == "cropped":
+        ys, xs = cropped_segments(height, tile, dy), cropped_segments(width, tile, dx)
+        return [(y, x, h, w) for y, h in ys for x, w in xs]
     th, tw = min(tile, height), min(tile, width)
-    return [(y, x, th, tw) for y in tile_starts(height, th, dy) for x in tile_starts(width, tw, dx)]
+    if mode == "edge-tile":
+        starts_y, starts_x = tile_starts(height, th, dy), tile_starts(width, tw, dx)
+    elif mode == "official":
+        starts_y, starts_x = official_starts(height, th, dy), official_starts(width, tw, dx)
+    else:
+        raise ValueError(f"unknown grid mode {mode!r}: expected cropped, edge-tile or official")
+    return [(y, x, th, tw) for y in starts_y for x in starts_x]
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Overlapping windows every `stride`, the last one clamped to end at `length`
+    (MultiDiffusion / Mixture of Diffusers); never leaves a position uncovered."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def overlap_boxes(height: int, width: int, window: int, stride: int) -> list[Box]:
+    th, tw = min(window, height), min(window, width)
+    return [(y, x, th, tw) for y in window_starts(height, th, stride) for x in window_starts(width, tw, stride)]
 
 
 def count_fstd_tiles(height: int, width: int, tile: int) -> int:
@@ -43,7 +98,7 @@ def count_fstd_tiles(height: int, width: int, tile: int) -> int:
     return math.ceil(height / min(tile, height)) * math.ceil(width / min(tile, width))
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def gaussian_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor:
     """Tile weight map peaking at the centre (Mixture of Diffusers' Gaussian, variance 0.01)."""
 
@@ -53,3 +108,8 @@ def gaussian_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor
         return torch.exp(-((x - mid) / n) ** 2 / (2 * var))
 
     return torch.outer(axis(height), axis(width)).float()
+
+
+@lru_cache(maxsize=64)
+def uniform_weights(height: int, width: int) -> torch.Tensor:
+    return torch.ones(height, width)

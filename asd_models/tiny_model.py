@@ -71,3 +71,39 @@ def save_components(components: dict, folder: str | Path) -> Path:
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+def build_tiny_upscaler_components(seed: int = 0, latent_size: int = 32) -> dict:
+    """A tiny SD-x4-upscaler-shaped model: UNet input 4 latent + 3 low-res image channels,
+    noise level as class label, VAE with 3 levels (scale factor 4)."""
+    from diffusers import DDPMScheduler as LowResScheduler
+
+    torch.manual_seed(seed)
+    base = build_tiny_components(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8, num_class_embeds=1000,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=128, layers_per_block=1,
+        block_out_channels=(16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.08333,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "tokenizer": base["tokenizer"],
+            "scheduler": base["scheduler"], "low_res_scheduler": LowResScheduler(num_train_timesteps=1000)}
+
+
+def save_upscaler_components(components: dict, folder: str | Path) -> Path:
+    """Save in the diffusers `StableDiffusionUpscalePipeline` layout (safetensors only)."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    pipe = StableDiffusionUpscalePipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], low_res_scheduler=components["low_res_scheduler"],
+        scheduler=components["scheduler"], max_noise_level=350,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

@@ -130,7 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flows.stages import generate_flow
 
     settings = GenerateSettings(steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                                tile=args.tile, shard_size=args.shard_size)
+                                tile=args.tile, shard_size=args.shard_size, upscaler=args.upscaler,
+                                noise_level=args.noise_level)
     print(generate_flow(_ref(args.model, "models"), _load_prompts(args), args.name, settings, args.store, args.rerun))
     return 0
 
@@ -284,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance-scale", type=float, default=5.0)
     g.add_argument("--strength", type=float, default=0.6)
-    g.add_argument("--tile", type=int, default=None)
+    g.add_argument("--tile", type=int, default=None, help="FSTD tile in latent pixels (default: UNet sample size)")
+    g.add_argument("--upscaler", default=None,
+                   help="stage 2 with an SD-x4-upscaler-style model (folder, cached hub id or models/NAME@VERSION)")
+    g.add_argument("--noise-level", type=int, default=20)
     g.add_argument("--shard-size", type=int, default=100)
     g.add_argument("--rerun", action="store_true")
     g.set_defaults(func=cmd_generate)

@@ -51,6 +51,11 @@ class GenerateSettings(BaseModel):
     strength: float = Field(0.6, gt=0, le=1, description="how much stage 2 re-noises the enlarged image")
     tile: int | None = Field(None, ge=1, description="FSTD tile in latent pixels (default: the UNet's sample size)")
     tile_batch_size: int = Field(16, ge=1)
+    upscaler: str | None = Field(
+        None, description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
+        "models/NAME@VERSION) instead of img2img with the same model",
+    )
+    noise_level: int = Field(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
     shard_size: int = Field(100, ge=1, description="prompts per generation task")
 
 

@@ -56,6 +56,9 @@ def generate_flow(model_ref: str, prompts: list[PromptSpec], generations: str = 
     logger = get_run_logger()
     store = ArtifactStore(store_url)
     model = str(store.resolve(model_ref))
+    if settings.upscaler and settings.upscaler.startswith("models/"):
+        settings = settings.model_copy(update={"upscaler": str(store.resolve(settings.upscaler))})
+    parents = [model] + ([settings.upscaler] if settings.upscaler and settings.upscaler.startswith("models/") else [])
     items = [{"index": i, **p.model_dump()} for i, p in enumerate(prompts)]
     if not items:
         raise ValueError("generate_flow got no prompts")
@@ -69,7 +72,7 @@ def generate_flow(model_ref: str, prompts: list[PromptSpec], generations: str = 
     logger.info("rendering %d prompts in %d shard(s) with %s", len(items), len(shards), model)
     futures = [generate_shard.submit(store.url, model, generations, version, s, settings.model_dump()) for s in shards]
     results = [f.result() for f in futures]
-    ref = commit_generations(store.url, generations, version, results, [model],
+    ref = commit_generations(store.url, generations, version, results, parents,
                              {"prompts": len(items), **settings.model_dump()}, input_hash)
     rows = [r for res in results for r in res["rows"]]
     create_table_artifact(

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from asd_models.fstd import FSTDConfig
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from tasks.models import cached_pipeline
 from tasks.progress import Progress
@@ -31,10 +30,9 @@ def generate_shard(
     Returns the files written and one manifest row per prompt (failures included)."""
     logger = get_run_logger()
     store = ArtifactStore(store_url)
-    pipe = cached_pipeline(store_url, model_ref)
+    pipe = cached_pipeline(store_url, model_ref, settings.get("upscaler"))
     writer = store.new_version("generations", generations, version)
-    fstd = FSTDConfig(tile=settings.get("tile") or pipe.c.unet.config.sample_size,
-                      tile_batch_size=settings.get("tile_batch_size", 16))
+    fstd = pipe.default_fstd(settings.get("tile"), settings.get("tile_batch_size", 16))
     rows = []
     for p in shard:
         key = image_key(p["index"], p["width"], p["height"])
@@ -53,7 +51,8 @@ def generate_shard(
 
                 res = pipe(p["prompt"], p["width"], p["height"], num_inference_steps=settings["steps"],
                            guidance_scale=settings["guidance_scale"], strength=settings["strength"],
-                           seed=p["seed"], fstd=fstd, progress=on_step)
+                           seed=p["seed"], fstd=fstd, progress=on_step,
+                           noise_level=settings.get("noise_level", 20))
             if res.image.size != (p["width"], p["height"]):
                 raise RuntimeError(f"pipeline returned {res.image.size}, expected {(p['width'], p['height'])}")
             buf = io.BytesIO()

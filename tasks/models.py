@@ -55,7 +55,8 @@ def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
 
 
 @lru_cache(maxsize=4)
-def cached_pipeline(store_url: str, ref: str) -> AnySizePipeline:
-    """Load a pipeline once per worker process and model version."""
+def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None) -> AnySizePipeline:
+    """Load a pipeline once per worker process, model version and upscaler."""
     store = ArtifactStore(store_url)
-    return AnySizePipeline.from_pretrained(local_model_dir(store, ref))
+    up = resolve_base_model(store, upscaler) if upscaler else None
+    return AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)

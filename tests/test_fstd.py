@@ -3,6 +3,7 @@ determinism and geometry only; quality is measured on a trained model in the flo
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -18,12 +19,79 @@ def components(tiny_model_dir):
 
 
 def test_offsets_reset_on_first_and_every_kth_step():
-    cfg = FSTDConfig(tile=16, reset_every=4)
+    cfg = FSTDConfig(tile=16, reset_every=4, shift_range=8, offset_multiple=2, shift_first_step=False)
     g = torch.Generator().manual_seed(0)
-    offs = [step_offset(i, cfg, g) for i in range(12)]
-    assert offs[0] == offs[4] == offs[8] == (0, 0)
-    assert all(0 <= d < 8 for o in offs for d in o)
-    assert any(o != (0, 0) for o in offs)
+    offs = [step_offset(i, cfg, g) for i in range(40)]
+    assert all(offs[i] == (0, 0) for i in range(0, 40, 4))
+    assert all(0 <= d < 8 and d % 2 == 0 for o in offs for d in o)
+    assert len({o for o in offs}) > 5
+
+
+def test_first_step_never_shifted_where_a_strip_would_be_uncovered():
+    """The official scheme (and any config that asks) keeps step 0 unshifted: it has no
+    previous prediction for the strip. Full-coverage grids may shift it (the default)."""
+    for seed in range(5):
+        for cfg in (FSTDConfig.official(tile=16), FSTDConfig(tile=16, shift_first_step=False)):
+            g = torch.Generator().manual_seed(seed)
+            assert step_offset(0, cfg, g) == (0, 0)
+            assert any(step_offset(i, cfg, g) != (0, 0) for i in range(1, 10))
+    with pytest.raises(ValueError, match="never shifts the first step"):
+        FSTDConfig(tile=16, mode="official")
+    g = torch.Generator().manual_seed(0)
+    assert any(step_offset(0, FSTDConfig(tile=16), g) != (0, 0) for _ in range(10))
+
+
+@pytest.mark.parametrize("method", ["fstd", "fstd-edge", "fstd-official", "naive", "multidiffusion", "mixture", "full"])
+def test_every_sampler_shapes_determinism_no_nan(components, method):
+    from asd_models.baselines import sample_with
+
+    cfgs = {"fstd-edge": FSTDConfig(tile=8, mode="edge-tile", size_multiple=2),
+            "fstd-official": FSTDConfig.official(tile=8)}
+
+    def run():
+        sched = DDIMScheduler.from_config(components.scheduler.config)
+        sched.set_timesteps(4)
+        x = torch.randn(1, 4, 20, 38, generator=torch.Generator().manual_seed(3))
+        name = "fstd" if method.startswith("fstd") else method
+        return sample_with(name, components.unet, sched, x, sched.timesteps, torch.ones(1, 77, 32), torch.zeros(1, 77, 32),
+                           2.0, tile=8, tile_batch_size=5, generator=torch.Generator().manual_seed(4),
+                           fstd=cfgs.get(method, FSTDConfig(tile=8, tile_batch_size=5)))
+
+    a, b = run(), run()
+    assert a.shape == (1, 4, 20, 38)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+def test_official_scheme_fills_the_uncovered_strip_with_the_previous_prediction(components):
+    from asd_models.fstd import predict_noise_tiled
+    from asd_models.tiling import grid_boxes
+
+    boxes = grid_boxes(16, 24, 8, 3, 5, "official")
+    covered = torch.zeros(16, 24, dtype=torch.bool)
+    for y, x, h, w in boxes:
+        covered[y : y + h, x : x + w] = True
+    assert not covered[:3].any() and not covered[:, :5].any() and covered[3:, 5:].all()
+    latent = torch.randn(1, 4, 16, 24)
+    previous = torch.full((1, 4, 16, 24), 7.0)
+    eps = predict_noise_tiled(components.unet, latent, torch.tensor(500), torch.zeros(1, 77, 32), None, 1.0, boxes, 4,
+                              previous=previous)
+    assert torch.equal(eps[:, :, :3], previous[:, :, :3]) and torch.equal(eps[:, :, :, :5], previous[:, :, :, :5])
+    assert not torch.equal(eps[:, :, 3:, 5:], previous[:, :, 3:, 5:])
+    with pytest.raises(RuntimeError, match="uncovered"):
+        predict_noise_tiled(components.unet, latent, torch.tensor(500), torch.zeros(1, 77, 32), None, 1.0, boxes, 4)
+
+
+def test_cropped_grid_is_a_partition_with_naive_cost():
+    from asd_models.tiling import count_fstd_tiles, cropped_segments, grid_boxes
+
+    for length, tile, off in [(128, 64, 0), (128, 64, 24), (135, 16, 6), (7, 16, 4)]:
+        segs = cropped_segments(length, tile, off)
+        assert sum(n for _, n in segs) == length and segs[0][0] == 0
+        assert all(a + n == b for (a, n), (b, _) in zip(segs[:-1], segs[1:], strict=True))
+    boxes = grid_boxes(128, 128, 64, 16, 40, "cropped")
+    assert sum(h * w for _, _, h, w in boxes) == 128 * 128
+    assert len(grid_boxes(128, 128, 64)) == count_fstd_tiles(128, 128, 64) == 4
 
 
 def test_same_seed_same_latents_and_state_not_kept_between_calls(components):
@@ -68,6 +136,32 @@ def test_pipeline_returns_exactly_the_requested_size(tiny_model_dir, size):
     assert cw >= size[0] and ch >= size[1] and cw % 16 == 0 and ch % 16 == 0
     # the stage-1 bucket is the one nearest the requested ratio
     assert abs(res.bucket.width / res.bucket.height - size[0] / size[1]) <= abs(1 - size[0] / size[1]) + 1e-9
+
+
+def test_upscaler_stage_gives_exact_sizes(tiny_model_dir, tmp_path):
+    from asd_models.tiny_model import build_tiny_upscaler_components, save_upscaler_components
+
+    up = save_upscaler_components(build_tiny_upscaler_components(), tmp_path / "x4")
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir, upscaler=up)
+    for size in [(1000, 300), (333, 777)]:
+        res = pipe("a cat", *size, num_inference_steps=2, seed=0, fstd=FSTDConfig(tile=16, size_multiple=2))
+        assert res.image.size == size
+        assert res.canvas[0] % 8 == 0 and res.tile_px == 32 * 4
+        assert np.isfinite(np.asarray(res.image, dtype=float)).all()
+
+
+def test_missing_upscaler_parts_are_named(tiny_model_dir):
+    from asd_models.loading import load_upscaler_components
+
+    with pytest.raises(ModelNotFoundError, match="low_res_scheduler"):
+        load_upscaler_components(tiny_model_dir)
+
+
+def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(pipe, "memmap_pixels", 100_000)
+    res = pipe("a cat", 600, 400, num_inference_steps=1, seed=0, fstd=FSTDConfig(tile=16, size_multiple=2))
+    assert res.image.size == (600, 400)
 
 
 def test_pipeline_rejects_bad_sizes_and_strength(tiny_model_dir):

@@ -1,0 +1,248 @@
+"""FSTD vs naive tiles, MultiDiffusion, Mixture of Diffusers, diffusers' panorama pipeline and
+full-latent sampling, side by side with the same UNet in one run.
+
+    python -m bench.fstd [--quick] [--json PATH]
+
+Each (method, size) runs in its own subprocess, so its peak RSS is its own. The UNet is the
+tiny SD-shaped one (its config is printed), first trained for a few minutes on smooth
+synthetic latents (cached under bench/.cache): a random UNet shows no seams at all, so seam
+scores need a denoiser that has learned something. Seam score: mean |gradient| of the final
+latent across the unshifted tile-grid lines over the median across all other lines (1.0 =
+seamless). No classifier-free guidance (same cost ratio for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
+    "attention_head_dim": 8, "norm_num_groups": 8,
+}
+TILE = 64  # latent pixels = 512 px
+SIZES_QUICK = [(1024, 1024), (2048, 1024)]
+SIZES_FULL = SIZES_QUICK + [(4096, 4096)]
+METHODS = ["fstd", "naive", "multidiffusion", "mixture", "diffusers_panorama", "full"]
+
+
+def smooth_latents(n: int, size: int, gen):
+    """Smooth random fields (a few low-frequency waves per channel), unit-ish variance."""
+    import torch
+
+    y = torch.linspace(0, 1, size).view(1, 1, size, 1)
+    x = torch.linspace(0, 1, size).view(1, 1, 1, size)
+    out = torch.zeros(n, 4, size, size)
+    for _ in range(4):
+        fy, fx = torch.rand(n, 4, 1, 1, generator=gen) * 3, torch.rand(n, 4, 1, 1, generator=gen) * 3
+        ph = torch.rand(n, 4, 1, 1, generator=gen) * 6.283
+        out += torch.sin(6.283 * (fy * y + fx * x) + ph) * (torch.rand(n, 4, 1, 1, generator=gen) + 0.3)
+    return out / out.flatten(1).std(dim=1).view(n, 1, 1, 1)
+
+
+def trained_unet(train_steps: int):
+    """The bench UNet, trained on smooth latents (cached by config and steps)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    key = hashlib.sha256(json.dumps([UNET_CONFIG, train_steps]).encode()).hexdigest()[:12]
+    folder = CACHE / f"unet-{key}"
+    if (folder / "config.json").is_file():
+        return UNet2DConditionModel.from_pretrained(folder), folder
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.zeros(1, 77, 32)
+    t0 = time.time()
+    for step in range(train_steps):
+        x0 = smooth_latents(8, 64, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (8,), generator=gen)
+        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t, cond.expand(8, -1, -1)).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"  training bench UNet: step {step}/{train_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    unet.save_pretrained(folder)
+    return unet.eval(), folder
+
+
+def unet_multiple() -> int:
+    return 2 ** (len(UNET_CONFIG["block_out_channels"]) - 1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def latent_seam_score(latents, tile: int) -> float:
+    import numpy as np
+
+    from asd_models.seams import seam_score
+
+    img = latents[0].float().mean(dim=0).numpy()
+    h, w = img.shape
+    xs = [k * tile for k in range(1, math.ceil(w / tile)) if k * tile < w]
+    ys = [k * tile for k in range(1, math.ceil(h / tile)) if k * tile < h]
+    return seam_score(np.asarray(img), xs, ys)
+
+
+def worst_line(latents) -> float:
+    """Largest mean |gradient| across any single line over the median line (method-blind)."""
+    import numpy as np
+
+    img = latents[0].float().mean(dim=0).numpy()
+    col = np.abs(np.diff(img, axis=1)).mean(axis=0)
+    row = np.abs(np.diff(img, axis=0)).mean(axis=1)
+    return float(max(col.max() / np.median(col), row.max() / np.median(row)))
+
+
+def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, tile_batch_size: int) -> dict:
+    """Worker: one method at one size; prints a JSON object."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from asd_models.baselines import sample_with, unet_evals_per_step
+    from asd_models.fstd import FSTDConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(steps)
+    H, W = height // 8, width // 8
+    cond = torch.zeros(1, 77, 32)
+    latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    if method == "diffusers_panorama":
+        out, evals = run_panorama(unet, sched, latents, steps, width, height)
+    else:
+        fstd = FSTDConfig(tile=TILE, tile_batch_size=tile_batch_size, size_multiple=unet_multiple())
+        out = sample_with(method, unet, sched, latents, sched.timesteps, cond, None, 1.0, tile=TILE,
+                          tile_batch_size=tile_batch_size, generator=torch.Generator().manual_seed(1), fstd=fstd)
+        evals = unet_evals_per_step(method, H, W, TILE, fstd=fstd)
+    seconds = time.perf_counter() - t0
+    return {
+        "method": method, "width": width, "height": height, "steps": steps, "unet_evals_per_step": evals,
+        "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb(),
+        "seam_score": round(latent_seam_score(out, TILE), 4), "worst_line": round(worst_line(out), 3),
+        "finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def run_panorama(unet, sched, latents, steps: int, width: int, height: int):
+    """diffusers' own StableDiffusionPanoramaPipeline (window 64, stride 8: its defaults)."""
+    from diffusers import AutoencoderKL, StableDiffusionPanoramaPipeline
+
+    from asd_models.tiny_model import build_tiny_components
+
+    tiny = build_tiny_components()
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionPanoramaPipeline(vae=vae, text_encoder=tiny["text_encoder"], tokenizer=tiny["tokenizer"],
+                                           unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    views = len(pipe.get_views(height, width))
+    out = pipe("", height=height, width=width, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
+               output_type="latent", view_batch_size=8).images
+    return out, views
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1024x1024 and 2048x1024 only")
+    ap.add_argument("--json", default="bench/results/fstd.json")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--tile-batch-size", type=int, default=8)
+    ap.add_argument("--panorama-max-pixels", type=int, default=2048 * 1024,
+                    help="skip diffusers' panorama above this size (its stride-8 cost explodes)")
+    ap.add_argument("--full-max-pixels", type=int, default=2048 * 1024, help="skip full-latent sampling above this")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run_one(**json.loads(args.worker))))
+        return
+
+    _, unet_dir = trained_unet(args.train_steps)
+    sizes = SIZES_QUICK if args.quick else SIZES_FULL
+    print(f"UNet: {json.dumps(UNET_CONFIG)}, trained {args.train_steps} steps on smooth latents; tile {TILE} latent "
+          f"({TILE * 8} px), FSTD cropped grid, offsets on the UNet's {unet_multiple()}-px lattice; overlap baselines "
+          f"stride {TILE // 2} (50%), panorama stride 8; {args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads")
+    jobs = [(m, w, h, args.steps) for w, h in sizes for m in METHODS]
+    if not args.quick:
+        jobs.append(("fstd", 8192, 8192, 1))  # memory at 8192^2 (one step)
+    results, skipped = [], []
+    for method, w, h, steps in jobs:
+        if method == "diffusers_panorama" and w * h > args.panorama_max_pixels:
+            skipped.append({"method": method, "width": w, "height": h, "reason": "stride-8 cost: hours on this CPU"})
+            continue
+        if method == "full" and w * h > args.full_max_pixels:
+            skipped.append({"method": method, "width": w, "height": h, "reason": "attention over the whole latent "
+                            "does not fit in memory"})
+            continue
+        spec = json.dumps({"method": method, "width": w, "height": h, "steps": steps, "unet_dir": str(unet_dir),
+                           "tile_batch_size": args.tile_batch_size})
+        proc = subprocess.run([sys.executable, "-m", "bench.fstd", "--worker", spec], capture_output=True, text=True,
+                              cwd=HERE.parent)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"bench worker failed: {method} {w}x{h}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"  {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} evals/step, "
+              f"{r['peak_rss_mb']:.0f} MB, seam {r['seam_score']:.3f}", flush=True)
+
+    speedup = {}
+    for w, h in sizes:
+        by = {r["method"]: r for r in results if (r["width"], r["height"], r["steps"]) == (w, h, args.steps)}
+        f = by["fstd"]["seconds"]
+        s = {f"over_{m}": round(by[m]["seconds"] / f, 2) for m in ("multidiffusion", "mixture", "diffusers_panorama")
+             if m in by}
+        s["time_over_naive"] = round(f / by["naive"]["seconds"], 3)
+        if "full" in by:
+            s["seam_over_full"] = round(by["fstd"]["seam_score"] / by["full"]["seam_score"], 3)
+        speedup[f"{w}x{h}"] = s
+
+    print(f"\n{'method':18s} {'size':>10s} {'evals/step':>10s} {'seconds':>9s} {'peak MB':>8s} {'seam':>7s}")
+    for r in results:
+        print(f"{r['method']:18s} {r['width']:>5d}x{r['height']:<5d}{r['unet_evals_per_step']:>9.1f} "
+              f"{r['seconds']:>9.2f} {r['peak_rss_mb']:>8.0f} {r['seam_score']:>7.3f}")
+    for s in skipped:
+        print(f"{s['method']:18s} {s['width']:>5d}x{s['height']:<5d} skipped: {s['reason']}")
+    print("\nspeedup (FSTD's speed over each; time_over_naive = FSTD time / naive time):")
+    for size, s in speedup.items():
+        print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+    out = {"unet_config": UNET_CONFIG, "train_steps": args.train_steps, "tile": TILE, "steps": args.steps,
+           "results": results, "skipped": skipped, "speedup": speedup}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
