@@ -46,6 +46,7 @@ class AnySizePipeline:
     """
 
     memmap_pixels = 64_000_000  # larger outputs are decoded straight into a file on disk
+    vae_whole_below = 256 * 256  # latents up to this many pixels go through the VAE in one piece
 
     def __init__(self, components: SDComponents, buckets: list[Bucket] | None = None,
                  upscaler: SDComponents | None = None) -> None:
@@ -195,10 +196,11 @@ class AnySizePipeline:
         if up is not None:
             latents = self._enlarge_with_upscaler(prompt, image, cw, ch, num_inference_steps, guidance_scale,
                                                   noise_level, fstd, generator, stage2)
-            final = tiled_decode(up.vae, latents, tile=vae_tile, out=out, crop=box)
+            final = tiled_decode(up.vae, latents, tile=vae_tile, out=out, crop=box, whole_below=self.vae_whole_below)
         else:
             canvas_img, _ = resize_cover_crop(image, cw, ch)
-            x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.c.vae.dtype), tile=vae_tile * f)
+            x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.c.vae.dtype), tile=vae_tile * f,
+                              whole_below=self.vae_whole_below)
             del canvas_img
             self.scheduler.set_timesteps(num_inference_steps)
             start = int(round(num_inference_steps * (1 - strength)))
@@ -207,7 +209,8 @@ class AnySizePipeline:
             latents = self.scheduler.add_noise(x0, noise, timesteps[:1])
             latents, _ = fstd_sample(self.c.unet, self.scheduler, latents, timesteps, cond, uncond, guidance_scale,
                                      fstd, generator, progress=stage2)
-            final = tiled_decode(self.c.vae, latents, tile=vae_tile, out=out, crop=box)
+            final = tiled_decode(self.c.vae, latents, tile=vae_tile, out=out, crop=box,
+                                 whole_below=self.vae_whole_below)
         final = Image.frombuffer("RGB", (width, height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
         tile = up.unet.config.sample_size if up else fstd.tile
         tile_px = tile * f2

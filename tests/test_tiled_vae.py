@@ -56,3 +56,11 @@ def test_encode_matches_untiled_within_tolerance(vae):
     assert (z - ref).abs().mean() < 0.25 * ref.abs().mean()
     with pytest.raises(ValueError, match="multiples of 8"):
         tiled_encode(vae, img[:, :, :, :130 - 5])
+
+
+@torch.no_grad()
+def test_small_latents_go_through_whole(vae):
+    z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(3))
+    whole = ((vae.decode(z / vae.config.scaling_factor).sample[0].clamp(-1, 1) + 1) * 127.5).round().byte()
+    out = tiled_decode(vae, z, tile=8, whole_below=12 * 20, crop=(5, 3, 105, 83))
+    assert np.array_equal(out, whole.permute(1, 2, 0).numpy()[3:83, 5:105])
