@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,9 @@ class AnySizePipeline:
             return np.zeros((height, width, 3), dtype=np.uint8)
         handle = tempfile.NamedTemporaryFile(prefix="asd-output-", suffix=".u8", delete=False)
         handle.close()
-        return np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=(height, width, 3))
+        out = np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=(height, width, 3))
+        os.unlink(handle.name)  # the mapping keeps the pages; the disk space goes with the last reference
+        return out
 
     def _enlarge_with_upscaler(self, prompt: str, image: Image.Image, cw: int, ch: int, steps: int, guidance: float,
                                noise_level: int, fstd: FSTDConfig, generator: torch.Generator,
@@ -123,11 +126,6 @@ class AnySizePipeline:
                   truncation=True, return_tensors="pt").input_ids
         emb = self.c.text_encoder(ids)[0]
         return emb[:1], emb[1:]
-
-    @torch.no_grad()
-    def encode_image(self, img: Image.Image) -> torch.Tensor:
-        x = pil_to_tensor_m11(img).to(self.c.vae.dtype)
-        return self.c.vae.encode(x).latent_dist.mean * self.c.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> Image.Image:

@@ -132,7 +132,6 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
-    sched.set_timesteps(steps)
     H, W = height // 8, width // 8
     cond = torch.zeros(1, 77, 32)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))

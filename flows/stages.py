@@ -56,9 +56,10 @@ def generate_flow(model_ref: str, prompts: list[PromptSpec], generations: str = 
     logger = get_run_logger()
     store = ArtifactStore(store_url)
     model = str(store.resolve(model_ref))
-    if settings.upscaler and settings.upscaler.startswith("models/"):
+    parents = [model]
+    if settings.upscaler and settings.upscaler.startswith("models/"):  # a stored upscaler is a parent too
         settings = settings.model_copy(update={"upscaler": str(store.resolve(settings.upscaler))})
-    parents = [model] + ([settings.upscaler] if settings.upscaler and settings.upscaler.startswith("models/") else [])
+        parents.append(settings.upscaler)
     items = [{"index": i, **p.model_dump()} for i, p in enumerate(prompts)]
     if not items:
         raise ValueError("generate_flow got no prompts")

@@ -151,11 +151,11 @@ STORE_BLOCK_ENV = "ASD_STORE_BLOCK"
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session", "key_id", "access_key")
 
 
-def s3_storage_options(version_aware: bool = False) -> dict[str, Any]:
+def s3_storage_options() -> dict[str, Any]:
     """s3fs options: endpoint from the AWS environment (or a Prefect JSON block named by
     $ASD_STORE_BLOCK holding s3fs options), retries with backoff, version-aware reads."""
     opts: dict[str, Any] = {
-        "version_aware": version_aware,
+        "version_aware": False,
         # s3fs' own retry loop (exponential backoff) and botocore's adaptive mode, for
         # throttling and connection errors; $ASD_S3_RETRIES overrides the attempt count.
         "config_kwargs": {"retries": {"max_attempts": int(os.environ.get("ASD_S3_RETRIES", "8")), "mode": "adaptive"},
@@ -191,17 +191,21 @@ def redact(text: str) -> str:
     return text
 
 
-def _filesystem(url: str, version_aware: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and root path for a store URL. On S3, a version-aware client writes
-    (to learn each object's VersionId) and reads pinned versions; a plain one lists, since
-    version listings keep showing prefixes whose objects were deleted."""
+def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFileSystem, str]:
+    """(lister, versioned, root) for a store URL. On S3, a version-aware client writes (to
+    learn each object's VersionId) and reads pinned versions; a plain one lists, since version
+    listings keep showing prefixes whose objects were deleted. Elsewhere both are one client."""
     if url.startswith(("s3://", "s3a://")):
-        fs, root = url_to_fs(url, **s3_storage_options(version_aware))
-        fs.retries = int(os.environ.get("ASD_S3_RETRIES", "8"))  # s3fs' backoff loop (class attribute)
-        return fs, root
+        opts = s3_storage_options()
+        fs, root = url_to_fs(url, **opts)
+        vfs, _ = url_to_fs(url, **{**opts, "version_aware": True})
+        for client in (fs, vfs):
+            client.retries = int(os.environ.get("ASD_S3_RETRIES", "8"))  # s3fs' backoff loop (class attribute)
+        return fs, vfs, root
     if "://" not in url:
         url = str(Path(url).expanduser().resolve())
-    return url_to_fs(url)
+    fs, root = url_to_fs(url)
+    return fs, fs, root
 
 
 # Fault points, so tests can kill a writer (SIGKILL) at each phase of a commit.
@@ -359,10 +363,9 @@ class ArtifactStore:
     """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`)."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = redact(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
         raw_url = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
-        self.fs, self.root = _filesystem(raw_url)
-        self.vfs = _filesystem(raw_url, version_aware=True)[0] if raw_url.startswith(("s3://", "s3a://")) else self.fs
+        self.url = redact(raw_url)
+        self.fs, self.vfs, self.root = _filesystems(raw_url)
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = self.protocol in ("file", "local")
         self._records: dict[str, dict[str, Any]] = {}  # commit records are immutable: cache them
@@ -438,13 +441,20 @@ class ArtifactStore:
     def record(self, ref: ArtifactRef | str) -> dict[str, Any]:
         """Commit record of a committed version (resolving `@latest`)."""
         ref = self.resolve(ref)
-        if str(ref) in self._records:
-            return self._records[str(ref)]
-        rec = self._read_json(self.path(ref.prefix, COMMIT_RECORD))
+        rec = self._committed_record(ref)
         if rec is None:
             raise VersionNotFound(f"{ref} has no commit record in {self.url}")
-        self._records[str(ref)] = rec
         return rec
+
+    def _committed_record(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        """The commit record, read once per store object (records never change once written)."""
+        key = str(ref)
+        if key not in self._records:
+            rec = self._read_json(self.path(ref.prefix, COMMIT_RECORD))
+            if rec is None:
+                return None
+            self._records[key] = rec
+        return self._records[key]
 
     def _pinned(self, ref: ArtifactRef, relpath: str) -> str:
         """Path of a committed file; on a versioned S3 bucket, pinned to the recorded VersionId."""
@@ -455,7 +465,7 @@ class ArtifactStore:
         return path
 
     def is_committed(self, ref: ArtifactRef) -> bool:
-        return self._read_json(self.path(ref.prefix, COMMIT_RECORD)) is not None
+        return self._committed_record(ref) is not None
 
     def resolve(self, ref: ArtifactRef | str) -> ArtifactRef:
         """Turn `kind/name@latest` into the committed version it names; check others exist."""
@@ -500,8 +510,8 @@ class ArtifactStore:
 
     def find_by_input_hash(self, kind: str, name: str, input_hash: str) -> ArtifactRef | None:
         """Newest committed version made from the same inputs, if any (finished work to reuse)."""
-        for ref in reversed(self.list_versions(kind, name)):
-            rec = self._read_json(self.path(ref.prefix, COMMIT_RECORD))
+        for ref in reversed(self.list_versions(kind, name)):  # list_versions already read (cached) each record
+            rec = self._committed_record(ref)
             if rec and rec.get("input_hash") == input_hash:
                 return ref
         return None

@@ -3,6 +3,8 @@ determinism and geometry only; quality is measured on a trained model in the flo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -160,8 +162,14 @@ def test_missing_upscaler_parts_are_named(tiny_model_dir):
 def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
     monkeypatch.setattr(pipe, "memmap_pixels", 100_000)
+    made = []
+    real = pipe._output_array
+    monkeypatch.setattr(pipe, "_output_array", lambda w, h: made.append(real(w, h)) or made[-1])
     res = pipe("a cat", 600, 400, num_inference_steps=1, seed=0, fstd=FSTDConfig(tile=16, size_multiple=2))
     assert res.image.size == (600, 400)
+    assert isinstance(made[0], np.memmap) and made[0].shape == (400, 600, 3)
+    assert np.array_equal(np.asarray(res.image), np.asarray(made[0]))  # the image is the file's pages, not a copy
+    assert not Path(made[0].filename).exists()  # no file left behind in the temp folder
 
 
 def test_pipeline_rejects_bad_sizes_and_strength(tiny_model_dir):
