@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 from PIL import Image
 
@@ -18,12 +20,22 @@ def center_crop_box(w: int, h: int, dst_w: int, dst_h: int) -> tuple[int, int, i
     return left, top, left + dst_w, top + dst_h
 
 
-def resize_cover_crop(img: Image.Image, dst_w: int, dst_h: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Resize to cover dst (keeping aspect), then center-crop. Returns the image and the
-    crop box in resized coordinates (left, top, right, bottom)."""
+def random_crop_box(w: int, h: int, dst_w: int, dst_h: int, rng: random.Random) -> tuple[int, int, int, int]:
+    left = rng.randint(0, w - dst_w)
+    top = rng.randint(0, h - dst_h)
+    return left, top, left + dst_w, top + dst_h
+
+
+def resize_cover_crop(
+    img: Image.Image, dst_w: int, dst_h: int, rng: random.Random | None = None,
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Resize to cover dst (keeping aspect), then crop: centred, or at a random place when
+    `rng` is given. Returns the image and the crop box in resized coordinates
+    (left, top, right, bottom)."""
     cw, ch = cover_size(img.width, img.height, dst_w, dst_h)
-    resized = img.resize((cw, ch), Image.Resampling.LANCZOS) if (cw, ch) != img.size else img
-    box = center_crop_box(cw, ch, dst_w, dst_h)
+    resized = img.resize((cw, ch), resample) if (cw, ch) != img.size else img
+    box = center_crop_box(cw, ch, dst_w, dst_h) if rng is None else random_crop_box(cw, ch, dst_w, dst_h, rng)
     return resized.crop(box), box
 
 

@@ -13,11 +13,15 @@ DATASET_MANIFEST = pa.schema([
     ("caption", pa.string()),
     ("status", pa.string()),          # ok | failed
     ("error", pa.string()),           # reason when failed, else null
-    ("original_width", pa.int32()),
+    ("failed_stage", pa.string()),    # source | caption | download | read | decode | validate | duplicate
+    ("original_width", pa.int32()),   # upright (EXIF applied) size of the input
     ("original_height", pa.int32()),
     ("width", pa.int32()),            # final (bucket) size
     ("height", pa.int32()),
     ("bucket", pa.string()),          # "WxH"
+    ("aspect_error", pa.float64()),   # |log aspect(image) - log aspect(bucket)|
+    ("cover_width", pa.int32()),      # the image resized to cover the bucket (crop box is inside it)
+    ("cover_height", pa.int32()),
     ("crop_left", pa.int32()),        # crop box in the resized-to-cover image
     ("crop_top", pa.int32()),
     ("crop_right", pa.int32()),
@@ -25,6 +29,8 @@ DATASET_MANIFEST = pa.schema([
     ("sha256", pa.string()),          # sha256 of the decoded RGB pixels (duplicate detection)
     ("shard", pa.string()),           # shard path relative to the version
     ("bytes", pa.int64()),            # encoded image size in the shard
+    ("fingerprint", pa.string()),     # input identity (path+stat+caption, url+caption, shard+key): reuse key
+    ("reused", pa.bool_()),           # copied from the previous version instead of processed again
 ])
 
 PROMPTS = pa.schema([

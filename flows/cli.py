@@ -84,16 +84,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_or_url(spec: str) -> str:
+    """Local paths become absolute (flows may run elsewhere); URLs and patterns stay as given."""
+    if "://" in spec:
+        return spec
+    return str(Path(spec).expanduser().resolve()) if "{" not in spec else str(Path(spec).expanduser().absolute())
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.params import IngestSettings
     from flows.stages import ingest_flow
 
-    settings = IngestSettings(bucket_base=args.bucket_base, bucket_step=args.bucket_step, min_side=args.min_side)
-    if len(args.source) != 1:
-        print("asd ingest: give exactly one source folder", file=sys.stderr)
-        return 2
-    print(ingest_flow(str(Path(args.source[0]).resolve()), args.dataset, settings, args.store, args.rerun))
+    values = {name: getattr(args, name) for name in IngestSettings.model_fields if getattr(args, name) is not None}
+    settings = IngestSettings(**values)
+    ref = ingest_flow([_local_or_url(s) for s in args.source], args.dataset, settings, args.store, args.rerun,
+                      args.retry_failed)
+    _print_ingest_summary(ref, args.store)
     return 0
+
+
+def _print_ingest_summary(ref: str, store_url: str | None) -> None:
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(store_url)
+    summary = store.record(ref).get("summary", {})
+    print(ref)
+    print(f"  {summary.get('samples_ok', 0)} ok, {summary.get('samples_failed', 0)} failed "
+          f"{summary.get('failed_by_stage') or ''}, {summary.get('reused', 0)} reused from the previous version")
+    for bucket, n in (summary.get("buckets") or {}).items():
+        print(f"  {bucket:>10s}: {n}")
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser, model) -> None:
+    """One --flag per pydantic field (defaults and help from the model: defined once)."""
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.description or ''} (default {field.default})")
+            continue
+        kind = {int: int, float: float}.get(field.annotation, None)
+        if kind is None and str(field.annotation) in ("int | None",):
+            kind = int
+        parser.add_argument(flag, dest=name, type=kind or str, default=None,
+                            help=f"{field.description or ''} (default {field.default})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -254,13 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rerun", action="store_true", help="redo stages even if finished work exists")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("ingest", help="ingest a folder of images + captions into a bucketed dataset")
+    i = sub.add_parser(
+        "ingest", help="ingest folders, URL lists and WebDataset/img2dataset shards into a bucketed dataset",
+        description="SOURCE: a folder of images with captions (sidecar .txt/.caption or metadata.jsonl/csv/"
+        "parquet), a URL list (.parquet/.csv/.tsv/.jsonl/.txt with url and caption columns; http(s)://, "
+        "s3://, file:// URLs) or shards (a .tar, a {00000..00009}.tar pattern, a folder of .tar, local or s3://).",
+    )
     i.add_argument("source", nargs="+")
     i.add_argument("--dataset", required=True)
-    i.add_argument("--bucket-base", type=int, default=512)
-    i.add_argument("--bucket-step", type=int, default=64)
-    i.add_argument("--min-side", type=int, default=64)
-    i.add_argument("--rerun", action="store_true")
+    i.add_argument("--rerun", action="store_true", help="process everything again (no reuse)")
+    i.add_argument("--retry-failed", action="store_true", help="download again the rows whose download failed")
+    from flows.params import IngestSettings
+
+    _add_settings_arguments(i, IngestSettings)
     i.set_defaults(func=cmd_ingest)
 
     t = sub.add_parser("train", help="ARAD fine-tuning on a dataset version")

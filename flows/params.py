@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 
 class IngestSettings(BaseModel):
+    """Options of the data stage (`tasks.ingest.IngestOptions`), validated up front."""
+
+    bucket_table: Literal["asd", "kohya"] = Field(
+        "asd", description="asd: our 9-ratio table around bucket_base^2; kohya: every width from "
+        "bucket_min_side to bucket_max_side with the largest height under bucket_max_area")
     bucket_base: int = Field(512, ge=64, description="bucket side for a square image, pixels")
     bucket_step: int = Field(64, ge=8, description="bucket sides are multiples of this")
-    min_side: int = Field(64, ge=1)
-    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
+    bucket_min_side: int = Field(256, ge=8, description="kohya table: shortest bucket side")
+    bucket_max_side: int = Field(1024, ge=8, description="kohya table: longest bucket side")
+    bucket_max_area: int | None = Field(None, ge=64, description="kohya table: max pixels (default bucket_base^2)")
+    crop: Literal["center", "random"] = Field("center", description="crop after resize-to-cover")
+    seed: int = Field(0, description="seed of random crops (per sample key: reproducible)")
+    min_side: int = Field(64, ge=1, description="reject images whose shorter side is smaller")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard: reject larger images")
+    max_aspect: float = Field(4.0, ge=1, description="reject images more elongated than this ratio")
+    empty_caption: Literal["reject", "keep"] = Field("reject", description="missing or blank captions")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    draft: bool = Field(True, description="JPEG draft decoding at the smallest scale covering the bucket")
+    resample: Literal["bicubic", "lanczos", "bilinear"] = "bicubic"
     shard_max_samples: int = Field(1000, ge=1)
     shard_max_bytes: int = Field(256 << 20, ge=1 << 16)
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(1, ge=1, description="decode processes (all cores: os.cpu_count())")
+    download_concurrency: int = Field(16, ge=1)
+    per_host: int = Field(4, ge=1, description="concurrent requests per host")
+    timeout_s: float = Field(20.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_bytes: int = Field(64 << 20, ge=1, description="largest download accepted")
+    url_col: str | None = Field(None, description="URL column of URL lists (default: url)")
+    caption_col: str | None = Field(None, description="caption column of URL lists (default: caption or text)")
 
     @field_validator("bucket_base")
     @classmethod

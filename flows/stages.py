@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
 from tasks.evaluate import evaluate_generations
 from tasks.generate import commit_generations, generate_shard
-from tasks.ingest import ingest_folder
+from tasks.ingest import ingest_dataset
 from tasks.runs import record_run
 from tasks.store import ArtifactStore, new_version_id, params_hash
 from tasks.train import arad_finetune, build_tiny_base
@@ -23,12 +23,13 @@ def _workers() -> int:
 
 
 @flow(name="asd-ingest", log_prints=True)
-def ingest_flow(source: str, dataset: str = "demo", settings: IngestSettings = IngestSettings(),
-                store_url: str | None = None, rerun: bool = False) -> str:
-    """Folder of image-caption pairs -> `datasets/<dataset>` (manifest + per-bucket shards)."""
+def ingest_flow(source: str | list[str], dataset: str = "demo", settings: IngestSettings = IngestSettings(),
+                store_url: str | None = None, rerun: bool = False, retry_failed: bool = False) -> str:
+    """Folders, URL lists and shards -> `datasets/<dataset>` (manifest + per-bucket shards)."""
     store_url = ArtifactStore(store_url).url
-    ref = ingest_folder(store_url, source, dataset, settings.model_dump(), rerun)
-    record_run(store_url, "asd-ingest", [source], [ref], settings.model_dump())
+    sources = [source] if isinstance(source, str) else list(source)
+    ref = ingest_dataset(store_url, sources, dataset, settings.model_dump(), rerun, retry_failed)
+    record_run(store_url, "asd-ingest", sources, [ref], settings.model_dump())
     return ref
 
 

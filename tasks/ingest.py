@@ -1,284 +1,522 @@
-"""Ingest a folder of image-caption pairs into a bucketed dataset version.
+"""Ingest image-caption pairs from folders, URL lists and existing shards into one bucketed
+dataset version.
 
-Output (one version of `datasets/<name>`): `manifest.parquet` (one row per input, failures
-included with their reason), `buckets/<W>x<H>/<nnnnnn>.tar` WebDataset shards (`<key>.jpg`,
-`<key>.txt`, `<key>.json`) and `bucket_index.json` (bucket -> shards and counts).
+Output (one version of `datasets/<name>`): `manifest.parquet` (exactly one row per input,
+failures with `failed_stage` and `error`), `buckets/<W>x<H>/<nnnnnn>.tar` WebDataset shards
+(`<key>.jpg`, `<key>.txt`, `<key>.json`), `bucket_index.json` (bucket -> shards, counts,
+aspect error) and wids indexes. Streaming end to end: memory does not grow with the dataset
+beyond one small record per input of the listing and a 32-byte digest per good image.
+
+Incremental: inputs whose fingerprint matches a row of the newest version made with the same
+output options are copied from it (good rows) or keep their failure (bad rows), unless
+`retry_failed` asks to download the failed downloads again.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures as cf
+import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
-from PIL import Image, ImageOps
-from prefect import get_run_logger, task
+from prefect import task
 
-from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
-from asd_models.images import resize_cover_crop
+from asd_models.buckets import Bucket, asd_buckets, kohya_buckets
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
+from tasks.ingest_fetch import Fetcher, FetchError, FetchOptions
+from tasks.ingest_shards import BucketShardWriter
+from tasks.ingest_sources import ShardSource, SourceRecord, open_source
+from tasks.ingest_worker import (
+    STAGE_CAPTION,
+    STAGE_DOWNLOAD,
+    STAGE_DUPLICATE,
+    SampleSpec,
+    process_sample,
+)
 from tasks.progress import Progress
-from tasks.runtime import current_flow_run_id
-from tasks.store import ArtifactStore, VersionWriter, params_hash
+from tasks.runtime import current_flow_run_id, in_prefect_run, run_logger
+from tasks.store import ArtifactRef, ArtifactStore, VersionWriter, params_hash, s3_storage_options
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_EXTS = (".txt", ".caption")
-METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-TAR_MTIME = 0  # fixed member mtime: the same input gives byte-identical shards
+MANIFEST_BATCH = 2000
+LOG_FIRST_FAILURES = 20
 
 
 @dataclass(frozen=True)
 class IngestOptions:
+    # bucket table: "asd" (9 ratios around bucket_base^2) or "kohya" (min/max side, max area)
+    bucket_table: str = "asd"
     bucket_base: int = 512
     bucket_step: int = 64
+    bucket_min_side: int = 256
+    bucket_max_side: int = 1024
+    bucket_max_area: int | None = None  # kohya: default bucket_base^2
+    crop: str = "center"                # center | random (seeded per sample key)
+    seed: int = 0
+    # validation
     min_side: int = 64
-    max_pixels: int = 64_000_000  # decompression-bomb guard
+    max_pixels: int = 64_000_000        # decompression-bomb guard
+    max_aspect: float = 4.0
+    empty_caption: str = "reject"       # reject | keep (an empty .txt, for unconditional training)
+    # encoding and shards
+    jpeg_quality: int = 95
+    draft: bool = True
+    resample: str = "bicubic"
     shard_max_samples: int = 1000
     shard_max_bytes: int = 256 << 20
-    jpeg_quality: int = 95
+    # execution: never changes the outputs
+    workers: int = 1
+    download_concurrency: int = 16
+    per_host: int = 4
+    timeout_s: float = 20.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_bytes: int = 64 << 20
+    url_col: str | None = None
+    caption_col: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("bucket_table", ("asd", "kohya")), ("crop", ("center", "random")),
+                              ("empty_caption", ("reject", "keep")), ("resample", ("bicubic", "lanczos", "bilinear"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ingest option {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.max_aspect < 1:
+            raise ValueError(f"ingest option max_aspect={self.max_aspect}: must be >= 1")
+
+    EXECUTION = ("workers", "download_concurrency", "per_host", "timeout_s", "retries", "backoff_s")
+
+    def buckets(self) -> list[Bucket]:
+        if self.bucket_table == "kohya":
+            return kohya_buckets(self.bucket_min_side, self.bucket_max_side, self.bucket_step,
+                                 self.bucket_max_area or self.bucket_base ** 2)
+        return asd_buckets(self.bucket_base, self.bucket_step)
+
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(
+            buckets=tuple((b.width, b.height) for b in self.buckets()), min_side=self.min_side,
+            max_pixels=self.max_pixels, max_aspect=self.max_aspect, crop=self.crop, seed=self.seed,
+            jpeg_quality=self.jpeg_quality, draft=self.draft, resample=self.resample,
+        )
+
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
+                            max_bytes=self.max_bytes, concurrency=self.download_concurrency, per_host=self.per_host)
+
+    def output_hash(self) -> str:
+        """Hash of the options that shape the outputs (execution knobs excluded)."""
+        return params_hash({k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION})
 
 
-@dataclass
-class SourceItem:
-    path: Path
-    caption: str | None
-    caption_error: str | None = None
+def sample_key(name: str, fingerprint: str) -> str:
+    """Tar-member- and path-safe key: [A-Za-z0-9_-] only (no separators, dots, `..` or control
+    characters), a readable stem and 10 hex of the input's fingerprint (stable across runs)."""
+    stem = name.rsplit(".", 1)[0] if "." in name.strip(".") else name
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:48] or "sample"
+    return f"{stem}-{hashlib.sha1(fingerprint.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
-def sanitize_key(text: str, index: int) -> str:
-    """Tar-member-safe key: index prefix (unique), then [A-Za-z0-9_-] only, no dots."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:64] or "sample"
-    return f"{index:06d}-{stem}"
+def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], executor: cf.Executor | None, window: int) -> Iterator[Any]:
+    """`map` in input order with at most `window` calls in flight (memory stays flat)."""
+    if executor is None:
+        yield from map(fn, items)
+        return
+    pending: deque[cf.Future] = deque()
+    for item in items:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
-def read_folder(folder: Path) -> list[SourceItem]:
-    """Images under `folder` with captions from metadata.{jsonl,csv,parquet} (`file_name`,
-    `text`) or from sidecar `.txt`/`.caption` files."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"ingest source {folder} is not a folder")
-    captions: dict[str, str] = {}
-    for name in METADATA_FILES:
-        meta = folder / name
-        if not meta.is_file():
-            continue
-        if name.endswith(".jsonl"):
-            df = pl.read_ndjson(meta)
-        elif name.endswith(".csv"):
-            df = pl.read_csv(meta)
-        else:
-            df = pl.read_parquet(meta)
-        if "file_name" not in df.columns or "text" not in df.columns:
-            raise ValueError(f"{meta} must have the columns file_name and text (diffusers ImageFolder convention)")
-        for fn, text in df.select("file_name", "text").iter_rows():
-            captions[str(fn)] = "" if text is None else str(text)
-    items = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        rel = p.relative_to(folder).as_posix()
-        caption = captions.get(rel)
-        if caption is None:
-            for ext in CAPTION_EXTS:
-                side = p.with_suffix(ext)
-                if side.is_file():
-                    caption = side.read_text(encoding="utf-8", errors="replace").strip()
-                    break
-        items.append(SourceItem(p, caption, None if caption is not None else "no caption found"))
-    return items
-
-
-def folder_input_hash(items: list[SourceItem], options: IngestOptions) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(str(it.path.name).encode())
-        h.update(hashlib.sha256(it.path.read_bytes()).digest())
-        h.update((it.caption or "\0").encode())
-    h.update(params_hash(options.__dict__).encode())
-    return h.hexdigest()
-
-
-def load_image(path: Path, options: IngestOptions) -> Image.Image:
-    """Fully decode, apply EXIF orientation, convert to RGB (alpha composited on white)."""
-    Image.MAX_IMAGE_PIXELS = options.max_pixels
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > options.max_pixels:
-            raise ValueError(f"too many pixels: {w}x{h} > {options.max_pixels}")
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit depth: rescale to 8 bits
-            arr = np.asarray(im, dtype=np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-            im = Image.fromarray(arr.round().astype(np.uint8), "L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
-
-
-class BucketShardWriter:
-    """One streaming WebDataset shard set per bucket, rotated by sample count and bytes."""
-
-    def __init__(self, writer: VersionWriter, options: IngestOptions) -> None:
-        self.writer = writer
-        self.options = options
-        self.stack = contextlib.ExitStack()
-        self.open: dict[str, tuple[wds.TarWriter, contextlib.ExitStack, str]] = {}
-        self.counts: Counter[str] = Counter()
-        self.shard_no: Counter[str] = Counter()
-        self.in_shard: Counter[str] = Counter()
-        self.bytes_in_shard: Counter[str] = Counter()
-        self.shards: dict[str, list[dict[str, Any]]] = {}
-
-    def _rotate(self, bucket: str) -> None:
-        self._close(bucket)
-        rel = f"buckets/{bucket}/{self.shard_no[bucket]:06d}.tar"
-        self.shard_no[bucket] += 1
-        stack = contextlib.ExitStack()
-        stream = stack.enter_context(self.writer.open(rel))
-        tar = wds.TarWriter(stream, mtime=TAR_MTIME)
-        self.open[bucket] = (tar, stack, rel)
-        self.in_shard[bucket] = 0
-        self.bytes_in_shard[bucket] = 0
-        self.shards.setdefault(bucket, []).append({"shard": rel, "count": 0})
-
-    def _close(self, bucket: str) -> None:
-        if bucket in self.open:
-            tar, stack, _ = self.open.pop(bucket)
-            tar.close()
-            stack.close()
-
-    def write(self, bucket: str, sample: dict[str, Any]) -> str:
-        size = sum(len(v) for k, v in sample.items() if not k.startswith("__"))
-        if (
-            bucket not in self.open
-            or self.in_shard[bucket] >= self.options.shard_max_samples
-            or (self.in_shard[bucket] and self.bytes_in_shard[bucket] + size > self.options.shard_max_bytes)
-        ):
-            self._rotate(bucket)
-        tar, _, rel = self.open[bucket]
-        tar.write(sample)
-        self.in_shard[bucket] += 1
-        self.bytes_in_shard[bucket] += size
-        self.counts[bucket] += 1
-        self.shards[bucket][-1]["count"] += 1
-        return rel
-
-    def close(self) -> None:
-        for b in list(self.open):
-            self._close(b)
-
-
-def _failed_row(key: str, source: str, caption: str | None, error: str) -> dict[str, Any]:
+def _row(**values: Any) -> dict[str, Any]:
     row = {f.name: None for f in DATASET_MANIFEST}
-    row.update(key=key, source=source, caption=caption, status=STATUS_FAILED, error=error)
+    row.update(values)
     return row
 
 
-def ingest_items(
-    items: list[SourceItem], writer: VersionWriter, options: IngestOptions, buckets: list[Bucket],
-    progress: Progress | None = None,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Process every item into exactly one manifest row; write good ones into bucket shards."""
-    shards = BucketShardWriter(writer, options)
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
+class ManifestWriter:
+    """Rows into `manifest.parquet` in batches (never the whole table in memory)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.pq = pq.ParquetWriter(stream, DATASET_MANIFEST, compression="zstd")
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= MANIFEST_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.pq.write_table(pa.Table.from_pylist(self.rows, schema=DATASET_MANIFEST))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.pq.close()
+
+
+@dataclass
+class IngestStats:
+    ok: int = 0
+    failed: int = 0
+    reused: int = 0
+    failed_by_stage: Counter = dataclasses.field(default_factory=Counter)
+    aspect_error_sum: Counter = dataclasses.field(default_factory=Counter)
+    first_failures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def count(self, row: dict[str, Any]) -> None:
+        if row["reused"]:
+            self.reused += 1
+        if row["status"] == STATUS_OK:
+            self.ok += 1
+            self.aspect_error_sum[row["bucket"]] += row["aspect_error"] or 0.0
+        else:
+            self.failed += 1
+            self.failed_by_stage[row["failed_stage"]] += 1
+            if len(self.first_failures) < LOG_FIRST_FAILURES:
+                self.first_failures.append((row["key"], row["source"], row["error"]))
+
+
+@dataclass
+class Previous:
+    """What can be reused from an earlier version: its ref and the manifest rows to keep."""
+
+    ref: ArtifactRef
+    rows: pl.DataFrame  # reusable rows
+    skip_units: set[str]  # shard units whose every row is reused (the shard is not read)
+    available: Counter   # fingerprint -> reusable rows left for the records of this run
+
+
+def plan_reuse(store: ArtifactStore, ref: ArtifactRef, current: Counter, shard_units: set[str],
+               retry_failed: bool) -> Previous:
+    """Rows of `ref` to carry over: a row is reused when its input is still listed unchanged
+    (as many times as it is listed now) and it is not a failed download being retried."""
+    df = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
+    df = df.with_columns(pl.col("fingerprint").str.split("#").list.first().alias("_unit"))
+    retry = (pl.col("status") == STATUS_FAILED) & (pl.col("failed_stage") == STAGE_DOWNLOAD)
+    if not retry_failed:
+        retry = pl.lit(False)
+    df = df.with_columns(retry.alias("_retry"))
+    retried_units = set(df.filter(pl.col("_retry"))["_unit"].to_list())
+    in_shard = pl.col("_unit").is_in(list(shard_units - retried_units))
+    rank = pl.int_range(pl.len()).over("fingerprint")
+    counts = pl.DataFrame({"fingerprint": list(current), "_n": list(current.values())},
+                          schema={"fingerprint": pl.String, "_n": pl.Int64})
+    df = df.join(counts, on="fingerprint", how="left").with_columns(rank.alias("_rank"))
+    listed = pl.col("_n").is_not_null() & (pl.col("_rank") < pl.col("_n"))
+    keep = df.filter((in_shard | listed) & ~pl.col("_retry"))
+    skip = set(keep.filter(in_shard)["_unit"].to_list())
+    available = Counter(keep.filter(~in_shard)["fingerprint"].to_list())
+    return Previous(ref, keep.drop("_unit", "_retry", "_n", "_rank"), skip, available)
+
+
+class DatasetIngest:
+    """One run: sources -> rows + shards in `writer`."""
+
+    def __init__(self, writer: VersionWriter, options: IngestOptions, progress: Progress | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.writer, self.options, self.progress = writer, options, progress
+        self.spec = options.sample_spec()
+        self.storage_options = storage_options or {}
+        self.shards = BucketShardWriter(writer, options.shard_max_samples, options.shard_max_bytes)
+        self.stats = IngestStats()
+        self.seen: dict[bytes, str] = {}  # pixel digest -> key
+        self.keys: set[str] = set()
+        self.done = 0
+
+    # -- rows -----------------------------------------------------------------------------
+    def _emit(self, manifest: ManifestWriter, row: dict[str, Any]) -> None:
+        manifest.add(row)
+        self.stats.count(row)
+        self.done += 1
+        if self.progress:
+            if self.done > self.progress.total:
+                self.progress.set_total(self.done)
+            self.progress.update(self.done)
+            if self.done % 50 == 0:
+                self.progress.note(f"{self.stats.ok} ok, {self.stats.failed} failed")
+
+    def _unique_key(self, name: str, fingerprint: str) -> str:
+        key = base = sample_key(name, fingerprint)
+        n = 1
+        while key in self.keys:  # the same input listed twice
+            n += 1
+            key = f"{base}-{n}"
+        self.keys.add(key)
+        return key
+
+    # -- reuse ----------------------------------------------------------------------------
+    def copy_previous(self, store: ArtifactStore, prev: Previous, manifest: ManifestWriter) -> None:
+        """Carry reused rows over; good ones' samples are streamed from the old shards."""
+        good = prev.rows.filter(pl.col("status") == STATUS_OK)
+        for row in prev.rows.filter(pl.col("status") != STATUS_OK).iter_rows(named=True):
+            self.keys.add(row["key"])
+            self._emit(manifest, {**row, "reused": True})
+        by_shard: dict[str, dict[str, dict[str, Any]]] = {}
+        for row in good.iter_rows(named=True):
+            by_shard.setdefault(row["shard"], {})[row["key"]] = row
+        for shard, wanted in sorted(by_shard.items()):
+            with store.open(prev.ref, shard) as stream:
+                for sample in wds.tariterators.group_by_keys(
+                    wds.tariterators.tar_file_expander([{"url": shard, "stream": stream}])
+                ):
+                    row = wanted.pop(sample["__key__"], None)
+                    if row is None:
+                        continue
+                    self.keys.add(row["key"])
+                    self.seen[bytes.fromhex(row["sha256"])] = row["key"]
+                    new_shard = self.shards.write(row["bucket"], {k: v for k, v in sample.items() if k != "__url__"})
+                    self._emit(manifest, {**row, "shard": new_shard, "reused": True})
+            if wanted:
+                raise RuntimeError(f"{prev.ref}/{shard} lacks samples its manifest lists: {sorted(wanted)[:5]}")
+
+    # -- new work -------------------------------------------------------------------------
+    def _prepare(self, rec: SourceRecord) -> tuple[SourceRecord, str]:
+        return rec, self._unique_key(rec.name, rec.fingerprint)
+
+    def _caption_error(self, rec: SourceRecord) -> str | None:
+        """Checked after decoding, so a file that is not an image says so first."""
+        if (rec.caption or "").strip():
+            return None
+        if self.options.empty_caption == "keep":
+            rec.caption = ""
+            return None
+        return "no caption found" if rec.caption is None else "empty caption"
+
+    def process(self, records: Iterable[SourceRecord], manifest: ManifestWriter, fetcher: Fetcher | None,
+                pool: cf.Executor | None, threads: cf.Executor | None) -> None:
+        prepared = (self._prepare(r) for r in records)
+
+        def fetch(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str]:
+            rec, key = item
+            if rec.url and not rec.error and fetcher is not None:
+                try:
+                    rec.data = fetcher.fetch(rec.url)
+                except FetchError as exc:
+                    rec.error, rec.failed_stage = str(exc), STAGE_DOWNLOAD
+            return item
+
+        fetched = bounded_map(fetch, prepared, threads, 4 * self.options.download_concurrency)
+
+        def job(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str, Any]:
+            rec, key = item
+            if rec.error:
+                return rec, key, None
+            payload = rec.data if rec.data is not None else rec.path
+            rec.data = None
+            if pool is None:
+                return rec, key, process_sample((key, payload, self.spec))
+            return rec, key, pool.submit(process_sample, (key, payload, self.spec))
+
+        window = max(2, 4 * self.options.workers)
+        inflight: deque = deque()
+        for item in fetched:
+            inflight.append(job(item))
+            if len(inflight) >= window:
+                self._finish(*inflight.popleft(), manifest)
+        while inflight:
+            self._finish(*inflight.popleft(), manifest)
+
+    def _finish(self, rec: SourceRecord, key: str, result: Any, manifest: ManifestWriter) -> None:
+        if isinstance(result, cf.Future):
+            result = result.result()
+        caption_error = self._caption_error(rec) if result is not None and result["ok"] else None
+        base = {"key": key, "source": rec.source, "caption": rec.caption, "fingerprint": rec.fingerprint,
+                "reused": False}
+        if result is None:
+            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=rec.error, failed_stage=rec.failed_stage))
+            return
+        if not result["ok"]:
+            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=result["error"],
+                                      failed_stage=result["failed_stage"]))
+            return
+        if caption_error:
+            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=caption_error, failed_stage=STAGE_CAPTION,
+                                      original_width=result["original_width"],
+                                      original_height=result["original_height"], sha256=result["sha256"]))
+            return
+        digest = bytes.fromhex(result["sha256"])
+        if digest in self.seen:
+            self._emit(manifest, _row(
+                **base, status=STATUS_FAILED, error=f"duplicate pixels of {self.seen[digest]}",
+                failed_stage=STAGE_DUPLICATE, original_width=result["original_width"],
+                original_height=result["original_height"], sha256=result["sha256"]))
+            return
+        self.seen[digest] = key
+        geometry = {k: result[k] for k in ("original_width", "original_height", "bucket", "width", "height",
+                                            "aspect_error", "cover_width", "cover_height", "crop_left", "crop_top",
+                                            "crop_right", "crop_bottom")}
+        meta = {"key": key, "source": rec.source, **geometry, **rec.meta}
+        shard = self.shards.write(result["bucket"], {
+            "__key__": key, "jpg": result["jpg"], "txt": rec.caption.encode("utf-8", "replace"),
+            "json": json.dumps(meta, default=str).encode(),
+        })
+        self._emit(manifest, _row(**base, status=STATUS_OK, **geometry, sha256=result["sha256"], shard=shard,
+                                  bytes=len(result["jpg"])))
+
+    # -- indexes --------------------------------------------------------------------------
+    def bucket_index(self, dataset: str) -> dict[str, Any]:
+        buckets = {}
+        for b in sorted(self.shards.shards):
+            n = self.shards.counts[b]
+            buckets[b] = {
+                "width": Bucket.parse(b).width, "height": Bucket.parse(b).height, "count": n,
+                "mean_aspect_error": self.stats.aspect_error_sum[b] / n if n else None,
+                "shards": self.shards.shards[b], "wids_index": f"buckets/{b}/wids-index.json",
+            }
+        return {
+            "dataset": dataset, "buckets": buckets, "table": [b.name for b in self.options.buckets()],
+            "total_ok": self.stats.ok, "total_failed": self.stats.failed, "reused": self.stats.reused,
+            "failed_by_stage": dict(sorted(self.stats.failed_by_stage.items())),
+            "wids_index": "wids-index.json",
+        }
+
+
+def run_ingest(sources: list[Any], writer: VersionWriter, options: IngestOptions, *, dataset: str,
+               store: ArtifactStore | None = None, previous: Previous | None = None,
+               progress: Progress | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole data stage into `writer` (not committed): returns the bucket index."""
+    run = DatasetIngest(writer, options, progress, storage_options)
+    has_urls = any(getattr(s, "kind", "") == "url-list" for s in sources)
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs Prefect's threads
+    pool = cf.ProcessPoolExecutor(options.workers, mp_context=ctx) if options.workers > 1 else None
+    threads = cf.ThreadPoolExecutor(options.download_concurrency, thread_name_prefix="asd-fetch") if has_urls else None
+    fetcher = Fetcher(options.fetch_options(), storage_options) if has_urls else None
     try:
-        for i, item in enumerate(items):
-            key = sanitize_key(item.path.stem, i)
-            source = str(item.path)
+        with writer.open("manifest.parquet") as stream:
+            manifest = ManifestWriter(stream)
             try:
-                if item.caption_error:
-                    raise ValueError(item.caption_error)
-                if not (item.caption or "").strip():
-                    raise ValueError("empty caption")
-                img = load_image(item.path, options)
-                w, h = img.size
-                if min(w, h) < options.min_side:
-                    raise ValueError(f"too small: {w}x{h}, shorter side under {options.min_side}")
-                digest = hashlib.sha256(np.asarray(img).tobytes() + f"{w}x{h}".encode()).hexdigest()
-                if digest in seen:
-                    raise ValueError(f"duplicate pixels of {seen[digest]}")
-                seen[digest] = key
-                bucket = nearest_bucket(w, h, buckets)
-                out, box = resize_cover_crop(img, bucket.width, bucket.height)
-                buf = io.BytesIO()
-                out.save(buf, format="JPEG", quality=options.jpeg_quality)
-                jpg = buf.getvalue()
-                meta = {"key": key, "source": source, "original_width": w, "original_height": h,
-                        "bucket": bucket.name, "crop_box": list(box)}
-                shard = shards.write(bucket.name, {
-                    "__key__": key, "jpg": jpg, "txt": item.caption.encode("utf-8"),
-                    "json": json.dumps(meta).encode(),
-                })
-                rows.append({
-                    "key": key, "source": source, "caption": item.caption, "status": STATUS_OK, "error": None,
-                    "original_width": w, "original_height": h, "width": bucket.width, "height": bucket.height,
-                    "bucket": bucket.name, "crop_left": box[0], "crop_top": box[1], "crop_right": box[2],
-                    "crop_bottom": box[3], "sha256": digest, "shard": shard, "bytes": len(jpg),
-                })
-            except Exception as exc:  # noqa: BLE001 - a bad input is data, never the end of the run
-                rows.append(_failed_row(key, source, item.caption, f"{type(exc).__name__}: {exc}"))
-            if progress:
-                progress.update(i + 1)
+                if previous is not None and store is not None:
+                    run.copy_previous(store, previous, manifest)
+
+                def fresh() -> Iterator[SourceRecord]:
+                    for src in sources:
+                        for rec in src.records(previous.skip_units if previous else None):
+                            if previous and previous.available[rec.fingerprint] > 0:
+                                previous.available[rec.fingerprint] -= 1
+                                continue
+                            yield rec
+
+                run.process(fresh(), manifest, fetcher, pool, threads)
+            finally:
+                run.shards.close()
+                manifest.close()
     finally:
-        shards.close()
-    table = pa.Table.from_pylist(rows, schema=DATASET_MANIFEST)
-    index = {
-        "buckets": {
-            b: {"width": Bucket.parse(b).width, "height": Bucket.parse(b).height, "count": shards.counts[b],
-                "shards": shards.shards[b]}
-            for b in sorted(shards.shards)
-        },
-        "total_ok": sum(shards.counts.values()),
-        "total_failed": sum(1 for r in rows if r["status"] == STATUS_FAILED),
-    }
-    return table, index
+        if pool:
+            pool.shutdown(cancel_futures=True)
+        if threads:
+            threads.shutdown(cancel_futures=True)
+        if fetcher:
+            fetcher.__exit__(None, None, None)
+    for rel, data in run.shards.wids_indexes(dataset).items():
+        writer.put_bytes(rel, data)
+    index = run.bucket_index(dataset)
+    writer.put_bytes("bucket_index.json", json.dumps(index, indent=2).encode())
+    index["_first_failures"] = run.stats.first_failures
+    return index
 
 
-@task(name="ingest-folder")
-def ingest_folder(store_url: str, source_dir: str, dataset: str, options: dict[str, Any], rerun: bool = False) -> str:
-    """Ingest `source_dir` into a new version of `datasets/<dataset>`; reuse an identical one."""
-    logger = get_run_logger()
+def latest_with_options(store: ArtifactStore, dataset: str, output_hash: str) -> ArtifactRef | None:
+    for ref in reversed(store.list_versions("datasets", dataset)):
+        if store.record(ref).get("params", {}).get("output_hash") == output_hash:
+            return ref
+    return None
+
+
+def _has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
+    return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
+
+
+@task(name="ingest-dataset")
+def ingest_dataset(store_url: str, sources: list[str], dataset: str, options: dict[str, Any],
+                   rerun: bool = False, retry_failed: bool = False) -> str:
+    """Prefect task around `ingest_to_store`."""
+    return ingest_to_store(store_url, sources, dataset, options, rerun, retry_failed)
+
+
+def ingest_to_store(store_url: str, sources: list[str], dataset: str, options: dict[str, Any],
+                    rerun: bool = False, retry_failed: bool = False) -> str:
+    """Ingest `sources` into a new version of `datasets/<dataset>`, or return the committed
+    version made from identical inputs (unless `rerun`, or `retry_failed` with failed downloads)."""
+    logger = run_logger()
     store = ArtifactStore(store_url)
     opts = IngestOptions(**options)
-    items = read_folder(Path(source_dir))
-    if not items:
-        raise ValueError(f"ingest source {source_dir} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-    input_hash = folder_input_hash(items, opts)
-    if not rerun and (done := store.find_by_input_hash("datasets", dataset, input_hash)):
-        logger.info("dataset %s already ingested from the same inputs: reusing it", done)
+    if not sources:
+        raise ValueError("ingest needs at least one source (folder, URL list, or shards)")
+    storage_options = s3_storage_options()
+    opened = [open_source(s, storage_options, opts.url_col, opts.caption_col) for s in sources]
+    input_hash = params_hash({"sources": [s.fingerprint() for s in opened], "options": opts.output_hash()})
+    done = store.find_by_input_hash("datasets", dataset, input_hash)
+    if done and not rerun and not (retry_failed and _has_download_failures(store, done)):
+        logger.info("dataset %s already ingested from the same inputs: reusing it%s", done,
+                    " (no failed downloads to retry)" if retry_failed else "")
         return str(done)
-    buckets = asd_buckets(opts.bucket_base, opts.bucket_step)
+    prev_ref = None if rerun else latest_with_options(store, dataset, opts.output_hash())
+    previous = None
+    current: Counter = Counter()
+    shard_units: set[str] = set()
+    known = 0
+    for s in opened:
+        if isinstance(s, ShardSource):
+            shard_units |= s.units()
+        else:
+            recs = list(s.records())
+            current.update(r.fingerprint for r in recs)
+            known += len(recs)
+    if prev_ref is not None:
+        previous = plan_reuse(store, prev_ref, current, shard_units, retry_failed)
+        logger.info("reusing %d rows of %s%s", len(previous.rows), prev_ref,
+                    "; retrying its failed downloads" if retry_failed else "")
     writer = store.new_version("datasets", dataset)
-    with Progress(f"ingest {dataset}", total=len(items), unit="img") as progress:
-        table, index = ingest_items(items, writer, opts, buckets, progress)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    writer.put_bytes("manifest.parquet", buf.getvalue())
-    writer.put_bytes("bucket_index.json", json.dumps(index, indent=2).encode())
-    for row in table.filter(pc.equal(table["status"], STATUS_FAILED)).to_pylist():
-        logger.warning("rejected %s (%s): %s", row["key"], row["source"], row["error"])
+    total = known + (len(previous.rows.filter(pl.col("fingerprint").str.contains("#"))) if previous else 0)
+    with Progress(f"ingest {dataset}", total=max(1, total), unit="img") as progress:
+        index = run_ingest(opened, writer, opts, dataset=dataset, store=store, previous=previous,
+                           progress=progress, storage_options=storage_options)
+    first_failures = index.pop("_first_failures")
+    for key, source, error in first_failures:
+        logger.warning("rejected %s (%s): %s", key, source, error)
+    if index["total_failed"] > len(first_failures):
+        logger.warning("... %d rejected in all, by stage: %s", index["total_failed"], index["failed_by_stage"])
+    reused_from = [previous.ref] if previous is not None and index["reused"] else []
+    summary = {"samples_ok": index["total_ok"], "samples_failed": index["total_failed"], "reused": index["reused"],
+               "failed_by_stage": index["failed_by_stage"],
+               "buckets": {b: v["count"] for b, v in index["buckets"].items()}}
     ref = writer.commit(
-        params={"source": str(source_dir), **opts.__dict__}, flow_run_id=current_flow_run_id(),
-        input_hash=input_hash,
-        summary={"samples_ok": index["total_ok"], "samples_failed": index["total_failed"],
-                 "buckets": {b: v["count"] for b, v in index["buckets"].items()}},
+        parents=reused_from,
+        params={"sources": list(sources), **dataclasses.asdict(opts), "output_hash": opts.output_hash(),
+                "retry_failed": retry_failed},
+        flow_run_id=current_flow_run_id(), input_hash=input_hash, summary=summary,
     )
-    logger.info("committed %s: %d ok, %d failed, buckets %s", ref, index["total_ok"], index["total_failed"],
-                {b: v["count"] for b, v in index["buckets"].items()})
+    if in_prefect_run():
+        _publish(index, ref)
+    logger.info("committed %s: %d ok, %d failed (%s), %d reused, buckets %s", ref, index["total_ok"],
+                index["total_failed"], index["failed_by_stage"], index["reused"], summary["buckets"])
     return str(ref)
+
+
+def _publish(index: dict[str, Any], ref: ArtifactRef) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"bucket": b, "count": v["count"], "mean_aspect_error": round(v["mean_aspect_error"] or 0.0, 4),
+             "shards": len(v["shards"])} for b, v in index["buckets"].items()]
+    try:
+        create_table_artifact(key="bucket-stats", table=rows, description=f"bucket statistics of {ref}")
+    except Exception:  # noqa: BLE001 - the UI table is optional
+        pass
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -17,3 +17,14 @@ def in_prefect_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def run_logger():
+    """Prefect's run logger inside a flow or task run, the `asd` logger outside one."""
+    if in_prefect_run():
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    import logging
+
+    return logging.getLogger("asd")

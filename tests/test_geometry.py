@@ -90,3 +90,49 @@ def test_seam_score_ignores_the_vae_lattice_but_not_a_seam_on_it():
     for p in lines:  # a step at every vertical tile border
         img[:, p:] += 20
     assert seam_score(img, lines, lines, period=8) > 1.3
+
+
+def test_kohya_table_respects_its_limits():
+    from asd_models.buckets import kohya_buckets
+
+    table = kohya_buckets(256, 1024, 64, 512 * 512)
+    assert Bucket(512, 512) in table and Bucket(256, 1024) in table and Bucket(1024, 256) in table
+    for b in table:
+        assert 256 <= min(b.width, b.height) and max(b.width, b.height) <= 1024
+        assert b.width % 64 == 0 and b.height % 64 == 0 and b.width * b.height <= 512 * 512
+    assert len({round(b.log_aspect, 9) for b in table}) == len(table)  # one bucket per aspect ratio
+    with pytest.raises(ValueError, match="max_side"):
+        kohya_buckets(512, 256)
+
+
+def test_vectorised_bucketing_matches_the_scalar_rule():
+    import polars as pl
+
+    from asd_models.buckets import kohya_buckets
+    from data_manifests.bucketing import bucket_frame, bucket_stats
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(1, 5000, 20000)
+    h = rng.integers(1, 5000, 20000)
+    for table in (asd_buckets(512, 64), kohya_buckets()):
+        df = bucket_frame(pl.DataFrame({"original_width": w, "original_height": h}), table)
+        for wi, hi, name, err in df.head(3000).select("original_width", "original_height", "bucket", "aspect_error").iter_rows():
+            b = nearest_bucket(wi, hi, table)
+            assert b.name == name and abs(err - abs(math.log(wi / hi) - b.log_aspect)) < 1e-12
+    df = bucket_frame(pl.DataFrame({"original_width": [100, 0, None], "original_height": [100, 5, 7]}),
+                      asd_buckets())
+    assert df["bucket"].to_list() == ["512x512", None, None]
+    stats = bucket_stats(df)
+    assert stats["count"].to_list() == [1] and stats["share"].to_list() == [1.0]
+
+
+def test_random_crop_is_reproducible_and_inside():
+    import random
+
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 100))
+    boxes = {resize_cover_crop(img, 128, 128, random.Random(f"0:{k}"))[1] for k in range(20)}
+    assert len(boxes) > 5
+    assert all(0 <= b[0] and b[2] <= 384 and b[2] - b[0] == 128 and b[1] == 0 for b in boxes)
+    assert resize_cover_crop(img, 128, 128, random.Random("0:a"))[1] == resize_cover_crop(img, 128, 128, random.Random("0:a"))[1]

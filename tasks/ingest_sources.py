@@ -1,0 +1,337 @@
+"""Where ingest inputs come from: a folder tree, a URL list, or existing WebDataset /
+img2dataset shards. Each source lists its inputs as `SourceRecord`s (one per manifest row)
+and has a fingerprint that changes when its inputs do (for incremental re-ingest).
+
+Nothing is dropped: a file listed in metadata but missing, a caption with no image, a shard
+sample with no image, an unreadable shard all come out as records with an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import polars as pl
+import webdataset as wds
+from braceexpand import braceexpand
+
+from tasks.ingest_worker import STAGE_DOWNLOAD, STAGE_SOURCE
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_EXTS = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+LIST_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt")
+CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")
+URL_COLUMNS = ("url", "URL", "image_url")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _sha1(*parts: object) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(str(p).encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class SourceRecord:
+    """One input. `fingerprint` identifies it with its content's identity (for reuse);
+    its `unit` (the part before '#') is what a listing knows without reading data."""
+
+    source: str
+    name: str
+    caption: str | None
+    fingerprint: str
+    path: str | None = None      # a local file the worker reads
+    url: str | None = None       # to download
+    data: bytes | None = None    # already read (a shard sample)
+    error: str | None = None
+    failed_stage: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        return self.fingerprint.split("#", 1)[0]
+
+
+class FolderSource:
+    """A local folder tree: captions from metadata.{jsonl,csv,parquet} (`file_name` + `text`,
+    the diffusers ImageFolder convention) or sidecar `.txt` / `.caption` files."""
+
+    kind = "folder"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ingest source {root}: not a folder")
+        self._records: list[SourceRecord] | None = None
+
+    def _metadata(self) -> tuple[dict[str, str | None], list[str]]:
+        captions: dict[str, str | None] = {}
+        found = []
+        for name in METADATA_FILES:
+            meta = self.root / name
+            if not meta.is_file():
+                continue
+            found.append(name)
+            try:
+                df = read_table(str(meta))
+            except Exception as exc:
+                raise ValueError(f"{meta}: cannot read it as a table ({type(exc).__name__}: {exc})") from exc
+            text_col = next((c for c in ("text", *CAPTION_COLUMNS) if c in df.columns), None)
+            if "file_name" not in df.columns or text_col is None:
+                raise ValueError(f"{meta} must have the columns file_name and text (diffusers ImageFolder "
+                                 f"convention); it has {df.columns}")
+            for fn, text in df.select("file_name", text_col).iter_rows():
+                if fn is not None:
+                    captions[posixpath.normpath(str(fn).replace("\\", "/"))] = None if text is None else str(text)
+        return captions, found
+
+    def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
+        if self._records is None:
+            self._records = self._list()
+        yield from self._records
+
+    def _list(self) -> list[SourceRecord]:
+        captions, meta_files = self._metadata()
+        files: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for fn in sorted(filenames):
+                rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+                if rel in meta_files:
+                    continue
+                files.append(rel)
+        present = set(files)
+        sidecar_of: dict[str, str] = {}
+        for rel in files:  # a caption file is a sidecar when some other file shares its stem
+            stem, ext = posixpath.splitext(rel)
+            if ext.lower() in CAPTION_EXTS:
+                sidecar_of[rel] = stem
+        stems_with_image = {posixpath.splitext(r)[0] for r in files if r not in sidecar_of}
+        out: list[SourceRecord] = []
+        for rel in files:
+            path = self.root / rel
+            if rel in sidecar_of:
+                if sidecar_of[rel] in stems_with_image:
+                    continue
+                out.append(self._record(rel, path, None, error="caption file without an image beside it"))
+                continue
+            caption = captions.get(rel)
+            if caption is None and rel not in captions:
+                for ext in CAPTION_EXTS:
+                    side = path.with_suffix(ext)
+                    if side.is_file():
+                        caption = side.read_text(encoding="utf-8", errors="replace").strip()
+                        break
+            out.append(self._record(rel, path, caption))
+        for rel in sorted(set(captions) - present):
+            inside = not (rel.startswith("../") or rel == ".." or posixpath.isabs(rel))
+            error = ("listed in metadata but missing" if inside
+                     else "listed in metadata with a path outside the source folder")
+            out.append(SourceRecord(source=str(self.root / rel) if inside else rel, name=posixpath.basename(rel),
+                                    caption=captions[rel], fingerprint=_sha1("missing", self.root, rel),
+                                    error=error, failed_stage=STAGE_SOURCE))
+        return out
+
+    def _record(self, rel: str, path: Path, caption: str | None, error: str | None = None) -> SourceRecord:
+        try:
+            st = path.stat()
+            stat = (st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            stat, error = None, error or f"cannot stat: {exc}"
+        return SourceRecord(
+            source=str(path), name=posixpath.basename(rel), caption=caption,
+            fingerprint=_sha1("file", path, stat, caption), path=str(path), error=error,
+            failed_stage=STAGE_SOURCE if error else None,
+        )
+
+    def fingerprint(self) -> str:
+        return _sha1("folder", self.root, *(r.fingerprint for r in self.records()))
+
+    def units(self) -> set[str]:
+        return {r.unit for r in self.records()}
+
+
+def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.DataFrame:
+    """Parquet / CSV / TSV / JSONL / JSON (records) / TXT (one URL a line), local or fsspec."""
+    opts = storage_options if path.startswith("s3://") else {}
+    with fsspec.open(path, "rb", **(opts or {})) as f:
+        data = f.read()
+    low = path.lower()
+    if low.endswith(".parquet"):
+        return pl.read_parquet(io.BytesIO(data))
+    if low.endswith(".csv"):
+        return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
+    if low.endswith(".tsv"):
+        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0)
+    if low.endswith(".jsonl"):
+        return pl.read_ndjson(io.BytesIO(data))
+    if low.endswith(".json"):
+        return pl.DataFrame(json.loads(data))
+    if low.endswith(".txt"):
+        lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines()]
+        return pl.DataFrame({"url": [ln for ln in lines if ln]}, schema={"url": pl.String})
+    raise ValueError(f"{path}: unknown table format (use {', '.join(LIST_EXTS)})")
+
+
+class UrlListSource:
+    """A table of URLs (and captions), as img2dataset takes it: http(s)://, s3:// or file://."""
+
+    kind = "url-list"
+
+    def __init__(self, path: str, url_col: str | None = None, caption_col: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.path = path
+        df = read_table(path, storage_options)
+        self.url_col = url_col or next((c for c in URL_COLUMNS if c in df.columns), None)
+        if self.url_col not in df.columns:
+            raise ValueError(f"URL list {path}: no URL column (looked for {url_col or ', '.join(URL_COLUMNS)}; "
+                             f"it has {df.columns})")
+        self.caption_col = caption_col or next((c for c in CAPTION_COLUMNS if c in df.columns), None)
+        if caption_col and caption_col not in df.columns:
+            raise ValueError(f"URL list {path}: no caption column {caption_col!r} (it has {df.columns})")
+        cols = [self.url_col] + ([self.caption_col] if self.caption_col else [])
+        self.rows = [(r[0], r[1] if len(r) > 1 else None) for r in df.select(cols).iter_rows()]
+
+    def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
+        for i, (url, caption) in enumerate(self.rows):
+            url = "" if url is None else str(url).strip()
+            caption = None if caption is None else str(caption)
+            fp = _sha1("url", url, caption)
+            if not url:
+                yield SourceRecord(source=f"{self.path}#row{i}", name=f"row{i}", caption=caption, fingerprint=fp,
+                                   error="empty URL", failed_stage=STAGE_SOURCE)
+                continue
+            name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or f"row{i}"
+            yield SourceRecord(source=url, name=name, caption=caption, fingerprint=fp, url=url,
+                               meta={"url": url, "row": i})
+
+    def fingerprint(self) -> str:
+        return _sha1("url-list", *(r.fingerprint for r in self.records()))
+
+    def units(self) -> set[str]:
+        return {r.unit for r in self.records()}
+
+
+class ShardSource:
+    """Existing WebDataset / img2dataset shards: a brace pattern, a .tar, or a folder of .tar
+    files, local or on S3. Each sample: an image member (.jpg/.png/.webp) + .txt (+ .json)."""
+
+    kind = "shards"
+
+    def __init__(self, spec: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.spec = spec
+        self.storage_options = storage_options if spec.startswith("s3://") else {}
+        self.urls = self._expand(spec)
+        if not self.urls:
+            raise FileNotFoundError(f"ingest source {spec}: no .tar shards found")
+        self._fps: dict[str, str] | None = None
+
+    def _expand(self, spec: str) -> list[str]:
+        fs, _, _ = fsspec.get_fs_token_paths(spec.split("{")[0] or ".", storage_options=self.storage_options)
+        if "{" in spec:
+            return list(braceexpand(spec))
+        if spec.lower().endswith(".tar"):
+            return [spec]
+        protocol = spec.split("://", 1)[0] + "://" if "://" in spec else ""
+        found = sorted(p for p in fs.find(spec) if p.lower().endswith(".tar"))
+        return [p if p.startswith(protocol) else protocol + p for p in found]
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        if self._fps is None:
+            self._fps = {}
+            for url in self.urls:
+                try:
+                    fs, _, (path,) = fsspec.get_fs_token_paths(url, storage_options=self.storage_options)
+                    info = fs.info(path)
+                    ident = (info.get("size"), info.get("ETag") or info.get("etag"), info.get("mtime") or info.get("LastModified"))
+                except Exception as exc:  # noqa: BLE001 - reported when the shard is read
+                    ident = ("unlisted", type(exc).__name__)
+                self._fps[url] = _sha1("shard", url, ident)
+        return self._fps
+
+    def fingerprint(self) -> str:
+        return _sha1("shards", *sorted(self.shard_fingerprints().values()))
+
+    def units(self) -> set[str]:
+        return set(self.shard_fingerprints().values())
+
+    def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
+        skip_units = skip_units or set()
+        for url, shard_fp in self.shard_fingerprints().items():
+            if shard_fp in skip_units:
+                continue
+            yield from self._shard(url, shard_fp)
+
+    def _shard(self, url: str, shard_fp: str) -> Iterator[SourceRecord]:
+        n = 0
+        try:
+            with fsspec.open(url, "rb", **self.storage_options) as stream:
+                samples = wds.tariterators.group_by_keys(
+                    wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
+                )
+                for sample in samples:
+                    n += 1
+                    yield self._sample(url, shard_fp, sample)
+        except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
+            yield SourceRecord(source=url, name=posixpath.basename(url), caption=None,
+                               fingerprint=f"{shard_fp}#__shard_error__", error=(
+                                   f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
+                               failed_stage=STAGE_DOWNLOAD)
+
+    def _sample(self, url: str, shard_fp: str, sample: dict[str, Any]) -> SourceRecord:
+        key = str(sample.get("__key__", ""))
+        fields = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
+        img_key = next((k for k in SHARD_IMAGE_KEYS if k in fields), None)
+        caption = fields.get("txt") or fields.get("caption")
+        caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else caption
+        meta: dict[str, Any] = {"shard": url, "shard_key": key}
+        if "json" in fields:
+            try:
+                src = json.loads(fields["json"])
+                if isinstance(src, dict):
+                    meta["source_json"] = {k: src[k] for k in ("url", "key", "width", "height", "status") if k in src}
+            except (ValueError, UnicodeDecodeError):
+                meta["source_json"] = "unparseable"
+        source = f"{url}#{key}"
+        fp = f"{shard_fp}#{_sha1(key)}"
+        if img_key is None:
+            return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
+                                error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
+                                failed_stage=STAGE_SOURCE, meta=meta)
+        return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
+                            data=fields[img_key], meta=meta)
+
+
+def open_source(spec: str, storage_options: dict[str, Any] | None = None, url_col: str | None = None,
+                caption_col: str | None = None) -> FolderSource | UrlListSource | ShardSource:
+    """Pick the reader from the spec: braces or .tar -> shards; a table file -> URL list;
+    a folder -> images (or, when it holds .tar files and no images, shards)."""
+    low = spec.lower()
+    if "{" in spec or low.endswith(".tar"):
+        return ShardSource(spec, storage_options)
+    if low.endswith(LIST_EXTS):
+        return UrlListSource(spec, url_col, caption_col, storage_options)
+    if "://" in spec and not spec.startswith("file://"):
+        return ShardSource(spec, storage_options)  # a remote prefix of shards
+    local = Path(spec.removeprefix("file://")).expanduser()
+    if not local.exists():
+        raise FileNotFoundError(f"ingest source {spec}: no such file or folder")
+    if local.is_dir():
+        names = [p.name.lower() for p in local.iterdir() if p.is_file()]
+        if any(n.endswith(".tar") for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
+            return ShardSource(str(local.resolve()), storage_options)
+        return FolderSource(local)
+    raise ValueError(f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "
+                     f"or a URL list ({', '.join(LIST_EXTS)})")
