@@ -26,7 +26,8 @@ class IngestSettings(BaseModel):
     empty_caption: Literal["reject", "keep"] = Field("reject", description="missing or blank captions")
     jpeg_quality: int = Field(95, ge=1, le=100)
     draft: bool = Field(True, description="JPEG draft decoding at the smallest scale covering the bucket")
-    resample: Literal["bicubic", "lanczos", "bilinear"] = "bicubic"
+    resample: Literal["bilinear", "bicubic", "lanczos"] = Field(
+        "bilinear", description="resize filter (antialiased when shrinking); bilinear as diffusers' SD training")
     shard_max_samples: int = Field(1000, ge=1)
     shard_max_bytes: int = Field(256 << 20, ge=1 << 16)
     workers: int = Field(1, ge=1, description="decode processes (all cores: os.cpu_count())")

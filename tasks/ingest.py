@@ -72,7 +72,7 @@ class IngestOptions:
     # encoding and shards
     jpeg_quality: int = 95
     draft: bool = True
-    resample: str = "bicubic"
+    resample: str = "bilinear"  # as diffusers' SD training scripts; bicubic costs ~1.3x per image
     shard_max_samples: int = 1000
     shard_max_bytes: int = 256 << 20
     # execution: never changes the outputs

@@ -42,6 +42,11 @@ def _sha1(*parts: object) -> str:
     return h.hexdigest()
 
 
+def printable(text: str) -> str:
+    """A path or name as valid UTF-8 text (undecodable bytes of a file name become U+FFFD)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass
 class SourceRecord:
     """One input. `fingerprint` identifies it with its content's identity (for reuse);
@@ -74,6 +79,7 @@ class FolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"ingest source {root}: not a folder")
         self._records: list[SourceRecord] | None = None
+        self.bad_lines: list[tuple[int, str]] = []
 
     def _metadata(self) -> tuple[dict[str, str | None], list[str]]:
         captions: dict[str, str | None] = {}
@@ -84,7 +90,7 @@ class FolderSource:
                 continue
             found.append(name)
             try:
-                df = read_table(str(meta))
+                df = read_jsonl_lenient(meta, self.bad_lines) if name.endswith(".jsonl") else read_table(str(meta))
             except Exception as exc:
                 raise ValueError(f"{meta}: cannot read it as a table ({type(exc).__name__}: {exc})") from exc
             text_col = next((c for c in ("text", *CAPTION_COLUMNS) if c in df.columns), None)
@@ -135,11 +141,15 @@ class FolderSource:
                         caption = side.read_text(encoding="utf-8", errors="replace").strip()
                         break
             out.append(self._record(rel, path, caption))
+        for lineno, error in self.bad_lines:
+            out.append(SourceRecord(source=f"{self.root / 'metadata.jsonl'}:{lineno}", name=f"metadata-line{lineno}",
+                                    caption=None, fingerprint=_sha1("bad-line", self.root, lineno, error),
+                                    error=error, failed_stage=STAGE_SOURCE))
         for rel in sorted(set(captions) - present):
             inside = not (rel.startswith("../") or rel == ".." or posixpath.isabs(rel))
             error = ("listed in metadata but missing" if inside
                      else "listed in metadata with a path outside the source folder")
-            out.append(SourceRecord(source=str(self.root / rel) if inside else rel, name=posixpath.basename(rel),
+            out.append(SourceRecord(source=printable(str(self.root / rel) if inside else rel), name=posixpath.basename(rel),
                                     caption=captions[rel], fingerprint=_sha1("missing", self.root, rel),
                                     error=error, failed_stage=STAGE_SOURCE))
         return out
@@ -151,7 +161,7 @@ class FolderSource:
         except OSError as exc:
             stat, error = None, error or f"cannot stat: {exc}"
         return SourceRecord(
-            source=str(path), name=posixpath.basename(rel), caption=caption,
+            source=printable(str(path)), name=printable(posixpath.basename(rel)), caption=caption,
             fingerprint=_sha1("file", path, stat, caption), path=str(path), error=error,
             failed_stage=STAGE_SOURCE if error else None,
         )
@@ -163,6 +173,25 @@ class FolderSource:
         return {r.unit for r in self.records()}
 
 
+def read_jsonl_lenient(path: Path, bad_lines: list[tuple[int, str]]) -> pl.DataFrame:
+    """metadata.jsonl line by line: a broken line becomes a recorded failure, not the end."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as exc:
+                bad_lines.append((lineno, f"{path.name} line {lineno} is not a JSON object: {exc}"))
+                continue
+            rows.append({k: None if v is None else str(v) for k, v in row.items()})
+    return pl.DataFrame(rows, schema={k: pl.String for r in rows for k in r}) if rows else pl.DataFrame(
+        {"file_name": [], "text": []}, schema={"file_name": pl.String, "text": pl.String})
+
+
 def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.DataFrame:
     """Parquet / CSV / TSV / JSONL / JSON (records) / TXT (one URL a line), local or fsspec."""
     opts = storage_options if path.startswith("s3://") else {}
@@ -172,9 +201,9 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.D
     if low.endswith(".parquet"):
         return pl.read_parquet(io.BytesIO(data))
     if low.endswith(".csv"):
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
+        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, truncate_ragged_lines=True)
     if low.endswith(".tsv"):
-        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0)
+        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0, truncate_ragged_lines=True)
     if low.endswith(".jsonl"):
         return pl.read_ndjson(io.BytesIO(data))
     if low.endswith(".json"):

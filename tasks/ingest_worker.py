@@ -47,7 +47,7 @@ class SampleSpec:
     seed: int = 0
     jpeg_quality: int = 95
     draft: bool = True
-    resample: str = "bicubic"  # bicubic | lanczos | bilinear (PIL filters, antialiased when shrinking)
+    resample: str = "bilinear"  # bilinear | bicubic | lanczos (PIL filters, antialiased when shrinking)
 
     def bucket_list(self) -> list[Bucket]:
         return [Bucket(w, h) for w, h in self.buckets]

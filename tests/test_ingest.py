@@ -378,3 +378,23 @@ def test_unknown_source_is_named(tmp_path):
     (tmp_path / "l.csv").write_text("link,caption\nhttp://x,y\n")
     with pytest.raises(ValueError, match="no URL column"):
         open_source(str(tmp_path / "l.csv"))
+
+
+def test_hostile_listing_names_and_broken_metadata_lines(tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsencode(str(folder)) + b"/caf\xe9 \x01.png"  # not UTF-8, a control character
+    _photo(200, 200, 1).save(raw.decode("utf-8", "surrogateescape"))
+    _photo(220, 200, 2).save(folder / "good.png")
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "good.png", "text": "fine"}) + "\n{not json\n[1, 2]\n"
+        + json.dumps({"file_name": "caf\udce9 \x01.png".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                      "text": "accent"}) + "\n")
+    df, index, ref, store = ingest(tmp_path, [folder])
+    assert len(df) == 5  # two images, two bad lines, and the metadata row whose name cannot match
+    assert df.filter(pl.col("error").str.contains("not a JSON object")).height == 2
+    assert "fine" in df.filter(pl.col("status") == "ok")["caption"].to_list()
+    for key in df["key"]:
+        assert all(c.isalnum() or c in "-_" for c in key)
