@@ -1,4 +1,11 @@
-"""ARAD fine-tuning: denoising loss on aspect-ratio buckets, one bucket per batch.
+"""ARAD fine-tuning: the denoising loss on aspect-ratio buckets, one bucket per batch.
+
+`AradTrainer` trains a diffusers `UNet2DConditionModel` (VAE and text encoder frozen) with
+accelerate, so one CPU, one GPU or several GPUs run the same code: AdamW, warm-up then cosine,
+gradient accumulation and clipping, EMA weights (diffusers' `EMAModel`), bf16 autocast and
+gradient checkpointing on GPUs, optional cached latents. Its whole state (weights, optimizer,
+LR schedule, EMA, RNG streams, position in the data) saves to a folder of safetensors + JSON
+and loads back so that a resumed run continues the uninterrupted run's loss sequence exactly.
 
 Plus `fit_vae`, which fits a freshly built (tiny) VAE to the training images: a real
 checkpoint's VAE is already trained, a randomly initialised one turns every latent into noise.
@@ -6,9 +13,13 @@ checkpoint's VAE is already trained, a randomly initialised one turns every late
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +34,35 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.1     # cosine decays to this fraction of the peak
     caption_dropout: float = 0.1  # empty caption, so classifier-free guidance works
     grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999     # 0 turns EMA off; with warm-up (diffusers' EMAModel)
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
+    gradient_checkpointing: str = "auto"  # auto (on a GPU) | on | off
+    cache_latents: bool = False   # encode each sample once (memory grows with the dataset)
+    shuffle_buffer: int = 256
+    leftover: str = "keep"        # a bucket's last partial batch: keep (smaller batch) | drop
+    num_workers: int = 0          # data-loader processes (part of the data order)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "gradient_checkpointing": ("auto", "on", "off"),
+                  "leftover": ("keep", "drop")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train option {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.grad_accum < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay {self.ema_decay} must be in [0, 1)")
 
 
 def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterator[tuple[str, list[int]]]:
-    """Endless (bucket, sample indices) batches, every batch from one bucket.
-
-    Per epoch each bucket's samples are shuffled; each batch draws a bucket with probability
-    proportional to its remaining samples (NovelAI's scheme). Leftover policy: a bucket's last
-    partial batch is kept as a smaller batch, so every sample is seen once per epoch.
-    """
+    """In-memory twin of the shard loader's drawing scheme: endless (bucket, sample indices)
+    batches, every batch from one bucket, buckets drawn in proportion to their remaining
+    samples each epoch; a bucket's last partial batch is kept as a smaller batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = random.Random(seed)
@@ -54,67 +82,231 @@ def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterat
             yield b, batch
 
 
-def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    import math
-
+def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
 
 
-def train_unet_arad(
-    unet: torch.nn.Module,
-    noise_scheduler,
-    latents: dict[str, torch.Tensor],
-    text_embeds: dict[str, torch.Tensor],
-    empty_embed: torch.Tensor,
-    config: TrainConfig,
-    on_step: StepLog | None = None,
-) -> list[float]:
-    """Train `unet` in place on cached latents per bucket; returns the loss per step.
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
 
-    latents[b]: N x C x h x w (scaled) for bucket b; text_embeds[b]: N x L x D.
-    """
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
-    prediction_type = noise_scheduler.config.prediction_type
-    T = noise_scheduler.config.num_train_timesteps
-    batches = bucket_batches({b: len(x) for b, x in latents.items()}, config.batch_size, config.seed)
-    losses = []
-    for step in range(config.steps):
-        b, idx = next(batches)
-        x0 = latents[b][idx]
-        text = text_embeds[b][idx].clone()
-        drop = torch.rand(len(idx), generator=gen) < config.caption_dropout
-        text[drop] = empty_embed
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, T, (len(idx),), generator=gen)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(x0, noise, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
-        pred = unet(noisy, t, encoder_hidden_states=text).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if on_step:
-            on_step(step, config.steps, losses[-1])
-    unet.eval().requires_grad_(False)
-    return losses
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class AradTrainer:
+    """One training run. `batches` yields dicts with `bucket`, `pixels` (B x 3 x H x W in
+    [-1, 1]) or `latents`, `captions` and `keys` (one loader batch per micro-step)."""
+
+    def __init__(self, components: Any, config: TrainConfig, accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+        from diffusers.training_utils import EMAModel
+
+        self.c, self.config = components, config
+        cuda = torch.cuda.is_available()
+        mp = config.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not cuda,
+                                                      gradient_accumulation_steps=config.grad_accum)
+        acc = self.accelerator
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+        unet = components.unet
+        unet.train().requires_grad_(True)
+        if config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and cuda):
+            unet.enable_gradient_checkpointing()
+        for frozen in (components.vae, components.text_encoder):
+            frozen.requires_grad_(False).eval().to(acc.device)
+            if self.weight_dtype != torch.float32:
+                frozen.to(dtype=self.weight_dtype)
+        opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Stepped by hand once per optimizer step (accelerate would step it once per process).
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(config.warmup_steps, config.steps, config.min_lr_ratio))
+        self.unet, self.optimizer = acc.prepare(unet, opt)
+        self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True)
+                    if config.ema_decay > 0 else None)
+        self.generator = torch.Generator().manual_seed(config.seed)  # noise, timesteps, caption dropout
+        torch.manual_seed(config.seed)
+        self.step = 0
+        self.batches_consumed = 0
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.latent_cache: dict[str, torch.Tensor] = {}
+        sched = components.scheduler.config
+        self.prediction_type = sched.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        self.num_train_timesteps = sched.num_train_timesteps
+        with torch.no_grad():
+            self.empty_embed = self._encode_text([""])[0]
+
+    # -- one micro-batch ------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        tok = self.c.tokenizer(captions, padding="max_length", max_length=self.c.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+        return self.c.text_encoder(tok.input_ids.to(self.accelerator.device))[0]
+
+    @torch.no_grad()
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.accelerator.device)
+        keys = batch["keys"]
+        if self.config.cache_latents and all(k in self.latent_cache for k in keys):
+            return torch.stack([self.latent_cache[k] for k in keys]).to(self.accelerator.device)
+        pixels = batch["pixels"].to(self.accelerator.device, dtype=self.weight_dtype)
+        # the posterior mean: deterministic, so cached and uncached training see the same latents
+        z = self.c.vae.encode(pixels).latent_dist.mean.float() * self.c.vae.config.scaling_factor
+        if self.config.cache_latents:
+            for k, zi in zip(keys, z.cpu(), strict=True):
+                self.latent_cache[k] = zi
+        return z
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        device = self.accelerator.device
+        x0 = self._latents(batch)
+        n = x0.shape[0]
+        text = self._encode_text(batch["captions"]).clone()
+        drop = torch.rand(n, generator=self.generator) < self.config.caption_dropout
+        text[drop.to(device)] = self.empty_embed
+        noise = torch.randn(x0.shape, generator=self.generator).to(device)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator).to(device)
+        sched = self.c.scheduler
+        noisy = sched.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        with self.accelerator.autocast():
+            pred = self.unet(noisy, t, encoder_hidden_states=text.to(self.weight_dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    # -- the loop -------------------------------------------------------------------------
+    def train(self, batches: Iterator[dict[str, Any]], until_step: int | None = None,
+              on_step: StepLog | None = None, on_checkpoint: Callable[[int], None] | None = None,
+              checkpoint_every: int = 0) -> list[float]:
+        """Optimizer steps up to `until_step` (default: config.steps); returns all losses."""
+        acc, cfg = self.accelerator, self.config
+        until = min(until_step or cfg.steps, cfg.steps)
+        while self.step < until:
+            micro_losses = []
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                self.batches_consumed += 1
+                with acc.accumulate(self.unet):
+                    loss = self._loss(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.grad_clip > 0:
+                        acc.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach().float().item())
+            self.lrs.append(self.lr_scheduler.get_last_lr()[0])
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(acc.unwrap_model(self.unet).parameters())
+            self.step += 1
+            loss_value = sum(micro_losses) / len(micro_losses)
+            if acc.num_processes > 1:
+                loss_value = acc.reduce(torch.tensor(loss_value, device=acc.device), "mean").item()
+            self.losses.append(loss_value)
+            if on_step:
+                on_step(self.step - 1, cfg.steps, loss_value)
+            if on_checkpoint and checkpoint_every and self.step % checkpoint_every == 0 and self.step < cfg.steps:
+                on_checkpoint(self.step)
+        return self.losses
+
+    def final_unet(self) -> torch.nn.Module:
+        """The trained UNet (EMA weights when EMA is on), in eval mode, float32."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:
+            self.ema.copy_to(unet.parameters())
+        if getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
+        return unet.float().eval().requires_grad_(False)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        """Everything needed to continue exactly: safetensors for tensors, JSON for the rest."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        unet = self.accelerator.unwrap_model(self.unet)
+        _save_tensors(folder / "unet.safetensors", unet.state_dict())
+        opt_state = self.optimizer.state_dict()
+        tensors, per_param = {}, {}
+        for idx, st in opt_state["state"].items():
+            per_param[str(idx)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{idx}.{k}"] = v
+                else:
+                    per_param[str(idx)][k] = v
+        _save_tensors(folder / "optimizer.safetensors", tensors)
+        rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if torch.cuda.is_available():
+            for i, st in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = st
+        _save_tensors(folder / "rng.safetensors", rng)
+        ema_meta = None
+        if self.ema is not None:
+            ema_state = self.ema.state_dict()
+            _save_tensors(folder / "ema.safetensors", {f"shadow.{i}": t for i, t in enumerate(ema_state.pop("shadow_params"))})
+            ema_meta = {k: v for k, v in ema_state.items() if isinstance(v, int | float | bool | type(None))}
+        sched_state = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+        state = {
+            "step": self.step, "batches_consumed": self.batches_consumed, "losses": self.losses, "lrs": self.lrs,
+            "config": asdict(self.config), "optimizer": {"param_groups": opt_state["param_groups"], "state": per_param},
+            "lr_scheduler": sched_state, "ema": ema_meta, "python_random": _jsonable(random.getstate()),
+            "latent_cache": "not saved (rebuilt on demand)",
+        }
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["config"] != asdict(self.config):
+            diff = {k: (v, state["config"].get(k)) for k, v in asdict(self.config).items() if state["config"].get(k) != v}
+            raise ValueError(f"checkpoint {folder} was made with another training config: {diff}")
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.load_state_dict(_load_tensors(folder / "unet.safetensors"))
+        tensors = _load_tensors(folder / "optimizer.safetensors")
+        opt_state: dict[str, Any] = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+        for idx, extra in state["optimizer"]["state"].items():
+            opt_state["state"][int(idx)] = dict(extra)
+        for name, t in tensors.items():
+            idx, k = name.split(".", 1)
+            opt_state["state"].setdefault(int(idx), {})[k] = t.to(self.accelerator.device) if k != "step" else t
+        self.optimizer.load_state_dict(opt_state)
+        self.lr_scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
+        if self.ema is not None:
+            shadow = _load_tensors(folder / "ema.safetensors")
+            self.ema.load_state_dict({**state["ema"],
+                                      "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+        rng = _load_tensors(folder / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        self.generator.set_state(rng["generator"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng])
+        random.setstate(_tupled(state["python_random"]))
+        self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        self.losses, self.lrs = list(state["losses"]), list(state["lrs"])
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
 def fit_vae(
@@ -132,6 +324,7 @@ def fit_vae(
     set `scaling_factor` so scaled latents have unit variance (as SD's VAE does)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    crop = min([crop] + [min(img.shape[-2:]) for img in images])  # one crop size: images of any bucket batch together
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(20, steps // 10 + 1), steps))
@@ -141,9 +334,8 @@ def fit_vae(
         for _ in range(batch_size):
             img = rng.choice(images)
             _, _, h, w = img.shape
-            c = min(crop, h, w)
-            y, x = rng.randint(0, h - c), rng.randint(0, w - c)
-            patch = img[:, :, y : y + c, x : x + c]
+            y, x = rng.randint(0, h - crop), rng.randint(0, w - crop)
+            patch = img[:, :, y : y + crop, x : x + crop]
             if rng.random() < 0.5:
                 patch = patch.flip(-1)
             batch.append(patch)

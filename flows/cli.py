@@ -24,8 +24,10 @@ def _quiet_library_bars() -> None:
     tlog.disable_progress_bar()
 
 DEMO_INGEST = {"bucket_base": 128, "bucket_step": 16, "min_side": 64}
-DEMO_TRAIN = {"base_model": "tiny", "vae_steps": 400, "steps": 1000, "batch_size": 8, "learning_rate": 1e-3}
-QUICK_TRAIN = {"base_model": "tiny", "vae_steps": 20, "steps": 20, "batch_size": 4, "learning_rate": 1e-3}
+DEMO_TRAIN = {"base_model": "tiny", "vae_steps": 400, "steps": 1000, "batch_size": 8, "learning_rate": 1e-3,
+              "cache_latents": True, "ema_decay": 0.999, "checkpoint_every": 0}
+QUICK_TRAIN = {"base_model": "tiny", "vae_steps": 20, "steps": 20, "batch_size": 4, "learning_rate": 1e-3,
+               "cache_latents": True, "checkpoint_every": 0}
 DEMO_GENERATE = {"steps": 20, "guidance_scale": 4.0, "strength": 0.6, "shard_size": 3}
 
 
@@ -115,18 +117,18 @@ def _print_ingest_summary(ref: str, store_url: str | None) -> None:
         print(f"  {bucket:>10s}: {n}")
 
 
-def _add_settings_arguments(parser: argparse.ArgumentParser, model) -> None:
+def _add_settings_arguments(parser: argparse.ArgumentParser, model, aliases: dict | None = None) -> None:
     """One --flag per pydantic field (defaults and help from the model: defined once)."""
     for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flag = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{field.description or ''} (default {field.default})")
             continue
         kind = {int: int, float: float}.get(field.annotation, None)
         if kind is None and str(field.annotation) in ("int | None",):
             kind = int
-        parser.add_argument(flag, dest=name, type=kind or str, default=None,
+        parser.add_argument(*flag, dest=name, type=kind or str, default=None,
                             help=f"{field.description or ''} (default {field.default})")
 
 
@@ -134,9 +136,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flows.params import TrainSettings
     from flows.stages import train_flow
 
-    settings = TrainSettings(base_model=args.base_model, steps=args.steps, vae_steps=args.vae_steps,
-                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
-    print(train_flow(_ref(args.dataset, "datasets"), args.model, settings, args.store, args.rerun))
+    values = {name: getattr(args, name) for name in TrainSettings.model_fields if getattr(args, name) is not None}
+    settings = TrainSettings(**values)
+    ref = train_flow(_ref(args.dataset, "datasets"), args.model, settings, args.store, args.rerun, args.resume)
+    from tasks.store import ArtifactStore
+
+    summary = ArtifactStore(args.store).record(ref).get("summary", {})
+    print(ref)
+    print(f"  loss {summary.get('loss_first', float('nan')):.4f} -> {summary.get('loss_last', float('nan')):.4f} "
+          f"over {summary.get('steps')} steps ({summary.get('weights')} weights)")
     return 0
 
 
@@ -306,13 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="ARAD fine-tuning on a dataset version")
     t.add_argument("--dataset", required=True, help="NAME, NAME@VERSION or datasets/NAME@VERSION")
     t.add_argument("--model", required=True, help="name of the model artifact to write")
-    t.add_argument("--base-model", default="tiny")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--vae-steps", type=int, default=400)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--rerun", action="store_true")
+    t.add_argument("--rerun", action="store_true", help="train again even if this exact model exists")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint of the same dataset, base model and settings")
+    from flows.params import TrainSettings
+
+    _add_settings_arguments(t, TrainSettings, aliases={"learning_rate": ["--lr"]})
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="render prompts at any size with FSTD")

@@ -50,18 +50,35 @@ class IngestSettings(BaseModel):
 
 
 class TrainSettings(BaseModel):
+    """ARAD fine-tuning (`asd_models.arad_training.TrainConfig`), plus where to start from."""
+
     base_model: str = Field(
         "tiny",
         description="'tiny' (built in code, VAE fitted to the data), a store ref models/NAME@VERSION, "
         "a local diffusers folder, or a hub id already in the local HF cache",
     )
     vae_steps: int = Field(400, ge=0, description="VAE fitting steps for the tiny base model")
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    caption_dropout: float = Field(0.1, ge=0, le=1)
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then cosine")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="share of empty captions (for CFG)")
+    grad_clip: float = Field(1.0, ge=0, description="gradient-norm clip (0: off)")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA of the weights, with warm-up (0: off)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on a GPU")
+    cache_latents: bool = Field(False, description="encode each image once (memory grows with the data)")
+    shuffle_buffer: int = Field(256, ge=1, description="encoded samples held per bucket for shuffling")
+    leftover: Literal["keep", "drop"] = Field("keep", description="a bucket's last partial batch per epoch")
+    num_workers: int = Field(0, ge=0, description="data-loader processes (changes the data order)")
+    checkpoint_every: int = Field(500, ge=0, description="a resumable checkpoint in the store every N steps (0: none)")
     seed: int = 0
+
+    def train_config(self) -> dict:
+        return self.model_dump(exclude={"base_model", "vae_steps", "checkpoint_every"})
 
 
 class PromptSpec(BaseModel):

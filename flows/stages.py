@@ -35,16 +35,17 @@ def ingest_flow(source: str | list[str], dataset: str = "demo", settings: Ingest
 
 @flow(name="asd-train", log_prints=True)
 def train_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = TrainSettings(),
-               store_url: str | None = None, rerun: bool = False) -> str:
-    """ARAD fine-tuning of `settings.base_model` on a dataset version -> `models/<model>`."""
+               store_url: str | None = None, rerun: bool = False, resume: bool = False) -> str:
+    """ARAD fine-tuning of `settings.base_model` on a dataset version -> `models/<model>`;
+    `resume` continues from the newest checkpoint of the same training."""
     store_url = ArtifactStore(store_url).url
     base = settings.base_model
     reads = [dataset_ref]
     if base == "tiny":
         base = build_tiny_base(store_url, dataset_ref, f"{model}-tiny-base", settings.vae_steps, settings.seed, rerun)
         reads.append(base)
-    cfg = settings.model_dump(exclude={"base_model", "vae_steps"})
-    ref = arad_finetune(store_url, dataset_ref, base, model, cfg, rerun)
+    ref = arad_finetune(store_url, dataset_ref, base, model, settings.train_config(), rerun, resume,
+                        settings.checkpoint_every)
     record_run(store_url, "asd-train", reads, [ref], settings.model_dump())
     return ref
 

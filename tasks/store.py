@@ -34,7 +34,7 @@ from fsspec.core import url_to_fs
 COMMIT_RECORD = "_COMMITTED.json"
 CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
-KINDS = ("datasets", "models", "generations", "evaluations")
+KINDS = ("datasets", "models", "checkpoints", "generations", "evaluations")
 DEFAULT_STORE = "./asd-store"
 STORE_ENV = "ASD_STORE"
 RECORD_FORMAT = 1
