@@ -211,6 +211,9 @@ def arad_to_store(store_url: str, dataset_ref: str, base_model: str, model_name:
         trainer.train(iter(loader), until_step=stop_after, on_step=on_step, on_checkpoint=checkpoint,
                       checkpoint_every=checkpoint_every)
     losses = trainer.losses
+    acc.wait_for_everyone()
+    if not acc.is_main_process:  # under `accelerate launch` only rank 0 commits
+        return ""
     if trainer.step < cfg.steps:
         logger.info("stopped at step %d of %d (stop_after); no model committed", trainer.step, cfg.steps)
         return ""
