@@ -209,6 +209,9 @@ class BucketedShardDataset(torch.utils.data.IterableDataset):
 
 def make_loader(buckets: dict[str, list[ShardRef]], opener: Opener, config: LoaderConfig, num_workers: int = 0,
                 start_batch: int = 0) -> torch.utils.data.DataLoader:
+    """Workers are spawned, never forked: the training process runs Prefect's and fsspec's
+    threads, and a fork can inherit their held locks."""
     ds = BucketedShardDataset(buckets, opener, config, start_batch)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                       prefetch_factor=2 if num_workers else None,
+                                       multiprocessing_context="spawn" if num_workers else None)

@@ -96,9 +96,17 @@ def _local_or_url(spec: str) -> str:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.params import IngestSettings
     from flows.stages import ingest_flow
+    from tasks.ingest_sources import open_source
+    from tasks.store import s3_storage_options
 
     values = {name: getattr(args, name) for name in IngestSettings.model_fields if getattr(args, name) is not None}
     settings = IngestSettings(**values)
+    for spec in args.source:  # a typo or an unreadable list fails here, in one line, before any flow run
+        try:
+            open_source(_local_or_url(spec), s3_storage_options(), settings.url_col, settings.caption_col)
+        except (OSError, ValueError) as exc:
+            print(f"asd ingest: {exc}", file=sys.stderr)
+            return 2
     ref = ingest_flow([_local_or_url(s) for s in args.source], args.dataset, settings, args.store, args.rerun,
                       args.retry_failed)
     _print_ingest_summary(ref, args.store)

@@ -106,7 +106,7 @@ class IngestOptions:
         return SampleSpec(
             buckets=tuple((b.width, b.height) for b in self.buckets()), min_side=self.min_side,
             max_pixels=self.max_pixels, max_aspect=self.max_aspect, crop=self.crop, seed=self.seed,
-            jpeg_quality=self.jpeg_quality, draft=self.draft, resample=self.resample,
+            jpeg_quality=self.jpeg_quality, draft=self.draft, resample=self.resample, max_bytes=self.max_bytes,
         )
 
     def fetch_options(self) -> FetchOptions:
@@ -485,6 +485,8 @@ def ingest_to_store(store_url: str, sources: list[str], dataset: str, options: d
     with Progress(f"ingest {dataset}", total=max(1, total), unit="img") as progress:
         index = run_ingest(opened, writer, opts, dataset=dataset, store=store, previous=previous,
                            progress=progress, storage_options=storage_options)
+    if index["total_ok"] + index["total_failed"] == 0:
+        raise ValueError(f"ingest sources {list(sources)} hold no inputs at all (nothing committed)")
     first_failures = index.pop("_first_failures")
     for key, source, error in first_failures:
         logger.warning("rejected %s (%s): %s", key, source, error)

@@ -16,6 +16,7 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import fsspec
@@ -32,6 +33,7 @@ LIST_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt")
 CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")
 URL_COLUMNS = ("url", "URL", "image_url")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 
 
 def _sha1(*parts: object) -> str:
@@ -110,7 +112,18 @@ class FolderSource:
     def _list(self) -> list[SourceRecord]:
         captions, meta_files = self._metadata()
         files: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+        unreadable: list[tuple[str, str]] = []
+        visited: set[str] = set()
+
+        def walk_error(exc: OSError) -> None:
+            unreadable.append((str(exc.filename), f"folder not readable: {exc.strerror or exc}"))
+
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True, onerror=walk_error):
+            real = os.path.realpath(dirpath)
+            if real in visited:  # a symlink loop, or the same folder linked twice
+                dirnames[:] = []
+                continue
+            visited.add(real)
             dirnames.sort()
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for fn in sorted(filenames):
@@ -133,14 +146,12 @@ class FolderSource:
                     continue
                 out.append(self._record(rel, path, None, error="caption file without an image beside it"))
                 continue
-            caption = captions.get(rel)
-            if caption is None and rel not in captions:
-                for ext in CAPTION_EXTS:
-                    side = path.with_suffix(ext)
-                    if side.is_file():
-                        caption = side.read_text(encoding="utf-8", errors="replace").strip()
-                        break
-            out.append(self._record(rel, path, caption))
+            caption, error = (captions[rel], None) if rel in captions else self._sidecar(path)
+            out.append(self._record(rel, path, caption, error=error))
+        for where, error in unreadable:
+            out.append(SourceRecord(source=printable(where), name=posixpath.basename(where) or "folder", caption=None,
+                                    fingerprint=_sha1("unreadable", where, error), error=error,
+                                    failed_stage=STAGE_SOURCE))
         for lineno, error in self.bad_lines:
             out.append(SourceRecord(source=f"{self.root / 'metadata.jsonl'}:{lineno}", name=f"metadata-line{lineno}",
                                     caption=None, fingerprint=_sha1("bad-line", self.root, lineno, error),
@@ -154,12 +165,26 @@ class FolderSource:
                                     error=error, failed_stage=STAGE_SOURCE))
         return out
 
+    @staticmethod
+    def _sidecar(path: Path) -> tuple[str | None, str | None]:
+        """(caption, error) from `<stem>.txt` or `<stem>.caption` beside the image."""
+        for ext in CAPTION_EXTS:
+            side = path.with_suffix(ext)
+            if side.is_file():
+                try:
+                    return side.read_text(encoding="utf-8", errors="replace").strip(), None
+                except OSError as exc:
+                    return None, f"caption file {side.name} unreadable: {exc.strerror or exc}"
+        return None, None
+
     def _record(self, rel: str, path: Path, caption: str | None, error: str | None = None) -> SourceRecord:
         try:
             st = path.stat()
             stat = (st.st_size, st.st_mtime_ns)
+            if not error and not S_ISREG(st.st_mode):
+                error = "not a regular file (a pipe, socket or device)"
         except OSError as exc:
-            stat, error = None, error or f"cannot stat: {exc}"
+            stat, error = None, error or f"cannot stat (a broken link?): {exc.strerror or exc}"
         return SourceRecord(
             source=printable(str(path)), name=printable(posixpath.basename(rel)), caption=caption,
             fingerprint=_sha1("file", path, stat, caption), path=str(path), error=error,
@@ -201,9 +226,10 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.D
     if low.endswith(".parquet"):
         return pl.read_parquet(io.BytesIO(data))
     if low.endswith(".csv"):
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, truncate_ragged_lines=True)
+        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, truncate_ragged_lines=True, encoding="utf8-lossy")
     if low.endswith(".tsv"):
-        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0, truncate_ragged_lines=True)
+        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0, truncate_ragged_lines=True,
+                           encoding="utf8-lossy")
     if low.endswith(".jsonl"):
         return pl.read_ndjson(io.BytesIO(data))
     if low.endswith(".json"):
@@ -271,10 +297,10 @@ class ShardSource:
         fs, _, _ = fsspec.get_fs_token_paths(spec.split("{")[0] or ".", storage_options=self.storage_options)
         if "{" in spec:
             return list(braceexpand(spec))
-        if spec.lower().endswith(".tar"):
+        if spec.lower().endswith(SHARD_EXTS):
             return [spec]
         protocol = spec.split("://", 1)[0] + "://" if "://" in spec else ""
-        found = sorted(p for p in fs.find(spec) if p.lower().endswith(".tar"))
+        found = sorted(p for p in fs.find(spec) if p.lower().endswith(SHARD_EXTS))
         return [p if p.startswith(protocol) else protocol + p for p in found]
 
     def shard_fingerprints(self) -> dict[str, str]:
@@ -348,7 +374,7 @@ def open_source(spec: str, storage_options: dict[str, Any] | None = None, url_co
     """Pick the reader from the spec: braces or .tar -> shards; a table file -> URL list;
     a folder -> images (or, when it holds .tar files and no images, shards)."""
     low = spec.lower()
-    if "{" in spec or low.endswith(".tar"):
+    if "{" in spec or low.endswith(SHARD_EXTS):
         return ShardSource(spec, storage_options)
     if low.endswith(LIST_EXTS):
         return UrlListSource(spec, url_col, caption_col, storage_options)
@@ -359,7 +385,7 @@ def open_source(spec: str, storage_options: dict[str, Any] | None = None, url_co
         raise FileNotFoundError(f"ingest source {spec}: no such file or folder")
     if local.is_dir():
         names = [p.name.lower() for p in local.iterdir() if p.is_file()]
-        if any(n.endswith(".tar") for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
+        if any(n.endswith(SHARD_EXTS) for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
             return ShardSource(str(local.resolve()), storage_options)
         return FolderSource(local)
     raise ValueError(f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "

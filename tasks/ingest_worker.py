@@ -47,6 +47,7 @@ class SampleSpec:
     seed: int = 0
     jpeg_quality: int = 95
     draft: bool = True
+    max_bytes: int = 64 << 20  # largest file read (local files; downloads have their own cap)
     resample: str = "bilinear"  # bilinear | bicubic | lanczos (PIL filters, antialiased when shrinking)
 
     def bucket_list(self) -> list[Bucket]:
@@ -142,7 +143,9 @@ def process_sample(job: tuple[str, bytes | str, SampleSpec]) -> dict[str, Any]:
     if isinstance(data, str):
         try:
             with open(data, "rb") as f:
-                data = f.read()
+                data = f.read(spec.max_bytes + 1)
+            if len(data) > spec.max_bytes:
+                return _fail(STAGE_VALIDATE, f"file too large: over max_bytes {spec.max_bytes}")
         except Exception as exc:  # noqa: BLE001
             return _fail(STAGE_READ, _describe(exc))
     if not data:

@@ -25,6 +25,15 @@ def _photo(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+def photo_folder(folder, sizes, ext="png", prefix="p", caption="photo"):
+    """`folder` with one random photo per size and a sidecar caption each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        _photo(w, h, i).save(folder / f"{prefix}{i}.{ext}")
+        (folder / f"{prefix}{i}.txt").write_text(f"{caption} {i}")
+    return folder
+
+
 def ingest(tmp_path, sources, dataset="d", store_url=None, **opts):
     store_url = store_url or str(tmp_path / "store")
     ref = ingest_to_store(store_url, [str(s) for s in sources], dataset, {**SMALL, **opts},
@@ -285,11 +294,7 @@ def test_s3_sources_url_list_and_shards(tmp_path, s3_bucket, s3_server):
 
 
 def test_incremental_reuse_and_retry_failed(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        _photo(200 + 20 * i, 160, i).save(folder / f"p{i}.png")
-        (folder / f"p{i}.txt").write_text(f"photo {i}")
+    folder = photo_folder(tmp_path / "in", [(200 + 20 * i, 160) for i in range(3)])
     (folder / "broken.png").write_bytes(b"nope")
     (folder / "broken.txt").write_text("broken")
     df1, _, ref1, store = ingest(tmp_path, [folder])
@@ -323,11 +328,7 @@ def test_incremental_reuse_and_retry_failed(tmp_path):
 
 
 def test_worker_processes_give_the_same_dataset(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(8):
-        _photo(150 + 30 * i, 200, i).save(folder / f"p{i}.jpg")
-        (folder / f"p{i}.txt").write_text(f"photo {i}")
+    folder = photo_folder(tmp_path / "in", [(150 + 30 * i, 200) for i in range(8)], ext="jpg")
     one, _, r1, store = ingest(tmp_path, [folder], dataset="one", workers=1)
     two, _, r2, _ = ingest(tmp_path, [folder], dataset="two", workers=2)
     assert one.drop("reused").equals(two.drop("reused"))
@@ -339,11 +340,7 @@ def test_worker_processes_give_the_same_dataset(tmp_path):
 def test_shard_limits_and_wids_index(tmp_path):
     import wids
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(5):
-        _photo(200, 200, i).save(folder / f"s{i}.png")
-        (folder / f"s{i}.txt").write_text(f"square {i}")
+    folder = photo_folder(tmp_path / "in", [(200, 200)] * 5, prefix="s", caption="square")
     df, index, ref, store = ingest(tmp_path, [folder], shard_max_samples=2)
     shards = index["buckets"]["128x128"]["shards"]
     assert [s["count"] for s in shards] == [2, 2, 1]
@@ -398,3 +395,30 @@ def test_hostile_listing_names_and_broken_metadata_lines(tmp_path):
     assert "fine" in df.filter(pl.col("status") == "ok")["caption"].to_list()
     for key in df["key"]:
         assert all(c.isalnum() or c in "-_" for c in key)
+
+
+def test_links_pipes_and_empty_sources(tmp_path):
+    import os
+
+    folder = photo_folder(tmp_path / "in", [(200, 200)])
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    other = photo_folder(tmp_path / "elsewhere", [(300, 200)], prefix="q")
+    (folder / "linked").symlink_to(other, target_is_directory=True)
+    (other / "loop").symlink_to(folder, target_is_directory=True)  # a loop back: walked once
+    df, _, _, _ = ingest(tmp_path, [folder])
+    by = {r["source"].rsplit("/", 1)[-1]: r for r in df.iter_rows(named=True)}
+    assert by["p0.png"]["status"] == "ok" and by["q0.png"]["status"] == "ok"
+    assert "not a regular file" in by["pipe.png"]["error"]
+    assert "cannot stat" in by["dangling.png"]["error"]
+    assert len(df) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="hold no inputs"):
+        ingest(tmp_path, [tmp_path / "empty"], dataset="e")
+
+
+def test_cli_names_a_bad_source_in_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    rc = main(["--store", str(tmp_path / "s"), "ingest", str(tmp_path / "typo"), "--dataset", "d"])
+    assert rc == 2 and "no such file or folder" in capsys.readouterr().err
