@@ -95,7 +95,15 @@ def decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None = None) -
     convert to RGB. Returns (image, original width, original height) in upright orientation.
     With `spec.draft`, a JPEG is decoded at the smallest 1/2^k scale that still covers the
     bucket (libjpeg's DCT scaling), which is what makes big JPEGs cheap."""
+    saved_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = spec.max_pixels  # PIL refuses above 2x at open; we check 1x below
+    try:
+        return _decode(data, spec, buckets)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit  # the rest of the process keeps PIL's own limit
+
+
+def _decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None) -> tuple[Image.Image, int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
