@@ -81,28 +81,33 @@ class FolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"ingest source {root}: not a folder")
         self._records: list[SourceRecord] | None = None
-        self.bad_lines: list[tuple[int, str]] = []
+        self.bad_lines: list[tuple[int, str]] = []  # (line, error) of every metadata.jsonl
 
-    def _metadata(self) -> tuple[dict[str, str | None], list[str]]:
+    def _metadata(self, meta_rels: list[str]) -> tuple[dict[str, str | None], list[tuple[str, str]]]:
+        """Captions from every metadata file of the tree (diffusers ImageFolder: `file_name` is
+        relative to the metadata file's folder). A metadata file that cannot be used is reported,
+        not fatal: its images fall back to sidecar captions."""
         captions: dict[str, str | None] = {}
-        found = []
-        for name in METADATA_FILES:
-            meta = self.root / name
-            if not meta.is_file():
-                continue
-            found.append(name)
+        broken: list[tuple[str, str]] = []
+        for rel in meta_rels:
+            meta = self.root / rel
+            folder = posixpath.dirname(rel)
             try:
-                df = read_jsonl_lenient(meta, self.bad_lines) if name.endswith(".jsonl") else read_table(str(meta))
-            except Exception as exc:
-                raise ValueError(f"{meta}: cannot read it as a table ({type(exc).__name__}: {exc})") from exc
+                df = read_jsonl_lenient(meta, self.bad_lines) if rel.endswith(".jsonl") else read_table(str(meta))
+            except Exception as exc:  # noqa: BLE001
+                broken.append((rel, f"metadata file unreadable as a table ({type(exc).__name__}: {exc}); "
+                                    "its captions are not used"))
+                continue
             text_col = next((c for c in ("text", *CAPTION_COLUMNS) if c in df.columns), None)
             if "file_name" not in df.columns or text_col is None:
-                raise ValueError(f"{meta} must have the columns file_name and text (diffusers ImageFolder "
-                                 f"convention); it has {df.columns}")
+                broken.append((rel, f"metadata file must have the columns file_name and text (diffusers ImageFolder "
+                                    f"convention); it has {df.columns}; its captions are not used"))
+                continue
             for fn, text in df.select("file_name", text_col).iter_rows():
                 if fn is not None:
-                    captions[posixpath.normpath(str(fn).replace("\\", "/"))] = None if text is None else str(text)
-        return captions, found
+                    key = posixpath.normpath(posixpath.join(folder, str(fn).replace("\\", "/")))
+                    captions[key] = None if text is None else str(text)
+        return captions, broken
 
     def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
         if self._records is None:
@@ -110,7 +115,6 @@ class FolderSource:
         yield from self._records
 
     def _list(self) -> list[SourceRecord]:
-        captions, meta_files = self._metadata()
         files: list[str] = []
         unreadable: list[tuple[str, str]] = []
         visited: set[str] = set()
@@ -127,10 +131,10 @@ class FolderSource:
             dirnames.sort()
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for fn in sorted(filenames):
-                rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
-                if rel in meta_files:
-                    continue
-                files.append(rel)
+                files.append(fn if rel_dir == "." else f"{rel_dir}/{fn}")
+        meta_rels = [r for r in files if posixpath.basename(r) in METADATA_FILES]
+        captions, broken_meta = self._metadata(meta_rels)
+        files = [r for r in files if r not in set(meta_rels)]
         present = set(files)
         sidecar_of: dict[str, str] = {}
         for rel in files:  # a caption file is a sidecar when some other file shares its stem
@@ -148,12 +152,16 @@ class FolderSource:
                 continue
             caption, error = (captions[rel], None) if rel in captions else self._sidecar(path)
             out.append(self._record(rel, path, caption, error=error))
+        for rel, error in broken_meta:
+            out.append(SourceRecord(source=printable(str(self.root / rel)), name=posixpath.basename(rel), caption=None,
+                                    fingerprint=_sha1("bad-metadata", self.root, rel, error), error=error,
+                                    failed_stage=STAGE_SOURCE))
         for where, error in unreadable:
             out.append(SourceRecord(source=printable(where), name=posixpath.basename(where) or "folder", caption=None,
                                     fingerprint=_sha1("unreadable", where, error), error=error,
                                     failed_stage=STAGE_SOURCE))
         for lineno, error in self.bad_lines:
-            out.append(SourceRecord(source=f"{self.root / 'metadata.jsonl'}:{lineno}", name=f"metadata-line{lineno}",
+            out.append(SourceRecord(source=printable(error.split(" line ", 1)[0]) + f":{lineno}", name=f"metadata-line{lineno}",
                                     caption=None, fingerprint=_sha1("bad-line", self.root, lineno, error),
                                     error=error, failed_stage=STAGE_SOURCE))
         for rel in sorted(set(captions) - present):
@@ -210,7 +218,7 @@ def read_jsonl_lenient(path: Path, bad_lines: list[tuple[int, str]]) -> pl.DataF
                 if not isinstance(row, dict):
                     raise ValueError(f"a JSON {type(row).__name__}, not an object")
             except ValueError as exc:
-                bad_lines.append((lineno, f"{path.name} line {lineno} is not a JSON object: {exc}"))
+                bad_lines.append((lineno, f"{path} line {lineno} is not a JSON object: {exc}"))
                 continue
             rows.append({k: None if v is None else str(v) for k, v in row.items()})
     return pl.DataFrame(rows, schema={k: pl.String for r in rows for k in r}) if rows else pl.DataFrame(

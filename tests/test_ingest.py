@@ -360,10 +360,23 @@ def test_keys_are_sanitized(raw):
     assert key != sample_key(raw, "other fingerprint")
 
 
-def test_bad_metadata_columns_are_named(tmp_path):
-    (tmp_path / "metadata.csv").write_text("image,caption\na.png,x\n")
-    with pytest.raises(ValueError, match="file_name and text"):
-        list(FolderSource(tmp_path).records())
+def test_metadata_in_subfolders_and_unusable_metadata(tmp_path):
+    """diffusers ImageFolder: a metadata file per folder, names relative to it; a metadata file
+    without the columns is a failed row and its folder falls back to sidecar captions."""
+    root = tmp_path / "in"
+    photo_folder(root / "train", [(200, 200), (240, 200)], caption="unused sidecar")
+    (root / "train" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "p0.png", "text": "from train metadata"}) + "\n"
+        + json.dumps({"file_name": "../top.png", "text": "one level up"}) + "\n")
+    _photo(220, 220, 7).save(root / "top.png")
+    photo_folder(root / "val", [(200, 260)], prefix="v", caption="sidecar")
+    (root / "val" / "metadata.csv").write_text("image,caption\nv0.png,x\n")
+    recs = list(FolderSource(root).records())
+    by = {r.source.rsplit("/", 1)[-1]: r for r in recs}
+    assert by["p0.png"].caption == "from train metadata" and by["p1.png"].caption == "unused sidecar 1"
+    assert by["top.png"].caption == "one level up" and by["v0.png"].caption == "sidecar 0"
+    assert "file_name and text" in by["metadata.csv"].error
+    assert "metadata.jsonl" not in by
 
 
 def test_unknown_source_is_named(tmp_path):
