@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -58,7 +59,6 @@ class RawBatch:
     bucket: str
     samples: list[dict[str, Any]]
     epoch: int
-    index: int  # batch number within this slot's epoch
 
 
 @dataclass
@@ -91,7 +91,6 @@ class BucketBatchStream:
         if not self.buckets:
             raise ValueError("no samples in any bucket")
         self.opener, self.config, self.slot, self.slots = opener, config, slot, slots
-        self.mismatches: list[str] = []
 
     def _plan(self, epoch: int) -> dict[str, _BucketPlan]:
         """The partition of this epoch: the same shard order on every slot (one RNG for all)."""
@@ -141,7 +140,6 @@ class BucketBatchStream:
         while True:
             rng = random.Random(f"{self.config.seed}:{epoch}:{self.slot}/{self.slots}")
             plans = self._plan(epoch)
-            index = 0
             yielded = False
             while True:
                 live = [b for b, p in plans.items() if p.remaining >= (1 if keep else bs)]
@@ -151,15 +149,15 @@ class BucketBatchStream:
                 plan = plans[b]
                 samples = self._take(plan, min(bs, plan.remaining), rng)
                 if len(samples) < min(bs, plan.remaining):  # the shards hold fewer than the index says
-                    self.mismatches.append(f"{b}: {plan.remaining - len(samples)} samples short in epoch {epoch}")
+                    warnings.warn(f"bucket {b}: its shards hold {plan.remaining - len(samples)} samples fewer than "
+                                  f"the bucket index says (epoch {epoch}, slot {self.slot}/{self.slots})", stacklevel=2)
                     plan.remaining = 0
                     if not samples or (not keep and len(samples) < bs):
                         continue
                 else:
                     plan.remaining -= len(samples)
-                yield RawBatch(b, samples, epoch, index)
+                yield RawBatch(b, samples, epoch)
                 yielded = True
-                index += 1
             if not yielded:
                 raise ValueError(f"slot {self.slot}/{self.slots} gets no batch in an epoch: fewer samples than "
                                  f"batch_size {bs} per bucket with leftover=drop, or empty shards")

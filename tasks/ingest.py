@@ -20,10 +20,9 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,18 +125,15 @@ def sample_key(name: str, fingerprint: str) -> str:
     return f"{stem}-{hashlib.sha1(fingerprint.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
-def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], executor: cf.Executor | None, window: int) -> Iterator[Any]:
-    """`map` in input order with at most `window` calls in flight (memory stays flat)."""
-    if executor is None:
-        yield from map(fn, items)
-        return
-    pending: deque[cf.Future] = deque()
+def windowed(items: Iterable[Any], window: int) -> Iterator[Any]:
+    """Yield `items` in order, pulling up to `window` ahead: with items that are submitted
+    futures, at most `window` calls are in flight and memory stays flat."""
+    pending: deque[Any] = deque()
     for item in items:
-        pending.append(executor.submit(fn, item))
+        pending.append(item)
         if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+            yield pending.popleft()
+    yield from pending
 
 
 def _row(**values: Any) -> dict[str, Any]:
@@ -226,11 +222,9 @@ def plan_reuse(store: ArtifactStore, ref: ArtifactRef, current: Counter, shard_u
 class DatasetIngest:
     """One run: sources -> rows + shards in `writer`."""
 
-    def __init__(self, writer: VersionWriter, options: IngestOptions, progress: Progress | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        self.writer, self.options, self.progress = writer, options, progress
+    def __init__(self, writer: VersionWriter, options: IngestOptions, progress: Progress | None = None) -> None:
+        self.options, self.progress = options, progress
         self.spec = options.sample_spec()
-        self.storage_options = storage_options or {}
         self.shards = BucketShardWriter(writer, options.shard_max_samples, options.shard_max_bytes)
         self.stats = IngestStats()
         self.seen: dict[bytes, str] = {}  # pixel digest -> key
@@ -309,7 +303,11 @@ class DatasetIngest:
                     rec.error, rec.failed_stage = str(exc), STAGE_DOWNLOAD
             return item
 
-        fetched = bounded_map(fetch, prepared, threads, 4 * self.options.download_concurrency)
+        if threads is None:
+            fetched: Iterable[tuple[SourceRecord, str]] = map(fetch, prepared)
+        else:
+            submitted = (threads.submit(fetch, item) for item in prepared)
+            fetched = (f.result() for f in windowed(submitted, 4 * self.options.download_concurrency))
 
         def job(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str, Any]:
             rec, key = item
@@ -321,14 +319,8 @@ class DatasetIngest:
                 return rec, key, process_sample((key, payload, self.spec))
             return rec, key, pool.submit(process_sample, (key, payload, self.spec))
 
-        window = max(2, 4 * self.options.workers)
-        inflight: deque = deque()
-        for item in fetched:
-            inflight.append(job(item))
-            if len(inflight) >= window:
-                self._finish(*inflight.popleft(), manifest)
-        while inflight:
-            self._finish(*inflight.popleft(), manifest)
+        for rec, key, result in windowed(map(job, fetched), max(2, 4 * self.options.workers)):
+            self._finish(rec, key, result, manifest)
 
     def _finish(self, rec: SourceRecord, key: str, result: Any, manifest: ManifestWriter) -> None:
         if isinstance(result, cf.Future):
@@ -389,7 +381,7 @@ def run_ingest(sources: list[Any], writer: VersionWriter, options: IngestOptions
                store: ArtifactStore | None = None, previous: Previous | None = None,
                progress: Progress | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole data stage into `writer` (not committed): returns the bucket index."""
-    run = DatasetIngest(writer, options, progress, storage_options)
+    run = DatasetIngest(writer, options, progress)
     has_urls = any(getattr(s, "kind", "") == "url-list" for s in sources)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs Prefect's threads
     pool = cf.ProcessPoolExecutor(options.workers, mp_context=ctx) if options.workers > 1 else None
@@ -518,7 +510,3 @@ def _publish(index: dict[str, Any], ref: ArtifactRef) -> None:
         create_table_artifact(key="bucket-stats", table=rows, description=f"bucket statistics of {ref}")
     except Exception:  # noqa: BLE001 - the UI table is optional
         pass
-
-
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

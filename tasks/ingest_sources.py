@@ -302,11 +302,11 @@ class ShardSource:
         self._fps: dict[str, str] | None = None
 
     def _expand(self, spec: str) -> list[str]:
-        fs, _, _ = fsspec.get_fs_token_paths(spec.split("{")[0] or ".", storage_options=self.storage_options)
         if "{" in spec:
             return list(braceexpand(spec))
         if spec.lower().endswith(SHARD_EXTS):
             return [spec]
+        fs, _, _ = fsspec.get_fs_token_paths(spec, storage_options=self.storage_options)
         protocol = spec.split("://", 1)[0] + "://" if "://" in spec else ""
         found = sorted(p for p in fs.find(spec) if p.lower().endswith(SHARD_EXTS))
         return [p if p.startswith(protocol) else protocol + p for p in found]

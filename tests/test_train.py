@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -228,4 +227,4 @@ def test_cli_train_killed_mid_run_resumes_to_the_same_losses(tmp_path, prefect_h
     a = _log(store_url, "models/full@latest")
     b = _log(store_url, "models/cut@latest")
     assert b["resumed_from"] and a["loss"] == b["loss"]
-    assert io.BytesIO(store.read_bytes("models/cut@latest", "loss.png")).getbuffer().nbytes > 0
+    assert store.read_bytes("models/cut@latest", "loss.png").startswith(b"\x89PNG")
