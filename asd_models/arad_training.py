@@ -29,23 +29,26 @@ StepLog = Callable[[int, int, float], None]  # step, total, loss
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-2
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1     # cosine decays to this fraction of the peak
-    caption_dropout: float = 0.1  # empty caption, so classifier-free guidance works
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.9999     # 0 turns EMA off; with warm-up (diffusers' EMAModel)
-    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
-    gradient_checkpointing: str = "auto"  # auto (on a GPU) | on | off
-    cache_latents: bool = False   # encode each sample once (memory grows with the dataset)
-    shuffle_buffer: int = 256
-    leftover: str = "keep"        # a bucket's last partial batch: keep (smaller batch) | drop
-    num_workers: int = 0          # data-loader processes (part of the data order)
-    seed: int = 0
+    """The trainer's frozen config. No defaults here: `TrainSettings` owns them
+    (`TrainSettings(...).train_config()` builds this)."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float  # cosine decays to this fraction of the peak
+    caption_dropout: float  # empty caption, so classifier-free guidance works
+    grad_clip: float
+    grad_accum: int
+    ema_decay: float  # 0 turns EMA off; with warm-up (diffusers' EMAModel)
+    mixed_precision: str  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
+    gradient_checkpointing: str  # auto (on a GPU) | on | off
+    cache_latents: bool  # encode each sample once (memory grows with the dataset)
+    shuffle_buffer: int
+    leftover: str  # a bucket's last partial batch: keep (smaller batch) | drop
+    num_workers: int  # data-loader processes (part of the data order)
+    seed: int
 
     def __post_init__(self) -> None:
         checks = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "gradient_checkpointing": ("auto", "on", "off"),
@@ -57,29 +60,6 @@ class TrainConfig:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay {self.ema_decay} must be in [0, 1)")
-
-
-def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterator[tuple[str, list[int]]]:
-    """In-memory twin of the shard loader's drawing scheme: endless (bucket, sample indices)
-    batches, every batch from one bucket, buckets drawn in proportion to their remaining
-    samples each epoch; a bucket's last partial batch is kept as a smaller batch."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng = random.Random(seed)
-    names = sorted(b for b, n in counts.items() if n > 0)
-    if not names:
-        raise ValueError("no samples in any bucket")
-    while True:
-        remaining = {}
-        for b in names:
-            idx = list(range(counts[b]))
-            rng.shuffle(idx)
-            remaining[b] = idx
-        while any(remaining.values()):
-            live = [b for b in names if remaining[b]]
-            b = rng.choices(live, weights=[len(remaining[x]) for x in live])[0]
-            batch, remaining[b] = remaining[b][:batch_size], remaining[b][batch_size:]
-            yield b, batch
 
 
 def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -136,8 +116,8 @@ class AradTrainer:
         self.unet, self.optimizer = acc.prepare(unet, opt)
         self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True)
                     if config.ema_decay > 0 else None)
-        self.generator = torch.Generator().manual_seed(config.seed)  # noise, timesteps, caption dropout
-        torch.manual_seed(config.seed)
+        # every draw (noise, timesteps, caption dropout) from this generator: the global RNG is never seeded
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.batches_consumed = 0
         self.losses: list[float] = []
@@ -322,8 +302,7 @@ def fit_vae(
 ) -> list[float]:
     """Fit an autoencoder to random crops of `images` (each 1 x 3 x H x W in [-1, 1]), then
     set `scaling_factor` so scaled latents have unit variance (as SD's VAE does)."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    rng = random.Random(seed)  # crops and flips; the VAE fit itself draws no random numbers
     crop = min([crop] + [min(img.shape[-2:]) for img in images])  # one crop size: images of any bucket batch together
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=learning_rate)

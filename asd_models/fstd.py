@@ -205,6 +205,12 @@ def tiled_sample(
     return latents
 
 
+def count_tiles(shape: torch.Size | tuple[int, ...], config: FSTDConfig, offsets: list[tuple[int, int]]) -> int:
+    """Tiles FSTD ran through the UNet for a latent of `shape`, given the offsets it drew."""
+    H, W = shape[-2:]
+    return sum(len(grid_boxes(H, W, config.tile, dy, dx, config.mode)) for dy, dx in offsets)
+
+
 @torch.no_grad()
 def fstd_sample(
     unet: torch.nn.Module,

@@ -105,7 +105,6 @@ def fid_kid(
     """FID and KID between two sets of N x 3 x H x W images in [0, 1]."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated")
-    torch.manual_seed(seed)
     feats = {
         side: torch.cat([features(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
         for side, data in (("real", real), ("fake", fake))
@@ -116,5 +115,30 @@ def fid_kid(
     for metric in (fid, kid):
         metric.update(feats["real"], real=True)
         metric.update(feats["fake"], real=False)
-    k_mean, k_std = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # KID's subsets draw from the global RNG: seed a fork of it
+        torch.manual_seed(seed)
+        k_mean, k_std = kid.compute()
     return DistributionScores(float(fid.compute()), float(k_mean), float(k_std), len(real), len(fake), patch_size, seed)
+
+
+def clip_score(images: list, prompts: list[str], model_id: str) -> float:
+    """Mean 100 * cosine(image, text) with a real CLIP from a local folder or the HF cache
+    (never downloaded, never random: a missing model raises MetricWeightsMissing)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(model_id, local_files_only=True).eval()
+        proc = CLIPProcessor.from_pretrained(model_id, local_files_only=True)
+    except OSError as exc:
+        raise MetricWeightsMissing(
+            f"CLIP score needs the CLIP model {model_id!r} on disk (local folder or HF cache); it is not there"
+        ) from exc
+    with torch.no_grad():
+        inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        # transformers 5 returns output objects here; older versions return the tensors
+        img = getattr(img, "image_embeds", getattr(img, "pooler_output", img))
+        txt = getattr(txt, "text_embeds", getattr(txt, "pooler_output", txt))
+        cos = torch.nn.functional.cosine_similarity(img, txt)
+    return float((100 * cos.clamp_min(0)).mean())

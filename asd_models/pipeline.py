@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
-from asd_models.fstd import FSTDConfig, fstd_sample
+from asd_models.fstd import FSTDConfig, count_tiles, fstd_sample
 from asd_models.images import pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.seams import grid_lines
@@ -32,10 +32,9 @@ class AnySizeResult:
     image: Image.Image
     bucket: Bucket
     canvas: tuple[int, int]  # (width, height) in pixels that stage 2 denoised
-    crop_box: tuple[int, int, int, int]  # final crop inside the canvas (left, top, right, bottom)
     tile_px: int
     seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
-    tiles_per_step: int = 0
+    fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps (x2 with guidance)
 
 
 class AnySizePipeline:
@@ -57,8 +56,10 @@ class AnySizePipeline:
             upscaler.unet.eval().requires_grad_(False)
             upscaler.vae.eval().requires_grad_(False)
             upscaler.text_encoder.eval().requires_grad_(False)
-            self.upscale_scheduler = DDIMScheduler.from_config(upscaler.scheduler.config)
-        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        # scheduler configs only: every call builds its own scheduler (they hold per-run state)
+        self.scheduler_config = DDIMScheduler.from_config(components.scheduler.config).config
+        self.upscale_scheduler_config = (DDIMScheduler.from_config(upscaler.scheduler.config).config
+                                         if upscaler is not None else None)
         self.buckets = buckets or asd_buckets(
             base=components.unet.config.sample_size * components.vae_scale_factor,
             step=components.vae_scale_factor * components.unet_multiple,
@@ -87,7 +88,7 @@ class AnySizePipeline:
 
     def _enlarge_with_upscaler(self, prompt: str, image: Image.Image, cw: int, ch: int, steps: int, guidance: float,
                                noise_level: int, fstd: FSTDConfig, generator: torch.Generator,
-                               progress: Callable | None) -> torch.Tensor:
+                               progress: Callable | None) -> tuple[torch.Tensor, int]:
         """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
         the latent; FSTD denoises from pure noise at the upscaler's latent size."""
         up = self.upscaler
@@ -100,20 +101,21 @@ class AnySizePipeline:
         ids = tok([prompt, ""], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         emb = up.text_encoder(ids)[0]
-        sched = self.upscale_scheduler
+        sched = DDIMScheduler.from_config(self.upscale_scheduler_config)
         sched.set_timesteps(steps)
         latents = torch.randn((1, up.vae.config.latent_channels, ch // f, cw // f), generator=generator)
         latents = latents * sched.init_noise_sigma
         cfg = FSTDConfig(tile=up.unet.config.sample_size, tile_batch_size=fstd.tile_batch_size,
                          reset_every=fstd.reset_every, mode=fstd.mode, size_multiple=up.unet_multiple)
-        latents, _ = fstd_sample(up.unet, sched, latents, sched.timesteps, emb[:1], emb[1:], guidance, cfg, generator,
-                                 condition=low_t, unet_kwargs={"class_labels": level}, progress=progress)
-        return latents
+        latents, offsets = fstd_sample(up.unet, sched, latents, sched.timesteps, emb[:1], emb[1:], guidance, cfg,
+                                       generator, condition=low_t, unet_kwargs={"class_labels": level}, progress=progress)
+        return latents, count_tiles(latents.shape, cfg, offsets)
 
-    def default_fstd(self, tile: int | None = None, tile_batch_size: int = 8) -> FSTDConfig:
-        """FSTD at the UNet's native size, offsets on the UNet's down-sampling lattice."""
-        return FSTDConfig(tile=tile or self.c.unet.config.sample_size, tile_batch_size=tile_batch_size,
-                          size_multiple=self.c.unet_multiple)
+    def default_fstd(self, tile: int | None = None, tile_batch_size: int | None = None) -> FSTDConfig:
+        """FSTD at the UNet's native size (or `tile`), offsets on the UNet's down-sampling
+        lattice; `tile_batch_size` None: FSTDConfig's default."""
+        extra = {"tile_batch_size": tile_batch_size} if tile_batch_size else {}
+        return FSTDConfig(tile=tile or self.c.unet.config.sample_size, size_multiple=self.c.unet_multiple, **extra)
 
     @property
     def pixel_multiple(self) -> int:
@@ -173,11 +175,12 @@ class AnySizePipeline:
         bucket = nearest_bucket(width, height, self.buckets)
         shape = (1, self.c.unet.config.in_channels, bucket.height // f, bucket.width // f)
         latents = torch.randn(shape, generator=generator)
-        self.scheduler.set_timesteps(num_inference_steps)
-        latents = latents * self.scheduler.init_noise_sigma
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # one per call: never shared state
+        scheduler.set_timesteps(num_inference_steps)
+        latents = latents * scheduler.init_noise_sigma
         whole = FSTDConfig(tile=max(shape[2:]), tile_batch_size=1, size_multiple=1)
         latents, _ = fstd_sample(
-            self.c.unet, self.scheduler, latents, self.scheduler.timesteps, cond, uncond, guidance_scale,
+            self.c.unet, scheduler, latents, scheduler.timesteps, cond, uncond, guidance_scale,
             whole, generator, progress=(lambda s, n, d, t: progress("arad", s, n, d, t)) if progress else None,
         )
         image = self.decode_latents(latents)
@@ -192,30 +195,29 @@ class AnySizePipeline:
         out = self._output_array(width, height)
         stage2 = (lambda s, n, d, t: progress("fstd", s, n, d, t)) if progress else None
         if up is not None:
-            latents = self._enlarge_with_upscaler(prompt, image, cw, ch, num_inference_steps, guidance_scale,
-                                                  noise_level, fstd, generator, stage2)
+            latents, fstd_tiles = self._enlarge_with_upscaler(prompt, image, cw, ch, num_inference_steps,
+                                                              guidance_scale, noise_level, fstd, generator, stage2)
             final = tiled_decode(up.vae, latents, tile=vae_tile, out=out, crop=box, whole_below=self.vae_whole_below)
         else:
             canvas_img, _ = resize_cover_crop(image, cw, ch)
             x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.c.vae.dtype), tile=vae_tile * f,
                               whole_below=self.vae_whole_below)
             del canvas_img
-            self.scheduler.set_timesteps(num_inference_steps)
+            scheduler = DDIMScheduler.from_config(self.scheduler_config)
+            scheduler.set_timesteps(num_inference_steps)
             start = int(round(num_inference_steps * (1 - strength)))
-            timesteps = self.scheduler.timesteps[min(start, num_inference_steps - 1):]
+            timesteps = scheduler.timesteps[min(start, num_inference_steps - 1):]
             noise = torch.randn(x0.shape, generator=generator)
-            latents = self.scheduler.add_noise(x0, noise, timesteps[:1])
-            latents, _ = fstd_sample(self.c.unet, self.scheduler, latents, timesteps, cond, uncond, guidance_scale,
-                                     fstd, generator, progress=stage2)
+            latents = scheduler.add_noise(x0, noise, timesteps[:1])
+            latents, offsets = fstd_sample(self.c.unet, scheduler, latents, timesteps, cond, uncond, guidance_scale,
+                                           fstd, generator, progress=stage2)
+            fstd_tiles = count_tiles(latents.shape, fstd, offsets)
             final = tiled_decode(self.c.vae, latents, tile=vae_tile, out=out, crop=box,
                                  whole_below=self.vae_whole_below)
         final = Image.frombuffer("RGB", (width, height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
-        tile = up.unet.config.sample_size if up else fstd.tile
-        tile_px = tile * f2
-        lat_h, lat_w = ch // f2, cw // f2
-        tiles = -(-lat_h // min(tile, lat_h)) * -(-lat_w // min(tile, lat_w))
+        tile_px = (up.unet.config.sample_size if up else fstd.tile) * f2
         return AnySizeResult(
-            image=final, bucket=bucket, canvas=(cw, ch), crop_box=box, tile_px=tile_px,
+            image=final, bucket=bucket, canvas=(cw, ch), tile_px=tile_px,
             seam_lines={"x": grid_lines(width, tile_px, box[0]), "y": grid_lines(height, tile_px, box[1])},
-            tiles_per_step=tiles,
+            fstd_tiles=fstd_tiles,
         )

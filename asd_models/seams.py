@@ -36,7 +36,8 @@ def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1)
 
 
 def grid_lines(length: int, period: int, origin: int = 0) -> list[int]:
-    """Positions origin + k*period (k >= 1 relative to the canvas) that fall inside (0, length)."""
+    """The canvas grid lines k*period (k >= 1) in the coordinates of an image cut `origin`
+    pixels into the canvas, i.e. positions k*period - origin that fall inside (0, length)."""
     out = []
     k = 1
     while True:

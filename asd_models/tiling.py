@@ -93,11 +93,6 @@ def overlap_boxes(height: int, width: int, window: int, stride: int) -> list[Box
     return [(y, x, th, tw) for y in window_starts(height, th, stride) for x in window_starts(width, tw, stride)]
 
 
-def count_fstd_tiles(height: int, width: int, tile: int) -> int:
-    """Tiles per step on the unshifted grid: ceil(H/t) * ceil(W/t)."""
-    return math.ceil(height / min(tile, height)) * math.ceil(width / min(tile, width))
-
-
 @lru_cache(maxsize=64)
 def gaussian_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor:
     """Tile weight map peaking at the centre (Mixture of Diffusers' Gaussian, variance 0.01)."""

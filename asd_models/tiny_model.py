@@ -34,8 +34,14 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 
 
 def build_tiny_components(seed: int = 0, latent_size: int = 16, vae_size: int = 128) -> dict:
-    """Randomly initialised UNet, VAE, text encoder, tokenizer and scheduler."""
-    torch.manual_seed(seed)
+    """Randomly initialised UNet, VAE, text encoder, tokenizer and scheduler (weights drawn
+    from `seed` in a forked RNG: the caller's global RNG state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_tiny_components(latent_size, vae_size)
+
+
+def _build_tiny_components(latent_size: int, vae_size: int) -> dict:
     tokenizer = build_tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -76,10 +82,13 @@ def save_components(components: dict, folder: str | Path) -> Path:
 def build_tiny_upscaler_components(seed: int = 0, latent_size: int = 32) -> dict:
     """A tiny SD-x4-upscaler-shaped model: UNet input 4 latent + 3 low-res image channels,
     noise level as class label, VAE with 3 levels (scale factor 4)."""
-    from diffusers import DDPMScheduler as LowResScheduler
-
-    torch.manual_seed(seed)
     base = build_tiny_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_tiny_upscaler(base, latent_size)
+
+
+def _build_tiny_upscaler(base: dict, latent_size: int) -> dict:
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=7, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -93,7 +102,7 @@ def build_tiny_upscaler_components(seed: int = 0, latent_size: int = 32) -> dict
         scaling_factor=0.08333,
     )
     return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "tokenizer": base["tokenizer"],
-            "scheduler": base["scheduler"], "low_res_scheduler": LowResScheduler(num_train_timesteps=1000)}
+            "scheduler": base["scheduler"], "low_res_scheduler": DDPMScheduler(num_train_timesteps=1000)}
 
 
 def save_upscaler_components(components: dict, folder: str | Path) -> Path:

@@ -76,13 +76,15 @@ def subset(folder: Path, n: int) -> Path:
 
 def child(folder: str, workers: int, resample: str) -> None:
     """One ingest into a fresh store; prints one JSON line."""
-    from tasks.ingest import ingest_to_store
+    from artifact_store import ArtifactStore
+    from data_engine.engine import ingest_to_store
+    from data_manifests.settings import IngestSettings
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         t0 = time.perf_counter()
-        ref = ingest_to_store(tmp, [folder], "bench", {"workers": workers, "resample": resample})
+        ref = str(ingest_to_store(ArtifactStore(tmp), [folder], "bench", IngestSettings(workers=workers, resample=resample)).ref)
         seconds = time.perf_counter() - t0
-        from tasks.store import ArtifactStore
+        from artifact_store import ArtifactStore
 
         summary = ArtifactStore(tmp).record(ref)["summary"]
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -100,7 +102,7 @@ def bucketing(rows: int) -> dict:
     import polars as pl
 
     from asd_models.buckets import asd_buckets
-    from data_manifests.bucketing import bucket_frame, bucket_stats
+    from bench.bucketing import bucket_frame, bucket_stats
 
     rng = np.random.default_rng(0)
     df = pl.DataFrame({"original_width": rng.integers(64, 8000, rows, dtype=np.int32),

@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,9 @@ CONFIGS = ["in-memory", "stream", "stream, 2 workers", "stream, cached latents",
 def dataset(n: int) -> tuple[str, str]:
     from PIL import Image
 
-    from tasks.ingest import ingest_to_store
-    from tasks.store import ArtifactStore
+    from artifact_store import ArtifactStore
+    from data_engine.engine import ingest_to_store
+    from data_manifests.settings import IngestSettings
 
     root = CACHE / f"train-data-{n}"
     store_url = str(root / "store")
@@ -56,20 +59,21 @@ def dataset(n: int) -> tuple[str, str]:
         arr = np.asarray(field, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"b{i:04d}.jpg", quality=90)
         (folder / f"b{i:04d}.txt").write_text(f"a generated picture number {i}")
-    ref = ingest_to_store(store_url, [str(folder)], "bench", {"bucket_base": 128, "bucket_step": 16, "workers": 2})
+    ref = str(ingest_to_store(ArtifactStore(store_url), [str(folder)], "bench", IngestSettings(bucket_base=128, bucket_step=16, workers=2)).ref)
     return store_url, ref
 
 
 def child(config: str, steps: int, n: int) -> dict:
     import torch
 
+    from artifact_store import ArtifactStore
     from asd_models.arad_loader import LoaderConfig, make_loader
-    from asd_models.arad_training import AradTrainer, TrainConfig, bucket_batches
+    from asd_models.arad_training import AradTrainer
     from asd_models.images import pil_to_tensor_m11
     from asd_models.loading import load_components
     from asd_models.tiny_model import build_tiny_components, save_components
-    from tasks.store import ArtifactStore
-    from tasks.train import StoreOpener, dataset_buckets, read_bucket_samples
+    from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
+    from data_manifests.settings import TrainSettings
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     store_url, ref = dataset(n)
@@ -89,7 +93,8 @@ def child(config: str, steps: int, n: int) -> dict:
         if not (base / "model_index.json").is_file():
             save_components(build_tiny_components(seed=0), base)
         c = load_components(base)
-        cfg = TrainConfig(steps=steps + warm, batch_size=bs, ema_decay=0.9999, cache_latents="cached" in config)
+        cfg = TrainSettings(steps=steps + warm, batch_size=bs, ema_decay=0.9999,
+                            cache_latents="cached" in config).train_config()
         trainer = AradTrainer(c, cfg)
         if config == "in-memory":
             data = read_bucket_samples(store, ref)
@@ -153,6 +158,29 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results, "steps": args.steps}, indent=2))
 
+
+
+def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterator[tuple[str, list[int]]]:
+    """In-memory twin of the shard loader's drawing scheme: endless (bucket, sample indices)
+    batches, every batch from one bucket, buckets drawn in proportion to their remaining
+    samples each epoch; a bucket's last partial batch is kept as a smaller batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    names = sorted(b for b, n in counts.items() if n > 0)
+    if not names:
+        raise ValueError("no samples in any bucket")
+    while True:
+        remaining = {}
+        for b in names:
+            idx = list(range(counts[b]))
+            rng.shuffle(idx)
+            remaining[b] = idx
+        while any(remaining.values()):
+            live = [b for b in names if remaining[b]]
+            b = rng.choices(live, weights=[len(remaining[x]) for x in live])[0]
+            batch, remaining[b] = remaining[b][:batch_size], remaining[b][batch_size:]
+            yield b, batch
 
 if __name__ == "__main__":
     main()

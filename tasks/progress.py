@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tasks.runtime import in_prefect_run
+from tasks.runtime import in_prefect_run, run_logger
 
 
 def _log(message: str) -> None:
@@ -17,6 +17,30 @@ def _log(message: str) -> None:
         from prefect import get_run_logger
 
         get_run_logger().info(message)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    """A table artifact in the Prefect UI (inside a run; a failure is logged, the work goes on)."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        create_table_artifact(key=key, table=rows, description=description)
+    except Exception as exc:  # noqa: BLE001 - the UI table is optional, the work is not
+        run_logger().warning("could not publish the %s table artifact: %s", key, exc)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """A markdown artifact in the Prefect UI (inside a run; a failure is logged)."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(key=key, markdown=markdown, description=description)
+    except Exception as exc:  # noqa: BLE001
+        run_logger().warning("could not publish the %s markdown artifact: %s", key, exc)
 
 
 class Progress:
@@ -41,7 +65,8 @@ class Progress:
             key = re.sub(r"[^a-z0-9-]+", "-", self.label.lower()).strip("-")[:60] or "progress"
             try:
                 self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=self.label)
-            except Exception:  # noqa: BLE001 - the UI artifact is optional, the work is not
+            except Exception as exc:  # noqa: BLE001 - the UI artifact is optional, the work is not
+                run_logger().warning("no progress artifact for %s: %s", self.label, exc)
                 self.artifact_id = None
         return self
 
@@ -58,7 +83,8 @@ class Progress:
             self._last_push = now
             try:
                 update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total)
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
+                run_logger().warning("progress artifact of %s stopped updating: %s", self.label, exc)
                 self.artifact_id = None
 
     def set_total(self, total: int) -> None:

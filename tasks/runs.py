@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from artifact_store import ArtifactStore
 from tasks.runtime import current_flow_run_id
-from tasks.store import ArtifactStore
 
 
 def record_run(store_url: str, flow: str, reads: list[str], writes: list[str], params: dict[str, Any]) -> str | None:

@@ -1,6 +1,11 @@
-"""What the running Prefect context says about itself (flow run id), outside a run too."""
+"""The run context: what the running Prefect context says about itself (flow run id, logger),
+outside a run too, and committing a version with that run id."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from artifact_store import ArtifactRef, VersionWriter
 
 
 def current_flow_run_id() -> str | None:
@@ -28,3 +33,8 @@ def run_logger():
     import logging
 
     return logging.getLogger("asd")
+
+
+def commit_in_run(writer: VersionWriter, **record: Any) -> ArtifactRef:
+    """Commit `writer`'s version, recording the flow run that made it."""
+    return writer.commit(flow_run_id=current_flow_run_id(), **record)

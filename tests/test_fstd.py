@@ -85,7 +85,8 @@ def test_official_scheme_fills_the_uncovered_strip_with_the_previous_prediction(
 
 
 def test_cropped_grid_is_a_partition_with_naive_cost():
-    from asd_models.tiling import count_fstd_tiles, cropped_segments, grid_boxes
+    from asd_models.fstd import count_tiles
+    from asd_models.tiling import cropped_segments, grid_boxes
 
     for length, tile, off in [(128, 64, 0), (128, 64, 24), (135, 16, 6), (7, 16, 4)]:
         segs = cropped_segments(length, tile, off)
@@ -93,7 +94,9 @@ def test_cropped_grid_is_a_partition_with_naive_cost():
         assert all(a + n == b for (a, n), (b, _) in zip(segs[:-1], segs[1:], strict=True))
     boxes = grid_boxes(128, 128, 64, 16, 40, "cropped")
     assert sum(h * w for _, _, h, w in boxes) == 128 * 128
-    assert len(grid_boxes(128, 128, 64)) == count_fstd_tiles(128, 128, 64) == 4
+    assert len(grid_boxes(128, 128, 64)) == 4
+    # what FSTD runs: the unshifted grid's 4 tiles, or 9 cropped pieces once the grid is shifted
+    assert count_tiles((1, 4, 128, 128), FSTDConfig(tile=64), [(0, 0), (16, 40)]) == 4 + 9
 
 
 def test_same_seed_same_latents_and_state_not_kept_between_calls(components):

@@ -12,10 +12,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tasks.ingest import ingest_to_store, sample_key
-from tasks.ingest_sources import FolderSource, open_source
-from tasks.store import ArtifactStore
+from artifact_store import ArtifactStore
+from data_engine.engine import sample_key
+from data_engine.sources import FolderSource, open_source
 from tests.image_server import ImageServer, jpeg_bytes
+from tests.ingest_helpers import ingest_ref
 
 SMALL = {"bucket_base": 128, "bucket_step": 16}
 
@@ -36,7 +37,7 @@ def photo_folder(folder, sizes, ext="png", prefix="p", caption="photo"):
 
 def ingest(tmp_path, sources, dataset="d", store_url=None, **opts):
     store_url = store_url or str(tmp_path / "store")
-    ref = ingest_to_store(store_url, [str(s) for s in sources], dataset, {**SMALL, **opts},
+    ref = ingest_ref(store_url, [str(s) for s in sources], dataset, {**SMALL, **opts},
                           rerun=opts.pop("rerun", False) if "rerun" in opts else False)
     store = ArtifactStore(store_url)
     ref = store.resolve(ref)
@@ -118,7 +119,7 @@ EXPECTED_FAILURES = {  # stem -> (stage, words in the error)
     "truncated": ("decode", "truncated"), "tiny": ("validate", "too small"),
     "strip": ("validate", "extreme aspect"), "empty_caption": ("caption", "empty caption"),
     "dup_of_dup": ("duplicate", "duplicate pixels of dup-"), "not_an_image": ("decode", "not an image"),
-    "zero": ("decode", "empty file"), "DS_Store": ("decode", ""), "no_caption": ("caption", "no caption"),
+    "zero": ("decode", "empty file"), "DS_Store": ("decode", "not an image"), "no_caption": ("caption", "no caption"),
     "orphan": ("source", "caption file without an image"), "gone": ("source", "listed in metadata but missing"),
     "outside": ("source", "outside the source folder"),
 }
@@ -217,7 +218,7 @@ def test_url_list_over_http_every_failure_has_its_reason(tmp_path):
     for cap in ("a good one", "a tall one", "served as octet-stream", "503 twice, then fine", "a file:// URL"):
         assert by[cap]["status"] == "ok", by[cap]
     assert by["a tall one"]["height"] > by["a tall one"]["width"]
-    expect = {"404": "HTTP 404", "slow": "timed out", "cut short": "", "a web page": "wrong content type 'text/html'",
+    expect = {"404": "HTTP 404", "slow": "timed out", "cut short": "connection dropped", "a web page": "wrong content type 'text/html'",
               "always 500": "HTTP 500", "no url": "empty URL", "unsupported": "unsupported URL scheme 'ftp'",
               "a missing file": "not found"}
     for cap, words in expect.items():
@@ -318,12 +319,12 @@ def test_incremental_reuse_and_retry_failed(tmp_path):
         assert d1.filter(pl.col("caption") == "flaky")["failed_stage"].to_list() == ["download"]
         _, _, same, _ = ingest(tmp_path, src, dataset="web", retries=0)
         assert same == r1 and srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 1
-        ref = ingest_to_store(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
+        ref = ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
                               retry_failed=True)
         d2 = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
         assert d2["status"].to_list() == ["ok", "ok"]
         assert srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 2  # only the failed row again
-        assert ingest_to_store(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
+        assert ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
                                retry_failed=True) == ref  # nothing left to retry
 
 

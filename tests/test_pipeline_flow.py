@@ -9,11 +9,17 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from artifact_store import ArtifactStore
 from data_manifests.demo import materialize_demo_photos
+from data_manifests.settings import (
+    EvaluateSettings,
+    GenerateSettings,
+    IngestSettings,
+    PromptSpec,
+    TrainSettings,
+)
 from flows.cli import main as asd_main
-from flows.params import EvaluateSettings, GenerateSettings, IngestSettings, PromptSpec, TrainSettings
 from flows.pipeline_flow import asd_pipeline
-from tasks.store import ArtifactStore
 
 SIZES = [(1000, 300), (333, 777), (200, 200)]
 

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main as asd_main
-from tasks.store import (
+from artifact_store import (
     COMMIT_RECORD,
     ArtifactRef,
     ArtifactStore,
+    CorruptRecord,
     InvalidReference,
     StoreError,
     VersionNotFound,
 )
+from flows.cli import main as asd_main
 
 
 def _commit(store: ArtifactStore, name: str = "d", payload: bytes = b"hello", parents=None) -> ArtifactRef:
@@ -65,7 +66,7 @@ def test_writer_killed_before_commit_leaves_previous_state(tmp_path):
     first = _commit(store)
     script = f"""
 import os, signal
-from tasks.store import ArtifactStore
+from artifact_store import ArtifactStore
 w = ArtifactStore({str(tmp_path)!r}).new_version("datasets", "d")
 w.put_bytes("part-0.bin", b"1" * 100000)
 with w.open("part-1.bin") as f:
@@ -80,13 +81,40 @@ with w.open("part-1.bin") as f:
     assert store.resolve("datasets/d@latest") == first
 
 
-def test_torn_commit_record_is_no_commit(tmp_path):
+def test_damaged_commit_record_is_an_error_never_absent(tmp_path, capsys):
+    """One byte cut from the newest commit record: @latest fails (no silent fall-back to the
+    previous version), verify reports it and exits 1, gc never lists the version."""
     store = ArtifactStore(str(tmp_path))
-    first = _commit(store)
-    w = store.new_version("datasets", "d")
-    w.put_bytes("x", b"1")
-    (tmp_path / "datasets" / "d" / w.ref.version / COMMIT_RECORD).write_text('{"format": 1, "files": {')
-    assert store.list_versions("datasets", "d") == [first]
+    _commit(store)
+    newest = _commit(store, payload=b"second")
+    record = tmp_path / newest.prefix / COMMIT_RECORD
+    record.write_bytes(record.read_bytes()[:-1])
+    fresh = ArtifactStore(str(tmp_path))
+    with pytest.raises(CorruptRecord, match="damaged"):
+        fresh.resolve("datasets/d@latest")
+    assert newest in fresh.list_versions("datasets", "d")
+    assert any("damaged" in p for p in fresh.verify(newest))
+    assert asd_main(["--store", str(tmp_path), "store", "verify"]) == 1
+    assert "damaged" in capsys.readouterr().out
+    assert fresh.gc(grace_s=0) == []
+
+
+def test_tampered_commit_record_cannot_write_or_read_outside(tmp_path):
+    """A record listing ../ paths (a shared bucket, edited) is refused before any file is touched."""
+    import json
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    ref = _commit(store)
+    record = tmp_path / "store" / ref.prefix / COMMIT_RECORD
+    rec = json.loads(record.read_text())
+    rec["files"]["../../../../escaped.txt"] = {"sha256": "0" * 64, "size": 1}
+    record.write_text(json.dumps(rec))
+    fresh = ArtifactStore(str(tmp_path / "store"))
+    dest = tmp_path / "cache" / "deep" / "dest"
+    with pytest.raises(CorruptRecord, match="unsafe path"):
+        fresh.download(ref, dest)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert any("unsafe path" in p for p in fresh.verify(ref))
 
 
 def test_verify_catches_one_flipped_byte(tmp_path, capsys):

@@ -8,8 +8,8 @@ import boto3
 import polars as pl
 import pytest
 
+from artifact_store import ArtifactStore, redact
 from flows.cli import main as asd_main
-from tasks.store import ArtifactStore, redact
 
 
 def _chain(url: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import ArtifactStore
+from artifact_store import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ["during-upload", "between-files", "before-commit-record", "during-commit-record", "before-catalog",
@@ -20,7 +20,7 @@ COMMITTED_BEFORE_DEATH = {"before-catalog", "before-latest"}
 
 WRITER = """
 import sys
-from tasks.store import ArtifactStore
+from artifact_store import ArtifactStore
 w = ArtifactStore(sys.argv[1]).new_version("models", "m")
 w.put_bytes("a.bin", b"new-a" * 20000)
 w.put_bytes("b.bin", b"new-b" * 20000)

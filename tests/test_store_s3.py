@@ -5,8 +5,8 @@ from __future__ import annotations
 import boto3
 import pytest
 
+from artifact_store import ArtifactStore, VersionNotFound
 from flows.cli import main as asd_main
-from tasks.store import ArtifactStore, VersionNotFound
 
 
 def test_s3_commit_verify_and_latest(s3_bucket, s3_server):

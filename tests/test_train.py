@@ -17,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from artifact_store import ArtifactStore
 from asd_models.arad_loader import BucketBatchStream, LoaderConfig, ShardRef, make_loader
-from tasks.ingest import ingest_to_store
-from tasks.store import ArtifactStore
-from tasks.train import StoreOpener, arad_to_store, dataset_buckets
+from data_engine.dataset_reader import StoreOpener, dataset_buckets
+from data_manifests.settings import TrainSettings
+from tasks.train import train_to_store
+from tests.ingest_helpers import ingest_ref
 
 SIZES = [(64, 64), (96, 64), (64, 96)]  # -> buckets 64x64, 80x48, 48x80 at base 64 / step 16
 
@@ -40,7 +42,7 @@ def dataset(tmp_path_factory):
     """A store with a 3-bucket dataset of 20 images (7/7/6), 2 samples per shard."""
     root = tmp_path_factory.mktemp("arad")
     store_url = str(root / "store")
-    ref = ingest_to_store(store_url, [str(_folder(root / "in", 20))], "d",
+    ref = ingest_ref(store_url, [str(_folder(root / "in", 20))], "d",
                           {"bucket_base": 64, "bucket_step": 16, "shard_max_samples": 2})
     return store_url, ref
 
@@ -136,7 +138,14 @@ def test_data_loader_workers_are_deterministic_and_resume_mid_stream(dataset):
     assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
 
 
-CFG = {"steps": 8, "batch_size": 3, "grad_accum": 2, "learning_rate": 1e-3, "ema_decay": 0.99, "warmup_steps": 2}
+CFG = {"steps": 8, "batch_size": 3, "grad_accum": 2, "learning_rate": 1e-3, "ema_decay": 0.99, "warmup_steps": 2,
+       "checkpoint_every": 0}
+
+
+def arad_to_store(store_url, ref, base, name, cfg, checkpoint_every=0, **kw):
+    """Train with `TrainSettings(**cfg)`; the outcome (model ref, resumed checkpoint, step)."""
+    return train_to_store(store_url, ref, base, name, TrainSettings(**{**cfg, "checkpoint_every": checkpoint_every}),
+                          **kw)
 
 
 def _log(store_url, ref):
@@ -145,12 +154,15 @@ def _log(store_url, ref):
 
 def test_resume_continues_the_uninterrupted_loss_sequence(dataset, tiny_model_dir):
     store_url, ref = dataset
-    full = arad_to_store(store_url, ref, str(tiny_model_dir), "full", CFG, checkpoint_every=3)
-    assert arad_to_store(store_url, ref, str(tiny_model_dir), "cut", CFG, checkpoint_every=3, stop_after=5) == ""
+    full = arad_to_store(store_url, ref, str(tiny_model_dir), "full", CFG, checkpoint_every=3).model
+    cut = arad_to_store(store_url, ref, str(tiny_model_dir), "cut", CFG, checkpoint_every=3, stop_after=5)
+    assert cut.model == "" and cut.step == 5
     store = ArtifactStore(store_url)
     ckpts = store.list_versions("checkpoints", "cut")
     assert [store.record(c)["summary"]["step"] for c in ckpts] == [3]
-    resumed = arad_to_store(store_url, ref, str(tiny_model_dir), "cut", CFG, checkpoint_every=3, resume=True)
+    outcome = arad_to_store(store_url, ref, str(tiny_model_dir), "cut", CFG, checkpoint_every=3, resume=True)
+    resumed = outcome.model
+    assert outcome.resumed_from == str(ckpts[0])
     assert _log(store_url, resumed)["loss"] == _log(store_url, full)["loss"]  # exactly, step by step
     assert _log(store_url, resumed)["resumed_from"] == str(ckpts[0])
     a = store.read_bytes(full, "unet/diffusion_pytorch_model.safetensors")
@@ -159,14 +171,15 @@ def test_resume_continues_the_uninterrupted_loss_sequence(dataset, tiny_model_di
     assert str(ckpts[0]) in store.record(resumed)["parents"] and str(store.resolve(ref)) in store.record(resumed)["parents"]
     # another config is another training: its checkpoints are not used
     other = {**CFG, "learning_rate": 5e-4}
-    assert arad_to_store(store_url, ref, str(tiny_model_dir), "cut", other, resume=True, stop_after=1) == ""
+    fresh = arad_to_store(store_url, ref, str(tiny_model_dir), "cut", other, resume=True, stop_after=1)
+    assert fresh.resumed_from is None and fresh.step == 1 and fresh.model == ""
 
 
 def test_result_loads_in_stable_diffusion_pipeline(dataset, tiny_model_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     store_url, ref = dataset
-    model = arad_to_store(store_url, ref, str(tiny_model_dir), "sd", {**CFG, "steps": 2, "cache_latents": True})
+    model = arad_to_store(store_url, ref, str(tiny_model_dir), "sd", {**CFG, "steps": 2, "cache_latents": True}).model
     folder = ArtifactStore(store_url).download(model, tmp_path / "m")
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     img = pipe("image number 1", height=64, width=64, num_inference_steps=2, output_type="np").images[0]
@@ -183,7 +196,7 @@ def test_v_prediction_trains(dataset, tiny_model_dir, tmp_path):
     sched = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
     store_url, ref = dataset
-    model = arad_to_store(store_url, ref, str(base), "vpred", {**CFG, "steps": 3, "ema_decay": 0})
+    model = arad_to_store(store_url, ref, str(base), "vpred", {**CFG, "steps": 3, "ema_decay": 0}).model
     losses = _log(store_url, model)["loss"]
     assert len(losses) == 3 and all(np.isfinite(losses))
 
@@ -206,7 +219,7 @@ def _asd(store, *args):
 def test_cli_train_killed_mid_run_resumes_to_the_same_losses(tmp_path, prefect_harness):
     """`asd train` SIGKILLed after its first checkpoint, then `--resume`: the same loss sequence."""
     store_url = str(tmp_path / "store")
-    ds = ingest_to_store(store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16})
+    ds = ingest_ref(store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16})
     common = ["train", "--dataset", ds, "--vae-steps", "5", "--steps", "40", "--batch-size", "2",
               "--checkpoint-every", "5"]
     full = _asd(store_url, *common, "--model", "full")

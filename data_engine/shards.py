@@ -11,7 +11,7 @@ from typing import Any
 
 import webdataset as wds
 
-from tasks.store import VersionWriter
+from artifact_store import VersionWriter
 
 TAR_MTIME = 0  # fixed member mtime: the same input gives byte-identical shards
 WIDS_KIND = "wids-shard-index-v1"

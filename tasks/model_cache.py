@@ -9,9 +9,9 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from asd_models.loading import SDComponents, load_components
 from asd_models.pipeline import AnySizePipeline
-from tasks.store import ArtifactRef, ArtifactStore, StoreError
 
 _LOCK = threading.Lock()
 
@@ -21,7 +21,8 @@ def cache_root() -> Path:
 
 
 def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
-    """Local copy of a committed model version (versions are immutable, so cached by id)."""
+    """Local copy of a committed model version (versions are immutable, so cached by id;
+    every file's sha256 is checked as it is downloaded)."""
     ref = store.resolve(ref)
     target = cache_root() / "models" / ref.name / ref.version
     with _LOCK:
@@ -54,9 +55,18 @@ def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
     return load_components(resolve_base_model(store, base))
 
 
-@lru_cache(maxsize=4)
+_LOAD_LOCK = threading.Lock()  # diffusers loads through process-global meta-device patching: one load at a time
+
+
 def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None) -> AnySizePipeline:
-    """Load a pipeline once per worker process, model version and upscaler."""
+    """Load a pipeline once per worker process, model version and upscaler (threads that ask
+    at once wait for the one load; two concurrent `from_pretrained` calls corrupt each other)."""
+    with _LOAD_LOCK:
+        return _load_pipeline(store_url, ref, upscaler)
+
+
+@lru_cache(maxsize=4)
+def _load_pipeline(store_url: str, ref: str, upscaler: str | None) -> AnySizePipeline:
     store = ArtifactStore(store_url)
     up = resolve_base_model(store, upscaler) if upscaler else None
     return AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)

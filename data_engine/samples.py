@@ -1,7 +1,7 @@
 """One sample through decoding, validation, bucketing and re-encoding.
 
-Runs inline or in worker processes (spawned: this module imports only PIL, numpy and the
-geometry of `asd_models`). Every failure comes back as a value with its stage and reason;
+The resizer of the data engine. Runs inline or in worker processes (spawned: this module
+imports only PIL, numpy and the geometry of `asd_models`). Every failure comes back as a value with its stage and reason;
 nothing here raises for bad input.
 """
 
@@ -40,15 +40,15 @@ class SampleSpec:
     """What processing one sample needs (picklable, sent to workers once per job)."""
 
     buckets: tuple[tuple[int, int], ...]
-    min_side: int = 64
-    max_pixels: int = 64_000_000
-    max_aspect: float = 4.0
-    crop: str = "center"  # center | random
-    seed: int = 0
-    jpeg_quality: int = 95
-    draft: bool = True
-    max_bytes: int = 64 << 20  # largest file read (local files; downloads have their own cap)
-    resample: str = "bilinear"  # bilinear | bicubic | lanczos (PIL filters, antialiased when shrinking)
+    min_side: int
+    max_pixels: int
+    max_aspect: float
+    crop: str  # center | random
+    seed: int
+    jpeg_quality: int
+    draft: bool
+    max_bytes: int  # largest file read (local files; downloads have their own cap)
+    resample: str  # bilinear | bicubic | lanczos (PIL filters, antialiased when shrinking)
 
     def bucket_list(self) -> list[Bucket]:
         return [Bucket(w, h) for w, h in self.buckets]
@@ -91,25 +91,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None = None) -> tuple[Image.Image, int, int]:
-    """Decode fully (every scan; `verify` alone misses truncation), apply EXIF orientation,
-    convert to RGB. Returns (image, original width, original height) in upright orientation.
+    """Decode once and fully (every scan; `verify` alone misses truncation), apply EXIF
+    orientation, convert to RGB. Returns (image, original width, original height) upright.
     With `spec.draft`, a JPEG is decoded at the smallest 1/2^k scale that still covers the
-    bucket (libjpeg's DCT scaling), which is what makes big JPEGs cheap."""
-    saved_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = spec.max_pixels  # PIL refuses above 2x at open; we check 1x below
-    try:
-        return _decode(data, spec, buckets)
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved_limit  # the rest of the process keeps PIL's own limit
-
-
-def _decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None) -> tuple[Image.Image, int, int]:
+    bucket (libjpeg's DCT scaling), which is what makes big JPEGs cheap. PIL's process-wide
+    pixel limit is left alone: the header size is checked against `spec.max_pixels` here,
+    before any pixel is decoded (settings cap it below PIL's own hard ceiling)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise Rejected(STAGE_VALIDATE, f"too many pixels (decompression-bomb guard, limit {spec.max_pixels}): {exc}") from exc
+            raise Rejected(STAGE_VALIDATE, f"too many pixels (decompression-bomb guard): {exc}") from exc
         except UnidentifiedImageError as exc:
             raise Rejected(STAGE_DECODE, "not an image PIL can identify") from exc
         except Exception as exc:  # noqa: BLE001
@@ -119,15 +112,23 @@ def _decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None) -> tupl
             raise Rejected(STAGE_DECODE, f"image header says {w}x{h}")
         if w * h > spec.max_pixels:
             raise Rejected(STAGE_VALIDATE, f"too many pixels: {w}x{h} = {w * h} > {spec.max_pixels} (decompression-bomb guard)")
-        swap = _orientation(im) in (5, 6, 7, 8)
-        ow, oh = (h, w) if swap else (w, h)
-        check_size(ow, oh, spec)
         try:
-            if spec.draft and buckets and im.format == "JPEG":
-                target = nearest_bucket(ow, oh, buckets)
-                cw, ch = cover_size(ow, oh, target.width, target.height)
-                im.draft(im.mode, (ch, cw) if swap else (cw, ch))
+            # a JPEG's EXIF sits in its header; any other format's may follow the pixel data, so
+            # its orientation is read only after the one full decode (a read before would decode
+            # half an image, swallow the error and keep the half)
+            swap = im.format == "JPEG" and _orientation(im) in (5, 6, 7, 8)
+            ow, oh = (h, w) if swap else (w, h)
+            if im.format == "JPEG":
+                check_size(ow, oh, spec)
+                if spec.draft and buckets:
+                    target = nearest_bucket(ow, oh, buckets)
+                    cw, ch = cover_size(ow, oh, target.width, target.height)
+                    im.draft(im.mode, (ch, cw) if swap else (cw, ch))
             im.load()
+            if im.format != "JPEG":
+                swap = _orientation(im) in (5, 6, 7, 8)
+                ow, oh = (h, w) if swap else (w, h)
+                check_size(ow, oh, spec)
             im = ImageOps.exif_transpose(im) or im
             return to_rgb(im), ow, oh
         except Rejected:

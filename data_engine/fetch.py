@@ -23,12 +23,12 @@ NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/
 
 @dataclass(frozen=True)
 class FetchOptions:
-    timeout_s: float = 20.0
-    retries: int = 3
-    backoff_s: float = 0.5
-    max_bytes: int = 64 << 20
-    concurrency: int = 16
-    per_host: int = 4
+    timeout_s: float
+    retries: int
+    backoff_s: float
+    max_bytes: int
+    concurrency: int
+    per_host: int
     user_agent: str = "any-size-diffusion-ingest/0.1 (+https://arxiv.org/abs/2308.16582)"
 
 

@@ -24,7 +24,7 @@ import polars as pl
 import webdataset as wds
 from braceexpand import braceexpand
 
-from tasks.ingest_worker import STAGE_DOWNLOAD, STAGE_SOURCE
+from data_engine.samples import STAGE_DOWNLOAD, STAGE_SOURCE
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTS = (".txt", ".caption")
@@ -202,10 +202,6 @@ class FolderSource:
     def fingerprint(self) -> str:
         return _sha1("folder", self.root, *(r.fingerprint for r in self.records()))
 
-    def units(self) -> set[str]:
-        return {r.unit for r in self.records()}
-
-
 def read_jsonl_lenient(path: Path, bad_lines: list[tuple[int, str]]) -> pl.DataFrame:
     """metadata.jsonl line by line: a broken line becomes a recorded failure, not the end."""
     rows = []
@@ -282,10 +278,6 @@ class UrlListSource:
 
     def fingerprint(self) -> str:
         return _sha1("url-list", *(r.fingerprint for r in self.records()))
-
-    def units(self) -> set[str]:
-        return {r.unit for r in self.records()}
-
 
 class ShardSource:
     """Existing WebDataset / img2dataset shards: a brace pattern, a .tar, or a folder of .tar

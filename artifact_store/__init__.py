@@ -1,0 +1,43 @@
+"""The artifact store: versioned, immutable artifacts with lineage, over any fsspec URL
+(a local folder by default, S3 via s3fs). Usable without Prefect.
+
+    refs.py        names, references, version ids, input hashes, errors, PendingVersion
+    paths.py       validation of every path taken from records, references and callers
+    writer.py      VersionWriter: files once each, hashed; the commit record last; fault points
+    store.py       ArtifactStore: reuse-or-new, resolve, read, download, verify, gc, lineage
+    catalog.py     one Parquet row per committed version
+    s3_options.py  s3fs options (endpoint, retries, optional Prefect credentials block)
+    redaction.py   display forms of URLs and messages without secrets
+
+Layout under the root URL::
+
+    <kind>/<name>/<version>/...               files, written once
+    <kind>/<name>/<version>/_COMMITTED.json   commit record, written last
+    <kind>/<name>/LATEST                      pointer, written after the commit record
+    _catalog/<kind>/<name>/<version>.parquet  catalog row
+    runs/<flow_run_id>.json                   what a flow run read and wrote
+"""
+
+from artifact_store.redaction import redact, redact_url
+from artifact_store.refs import (
+    COMMIT_RECORD,
+    KINDS,
+    ArtifactRef,
+    CorruptRecord,
+    InvalidReference,
+    PendingVersion,
+    StoreError,
+    VersionNotFound,
+    check_name,
+    new_version_id,
+    params_hash,
+)
+from artifact_store.s3_options import s3_storage_options
+from artifact_store.store import ArtifactStore, store_url_from_env
+from artifact_store.writer import VersionWriter
+
+__all__ = [
+    "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "InvalidReference", "PendingVersion",
+    "StoreError", "VersionNotFound", "VersionWriter", "check_name", "new_version_id", "params_hash", "redact",
+    "redact_url", "s3_storage_options", "store_url_from_env",
+]

@@ -1,0 +1,56 @@
+"""The catalog: one immutable Parquet row per committed version (appends never race), for
+dashboards and ad-hoc queries (`polars.read_parquet('<store>/_catalog/**/*.parquet')`)."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from artifact_store.refs import CATALOG_DIR, ArtifactRef
+from data_manifests.schemas import CATALOG
+
+if TYPE_CHECKING:
+    from artifact_store.store import ArtifactStore
+
+
+def catalog_row_path(store: ArtifactStore, ref: ArtifactRef) -> str:
+    return store.path(CATALOG_DIR, ref.kind, ref.name, f"{ref.version}.parquet")
+
+
+def write_catalog_row(store: ArtifactStore, record: dict[str, Any]) -> None:
+    """Write the catalog row of a (validated) commit record."""
+    metrics = {k: float(v) for k, v in (record.get("summary") or {}).items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and v == v}
+    ref = ArtifactRef(record["kind"], record["name"], record["version"])
+    row = {
+        "kind": ref.kind, "name": ref.name, "version": ref.version, "ref": str(ref),
+        "committed_at": datetime.fromisoformat(record["committed_at"]),
+        "size_bytes": sum(f["size"] for f in record["files"].values()), "file_count": len(record["files"]),
+        "parents": record.get("parents", []), "flow_run_id": record.get("flow_run_id"),
+        "code_version": record.get("code_version"), "metrics": list(metrics.items()),
+        "uri": store.uri(ref.prefix),
+    }
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=CATALOG), buf)
+    store.write_atomic(catalog_row_path(store, ref), buf.getvalue())
+
+
+def read_catalog(store: ArtifactStore, rebuild: bool = False) -> pa.Table:
+    """The catalog as a pyarrow Table (one row per committed version). With `rebuild`, first
+    write the rows missing for committed versions (a writer killed after its commit record and
+    before its catalog row)."""
+    if rebuild:
+        have = set(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet")))
+        for kind, name in store.list_artifacts():
+            for ref in store.list_versions(kind, name):
+                if catalog_row_path(store, ref) not in have:
+                    write_catalog_row(store, store.record(ref))
+    tables = []
+    for path in sorted(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet"))):
+        with store.fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, schema=CATALOG))
+    return pa.concat_tables(tables) if tables else CATALOG.empty_table()

@@ -1,0 +1,44 @@
+"""s3fs options of the store: endpoint from the AWS environment or a Prefect JSON block,
+retries with backoff, version-aware reads."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from artifact_store.refs import StoreError
+
+STORE_BLOCK_ENV = "ASD_STORE_BLOCK"
+RETRIES_ENV = "ASD_S3_RETRIES"
+
+
+def s3_retries() -> int:
+    return int(os.environ.get(RETRIES_ENV, "8"))
+
+
+def s3_storage_options() -> dict[str, Any]:
+    """s3fs options: endpoint from the AWS environment (or a Prefect JSON block named by
+    $ASD_STORE_BLOCK holding s3fs options), retries with backoff, version-aware reads."""
+    opts: dict[str, Any] = {
+        "version_aware": False,
+        # botocore's adaptive retry mode for throttling and connection errors
+        "config_kwargs": {"retries": {"max_attempts": s3_retries(), "mode": "adaptive"},
+                          "connect_timeout": 10, "read_timeout": 120},
+        "default_block_size": 16 << 20,  # multipart upload part size for large files
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    block = os.environ.get(STORE_BLOCK_ENV)
+    if block:
+        # the one place the store touches Prefect: an optional credentials block
+        from prefect.blocks.system import JSON
+
+        try:
+            value = JSON.load(block).value
+        except Exception as exc:  # noqa: BLE001 - re-raised with the block name only, never its value
+            raise StoreError(f"cannot load the Prefect JSON block {block!r} named by ${STORE_BLOCK_ENV}") from exc
+        if not isinstance(value, dict):
+            raise StoreError(f"Prefect JSON block {block!r} must hold an object of s3fs options")
+        opts.update(value)
+    return opts

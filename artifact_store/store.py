@@ -1,0 +1,460 @@
+"""ArtifactStore: versioned, immutable artifacts under one fsspec root URL.
+
+A version is visible only once its commit record exists, so a writer that dies half-way
+leaves nothing a reader can pick up. Every path read from a commit record, a reference or
+the caller is validated; a commit record that exists but cannot be read is an error
+(`CorruptRecord`), never 'absent'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from artifact_store.catalog import read_catalog
+from artifact_store.paths import check_relpath, local_target
+from artifact_store.redaction import redact
+from artifact_store.refs import (
+    COMMIT_RECORD,
+    KINDS,
+    LATEST_POINTER,
+    VERSION_RE,
+    ArtifactRef,
+    CorruptRecord,
+    InvalidReference,
+    PendingVersion,
+    StoreError,
+    VersionNotFound,
+    check_kind,
+    check_name,
+    new_version_id,
+)
+from artifact_store.s3_options import s3_retries, s3_storage_options
+from artifact_store.writer import VersionWriter, code_version, fault_point
+
+DEFAULT_STORE = "./asd-store"
+STORE_ENV = "ASD_STORE"
+log = logging.getLogger("asd.store")
+
+
+def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFileSystem, str]:
+    """(lister, versioned, root) for a store URL. On S3, a version-aware client writes (to
+    learn each object's VersionId) and reads pinned versions; a plain one lists, since version
+    listings keep showing prefixes whose objects were deleted. Elsewhere both are one client."""
+    if url.startswith(("s3://", "s3a://")):
+        opts = s3_storage_options()
+        fs, root = url_to_fs(url, **opts)
+        vfs, _ = url_to_fs(url, **{**opts, "version_aware": True})
+        for client in (fs, vfs):
+            client.retries = s3_retries()  # s3fs' backoff loop (class attribute)
+        return fs, vfs, root
+    if "://" not in url:
+        url = str(Path(url).expanduser().resolve())
+    fs, root = url_to_fs(url)
+    return fs, fs, root
+
+
+def store_url_from_env(url: str | None = None) -> str:
+    """The store URL to use: the one given, else $ASD_STORE, else ./asd-store (made absolute,
+    so flows and workers started elsewhere open the same folder)."""
+    raw = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
+    if "://" not in raw:
+        raw = str(Path(raw).expanduser().resolve())
+    return raw
+
+
+class ArtifactStore:
+    """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`).
+
+    `url` is the operational URL (pass it on to open the same store elsewhere);
+    `display_url` is the same with credentials removed, for messages and logs."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = store_url_from_env(url)
+        self.display_url = redact(self.url)
+        try:
+            self.fs, self.vfs, self.root = _filesystems(self.url)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"cannot open the store {self.display_url!r}: {exc}") from exc
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = self.protocol in ("file", "local")
+        self._records: dict[str, dict[str, Any]] = {}  # commit records are immutable: cache them
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.display_url!r})"
+
+    # paths -----------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def uri(self, *parts: str) -> str:
+        """Full URL of a path inside the store (what a user or another tool opens)."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    def file_uri(self, ref: ArtifactRef, relpath: str) -> str:
+        return self.uri(ref.prefix, check_relpath(relpath, str(ref)))
+
+    def ensure_parent(self, path: str) -> None:
+        if self.is_local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Whole-or-nothing write: rename on a local disk, a single PUT on object stores."""
+        self.ensure_parent(path)
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data[: len(data) // 2])
+                fault_point("during-commit-record")
+                f.write(data[len(data) // 2 :])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            fault_point("during-commit-record")  # a single PUT: all or nothing
+            self.fs.pipe_file(path, data)
+
+    # writing ---------------------------------------------------------------
+    def new_version(self, kind: str, name: str, version: str | None = None) -> VersionWriter:
+        """Writer of a new version; pass `version` (from `new_version_id()`) to let several
+        workers write parts of one version, each through its own writer."""
+        return VersionWriter(self, kind, name, version)
+
+    def reuse_or_new(self, kind: str, name: str, input_hash: str, rerun: bool = False,
+                     keep: Callable[[ArtifactRef], bool] | None = None) -> ArtifactRef | PendingVersion:
+        """The one reuse-or-commit protocol of every stage: the committed version built from
+        the same inputs (unless `rerun`, or `keep(ref)` says it must be redone), or a pending
+        version to build and commit once. Name checks happen here, before any work."""
+        check_kind(kind)
+        check_name(name)
+        if not rerun and (done := self.find_by_input_hash(kind, name, input_hash)) is not None:
+            if keep is None or keep(done):
+                return done
+        return PendingVersion(ArtifactRef(kind, name, new_version_id()), input_hash)
+
+    def writer(self, pending: PendingVersion) -> VersionWriter:
+        """A writer of a pending version (each task that writes part of it opens its own)."""
+        return VersionWriter.for_pending(self, pending)
+
+    def advance_latest(self, ref: ArtifactRef) -> None:
+        pointer = self.path(ref.kind, ref.name, LATEST_POINTER)
+        current = self._read_latest(ref.kind, ref.name)
+        if current is None or current < ref.version:
+            self.write_atomic(pointer, ref.version.encode())
+
+    def write_run_record(self, flow_run_id: str, record: dict[str, Any]) -> str:
+        """Record what one flow run read and wrote; one immutable file per run."""
+        name = check_relpath(f"{flow_run_id}.json", "runs/")
+        record = {"flow_run_id": flow_run_id, "code_version": code_version(), **record}
+        self.write_atomic(self.path("runs", name), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+        return self.uri("runs", name)
+
+    # commit records -------------------------------------------------------------
+    def _read_latest(self, kind: str, name: str) -> str | None:
+        try:
+            text = self.fs.cat_file(self.path(kind, name, LATEST_POINTER)).decode("utf-8", "replace").strip()
+        except FileNotFoundError:
+            return None
+        return text if VERSION_RE.fullmatch(text) else None
+
+    def _validated_record(self, ref: ArtifactRef, blob: bytes) -> dict[str, Any]:
+        where = f"{self.uri(ref.prefix, COMMIT_RECORD)}"
+        try:
+            rec = json.loads(blob)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptRecord(f"commit record {where} is damaged ({exc}); run `asd store verify`") from exc
+        if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict):
+            raise CorruptRecord(f"commit record {where} has no file list")
+        if rec.get("ref") != str(ref):
+            raise CorruptRecord(f"commit record {where} names {rec.get('ref')!r}, not {ref}")
+        for rel, meta in rec["files"].items():
+            try:
+                check_relpath(rel, where)
+            except InvalidReference as exc:
+                raise CorruptRecord(f"commit record {where} lists an unsafe path: {exc}") from exc
+            if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
+                    and isinstance(meta.get("size"), int)):
+                raise CorruptRecord(f"commit record {where}: entry {rel!r} lacks sha256/size")
+        for parent in rec.get("parents") or []:
+            try:
+                ArtifactRef.parse(parent)
+            except (InvalidReference, AttributeError) as exc:
+                raise CorruptRecord(f"commit record {where} has a bad parent {parent!r}") from exc
+        return rec
+
+    def _committed_record(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        """The commit record (None: not committed). Raises CorruptRecord when it exists but is
+        unreadable or tampered with. Read once per store object (records never change)."""
+        key = str(ref)
+        if key not in self._records:
+            try:
+                blob = self.fs.cat_file(self.path(ref.prefix, COMMIT_RECORD))
+            except FileNotFoundError:
+                return None
+            self._records[key] = self._validated_record(ref, blob)
+        return self._records[key]
+
+    def has_commit_record(self, ref: ArtifactRef) -> bool:
+        """True when a commit record exists, readable or not (gc never touches such a version)."""
+        try:
+            return self._committed_record(ref) is not None
+        except CorruptRecord:
+            return True
+
+    def is_committed(self, ref: ArtifactRef) -> bool:
+        return self._committed_record(ref) is not None
+
+    def record(self, ref: ArtifactRef | str) -> dict[str, Any]:
+        """Commit record of a committed version (resolving `@latest`)."""
+        ref = self.resolve(ref)
+        rec = self._committed_record(ref)
+        if rec is None:
+            raise VersionNotFound(f"{ref} has no commit record in {self.display_url}")
+        return rec
+
+    def resolve(self, ref: ArtifactRef | str) -> ArtifactRef:
+        """Turn `kind/name@latest` into the committed version it names; check others exist.
+        The newest committed version is the answer; a damaged newest record is an error."""
+        if isinstance(ref, str):
+            ref = ArtifactRef.parse(ref)
+        if ref.version == "latest":
+            pointed = self._read_latest(ref.kind, ref.name)
+            if pointed and self.has_commit_record(ArtifactRef(ref.kind, ref.name, pointed)):
+                newest = ArtifactRef(ref.kind, ref.name, pointed)
+                self._committed_record(newest)  # raises CorruptRecord rather than fall back to an older one
+                return newest
+            versions = self.list_versions(ref.kind, ref.name)
+            if not versions:
+                raise VersionNotFound(f"no committed version of {ref.kind}/{ref.name} in {self.display_url}")
+            newest = versions[-1]
+            self._committed_record(newest)  # raises CorruptRecord rather than fall back to an older one
+            return newest
+        if not self.is_committed(ref):
+            raise VersionNotFound(f"{ref} is not a committed version in {self.display_url}")
+        return ref
+
+    def list_artifacts(self) -> list[tuple[str, str]]:
+        out = []
+        for kind in KINDS:
+            try:
+                entries = self.fs.ls(self.path(kind), detail=False)
+            except FileNotFoundError:
+                continue
+            for e in sorted(entries):
+                name = e.rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    out.append((kind, check_name(name)))
+                except InvalidReference:
+                    log.warning("ignoring %s in the store: not a valid artifact name", e)
+        return out
+
+    def list_versions(self, kind: str, name: str) -> list[ArtifactRef]:
+        """Versions with a commit record (readable or damaged), oldest first."""
+        check_kind(kind)
+        check_name(name)
+        try:
+            entries = self.fs.ls(self.path(kind, name), detail=False)
+        except FileNotFoundError:
+            return []
+        refs = []
+        for e in sorted(entries):
+            v = e.rstrip("/").rsplit("/", 1)[-1]
+            if VERSION_RE.fullmatch(v):
+                ref = ArtifactRef(kind, name, v)
+                if self.has_commit_record(ref):
+                    refs.append(ref)
+        return refs
+
+    def find_by_input_hash(self, kind: str, name: str, input_hash: str) -> ArtifactRef | None:
+        """Newest committed version made from the same inputs, if any (finished work to reuse)."""
+        for ref in reversed(self.list_versions(kind, name)):
+            try:
+                rec = self._committed_record(ref)
+            except CorruptRecord as exc:
+                log.warning("not reusing %s: %s", ref, exc)
+                continue
+            if rec and rec.get("input_hash") == input_hash:
+                return ref
+        return None
+
+    # reading files ------------------------------------------------------------
+    def _pinned(self, ref: ArtifactRef, relpath: str) -> str:
+        """Path of a committed file; on a versioned S3 bucket, pinned to the recorded VersionId."""
+        path = self.path(ref.prefix, check_relpath(relpath, str(ref)))
+        meta = self.record(ref)["files"].get(relpath)
+        if meta and meta.get("version_id") and not self.is_local:
+            return f"{path}?versionId={meta['version_id']}"
+        return path
+
+    def open(self, ref: ArtifactRef | str, relpath: str, mode: str = "rb") -> Any:
+        if "w" in mode or "a" in mode:
+            raise StoreError("committed versions are read-only; write with new_version()")
+        ref = self.resolve(ref)
+        return self.vfs.open(self._pinned(ref, relpath), mode)
+
+    def read_bytes(self, ref: ArtifactRef | str, relpath: str) -> bytes:
+        ref = self.resolve(ref)
+        return self.vfs.cat_file(self._pinned(ref, relpath))
+
+    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "") -> Path:
+        """Copy the committed files of a version (optionally under `prefix`) to a local folder;
+        every target is checked to stay inside `dest` and every file's sha256 and size checked."""
+        ref = self.resolve(ref)
+        rec = self.record(ref)
+        dest = Path(dest)
+        cut = prefix.rstrip("/") + "/" if prefix else ""
+        for rel, meta in rec["files"].items():
+            if cut and not rel.startswith(cut):
+                continue
+            target = local_target(dest, rel[len(cut):], str(ref))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h, size = hashlib.sha256(), 0
+            with self.vfs.open(self._pinned(ref, rel), "rb") as src, open(target, "wb") as out:
+                while block := src.read(8 << 20):
+                    h.update(block)
+                    size += len(block)
+                    out.write(block)
+            if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+                target.unlink()
+                raise StoreError(f"{ref}: {rel} does not match its commit record (size {size} vs "
+                                 f"{meta['size']}, sha256 {h.hexdigest()[:16]}…); run `asd store verify`")
+        return dest
+
+    def verify(self, ref: ArtifactRef | str) -> list[str]:
+        """Re-hash every recorded file (the recorded S3 VersionId, where there is one, and
+        check it is still the current object); one line per problem, empty when intact. A
+        damaged commit record is a problem, not an exception."""
+        try:
+            ref = self.resolve(ref)
+            rec = self.record(ref)
+        except CorruptRecord as exc:
+            return [str(exc)]
+        problems = []
+        for rel, meta in rec["files"].items():
+            vid = meta.get("version_id")
+            if vid and not self.is_local:
+                try:
+                    current = self.vfs.info(self.path(ref.prefix, rel), refresh=True).get("VersionId")
+                except FileNotFoundError:
+                    current = None
+                if current != vid:
+                    problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
+                                    "(overwritten or deleted after commit)")
+            h = hashlib.sha256()
+            size = 0
+            try:
+                with self.vfs.open(self._pinned(ref, rel), "rb") as f:
+                    while block := f.read(8 << 20):
+                        h.update(block)
+                        size += len(block)
+            except FileNotFoundError:
+                problems.append(f"{ref}: {rel}: missing")
+                continue
+            if size != meta["size"]:
+                problems.append(f"{ref}: {rel}: size {size} != recorded {meta['size']}")
+            if h.hexdigest() != meta["sha256"]:
+                problems.append(f"{ref}: {rel}: sha256 {h.hexdigest()[:16]}… != recorded {meta['sha256'][:16]}…")
+        return problems
+
+    # leftovers ---------------------------------------------------------------
+    def uncommitted(self, grace_s: float = 24 * 3600) -> list[str]:
+        """Version prefixes (and temp files) without a commit record, older than `grace_s`:
+        what killed writers left behind. Age comes from the version id's timestamp. A version
+        whose record exists but is damaged is never listed."""
+        now = datetime.now(UTC)
+        out = []
+        for kind, name in self.list_artifacts():
+            try:
+                entries = self.fs.ls(self.path(kind, name), detail=False)
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                base = e.rstrip("/").rsplit("/", 1)[-1]
+                stamp = base.split("-", 1)[0] if VERSION_RE.fullmatch(base) else None
+                if stamp is None and ".tmp" not in base:
+                    continue
+                if stamp is not None:
+                    if self.has_commit_record(ArtifactRef(kind, name, base)):
+                        continue
+                    born = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
+                    if (now - born).total_seconds() < grace_s:
+                        continue
+                    if not [f for f in self.fs.find(e) if f.startswith(e.rstrip("/") + "/")]:
+                        continue  # nothing left under it (some S3 servers list emptied prefixes)
+                elif (now.timestamp() - self._mtime(e)) < grace_s:
+                    continue
+                out.append(e)
+        return sorted(out)
+
+    def _mtime(self, path: str) -> float:
+        info = self.fs.info(path)
+        m = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return m.timestamp() if isinstance(m, datetime) else float(m or 0)
+
+    def gc(self, grace_s: float = 24 * 3600, delete: bool = False) -> list[str]:
+        """List (and with `delete`, remove) leftovers of uncommitted versions."""
+        found = self.uncommitted(grace_s)
+        if delete:
+            for path in found:
+                self.fs.rm(path, recursive=True)
+        return found
+
+    def catalog(self, rebuild: bool = False) -> Any:
+        """One row per committed version as a pyarrow Table (see `artifact_store.catalog`)."""
+        return read_catalog(self, rebuild)
+
+    # locating files ------------------------------------------------------------
+    def locate(self, file_or_uri: str) -> tuple[ArtifactRef, str]:
+        """Which committed version holds this file (a path or URI inside the store)."""
+        text = file_or_uri.split("?versionId=", 1)[0]
+        if "://" in text and not text.startswith("file://"):
+            text = text.split("://", 1)[1]
+        elif text.startswith("file://"):
+            text = text[len("file://"):]
+        if self.is_local:
+            text = str(Path(text).expanduser().resolve())
+        root = self.root.rstrip("/") + "/"
+        if not text.startswith(root):
+            raise InvalidReference(f"{file_or_uri} is not inside the store {self.display_url}")
+        parts = text[len(root):].split("/")
+        if len(parts) < 4 or parts[0] not in KINDS or not VERSION_RE.fullmatch(parts[2]):
+            raise InvalidReference(f"{file_or_uri} is not a file of a version (KIND/NAME/VERSION/PATH)")
+        ref = ArtifactRef(parts[0], check_name(parts[1]), parts[2])
+        if not self.is_committed(ref):
+            raise VersionNotFound(f"{file_or_uri} belongs to {ref}, which is not committed")
+        rel = "/".join(parts[3:])
+        if rel not in self.record(ref)["files"]:
+            raise VersionNotFound(f"{file_or_uri} is not a recorded file of {ref}")
+        return ref, rel
+
+    def lineage(self, ref: ArtifactRef | str) -> list[dict[str, Any]]:
+        """The version and all its ancestors (depth-first), each as its commit record."""
+        seen: set[str] = set()
+        out: list[dict[str, Any]] = []
+
+        def walk(r: str, depth: int) -> None:
+            if r in seen:
+                return
+            seen.add(r)
+            try:
+                rec = self.record(r)
+            except StoreError as exc:
+                out.append({"ref": r, "depth": depth, "missing": str(exc)})
+                return
+            out.append({**rec, "depth": depth})
+            for p in rec.get("parents", []):
+                walk(p, depth + 1)
+
+        walk(str(self.resolve(ref)), 0)
+        return out

@@ -1,0 +1,211 @@
+"""Writing one version: files once each (hashed as they stream), then the commit record last.
+
+Fault points (`$ASD_FAULT_AT`) let tests SIGKILL a writer at every phase of a commit."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from artifact_store.catalog import write_catalog_row
+from artifact_store.paths import check_relpath
+from artifact_store.refs import (
+    COMMIT_RECORD,
+    RECORD_FORMAT,
+    ArtifactRef,
+    PendingVersion,
+    StoreError,
+    check_kind,
+    check_name,
+    check_version,
+    new_version_id,
+)
+
+if TYPE_CHECKING:
+    from artifact_store.store import ArtifactStore
+
+FAULT_ENV = "ASD_FAULT_AT"
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when $ASD_FAULT_AT names this point (tests only)."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@cache
+def code_version() -> str:
+    """Package version plus the git commit of the checkout, when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("any-size-diffusion")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    sha = ""
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                                 capture_output=True, text=True, timeout=5)
+            if out.returncode == 0:
+                sha = out.stdout.strip()
+                dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=5)
+                if dirty.returncode == 0 and dirty.stdout.strip():
+                    sha += "-dirty"
+    return f"{pkg}+{sha}" if sha else pkg
+
+
+class HashingWriter:
+    """File wrapper that hashes and counts bytes as they are written."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        self._raw.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    @property
+    def version_id(self) -> str | None:
+        """S3 VersionId of the object once closed (None without bucket versioning)."""
+        vid = getattr(self._raw, "version_id", None)
+        return vid if vid and vid != "null" else None
+
+
+class VersionWriter:
+    """Writes the files of one new version, then commits it.
+
+    Files are written straight to their final keys under a fresh, unique version prefix;
+    the version stays invisible until :meth:`commit` writes the commit record.
+    """
+
+    def __init__(self, store: ArtifactStore, kind: str, name: str, version: str | None = None,
+                 input_hash: str | None = None) -> None:
+        check_kind(kind)
+        check_name(name)
+        self.store = store
+        self.ref = ArtifactRef(kind, name, check_version(version) if version is not None else new_version_id())
+        self.input_hash = input_hash
+        self.files: dict[str, dict[str, Any]] = {}
+        self.committed = False
+
+    @classmethod
+    def for_pending(cls, store: ArtifactStore, pending: PendingVersion) -> VersionWriter:
+        return cls(store, pending.ref.kind, pending.ref.name, pending.ref.version, pending.input_hash)
+
+    def _target(self, relpath: str) -> str:
+        rel = check_relpath(relpath.replace("\\", "/").lstrip("/"), str(self.ref))
+        if self.committed:
+            raise StoreError(f"{self.ref} is committed; versions are immutable")
+        if rel in self.files:
+            raise StoreError(f"{rel!r} was already written in {self.ref}; files are written once")
+        return rel
+
+    @contextlib.contextmanager
+    def open(self, relpath: str) -> Iterator[HashingWriter]:
+        """Open a new file of this version for binary writing; its hash is recorded on close."""
+        rel = self._target(relpath)
+        path = self.store.path(self.ref.prefix, rel)
+        self.store.ensure_parent(path)
+        with self.store.vfs.open(path, "wb") as raw:
+            writer = HashingWriter(raw)
+            yield writer
+            fault_point("during-upload")
+        meta: dict[str, Any] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
+        if writer.version_id:
+            meta["version_id"] = writer.version_id
+        self.files[rel] = meta
+        fault_point("between-files")
+
+    def put_bytes(self, relpath: str, data: bytes) -> dict[str, Any]:
+        """Write one file; returns its recorded metadata (sha256, size, S3 VersionId)."""
+        with self.open(relpath) as f:
+            f.write(data)
+        return self.files[relpath]
+
+    def put_file(self, relpath: str, local_path: str | Path, chunk: int = 8 << 20) -> None:
+        with open(local_path, "rb") as src, self.open(relpath) as dst:
+            while block := src.read(chunk):
+                dst.write(block)
+
+    def add_files(self, files: dict[str, dict[str, Any]]) -> None:
+        """Adopt files that other workers wrote into this same version (fan-out writers)."""
+        for rel, meta in files.items():
+            check_relpath(rel, str(self.ref))
+            if rel in self.files and self.files[rel] != meta:
+                raise StoreError(f"{rel!r} was written twice in {self.ref} with different content")
+            self.files[rel] = dict(meta)
+
+    def put_dir(self, local_dir: str | Path, prefix: str = "") -> None:
+        """Upload every file under `local_dir` (sorted, so records are reproducible)."""
+        local_dir = Path(local_dir)
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(local_dir).as_posix()
+                self.put_file(f"{prefix.rstrip('/')}/{rel}" if prefix else rel, p)
+
+    def commit(
+        self,
+        *,
+        parents: list[ArtifactRef | str] | None = None,
+        params: dict[str, Any] | None = None,
+        flow_run_id: str | None = None,
+        summary: dict[str, Any] | None = None,
+        input_hash: str | None = None,
+    ) -> ArtifactRef:
+        """Write the commit record (last), then move `LATEST`. Returns the committed reference."""
+        if self.committed:
+            raise StoreError(f"{self.ref} is already committed")
+        record = {
+            "format": RECORD_FORMAT,
+            "ref": str(self.ref),
+            "kind": self.ref.kind,
+            "name": self.ref.name,
+            "version": self.ref.version,
+            "committed_at": datetime.now(UTC).isoformat(),
+            "parents": [str(p) for p in (parents or [])],
+            "params": params or {},
+            "input_hash": input_hash or self.input_hash,
+            "flow_run_id": flow_run_id,
+            "code_version": code_version(),
+            "summary": summary or {},
+            "files": dict(sorted(self.files.items())),
+        }
+        data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        fault_point("before-commit-record")
+        self.store.write_atomic(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
+        self.committed = True
+        fault_point("before-catalog")
+        write_catalog_row(self.store, record)
+        fault_point("before-latest")
+        self.store.advance_latest(self.ref)
+        return self.ref

@@ -1,0 +1,140 @@
+"""`asd` as a user types it: flags map onto the stage settings, every mistake is one line and
+exit code 2 before any work, and `asd generate` / `asd evaluate` run their flows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from artifact_store import ArtifactStore
+from data_manifests.settings import EvaluateSettings, GenerateSettings, IngestSettings, TrainSettings
+from flows.cli import build_parser, main
+from flows.settings_cli import settings_from_args
+from tests.ingest_helpers import ingest_ref
+
+STAGES = {"ingest": IngestSettings, "train": TrainSettings, "generate": GenerateSettings,
+          "evaluate": EvaluateSettings}
+
+
+def _subparser(name):
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "cmd")
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_setting_has_a_flag_with_its_help_and_choices(stage):
+    model = STAGES[stage]
+    flags = {a.dest: a for a in _subparser(stage)._actions}
+    for name, field in model.model_fields.items():
+        assert name in flags, f"asd {stage} has no flag for {name}"
+        if field.description:
+            assert field.description in flags[name].help
+    if stage == "ingest":
+        assert flags["crop"].choices == ["center", "random"]
+        assert flags["resample"].choices == ["bilinear", "bicubic", "lanczos"]
+
+
+def test_generate_flags_become_settings():
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "a cat", "--size", "640x360",
+                                      "--steps", "3", "--tile-batch-size", "4", "--tile", "16", "--guidance-scale",
+                                      "2.5", "--workers", "2"])
+    assert settings_from_args(GenerateSettings, args) == GenerateSettings(
+        steps=3, tile_batch_size=4, tile=16, guidance_scale=2.5, workers=2)
+    args = build_parser().parse_args(["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "32",
+                                      "--clip-model", "/models/clip", "--seam-period", "4"])
+    assert settings_from_args(EvaluateSettings, args) == EvaluateSettings(patch_size=32, clip_model="/models/clip",
+                                                                          seam_period=4)
+
+
+def test_ingest_cross_field_check_sees_the_given_step():
+    args = build_parser().parse_args(["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "8"])
+    assert settings_from_args(IngestSettings, args).bucket_base == 120
+
+
+def _bad_csv(tmp_path):
+    (tmp_path / "nocol.csv").write_text("text,width,height\na cat,64,64\n")
+    (tmp_path / "latin1.csv").write_bytes("prompt,width,height\ncaf\xe9,64,64\n".encode("latin-1"))
+    (tmp_path / "badrow.csv").write_text("prompt,width,height,seed\nok,64,64,1\nbig seed,64,64,1180591620717411303424\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "--model", "m", "--prompt", "x", "--size", "0x0"], "--size 0x0: width"),
+    (["generate", "--model", "m", "--prompt", "x", "--size", "abc"], "--size 'abc': expected WIDTHxHEIGHT"),
+    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--steps", "0"], "--steps"),
+    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--guidance-scale", "lots"], "guidance"),
+    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--seed", str(2**70)], "--seed"),
+    (["generate", "--model", "m"], "give --prompts FILE"),
+    (["generate", "--model", "m", "--prompts", "{tmp}/nocol.csv"], "missing column(s) prompt"),
+    (["generate", "--model", "m", "--prompts", "{tmp}/latin1.csv"], "cannot be read"),
+    (["generate", "--model", "m", "--prompts", "{tmp}/badrow.csv"], "row 2: seed"),
+    (["generate", "--model", "m", "--prompts", "{tmp}/none.parquet"], "no such file"),
+    (["generate", "--model", "bad name", "--prompt", "x", "--size", "64x64"], "bad artifact name 'bad name'"),
+    (["generate", "--model", "m", "--name", "bad\n", "--prompt", "x", "--size", "64x64"], "bad artifact name"),
+    (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "4"], "--patch-size"),
+    (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "big"], "--patch-size: expected int, got 'big'"),
+    (["ingest", "x", "--dataset", "d", "--crop", "diagonal"], "invalid choice: 'diagonal'"),
+    (["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "64"], "multiple of bucket_step"),
+    (["train", "--dataset", "d", "--model", "bad name"], "bad artifact name"),
+    (["store", "gc", "--grace", "soon"], "--grace 'soon'"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):
+    folder = _bad_csv(tmp_path)
+    argv = [a.replace("{tmp}", str(folder)) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        raise SystemExit(main(["--store", str(tmp_path / "store"), *argv]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("asd: ") and "Traceback" not in err, err
+    assert words in err, err
+    assert not (tmp_path / "store" / "generations").exists()
+
+
+@pytest.fixture(scope="module")
+def stored_model_and_data(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("cli")
+    store_url = str(root / "store")
+    store = ArtifactStore(store_url)
+    w = store.new_version("models", "tiny")
+    w.put_dir(tiny_model_dir)
+    w.commit()
+    folder = root / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"photo {i}")
+    ds = ingest_ref(store_url, [str(folder)], "photos", {"bucket_base": 128, "bucket_step": 16})
+    return store_url, ds
+
+
+def test_cli_generate_then_evaluate(stored_model_and_data, prefect_harness, capsys, tmp_path):
+    store_url, ds = stored_model_and_data
+    prompts = tmp_path / "p.jsonl"
+    pl.DataFrame({"prompt": ["a red cat", "a blue dog"], "width": [200, 96], "height": [96, 160],
+                  "seed": [1, 2]}).write_ndjson(prompts)
+    assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "cli", "--prompts", str(prompts),
+                 "--steps", "2", "--tile-batch-size", "3", "--shard-size", "1", "--workers", "2"]) == 0
+    gen = capsys.readouterr().out.strip().splitlines()[-1]
+    store = ArtifactStore(store_url)
+    rec = store.record(gen)
+    assert rec["params"]["tile_batch_size"] == 3 and rec["params"]["steps"] == 2
+    manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
+    assert manifest["status"].to_list() == ["ok", "ok"], manifest["error"].to_list()
+    assert sorted(zip(manifest["width"], manifest["height"], strict=True)) == [(96, 160), (200, 96)]
+    for r in manifest.iter_rows(named=True):
+        assert Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).size == (r["width"], r["height"])
+        assert r["fstd_tiles"] > 0
+    assert main(["--store", store_url, "evaluate", "--generations", gen, "--dataset", ds, "--name", "cli",
+                 "--patch-size", "32", "--patches-per-image", "2", "--clip-model", str(tmp_path / "no-clip")]) == 0
+    out = capsys.readouterr().out
+    ev = out.strip().splitlines()[0]
+    assert store.record(ev)["params"]["patch_size"] == 32
+    metrics = pl.read_parquet(io.BytesIO(store.read_bytes(ev, "metrics.parquet")))
+    clip = metrics.filter(pl.col("metric") == "clip_score").row(0, named=True)
+    assert clip["status"] == "skipped" and "no-clip" in clip["detail"]
