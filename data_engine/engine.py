@@ -35,12 +35,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from artifact_store import ArtifactRef, ArtifactStore, VersionWriter, params_hash, s3_storage_options
+from artifact_store import (
+    ArtifactRef,
+    ArtifactStore,
+    VersionWriter,
+    params_hash,
+    redact_url,
+    s3_storage_options,
+)
 from asd_models.buckets import Bucket, asd_buckets, kohya_buckets
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
 from data_engine.shards import BucketShardWriter
-from data_engine.sources import ShardSource, SourceRecord, open_source
+from data_engine.sources import ShardSource, SourceOptions, SourceRecord, open_source
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import IngestSettings
 
@@ -86,7 +93,15 @@ def sample_spec(settings: IngestSettings) -> SampleSpec:
 def fetch_options(settings: IngestSettings) -> FetchOptions:
     return FetchOptions(timeout_s=settings.timeout_s, retries=settings.retries, backoff_s=settings.backoff_s,
                         max_bytes=settings.max_bytes, concurrency=settings.download_concurrency,
-                        per_host=settings.per_host)
+                        per_host=settings.per_host, allow_schemes=settings.schemes,
+                        allow_private_addresses=settings.allow_private_addresses,
+                        source_credentials=settings.source_credentials)
+
+
+def source_options(settings: IngestSettings) -> SourceOptions:
+    return SourceOptions(url_col=settings.url_col, caption_col=settings.caption_col, max_bytes=settings.max_bytes,
+                         caption_max_bytes=settings.caption_max_bytes,
+                         follow_links_outside=settings.follow_links_outside)
 
 
 def output_hash(settings: IngestSettings) -> str:
@@ -424,7 +439,7 @@ def ingest_to_store(store: ArtifactStore, sources: list[str], dataset: str, opti
     if not sources:
         raise ValueError("ingest needs at least one source (folder, URL list, or shards)")
     storage_options = s3_storage_options()
-    opened = [open_source(s, storage_options, options.url_col, options.caption_col) for s in sources]
+    opened = [open_source(s, storage_options, source_options(options)) for s in sources]
     options_hash = output_hash(options)
     input_hash = params_hash({"sources": [s.fingerprint() for s in opened], "options": options_hash})
     found = store.reuse_or_new("datasets", dataset, input_hash, rerun,
@@ -455,7 +470,7 @@ def ingest_to_store(store: ArtifactStore, sources: list[str], dataset: str, opti
         index = run_ingest(opened, writer, options, dataset=dataset, store=store, previous=previous,
                            progress=progress, storage_options=storage_options)
     if index["total_ok"] + index["total_failed"] == 0:
-        raise ValueError(f"ingest sources {list(sources)} hold no inputs at all (nothing committed)")
+        raise ValueError(f"ingest sources {[redact_url(x) for x in sources]} hold no inputs at all (nothing committed)")
     first_failures = index.pop("_first_failures")
     for key, source, error in first_failures:
         logger.warning("rejected %s (%s): %s", key, source, error)
@@ -467,7 +482,7 @@ def ingest_to_store(store: ArtifactStore, sources: list[str], dataset: str, opti
                "buckets": {b: v["count"] for b, v in index["buckets"].items()}}
     ref = writer.commit(
         parents=reused_from,
-        params={"sources": list(sources), **options.model_dump(), "output_hash": options_hash,
+        params={"sources": [redact_url(x) for x in sources], **options.model_dump(), "output_hash": options_hash,
                 "retry_failed": retry_failed},
         flow_run_id=flow_run_id, summary=summary,
     )

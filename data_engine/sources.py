@@ -4,6 +4,13 @@ and has a fingerprint that changes when its inputs do (for incremental re-ingest
 
 Nothing is dropped: a file listed in metadata but missing, a caption with no image, a shard
 sample with no image, an unreadable shard all come out as records with an error.
+
+Inputs come from strangers (README: Trust boundary). A folder source reads only what lies
+inside it: a link (to a file, a caption, a metadata file or a folder) whose real path leaves the
+folder is a failed `source` row naming the link, unless `follow_links_outside`. Caption files are
+capped and must be UTF-8 text. Shard members are read only when they are regular files within
+`max_bytes` (checked from the tar header, before reading). URLs are stored and shown without
+credentials or signatures.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import io
 import json
 import os
 import posixpath
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +30,10 @@ from typing import Any
 
 import fsspec
 import polars as pl
-import webdataset as wds
 from braceexpand import braceexpand
 
-from data_engine.samples import STAGE_DOWNLOAD, STAGE_SOURCE
+from artifact_store import redact_url
+from data_engine.samples import STAGE_DOWNLOAD, STAGE_SOURCE, STAGE_VALIDATE
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTS = (".txt", ".caption")
@@ -34,6 +43,18 @@ CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")
 URL_COLUMNS = ("url", "URL", "image_url")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
+_WDS_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset: key = path up to the first dot of the name
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What the readers need from the ingest settings (built once, in the engine)."""
+
+    url_col: str | None
+    caption_col: str | None
+    max_bytes: int
+    caption_max_bytes: int
+    follow_links_outside: bool
 
 
 def _sha1(*parts: object) -> str:
@@ -76,12 +97,20 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, options: SourceOptions) -> None:
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"ingest source {root}: not a folder")
+        self.options = options
         self._records: list[SourceRecord] | None = None
         self.bad_lines: list[tuple[int, str]] = []  # (line, error) of every metadata.jsonl
+
+    def outside(self, path: Path | str) -> bool:
+        """True when `path`'s real location (links resolved) is outside the folder and
+        links out of the folder are not allowed."""
+        if self.options.follow_links_outside:
+            return False
+        return not Path(os.path.realpath(path)).is_relative_to(self.root)
 
     def _metadata(self, meta_rels: list[str]) -> tuple[dict[str, str | None], list[tuple[str, str]]]:
         """Captions from every metadata file of the tree (diffusers ImageFolder: `file_name` is
@@ -92,6 +121,9 @@ class FolderSource:
         for rel in meta_rels:
             meta = self.root / rel
             folder = posixpath.dirname(rel)
+            if self.outside(meta):
+                broken.append((rel, "metadata file is a link to outside the source folder; not read"))
+                continue
             try:
                 df = read_jsonl_lenient(meta, self.bad_lines) if rel.endswith(".jsonl") else read_table(str(meta))
             except Exception as exc:  # noqa: BLE001
@@ -122,14 +154,19 @@ class FolderSource:
         def walk_error(exc: OSError) -> None:
             unreadable.append((str(exc.filename), f"folder not readable: {exc.strerror or exc}"))
 
+        links_out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True, onerror=walk_error):
             real = os.path.realpath(dirpath)
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            if self.outside(real):  # a linked folder that leaves the source: not walked
+                dirnames[:] = []
+                links_out.append(rel_dir)
+                continue
             if real in visited:  # a symlink loop, or the same folder linked twice
                 dirnames[:] = []
                 continue
             visited.add(real)
             dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for fn in sorted(filenames):
                 files.append(fn if rel_dir == "." else f"{rel_dir}/{fn}")
         meta_rels = [r for r in files if posixpath.basename(r) in METADATA_FILES]
@@ -152,6 +189,11 @@ class FolderSource:
                 continue
             caption, error = (captions[rel], None) if rel in captions else self._sidecar(path)
             out.append(self._record(rel, path, caption, error=error))
+        for rel in links_out:
+            out.append(SourceRecord(source=printable(str(self.root / rel)), name=posixpath.basename(rel), caption=None,
+                                    fingerprint=_sha1("link-out", self.root, rel),
+                                    error="folder link to outside the source folder; not followed "
+                                    "(--follow-links-outside allows it)", failed_stage=STAGE_SOURCE))
         for rel, error in broken_meta:
             out.append(SourceRecord(source=printable(str(self.root / rel)), name=posixpath.basename(rel), caption=None,
                                     fingerprint=_sha1("bad-metadata", self.root, rel, error), error=error,
@@ -173,22 +215,38 @@ class FolderSource:
                                     error=error, failed_stage=STAGE_SOURCE))
         return out
 
-    @staticmethod
-    def _sidecar(path: Path) -> tuple[str | None, str | None]:
-        """(caption, error) from `<stem>.txt` or `<stem>.caption` beside the image."""
+    def _sidecar(self, path: Path) -> tuple[str | None, str | None]:
+        """(caption, error) from `<stem>.txt` or `<stem>.caption` beside the image: a regular
+        file inside the folder, at most `caption_max_bytes`, UTF-8 text."""
         for ext in CAPTION_EXTS:
             side = path.with_suffix(ext)
-            if side.is_file():
-                try:
-                    return side.read_text(encoding="utf-8", errors="replace").strip(), None
-                except OSError as exc:
-                    return None, f"caption file {side.name} unreadable: {exc.strerror or exc}"
+            if not os.path.lexists(side):
+                continue
+            if self.outside(side):
+                return None, f"caption file {side.name} is a link to outside the source folder; not read"
+            cap = self.options.caption_max_bytes
+            try:
+                st = side.stat()
+                if not S_ISREG(st.st_mode):
+                    return None, f"caption file {side.name} is not a regular file"
+                with open(side, "rb") as f:
+                    data = f.read(cap + 1)
+            except OSError as exc:
+                return None, f"caption file {side.name} unreadable: {exc.strerror or exc}"
+            if len(data) > cap:
+                return None, f"caption file {side.name} is over caption_max_bytes {cap}"
+            try:
+                return data.decode("utf-8").strip(), None
+            except UnicodeDecodeError:
+                return None, f"caption file {side.name} is not UTF-8 text"
         return None, None
 
     def _record(self, rel: str, path: Path, caption: str | None, error: str | None = None) -> SourceRecord:
         try:
             st = path.stat()
             stat = (st.st_size, st.st_mtime_ns)
+            if not error and self.outside(path):
+                error = "a link to outside the source folder; not read (--follow-links-outside allows it)"
             if not error and not S_ISREG(st.st_mode):
                 error = "not a regular file (a pipe, socket or device)"
         except OSError as exc:
@@ -273,8 +331,9 @@ class UrlListSource:
                                    error="empty URL", failed_stage=STAGE_SOURCE)
                 continue
             name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or f"row{i}"
-            yield SourceRecord(source=url, name=name, caption=caption, fingerprint=fp, url=url,
-                               meta={"url": url, "row": i})
+            shown = redact_url(url)  # what the manifest, the shard metadata and the logs may hold
+            yield SourceRecord(source=shown, name=name, caption=caption, fingerprint=fp, url=url,
+                               meta={"url": shown, "row": i})
 
     def fingerprint(self) -> str:
         return _sha1("url-list", *(r.fingerprint for r in self.records()))
@@ -285,8 +344,9 @@ class ShardSource:
 
     kind = "shards"
 
-    def __init__(self, spec: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
         self.spec = spec
+        self.options = options
         self.storage_options = storage_options if spec.startswith("s3://") else {}
         self.urls = self._expand(spec)
         if not self.urls:
@@ -333,14 +393,11 @@ class ShardSource:
         n = 0
         try:
             with fsspec.open(url, "rb", **self.storage_options) as stream:
-                samples = wds.tariterators.group_by_keys(
-                    wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
-                )
-                for sample in samples:
+                for sample in tar_samples(stream, self.options.max_bytes):
                     n += 1
                     yield self._sample(url, shard_fp, sample)
         except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
-            yield SourceRecord(source=url, name=posixpath.basename(url), caption=None,
+            yield SourceRecord(source=redact_url(url), name=posixpath.basename(url), caption=None,
                                fingerprint=f"{shard_fp}#__shard_error__", error=(
                                    f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
                                failed_stage=STAGE_DOWNLOAD)
@@ -351,7 +408,7 @@ class ShardSource:
         img_key = next((k for k in SHARD_IMAGE_KEYS if k in fields), None)
         caption = fields.get("txt") or fields.get("caption")
         caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else caption
-        meta: dict[str, Any] = {"shard": url, "shard_key": key}
+        meta: dict[str, Any] = {"shard": redact_url(url), "shard_key": key}
         if "json" in fields:
             try:
                 src = json.loads(fields["json"])
@@ -359,9 +416,13 @@ class ShardSource:
                     meta["source_json"] = {k: src[k] for k in ("url", "key", "width", "height", "status") if k in src}
             except (ValueError, UnicodeDecodeError):
                 meta["source_json"] = "unparseable"
-        source = f"{url}#{key}"
+        source = f"{redact_url(url)}#{key}"
         fp = f"{shard_fp}#{_sha1(key)}"
         if img_key is None:
+            problems = sample.get("__problems__") or []
+            if problems:
+                return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
+                                    error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
             return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
                                 error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
                                 failed_stage=STAGE_SOURCE, meta=meta)
@@ -369,24 +430,52 @@ class ShardSource:
                             data=fields[img_key], meta=meta)
 
 
-def open_source(spec: str, storage_options: dict[str, Any] | None = None, url_col: str | None = None,
-                caption_col: str | None = None) -> FolderSource | UrlListSource | ShardSource:
+def tar_samples(stream: Any, max_bytes: int) -> Iterator[dict[str, Any]]:
+    """WebDataset samples of a tar (or .tar.gz) stream: members sharing a key, grouped in order.
+    Only regular files are read, each after its header size is checked against `max_bytes`;
+    what is skipped is listed in the sample's `__problems__`."""
+    sample: dict[str, Any] = {}
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isdir():
+                continue
+            m = _WDS_NAME.match(member.name)
+            key, ext = (m.group(1), m.group(2).lower()) if m else (member.name, "")
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample = sample or {"__key__": key, "__problems__": []}
+            if not member.isreg():
+                sample["__problems__"].append(f"member {printable(member.name)} is not a regular file (a link or "
+                                              "device); not read")
+            elif member.size > max_bytes:
+                sample["__problems__"].append(f"member {printable(member.name)} is {member.size} bytes, over "
+                                              f"max_bytes {max_bytes}; not read")
+            elif ext:
+                f = tar.extractfile(member)
+                sample[ext] = f.read() if f is not None else b""
+    if sample:
+        yield sample
+
+
+def open_source(spec: str, storage_options: dict[str, Any] | None, options: SourceOptions,
+                ) -> FolderSource | UrlListSource | ShardSource:
     """Pick the reader from the spec: braces or .tar -> shards; a table file -> URL list;
     a folder -> images (or, when it holds .tar files and no images, shards)."""
     low = spec.lower()
     if "{" in spec or low.endswith(SHARD_EXTS):
-        return ShardSource(spec, storage_options)
+        return ShardSource(spec, options, storage_options)
     if low.endswith(LIST_EXTS):
-        return UrlListSource(spec, url_col, caption_col, storage_options)
+        return UrlListSource(spec, options.url_col, options.caption_col, storage_options)
     if "://" in spec and not spec.startswith("file://"):
-        return ShardSource(spec, storage_options)  # a remote prefix of shards
+        return ShardSource(spec, options, storage_options)  # a remote prefix of shards
     local = Path(spec.removeprefix("file://")).expanduser()
     if not local.exists():
         raise FileNotFoundError(f"ingest source {spec}: no such file or folder")
     if local.is_dir():
         names = [p.name.lower() for p in local.iterdir() if p.is_file()]
         if any(n.endswith(SHARD_EXTS) for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
-            return ShardSource(str(local.resolve()), storage_options)
-        return FolderSource(local)
+            return ShardSource(str(local.resolve()), options, storage_options)
+        return FolderSource(local, options)
     raise ValueError(f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "
                      f"or a URL list ({', '.join(LIST_EXTS)})")

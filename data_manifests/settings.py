@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2^64)
+URL_SCHEMES = ("http", "https", "s3", "file")
 
 
 class StageSettings(BaseModel):
@@ -54,9 +55,32 @@ class IngestSettings(StageSettings):
     max_bytes: int = Field(64 << 20, ge=1, description="largest input accepted: download, file or shard member")
     url_col: str | None = Field(None, description="URL column of URL lists (default: url)")
     caption_col: str | None = Field(None, description="caption column of URL lists (default: caption or text)")
+    caption_max_bytes: int = Field(64 << 10, ge=1, description="largest caption file read (UTF-8 text only)")
+    # the trust boundary: each of these widens what a stranger's input can reach (README: Trust boundary)
+    allow_schemes: str = Field("http,https", description="URL schemes a URL list may use, comma-separated, "
+                               "from http, https, s3, file (s3 and file reach your machine's data)")
+    allow_private_addresses: bool = Field(False, description="let URL lists reach loopback, private, link-local "
+                                          "(cloud metadata) and other non-public addresses")
+    source_credentials: str | None = Field(None, description="credentials for s3:// URL-list entries: an AWS "
+                                           "profile name, or 'env' for the environment's (default: anonymous)")
+    follow_links_outside: bool = Field(False, description="follow links in folder sources whose target lies "
+                                       "outside the folder")
 
     # knobs that never change the outputs (left out of the output hash)
     EXECUTION: ClassVar[tuple[str, ...]] = ("workers", "download_concurrency", "per_host", "timeout_s", "retries", "backoff_s")
+
+    @field_validator("allow_schemes")
+    @classmethod
+    def _known_schemes(cls, value: str) -> str:
+        schemes = [x.strip().lower() for x in value.split(",") if x.strip()]
+        unknown = [x for x in schemes if x not in URL_SCHEMES]
+        if unknown or not schemes:
+            raise ValueError(f"unknown scheme(s) {', '.join(unknown) or '(none)'}: use some of {', '.join(URL_SCHEMES)}")
+        return ",".join(dict.fromkeys(schemes))
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(self.allow_schemes.split(","))
 
     @model_validator(mode="after")
     def _bucket_geometry(self) -> IngestSettings:

@@ -118,7 +118,8 @@ def _local_or_url(spec: str) -> str:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from artifact_store import check_name, s3_storage_options
+    from artifact_store import check_name, redact_url, s3_storage_options
+    from data_engine.engine import source_options
     from data_engine.sources import open_source
     from flows.stages import ingest_flow
 
@@ -126,9 +127,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     settings = settings_from_args(IngestSettings, args)
     for spec in args.source:  # a typo or an unreadable list fails here, in one line, before any flow run
         try:
-            open_source(_local_or_url(spec), s3_storage_options(), settings.url_col, settings.caption_col)
+            open_source(_local_or_url(spec), s3_storage_options(), source_options(settings))
         except (OSError, ValueError) as exc:
-            raise UserError(f"source {spec!r}: {exc}") from exc
+            raise UserError(f"source {redact_url(spec)!r}: {exc}") from exc
     ref = ingest_flow([_local_or_url(s) for s in args.source], args.dataset, settings, args.store, args.rerun,
                       args.retry_failed)
     _print_ingest_summary(ref, args.store)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from artifact_store import ArtifactStore
+from artifact_store import ArtifactStore, check_name
 from data_manifests.settings import (
     EvaluateSettings,
     GenerateSettings,
@@ -37,6 +37,7 @@ def asd_pipeline(
     rerun: bool = False,
 ) -> PipelineRefs:
     """Run every stage as a child flow; each stage's output version is the next one's input."""
+    check_name(name)  # before any stage runs
     store_url = ArtifactStore(store_url).url
     dataset = ingest_flow(source, name, ingest, store_url, rerun)
     model = train_flow(dataset, name, train, store_url, rerun)

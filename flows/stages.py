@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from artifact_store import ArtifactRef, ArtifactStore, params_hash
+from artifact_store import ArtifactRef, ArtifactStore, check_name, params_hash
 from data_manifests.settings import (
     EvaluateSettings,
     GenerateSettings,
@@ -28,6 +28,7 @@ from tasks.train import arad_finetune, build_tiny_base
 def ingest_flow(source: str | list[str], dataset: str = "demo", settings: IngestSettings = IngestSettings(),
                 store_url: str | None = None, rerun: bool = False, retry_failed: bool = False) -> str:
     """Folders, URL lists and shards -> `datasets/<dataset>` (manifest + per-bucket shards)."""
+    check_name(dataset)  # every name is checked before any work
     store_url = ArtifactStore(store_url).url
     sources = [source] if isinstance(source, str) else list(source)
     ref = ingest_dataset(store_url, sources, dataset, settings, rerun, retry_failed)
@@ -40,6 +41,7 @@ def train_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = 
                store_url: str | None = None, rerun: bool = False, resume: bool = False) -> str:
     """ARAD fine-tuning of `settings.base_model` on a dataset version -> `models/<model>`;
     `resume` continues from the newest checkpoint of the same training."""
+    check_name(model)
     store_url = ArtifactStore(store_url).url
     base = settings.base_model
     reads = [dataset_ref]
@@ -58,6 +60,7 @@ def generate_flow(model_ref: str, prompts: list[PromptSpec], generations: str = 
     """Render prompts at their exact sizes with FSTD, fanned out in shards of prompts
     (`settings.workers` shard tasks at a time)."""
     logger = get_run_logger()
+    check_name(generations)
     store = ArtifactStore(store_url)
     if not prompts:
         raise ValueError("generate_flow got no prompts")
@@ -94,6 +97,7 @@ def evaluate_flow(generations_ref: str, dataset_ref: str, evaluation: str = "dem
                   settings: EvaluateSettings = EvaluateSettings(), store_url: str | None = None,
                   rerun: bool = False) -> str:
     """FID/KID/CLIP/seam scores of a generations version -> `evaluations/<evaluation>`."""
+    check_name(evaluation)
     store = ArtifactStore(store_url)
     ref = evaluate_generations(store.url, generations_ref, dataset_ref, evaluation, settings, rerun)
     publish_markdown("evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from asd_models.loading import SDComponents, load_components
 from asd_models.pipeline import AnySizePipeline
+from tasks.runtime import run_logger
 
 _LOCK = threading.Lock()
 
@@ -26,6 +28,10 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
     ref = store.resolve(ref)
     target = cache_root() / "models" / ref.name / ref.version
     with _LOCK:
+        if (target / "model_index.json").is_file() and not cached_copy_intact(store, ref, target):
+            run_logger().warning("cached copy of %s at %s differs from its commit record: downloading again",
+                                 ref, target)
+            shutil.rmtree(target)
         if not (target / "model_index.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".dl-"))
@@ -38,6 +44,22 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def cached_copy_intact(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> bool:
+    """Every recorded file present in `folder` with its recorded size and sha256 (a cache is
+    a local copy anyone on the machine may have touched)."""
+    for rel, meta in store.record(ref)["files"].items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+        if h.hexdigest() != meta["sha256"]:
+            return False
+    return True
 
 
 def resolve_base_model(store: ArtifactStore, base: str) -> Path | str:

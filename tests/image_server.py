@@ -30,6 +30,10 @@ class ImageServer:
     /html.jpg             200 text/html
     /flaky/<name>.jpg     503 for the first `fail` requests of that path (default 2), then an image
     /broken500.jpg        always 500
+    /redirect             302 to the query's `to`
+    /gzip2.jpg            an image gzip-encoded twice (Content-Encoding: gzip, gzip)
+    /gzipbomb.jpg         `mb` MB (default 64) of zeros, gzip-encoded once
+    /trickle              headers sent one byte every `every` s (default 0.2), never finished
     """
 
     def __init__(self) -> None:
@@ -107,5 +111,33 @@ class ImageServer:
                 self._send(h, 200, "image/jpeg", jpeg_bytes(w, h_, seed))
         elif path == "/broken500.jpg":
             self._send(h, 500, "text/plain", b"boom")
+        elif path == "/redirect":
+            h.send_response(302)
+            h.send_header("Location", q["to"])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        elif path in ("/gzip2.jpg", "/gzipbomb.jpg"):
+            import gzip
+
+            if path == "/gzip2.jpg":
+                body, encoding = gzip.compress(gzip.compress(jpeg_bytes(w, h_, seed))), "gzip, gzip"
+            else:
+                body, encoding = gzip.compress(b"\0" * (int(q.get("mb", 64)) << 20), compresslevel=9), "gzip"
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Encoding", encoding)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+        elif path == "/trickle":
+            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(int(q.get("n", 200))):
+                try:
+                    h.wfile.write(b"X")
+                    h.wfile.flush()
+                except OSError:
+                    break
+                time.sleep(float(q.get("every", 0.2)))
+            h.close_connection = True
         else:
             self._send(h, 404, "text/plain", b"not found")

@@ -13,12 +13,14 @@ import webdataset as wds
 from PIL import Image
 
 from artifact_store import ArtifactStore
-from data_engine.engine import sample_key
+from data_engine.engine import sample_key, source_options
 from data_engine.sources import FolderSource, open_source
+from data_manifests.settings import IngestSettings
 from tests.image_server import ImageServer, jpeg_bytes
 from tests.ingest_helpers import ingest_ref
 
 SMALL = {"bucket_base": 128, "bucket_step": 16}
+OPTS = source_options(IngestSettings())
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:
@@ -211,7 +213,7 @@ def test_url_list_over_http_every_failure_has_its_reason(tmp_path):
         ]
         pl.DataFrame({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}).write_parquet(tmp_path / "urls.parquet")
         df, index, ref, store = ingest(tmp_path, [tmp_path / "urls.parquet"], timeout_s=0.5, retries=2,
-                                       backoff_s=0.05)
+                                       backoff_s=0.05, allow_private_addresses=True, allow_schemes="http,https,file")
         hits = dict(srv.hits)
     assert len(df) == len(rows)
     by = {r["caption"]: r for r in df.iter_rows(named=True)}
@@ -234,7 +236,7 @@ def test_per_host_limit_is_respected(tmp_path):
         urls = [f"{srv.url}/img/{i}.jpg?delay=0.3" for i in range(10)]
         (tmp_path / "urls.txt").write_text("\n".join(urls))
         df, _, _, _ = ingest(tmp_path, [tmp_path / "urls.txt"], per_host=2, download_concurrency=8,
-                             empty_caption="keep")
+                             empty_caption="keep", allow_private_addresses=True)
         assert srv.max_active == 2
     assert df["status"].to_list() == ["ok"] * 10
 
@@ -268,7 +270,7 @@ def test_existing_shards_local_pattern_and_folder(tmp_path):
     assert sorted(s["txt"] for s in samples.values()) == sorted(f"caption {i}" for i in (0, 1, 3, 4, 5, 6))
     assert all(s["json"]["source_json"]["status"] == "success" for s in samples.values())
     # the img2dataset output folder itself is recognised as shards
-    assert open_source(str(shards)).kind == "shards"
+    assert open_source(str(shards), None, OPTS).kind == "shards"
     # a cut-off shard: the samples before the cut are kept, the cut is one failed row
     data = (shards / "00001.tar").read_bytes()
     (shards / "00001.tar").write_bytes(data[: len(data) * 2 // 3])
@@ -287,9 +289,9 @@ def test_s3_sources_url_list_and_shards(tmp_path, s3_bucket, s3_server):
     pl.DataFrame({"url": [f"s3://{bucket}/raw/a.jpg", f"s3://{bucket}/raw/missing.jpg"],
                   "text": ["from s3", "not there"]}).write_csv(tmp_path / "list.csv")
     df, index, ref, store = ingest(tmp_path, [tmp_path / "list.csv", f"s3://{bucket}/shards/{{00000..00000}}.tar"],
-                                   store_url=s3_bucket, retries=0)
+                                   store_url=s3_bucket, retries=0, allow_schemes="s3", source_credentials="env")
     by = {r["caption"]: r for r in df.iter_rows(named=True)}
-    assert by["from s3"]["status"] == "ok" and "not found" in by["not there"]["error"]
+    assert by["from s3"]["status"] == "ok" and "not found" in by["not there"]["error"], by["from s3"]["error"]
     assert df.filter(pl.col("status") == "ok").height == 4
     assert store.verify(ref) == []
 
@@ -315,16 +317,16 @@ def test_incremental_reuse_and_retry_failed(tmp_path):
         urls = [f"{srv.url}/img/1.jpg", f"{srv.url}/flaky/b.jpg?fail=1"]
         pl.DataFrame({"url": urls, "caption": ["fine", "flaky"]}).write_parquet(tmp_path / "u.parquet")
         src = [tmp_path / "u.parquet"]
-        d1, _, r1, _ = ingest(tmp_path, src, dataset="web", retries=0)
+        d1, _, r1, _ = ingest(tmp_path, src, dataset="web", retries=0, allow_private_addresses=True)
         assert d1.filter(pl.col("caption") == "flaky")["failed_stage"].to_list() == ["download"]
-        _, _, same, _ = ingest(tmp_path, src, dataset="web", retries=0)
+        _, _, same, _ = ingest(tmp_path, src, dataset="web", retries=0, allow_private_addresses=True)
         assert same == r1 and srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 1
-        ref = ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
+        ref = ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0, "allow_private_addresses": True},
                               retry_failed=True)
         d2 = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
         assert d2["status"].to_list() == ["ok", "ok"]
         assert srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 2  # only the failed row again
-        assert ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0},
+        assert ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0, "allow_private_addresses": True},
                                retry_failed=True) == ref  # nothing left to retry
 
 
@@ -372,7 +374,7 @@ def test_metadata_in_subfolders_and_unusable_metadata(tmp_path):
     _photo(220, 220, 7).save(root / "top.png")
     photo_folder(root / "val", [(200, 260)], prefix="v", caption="sidecar")
     (root / "val" / "metadata.csv").write_text("image,caption\nv0.png,x\n")
-    recs = list(FolderSource(root).records())
+    recs = list(FolderSource(root, OPTS).records())
     by = {r.source.rsplit("/", 1)[-1]: r for r in recs}
     assert by["p0.png"].caption == "from train metadata" and by["p1.png"].caption == "unused sidecar 1"
     assert by["top.png"].caption == "one level up" and by["v0.png"].caption == "sidecar 0"
@@ -382,13 +384,13 @@ def test_metadata_in_subfolders_and_unusable_metadata(tmp_path):
 
 def test_unknown_source_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        open_source(str(tmp_path / "nowhere"))
+        open_source(str(tmp_path / "nowhere"), None, OPTS)
     (tmp_path / "list.xlsx").write_bytes(b"x")
     with pytest.raises(ValueError, match="list.xlsx"):
-        open_source(str(tmp_path / "list.xlsx"))
+        open_source(str(tmp_path / "list.xlsx"), None, OPTS)
     (tmp_path / "l.csv").write_text("link,caption\nhttp://x,y\n")
     with pytest.raises(ValueError, match="no URL column"):
-        open_source(str(tmp_path / "l.csv"))
+        open_source(str(tmp_path / "l.csv"), None, OPTS)
 
 
 def test_hostile_listing_names_and_broken_metadata_lines(tmp_path):
@@ -422,9 +424,15 @@ def test_links_pipes_and_empty_sources(tmp_path):
     (other / "loop").symlink_to(folder, target_is_directory=True)  # a loop back: walked once
     df, _, _, _ = ingest(tmp_path, [folder])
     by = {r["source"].rsplit("/", 1)[-1]: r for r in df.iter_rows(named=True)}
-    assert by["p0.png"]["status"] == "ok" and by["q0.png"]["status"] == "ok"
+    assert by["p0.png"]["status"] == "ok" and "q0.png" not in by
     assert "not a regular file" in by["pipe.png"]["error"]
     assert "cannot stat" in by["dangling.png"]["error"]
+    assert "folder link to outside the source folder" in by["linked"]["error"]
+    assert len(df) == 4
+    # widened by the explicit flag: the linked folder is walked, its loop back only once
+    df, _, _, _ = ingest(tmp_path, [folder], dataset="wide", follow_links_outside=True)
+    by = {r["source"].rsplit("/", 1)[-1]: r for r in df.iter_rows(named=True)}
+    assert by["p0.png"]["status"] == "ok" and by["q0.png"]["status"] == "ok"
     assert len(df) == 4
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="hold no inputs"):
