@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from artifact_store.refs import COMMIT_RECORD, InvalidReference
+from artifact_store.refs import COMMIT_RECORD, PENDING_MARKER, InvalidReference
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -22,8 +22,8 @@ def check_relpath(rel: str, where: str = "") -> str:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise InvalidReference(f"unsafe file path {rel!r}{at}: empty, '.' or '..' part")
-    if rel == COMMIT_RECORD:
-        raise InvalidReference(f"file path {rel!r}{at} is reserved for the commit record")
+    if rel in (COMMIT_RECORD, PENDING_MARKER):
+        raise InvalidReference(f"file path {rel!r}{at} is reserved for the store")
     return rel
 
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 COMMIT_RECORD = "_COMMITTED.json"
+PENDING_MARKER = "_PENDING.json"  # in an uncommitted version that a rerun of the same inputs resumes
 CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
 KINDS = ("datasets", "models", "checkpoints", "prompts", "generations", "evaluations")

@@ -28,6 +28,7 @@ from artifact_store.refs import (
     COMMIT_RECORD,
     KINDS,
     LATEST_POINTER,
+    PENDING_MARKER,
     VERSION_RE,
     ArtifactRef,
     CorruptRecord,
@@ -142,6 +143,41 @@ class ArtifactStore:
             if keep is None or keep(done):
                 return done
         return PendingVersion(ArtifactRef(kind, name, new_version_id()), input_hash)
+
+    def resume_or_new(self, kind: str, name: str, input_hash: str, rerun: bool = False) -> ArtifactRef | PendingVersion:
+        """As `reuse_or_new`, for work that is durable piece by piece (generation): an
+        uncommitted version started for the same inputs (its `_PENDING.json` says so) is
+        resumed, so what a killed run finished is found again; else a new one is marked."""
+        found = self.reuse_or_new(kind, name, input_hash, rerun)
+        if isinstance(found, ArtifactRef):
+            return found
+        if not rerun:
+            for version in reversed(self._uncommitted_versions(kind, name)):
+                try:
+                    marker = json.loads(self.fs.cat_file(self.path(kind, name, version, PENDING_MARKER)))
+                except (FileNotFoundError, ValueError):
+                    continue
+                if isinstance(marker, dict) and marker.get("input_hash") == input_hash:
+                    return PendingVersion(ArtifactRef(kind, name, version), input_hash)
+        marker = {"input_hash": input_hash, "started_at": datetime.now(UTC).isoformat(), "code_version": code_version()}
+        self.write_atomic(self.path(found.ref.prefix, PENDING_MARKER), json.dumps(marker).encode())
+        return found
+
+    def _uncommitted_versions(self, kind: str, name: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self.path(kind, name), detail=False)
+        except FileNotFoundError:
+            return []
+        versions = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return [v for v in versions if VERSION_RE.fullmatch(v) and not self.has_commit_record(ArtifactRef(kind, name, v))]
+
+    def exists(self, pending: PendingVersion, relpath: str) -> bool:
+        """Whether a file was already written into a pending (uncommitted) version."""
+        return self.fs.exists(self.path(pending.ref.prefix, check_relpath(relpath, str(pending.ref))))
+
+    def read_pending(self, pending: PendingVersion, relpath: str) -> bytes:
+        """A file already written into a pending version (what a killed run finished)."""
+        return self.fs.cat_file(self.path(pending.ref.prefix, check_relpath(relpath, str(pending.ref))))
 
     def writer(self, pending: PendingVersion) -> VersionWriter:
         """A writer of a pending version (each task that writes part of it opens its own)."""

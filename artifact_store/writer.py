@@ -35,12 +35,23 @@ if TYPE_CHECKING:
 FAULT_ENV = "ASD_FAULT_AT"
 
 
-def fault_point(name: str) -> None:
-    """SIGKILL this process here when $ASD_FAULT_AT names this point (tests only)."""
-    if os.environ.get(FAULT_ENV) == name:
-        import signal
+FAULT_ONCE_ENV = "ASD_FAULT_ONCE_FILE"
 
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when $ASD_FAULT_AT names this point (tests only). With
+    $ASD_FAULT_ONCE_FILE set, only the first process to get here dies (it creates that file)."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @cache

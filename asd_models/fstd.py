@@ -92,6 +92,142 @@ def step_offset(step: int, cfg: FSTDConfig, generator: torch.Generator) -> tuple
     return dy, dx
 
 
+@dataclass
+class TiledJob:
+    """One latent being denoised with tiles: its inputs and its running state.
+
+    `boxes_for_step(i)` gives the tiles of step i (FSTD's shifted grid, naive tiles, overlapping
+    windows, or one box for the whole latent). Several jobs (several images) advance together
+    in `sample_jobs`, so tiles of one shape from different images share a UNet call."""
+
+    latents: torch.Tensor  # 1 x C x H x W
+    scheduler: Any  # its own instance, `set_timesteps` already called: schedulers hold state
+    timesteps: torch.Tensor
+    cond: torch.Tensor  # 1 x L x D
+    uncond: torch.Tensor | None
+    guidance_scale: float
+    boxes_for_step: Callable[[int], list[Box]]
+    generator: torch.Generator | None = None
+    weighting: str = "gaussian"
+    condition: torch.Tensor | None = None  # 1 x c x H x W concatenated to the latent channels
+    unet_kwargs: dict[str, Any] | None = None  # per-image tensors (e.g. class_labels = noise level)
+    size_multiple: int = 1
+    progress: ProgressFn | None = None
+    step: int = 0
+    previous: torch.Tensor | None = None
+    unet_tiles: int = 0  # tiles run through the UNet so far (x2 with guidance)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.uncond is not None and self.guidance_scale != 1.0
+
+
+@dataclass
+class _Tile:
+    job: TiledJob
+    box: Box
+    ry: int
+    rx: int
+    latent_in: torch.Tensor
+    t: torch.Tensor
+
+
+def _run_box(box: Box, H: int, W: int, size_multiple: int) -> tuple[int, int, int, int]:
+    """The box grown (with real neighbouring latent) to the UNet's size multiple: (ry, rx, rh, rw)."""
+    y, x, h, w = box
+    rh, rw = min(H, -(-h // size_multiple) * size_multiple), min(W, -(-w // size_multiple) * size_multiple)
+    return min(y, H - rh), min(x, W - rw), rh, rw
+
+
+@torch.no_grad()
+def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: int = 8) -> list[TiledJob]:
+    """Denoise every job to its last timestep. Each round, every unfinished job takes one step:
+    its tiles are cut, tiles of the same run shape from all jobs go through the UNet in batches
+    of `tile_batch_size` tiles (each tile with its own timestep, text and conditioning, guidance
+    in the same batch), each job's predictions are fused with its tile weights (positions no
+    tile covered take the job's previous prediction), and each job takes one step of its own
+    scheduler. One job gives the same result as sampling it alone."""
+    dtype = next(unet.parameters()).dtype
+    while active := [j for j in jobs if not j.done]:
+        tiles_by_shape: dict[tuple[int, int, int], list[_Tile]] = defaultdict(list)
+        acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j in active:
+            t = j.timesteps[j.step]
+            latent_in = j.scheduler.scale_model_input(j.latents, t)
+            if j.condition is not None:
+                latent_in = torch.cat([latent_in, j.condition.to(latent_in)], dim=1)
+            _, _, H, W = latent_in.shape
+            boxes = j.boxes_for_step(j.step)
+            for box in boxes:
+                ry, rx, rh, rw = _run_box(box, H, W, j.size_multiple)
+                tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t))
+            acc[id(j)] = (torch.zeros(1, unet.config.out_channels, H, W, dtype=torch.float32, device=latent_in.device),
+                          torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device))
+            j._boxes_this_step = len(boxes)  # type: ignore[attr-defined]
+            j._tiles_done = 0  # type: ignore[attr-defined]
+        for (_c, rh, rw), group in tiles_by_shape.items():
+            for i in range(0, len(group), tile_batch_size):
+                _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
+        for j in active:
+            fused, weight_sum = acc[id(j)]
+            eps = fused / weight_sum.clamp_min(1e-30)
+            covered = weight_sum > 0
+            if not bool(covered.all()):
+                if j.previous is None:
+                    raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
+                eps = torch.where(covered, eps, j.previous)
+            j.previous = eps
+            t = j.timesteps[j.step]
+            j.latents = j.scheduler.step(eps.to(j.latents.dtype), t, j.latents, generator=j.generator).prev_sample
+            j.step += 1
+    return jobs
+
+
+def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype,
+                   acc: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One UNet call over tiles of one run shape (from any jobs); fuse each into its job."""
+    inputs, texts, times, extras = [], [], [], defaultdict(list)
+    for tile in batch:
+        j = tile.job
+        crop = tile.latent_in[:, :, tile.ry : tile.ry + rh, tile.rx : tile.rx + rw]
+        copies = 2 if j.use_cfg else 1
+        inputs += [crop] * copies
+        texts += [j.uncond, j.cond] if j.use_cfg else [j.cond]
+        times += [tile.t.reshape(1)] * copies
+        for k, v in (j.unet_kwargs or {}).items():
+            extras[k] += [v.reshape(-1)[:1]] * copies
+    device = batch[0].latent_in.device
+    model_in = torch.cat(inputs).to(dtype)
+    text = torch.cat([x.to(device=device, dtype=dtype) for x in texts])
+    t = torch.cat(times).to(device)
+    kwargs = {k: torch.cat(v).to(device) for k, v in extras.items()}
+    eps = unet(model_in, t, encoder_hidden_states=text, **kwargs).sample.float()
+    pos = 0
+    for tile in batch:
+        j = tile.job
+        if j.use_cfg:
+            e = eps[pos] + j.guidance_scale * (eps[pos + 1] - eps[pos])
+            pos += 2
+            j.unet_tiles += 2
+        else:
+            e = eps[pos]
+            pos += 1
+            j.unet_tiles += 1
+        y, x, h, w = tile.box
+        e = e[:, y - tile.ry : y - tile.ry + h, x - tile.rx : x - tile.rx + w]
+        wmap = (gaussian_weights if j.weighting == "gaussian" else uniform_weights)(h, w).to(device)
+        fused, weight_sum = acc[id(j)]
+        fused[:, :, y : y + h, x : x + w] += e * wmap
+        weight_sum[:, :, y : y + h, x : x + w] += wmap
+        j._tiles_done += 1  # type: ignore[attr-defined]
+        if j.progress:
+            j.progress(j.step, len(j.timesteps), j._tiles_done, j._boxes_this_step)  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def predict_noise_tiled(
     unet: torch.nn.Module,
@@ -108,51 +244,28 @@ def predict_noise_tiled(
     on_tiles: Callable[[int], None] | None = None,
     size_multiple: int = 1,
 ) -> torch.Tensor:
-    """Noise prediction over the whole latent from tiles, fused with per-tile weights.
-
-    latent_in: 1 x C x H x W (already scaled for the scheduler, with any conditioning channels).
-    cond / uncond: 1 x L x D text embeddings; classifier-free guidance runs in the same batch.
-    Tiles of one shape run together in batches of `tile_batch_size`. Positions no box covers
-    take `previous` (the last step's fused prediction); without one they are an error.
-    """
+    """Noise prediction over one latent from tiles, fused with per-tile weights (one step of
+    `sample_jobs` without the scheduler step). latent_in: 1 x C x H x W, already scaled, with
+    any conditioning channels. Positions no box covers take `previous`; without one, an error."""
     _, _, H, W = latent_in.shape
-    out_channels = unet.config.out_channels
-    fused = torch.zeros(1, out_channels, H, W, dtype=torch.float32, device=latent_in.device)
-    weight_sum = torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device)
-    use_cfg = uncond is not None and guidance_scale != 1.0
-    weight_fn = gaussian_weights if weighting == "gaussian" else uniform_weights
-    # run box: the tile grown (with real neighbouring latent) to the UNet's size multiple
-    by_shape: dict[tuple[int, int, int, int], list[tuple[Box, int, int]]] = defaultdict(list)
-    for y, x, h, w in boxes:
-        rh, rw = min(H, -(-h // size_multiple) * size_multiple), min(W, -(-w // size_multiple) * size_multiple)
-        ry, rx = min(y, H - rh), min(x, W - rw)
-        by_shape[(h, w, rh, rw)].append(((y, x, h, w), ry, rx))
-    for (h, w, rh, rw), group in by_shape.items():
-        wmap = weight_fn(h, w).to(latent_in.device)
+    dtype = next(unet.parameters()).dtype
+    job = TiledJob(latent_in, None, t.reshape(1), cond, uncond, guidance_scale, lambda i: boxes,
+                   weighting=weighting, unet_kwargs=unet_kwargs, size_multiple=size_multiple)
+    job._boxes_this_step, job._tiles_done = len(boxes), 0  # type: ignore[attr-defined]
+    if on_tiles:
+        job.progress = lambda s, n, d, nb: on_tiles(1)
+    acc = {id(job): (torch.zeros(1, unet.config.out_channels, H, W, dtype=torch.float32, device=latent_in.device),
+                     torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device))}
+    by_shape: dict[tuple[int, int], list[_Tile]] = defaultdict(list)
+    for box in boxes:
+        ry, rx, rh, rw = _run_box(box, H, W, size_multiple)
+        by_shape[(rh, rw)].append(_Tile(job, box, ry, rx, latent_in, t))
+    for (rh, rw), group in by_shape.items():
         for i in range(0, len(group), tile_batch_size):
-            items = group[i : i + tile_batch_size]
-            batch = [b for b, _, _ in items]
-            n = len(batch)
-            tiles = torch.cat([latent_in[:, :, ry : ry + rh, rx : rx + rw] for _, ry, rx in items])
-            if use_cfg:
-                model_in = torch.cat([tiles, tiles])
-                text = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-            else:
-                model_in, text = tiles, cond.expand(n, -1, -1)
-            extra = {k: (v.expand(len(model_in)) if torch.is_tensor(v) and v.ndim <= 1 else v)
-                     for k, v in (unet_kwargs or {}).items()}
-            eps = unet(model_in, t, encoder_hidden_states=text, **extra).sample.float()
-            if use_cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            for ((y, x, _, _), ry, rx), e in zip(items, eps, strict=True):
-                e = e[:, y - ry : y - ry + h, x - rx : x - rx + w]
-                fused[:, :, y : y + h, x : x + w] += e * wmap
-                weight_sum[:, :, y : y + h, x : x + w] += wmap
-            if on_tiles:
-                on_tiles(n)
-    covered = weight_sum > 0
+            _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
+    fused, weight_sum = acc[id(job)]
     eps = fused / weight_sum.clamp_min(1e-30)
+    covered = weight_sum > 0
     if not bool(covered.all()):
         if previous is None:
             raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
@@ -178,31 +291,25 @@ def tiled_sample(
     progress: ProgressFn | None = None,
     size_multiple: int = 1,
 ) -> torch.Tensor:
-    """The shared loop: per step, tiles from `boxes_for_step(i)`, fused noise, one global
-    scheduler step. FSTD, naive tiles, MultiDiffusion and Mixture of Diffusers differ only
-    in their boxes and weights."""
+    """One latent through the shared loop (`sample_jobs`): per step, tiles from
+    `boxes_for_step(i)`, fused noise, one global scheduler step. FSTD, naive tiles,
+    MultiDiffusion and Mixture of Diffusers differ only in their boxes and weights."""
     if latents.shape[0] != 1:
-        raise ValueError(f"tiled sampling takes one latent at a time, got batch {latents.shape[0]}")
-    previous: torch.Tensor | None = None
-    total = len(timesteps)
-    for i, t in enumerate(timesteps):
-        boxes = boxes_for_step(i)
-        latent_in = scheduler.scale_model_input(latents, t)
-        if condition is not None:
-            latent_in = torch.cat([latent_in, condition.to(latent_in.dtype)], dim=1)
-        done = 0
+        raise ValueError(f"tiled sampling takes one latent per job, got batch {latents.shape[0]}")
+    job = TiledJob(latents, scheduler, timesteps, cond, uncond, guidance_scale, boxes_for_step, generator, weighting,
+                   condition, unet_kwargs, size_multiple, progress)
+    return sample_jobs(unet, [job], tile_batch_size)[0].latents
 
-        def on_tiles(n: int, _i: int = i, _nb: int = len(boxes)) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(_i, total, done, _nb)
 
-        eps = predict_noise_tiled(unet, latent_in, t, cond, uncond, guidance_scale, boxes, tile_batch_size,
-                                  weighting, previous, unet_kwargs, on_tiles, size_multiple)
-        previous = eps
-        latents = scheduler.step(eps.to(latents.dtype), t, latents, generator=generator).prev_sample
-    return latents
+def fstd_boxes(height: int, width: int, config: FSTDConfig, generator: torch.Generator,
+               offsets: list[tuple[int, int]]) -> Callable[[int], list[Box]]:
+    """FSTD's boxes for each step of a height x width latent; the drawn offsets go to `offsets`."""
+    def boxes_for_step(i: int) -> list[Box]:
+        dy, dx = step_offset(i, config, generator)
+        offsets.append((dy, dx))
+        return grid_boxes(height, width, config.tile, dy, dx, config.mode)
+
+    return boxes_for_step
 
 
 def count_tiles(shape: torch.Size | tuple[int, ...], config: FSTDConfig, offsets: list[tuple[int, int]]) -> int:
@@ -237,13 +344,7 @@ def fstd_sample(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     offsets: list[tuple[int, int]] = []
-
-    def boxes_for_step(i: int) -> list[Box]:
-        dy, dx = step_offset(i, config, generator)
-        offsets.append((dy, dx))
-        return grid_boxes(H, W, config.tile, dy, dx, config.mode)
-
-    latents = tiled_sample(unet, scheduler, latents, timesteps, cond, uncond, guidance_scale, boxes_for_step,
-                           config.tile_batch_size, "gaussian", generator, condition, unet_kwargs, progress,
-                           config.size_multiple)
+    latents = tiled_sample(unet, scheduler, latents, timesteps, cond, uncond, guidance_scale,
+                           fstd_boxes(H, W, config, generator, offsets), config.tile_batch_size, "gaussian",
+                           generator, condition, unet_kwargs, progress, config.size_multiple)
     return latents, offsets

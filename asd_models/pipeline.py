@@ -1,4 +1,15 @@
-"""AnySizePipeline: text to image at any width x height (ARAD stage 1 + FSTD stage 2)."""
+"""AnySizePipeline: text to image at any width x height (ARAD stage 1 + FSTD stage 2).
+
+Reads as a diffusers pipeline: components in, `from_pretrained` to load, `.to(device, dtype)`,
+and one call that goes top to bottom: encode prompts, stage 1 (each prompt at its nearest
+training bucket, sampled whole), decode, enlarge and re-noise, stage 2 (FSTD), decode and crop.
+`generate_many` takes several requests at once and advances them together, so tiles of one
+shape from different images share a UNet call; `__call__` is one request.
+
+Randomness comes only from a per-request `torch.Generator` on the CPU (noise drawn there and
+moved to the device, as diffusers' `randn_tensor` does): a seed gives the same image on any
+device, up to float precision. Every call builds its own schedulers.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +26,53 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
-from asd_models.fstd import FSTDConfig, count_tiles, fstd_sample
+from asd_models.fstd import FSTDConfig, TiledJob, count_tiles, fstd_boxes, sample_jobs
 from asd_models.images import pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.seams import grid_lines
 from asd_models.tiled_vae import tiled_decode, tiled_encode
 
 MIN_SIDE, MAX_SIDE = 64, 16384
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# image index, stage name, step, total steps, tiles done in this step, tiles in this step
+BatchProgress = Callable[[int, str, int, int, int, int], None]
 # stage name, step, total steps, tiles done in this step, tiles in this step
 PipelineProgress = Callable[[str, int, int, int, int], None]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto': fp16 on a GPU, fp32 on the CPU; else fp32 / fp16 / bf16."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One image to render."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int = 0
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 5.0
+    strength: float = 0.6  # how far stage 2 re-noises the enlarged image (img2img path)
+    noise_level: int = 20  # noise on the low-res condition (upscaler path)
 
 
 @dataclass
@@ -34,7 +82,23 @@ class AnySizeResult:
     canvas: tuple[int, int]  # (width, height) in pixels that stage 2 denoised
     tile_px: int
     seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
-    fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps (x2 with guidance)
+    fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps
+    unet_evals: int = 0  # UNet samples evaluated for this image, both stages (guidance counts twice)
+
+
+@dataclass
+class _Render:
+    """One request's state between the stages."""
+
+    req: RenderRequest
+    generator: torch.Generator
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    bucket: Bucket
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    canvas: tuple[int, int] = (0, 0)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+    unet_evals: int = 0
 
 
 class AnySizePipeline:
@@ -52,11 +116,7 @@ class AnySizePipeline:
                  upscaler: SDComponents | None = None) -> None:
         self.c = components
         self.upscaler = upscaler
-        if upscaler is not None:
-            upscaler.unet.eval().requires_grad_(False)
-            upscaler.vae.eval().requires_grad_(False)
-            upscaler.text_encoder.eval().requires_grad_(False)
-        # scheduler configs only: every call builds its own scheduler (they hold per-run state)
+        # scheduler configs only: every call builds its own schedulers (they hold per-run state)
         self.scheduler_config = DDIMScheduler.from_config(components.scheduler.config).config
         self.upscale_scheduler_config = (DDIMScheduler.from_config(upscaler.scheduler.config).config
                                          if upscaler is not None else None)
@@ -64,8 +124,10 @@ class AnySizePipeline:
             base=components.unet.config.sample_size * components.vae_scale_factor,
             step=components.vae_scale_factor * components.unet_multiple,
         )
-        for m in (self.c.unet, self.c.vae, self.c.text_encoder):
-            m.eval().requires_grad_(False)
+        for c in (components, upscaler):
+            if c is not None:
+                for m in (c.unet, c.vae, c.text_encoder):
+                    m.eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, buckets: list[Bucket] | None = None,
@@ -77,6 +139,56 @@ class AnySizePipeline:
             buckets = [Bucket.parse(b) for b in json.loads(listed.read_text())]
         return cls(load_components(source), buckets, load_upscaler_components(upscaler) if upscaler else None)
 
+    # -- device and dtype ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.c.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.c.unet.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnySizePipeline:
+        """Move every model to `device` in `dtype` (as diffusers pipelines). In fp16 a VAE whose
+        config asks for it (`force_upcast`, as SD's) stays in fp32: its decoder overflows in fp16."""
+        for c in (self.c, self.upscaler):
+            if c is None:
+                continue
+            for m in (c.unet, c.text_encoder):
+                m.to(device=device, dtype=dtype)
+            upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
+            c.vae.to(device=device, dtype=torch.float32 if upcast else dtype)
+        return self
+
+    # -- pieces --------------------------------------------------------------------------------
+    def default_fstd(self, tile: int | None = None, tile_batch_size: int | None = None) -> FSTDConfig:
+        """FSTD at the UNet's native size (or `tile`), offsets on the UNet's down-sampling
+        lattice; `tile_batch_size` None: from free GPU memory on a GPU, FSTDConfig's on the CPU."""
+        tile = tile or self.c.unet.config.sample_size
+        batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype)
+        extra = {"tile_batch_size": batch} if batch else {}
+        return FSTDConfig(tile=tile, size_multiple=self.c.unet_multiple, **extra)
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.c.vae_scale_factor * self.c.unet_multiple
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = "", c: SDComponents | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = c or self.c
+        tok = c.tokenizer
+        ids = tok([prompt, negative_prompt], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(c.text_encoder.device)
+        emb = c.text_encoder(ids)[0]
+        return emb[:1], emb[1:]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> Image.Image:
+        vae = self.c.vae
+        x = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        return tensor_m11_to_pil(x.float())
+
     def _output_array(self, width: int, height: int) -> np.ndarray:
         if width * height <= self.memmap_pixels:
             return np.zeros((height, width, 3), dtype=np.uint8)
@@ -86,138 +198,155 @@ class AnySizePipeline:
         os.unlink(handle.name)  # the mapping keeps the pages; the disk space goes with the last reference
         return out
 
-    def _enlarge_with_upscaler(self, prompt: str, image: Image.Image, cw: int, ch: int, steps: int, guidance: float,
-                               noise_level: int, fstd: FSTDConfig, generator: torch.Generator,
-                               progress: Callable | None) -> tuple[torch.Tensor, int]:
-        """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
-        the latent; FSTD denoises from pure noise at the upscaler's latent size."""
-        up = self.upscaler
-        f = up.vae_scale_factor
-        low, _ = resize_cover_crop(image, cw // f, ch // f)
-        low_t = pil_to_tensor_m11(low)
-        level = torch.tensor([noise_level], dtype=torch.long)
-        low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=generator), level)
-        tok = up.tokenizer
-        ids = tok([prompt, ""], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        emb = up.text_encoder(ids)[0]
-        sched = DDIMScheduler.from_config(self.upscale_scheduler_config)
-        sched.set_timesteps(steps)
-        latents = torch.randn((1, up.vae.config.latent_channels, ch // f, cw // f), generator=generator)
-        latents = latents * sched.init_noise_sigma
-        cfg = FSTDConfig(tile=up.unet.config.sample_size, tile_batch_size=fstd.tile_batch_size,
-                         reset_every=fstd.reset_every, mode=fstd.mode, size_multiple=up.unet_multiple)
-        latents, offsets = fstd_sample(up.unet, sched, latents, sched.timesteps, emb[:1], emb[1:], guidance, cfg,
-                                       generator, condition=low_t, unet_kwargs={"class_labels": level}, progress=progress)
-        return latents, count_tiles(latents.shape, cfg, offsets)
+    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(self.device)
 
-    def default_fstd(self, tile: int | None = None, tile_batch_size: int | None = None) -> FSTDConfig:
-        """FSTD at the UNet's native size (or `tile`), offsets on the UNet's down-sampling
-        lattice; `tile_batch_size` None: FSTDConfig's default."""
-        extra = {"tile_batch_size": tile_batch_size} if tile_batch_size else {}
-        return FSTDConfig(tile=tile or self.c.unet.config.sample_size, size_multiple=self.c.unet_multiple, **extra)
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.c.vae_scale_factor * self.c.unet_multiple
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.c.tokenizer
-        ids = tok([prompt, ""], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
-        emb = self.c.text_encoder(ids)[0]
-        return emb[:1], emb[1:]
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> Image.Image:
-        x = self.c.vae.decode(latents / self.c.vae.config.scaling_factor).sample
-        return tensor_m11_to_pil(x.float())
-
-    def _check_size(self, width: int, height: int) -> None:
-        for name, v in (("width", width), ("height", height)):
+    def check_request(self, r: RenderRequest) -> None:
+        for name, v in (("width", r.width), ("height", r.height)):
             if not isinstance(v, int) or not MIN_SIDE <= v <= MAX_SIDE:
                 raise ValueError(f"{name} must be an integer in [{MIN_SIDE}, {MAX_SIDE}], got {v!r}")
+        if not 0.0 < r.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {r.strength}")
+        if r.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {r.steps}")
+
+    # -- the two stages ------------------------------------------------------------------------
+    def _stage1_job(self, r: _Render, progress: Callable | None) -> TiledJob:
+        """ARAD: the bucket nearest the requested ratio, sampled whole (one box per step)."""
+        f = self.c.vae_scale_factor
+        shape = (1, self.c.unet.config.in_channels, r.bucket.height // f, r.bucket.width // f)
+        latents = self._noise(shape, r.generator)
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(r.req.steps)
+        latents = latents * scheduler.init_noise_sigma
+        whole = [(0, 0, shape[2], shape[3])]
+        return TiledJob(latents, scheduler, scheduler.timesteps, r.cond, r.uncond, r.req.guidance_scale,
+                        lambda i: whole, r.generator, "uniform", progress=progress)
+
+    def _stage2_job(self, r: _Render, image: Image.Image, fstd: FSTDConfig, vae_tile: int,
+                    progress: Callable | None) -> TiledJob:
+        """FSTD on a canvas covering the target (sides multiples of the UNet's pixel multiple)."""
+        up, req = self.upscaler, r.req
+        m = (up.vae_scale_factor * up.unet_multiple) if up else self.pixel_multiple
+        cw, ch = -(-req.width // m) * m, -(-req.height // m) * m
+        r.canvas = (cw, ch)
+        r.box = ((cw - req.width) // 2, (ch - req.height) // 2, (cw - req.width) // 2 + req.width,
+                 (ch - req.height) // 2 + req.height)
+        if up is not None:
+            return self._upscaler_job(r, image, fstd, progress)
+        canvas_img, _ = resize_cover_crop(image, cw, ch)
+        x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.device), tile=vae_tile * self.c.vae_scale_factor,
+                          whole_below=self.vae_whole_below)
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(req.steps)
+        start = int(round(req.steps * (1 - req.strength)))
+        timesteps = scheduler.timesteps[min(start, req.steps - 1):]
+        noise = self._noise(tuple(x0.shape), r.generator)
+        latents = scheduler.add_noise(x0, noise, timesteps[:1])
+        _, _, h, w = latents.shape
+        return TiledJob(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale,
+                        fstd_boxes(h, w, fstd, r.generator, r.offsets), r.generator, "gaussian",
+                        size_multiple=fstd.size_multiple, progress=progress)
+
+    def _upscaler_job(self, r: _Render, image: Image.Image, fstd: FSTDConfig, progress: Callable | None) -> TiledJob:
+        """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
+        the latent; FSTD denoises from pure noise at the upscaler's latent size."""
+        up, req = self.upscaler, r.req
+        f = up.vae_scale_factor
+        cw, ch = r.canvas
+        low, _ = resize_cover_crop(image, cw // f, ch // f)
+        low_t = pil_to_tensor_m11(low)
+        level = torch.tensor([req.noise_level], dtype=torch.long)
+        low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=r.generator), level)
+        cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt, up)
+        scheduler = DDIMScheduler.from_config(self.upscale_scheduler_config)
+        scheduler.set_timesteps(req.steps)
+        latents = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
+        latents = latents * scheduler.init_noise_sigma
+        cfg = FSTDConfig(tile=up.unet.config.sample_size, tile_batch_size=fstd.tile_batch_size,
+                         reset_every=fstd.reset_every, mode=fstd.mode, size_multiple=up.unet_multiple)
+        _, _, h, w = latents.shape
+        return TiledJob(latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale,
+                        fstd_boxes(h, w, cfg, r.generator, r.offsets), r.generator, "gaussian",
+                        condition=low_t.to(self.device), unet_kwargs={"class_labels": level.to(self.device)},
+                        size_multiple=cfg.size_multiple, progress=progress)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str,
-        width: int,
-        height: int,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 5.0,
-        strength: float = 0.6,
-        seed: int = 0,
-        fstd: FSTDConfig | None = None,
-        progress: PipelineProgress | None = None,
-        noise_level: int = 20,
-        vae_tile: int = 64,
-    ) -> AnySizeResult:
-        """Render `prompt` at exactly `width` x `height`.
-
-        strength: how far stage 2 re-noises the enlarged image (img2img path). noise_level:
-        noise added to the low-res condition (upscaler path). vae_tile: tiled VAE tile in
-        latent pixels. Outputs over `memmap_pixels` are decoded into a memory-mapped file.
-        """
-        self._check_size(width, height)
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        f = self.c.vae_scale_factor
+    def generate_many(self, requests: list[RenderRequest], fstd: FSTDConfig | None = None,
+                      progress: BatchProgress | None = None, vae_tile: int = 64) -> list[AnySizeResult]:
+        """Render every request at exactly its width x height. The requests advance through
+        their steps together (stage 1, then stage 2), tiles of one shape from all of them
+        sharing UNet calls of up to `fstd.tile_batch_size` tiles. vae_tile: tiled VAE tile in
+        latent pixels. Outputs over `memmap_pixels` are decoded into a memory-mapped file."""
+        for req in requests:
+            self.check_request(req)
         fstd = fstd or self.default_fstd()
         if fstd.tile % self.c.unet_multiple or fstd.size_multiple % self.c.unet_multiple:
             raise ValueError(f"FSTD tile {fstd.tile} and size_multiple {fstd.size_multiple} must be multiples "
                              f"of the UNet's {self.c.unet_multiple} latent pixels")
-        generator = torch.Generator().manual_seed(seed)
-        cond, uncond = self.encode_prompt(prompt)
 
-        # 1. ARAD: the bucket nearest the requested ratio, sampled whole.
-        bucket = nearest_bucket(width, height, self.buckets)
-        shape = (1, self.c.unet.config.in_channels, bucket.height // f, bucket.width // f)
-        latents = torch.randn(shape, generator=generator)
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # one per call: never shared state
-        scheduler.set_timesteps(num_inference_steps)
-        latents = latents * scheduler.init_noise_sigma
-        whole = FSTDConfig(tile=max(shape[2:]), tile_batch_size=1, size_multiple=1)
-        latents, _ = fstd_sample(
-            self.c.unet, scheduler, latents, scheduler.timesteps, cond, uncond, guidance_scale,
-            whole, generator, progress=(lambda s, n, d, t: progress("arad", s, n, d, t)) if progress else None,
-        )
-        image = self.decode_latents(latents)
+        def report(i: int, stage: str) -> Callable | None:
+            return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None
 
-        # 2. FSTD: enlarge to a canvas that covers the target (sides multiple of the UNet's
-        # pixel multiple), then crop the exact size: the aspect ratio is never stretched.
-        up = self.upscaler
-        f2 = up.vae_scale_factor if up else f
-        m = (up.vae_scale_factor * up.unet_multiple) if up else self.pixel_multiple
-        cw, ch = -(-width // m) * m, -(-height // m) * m
-        box = ((cw - width) // 2, (ch - height) // 2, (cw - width) // 2 + width, (ch - height) // 2 + height)
-        out = self._output_array(width, height)
-        stage2 = (lambda s, n, d, t: progress("fstd", s, n, d, t)) if progress else None
-        if up is not None:
-            latents, fstd_tiles = self._enlarge_with_upscaler(prompt, image, cw, ch, num_inference_steps,
-                                                              guidance_scale, noise_level, fstd, generator, stage2)
-            final = tiled_decode(up.vae, latents, tile=vae_tile, out=out, crop=box, whole_below=self.vae_whole_below)
-        else:
-            canvas_img, _ = resize_cover_crop(image, cw, ch)
-            x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.c.vae.dtype), tile=vae_tile * f,
-                              whole_below=self.vae_whole_below)
-            del canvas_img
-            scheduler = DDIMScheduler.from_config(self.scheduler_config)
-            scheduler.set_timesteps(num_inference_steps)
-            start = int(round(num_inference_steps * (1 - strength)))
-            timesteps = scheduler.timesteps[min(start, num_inference_steps - 1):]
-            noise = torch.randn(x0.shape, generator=generator)
-            latents = scheduler.add_noise(x0, noise, timesteps[:1])
-            latents, offsets = fstd_sample(self.c.unet, scheduler, latents, timesteps, cond, uncond, guidance_scale,
-                                           fstd, generator, progress=stage2)
-            fstd_tiles = count_tiles(latents.shape, fstd, offsets)
-            final = tiled_decode(self.c.vae, latents, tile=vae_tile, out=out, crop=box,
-                                 whole_below=self.vae_whole_below)
-        final = Image.frombuffer("RGB", (width, height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
-        tile_px = (up.unet.config.sample_size if up else fstd.tile) * f2
+        # 1. prompts, and ARAD: each request at its nearest bucket, all sampled together
+        renders = []
+        for req in requests:
+            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
+            renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
+                                   nearest_bucket(req.width, req.height, self.buckets)))
+        jobs = sample_jobs(self.c.unet, [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
+                           fstd.tile_batch_size)
+        images = []
+        for r, job in zip(renders, jobs, strict=True):
+            r.unet_evals += job.unet_tiles
+            images.append(self.decode_latents(job.latents))
+        del jobs
+
+        # 2. FSTD: every request enlarged to its canvas, re-noised, denoised together
+        jobs = [self._stage2_job(r, img, fstd, vae_tile, report(i, "fstd"))
+                for i, (r, img) in enumerate(zip(renders, images, strict=True))]
+        del images
+        sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, fstd.tile_batch_size)
+        results = []
+        for r, job in zip(renders, jobs, strict=True):
+            r.unet_evals += job.unet_tiles
+            results.append(self._finish(r, job, fstd, vae_tile))
+        return results
+
+    def _finish(self, r: _Render, job: TiledJob, fstd: FSTDConfig, vae_tile: int) -> AnySizeResult:
+        up, req = self.upscaler, r.req
+        vae = up.vae if up else self.c.vae
+        out = self._output_array(req.width, req.height)
+        final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below)
+        image = Image.frombuffer("RGB", (req.width, req.height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
+        f2 = up.vae_scale_factor if up else self.c.vae_scale_factor
+        tile = up.unet.config.sample_size if up else fstd.tile
+        tile_cfg = FSTDConfig(tile=tile, mode=fstd.mode, size_multiple=up.unet_multiple if up else fstd.size_multiple)
+        tile_px = tile * f2
         return AnySizeResult(
-            image=final, bucket=bucket, canvas=(cw, ch), tile_px=tile_px,
-            seam_lines={"x": grid_lines(width, tile_px, box[0]), "y": grid_lines(height, tile_px, box[1])},
-            fstd_tiles=fstd_tiles,
+            image=image, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
+            seam_lines={"x": grid_lines(req.width, tile_px, r.box[0]), "y": grid_lines(req.height, tile_px, r.box[1])},
+            fstd_tiles=count_tiles(job.latents.shape, tile_cfg, r.offsets), unet_evals=r.unet_evals,
         )
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, width: int, height: int, num_inference_steps: int = 20,
+                 guidance_scale: float = 5.0, strength: float = 0.6, seed: int = 0, fstd: FSTDConfig | None = None,
+                 progress: PipelineProgress | None = None, noise_level: int = 20, vae_tile: int = 64,
+                 negative_prompt: str = "") -> AnySizeResult:
+        """Render `prompt` at exactly `width` x `height` (one request of `generate_many`)."""
+        req = RenderRequest(prompt, width, height, seed, negative_prompt, num_inference_steps, guidance_scale,
+                            strength, noise_level)
+        report = (lambda i, stage, s, n, d, t: progress(stage, s, n, d, t)) if progress else None
+        return self.generate_many([req], fstd, report, vae_tile)[0]
+
+
+def auto_tile_batch_size(device: torch.device, tile: int, dtype: torch.dtype) -> int | None:
+    """Tiles per UNet call from free GPU memory (None on the CPU: the sampler's default).
+    Budget: half the free memory, about 160 MB of activations per fp16 sample of a 64x64 latent
+    for an SD-2.1-sized UNet (twice in fp32), guidance doubling the samples."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    per_tile = 2 * 160e6 * (tile / 64) ** 2 * (2 if dtype == torch.float32 else 1)
+    return int(max(1, min(64, 0.5 * free // per_tile)))

@@ -73,7 +73,7 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
     against a whole decode even with exact statistics).
     """
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    z = latents / vae.config.scaling_factor
+    z = (latents / vae.config.scaling_factor).to(vae.dtype)
     _, _, h, w = z.shape
     stats: dict = {}
     whole = h * w <= whole_below
@@ -93,7 +93,7 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
             y0, y1, x0, x1 = max(0, y - pad), min(h, y + th + pad), max(0, x - pad), min(w, x + tw + pad)
             img = vae.decode(z[:, :, y0:y1, x0:x1]).sample[0]
             core = img[:, (y - y0) * f : (y - y0 + th) * f, (x - x0) * f : (x - x0 + tw) * f]
-            core = ((core.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            core = ((core.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
             # paste the part of this tile that falls inside the crop window
             py0, px0 = y * f, x * f
             cy0, cy1 = max(py0, top), min(py0 + th * f, bottom)
@@ -112,11 +112,12 @@ def tiled_encode(vae, image: torch.Tensor, tile: int = 512, pad: int = ENCODER_P
     H and W must be multiples of the VAE factor; images of at most `whole_below` latent
     pixels are encoded in one piece."""
     f = 2 ** (len(vae.config.block_out_channels) - 1)
+    image = image.to(vae.dtype)
     _, _, H, W = image.shape
     if H % f or W % f:
         raise ValueError(f"tiled_encode needs sides that are multiples of {f}, got {W}x{H}")
     if (H // f) * (W // f) <= whole_below:
-        return vae.encode(image).latent_dist.mean * vae.config.scaling_factor
+        return vae.encode(image).latent_dist.mean.float() * vae.config.scaling_factor
     tile = max(f, tile // f * f)
     pad = -(-pad // f) * f
     stats: dict = {}
@@ -127,13 +128,13 @@ def tiled_encode(vae, image: torch.Tensor, tile: int = 512, pad: int = ENCODER_P
         small = F.interpolate(image, size=(sh, sw), mode="area")
     with _groupnorm_mode(vae, stats, record=True):
         vae.encode(small)
-    latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f)
+    latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=image.device)
     boxes = [(y, th, x, tw) for y, th in _tiles(H, tile) for x, tw in _tiles(W, tile)]
     with _groupnorm_mode(vae, stats, record=False):
         for i, (y, th, x, tw) in enumerate(boxes):
             y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
             z = vae.encode(image[:, :, y0:y1, x0:x1]).latent_dist.mean
-            latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z[
+            latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
                 :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f]
             if progress:
                 progress(i + 1, len(boxes))

@@ -1,23 +1,39 @@
-"""Prompt files (Parquet, CSV, JSONL): read, every row validated up front with its row number."""
+"""Prompt manifests: a Parquet / CSV / JSONL file (or a list) -> every row validated, with its
+row number -> a versioned `prompts/<name>` artifact (`prompts.parquet`, schema PROMPTS).
+
+A file that cannot be read at all (unknown format, missing file, no `prompt`/`width`/`height`
+columns) is a `PromptFileError`: one line for the user, before any work. A row that is wrong
+(no prompt, a size out of 64..16384, not a number, a seed out of [0, 2^64), text that is not
+UTF-8) stays in the manifest with its `error`: generation reports it as a failed image and
+renders the rest."""
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from artifact_store import ArtifactRef, ArtifactStore, params_hash
+from data_manifests.schemas import PROMPTS
 from data_manifests.settings import PromptSpec
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+REQUIRED = ("prompt", "width", "height")
+PROMPTS_FILE = "prompts.parquet"
 
 
 class PromptFileError(ValueError):
-    """A prompt file that cannot be read, or a row in it that is not a valid prompt."""
+    """A prompt file that cannot be read as a table of prompts at all."""
 
 
-def read_prompt_table(path: str | Path) -> pl.DataFrame:
-    path = Path(path)
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise PromptFileError(f"prompt file {path}: unknown format {path.suffix!r} (use .parquet, .csv or .jsonl)")
@@ -25,31 +41,80 @@ def read_prompt_table(path: str | Path) -> pl.DataFrame:
         raise PromptFileError(f"prompt file {path}: no such file")
     try:
         if kind == "parquet":
-            return pl.read_parquet(path)
-        if kind == "csv":
-            return pl.read_csv(path, encoding="utf8", infer_schema_length=0)  # all text; pydantic converts
-        return pl.read_ndjson(path)
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return pl.read_parquet(path).to_dicts()
+        if kind == "csv":  # every cell as text (pydantic converts); bad bytes marked, found per row below
+            return pl.read_csv(path, infer_schema_length=0, encoding="utf8-lossy").to_dicts()
+        rows = []
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+                rows.append(value if isinstance(value, dict) else {"__error__": f"a JSON {type(value).__name__}, "
+                                                                                 "not an object"})
+            except UnicodeDecodeError:
+                rows.append({"__error__": "not UTF-8 text"})
+            except ValueError as exc:
+                rows.append({"__error__": f"not JSON ({exc})"})
+        return rows
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PromptFileError(f"prompt file {path}: cannot be read as {kind}: {first}") from exc
 
 
-def load_prompts(path: str | Path) -> list[PromptSpec]:
-    """Every row as a PromptSpec; the first bad row raises with its number (1-based) and reason."""
-    df = read_prompt_table(path)
-    missing = [c for c in ("prompt", "width", "height") if c not in df.columns]
-    if missing:
-        raise PromptFileError(f"prompt file {path}: missing column(s) {', '.join(missing)} "
-                              f"(has {', '.join(df.columns) or 'none'})")
-    if df.height == 0:
-        raise PromptFileError(f"prompt file {path}: no rows")
-    known = [c for c in df.columns if c in PromptSpec.model_fields]
+def validate_rows(rows: Iterable[dict[str, Any]], where: str) -> pa.Table:
+    """Every row as a PROMPTS row: the values when valid, else `error` says why (with the field)."""
     out = []
-    for n, row in enumerate(df.select(known).iter_rows(named=True), start=1):
-        try:
-            out.append(PromptSpec(**{k: v for k, v in row.items() if v is not None or k in ("prompt", "width", "height")}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise PromptFileError(f"prompt file {path} row {n}: {field}: {err['msg']} (got {err.get('input')!r})") from None
-    return out
+    for n, row in enumerate(rows, start=1):
+        rec: dict[str, Any] = {"row": n, "error": row.get("__error__")}
+        values = {k: v for k, v in row.items() if k in PromptSpec.model_fields and v is not None}
+        for k in ("prompt", "negative_prompt"):
+            if isinstance(values.get(k), str) and "\ufffd" in values[k]:
+                rec["error"] = rec["error"] or f"{k}: not UTF-8 text"
+        if rec["error"] is None:
+            try:
+                spec = PromptSpec(**values)
+                rec.update(spec.model_dump())
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or "row"
+                rec["error"] = f"{field}: {err['msg']} (got {err.get('input')!r})"[:300]
+        if rec["error"] is not None:
+            for k in ("prompt", "negative_prompt"):
+                rec[k] = str(row.get(k))[:1000] if row.get(k) is not None else None
+        out.append(rec)
+    if not out:
+        raise PromptFileError(f"{where}: no rows")
+    return pa.Table.from_pylist(out, schema=PROMPTS)
+
+
+def prompt_table(path: str | Path) -> pa.Table:
+    """A prompt file as a validated PROMPTS table."""
+    path = Path(path)
+    rows = _read_rows(path)
+    columns = {k for r in rows for k in r}
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing and "__error__" not in columns:
+        raise PromptFileError(f"prompt file {path}: missing column(s) {', '.join(missing)} "
+                              f"(has {', '.join(sorted(columns)) or 'none'})")
+    return validate_rows(rows, f"prompt file {path}")
+
+
+def commit_prompts(store: ArtifactStore, table: pa.Table, name: str, source: str,
+                   flow_run_id: str | None = None) -> ArtifactRef:
+    """Store a validated prompt table as `prompts/<name>` (the same rows give the same version)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    found = store.reuse_or_new("prompts", name, params_hash({"prompts": table.to_pylist()}))
+    if isinstance(found, ArtifactRef):
+        return found
+    writer = store.writer(found)
+    writer.put_bytes(PROMPTS_FILE, buf.getvalue())
+    bad = sum(e is not None for e in table.column("error").to_pylist())
+    return writer.commit(params={"source": source}, flow_run_id=flow_run_id,
+                         summary={"rows": table.num_rows, "invalid_rows": bad})
+
+
+def read_prompts(store: ArtifactStore, ref: ArtifactRef | str) -> pa.Table:
+    """The PROMPTS table of a committed prompts version."""
+    return pq.read_table(io.BytesIO(store.read_bytes(ref, PROMPTS_FILE)), schema=PROMPTS)

@@ -33,8 +33,22 @@ DATASET_MANIFEST = pa.schema([
     ("reused", pa.bool_()),           # copied from the previous version instead of processed again
 ])
 
+PROMPTS = pa.schema([                 # prompts/<name>/<v>/prompts.parquet: every row of the file given
+    ("row", pa.int64()),              # 1-based row number in that file
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("seed", pa.uint64()),
+    ("steps", pa.int32()),            # null: the job's setting
+    ("guidance_scale", pa.float64()),
+    ("strength", pa.float64()),
+    ("error", pa.string()),           # why the row cannot be rendered (null when it can)
+])
+
 GENERATIONS_MANIFEST = pa.schema([
-    ("key", pa.string()),
+    ("key", pa.string()),             # <row>-<W>x<H>-<image id>: the image id hashes model, prompt row, settings
+    ("row", pa.int64()),              # row of the prompts artifact
     ("prompt", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
@@ -50,6 +64,10 @@ GENERATIONS_MANIFEST = pa.schema([
     ("seam_x", pa.list_(pa.int32())),  # unshifted tile grid lines in the final image
     ("seam_y", pa.list_(pa.int32())),
     ("seconds", pa.float64()),
+    ("unet_evals", pa.int64()),       # UNet samples evaluated, both stages (guidance counts twice)
+    ("peak_memory_mb", pa.float64()),  # peak GPU memory of the batch it rendered in (CPU: peak RSS)
+    ("device", pa.string()),
+    ("worker", pa.string()),          # host:pid that rendered it
 ])
 
 METRICS = pa.schema([

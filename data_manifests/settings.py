@@ -8,6 +8,7 @@ checks run in `model_validator(mode="after")`, after every field is valid on its
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -148,12 +149,28 @@ class GenerateSettings(StageSettings):
         "models/NAME@VERSION) instead of img2img with the same model",
     )
     noise_level: int = Field(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
     shard_size: int = Field(100, ge=1, description="prompts per generation task")
-    workers: int = Field(1, ge=1, description="generation tasks run at once in this process (threads)")
+    pack: bool = Field(True, description="images of a shard advance together, their tiles sharing UNet calls")
+    pack_max_pixels: int = Field(16 << 20, ge=4096, description="output pixels rendered together at most "
+                                 "(a larger image renders alone)")
+    executor: Literal["threads", "dask"] = Field(
+        default_factory=lambda: os.environ.get("ASD_EXECUTOR", "threads"),  # type: ignore[arg-type]
+        description="shard tasks in threads of this process, or on Dask worker processes ($ASD_EXECUTOR)")
+    workers: int = Field(1, ge=1, description="threads, or Dask worker processes of a local cluster")
+    dask_address: str | None = Field(
+        default_factory=lambda: os.environ.get("ASD_DASK_ADDRESS") or None,
+        description="an existing Dask scheduler, e.g. tcp://host:8786 ($ASD_DASK_ADDRESS; default: a local cluster)")
+    retries: int = Field(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
+
+    EXECUTION: ClassVar[tuple[str, ...]] = ("shard_size", "pack", "pack_max_pixels", "executor", "workers",
+                                            "dask_address", "retries", "tile_batch_size", "device", "dtype")
 
     def render_options(self) -> dict:
         """What changes the pixels of an image (execution knobs excluded)."""
-        return self.model_dump(exclude={"shard_size", "workers", "tile_batch_size"})
+        return self.model_dump(exclude=set(self.EXECUTION))
 
 
 class EvaluateSettings(StageSettings):
@@ -167,9 +184,13 @@ class EvaluateSettings(StageSettings):
 
 
 class PromptSpec(StageSettings):
-    """One prompt of a generation job."""
+    """One prompt of a generation job; steps / guidance_scale / strength override the job's."""
 
     prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
     width: int = Field(ge=64, le=16384)
     height: int = Field(ge=64, le=16384)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    strength: float | None = Field(None, gt=0, le=1)

@@ -170,40 +170,56 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def prompts_from_args(args: argparse.Namespace) -> list[PromptSpec]:
+def prompts_from_args(args: argparse.Namespace):
+    """The prompts of `asd generate`: an existing `prompts/NAME@VERSION` reference, or a
+    validated table from a file (bad rows stay in it, reported as failed images) or from
+    --prompt with --size. A file that cannot be read, or a bad --size, is a user error."""
     from pydantic import ValidationError
 
-    from data_engine.prompts import PromptFileError, load_prompts
+    from data_engine.prompts import PromptFileError, prompt_table, validate_rows
 
     if args.prompts:
         if args.prompt or args.size:
             raise UserError("give either --prompts FILE or --prompt TEXT with --size WxH, not both")
+        if args.prompts.startswith("prompts/"):
+            return _ref(args.prompts, "prompts")
         try:
-            return load_prompts(args.prompts)
+            table = prompt_table(args.prompts)
         except PromptFileError as exc:
             raise UserError(str(exc)) from None
+        bad = [(r, e) for r, e in zip(table.column("row").to_pylist(), table.column("error").to_pylist(),
+                                      strict=True) if e]
+        for row, error in bad[:10]:
+            print(f"asd generate: prompt row {row} will not be rendered: {error}", file=sys.stderr)
+        return table
     if not args.prompt or not args.size:
         raise UserError("give --prompts FILE, or --prompt TEXT with one or more --size WxH")
-    out = []
+    rows = []
     for s in args.size:
         w, h = parse_size(s)
         try:
-            out.append(PromptSpec(prompt=args.prompt, width=w, height=h, seed=args.seed))
+            rows.append(PromptSpec(prompt=args.prompt, width=w, height=h, seed=args.seed).model_dump())
         except ValidationError as exc:
             err = exc.errors()[0]
             raise UserError(f"--size {s}: {err['loc'][0]} {err['msg']}" if err["loc"][0] in ("width", "height")
                             else f"--{err['loc'][0]}: {err['msg']}") from None
-    return out
+    return validate_rows(rows, "--prompt")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from artifact_store import check_name
+    from artifact_store import ArtifactStore, check_name
+    from data_engine.prompts import commit_prompts
     from flows.stages import generate_flow
 
     check_name(args.name)
+    model = _ref(args.model, "models")
     settings = settings_from_args(GenerateSettings, args)
     prompts = prompts_from_args(args)
-    print(generate_flow(_ref(args.model, "models"), prompts, args.name, settings, args.store, args.rerun))
+    store = ArtifactStore(args.store)
+    store.resolve(model)  # a missing model is named before the prompts are stored
+    if not isinstance(prompts, str):
+        prompts = str(commit_prompts(store, prompts, args.name, args.prompts or "--prompt"))
+    print(generate_flow(model, prompts, args.name, settings, store.url, args.rerun))
     return 0
 
 
@@ -380,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="render prompts at any size with FSTD")
     g.add_argument("--model", required=True, help="NAME, NAME@VERSION or models/NAME@VERSION")
     g.add_argument("--name", default="generations", help="name of the generations artifact to write")
-    g.add_argument("--prompts", help="Parquet/CSV/JSONL with prompt, width, height (and optional seed)")
+    g.add_argument("--prompts", help="Parquet/CSV/JSONL with prompt, width, height (optional: negative_prompt, "
+                   "seed, steps, guidance_scale, strength), or a stored prompts/NAME@VERSION")
     g.add_argument("--prompt", help="one prompt, rendered at every --size")
     g.add_argument("--size", action="append", help="WIDTHxHEIGHT, repeatable (with --prompt)")
     g.add_argument("--seed", type=int, default=0, help="seed of --prompt (default: 0)")
@@ -460,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_library_bars()
     _stop_on_sigterm()
+    from flows.server_guard import tie_temporary_server_to_this_process
+
+    tie_temporary_server_to_this_process()
     try:
         return args.func(args)
     except CorruptRecord as exc:

@@ -13,7 +13,7 @@ from data_manifests.settings import (
     PromptSpec,
     TrainSettings,
 )
-from flows.stages import evaluate_flow, generate_flow, ingest_flow, train_flow
+from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow
 from tasks.runs import record_run
 
 
@@ -27,7 +27,7 @@ class PipelineRefs(BaseModel):
 @flow(name="asd-pipeline", log_prints=True)
 def asd_pipeline(
     source: str,
-    prompts: list[PromptSpec],
+    prompts: list[PromptSpec] | str,
     name: str = "demo",
     ingest: IngestSettings = IngestSettings(),
     train: TrainSettings = TrainSettings(),
@@ -36,12 +36,14 @@ def asd_pipeline(
     store_url: str | None = None,
     rerun: bool = False,
 ) -> PipelineRefs:
-    """Run every stage as a child flow; each stage's output version is the next one's input."""
+    """Run every stage as a child flow; each stage's output version is the next one's input.
+    `prompts`: a stored prompt manifest (`prompts/NAME@VERSION`) or a (small) list of prompts."""
     check_name(name)  # before any stage runs
     store_url = ArtifactStore(store_url).url
+    prompts_ref = prompts if isinstance(prompts, str) else prompts_flow(prompts, name, store_url)
     dataset = ingest_flow(source, name, ingest, store_url, rerun)
     model = train_flow(dataset, name, train, store_url, rerun)
-    generations = generate_flow(model, prompts, name, generate, store_url, rerun)
+    generations = generate_flow(model, prompts_ref, name, generate, store_url, rerun)
     evaluation = evaluate_flow(generations, dataset, name, evaluate, store_url, rerun)
     refs = PipelineRefs(dataset=dataset, model=model, generations=generations, evaluation=evaluation)
     record_run(store_url, "asd-pipeline", [source], list(refs.model_dump().values()), {"name": name})

@@ -1,9 +1,20 @@
-"""FSTD generation tasks: one task per shard of prompts, one model load per worker, and the
-commit of the whole generations version once every shard is done."""
+"""FSTD generation tasks: one task per shard of prompt rows, the model loaded once per worker
+process, every image durable in the pending version as soon as it is rendered, and one commit
+of the whole generations version at the end.
+
+Exactly once: an image's key holds a hash of the model version, its prompt row and the render
+settings; a finished image is `images/<key>.png` plus `images/<key>.json` (its manifest row and
+the PNG's sha256, written after the PNG). A rerun of the same job resumes the same pending
+version (`store.resume_or_new`) and renders only the images without their `.json`."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import resource
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,92 +24,205 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
+from artifact_store.writer import fault_point
+from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import GenerateSettings, PromptSpec
-from tasks.model_cache import cached_pipeline
+from data_manifests.settings import GenerateSettings
+from tasks.model_cache import cached_pipeline, model_loads
 from tasks.progress import Progress
 from tasks.runtime import commit_in_run, run_logger
 
 
-def image_key(index: int, width: int, height: int) -> str:
-    return f"{index:06d}-{width}x{height}"
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything a shard task needs, small and picklable (no prompt text: tasks read their
+    rows from the stored prompts artifact, so a 100k-prompt job fits Prefect's parameter cap)."""
+
+    store_url: str
+    model: str  # resolved models/NAME@VERSION
+    prompts: str  # resolved prompts/NAME@VERSION
+    pending: PendingVersion
+    settings: GenerateSettings
 
 
 @dataclass
 class ShardOutput:
-    """What one shard task wrote into the pending version: manifest rows (failures included)
-    and the files it put, with their sha256 and size (for the commit record)."""
+    """What one shard task left in the pending version: manifest rows (failures included), the
+    files with their sha256 and size, how many images it rendered now (not found done), and
+    where it ran."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rendered: int = 0
+    worker: str = ""
+    model_loads: int = 0
 
 
-def _render_one(pipe: Any, p: PromptSpec, key: str, settings: GenerateSettings, fstd: Any) -> Any:
-    with Progress(f"generate {key}", total=settings.steps, unit="step") as progress:
-        def on_step(stage: str, step: int, total: int, done: int, tiles: int) -> None:
-            if stage != "fstd":
-                return
-            if progress.total != total:
-                progress.set_total(total)
-            progress.update(step + (done == tiles))
-            progress.note(f"tiles {done}/{tiles}")
-
-        res = pipe(p.prompt, p.width, p.height, num_inference_steps=settings.steps,
-                   guidance_scale=settings.guidance_scale, strength=settings.strength, seed=p.seed, fstd=fstd,
-                   progress=on_step, noise_level=settings.noise_level)
-    if res.image.size != (p.width, p.height):
-        raise RuntimeError(f"pipeline returned {res.image.size}, expected {(p.width, p.height)}")
-    return res
+def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
+    """Hash of what decides an image's pixels: model version, prompt row, render settings."""
+    fields = {k: row[k] for k in ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale",
+                                  "strength")}
+    blob = json.dumps({"model": model, "row": fields, "settings": settings.render_options()}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@task(name="generate-shard")
-def generate_shard(store_url: str, model_ref: str, pending: PendingVersion, shard: list[tuple[int, PromptSpec]],
-                   settings: GenerateSettings) -> ShardOutput:
-    """Render one shard of (index, prompt) into the pending generations version."""
-    logger = run_logger()
-    store = ArtifactStore(store_url)
-    pipe = cached_pipeline(store_url, model_ref, settings.upscaler)
-    writer = store.writer(pending)
-    fstd = pipe.default_fstd(settings.tile, settings.tile_batch_size)
-    out = ShardOutput()
-    for index, p in shard:
-        key = image_key(index, p.width, p.height)
-        row = {f.name: None for f in GENERATIONS_MANIFEST}
-        row.update(key=key, prompt=p.prompt, width=p.width, height=p.height, seed=p.seed)
-        t0 = time.perf_counter()
+def image_key(row: dict[str, Any], identity: str) -> str:
+    return f"{row['row']:06d}-{row['width']}x{row['height']}-{identity[:12]}"
+
+
+def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = {f.name: None for f in GENERATIONS_MANIFEST}
+    out.update(key=f"{row['row']:06d}-invalid", row=row["row"], prompt=row.get("prompt"), width=row.get("width"),
+               height=row.get("height"), seed=row.get("seed"), status=STATUS_FAILED,
+               error=f"prompt row {row['row']}: {row['error']}")
+    return out
+
+
+def _packs(rows: list[dict[str, Any]], settings: GenerateSettings) -> list[list[dict[str, Any]]]:
+    """Consecutive rows rendered together, up to `pack_max_pixels` output pixels (at least one)."""
+    if not settings.pack:
+        return [[r] for r in rows]
+    packs: list[list[dict[str, Any]]] = []
+    pixels = 0
+    for r in rows:
+        n = r["width"] * r["height"]
+        if packs and pixels + n <= settings.pack_max_pixels:
+            packs[-1].append(r)
+            pixels += n
+        else:
+            packs.append([r])
+            pixels = n
+    return packs
+
+
+def _peak_memory_mb(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: ShardOutput) -> bool:
+    """Take an image a previous run finished (its .json exists) into `out`."""
+    rel = f"images/{key}.json"
+    if not store.exists(pending, rel):
+        return False
+    blob = store.read_pending(pending, rel)
+    record = json.loads(blob)
+    out.rows.append(record["row"])
+    out.files[record["row"]["image"]] = record["file"]
+    out.files[rel] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    return True
+
+
+def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writer: Any, out: ShardOutput,
+                 worker: str, logger: Any) -> None:
+    import torch
+
+    from asd_models.pipeline import RenderRequest
+
+    s = job.settings
+    reqs = [RenderRequest(r["prompt"], r["width"], r["height"], r["seed"], r["negative_prompt"] or "",
+                          r["steps"] or s.steps, s.guidance_scale if r["guidance_scale"] is None else r["guidance_scale"],
+                          r["strength"] or s.strength, s.noise_level) for r in pack]
+    fstd = pipe.default_fstd(s.tile, s.tile_batch_size)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    t0 = time.perf_counter()
+    total = sum(q.steps for q in reqs)
+    with Progress(f"render {pack[0]['key']} (+{len(pack) - 1})", total=total, unit="step") as progress:
+        steps_done: dict[tuple[int, str], int] = {}
+
+        def on_step(i: int, stage: str, step: int, n: int, done: int, tiles: int) -> None:
+            if stage == "fstd" and done == tiles:
+                steps_done[(i, stage)] = step + 1
+                progress.update(min(total, sum(steps_done.values())))
+
         try:
-            res = _render_one(pipe, p, key, settings, fstd)
-            buf = io.BytesIO()
-            res.image.save(buf, format="PNG")
-            rel = f"images/{key}.png"
-            out.files[rel] = writer.put_bytes(rel, buf.getvalue())
-            row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
-                       canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-                       seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"])
+            results = pipe.generate_many(reqs, fstd, on_step)
+            error = None
         except (ValueError, RuntimeError) as exc:
-            logger.error("prompt %s failed: %s", key, exc)
-            row.update(status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
-        row["seconds"] = time.perf_counter() - t0
+            results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
+    seconds = (time.perf_counter() - t0) / len(pack)
+    peak = _peak_memory_mb(pipe.device)
+    for r, res in zip(pack, results, strict=True):
+        row = {f.name: None for f in GENERATIONS_MANIFEST}
+        row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
+                   seconds=seconds, peak_memory_mb=peak, device=str(pipe.device), worker=worker)
+        if res is None or res.image.size != (r["width"], r["height"]):
+            row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.image.size}")
+            logger.error("%s failed: %s", r["key"], row["error"])
+            out.rows.append(row)
+            continue
+        buf = io.BytesIO()
+        res.image.save(buf, format="PNG")
+        rel = f"images/{r['key']}.png"
+        meta = writer.put_bytes(rel, buf.getvalue())
+        row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
+                   canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
+                   seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals)
+        record = json.dumps({"row": row, "file": meta}, default=str).encode()
+        out.files[rel] = meta
+        out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the PNG
         out.rows.append(row)
-        logger.info("%s %s in %.1f s", key, row["status"], row["seconds"])
+        out.rendered += 1
+        fault_point(f"after-image-{out.rendered}")  # tests: a worker killed mid-shard
+        logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
+                    res.unet_evals, row["device"], worker)
+
+
+@task(name="render-shard")
+def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
+    """Render the valid prompt rows [start, stop) of the job into its pending version;
+    images a previous run finished are taken as they are."""
+    logger = run_logger()
+    store = ArtifactStore(job.store_url)
+    rows = [r for r in read_prompts(store, job.prompts).slice(start, stop - start).to_pylist() if r["error"] is None]
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    out = ShardOutput(worker=worker)
+    todo = []
+    for r in rows:
+        r["key"] = image_key(r, image_identity(job.model, r, job.settings))
+        if not _resumed(store, job.pending, r["key"], out):
+            todo.append(r)
+    if todo:
+        loads = model_loads()
+        pipe = cached_pipeline(job.store_url, job.model, job.settings.upscaler, job.settings.device,
+                               job.settings.dtype)
+        out.model_loads = model_loads() - loads
+        writer = store.writer(job.pending)
+        for pack in _packs(todo, job.settings):
+            _render_pack(pipe, pack, job, writer, out, worker, logger)
+    logger.info("shard rows %d-%d: %d rendered, %d already done", start, stop, out.rendered, len(rows) - len(todo))
     return out
 
 
 @task(name="commit-generations")
-def commit_generations(store_url: str, pending: PendingVersion, outputs: list[ShardOutput], parents: list[str],
+def commit_generations(job: GenerationJob, outputs: list[ShardOutput], parents: list[str],
                        params: dict[str, Any]) -> str:
-    """Adopt the shards' files, write the generations manifest, commit the version once."""
-    store = ArtifactStore(store_url)
-    writer = store.writer(pending)
-    rows = []
+    """Adopt the shards' files, write the generations manifest (invalid prompt rows included as
+    failures), commit the version once."""
+    store = ArtifactStore(job.store_url)
+    writer = store.writer(job.pending)
+    rows = [invalid_row(r) for r in read_prompts(store, job.prompts).to_pylist() if r["error"] is not None]
     for o in outputs:
         writer.add_files(o.files)
         rows += o.rows
-    rows.sort(key=lambda r: r["key"])
+    keys = [r["key"] for r in rows]
+    if len(keys) != len(set(keys)):
+        raise RuntimeError(f"{job.pending.ref}: an image appears twice in the manifest")
+    rows.sort(key=lambda r: (r["row"], r["key"]))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_MANIFEST), buf)
     writer.put_bytes("manifest.parquet", buf.getvalue())
     ok = sum(r["status"] == STATUS_OK for r in rows)
-    ref: ArtifactRef = commit_in_run(writer, parents=parents, params=params,
-                                     summary={"images_ok": ok, "images_failed": len(rows) - ok})
+    rendered = sum(o.rendered for o in outputs)
+    loads: dict[str, int] = {}
+    for o in outputs:
+        loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
+    ref: ArtifactRef = commit_in_run(writer, parents=parents, params=params, summary={
+        "images_ok": ok, "images_failed": len(rows) - ok, "images_rendered_by_this_run": rendered,
+        "images_resumed": ok - rendered, "model_loads_by_worker": loads})
     return str(ref)

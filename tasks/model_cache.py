@@ -78,17 +78,32 @@ def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
 
 
 _LOAD_LOCK = threading.Lock()  # diffusers loads through process-global meta-device patching: one load at a time
+_LOADS = [0]
 
 
-def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None) -> AnySizePipeline:
-    """Load a pipeline once per worker process, model version and upscaler (threads that ask
-    at once wait for the one load; two concurrent `from_pretrained` calls corrupt each other)."""
+def model_loads() -> int:
+    """How many pipelines this process has loaded (a worker should load each model once)."""
+    return _LOADS[0]
+
+
+def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, device: str = "auto",
+                    dtype: str = "auto") -> AnySizePipeline:
+    """Load a pipeline once per worker process, model version, upscaler, device and dtype
+    (threads that ask at once wait for the one load; two concurrent `from_pretrained` calls
+    corrupt each other)."""
     with _LOAD_LOCK:
-        return _load_pipeline(store_url, ref, upscaler)
+        return _load_pipeline(store_url, ref, upscaler, device, dtype)
 
 
 @lru_cache(maxsize=4)
-def _load_pipeline(store_url: str, ref: str, upscaler: str | None) -> AnySizePipeline:
+def _load_pipeline(store_url: str, ref: str, upscaler: str | None, device: str, dtype: str) -> AnySizePipeline:
+    from asd_models.pipeline import resolve_device, resolve_dtype
+
     store = ArtifactStore(store_url)
     up = resolve_base_model(store, upscaler) if upscaler else None
-    return AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)
+    pipe = AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)
+    dev = resolve_device(device)
+    pipe.to(dev, resolve_dtype(dtype, dev))
+    _LOADS[0] += 1
+    run_logger().info("loaded %s on %s (%s) in process %d", ref, pipe.device, pipe.dtype, os.getpid())
+    return pipe

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import: not inside a capsys test
 from artifact_store import ArtifactStore
 from data_manifests.settings import EvaluateSettings, GenerateSettings, IngestSettings, TrainSettings
 from flows.cli import build_parser, main
@@ -58,8 +59,7 @@ def test_ingest_cross_field_check_sees_the_given_step():
 
 def _bad_csv(tmp_path):
     (tmp_path / "nocol.csv").write_text("text,width,height\na cat,64,64\n")
-    (tmp_path / "latin1.csv").write_bytes("prompt,width,height\ncaf\xe9,64,64\n".encode("latin-1"))
-    (tmp_path / "badrow.csv").write_text("prompt,width,height,seed\nok,64,64,1\nbig seed,64,64,1180591620717411303424\n")
+    (tmp_path / "p.xlsx").write_text("not a table format we read")
     return tmp_path
 
 
@@ -71,9 +71,8 @@ def _bad_csv(tmp_path):
     (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--seed", str(2**70)], "--seed"),
     (["generate", "--model", "m"], "give --prompts FILE"),
     (["generate", "--model", "m", "--prompts", "{tmp}/nocol.csv"], "missing column(s) prompt"),
-    (["generate", "--model", "m", "--prompts", "{tmp}/latin1.csv"], "cannot be read"),
-    (["generate", "--model", "m", "--prompts", "{tmp}/badrow.csv"], "row 2: seed"),
     (["generate", "--model", "m", "--prompts", "{tmp}/none.parquet"], "no such file"),
+    (["generate", "--model", "m", "--prompts", "{tmp}/p.xlsx"], "unknown format"),
     (["generate", "--model", "bad name", "--prompt", "x", "--size", "64x64"], "bad artifact name 'bad name'"),
     (["generate", "--model", "m", "--name", "bad\n", "--prompt", "x", "--size", "64x64"], "bad artifact name"),
     (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "4"], "--patch-size"),
@@ -116,20 +115,28 @@ def stored_model_and_data(tmp_path_factory, tiny_model_dir):
 def test_cli_generate_then_evaluate(stored_model_and_data, prefect_harness, capsys, tmp_path):
     store_url, ds = stored_model_and_data
     prompts = tmp_path / "p.jsonl"
-    pl.DataFrame({"prompt": ["a red cat", "a blue dog"], "width": [200, 96], "height": [96, 160],
-                  "seed": [1, 2]}).write_ndjson(prompts)
+    prompts.write_bytes(b'{"prompt": "a red cat", "width": 200, "height": 96, "seed": 1}\n'
+                        b'{"prompt": "too big", "width": 20000, "height": 96}\n'
+                        b'{"prompt": "caf\xe9", "width": 96, "height": 96}\n'
+                        b'{"prompt": "a blue dog", "width": 96, "height": 160, "seed": 2}\n'
+                        b'{"prompt": "huge seed", "width": 96, "height": 96, "seed": 1180591620717411303424}\n')
     assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "cli", "--prompts", str(prompts),
                  "--steps", "2", "--tile-batch-size", "3", "--shard-size", "1", "--workers", "2"]) == 0
-    gen = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    gen = captured.out.strip().splitlines()[-1]
+    assert "prompt row 2 will not be rendered: width" in captured.err
     store = ArtifactStore(store_url)
     rec = store.record(gen)
     assert rec["params"]["tile_batch_size"] == 3 and rec["params"]["steps"] == 2
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
-    assert manifest["status"].to_list() == ["ok", "ok"], manifest["error"].to_list()
+    assert manifest["status"].to_list() == ["ok", "failed", "failed", "ok", "failed"], manifest["error"].to_list()
+    errors = manifest["error"].to_list()
+    assert "row 2: width" in errors[1] and "not UTF-8" in errors[2] and "row 5: seed" in errors[4]
+    manifest = manifest.filter(pl.col("status") == "ok")
     assert sorted(zip(manifest["width"], manifest["height"], strict=True)) == [(96, 160), (200, 96)]
     for r in manifest.iter_rows(named=True):
         assert Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).size == (r["width"], r["height"])
-        assert r["fstd_tiles"] > 0
+        assert r["fstd_tiles"] > 0 and r["unet_evals"] > r["fstd_tiles"] and r["device"] == "cpu" and r["worker"]
     assert main(["--store", store_url, "evaluate", "--generations", gen, "--dataset", ds, "--name", "cli",
                  "--patch-size", "32", "--patches-per-image", "2", "--clip-model", str(tmp_path / "no-clip")]) == 0
     out = capsys.readouterr().out

@@ -44,7 +44,8 @@ def check_pipeline_outputs(store: ArtifactStore, refs) -> None:
     base = [p for p in model_rec["parents"] if p.startswith("models/")]
     assert refs.dataset in model_rec["parents"] and base
     assert store.record(base[0])["parents"] == [refs.dataset]
-    assert store.record(refs.generations)["parents"] == [refs.model]
+    gen_parents = store.record(refs.generations)["parents"]
+    assert gen_parents[0] == refs.model and gen_parents[1].startswith("prompts/t@") and len(gen_parents) == 2
     assert set(store.record(refs.evaluation)["parents"]) == {refs.generations, refs.dataset}
     lineage = [r["ref"] for r in store.lineage(refs.evaluation)]
     assert refs.dataset in lineage and refs.model in lineage
@@ -100,8 +101,8 @@ def test_demo_command_on_s3(prefect_harness, s3_bucket, capsys):
     out = capsys.readouterr().out
     store = ArtifactStore(s3_bucket)
     kinds = {k for k, _ in store.list_artifacts()}
-    assert kinds == {"datasets", "models", "generations", "evaluations"}
+    assert kinds == {"datasets", "models", "prompts", "generations", "evaluations"}
     assert "s3://" in out and "these numbers mean nothing" in out
     assert asd_main(["--store", s3_bucket, "store", "verify"]) == 0
     refs = {str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)}
-    assert set(store.catalog()["ref"].to_pylist()) == refs and len(refs) == 5
+    assert set(store.catalog()["ref"].to_pylist()) == refs and len(refs) == 6

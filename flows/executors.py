@@ -1,0 +1,58 @@
+"""Where shard tasks run: threads of this process, or Dask worker processes (a local cluster,
+or an existing scheduler by address), chosen per run from `GenerateSettings`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_manifests.settings import GenerateSettings
+
+
+def uses_gpu(settings: GenerateSettings) -> bool:
+    if settings.device.startswith("cuda"):
+        return True
+    if settings.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def task_runner_for(settings: GenerateSettings):
+    """ThreadPoolTaskRunner, or prefect-dask's DaskTaskRunner: `dask_address` connects to an
+    existing cluster (`dask scheduler` + `dask worker --resources GPU=1` per GPU, or `dask cuda
+    worker`); without one, a LocalCluster of `workers` single-threaded processes (one per GPU,
+    each with a GPU resource, when the job runs on GPUs; dask-cuda's LocalCUDACluster, pinning
+    one GPU per worker, when it is installed)."""
+    if settings.executor == "threads":
+        return ThreadPoolTaskRunner(max_workers=settings.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    kwargs = {"n_workers": settings.workers, "threads_per_worker": 1, "processes": True,
+              "dashboard_address": None}
+    if uses_gpu(settings):
+        try:
+            import dask_cuda  # noqa: F401
+
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                                  cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}})
+        except ImportError:
+            kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def gpu_annotation(settings: GenerateSettings) -> Iterator[None]:
+    """Each GPU shard asks for one GPU, so a Dask worker runs as many as it has GPUs."""
+    if settings.executor == "dask" and uses_gpu(settings):
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    else:
+        yield

@@ -1,0 +1,135 @@
+"""Generation at scale: images of a shard packed into shared UNet calls, devices, a resumable
+job (SIGKILL and rerun renders only what is missing), Dask workers (one model load each; a
+worker killed mid-shard and the job still completes with every image once)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
+from artifact_store import ArtifactStore
+from asd_models.pipeline import AnySizePipeline, RenderRequest
+from data_manifests.settings import GenerateSettings
+
+REQUESTS = [RenderRequest("a red cat", 128, 128, seed=1, steps=3), RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
+            RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8)]
+
+
+def _count_unet_calls(unet):
+    calls = []
+    forward = unet.forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return forward(*args, **kwargs)
+
+    unet.forward = counted
+    return calls
+
+
+def test_packed_images_match_one_at_a_time_with_fewer_unet_calls(tiny_model_dir):
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
+    fstd = pipe.default_fstd(tile_batch_size=16)
+    calls = _count_unet_calls(pipe.c.unet)
+    alone = [pipe.generate_many([r], fstd)[0] for r in REQUESTS]
+    alone_calls = len(calls)
+    calls.clear()
+    packed = pipe.generate_many(REQUESTS, fstd)
+    assert len(calls) < alone_calls  # tiles of several images shared UNet calls
+    for a, p in zip(alone, packed, strict=True):
+        assert a.image.size == p.image.size and a.unet_evals == p.unet_evals
+        diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(p.image, dtype=np.int16))
+        assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_device_and_dtype_are_resolved_and_reported(tiny_model_dir):
+    from asd_models.pipeline import resolve_device, resolve_dtype
+
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cpu", torch.float32)
+    assert pipe.device.type == "cpu" and pipe.dtype == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError):
+        GenerateSettings(device="gpu")
+
+
+@pytest.fixture(scope="module")
+def stored_model(tmp_path_factory, tiny_model_dir):
+    store_url = str(tmp_path_factory.mktemp("gen") / "store")
+    w = ArtifactStore(store_url).new_version("models", "tiny")
+    w.put_dir(tiny_model_dir)
+    w.commit()
+    return store_url
+
+
+def _prompt_file(path: Path, n: int) -> Path:
+    sizes = [(96, 96), (160, 96), (96, 160), (128, 128)]
+    pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [sizes[i % 4][0] for i in range(n)],
+                  "height": [sizes[i % 4][1] for i in range(n)], "seed": list(range(n))}).write_parquet(path)
+    return path
+
+
+def _asd(store_url, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store_url, *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent, timeout=300)
+
+
+def _manifest(store_url, ref):
+    return pl.read_parquet(io.BytesIO(ArtifactStore(store_url).read_bytes(ref, "manifest.parquet")))
+
+
+@pytest.mark.slow
+def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
+    prompts = _prompt_file(tmp_path / "p.parquet", 6)
+    common = ["generate", "--model", "tiny", "--name", "resume", "--prompts", str(prompts), "--steps", "2",
+              "--shard-size", "2"]
+    killed = _asd(stored_model, *common, env={"ASD_FAULT_AT": "after-image-2", "PREFECT_HOME": str(tmp_path / "ph")})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = ArtifactStore(stored_model)
+    assert store.list_versions("generations", "resume") == []  # nothing half-committed is visible
+    done = _asd(stored_model, *common, env={"PREFECT_HOME": str(tmp_path / "ph")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = done.stdout.strip().splitlines()[-1]
+    summary = store.record(ref)["summary"]
+    assert summary["images_ok"] == 6 and summary["images_resumed"] == 2 and summary["images_rendered_by_this_run"] == 4
+    manifest = _manifest(stored_model, ref)
+    assert manifest["key"].n_unique() == 6 and manifest["status"].to_list() == ["ok"] * 6
+    assert store.verify(ref) == []
+    again = _asd(stored_model, *common, env={"PREFECT_HOME": str(tmp_path / "ph")})
+    assert again.stdout.strip().splitlines()[-1] == ref  # the same job is reused, nothing rendered
+
+
+@pytest.mark.slow
+def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(stored_model, tmp_path, prefect_harness,
+                                                                     monkeypatch):
+    from data_engine.prompts import commit_prompts, prompt_table
+    from flows.stages import generate_flow
+
+    store = ArtifactStore(stored_model)
+    prompts = str(commit_prompts(store, prompt_table(_prompt_file(tmp_path / "p.parquet", 8)), "dask", "test"))
+    monkeypatch.setenv("ASD_FAULT_AT", "after-image-1")
+    monkeypatch.setenv("ASD_FAULT_ONCE_FILE", str(tmp_path / "killed-once"))
+    monkeypatch.setenv("ASD_CACHE", str(tmp_path / "cache"))
+    settings = GenerateSettings(steps=2, shard_size=2, executor="dask", workers=2, retries=3)
+    ref = generate_flow("models/tiny", prompts, "dask", settings, stored_model)
+    assert (tmp_path / "killed-once").exists()  # one worker process was SIGKILLed mid-shard
+    manifest = _manifest(stored_model, ref)
+    assert manifest["status"].to_list() == ["ok"] * 8 and manifest["key"].n_unique() == 8
+    workers = set(manifest["worker"].to_list())
+    loads = store.record(ref)["summary"]["model_loads_by_worker"]
+    assert all(loads.get(w, 0) <= 1 for w in workers) and sum(loads.values()) <= len(loads)
+    for r in manifest.iter_rows(named=True):
+        assert Image.open(io.BytesIO(store.read_bytes(ref, r["image"]))).size == (r["width"], r["height"])
