@@ -173,18 +173,22 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
             for i in range(0, len(group), tile_batch_size):
                 _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
         for j in active:
-            fused, weight_sum = acc[id(j)]
-            eps = fused / weight_sum.clamp_min(1e-30)
-            covered = weight_sum > 0
-            if not bool(covered.all()):
-                if j.previous is None:
-                    raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
-                eps = torch.where(covered, eps, j.previous)
-            j.previous = eps
+            eps = j.previous = _fused_noise(*acc[id(j)], j.previous)
             t = j.timesteps[j.step]
             j.latents = j.scheduler.step(eps.to(j.latents.dtype), t, j.latents, generator=j.generator).prev_sample
             j.step += 1
     return jobs
+
+
+def _fused_noise(fused: torch.Tensor, weight_sum: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Weighted mean of the tiles' noise; positions no tile covered take the previous step's."""
+    eps = fused / weight_sum.clamp_min(1e-30)
+    covered = weight_sum > 0
+    if not bool(covered.all()):
+        if previous is None:
+            raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
+        eps = torch.where(covered, eps, previous)
+    return eps
 
 
 def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype,
@@ -263,14 +267,7 @@ def predict_noise_tiled(
     for (rh, rw), group in by_shape.items():
         for i in range(0, len(group), tile_batch_size):
             _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
-    fused, weight_sum = acc[id(job)]
-    eps = fused / weight_sum.clamp_min(1e-30)
-    covered = weight_sum > 0
-    if not bool(covered.all()):
-        if previous is None:
-            raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
-        eps = torch.where(covered, eps, previous)
-    return eps
+    return _fused_noise(*acc[id(job)], previous)
 
 
 @torch.no_grad()

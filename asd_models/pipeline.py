@@ -151,13 +151,20 @@ class AnySizePipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnySizePipeline:
         """Move every model to `device` in `dtype` (as diffusers pipelines). In fp16 a VAE whose
         config asks for it (`force_upcast`, as SD's) stays in fp32: its decoder overflows in fp16."""
+        def move(m: torch.nn.Module, want: torch.dtype | None) -> None:
+            # only what changes: diffusers warns on every dtype cast, even a no-op one
+            if want is not None and want != m.dtype:
+                m.to(dtype=want)
+            if device is not None and torch.device(device) != m.device:
+                m.to(device=device)
+
         for c in (self.c, self.upscaler):
             if c is None:
                 continue
             for m in (c.unet, c.text_encoder):
-                m.to(device=device, dtype=dtype)
+                move(m, dtype)
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
-            c.vae.to(device=device, dtype=torch.float32 if upcast else dtype)
+            move(c.vae, torch.float32 if upcast else dtype)
         return self
 
     # -- pieces --------------------------------------------------------------------------------

@@ -164,9 +164,12 @@ class GenerateSettings(StageSettings):
         default_factory=lambda: os.environ.get("ASD_DASK_ADDRESS") or None,
         description="an existing Dask scheduler, e.g. tcp://host:8786 ($ASD_DASK_ADDRESS; default: a local cluster)")
     retries: int = Field(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads of torch in each Dask worker "
+                                      "(default: cores / workers)")
 
     EXECUTION: ClassVar[tuple[str, ...]] = ("shard_size", "pack", "pack_max_pixels", "executor", "workers",
-                                            "dask_address", "retries", "tile_batch_size", "device", "dtype")
+                                            "dask_address", "retries", "tile_batch_size", "device", "dtype",
+                                            "torch_threads")
 
     def render_options(self) -> dict:
         """What changes the pixels of an image (execution knobs excluded)."""

@@ -4,6 +4,7 @@ or an existing scheduler by address), chosen per run from `GenerateSettings`."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -21,6 +22,18 @@ def uses_gpu(settings: GenerateSettings) -> bool:
     return False
 
 
+def current_api_url() -> str | None:
+    """The Prefect API this process talks to (the temporary server's, in the embedded default)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            url = str(client.api_url)
+    except Exception:  # noqa: BLE001 - no API reachable: workers fall back to their own default
+        return None
+    return url if url.startswith("http") else None
+
+
 def task_runner_for(settings: GenerateSettings):
     """ThreadPoolTaskRunner, or prefect-dask's DaskTaskRunner: `dask_address` connects to an
     existing cluster (`dask scheduler` + `dask worker --resources GPU=1` per GPU, or `dask cuda
@@ -33,8 +46,14 @@ def task_runner_for(settings: GenerateSettings):
 
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    # CPU threads split between the worker processes (else N workers x all cores contend)
+    threads = str(settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "ASD_TORCH_THREADS": threads}
+    api = current_api_url()
+    if api:  # workers report to this run's Prefect API (else each would start a temporary server of its own)
+        env["PREFECT_API_URL"] = api
     kwargs = {"n_workers": settings.workers, "threads_per_worker": 1, "processes": True,
-              "dashboard_address": None}
+              "dashboard_address": None, "env": env}
     if uses_gpu(settings):
         try:
             import dask_cuda  # noqa: F401

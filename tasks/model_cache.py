@@ -99,6 +99,10 @@ def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, devic
 def _load_pipeline(store_url: str, ref: str, upscaler: str | None, device: str, dtype: str) -> AnySizePipeline:
     from asd_models.pipeline import resolve_device, resolve_dtype
 
+    if threads := os.environ.get("ASD_TORCH_THREADS"):  # set for Dask workers (they start with 1)
+        import torch
+
+        torch.set_num_threads(int(threads))
     store = ArtifactStore(store_url)
     up = resolve_base_model(store, upscaler) if upscaler else None
     pipe = AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)
