@@ -27,8 +27,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
         flags = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
         kind, optional = _base_type(field.annotation)
         text = field.description or ""
-        if field.default is not None:
-            text += f" (default: {field.default})"
+        default = field.get_default(call_default_factory=True)
+        if default is not None:
+            text += f" (default: {default})"
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is Literal:
