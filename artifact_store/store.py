@@ -155,7 +155,11 @@ class ArtifactStore:
             for version in reversed(self._uncommitted_versions(kind, name)):
                 try:
                     marker = json.loads(self.fs.cat_file(self.path(kind, name, version, PENDING_MARKER)))
-                except (FileNotFoundError, ValueError):
+                except FileNotFoundError:  # an uncommitted version of another kind of job: not ours to resume
+                    continue
+                except ValueError as exc:
+                    log.warning("not resuming %s/%s@%s: its %s is unreadable (%s)", kind, name, version,
+                                PENDING_MARKER, exc)
                     continue
                 if isinstance(marker, dict) and marker.get("input_hash") == input_hash:
                     return PendingVersion(ArtifactRef(kind, name, version), input_hash)

@@ -90,11 +90,12 @@ def unet_multiple() -> int:
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's peak across exec)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # no /proc (not Linux): getrusage's peak is the best there is
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

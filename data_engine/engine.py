@@ -403,8 +403,6 @@ def run_ingest(sources: list[Any], writer: VersionWriter, options: IngestSetting
             pool.shutdown(cancel_futures=True)
         if threads:
             threads.shutdown(cancel_futures=True)
-        if fetcher:
-            fetcher.__exit__(None, None, None)
     for rel, data in run.shards.wids_indexes(dataset).items():
         writer.put_bytes(rel, data)
     index = run.bucket_index(dataset)

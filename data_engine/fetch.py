@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import fsspec
 import httpx
 
-from artifact_store import redact, redact_url
+from artifact_store import redact
 
 KNOWN_SCHEMES = ("http", "https", "s3", "file")
 DEFAULT_SCHEMES = ("http", "https")
@@ -138,7 +138,7 @@ class _Decoder:
 
 
 class Fetcher:
-    """Thread-safe; one per ingest run. Use as a context manager."""
+    """Thread-safe; one per ingest run (each request opens and closes its own HTTP client)."""
 
     def __init__(self, options: FetchOptions, storage_options: dict[str, Any] | None = None) -> None:
         self.options = options
@@ -146,12 +146,6 @@ class Fetcher:
         self._lock = threading.Lock()
         self._hosts: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(options.per_host))
         self.attempts = 0
-
-    def __enter__(self) -> Fetcher:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
     def _host(self, host: str) -> threading.Semaphore:
         with self._lock:
@@ -296,8 +290,3 @@ class Fetcher:
         if len(data) > self.options.max_bytes:
             raise FetchError(f"too large: over max_bytes {self.options.max_bytes}", False)
         return data
-
-
-def display_url(url: str) -> str:
-    """The form of a source URL that may be stored and logged (no credentials, no signatures)."""
-    return redact_url(url)

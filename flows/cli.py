@@ -436,19 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user gave something wrong (not a bug): one line, exit 2."""
+    from botocore.exceptions import BotoCoreError, ClientError  # s3fs[boto3] is a dependency
     from pydantic import ValidationError
 
-    from artifact_store import CorruptRecord, StoreError
+    from artifact_store import StoreError
     from asd_models.loading import ModelNotFoundError
 
-    types_: list[type[BaseException]] = [UserError, StoreError, ValidationError, ModelNotFoundError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        types_ += [BotoCoreError, ClientError]
-    except ImportError:
-        pass
-    return tuple(t for t in types_ if t is not CorruptRecord)
+    # CorruptRecord (a StoreError) is caught before these, in main(): it exits 1, not 2
+    return (UserError, StoreError, ValidationError, ModelNotFoundError, BotoCoreError, ClientError)
 
 
 def _one_line(exc: BaseException) -> str:

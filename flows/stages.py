@@ -66,11 +66,12 @@ def render_shards_flow(job: GenerationJob, ranges: list[tuple[int, int]], total:
     task = render_shard.with_options(retries=job.settings.retries, retry_delay_seconds=2)
     with gpu_annotation(job.settings):
         futures = [task.submit(job, start, stop) for start, stop in ranges]
+    position = {id(f): i for i, f in enumerate(futures)}
     outputs: dict[int, ShardOutput] = {}
     t0 = time.monotonic()
     with Progress("generate images", total=max(1, total), unit="img") as progress:
         for future in as_completed(futures):
-            outputs[futures.index(future)] = out = future.result()
+            outputs[position[id(future)]] = out = future.result()
             done = sum(len(o.rows) for o in outputs.values())
             rendered = sum(o.rendered for o in outputs.values())
             evals = sum(r["unet_evals"] or 0 for o in outputs.values() for r in o.rows)

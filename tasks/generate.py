@@ -17,6 +17,7 @@ import resource
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -97,6 +98,12 @@ def _packs(rows: list[dict[str, Any]], settings: GenerateSettings) -> list[list[
     return packs
 
 
+@lru_cache(maxsize=2)
+def _prompt_table(store_url: str, prompts_ref: str) -> pa.Table:
+    """A prompts version, read once per worker process (versions are immutable)."""
+    return read_prompts(ArtifactStore(store_url), prompts_ref)
+
+
 def _peak_memory_mb(device: Any) -> float:
     import torch
 
@@ -172,7 +179,8 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
     images a previous run finished are taken as they are."""
     logger = run_logger()
     store = ArtifactStore(job.store_url)
-    rows = [r for r in read_prompts(store, job.prompts).slice(start, stop - start).to_pylist() if r["error"] is None]
+    rows = [r for r in _prompt_table(job.store_url, job.prompts).slice(start, stop - start).to_pylist()
+            if r["error"] is None]
     worker = f"{socket.gethostname()}:{os.getpid()}"
     out = ShardOutput(worker=worker)
     todo = []
