@@ -48,3 +48,22 @@ def grid_lines(length: int, period: int, origin: int = 0) -> list[int]:
             out.append(p)
         k += 1
     return out
+
+
+def seam_heatmap(image: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """Where the image changes abruptly, as a map of `out_size` (width, height): the larger of
+    |d/dx| and |d/dy| at each pixel over the image's median gradient, max-pooled down (a 1-pixel
+    seam survives the reduction). 1.0 = a typical edge; tile seams show as straight lines."""
+    img = np.asarray(image, dtype=np.float32)
+    gray = img.mean(axis=2) if img.ndim == 3 else img
+    h, w = gray.shape
+    grad = np.zeros((h, w), np.float32)
+    grad[:, 1:] = np.abs(np.diff(gray, axis=1))
+    grad[1:, :] = np.maximum(grad[1:, :], np.abs(np.diff(gray, axis=0)))
+    base = float(np.median(grad[grad > 0])) if np.any(grad > 0) else 1.0
+    ow, oh = max(1, min(out_size[0], w)), max(1, min(out_size[1], h))
+    ys = np.linspace(0, h, oh + 1).astype(int)
+    xs = np.linspace(0, w, ow + 1).astype(int)
+    rows = np.maximum.reduceat(grad, ys[:-1], axis=0)
+    pooled = np.maximum.reduceat(rows, xs[:-1], axis=1)
+    return pooled / max(base, 1e-6)

@@ -37,3 +37,26 @@ def materialize_demo_photos(dest: str | Path) -> Path:
 
 def demo_prompts() -> list[dict]:
     return [json.loads(line) for line in DEMO_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+DEMO_SOURCE = "asd-demo:photos"  # a source that names the demo photos (deployments' runnable default)
+
+
+def demo_photos_folder() -> Path:
+    """The demo photos in a fixed folder of this machine's temp dir (the same path every time, so a
+    re-ingest of `DEMO_SOURCE` is recognised as the same input); made once, then reused."""
+    import hashlib
+    import os
+    import tempfile
+
+    digest = hashlib.sha256(DEMO_PHOTOS.read_bytes()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"asd-demo-photos-{digest}"
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+    materialize_demo_photos(staging)
+    try:
+        os.rename(staging, folder)  # one step: a reader sees no folder or the whole one
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

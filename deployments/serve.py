@@ -1,24 +1,24 @@
-"""Serve the flows from this process (no work pool needed): `python -m deployments.serve`.
+"""Serve the flows from this process, without work pools: `python -m deployments.serve`.
 
-Then trigger runs from the UI or `prefect deployment run 'asd-pipeline/asd-pipeline' --param ...`.
-"""
+Its deployments are named `<flow>/served`, a name `prefect.yaml` never uses, so serving next to
+`asd deploy`'s deployments changes none of them (serve pauses its own on exit). Trigger runs from
+the UI or `prefect deployment run 'asd-pipeline/served' --param source=... --param prompts=...`.
+The store comes from $ASD_STORE of this process (made absolute)."""
 
 from __future__ import annotations
 
 from prefect import serve
 
+from flows.backfill import backfill_flow
 from flows.pipeline_flow import asd_pipeline
-from flows.stages import evaluate_flow, generate_flow, ingest_flow, train_flow
+from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow
+
+SERVED_NAME = "served"
+SERVED_FLOWS = (asd_pipeline, ingest_flow, train_flow, prompts_flow, generate_flow, evaluate_flow, backfill_flow)
 
 
 def main() -> None:
-    serve(
-        asd_pipeline.to_deployment(name="asd-pipeline"),
-        ingest_flow.to_deployment(name="ingest"),
-        train_flow.to_deployment(name="train"),
-        generate_flow.to_deployment(name="generate"),
-        evaluate_flow.to_deployment(name="evaluate"),
-    )
+    serve(*(f.to_deployment(name=SERVED_NAME) for f in SERVED_FLOWS))
 
 
 if __name__ == "__main__":

@@ -350,6 +350,100 @@ def _print_lineage(store, ref: str, full: bool) -> None:
             print(f"{pad}  source: {source}")
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deployments.deploy import DEFINITIONS, deploy_all, load_specs
+
+    if args.list:
+        for spec in load_specs(args.file or DEFINITIONS):
+            print(f"{spec.full_name:32s} pool {spec.work_pool:6s} {spec.description or ''}")
+        return 0
+    done = deploy_all(args.store, dict(os.environ), args.file or DEFINITIONS, args.only)
+    from prefect.settings import PREFECT_API_URL
+
+    print(f"registered {len(done)} deployment(s) with {PREFECT_API_URL.value()}:")
+    for name, pool, dep_id in done:
+        print(f"  {name:32s} work pool {pool:6s} {dep_id}")
+    pools = sorted({pool for _, pool, _ in done})
+    print("start a worker per pool, from this environment:\n"
+          + "".join(f"  prefect worker start --pool {p}\n" for p in pools)
+          + f"then: prefect deployment run '{done[0][0]}' --watch")
+    return 0
+
+
+def _param(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON when it parses (numbers, lists, objects), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--param {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _date_range(text: str):
+    """START..END or START..END/STEP_DAYS (ISO dates)."""
+    from flows.backfill import DateRange
+
+    span, _, step = text.partition("/")
+    start, sep, end = span.partition("..")
+    if not sep:
+        raise UserError(f"--dates {text!r}: expected START..END or START..END/STEP_DAYS (2026-11-01..2026-11-07)")
+    return DateRange(start=start, end=end, step_days=int(step) if step.strip().isdigit() else (step or 1))
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from deployments.deploy import check_api_url
+    from flows.backfill import backfill_flow
+
+    check_api_url()
+    if "/" not in args.deployment:
+        raise UserError(f"deployment {args.deployment!r}: expected FLOW/DEPLOYMENT, e.g. asd-generate/generate")
+    dates = _date_range(args.dates) if args.dates else None
+    versions = [v.strip() for v in args.prompts_versions.split(",") if v.strip()] if args.prompts_versions else None
+    if (dates is None) == (versions is None):
+        raise UserError("give exactly one of --dates or --prompts-versions")
+    if args.max_concurrency < 1:
+        raise UserError("--max-concurrency must be at least 1")
+    rows = backfill_flow(args.deployment, dates=dates, prompts_versions=versions,
+                         parameters=dict(_param(p) for p in args.param or []), name=args.name,
+                         max_concurrency=args.max_concurrency, store_url=args.store, return_state=True)
+    result = rows.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        print(f"asd: backfill failed: {_one_line(result)}", file=sys.stderr)
+        return 1
+    print(f"{'partition':52s} {'status':22s} {'seconds':>8s}  output / flow run")
+    for r in result:
+        print(f"{r['partition']:52s} {r['status']:22s} {r['seconds']:8.1f}  {r['output']} {r['flow_run'] or ''}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from artifact_store import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    if args.dashboard_cmd == "build":
+        from prefect.settings import PREFECT_UI_URL
+
+        from dashboard.build import build_site
+
+        built = build_site(store, thumb_px=args.thumb_px, max_images=args.max_images, prefect_ui=PREFECT_UI_URL.value())
+        print(f"dashboard: {built.pages} pages, {built.pictures_made} pictures made, {built.pictures_reused} reused")
+        print(f"open {built.index}" + ("  (or: asd dashboard serve)" if store.is_local else ""))
+        return 0
+    from dashboard.server import make_server
+
+    server = make_server(store, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving the dashboard of {store.display_url} at http://{host}:{port}/_site/index.html (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose mistakes are one line (`asd: ...`) and exit code 2."""
 
@@ -431,6 +525,40 @@ def build_parser() -> argparse.ArgumentParser:
     v = ssub.add_parser("verify", help="re-hash files and check commit records; exit 1 on any damage")
     v.add_argument("refs", nargs="*", help="references (default: every committed version)")
     s.set_defaults(func=cmd_store)
+
+    dp = sub.add_parser("deploy", help="create the work pools and register the deployments with a Prefect server",
+                        description="Registers every deployment of deployments/prefect.yaml (or --file) with the "
+                        "server at PREFECT_API_URL, creating its work pools; the store (--store, else $ASD_STORE) "
+                        "goes into each deployment's environment.")
+    dp.add_argument("--only", action="append", help="a deployment name or FLOW/NAME (repeatable; default: all)")
+    dp.add_argument("--file", help="a prefect.yaml of your own (default: the packaged deployments/prefect.yaml)")
+    dp.add_argument("--list", action="store_true", help="list the deployments of the file and stop")
+    dp.set_defaults(func=cmd_deploy)
+
+    b = sub.add_parser("backfill", help="one deployment run per date or prompt-manifest version",
+                       description="Launches FLOW/DEPLOYMENT once per partition through run_deployment (idempotency "
+                       "key per partition, bounded concurrency), skipping partitions whose output is committed. "
+                       "Outputs are named NAME-PARTITION; {partition} and {date} in --param values are filled in.")
+    b.add_argument("deployment", help="FLOW/DEPLOYMENT, e.g. asd-generate/generate")
+    b.add_argument("--dates", help="START..END[/STEP_DAYS], ISO dates, inclusive")
+    b.add_argument("--prompts-versions", help="comma-separated prompts/NAME@VERSION references")
+    b.add_argument("--param", action="append", help="KEY=VALUE override of a deployment parameter (JSON or text)")
+    b.add_argument("--name", help="base name of the outputs (default: the deployment's own)")
+    b.add_argument("--max-concurrency", type=int, default=2, help="partition runs in flight at once (default: 2)")
+    b.set_defaults(func=cmd_backfill)
+
+    db = sub.add_parser("dashboard", help="a static dashboard of the store (_site/), built from the catalog")
+    dsub = db.add_subparsers(dest="dashboard_cmd", required=True, parser_class=OneLineParser)
+    dbb = dsub.add_parser("build", help="write or refresh _site/ in the store")
+    dbb.add_argument("--thumb-px", type=int, default=256, help="longest side of the thumbnails (default: 256)")
+    dbb.add_argument("--max-images", type=int, default=200, help="images shown per generations version (default: 200)")
+    dbs = dsub.add_parser("serve", help="serve the store's dashboard on this machine")
+    dbs.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dbs.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    db.set_defaults(func=cmd_dashboard)
+    for parser in [*sub.choices.values(), *ssub.choices.values(), *dsub.choices.values()]:
+        # `asd deploy --store URL` as well as `asd --store URL deploy`; SUPPRESS keeps the global one
+        parser.add_argument("--store", default=argparse.SUPPRESS, help="artifact store URL (as `asd --store`)")
     return p
 
 
@@ -443,7 +571,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from asd_models.loading import ModelNotFoundError
 
     # CorruptRecord (a StoreError) is caught before these, in main(): it exits 1, not 2
-    return (UserError, StoreError, ValidationError, ModelNotFoundError, BotoCoreError, ClientError)
+    from deployments.deploy import DeployError
+    from flows.backfill import BackfillError
+
+    return (UserError, StoreError, ValidationError, ModelNotFoundError, BotoCoreError, ClientError, DeployError,
+            BackfillError)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from artifact_store import ArtifactStore, check_name
+from artifact_store import check_name
 from data_manifests.settings import (
     EvaluateSettings,
     GenerateSettings,
@@ -14,7 +14,9 @@ from data_manifests.settings import (
     TrainSettings,
 )
 from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow
+from tasks.reports import publish_pipeline_summary
 from tasks.runs import record_run
+from tasks.runtime import open_store
 
 
 class PipelineRefs(BaseModel):
@@ -39,7 +41,7 @@ def asd_pipeline(
     """Run every stage as a child flow; each stage's output version is the next one's input.
     `prompts`: a stored prompt manifest (`prompts/NAME@VERSION`) or a (small) list of prompts."""
     check_name(name)  # before any stage runs
-    store_url = ArtifactStore(store_url).url
+    store_url = open_store(store_url).url
     prompts_ref = prompts if isinstance(prompts, str) else prompts_flow(prompts, name, store_url)
     dataset = ingest_flow(source, name, ingest, store_url, rerun)
     model = train_flow(dataset, name, train, store_url, rerun)
@@ -47,4 +49,5 @@ def asd_pipeline(
     evaluation = evaluate_flow(generations, dataset, name, evaluate, store_url, rerun)
     refs = PipelineRefs(dataset=dataset, model=model, generations=generations, evaluation=evaluation)
     record_run(store_url, "asd-pipeline", [source], list(refs.model_dump().values()), {"name": name})
+    publish_pipeline_summary(open_store(store_url), {"prompts": prompts_ref, **refs.model_dump()})
     return refs

@@ -11,6 +11,7 @@ from prefect.futures import as_completed
 
 from artifact_store import ArtifactRef, ArtifactStore, check_name, params_hash
 from data_engine.prompts import commit_prompts, read_prompts, validate_rows
+from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.settings import (
     EvaluateSettings,
     GenerateSettings,
@@ -24,17 +25,19 @@ from tasks.generate import GenerationJob, ShardOutput, commit_generations, rende
 from tasks.ingest import ingest_dataset
 from tasks.progress import Progress, publish_markdown, publish_table
 from tasks.runs import record_run
-from tasks.runtime import current_flow_run_id
+from tasks.runtime import current_flow_run_id, open_store
 from tasks.train import arad_finetune, build_tiny_base
 
 
 @flow(name="asd-ingest", log_prints=True)
 def ingest_flow(source: str | list[str], dataset: str = "demo", settings: IngestSettings = IngestSettings(),
                 store_url: str | None = None, rerun: bool = False, retry_failed: bool = False) -> str:
-    """Folders, URL lists and shards -> `datasets/<dataset>` (manifest + per-bucket shards)."""
+    """Folders, URL lists and shards -> `datasets/<dataset>` (manifest + per-bucket shards).
+    `asd-demo:photos` names the demo photos shipped inside the installed packages."""
     check_name(dataset)  # every name is checked before any work
-    store_url = ArtifactStore(store_url).url
+    store_url = open_store(store_url).url
     sources = [source] if isinstance(source, str) else list(source)
+    sources = [str(demo_photos_folder()) if s == DEMO_SOURCE else s for s in sources]
     ref = ingest_dataset(store_url, sources, dataset, settings, rerun, retry_failed)
     record_run(store_url, "asd-ingest", sources, [ref], settings.model_dump())
     return ref
@@ -46,7 +49,7 @@ def train_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = 
     """ARAD fine-tuning of `settings.base_model` on a dataset version -> `models/<model>`;
     `resume` continues from the newest checkpoint of the same training."""
     check_name(model)
-    store_url = ArtifactStore(store_url).url
+    store_url = open_store(store_url).url
     base = settings.base_model
     reads = [dataset_ref]
     if base == "tiny":
@@ -93,7 +96,7 @@ def generate_flow(model_ref: str, prompts_ref: str, generations: str = "demo",
     the images that are not finished; one generations version is committed at the end."""
     logger = get_run_logger()
     check_name(generations)
-    store = ArtifactStore(store_url)
+    store = open_store(store_url)
     model = str(store.resolve(model_ref))
     prompts = str(store.resolve(prompts_ref if prompts_ref.startswith("prompts/") else f"prompts/{prompts_ref}"))
     parents = [model, prompts]
@@ -134,7 +137,7 @@ def prompts_flow(prompts: list[PromptSpec], name: str = "demo", store_url: str |
     """A list of prompts (small; files go through `asd generate --prompts`) -> `prompts/<name>`."""
     check_name(name)
     table = validate_rows([p.model_dump() for p in prompts], "prompt list")
-    return str(commit_prompts(ArtifactStore(store_url), table, name, "prompt list", current_flow_run_id()))
+    return str(commit_prompts(open_store(store_url), table, name, "prompt list", current_flow_run_id()))
 
 
 @flow(name="asd-evaluate", log_prints=True)
@@ -143,7 +146,7 @@ def evaluate_flow(generations_ref: str, dataset_ref: str, evaluation: str = "dem
                   rerun: bool = False) -> str:
     """FID/KID/CLIP/seam scores of a generations version -> `evaluations/<evaluation>`."""
     check_name(evaluation)
-    store = ArtifactStore(store_url)
+    store = open_store(store_url)
     ref = evaluate_generations(store.url, generations_ref, dataset_ref, evaluation, settings, rerun)
     publish_markdown("evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}")
     record_run(store.url, "asd-evaluate", [generations_ref, dataset_ref], [ref], settings.model_dump())

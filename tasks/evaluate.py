@@ -107,9 +107,18 @@ def evaluate_generations(store_url: str, generations_ref: str, dataset_ref: str,
 
 
 def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str) -> str:
+    """The report: a narrow table of the scores (what the Prefect UI shows whole), each score's
+    detail as a numbered note under it, then the per-image scores."""
+    def value(r: dict[str, Any]) -> str:
+        return "" if r["value"] is None else f"{r['value']:.4g}"
+
+    overall = [r for r in rows if "/" not in r["metric"]]
+    per_image = [r for r in rows if "/" in r["metric"]]
     lines = [f"# Evaluation of `{gen_ref}`", "", f"Real images: `{dataset_ref}`", "",
-             "| metric | value | status | detail |", "|---|---|---|---|"]
-    for r in rows:
-        v = "" if r["value"] is None else f"{r['value']:.4g}"
-        lines.append(f"| {r['metric']} | {v} | {r['status']} | {r['detail']} |")
+             "| metric | value | status | note |", "|---|---:|---|---|"]
+    lines += [f"| {r['metric']} | {value(r)} | {r['status']} | [{i}] |" for i, r in enumerate(overall, 1)]
+    lines += ["", "Notes:", ""] + [f"{i}. **{r['metric']}**: {r['detail']}" for i, r in enumerate(overall, 1)]
+    if per_image:
+        lines += ["", "| image metric | value |", "|---|---:|"]
+        lines += [f"| {r['metric']} | {value(r)} |" for r in per_image]
     return "\n".join(lines) + "\n"

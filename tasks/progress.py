@@ -44,10 +44,13 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
 
 
 class Progress:
-    """Context manager: `update(done)` with an absolute count; `note(text)` sets the postfix."""
+    """Context manager: `update(done)` with an absolute count; `note(text)` sets the postfix, which
+    the UI artifact shows as its description. `key`: the artifact key (default: from the label)."""
 
-    def __init__(self, label: str, total: int, unit: str = "it", min_interval_s: float = 2.0) -> None:
+    def __init__(self, label: str, total: int, unit: str = "it", min_interval_s: float = 2.0,
+                 key: str | None = None) -> None:
         self.label, self.total, self.unit = label, max(1, total), unit
+        self.key = key or re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:60] or "progress"
         self.min_interval_s = min_interval_s
         self.bar: Any = None
         self.artifact_id: Any = None
@@ -62,9 +65,8 @@ class Progress:
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
-            key = re.sub(r"[^a-z0-9-]+", "-", self.label.lower()).strip("-")[:60] or "progress"
             try:
-                self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=self.label)
+                self.artifact_id = create_progress_artifact(progress=0.0, key=self.key, description=self.label)
             except Exception as exc:  # noqa: BLE001 - the UI artifact is optional, the work is not
                 run_logger().warning("no progress artifact for %s: %s", self.label, exc)
                 self.artifact_id = None
@@ -82,7 +84,8 @@ class Progress:
 
             self._last_push = now
             try:
-                update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total)
+                update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total,
+                                         description=f"{self.label}: {done}/{self.total} {self.unit} {self.postfix}")
             except Exception as exc:  # noqa: BLE001
                 run_logger().warning("progress artifact of %s stopped updating: %s", self.label, exc)
                 self.artifact_id = None

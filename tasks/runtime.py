@@ -3,9 +3,11 @@ outside a run too, and committing a version with that run id."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from artifact_store import ArtifactRef, VersionWriter
+from artifact_store import ArtifactRef, ArtifactStore, StoreError, VersionWriter
+from artifact_store.store import STORE_ENV
 
 
 def current_flow_run_id() -> str | None:
@@ -38,3 +40,23 @@ def run_logger():
 def commit_in_run(writer: VersionWriter, **record: Any) -> ArtifactRef:
     """Commit `writer`'s version, recording the flow run that made it."""
     return writer.commit(flow_run_id=current_flow_run_id(), **record)
+
+
+def current_deployment_id() -> str | None:
+    try:
+        from prefect.runtime import deployment
+
+        dep_id = deployment.id
+    except Exception:  # noqa: BLE001 - outside Prefect there is no deployment
+        return None
+    return str(dep_id) if dep_id else None
+
+
+def open_store(store_url: str | None) -> ArtifactStore:
+    """The store of a flow: the URL given, else $ASD_STORE, else ./asd-store. A run of a
+    deployment never falls back to ./asd-store (a folder relative to wherever its worker runs):
+    with no URL and no $ASD_STORE it stops with a message saying how to give one."""
+    if store_url is None and not os.environ.get(STORE_ENV) and current_deployment_id():
+        raise StoreError("this deployment run has no store: register the deployment with `asd deploy --store URL` "
+                         "(it sets ASD_STORE for its runs), start the worker with ASD_STORE set, or pass store_url")
+    return ArtifactStore(store_url)

@@ -146,7 +146,6 @@ def _save_checkpoint(t: _Training, step: int, logger: Any) -> None:
         ref = commit_in_run(writer, parents=t.parents, params={"base_model": t.base, **t.cfg.__dict__},
                             summary={"step": step, "loss_last": t.trainer.losses[-1]})
     logger.info("checkpoint %s at step %d", ref, step)
-    publish_table(LOSS_ARTIFACT, loss_table(t.trainer.losses, t.trainer.lrs, t.cfg.steps), f"ARAD loss at step {step}")
 
 
 def _run_steps(t: _Training, buckets: dict, checkpoint_every: int, stop_after: int | None, logger: Any) -> None:
@@ -155,7 +154,9 @@ def _run_steps(t: _Training, buckets: dict, checkpoint_every: int, stop_after: i
                               leftover=cfg.leftover, rank=acc.process_index, world_size=acc.num_processes)
     loader = make_loader(buckets, StoreOpener(t.store.url, str(t.dataset)), loader_cfg, cfg.num_workers,
                          start_batch=trainer.batches_consumed)
-    with Progress("ARAD fine-tuning", total=cfg.steps, unit="step") as progress:
+    # The loss lives in one UI artifact key: this progress artifact (loss in its description),
+    # then the final loss table under the same key.
+    with Progress("ARAD fine-tuning", total=cfg.steps, unit="step", key=LOSS_ARTIFACT) as progress:
         progress.update(trainer.step)
 
         def on_step(step: int, total: int, loss: float) -> None:

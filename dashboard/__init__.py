@@ -1,0 +1,1 @@
+"""The store's dashboard: a static site built from the catalog (`asd dashboard build|serve`)."""

@@ -1,0 +1,221 @@
+"""`asd dashboard build`: a static site in the store's `_site/`, built from the catalog.
+
+index.html (every version by kind, metric trends per model), one page per version (its lineage,
+what uses it, parameters; loss curve of a model, gallery of a generations version with thumbnails,
+exact sizes and seam heat-maps, metrics of an evaluation). Pictures of a version are made once
+(versions never change), pages are rewritten on every build."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+
+from artifact_store import ArtifactRef, ArtifactStore, StoreError
+from artifact_store.refs import KINDS
+from dashboard import figures
+from dashboard.pages import e, gallery_card, link, metric_pairs, metrics_text, page, pre_json, table
+
+SITE_DIR = "_site"
+TREND_METRICS = ("fid_patch", "kid_patch", "seam_score", "clip_score")
+PAGE_ROOT = "../../../"  # from v/<kind>/<name>/<version>.html back to the site root
+STORE_ROOT = "../../../../"  # ... and to the store root
+log = logging.getLogger("asd.dashboard")
+
+
+def version_page(kind: str, name: str, version: str) -> str:
+    return f"v/{kind}/{name}/{version}.html"
+
+
+@dataclass
+class SiteBuild:
+    pages: int
+    pictures_made: int
+    pictures_reused: int
+    index: str  # URI of index.html
+
+
+class _Site:
+    def __init__(self, store: ArtifactStore, thumb_px: int, max_images: int, prefect_ui: str | None) -> None:
+        self.store, self.thumb_px, self.max_images, self.ui = store, thumb_px, max_images, prefect_ui
+        self.pages = self.made = self.reused = 0
+        self.previews: dict[str, list[str]] = {}  # generations ref -> its first thumbnails (for the index)
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.store.write_atomic(self.store.path(SITE_DIR, rel), data)
+
+    def existing(self, rel_dir: str) -> set[str]:
+        try:
+            return {p.rsplit("/", 1)[-1] for p in self.store.fs.ls(self.store.path(SITE_DIR, rel_dir), detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def write_page(self, rel: str, title: str, body: str, root: str) -> None:
+        self.write(rel, page(title, body, root).encode())
+        self.pages += 1
+
+
+def _catalog(store: ArtifactStore) -> pl.DataFrame:
+    df = pl.from_arrow(store.catalog(rebuild=True))  # rows a killed writer missed are added first
+    return df.sort("committed_at", descending=True) if df.height else df
+
+
+def _lineage_html(ref: str, parents: dict[str, list[str]], root: str, depth: int = 0, seen: set | None = None) -> str:
+    seen = set() if seen is None else seen
+    if ref in seen or depth > 20:
+        return ""
+    seen.add(ref)
+    try:
+        r = ArtifactRef.parse(ref)
+        label = link(root + version_page(r.kind, r.name, r.version), ref) if ref in parents else e(ref)
+    except StoreError:
+        label = e(ref)  # a source folder, a hub model id: outside the store
+    kids = "".join(_lineage_html(p, parents, root, depth + 1, seen) for p in parents.get(ref, []))
+    return f"<li>{label}" + (f"<ul>{kids}</ul>" if kids else "") + "</li>"
+
+
+def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
+    store = site.store
+    manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
+    rows = list(manifest.iter_rows(named=True))
+    shown = rows[: site.max_images]
+    pic_dir = f"img/{ref.kind}/{ref.name}/{ref.version}"
+    have = site.existing(pic_dir)
+    cards = []
+    for item in shown:
+        thumb = heat = None
+        if item["status"] == "ok":
+            thumb_name, heat_name = f"{item['key']}.png", f"{item['key']}.seams.png"
+            if thumb_name not in have:
+                png = store.read_bytes(ref, item["image"])
+                t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [], site.thumb_px)
+                site.write(f"{pic_dir}/{thumb_name}", t)
+                if h is not None:
+                    site.write(f"{pic_dir}/{heat_name}", h)
+                    have.add(heat_name)
+                site.made += 1
+            else:
+                site.reused += 1
+            thumb = f"{PAGE_ROOT}{pic_dir}/{thumb_name}"
+            site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
+            heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
+        full = f"{STORE_ROOT}{ref.prefix}/{item['image']}" if item["image"] else ""
+        cards.append(gallery_card(item, thumb or "", heat, full))
+    ok = sum(r["status"] == "ok" for r in rows)
+    more = (f"<p class=muted>showing {len(shown)} of {len(rows)} images (--max-images)</p>"
+            if len(rows) > len(shown) else "")
+    return (f"<h2>Gallery</h2><p>{ok} rendered, {len(rows) - ok} failed. Left: the image (click for full size); "
+            "right: its seam heat-map (bright = abrupt change; cyan ticks = the sampler's unshifted tile "
+            f"lines).</p>{more}<div class=gallery>{''.join(cards)}</div>")
+
+
+def _model_loss(site: _Site, ref: ArtifactRef) -> str:
+    rel = f"img/{ref.kind}/{ref.name}/{ref.version}/loss.png"
+    if "loss.png" not in site.existing(rel.rsplit("/", 1)[0]):
+        try:
+            losses = json.loads(site.store.read_bytes(ref, "training_log.json"))["loss"]
+        except (StoreError, FileNotFoundError, KeyError, ValueError):
+            return "<p class=muted>no training log</p>"
+        site.write(rel, figures.loss_curve(losses, f"ARAD loss of {ref}"))
+        site.made += 1
+    return f"<h2>Loss</h2><img src='{PAGE_ROOT}{rel}' alt='loss curve of {e(ref)}'>"
+
+
+def _evaluation_metrics(site: _Site, ref: ArtifactRef) -> str:
+    m = pl.read_parquet(io.BytesIO(site.store.read_bytes(ref, "metrics.parquet")))
+    rows = [[e(r["metric"]), "" if r["value"] is None else f"{r['value']:.4g}", e(r["status"]), e(r["detail"])]
+            for r in m.iter_rows(named=True)]
+    return "<h2>Metrics</h2>" + table(["metric", "value", "status", "detail"], rows)
+
+
+def _version_body(site: _Site, row: dict[str, Any], parents: dict[str, list[str]],
+                  children: dict[str, list[str]]) -> str:
+    ref = ArtifactRef.parse(row["ref"])
+    run = row["flow_run_id"]
+    run_cell = link(f"{site.ui.rstrip('/')}/runs/flow-run/{run}", run) if run and site.ui else e(run)
+    facts = table(["field", "value"], [
+        ["committed", e(row["committed_at"])], ["size", f"{row['size_bytes'] / 1e6:.2f} MB in {row['file_count']} files"],
+        ["flow run", run_cell], ["code version", e(row["code_version"])], ["location", f"<code>{e(row['uri'])}</code>"],
+        ["summary", metrics_text(row["metrics"], limit=20)],
+    ])
+    used_by = "".join(f"<li>{_ref_link(c, PAGE_ROOT)}</li>" for c in children.get(row["ref"], []))
+    body = (facts + f"<h2>Lineage</h2><ul>{_lineage_html(row['ref'], parents, PAGE_ROOT)}</ul>"
+            + (f"<h2>Used by</h2><ul>{used_by}</ul>" if used_by else ""))
+    try:
+        if ref.kind == "generations":
+            body += _generations_gallery(site, ref)
+        elif ref.kind == "models":
+            body += _model_loss(site, ref)
+        elif ref.kind == "evaluations":
+            body += _evaluation_metrics(site, ref)
+        body += "<h2>Parameters</h2>" + pre_json(site.store.record(ref).get("params"))
+    except (StoreError, OSError, ValueError) as exc:  # a damaged version: say so on its page, build the rest
+        log.warning("dashboard: %s: %s", ref, exc)
+        body += f"<p><b>could not read this version:</b> {e(exc)}</p>"
+    return body
+
+
+def _ref_link(ref: str, root: str) -> str:
+    r = ArtifactRef.parse(ref)
+    return link(root + version_page(r.kind, r.name, r.version), ref)
+
+
+def _trends(site: _Site, df: pl.DataFrame, parents: dict[str, list[str]]) -> str:
+    """Per model name: the metrics of every evaluation of its generations, across versions."""
+    kinds = dict(zip(df["ref"].to_list(), df["kind"].to_list(), strict=True))
+    by_model: dict[str, dict[str, list[tuple[datetime, float]]]] = {}
+    for r in df.filter(pl.col("kind") == "evaluations").iter_rows(named=True):
+        gens = [p for p in parents.get(r["ref"], []) if kinds.get(p) == "generations"]
+        models = [p for g in gens for p in parents.get(g, []) if kinds.get(p) == "models"]
+        for m in models:
+            series = by_model.setdefault(ArtifactRef.parse(m).name, {})
+            for k, v in metric_pairs(r["metrics"]):
+                if k in TREND_METRICS and v is not None and v == v:
+                    series.setdefault(k, []).append((r["committed_at"], v))
+    out = []
+    for model, series in sorted(by_model.items()):
+        if not series:
+            continue
+        rel = f"img/trends/{model}.png"
+        site.write(rel, figures.metric_trends(series, f"model {model}: evaluations over time"))
+        site.made += 1
+        out.append(f"<h3>{e(model)}</h3><img src='{rel}' alt='metric trends of {e(model)}'>")
+    return "<h2>Metric trends</h2>" + ("".join(out) or "<p class=muted>no evaluations yet</p>")
+
+
+def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
+               prefect_ui: str | None = None) -> SiteBuild:
+    """Build (or refresh) `_site/` of the store from its catalog."""
+    site = _Site(store, thumb_px, max_images, prefect_ui)
+    df = _catalog(store)
+    parents = {r: list(p or []) for r, p in zip(df["ref"].to_list(), df["parents"].to_list(), strict=True)}
+    children: dict[str, list[str]] = {}
+    for r, ps in parents.items():
+        for p in ps:
+            children.setdefault(p, []).append(r)
+    for row in df.iter_rows(named=True):
+        title = f"{row['ref']}"
+        site.write_page(version_page(row["kind"], row["name"], row["version"]), title,
+                        _version_body(site, row, parents, children), PAGE_ROOT)
+    sections = []
+    for kind in sorted(KINDS, key=lambda k: (k != "generations", k != "evaluations", k)):
+        sub = df.filter(pl.col("kind") == kind)
+        if not sub.height:
+            continue
+        rows = [[link(version_page(r["kind"], r["name"], r["version"]), r["ref"]), e(r["committed_at"]),
+                 f"{r['file_count']}", f"{r['size_bytes'] / 1e6:.1f} MB", metrics_text(r["metrics"])
+                 + "".join(f"<br><img src='{e(t)}' alt='preview' style='max-height:64px'>"
+                           for t in site.previews.get(r["ref"], [])[:4]),
+                 "<br>".join(e(p) for p in r["parents"] or [])] for r in sub.iter_rows(named=True)]
+        sections.append(f"<h2 id='{kind}'>{e(kind)} ({sub.height})</h2>"
+                        + table(["version", "committed", "files", "size", "summary", "parents"], rows))
+    intro = (f"<p>Store <code>{e(store.display_url)}</code>: {df.height} committed versions. Built "
+             f"{datetime.now().astimezone().isoformat(timespec='seconds')}. The same catalog: "
+             "<code>_catalog/*/*/*.parquet</code> (polars / DuckDB).</p>")
+    site.write_page("index.html", "Any-Size-Diffusion store", intro + _trends(site, df, parents) + "".join(sections), "")
+    return SiteBuild(site.pages, site.made, site.reused, store.uri(SITE_DIR, "index.html"))

@@ -1,0 +1,77 @@
+"""What a finished pipeline run shows in the Prefect UI: a summary (every committed reference,
+the metrics table) and links to the report, the generated images and the store's dashboard."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from artifact_store import ArtifactStore
+from dashboard.build import SITE_DIR, version_page
+from tasks.progress import publish_markdown
+from tasks.runtime import in_prefect_run, run_logger
+
+SITE_URL_ENV = "ASD_SITE_URL"  # where the store's _site/ is served (S3 static hosting, `asd dashboard serve`)
+
+
+def browsable(store: ArtifactStore, uri: str) -> str:
+    """A link a browser can follow: local store paths as file:// URLs, others as they are."""
+    return f"file://{uri}" if store.is_local and uri.startswith("/") else uri
+
+
+def site_link(store: ArtifactStore, page: str) -> str:
+    """A dashboard page: under $ASD_SITE_URL when the site is served, else the file in the store."""
+    base = os.environ.get(SITE_URL_ENV)
+    if base:
+        return f"{base.rstrip('/')}/{page}"
+    return browsable(store, store.uri(SITE_DIR, page))
+
+
+def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
+    import polars as pl
+
+    lines = ["# Any-Size-Diffusion pipeline run", "", f"Store: `{store.display_url}`", "",
+             "| stage | committed version |", "|---|---|"]
+    lines += [f"| {stage} | `{ref}` |" for stage, ref in refs.items()]
+    if "generations" in refs:
+        gen = store.resolve(refs["generations"])
+        manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
+        ok = manifest.filter(pl.col("status") == "ok")
+        lines += ["", f"## Images ({ok.height} rendered, {manifest.height - ok.height} failed)", "",
+                  "| size | seconds | image |", "|---|---:|---|"]
+        for r in manifest.iter_rows(named=True):
+            where = store.file_uri(gen, r["image"]) if r["image"] else f"failed: {r['error']}"
+            lines.append(f"| {r['width']}x{r['height']} | {r['seconds'] or 0:.1f} | `{where}` |")
+    if "evaluation" in refs:
+        metrics = pl.read_parquet(io.BytesIO(store.read_bytes(refs["evaluation"], "metrics.parquet")))
+        lines += ["", "## Metrics", "", "| metric | value | status |", "|---|---:|---|"]
+        for r in metrics.filter(~pl.col("metric").str.contains("/")).iter_rows(named=True):
+            value = "" if r["value"] is None else f"{r['value']:.4g}"
+            lines.append(f"| {r['metric']} | {value} | {r['status']} |")
+        lines += ["", "Details of each metric: the `evaluation-report` artifact and `report.md` of the evaluation."]
+    return "\n".join(lines) + "\n"
+
+
+def publish_pipeline_summary(store: ArtifactStore, refs: dict[str, str]) -> None:
+    """The parent run's artifacts: the summary markdown plus links to the report, the images and
+    the dashboard pages of the versions (a failure is logged; the work is done already)."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_link_artifact
+
+    publish_markdown("pipeline-summary", summary_markdown(store, refs), "what this pipeline run committed")
+    links: list[tuple[str, str, str]] = []
+    if "evaluation" in refs:
+        ev = store.resolve(refs["evaluation"])
+        links.append(("evaluation-report", browsable(store, store.file_uri(ev, "report.md")), f"report of {ev}"))
+    if "generations" in refs:
+        gen = store.resolve(refs["generations"])
+        links.append(("generated-images", browsable(store, store.uri(gen.prefix, "images")), f"images of {gen}"))
+        links.append(("dashboard-gallery", site_link(store, version_page(gen.kind, gen.name, gen.version)),
+                      f"gallery of {gen} (after `asd dashboard build`)"))
+    links.append(("dashboard", site_link(store, "index.html"), "the store's dashboard (after `asd dashboard build`)"))
+    for key, link, text in links:
+        try:
+            create_link_artifact(link=link, link_text=text, key=key, description=text)
+        except Exception as exc:  # noqa: BLE001 - the UI link is optional, the work is not
+            run_logger().warning("could not publish the %s link artifact: %s", key, exc)
