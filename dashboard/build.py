@@ -165,6 +165,11 @@ def _ref_link(ref: str, root: str) -> str:
     return link(root + version_page(r.kind, r.name, r.version), ref)
 
 
+def _previews(thumbs: list[str]) -> str:
+    imgs = "".join(f"<img src='{e(t)}' alt='preview' style='height:56px;margin:2px'>" for t in thumbs[:4])
+    return f"<div>{imgs}</div>" if imgs else ""
+
+
 def _trends(site: _Site, df: pl.DataFrame, parents: dict[str, list[str]]) -> str:
     """Per model name: the metrics of every evaluation of its generations, across versions."""
     kinds = dict(zip(df["ref"].to_list(), df["kind"].to_list(), strict=True))
@@ -209,8 +214,7 @@ def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
             continue
         rows = [[link(version_page(r["kind"], r["name"], r["version"]), r["ref"]), e(r["committed_at"]),
                  f"{r['file_count']}", f"{r['size_bytes'] / 1e6:.1f} MB", metrics_text(r["metrics"])
-                 + "".join(f"<br><img src='{e(t)}' alt='preview' style='max-height:64px'>"
-                           for t in site.previews.get(r["ref"], [])[:4]),
+                 + _previews(site.previews.get(r["ref"], [])),
                  "<br>".join(e(p) for p in r["parents"] or [])] for r in sub.iter_rows(named=True)]
         sections.append(f"<h2 id='{kind}'>{e(kind)} ({sub.height})</h2>"
                         + table(["version", "committed", "files", "size", "summary", "parents"], rows))

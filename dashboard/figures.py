@@ -63,7 +63,7 @@ def metric_trends(series: dict[str, list[tuple[datetime, float]]], title: str) -
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10, y=1.04)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
 

@@ -405,6 +405,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of --dates or --prompts-versions")
     if args.max_concurrency < 1:
         raise UserError("--max-concurrency must be at least 1")
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(args.deployment)
+        except ObjectNotFound:
+            raise UserError(f"no deployment {args.deployment!r} on the server at {client.api_url} "
+                            "(`asd deploy --list` shows what `asd deploy` registers)") from None
     rows = backfill_flow(args.deployment, dates=dates, prompts_versions=versions,
                          parameters=dict(_param(p) for p in args.param or []), name=args.name,
                          max_concurrency=args.max_concurrency, store_url=args.store, return_state=True)

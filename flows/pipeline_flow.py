@@ -14,7 +14,7 @@ from data_manifests.settings import (
     TrainSettings,
 )
 from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow
-from tasks.reports import publish_pipeline_summary
+from tasks.reports import publish_pipeline_summary, refresh_dashboard
 from tasks.runs import record_run
 from tasks.runtime import open_store
 
@@ -37,9 +37,12 @@ def asd_pipeline(
     evaluate: EvaluateSettings = EvaluateSettings(),
     store_url: str | None = None,
     rerun: bool = False,
+    dashboard: bool = True,
 ) -> PipelineRefs:
     """Run every stage as a child flow; each stage's output version is the next one's input.
-    `prompts`: a stored prompt manifest (`prompts/NAME@VERSION`) or a (small) list of prompts."""
+    `source`: as `asd ingest` takes it (`asd-demo:photos`: the packaged demo photos). `prompts`: a
+    stored prompt manifest (`prompts/NAME@VERSION`) or a (small) list of prompts. `dashboard`:
+    refresh the store's static dashboard (`_site/`) at the end."""
     check_name(name)  # before any stage runs
     store_url = open_store(store_url).url
     prompts_ref = prompts if isinstance(prompts, str) else prompts_flow(prompts, name, store_url)
@@ -49,5 +52,7 @@ def asd_pipeline(
     evaluation = evaluate_flow(generations, dataset, name, evaluate, store_url, rerun)
     refs = PipelineRefs(dataset=dataset, model=model, generations=generations, evaluation=evaluation)
     record_run(store_url, "asd-pipeline", [source], list(refs.model_dump().values()), {"name": name})
+    if dashboard:
+        refresh_dashboard(store_url)
     publish_pipeline_summary(open_store(store_url), {"prompts": prompts_ref, **refs.model_dump()})
     return refs

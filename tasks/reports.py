@@ -6,11 +6,14 @@ from __future__ import annotations
 import io
 import os
 
+from prefect import task
+
 from artifact_store import ArtifactStore
-from dashboard.build import SITE_DIR, version_page
+from dashboard.build import SITE_DIR, build_site, version_page
 from tasks.progress import publish_markdown
 from tasks.runtime import in_prefect_run, run_logger
 
+SUMMARY_IMAGES = 50  # image rows in the run summary (the rest: generations table, gallery, manifest)
 SITE_URL_ENV = "ASD_SITE_URL"  # where the store's _site/ is served (S3 static hosting, `asd dashboard serve`)
 
 
@@ -27,6 +30,20 @@ def site_link(store: ArtifactStore, page: str) -> str:
     return browsable(store, store.uri(SITE_DIR, page))
 
 
+@task(name="build-dashboard")
+def refresh_dashboard(store_url: str) -> str | None:
+    """Rebuild the store's dashboard (`_site/`); a failure is logged, never fails the run."""
+    from prefect.settings import PREFECT_UI_URL
+
+    try:
+        built = build_site(ArtifactStore(store_url), prefect_ui=PREFECT_UI_URL.value())
+    except Exception as exc:  # noqa: BLE001 - the dashboard is a view; the committed work stands
+        run_logger().warning("the dashboard was not rebuilt: %s", exc)
+        return None
+    run_logger().info("dashboard: %d pages (%d new pictures) at %s", built.pages, built.pictures_made, built.index)
+    return built.index
+
+
 def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
     import polars as pl
 
@@ -39,9 +56,12 @@ def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
         ok = manifest.filter(pl.col("status") == "ok")
         lines += ["", f"## Images ({ok.height} rendered, {manifest.height - ok.height} failed)", "",
                   "| size | seconds | image |", "|---|---:|---|"]
-        for r in manifest.iter_rows(named=True):
+        for r in manifest.head(SUMMARY_IMAGES).iter_rows(named=True):
             where = store.file_uri(gen, r["image"]) if r["image"] else f"failed: {r['error']}"
             lines.append(f"| {r['width']}x{r['height']} | {r['seconds'] or 0:.1f} | `{where}` |")
+        if manifest.height > SUMMARY_IMAGES:
+            lines += ["", f"(the first {SUMMARY_IMAGES} of {manifest.height}; all of them: the `generations` table "
+                      "artifact, the gallery, `manifest.parquet`)"]
     if "evaluation" in refs:
         metrics = pl.read_parquet(io.BytesIO(store.read_bytes(refs["evaluation"], "metrics.parquet")))
         lines += ["", "## Metrics", "", "| metric | value | status |", "|---|---:|---|"]
@@ -63,13 +83,13 @@ def publish_pipeline_summary(store: ArtifactStore, refs: dict[str, str]) -> None
     links: list[tuple[str, str, str]] = []
     if "evaluation" in refs:
         ev = store.resolve(refs["evaluation"])
-        links.append(("evaluation-report", browsable(store, store.file_uri(ev, "report.md")), f"report of {ev}"))
+        links.append(("report-link", browsable(store, store.file_uri(ev, "report.md")), f"report of {ev}"))
     if "generations" in refs:
         gen = store.resolve(refs["generations"])
-        links.append(("generated-images", browsable(store, store.uri(gen.prefix, "images")), f"images of {gen}"))
-        links.append(("dashboard-gallery", site_link(store, version_page(gen.kind, gen.name, gen.version)),
-                      f"gallery of {gen} (after `asd dashboard build`)"))
-    links.append(("dashboard", site_link(store, "index.html"), "the store's dashboard (after `asd dashboard build`)"))
+        links.append(("images-link", browsable(store, store.uri(gen.prefix, "images")), f"images of {gen}"))
+        links.append(("gallery-link", site_link(store, version_page(gen.kind, gen.name, gen.version)),
+                      f"gallery of {gen} in the store's dashboard"))
+    links.append(("dashboard-link", site_link(store, "index.html"), "the store's dashboard"))
     for key, link, text in links:
         try:
             create_link_artifact(link=link, link_text=text, key=key, description=text)
