@@ -9,11 +9,14 @@ import numpy as np
 
 def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1) -> float:
     """Mean |gradient| across the given tile lines over the median |gradient| across the other
-    lines of the same phase. About 1.0 for a seamless image, clearly above 1 where tiles meet
-    visibly. `xs`/`ys` are pixel positions of vertical/horizontal lines (a line at x lies
-    between columns x-1 and x). `period` is the VAE factor: decoders leave a faint pattern
-    every `period` pixels, so tile lines (multiples of it) are compared with other lines on
-    that lattice, not with every pixel boundary. NaN when there is nothing to compare.
+    lines of the same lattice and phase. About 1.0 for a seamless image, clearly above 1 where
+    tiles meet visibly. `xs`/`ys` are pixel positions of vertical/horizontal lines (a line at x
+    lies between columns x-1 and x). `period` is the VAE factor: decoders leave a faint pattern
+    every `period` pixels, so tile lines (on that lattice) are compared with the other lines of
+    the lattice, never with lines between two latent pixels. The lattice's phase is taken from
+    the tile lines themselves: in an output cropped `c` pixels into its canvas both sit at
+    k*period - c, not at multiples of `period` from the cropped corner. NaN when there is nothing
+    to compare.
     """
     img = np.asarray(image, dtype=np.float32)
     gray = img.mean(axis=2) if img.ndim == 3 else img
@@ -22,8 +25,15 @@ def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1)
     for grad, lines in ((np.abs(np.diff(gray, axis=1)).mean(axis=0), xs), (np.abs(np.diff(gray, axis=0)).mean(axis=1), ys)):
         n = grad.size + 1  # image side
         on = sorted({p for p in lines if 1 <= p < n})
-        rest = [grad[p - 1] for p in range(period, n, period) if p not in set(on)]
-        if not on or not rest:
+        if not on:
+            continue
+        phases = {p % period for p in on}
+        if len(phases) > 1:
+            raise ValueError(f"tile lines {on[:6]}... are not on one lattice of period {period}")
+        phase = phases.pop()
+        on_set = set(on)
+        rest = [grad[p - 1] for p in range(phase or period, n, period) if p not in on_set]
+        if not rest:
             continue
         base = float(np.median(rest))
         if base <= 1e-12:

@@ -92,6 +92,24 @@ def test_seam_score_ignores_the_vae_lattice_but_not_a_seam_on_it():
     assert seam_score(img, lines, lines, period=8) > 1.3
 
 
+def test_seam_score_of_a_cropped_output_uses_the_lattice_of_its_tile_lines():
+    """An output cropped 4 px into its canvas: the decoder lattice and the tile lines both sit at
+    8k - 4. The same pixels must score the same cropped or not (the 1920x1080 finding)."""
+    canvas = _smooth_image(2, 264)
+    canvas[:, ::8] += 15  # the decoder's lattice in canvas coordinates
+    canvas[::8, :] += 15
+    whole = seam_score(canvas, grid_lines(264, 64), grid_lines(264, 64), period=8)
+    cropped = canvas[4:, 4:]
+    lines = grid_lines(260, 64, origin=4)
+    assert lines == [60, 124, 188, 252]
+    score = seam_score(cropped, lines, lines, period=8)
+    assert 0.8 < score < 1.2 and abs(score - whole) < 0.1
+    cropped = cropped.copy()
+    for p in lines:  # real seams on a cropped output are still found
+        cropped[p:, :] += 20
+    assert seam_score(cropped, lines, lines, period=8) > 1.3
+
+
 def test_kohya_table_respects_its_limits():
     from asd_models.buckets import kohya_buckets
 
