@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,9 +37,10 @@ class FSTDConfig:
     previous prediction for its uncovered strip). offset_multiple: offsets are multiples of
     this (None: `size_multiple`; offsets off the UNet's down-sampling lattice leave seams:
     measured 1.08x full-latent seam score with odd offsets on a 2-level UNet vs 1.01x with
-    even ones). size_multiple: the UNet's size multiple; a cropped tile whose side is not a multiple
-    runs with real neighbouring latent as context, grown to the next multiple, and only its
-    own area is kept. mode: see `grid_boxes`.
+    even ones). size_multiple: the UNet's size multiple (None: read from the UNet by `for_unet`,
+    which every sampler calls); a cropped tile whose side is not a multiple runs with real
+    neighbouring latent as context, grown to the next multiple, and only its own area is kept.
+    mode: see `grid_boxes`.
     """
 
     tile: int = 64
@@ -49,10 +50,10 @@ class FSTDConfig:
     mode: str = "cropped"
     offset_multiple: int | None = None
     shift_first_step: bool = True
-    size_multiple: int = 8
+    size_multiple: int | None = None
 
     def __post_init__(self) -> None:
-        if self.offset_multiple is None:
+        if self.offset_multiple is None and self.size_multiple is not None:
             object.__setattr__(self, "offset_multiple", self.size_multiple)
         if self.tile < 1:
             raise ValueError(f"FSTD tile must be >= 1 latent pixel, got {self.tile}")
@@ -64,9 +65,9 @@ class FSTDConfig:
             raise ValueError(f"FSTD tile_batch_size must be >= 1, got {self.tile_batch_size}")
         if self.mode not in GRID_MODES:
             raise ValueError(f"FSTD mode must be one of {GRID_MODES}, got {self.mode!r}")
-        if self.offset_multiple < 1 or self.tile % self.offset_multiple:
+        if self.offset_multiple is not None and (self.offset_multiple < 1 or self.tile % self.offset_multiple):
             raise ValueError(f"FSTD tile {self.tile} must be a multiple of offset_multiple {self.offset_multiple}")
-        if self.size_multiple < 1 or self.tile % self.size_multiple:
+        if self.size_multiple is not None and (self.size_multiple < 1 or self.tile % self.size_multiple):
             raise ValueError(f"FSTD tile {self.tile} must be a multiple of the UNet's size multiple {self.size_multiple}")
         if self.mode == "official" and self.shift_first_step:
             raise ValueError("the official scheme never shifts the first step (shift_first_step=False)")
@@ -76,19 +77,46 @@ class FSTDConfig:
         """The official ASD-upscale scheme: offsets in [0, tile/2), every 4th step unshifted,
         clamped tiles, the uncovered strip filled with the previous prediction."""
         return cls(tile=tile, shift_range=tile // 2, reset_every=4, tile_batch_size=tile_batch_size,
-                   mode="official", offset_multiple=1, shift_first_step=False, size_multiple=1)
+                   mode="official", offset_multiple=1, shift_first_step=False)
+
+    def for_unet(self, unet: torch.nn.Module) -> FSTDConfig:
+        """This config on `unet`'s down-sampling lattice: size_multiple (and offset_multiple)
+        filled in from the UNet when not given; a config that contradicts the UNet is refused
+        (a tile or size multiple off its lattice fails in the UNet or leaves seams; offsets off
+        it leave seams, which only the official scheme accepts, as the paper's code does)."""
+        m = unet_size_multiple(unet)
+        size = self.size_multiple if self.size_multiple is not None else m
+        offset = self.offset_multiple if self.offset_multiple is not None else size
+        if self.tile % m or size % m:
+            raise ValueError(f"FSTD tile {self.tile} and size_multiple {size} must be multiples of this UNet's "
+                             f"size multiple {m} (2 ** its {m.bit_length() - 1} down-sampling levels)")
+        if self.mode != "official" and offset % m:
+            raise ValueError(f"FSTD offset_multiple {offset} is off this UNet's lattice of {m} latent pixels: "
+                             "offsets must be multiples of it (mode='official' keeps the paper's any-offset scheme)")
+        if (size, offset) == (self.size_multiple, self.offset_multiple):
+            return self
+        return replace(self, size_multiple=size, offset_multiple=offset)
+
+
+def unet_size_multiple(unet: torch.nn.Module) -> int:
+    """Latent sizes a UNet takes are multiples of this: 2 ** (its down-sampling levels)."""
+    n = getattr(unet, "num_upsamplers", None)
+    if n is None:
+        n = len(unet.config.block_out_channels) - 1
+    return 2 ** int(n)
 
 
 def step_offset(step: int, cfg: FSTDConfig, generator: torch.Generator) -> tuple[int, int]:
     """Grid shift (dy, dx) for one step: none on every k-th step, nor on the first step unless
     `shift_first_step`."""
     r = cfg.shift_range if cfg.shift_range is not None else (cfg.tile if cfg.mode == "cropped" else cfg.tile // 2)
-    choices = max(1, r // cfg.offset_multiple)
+    m = cfg.offset_multiple or 1  # None: a config not yet put on a UNet's lattice (`for_unet`)
+    choices = max(1, r // m)
     if step == 0 and not cfg.shift_first_step:
         return 0, 0
-    if (step and cfg.reset_every and step % cfg.reset_every == 0) or r < cfg.offset_multiple:
+    if (step and cfg.reset_every and step % cfg.reset_every == 0) or r < m:
         return 0, 0
-    dy, dx = (torch.randint(0, choices, (2,), generator=generator) * cfg.offset_multiple).tolist()
+    dy, dx = (torch.randint(0, choices, (2,), generator=generator) * m).tolist()
     return dy, dx
 
 
@@ -324,7 +352,7 @@ def fstd_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    config: FSTDConfig = FSTDConfig(),
+    config: FSTDConfig | None = None,
     generator: torch.Generator | None = None,
     condition: torch.Tensor | None = None,
     unet_kwargs: dict[str, Any] | None = None,
@@ -336,7 +364,10 @@ def fstd_sample(
     img2img). `condition` (1 x c x H x W) is concatenated to the latent channels and
     `unet_kwargs` (e.g. `class_labels` = noise level) passed on, for upscaler-style UNets.
     A latent no larger than the tile is sampled as one tile: plain full-latent sampling.
+    `config` None: FSTDConfig() on this UNet's lattice (`FSTDConfig.for_unet`, also applied to
+    a config given, which is refused if it contradicts the UNet).
     """
+    config = (config or FSTDConfig()).for_unet(unet)
     _, _, H, W = latents.shape
     if generator is None:
         generator = torch.Generator().manual_seed(0)

@@ -287,10 +287,7 @@ class AnySizePipeline:
         latent pixels. Outputs over `memmap_pixels` are decoded into a memory-mapped file."""
         for req in requests:
             self.check_request(req)
-        fstd = fstd or self.default_fstd()
-        if fstd.tile % self.c.unet_multiple or fstd.size_multiple % self.c.unet_multiple:
-            raise ValueError(f"FSTD tile {fstd.tile} and size_multiple {fstd.size_multiple} must be multiples "
-                             f"of the UNet's {self.c.unet_multiple} latent pixels")
+        fstd = (fstd or self.default_fstd()).for_unet(self.c.unet)
 
         def report(i: int, stage: str) -> Callable | None:
             return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None

@@ -194,3 +194,21 @@ def test_missing_model_folder_names_what_was_expected(tmp_path):
 def test_uncached_hub_id_is_named_and_never_downloaded():
     with pytest.raises(ModelNotFoundError, match="'someone/not-a-cached-model' is not in the local Hugging Face cache"):
         load_components("someone/not-a-cached-model")
+
+
+def test_fstd_takes_its_lattice_from_the_unet_and_refuses_a_contradicting_config(components):
+    """A library user calling fstd_sample with FSTDConfig() gets offsets on the UNet's own
+    down-sampling lattice, not the config's old fixed 8."""
+    from asd_models.fstd import unet_size_multiple
+
+    unet = components.unet
+    m = unet_size_multiple(unet)
+    assert m == 2 ** (len(unet.config.block_out_channels) - 1)
+    cfg = FSTDConfig(tile=16).for_unet(unet)
+    assert (cfg.size_multiple, cfg.offset_multiple) == (m, m)
+    assert FSTDConfig(tile=16, size_multiple=4).for_unet(unet).offset_multiple == 4  # a coarser lattice is fine
+    with pytest.raises(ValueError, match="off this UNet's lattice"):
+        FSTDConfig(tile=16, offset_multiple=1).for_unet(unet)
+    with pytest.raises(ValueError, match="size multiple"):
+        FSTDConfig(tile=15, size_multiple=1).for_unet(unet)
+    assert FSTDConfig.official(tile=16).for_unet(unet).offset_multiple == 1  # the paper's scheme, on purpose
