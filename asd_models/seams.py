@@ -77,3 +77,29 @@ def seam_heatmap(image: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     rows = np.maximum.reduceat(grad, ys[:-1], axis=0)
     pooled = np.maximum.reduceat(rows, xs[:-1], axis=1)
     return pooled / max(base, 1e-6)
+
+
+HEATMAP_MAX_SIDE = 1024  # longest side of a seam heat-map
+HEATMAP_MAX_PIXELS = 64 << 20  # larger images get none (the gradient map would not fit comfortably)
+
+
+def seam_heatmap_rgb(image: np.ndarray, xs: list[int], ys: list[int], max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
+    """The seam heat-map as an RGB picture (longest side at most `max_side`): `seam_heatmap`
+    in the inferno colour map (4x the median gradient and above at full brightness), the tile
+    lines `xs`/`ys` marked as cyan ticks on the borders, so the lines themselves stay visible."""
+    from matplotlib import colormaps
+
+    h, w = np.asarray(image).shape[:2]
+    scale = min(1.0, max_side / max(w, h))
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    heat = seam_heatmap(image, (tw, th))
+    th, tw = heat.shape
+    rgb = (colormaps["inferno"](np.clip(heat / 4.0, 0, 1))[..., :3] * 255).astype(np.uint8)
+    tick = max(2, min(th, tw) // 40)
+    for x in xs:
+        c = min(tw - 1, int(x * tw / w))
+        rgb[:tick, c] = rgb[-tick:, c] = (0, 255, 255)
+    for y in ys:
+        r = min(th - 1, int(y * th / h))
+        rgb[r, :tick] = rgb[r, -tick:] = (0, 255, 255)
+    return rgb

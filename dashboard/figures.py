@@ -8,9 +8,7 @@ from datetime import datetime
 import numpy as np
 from PIL import Image
 
-from asd_models.seams import seam_heatmap
-
-HEATMAP_MAX_PIXELS = 64 << 20  # larger images get a thumbnail, not a heat-map (memory)
+from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
 
 
 def _png(fig) -> bytes:
@@ -70,27 +68,17 @@ def metric_trends(series: dict[str, list[tuple[datetime, float]]], title: str) -
 
 def thumbnail_and_heatmap(png: bytes, seam_x: list[int], seam_y: list[int], px: int) -> tuple[bytes, bytes | None]:
     """A thumbnail (longest side `px`) and, below HEATMAP_MAX_PIXELS, the seam heat-map of the
-    same size with the sampler's unshifted tile lines marked at the edges."""
-    import matplotlib
-
+    same size (`asd_models.seams.seam_heatmap_rgb`)."""
     with Image.open(io.BytesIO(png)) as im:
         im = im.convert("RGB")
         w, h = im.size
         scale = min(1.0, px / max(w, h))
-        tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-        thumb = im.resize((tw, th), Image.Resampling.LANCZOS)
+        thumb = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         thumb.save(out, format="PNG")
         if w * h > HEATMAP_MAX_PIXELS:
             return out.getvalue(), None
-        heat = seam_heatmap(np.asarray(im), (tw, th))
-    rgb = (matplotlib.colormaps["inferno"](np.clip(heat / 4.0, 0, 1))[..., :3] * 255).astype(np.uint8)
-    for x in seam_x:  # tick marks on the borders: where the tile lines are, without hiding them
-        c = min(tw - 1, int(x * scale))
-        rgb[:3, c] = rgb[-3:, c] = (0, 255, 255)
-    for y in seam_y:
-        r = min(th - 1, int(y * scale))
-        rgb[r, :3] = rgb[r, -3:] = (0, 255, 255)
+        rgb = seam_heatmap_rgb(np.asarray(im), seam_x, seam_y, max_side=px)
     heat_out = io.BytesIO()
     Image.fromarray(rgb).save(heat_out, format="PNG")
     return out.getvalue(), heat_out.getvalue()

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
 from artifact_store.writer import fault_point
+from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
 from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import GenerateSettings
@@ -121,8 +123,20 @@ def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: Shard
     record = json.loads(blob)
     out.rows.append(record["row"])
     out.files[record["row"]["image"]] = record["file"]
+    out.files.update(record.get("extra") or {})
     out.files[rel] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
     return True
+
+
+def _seam_heatmap_png(image: Any, xs: list[int], ys: list[int]) -> bytes | None:
+    """The image's seam heat-map (`<key>.seams.png`; none for images over HEATMAP_MAX_PIXELS)."""
+    from PIL import Image
+
+    if image.width * image.height > HEATMAP_MAX_PIXELS:
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(seam_heatmap_rgb(np.asarray(image), xs, ys)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writer: Any, out: ShardOutput,
@@ -162,8 +176,13 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
         row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
                    canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
                    seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals)
-        record = json.dumps({"row": row, "file": meta}, default=str).encode()
+        heat = _seam_heatmap_png(res.image, row["seam_x"], row["seam_y"])
+        extra = {}
+        if heat is not None:  # beside the image: where its tile lines are and how they look
+            extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+        record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
         out.files[rel] = meta
+        out.files.update(extra)
         out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the PNG
         out.rows.append(row)
         out.rendered += 1
