@@ -71,7 +71,8 @@ def unet_evals_per_step(method: str, height: int, width: int, tile: int = 64, st
         g = torch.Generator().manual_seed(0)
         from asd_models.fstd import step_offset
 
-        counts = [len(grid_boxes(height, width, cfg.tile, *step_offset(i, cfg, g), cfg.mode)) for i in range(20)]
+        counts = [len(grid_boxes(height, width, cfg.tile, *step_offset(i, cfg, g), cfg.mode, cfg.min_piece))
+                  for i in range(20)]
         return sum(counts) / len(counts)
     if method == "naive":
         return len(grid_boxes(height, width, tile, 0, 0, "cropped"))

@@ -36,15 +36,21 @@ def tile_starts(length: int, tile: int, offset: int) -> list[int]:
     return sorted(starts)
 
 
-def cropped_segments(length: int, tile: int, offset: int) -> list[tuple[int, int]]:
+def cropped_segments(length: int, tile: int, offset: int, min_piece: int = 0) -> list[tuple[int, int]]:
     """(start, size) segments cut at offset + k*tile: a partition of [0, length), edge
-    segments cropped. Same total area as the unshifted grid: the cost of naive tiling."""
+    segments cropped. Same total area as the unshifted grid: the cost of naive tiling. An edge
+    segment thinner than `min_piece` joins its neighbour (a sliver of a few latent rows has too
+    little context to agree with the rest; a tile slightly over size does not)."""
     if tile <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
     if length <= tile:
         return [(0, length)]  # one tile holds the whole side: nothing to shift
     offset %= tile
     cuts = [0] + [c for c in range(offset, length, tile) if c > 0] + [length]
+    if len(cuts) > 2 and cuts[1] - cuts[0] < min_piece:
+        del cuts[1]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < min_piece:
+        del cuts[-2]
     return [(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
 
 
@@ -57,15 +63,17 @@ def official_starts(length: int, tile: int, offset: int) -> list[int]:
     return sorted({min(k * tile + offset, length - tile) for k in range(n)})
 
 
-def grid_boxes(height: int, width: int, tile: int, dy: int = 0, dx: int = 0, mode: str = "cropped") -> list[Box]:
+def grid_boxes(height: int, width: int, tile: int, dy: int = 0, dx: int = 0, mode: str = "cropped",
+               min_piece: int = 0) -> list[Box]:
     """Tile boxes of the grid shifted by (dy, dx).
 
-    mode "cropped": edge tiles cropped to fit (a partition; no overlap, naive-tiling cost);
+    mode "cropped": edge tiles cropped to fit (a partition; no overlap, naive-tiling cost),
+    edge pieces thinner than `min_piece` joined to their neighbour;
     "edge-tile": full-size tiles, an extra edge tile covers the strip before the first line;
     "official": full-size clamped tiles, the strip before the first line left uncovered.
     """
     if mode == "cropped":
-        ys, xs = cropped_segments(height, tile, dy), cropped_segments(width, tile, dx)
+        ys, xs = cropped_segments(height, tile, dy, min_piece), cropped_segments(width, tile, dx, min_piece)
         return [(y, x, h, w) for y, h in ys for x, w in xs]
     th, tw = min(tile, height), min(tile, width)
     if mode == "edge-tile":

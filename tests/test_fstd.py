@@ -99,6 +99,20 @@ def test_cropped_grid_is_a_partition_with_naive_cost():
     assert count_tiles((1, 4, 128, 128), FSTDConfig(tile=64), [(0, 0), (16, 40)]) == 4 + 9
 
 
+def test_thin_edge_pieces_join_their_neighbour_and_the_grid_stays_a_partition():
+    from asd_models.tiling import cropped_segments
+
+    assert cropped_segments(135, 64, 0, min_piece=16) == [(0, 64), (64, 71)]  # a 7-row sliver joins
+    assert cropped_segments(135, 64, 60, min_piece=16) == [(0, 60), (60, 75)]
+    assert cropped_segments(135, 64, 4, min_piece=16) == [(0, 68), (68, 67)]  # both ends thin
+    for length in range(65, 300, 7):
+        for off in range(0, 64, 6):
+            segs = cropped_segments(length, 64, off, min_piece=16)
+            assert sum(n for _, n in segs) == length
+            assert all(a + n == b for (a, n), (b, _) in zip(segs[:-1], segs[1:], strict=True))
+            assert len(segs) == 1 or min(n for _, n in segs) >= 16
+
+
 def test_same_seed_same_latents_and_state_not_kept_between_calls(components):
     sched = DDIMScheduler.from_config(components.scheduler.config)
     sched.set_timesteps(5)
