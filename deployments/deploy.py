@@ -87,13 +87,20 @@ def load_specs(path: str | Path = DEFINITIONS) -> list[DeploymentSpec]:
 
 
 def check_api_url() -> str:
-    """Deployments live on a Prefect server; the temporary in-process one would vanish with us."""
+    """Deployments live on a Prefect server (the temporary in-process one would vanish with us):
+    PREFECT_API_URL must be set and the server must answer."""
+    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
         raise DeployError("no Prefect server to deploy to: set PREFECT_API_URL (after `prefect server start`: "
                           "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise DeployError(f"the Prefect server at {url} does not answer ({' '.join(str(failure).split())}); "
+                          "is `prefect server start` running? It takes about 20 s to come up")
     return url
 
 
