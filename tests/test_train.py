@@ -241,3 +241,23 @@ def test_cli_train_killed_mid_run_resumes_to_the_same_losses(tmp_path, prefect_h
     b = _log(store_url, "models/cut@latest")
     assert b["resumed_from"] and a["loss"] == b["loss"]
     assert store.read_bytes("models/cut@latest", "loss.png").startswith(b"\x89PNG")
+
+
+def test_training_keeps_one_loss_artifact_key_in_the_ui(dataset, tiny_model_dir, prefect_harness):
+    """Checkpoints no longer publish a table each: the run has the `arad-loss` progress artifact
+    (updated in place) and the final loss table under the same key, nothing else per checkpoint."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.stages import train_flow
+
+    store_url, ref = dataset
+    state = train_flow(ref, "ui", TrainSettings(**{**CFG, "base_model": str(tiny_model_dir), "checkpoint_every": 3}),
+                       store_url, return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    loss = sorted((a for a in arts if a.key == "arad-loss"), key=lambda a: a.created)
+    assert [a.type for a in loss] == ["progress", "table"]
+    assert len(ArtifactStore(store_url).list_versions("checkpoints", "ui")) == 2  # the checkpoints did happen
