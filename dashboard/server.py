@@ -23,8 +23,6 @@ def _handler(store: ArtifactStore) -> type[BaseHTTPRequestHandler]:
 
         def _file(self) -> tuple[bytes, str] | None:
             raw = unquote(urlsplit(self.path).path)
-            if raw in ("", "/"):
-                raw = f"/{SITE_DIR}/index.html"
             rel = posixpath.normpath(raw.lstrip("/"))
             try:
                 if store.is_local:  # a link inside the store that points outside it is refused too
@@ -36,6 +34,12 @@ def _handler(store: ArtifactStore) -> type[BaseHTTPRequestHandler]:
             return data, mimetypes.guess_type(rel)[0] or "application/octet-stream"
 
         def _send(self, body: bool) -> None:
+            if urlsplit(self.path).path in ("", "/"):  # the site's pages link relative to _site/
+                self.send_response(HTTPStatus.FOUND)
+                self.send_header("Location", f"/{SITE_DIR}/index.html")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             found = self._file()
             if found is None:
                 self.send_error(HTTPStatus.NOT_FOUND)

@@ -106,8 +106,9 @@ def test_server_serves_the_store_and_nothing_outside(populated_store, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with urllib.request.urlopen(f"{base}/") as r:
+        with urllib.request.urlopen(f"{base}/") as r:  # redirected to the index, so its relative links work
             assert r.status == 200 and b"Any-Size-Diffusion store" in r.read()
+            assert r.url.endswith("/_site/index.html")
         with urllib.request.urlopen(f"{base}/generations/g1/{gen.version}/images/000000-200x120-abc.png") as r:
             assert r.headers["Content-Type"] == "image/png"
         for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/link-out.txt", "/_site", "//etc/passwd"):
