@@ -122,12 +122,17 @@ def generate_flow(model_ref: str, prompts_ref: str, generations: str = "demo",
     return ref
 
 
+GENERATIONS_TABLE_ROWS = 1000  # rows of the UI table; the manifest has them all
+
+
 def _publish_generation_tables(store: ArtifactStore, ref: str, rows: list[dict[str, Any]]) -> None:
     gen = store.resolve(ref)
     table = [{"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None, "size": f"{r['width']}x{r['height']}",
               "status": r["status"], "seconds": round(r["seconds"] or 0, 2), "unet_evals": r["unet_evals"],
               "uri": store.file_uri(gen, r["image"]) if r["image"] else r["error"]} for r in rows]
-    publish_table("generations", table, f"generations {ref}")
+    shown = table[:GENERATIONS_TABLE_ROWS]
+    more = f" (the first {len(shown)} of {len(table)} images; all: manifest.parquet)" if len(table) > len(shown) else ""
+    publish_table("generations", shown, f"generations {ref}{more}")
     slowest = sorted((t for t in table if t["status"] == "ok"), key=lambda t: -t["seconds"])[:10]
     publish_table("slowest-images", slowest, f"the slowest images of {ref}")
 
