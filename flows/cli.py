@@ -389,15 +389,20 @@ def _date_range(text: str):
     start, sep, end = span.partition("..")
     if not sep:
         raise UserError(f"--dates {text!r}: expected START..END or START..END/STEP_DAYS (2026-11-01..2026-11-07)")
-    return DateRange(start=start, end=end, step_days=int(step) if step.strip().isdigit() else (step or 1))
+    from pydantic import ValidationError
+
+    try:
+        return DateRange(start=start.strip(), end=end.strip(), step_days=step.strip() or 1)
+    except ValidationError as exc:
+        why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise UserError(f"--dates {text!r}: {why} (expected START..END or START..END/STEP_DAYS)") from None
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     from deployments.deploy import check_api_url
     from flows.backfill import backfill_flow
 
-    check_api_url()
-    if "/" not in args.deployment:
+    if "/" not in args.deployment:  # every flag is checked before the server is asked anything
         raise UserError(f"deployment {args.deployment!r}: expected FLOW/DEPLOYMENT, e.g. asd-generate/generate")
     dates = _date_range(args.dates) if args.dates else None
     versions = [v.strip() for v in args.prompts_versions.split(",") if v.strip()] if args.prompts_versions else None
@@ -405,6 +410,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of --dates or --prompts-versions")
     if args.max_concurrency < 1:
         raise UserError("--max-concurrency must be at least 1")
+    parameters = dict(_param(p) for p in args.param or [])
+    check_api_url()
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -415,7 +422,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             raise UserError(f"no deployment {args.deployment!r} on the server at {client.api_url} "
                             "(`asd deploy --list` shows what `asd deploy` registers)") from None
     rows = backfill_flow(args.deployment, dates=dates, prompts_versions=versions,
-                         parameters=dict(_param(p) for p in args.param or []), name=args.name,
+                         parameters=parameters, name=args.name,
                          max_concurrency=args.max_concurrency, store_url=args.store, return_state=True)
     result = rows.result(raise_on_failure=False)
     if isinstance(result, BaseException):

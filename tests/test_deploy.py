@@ -117,3 +117,20 @@ def test_failed_partition_gets_a_new_idempotency_key_and_committed_ones_are_skip
         w.commit(parents=[], params={})
     rows = backfill_flow("asd-ingest/ingest", dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 2)))
     assert [r["status"] for r in rows] == ["SKIPPED (committed)"] * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["backfill", "nodeployment", "--dates", "2026-11-01..2026-11-02"], "expected FLOW/DEPLOYMENT"),
+    (["backfill", "a/b", "--dates", "2026-11-05..2026-11-02"], "ends (2026-11-02) before it starts"),
+    (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02/0"], "--dates"),
+    (["backfill", "a/b", "--dates", "2026-11-01"], "expected START..END"),
+    (["backfill", "a/b"], "exactly one of --dates or --prompts-versions"),
+    (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02", "--param", "oops"], "expected KEY=VALUE"),
+])
+def test_backfill_flags_are_checked_before_the_server_is_asked(argv, message, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server: flag errors must come first
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asd: ") and message in err and len(err.strip().splitlines()) == 1
