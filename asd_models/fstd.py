@@ -35,8 +35,12 @@ class FSTDConfig:
     step uses no shift (0 = never). shift_first_step: shift step 0 too (safe when every
     position is covered: "cropped" and "edge-tile"; the official scheme never does, it has no
     previous prediction for its uncovered strip). offset_multiple: offsets are multiples of
-    this (None: `size_multiple`; offsets off the UNet's down-sampling lattice leave seams:
-    measured 1.08x full-latent seam score with odd offsets on a 2-level UNet vs 1.01x with
+    this (None: 2, or 1 for a UNet that takes any size). Odd offsets leave seams (1.08x the
+    full-latent seam score on a 2-level UNet vs 1.01x with even ones); offsets on the UNet's own
+    down-sampling lattice do too on deep UNets: a 4-level UNet (lattice 8) scored 1.04-1.20x
+    with offsets in steps of 8 and 0.99-1.03x in steps of 2 (`bench.fstd_family`), since every
+    grid line then falls on a boundary 4x less often. Pieces are grown with real context to the
+    UNet's size multiple, so any even offset runs.
     even ones). size_multiple: the UNet's size multiple (None: read from the UNet by `for_unet`,
     which every sampler calls); a cropped tile whose side is not a multiple runs with real
     neighbouring latent as context, grown to the next multiple, and only its own area is kept.
@@ -59,7 +63,7 @@ class FSTDConfig:
         if self.min_piece is None:
             object.__setattr__(self, "min_piece", self.tile // 4)
         if self.offset_multiple is None and self.size_multiple is not None:
-            object.__setattr__(self, "offset_multiple", self.size_multiple)
+            object.__setattr__(self, "offset_multiple", min(2, self.size_multiple))
         if self.tile < 1:
             raise ValueError(f"FSTD tile must be >= 1 latent pixel, got {self.tile}")
         if self.shift_range is not None and not 0 <= self.shift_range <= self.tile:
@@ -85,19 +89,15 @@ class FSTDConfig:
                    mode="official", offset_multiple=1, shift_first_step=False)
 
     def for_unet(self, unet: torch.nn.Module) -> FSTDConfig:
-        """This config on `unet`'s down-sampling lattice: size_multiple (and offset_multiple)
-        filled in from the UNet when not given; a config that contradicts the UNet is refused
-        (a tile or size multiple off its lattice fails in the UNet or leaves seams; offsets off
-        it leave seams, which only the official scheme accepts, as the paper's code does)."""
+        """This config on `unet`: size_multiple filled in from the UNet's down-sampling levels
+        when not given (offset_multiple then defaults to 2); a tile or size multiple off the
+        UNet's lattice is refused (the UNet would fail on it or leave seams)."""
         m = unet_size_multiple(unet)
         size = self.size_multiple if self.size_multiple is not None else m
-        offset = self.offset_multiple if self.offset_multiple is not None else size
+        offset = self.offset_multiple if self.offset_multiple is not None else min(2, size)
         if self.tile % m or size % m:
             raise ValueError(f"FSTD tile {self.tile} and size_multiple {size} must be multiples of this UNet's "
                              f"size multiple {m} (2 ** its {m.bit_length() - 1} down-sampling levels)")
-        if self.mode != "official" and offset % m:
-            raise ValueError(f"FSTD offset_multiple {offset} is off this UNet's lattice of {m} latent pixels: "
-                             "offsets must be multiples of it (mode='official' keeps the paper's any-offset scheme)")
         if (size, offset) == (self.size_multiple, self.offset_multiple):
             return self
         return replace(self, size_multiple=size, offset_multiple=offset)
