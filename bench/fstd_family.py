@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", default=",".join(FAMILY))
+    ap.add_argument("--offset-multiple", type=int, default=None,
+                    help="FSTD's offset step in latent px (default: the sampler's own, 2)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -134,8 +136,10 @@ def main() -> None:
                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
                     sched.set_timesteps(args.steps)
                     t0 = time.perf_counter()
-                    cfg = FSTDConfig(tile=TILE, min_piece=0) if method == "fstd_no_merge" else None
-                    out = sample_with("fstd" if cfg else method, unet, sched, x.clone(), sched.timesteps, cond,
+                    cfg = (FSTDConfig(tile=TILE, min_piece=0 if method == "fstd_no_merge" else None,
+                                      offset_multiple=args.offset_multiple)
+                           if method.startswith("fstd") else None)
+                    out = sample_with("fstd" if method.startswith("fstd") else method, unet, sched, x.clone(), sched.timesteps, cond,
                                       tile=TILE, generator=torch.Generator().manual_seed(100 + seed), fstd=cfg)
                     seconds[method] += (time.perf_counter() - t0) / len(seeds)
                     for axis, v in axis_seams(out).items():
