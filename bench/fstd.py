@@ -38,15 +38,15 @@ SIZES_FULL = SIZES_QUICK + [(4096, 4096)]
 METHODS = ["fstd", "naive", "multidiffusion", "mixture", "diffusers_panorama", "full"]
 
 
-def smooth_latents(n: int, size: int, gen):
-    """Smooth random fields (a few low-frequency waves per channel), unit-ish variance."""
+def smooth_latents(n: int, size: int, gen, max_freq: float = 3.0):
+    """Smooth random fields (a few waves up to `max_freq` per side per channel), unit-ish variance."""
     import torch
 
     y = torch.linspace(0, 1, size).view(1, 1, size, 1)
     x = torch.linspace(0, 1, size).view(1, 1, 1, size)
     out = torch.zeros(n, 4, size, size)
     for _ in range(4):
-        fy, fx = torch.rand(n, 4, 1, 1, generator=gen) * 3, torch.rand(n, 4, 1, 1, generator=gen) * 3
+        fy, fx = torch.rand(n, 4, 1, 1, generator=gen) * max_freq, torch.rand(n, 4, 1, 1, generator=gen) * max_freq
         ph = torch.rand(n, 4, 1, 1, generator=gen) * 6.283
         out += torch.sin(6.283 * (fy * y + fx * x) + ph) * (torch.rand(n, 4, 1, 1, generator=gen) + 0.3)
     return out / out.flatten(1).std(dim=1).view(n, 1, 1, 1)
@@ -55,7 +55,7 @@ def smooth_latents(n: int, size: int, gen):
 def trained_unet(train_steps: int):
     """The bench UNet, trained on smooth latents (cached by config and steps)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     key = hashlib.sha256(json.dumps([UNET_CONFIG, train_steps]).encode()).hexdigest()[:12]
     folder = CACHE / f"unet-{key}"
@@ -63,24 +63,33 @@ def trained_unet(train_steps: int):
         return UNet2DConditionModel.from_pretrained(folder), folder
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNET_CONFIG)
+    fit_denoiser(unet, lambda gen: smooth_latents(8, 64, gen), train_steps, seed=0, label="bench UNet")
+    unet.save_pretrained(folder)
+    return unet.eval(), folder
+
+
+def fit_denoiser(unet, make_batch, steps: int, seed: int, label: str, log_every: int = 50) -> None:
+    """Train `unet` in place with the noise-prediction loss on batches `make_batch(generator)`
+    (empty text conditioning, AdamW 1e-3, SD's scaled-linear DDPM schedule)."""
+    import torch
+    from diffusers import DDPMScheduler
+
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    cond = torch.zeros(1, 77, 32)
+    gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    for step in range(train_steps):
-        x0 = smooth_latents(8, 64, gen)
+    for step in range(steps):
+        x0 = make_batch(gen)
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (8,), generator=gen)
-        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t, cond.expand(8, -1, -1)).sample, noise)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
+        cond = torch.zeros(x0.shape[0], 77, unet.config.cross_attention_dim)
+        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t, cond).sample, noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 0:
-            print(f"  training bench UNet: step {step}/{train_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
+        if step % log_every == 0:
+            print(f"  training {label}: step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    unet.save_pretrained(folder)
-    return unet.eval(), folder
 
 
 def unet_multiple() -> int:

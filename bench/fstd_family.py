@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -43,23 +42,12 @@ FAMILY = {
 }
 
 
-def smooth_fields(n: int, size: int, max_freq: float, gen):
-    import torch
-
-    y = torch.linspace(0, 1, size).view(1, 1, size, 1)
-    x = torch.linspace(0, 1, size).view(1, 1, 1, size)
-    out = torch.zeros(n, 4, size, size)
-    for _ in range(4):
-        fy, fx = (torch.rand(n, 4, 1, 1, generator=gen) * max_freq for _ in range(2))
-        ph = torch.rand(n, 4, 1, 1, generator=gen) * 6.283
-        out += torch.sin(6.283 * (fy * y + fx * x) + ph) * (torch.rand(n, 4, 1, 1, generator=gen) + 0.3)
-    return out / out.flatten(1).std(dim=1).view(n, 1, 1, 1)
-
-
 def trained(name: str, train_steps: int):
     """The family member, trained on its own smooth fields (cached by config, seed, data, steps)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from bench.fstd import fit_denoiser, smooth_latents
 
     config, seed, max_freq = FAMILY[name]
     key = hashlib.sha256(json.dumps([config, seed, max_freq, train_steps]).encode()).hexdigest()[:12]
@@ -68,22 +56,8 @@ def trained(name: str, train_steps: int):
         return UNet2DConditionModel.from_pretrained(folder).eval()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    cond = torch.zeros(8, 77, 32)
-    t0 = time.time()
-    for step in range(train_steps):
-        x0 = smooth_fields(8, 64, max_freq, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (8,), generator=gen)
-        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t, cond).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            print(f"  training {name}: step {step}/{train_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+    fit_denoiser(unet, lambda gen: smooth_latents(8, 64, gen, max_freq), train_steps, seed=seed, label=name,
+                 log_every=100)
     unet.save_pretrained(folder)
     return unet.eval()
 
