@@ -41,7 +41,7 @@ class FSTDConfig:
     with offsets in steps of 8 and 0.99-1.03x in steps of 2 (`bench.fstd_family`), since every
     grid line then falls on a boundary 4x less often. Pieces are grown with real context to the
     UNet's size multiple, so any even offset runs.
-    even ones). size_multiple: the UNet's size multiple (None: read from the UNet by `for_unet`,
+    size_multiple: the UNet's size multiple (None: read from the UNet by `for_unet`,
     which every sampler calls); a cropped tile whose side is not a multiple runs with real
     neighbouring latent as context, grown to the next multiple, and only its own area is kept.
     mode: see `grid_boxes`. min_piece: in "cropped" mode, an edge piece thinner than this joins

@@ -1,14 +1,24 @@
 """FSTD vs naive tiles, MultiDiffusion, Mixture of Diffusers, diffusers' panorama pipeline and
 full-latent sampling, side by side with the same UNet in one run.
 
-    python -m bench.fstd [--quick] [--json PATH]
+    python -m bench.fstd [--quick] [--unet small|medium] [--json PATH]
 
-Each (method, size) runs in its own subprocess, so its peak RSS is its own. The UNet is the
-tiny SD-shaped one (its config is printed), first trained for a few minutes on smooth
-synthetic latents (cached under bench/.cache): a random UNet shows no seams at all, so seam
-scores need a denoiser that has learned something. Seam score: mean |gradient| of the final
-latent across the unshifted tile-grid lines over the median across all other lines (1.0 =
-seamless). No classifier-free guidance (same cost ratio for every method).
+Each (method, size) runs in its own subprocess, so its peak RSS is its own.
+
+--unet small (default): the tiny SD-shaped UNet (1M parameters, its config is printed), first
+trained for a few minutes on smooth synthetic latents (cached under bench/.cache): a random
+UNet shows no seams at all, so seam scores need a denoiser that has learned something. On it
+a UNet call costs little more than its overhead, so the times say how FSTD's piece shapes
+cost in calls.
+
+--unet medium: a compute-bound UNet (3 levels, attention on the lower two, 2 layers per
+block, 25M parameters; a 64x64 tile is ~0.2 s on 2 cores), the regime of an SD-sized UNet
+where cost follows area. It is untrained (random weights), so it reports time and memory
+only: its seam scores would mean nothing and are left out.
+
+Seam score: mean |gradient| of the final latent across the unshifted tile-grid lines over the
+median across all other lines (1.0 = seamless). No classifier-free guidance (same cost ratio
+for every method).
 """
 
 from __future__ import annotations
@@ -31,6 +41,13 @@ UNET_CONFIG = {
     "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
     "attention_head_dim": 8, "norm_num_groups": 8,
+}
+MEDIUM_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [64, 128, 256],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 256,
+    "attention_head_dim": 32, "norm_num_groups": 32,
 }
 TILE = 64  # latent pixels = 512 px
 SIZES_QUICK = [(1024, 1024), (2048, 1024)]
@@ -92,8 +109,21 @@ def fit_denoiser(unet, make_batch, steps: int, seed: int, label: str, log_every:
                   file=sys.stderr, flush=True)
 
 
-def unet_multiple() -> int:
-    return 2 ** (len(UNET_CONFIG["block_out_channels"]) - 1)
+def unet_multiple(config: dict | None = None) -> int:
+    return 2 ** (len((config or UNET_CONFIG)["block_out_channels"]) - 1)
+
+
+def medium_unet():
+    """The compute-bound bench UNet, random weights (seed 0), saved once under bench/.cache."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    key = hashlib.sha256(json.dumps(MEDIUM_UNET_CONFIG).encode()).hexdigest()[:12]
+    folder = CACHE / f"unet-medium-{key}"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        UNet2DConditionModel(**MEDIUM_UNET_CONFIG).save_pretrained(folder)
+    return folder
 
 
 def peak_rss_mb() -> float:
@@ -130,7 +160,8 @@ def worst_line(latents) -> float:
     return float(max(col.max() / np.median(col), row.max() / np.median(row)))
 
 
-def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, tile_batch_size: int) -> dict:
+def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, tile_batch_size: int,
+            warmup_steps: int = 3) -> dict:
     """Worker: one method at one size; prints a JSON object."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -143,21 +174,21 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     H, W = height // 8, width // 8
-    cond = torch.zeros(1, 77, 32)
+    cond = torch.zeros(1, 77, unet.config.cross_attention_dim)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))
-    fstd = FSTDConfig(tile=TILE, tile_batch_size=tile_batch_size, size_multiple=unet_multiple())
+    fstd = FSTDConfig(tile=TILE, tile_batch_size=tile_batch_size).for_unet(unet)
 
     def sample(x, n_steps: int):
         sched.set_timesteps(n_steps)
         if method == "diffusers_panorama":
-            return run_panorama(unet, sched, x, n_steps, width, height)
+            return run_panorama(unet, sched, x, n_steps, width, height, cond)
         out = sample_with(method, unet, sched, x, sched.timesteps, cond, None, 1.0, tile=TILE,
                           tile_batch_size=tile_batch_size, generator=torch.Generator().manual_seed(1), fstd=fstd)
         return out, unet_evals_per_step(method, H, W, TILE, fstd=fstd)
 
     # untimed warm-up (every method alike): first calls at a new tile shape build kernels, which a
     # long-running worker pays once
-    sample(torch.randn(latents.shape, generator=torch.Generator().manual_seed(9)), min(steps, 3))
+    sample(torch.randn(latents.shape, generator=torch.Generator().manual_seed(9)), min(steps, warmup_steps))
     t0 = time.perf_counter()
     out, evals = sample(latents, steps)
     seconds = time.perf_counter() - t0
@@ -169,7 +200,7 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     }
 
 
-def run_panorama(unet, sched, latents, steps: int, width: int, height: int):
+def run_panorama(unet, sched, latents, steps: int, width: int, height: int, cond):
     """diffusers' own StableDiffusionPanoramaPipeline (window 64, stride 8: its defaults)."""
     from diffusers import AutoencoderKL, StableDiffusionPanoramaPipeline
 
@@ -183,20 +214,27 @@ def run_panorama(unet, sched, latents, steps: int, width: int, height: int):
                                            requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     views = len(pipe.get_views(height, width))
-    out = pipe("", height=height, width=width, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
-               output_type="latent", view_batch_size=8).images
+    out = pipe(prompt_embeds=cond, height=height, width=width, num_inference_steps=steps, guidance_scale=1.0,
+               latents=latents, output_type="latent", view_batch_size=8).images
     return out, views
+
+
+def _fmt(seam: float | None) -> str:
+    return "n/a" if seam is None else f"{seam:.3f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1024x1024 and 2048x1024 only")
-    ap.add_argument("--json", default="bench/results/fstd.json")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--unet", choices=["small", "medium"], default="small",
+                    help="small: tiny trained UNet (seams, per-call cost); medium: compute-bound random 25M UNet (time)")
+    ap.add_argument("--json", default=None, help="default bench/results/fstd.json (fstd-medium.json for --unet medium)")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10 small, 3 medium)")
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--tile-batch-size", type=int, default=8)
-    ap.add_argument("--panorama-max-pixels", type=int, default=2048 * 1024,
-                    help="skip diffusers' panorama above this size (its stride-8 cost explodes)")
+    ap.add_argument("--panorama-max-pixels", type=int, default=None,
+                    help="skip diffusers' panorama above this size (its stride-8 cost explodes; default 2048x1024, "
+                    "1024x1024 for --unet medium)")
     ap.add_argument("--full-max-pixels", type=int, default=2048 * 1024, help="skip full-latent sampling above this")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,13 +242,22 @@ def main() -> None:
         print(json.dumps(run_one(**json.loads(args.worker))))
         return
 
-    _, unet_dir = trained_unet(args.train_steps)
+    medium = args.unet == "medium"
+    args.steps = args.steps or (3 if medium else 10)
+    args.panorama_max_pixels = args.panorama_max_pixels or (1024 * 1024 if medium else 2048 * 1024)
+    args.json = args.json or f"bench/results/fstd{'-medium' if medium else ''}.json"
+    if medium:
+        unet_dir, config = medium_unet(), MEDIUM_UNET_CONFIG
+        trained = "random weights (time and memory only: no seam scores)"
+    else:
+        (_, unet_dir), config = trained_unet(args.train_steps), UNET_CONFIG
+        trained = f"trained {args.train_steps} steps on smooth latents"
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
-    print(f"UNet: {json.dumps(UNET_CONFIG)}, trained {args.train_steps} steps on smooth latents; tile {TILE} latent "
-          f"({TILE * 8} px), FSTD cropped grid, offsets on the UNet's {unet_multiple()}-px lattice; overlap baselines "
-          f"stride {TILE // 2} (50%), panorama stride 8; {args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads")
+    print(f"UNet ({args.unet}): {json.dumps(config)}, {trained}; tile {TILE} latent ({TILE * 8} px), FSTD cropped "
+          f"grid, offsets in steps of 2; overlap baselines stride {TILE // 2} (50%), panorama stride 8; "
+          f"{args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads")
     jobs = [(m, w, h, args.steps) for w, h in sizes for m in METHODS]
-    if not args.quick:
+    if not args.quick and not medium:
         jobs.append(("fstd", 8192, 8192, 1))  # memory at 8192^2 (one step)
     results, skipped = [], []
     for method, w, h, steps in jobs:
@@ -222,16 +269,18 @@ def main() -> None:
                             "does not fit in memory"})
             continue
         spec = json.dumps({"method": method, "width": w, "height": h, "steps": steps, "unet_dir": str(unet_dir),
-                           "tile_batch_size": args.tile_batch_size})
+                           "tile_batch_size": args.tile_batch_size, "warmup_steps": 1 if medium else 3})
         proc = subprocess.run([sys.executable, "-m", "bench.fstd", "--worker", spec], capture_output=True, text=True,
                               cwd=HERE.parent)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"bench worker failed: {method} {w}x{h}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if medium:  # a random UNet's latent says nothing about seams
+            r["seam_score"] = r["worst_line"] = None
         results.append(r)
         print(f"  {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} evals/step, "
-              f"{r['peak_rss_mb']:.0f} MB, seam {r['seam_score']:.3f}", flush=True)
+              f"{r['peak_rss_mb']:.0f} MB, seam {_fmt(r['seam_score'])}", flush=True)
 
     speedup = {}
     for w, h in sizes:
@@ -240,20 +289,20 @@ def main() -> None:
         s = {f"over_{m}": round(by[m]["seconds"] / f, 2) for m in ("multidiffusion", "mixture", "diffusers_panorama")
              if m in by}
         s["time_over_naive"] = round(f / by["naive"]["seconds"], 3)
-        if "full" in by:
+        if "full" in by and not medium:
             s["seam_over_full"] = round(by["fstd"]["seam_score"] / by["full"]["seam_score"], 3)
         speedup[f"{w}x{h}"] = s
 
     print(f"\n{'method':18s} {'size':>10s} {'evals/step':>10s} {'seconds':>9s} {'peak MB':>8s} {'seam':>7s}")
     for r in results:
         print(f"{r['method']:18s} {r['width']:>5d}x{r['height']:<5d}{r['unet_evals_per_step']:>9.1f} "
-              f"{r['seconds']:>9.2f} {r['peak_rss_mb']:>8.0f} {r['seam_score']:>7.3f}")
+              f"{r['seconds']:>9.2f} {r['peak_rss_mb']:>8.0f} {_fmt(r['seam_score']):>7s}")
     for s in skipped:
         print(f"{s['method']:18s} {s['width']:>5d}x{s['height']:<5d} skipped: {s['reason']}")
     print("\nspeedup (FSTD's speed over each; time_over_naive = FSTD time / naive time):")
     for size, s in speedup.items():
         print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
-    out = {"unet_config": UNET_CONFIG, "train_steps": args.train_steps, "tile": TILE, "steps": args.steps,
+    out = {"unet": args.unet, "unet_config": config, "train_steps": None if medium else args.train_steps, "tile": TILE, "steps": args.steps,
            "results": results, "skipped": skipped, "speedup": speedup}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))

@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="bench/results/fstd_family.json")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", default=",".join(FAMILY))
     ap.add_argument("--offset-multiple", type=int, default=None,
