@@ -53,3 +53,40 @@ def tensor_m11_to_pil(t) -> Image.Image:
         t = t[0]
     arr = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
+
+
+class CoverCanvas:
+    """`resize_cover_crop(source, width, height)` without ever holding the result: pixels are
+    made per region on request (bicubic from the small source), so a 16384^2 canvas costs no
+    more memory than one tile. Source and regions: 1 x 3 x h x w float tensors in [-1, 1]."""
+
+    def __init__(self, source, width: int, height: int) -> None:
+        self.source = source
+        _, _, sh, sw = source.shape
+        self.cover = cover_size(sw, sh, width, height)
+        self.left, self.top, _, _ = center_crop_box(*self.cover, width, height)
+        self.shape = (1, source.shape[1], height, width)
+
+    def _sample(self, ys, xs):
+        """Canvas at pixel-centre coordinates `ys` x `xs` (1-d float tensors, canvas pixels)."""
+        import torch
+        import torch.nn.functional as F
+
+        gy = (ys + self.top) / self.cover[1] * 2 - 1  # grid_sample, align_corners=False: -1/+1 = outer edges
+        gx = (xs + self.left) / self.cover[0] * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].to(self.source.device)
+        out = F.grid_sample(self.source.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+        return out.clamp(-1, 1).to(self.source.dtype)
+
+    def region(self, y0: int, y1: int, x0: int, x1: int):
+        """Canvas pixels [y0, y1) x [x0, x1)."""
+        import torch
+
+        return self._sample(torch.arange(y0, y1) + 0.5, torch.arange(x0, x1) + 0.5)
+
+    def resized(self, height: int, width: int):
+        """The whole canvas at height x width (small: for statistics)."""
+        import torch
+
+        _, _, H, W = self.shape
+        return self._sample((torch.arange(height) + 0.5) * H / height, (torch.arange(width) + 0.5) * W / width)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.fstd import FSTDConfig, TiledJob, count_tiles, fstd_boxes, sample_jobs
-from asd_models.images import pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
+from asd_models.images import CoverCanvas, pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.seams import grid_lines
 from asd_models.tiled_vae import tiled_decode, tiled_encode
@@ -77,13 +77,23 @@ class RenderRequest:
 
 @dataclass
 class AnySizeResult:
-    image: Image.Image
+    pixels: np.ndarray  # height x width x 3 uint8 (memory-mapped for outputs over the memmap threshold)
     bucket: Bucket
     canvas: tuple[int, int]  # (width, height) in pixels that stage 2 denoised
     tile_px: int
     seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
     fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps
     unet_evals: int = 0  # UNet samples evaluated for this image, both stages (guidance counts twice)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    @property
+    def image(self) -> Image.Image:
+        """The pixels as a PIL image: a copy (PIL keeps RGB as 4 bytes a pixel), so not for
+        outputs too large to hold twice; write those from `pixels` (`asd_models.large_images`)."""
+        return Image.fromarray(np.asarray(self.pixels))
 
 
 @dataclass
@@ -196,8 +206,9 @@ class AnySizePipeline:
         x = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         return tensor_m11_to_pil(x.float())
 
-    def _output_array(self, width: int, height: int) -> np.ndarray:
-        if width * height <= self.memmap_pixels:
+    @staticmethod
+    def _output_array(width: int, height: int, memmap_pixels: int) -> np.ndarray:
+        if width * height <= memmap_pixels:
             return np.zeros((height, width, 3), dtype=np.uint8)
         handle = tempfile.NamedTemporaryFile(prefix="asd-output-", suffix=".u8", delete=False)
         handle.close()
@@ -231,7 +242,7 @@ class AnySizePipeline:
                         lambda i: whole, r.generator, "uniform", progress=progress)
 
     def _stage2_job(self, r: _Render, image: Image.Image, fstd: FSTDConfig, vae_tile: int,
-                    progress: Callable | None) -> TiledJob:
+                    progress: Callable | None, memmap_pixels: int) -> TiledJob:
         """FSTD on a canvas covering the target (sides multiples of the UNet's pixel multiple)."""
         up, req = self.upscaler, r.req
         m = (up.vae_scale_factor * up.unet_multiple) if up else self.pixel_multiple
@@ -241,9 +252,11 @@ class AnySizePipeline:
                  (ch - req.height) // 2 + req.height)
         if up is not None:
             return self._upscaler_job(r, image, fstd, progress)
-        canvas_img, _ = resize_cover_crop(image, cw, ch)
-        x0 = tiled_encode(self.c.vae, pil_to_tensor_m11(canvas_img).to(self.device), tile=vae_tile * self.c.vae_scale_factor,
-                          whole_below=self.vae_whole_below)
+        if cw * ch > memmap_pixels:  # enlarged tile by tile as the encoder asks for it: never whole
+            canvas: torch.Tensor | CoverCanvas = CoverCanvas(pil_to_tensor_m11(image).to(self.device), cw, ch)
+        else:
+            canvas = pil_to_tensor_m11(resize_cover_crop(image, cw, ch)[0]).to(self.device)
+        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
         start = int(round(req.steps * (1 - req.strength)))
@@ -280,11 +293,19 @@ class AnySizePipeline:
 
     @torch.no_grad()
     def generate_many(self, requests: list[RenderRequest], fstd: FSTDConfig | None = None,
-                      progress: BatchProgress | None = None, vae_tile: int = 64) -> list[AnySizeResult]:
+                      progress: BatchProgress | None = None, vae_tile: int = 64,
+                      memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None
+                      ) -> list[AnySizeResult]:
         """Render every request at exactly its width x height. The requests advance through
         their steps together (stage 1, then stage 2), tiles of one shape from all of them
         sharing UNet calls of up to `fstd.tile_batch_size` tiles. vae_tile: tiled VAE tile in
-        latent pixels. Outputs over `memmap_pixels` are decoded into a memory-mapped file."""
+        latent pixels. Outputs over `memmap_pixels` (default: the class attribute) are decoded
+        into a memory-mapped file, and their stage-2 canvas is enlarged and encoded tile by tile,
+        never whole: memory stays bounded at any size. `on_stage(name)` is called as each stage
+        starts ("arad"; "canvas": stage 2's enlarged, encoded canvas; "fstd"; "decode") and with
+        "done" at the end (timings, memory peaks)."""
+        memmap_pixels = self.memmap_pixels if memmap_pixels is None else memmap_pixels
+        stage = on_stage or (lambda name: None)
         for req in requests:
             self.check_request(req)
         fstd = (fstd or self.default_fstd()).for_unet(self.c.unet)
@@ -293,6 +314,7 @@ class AnySizePipeline:
             return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None
 
         # 1. prompts, and ARAD: each request at its nearest bucket, all sampled together
+        stage("arad")
         renders = []
         for req in requests:
             cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
@@ -307,28 +329,32 @@ class AnySizePipeline:
         del jobs
 
         # 2. FSTD: every request enlarged to its canvas, re-noised, denoised together
-        jobs = [self._stage2_job(r, img, fstd, vae_tile, report(i, "fstd"))
+        stage("canvas")
+        jobs = [self._stage2_job(r, img, fstd, vae_tile, report(i, "fstd"), memmap_pixels)
                 for i, (r, img) in enumerate(zip(renders, images, strict=True))]
         del images
+        stage("fstd")
         sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, fstd.tile_batch_size)
+        stage("decode")
         results = []
         for r, job in zip(renders, jobs, strict=True):
             r.unet_evals += job.unet_tiles
-            results.append(self._finish(r, job, fstd, vae_tile))
+            results.append(self._finish(r, job, fstd, vae_tile, memmap_pixels))
+        stage("done")
         return results
 
-    def _finish(self, r: _Render, job: TiledJob, fstd: FSTDConfig, vae_tile: int) -> AnySizeResult:
+    def _finish(self, r: _Render, job: TiledJob, fstd: FSTDConfig, vae_tile: int, memmap_pixels: int
+                ) -> AnySizeResult:
         up, req = self.upscaler, r.req
         vae = up.vae if up else self.c.vae
-        out = self._output_array(req.width, req.height)
+        out = self._output_array(req.width, req.height, memmap_pixels)
         final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below)
-        image = Image.frombuffer("RGB", (req.width, req.height), np.ascontiguousarray(final), "raw", "RGB", 0, 1)
         f2 = up.vae_scale_factor if up else self.c.vae_scale_factor
         tile = up.unet.config.sample_size if up else fstd.tile
         tile_cfg = FSTDConfig(tile=tile, mode=fstd.mode, size_multiple=up.unet_multiple if up else fstd.size_multiple)
         tile_px = tile * f2
         return AnySizeResult(
-            image=image, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
+            pixels=final, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
             seam_lines={"x": grid_lines(req.width, tile_px, r.box[0]), "y": grid_lines(req.height, tile_px, r.box[1])},
             fstd_tiles=count_tiles(job.latents.shape, tile_cfg, r.offsets), unet_evals=r.unet_evals,
         )

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asd_models.images import CoverCanvas
+
 DECODER_PAD = 11  # latent pixels
 ENCODER_PAD = 32  # image pixels
 
@@ -106,34 +108,42 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
 
 
 @torch.no_grad()
-def tiled_encode(vae, image: torch.Tensor, tile: int = 512, pad: int = ENCODER_PAD, estimate_size: int = 1024,
-                 progress: Callable[[int, int], None] | None = None, whole_below: int = 0) -> torch.Tensor:
+def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: int = ENCODER_PAD,
+                 estimate_size: int = 1024, progress: Callable[[int, int], None] | None = None,
+                 whole_below: int = 0) -> torch.Tensor:
     """Encode 1 x 3 x H x W in [-1, 1] tile by tile to scaled latents (posterior mean).
     H and W must be multiples of the VAE factor; images of at most `whole_below` latent
-    pixels are encoded in one piece."""
+    pixels are encoded in one piece. `image` may be a `CoverCanvas`, whose pixels are made
+    tile by tile (the whole image never exists)."""
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    image = image.to(vae.dtype)
+    lazy = isinstance(image, CoverCanvas)
+    if not lazy:
+        image = image.to(vae.dtype)
     _, _, H, W = image.shape
     if H % f or W % f:
         raise ValueError(f"tiled_encode needs sides that are multiples of {f}, got {W}x{H}")
     if (H // f) * (W // f) <= whole_below:
-        return vae.encode(image).latent_dist.mean.float() * vae.config.scaling_factor
+        whole = image.region(0, H, 0, W).to(vae.dtype) if lazy else image
+        return vae.encode(whole).latent_dist.mean.float() * vae.config.scaling_factor
     tile = max(f, tile // f * f)
     pad = -(-pad // f) * f
     stats: dict = {}
     scale = min(1.0, estimate_size / max(H, W))
-    small = image
+    small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
     if scale < 1:
         sh, sw = max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f)
-        small = F.interpolate(image, size=(sh, sw), mode="area")
+        small = (image.resized(sh, sw).to(vae.dtype) if lazy  # type: ignore[union-attr]
+                 else F.interpolate(image, size=(sh, sw), mode="area"))
     with _groupnorm_mode(vae, stats, record=True):
         vae.encode(small)
-    latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=image.device)
+    device = image.source.device if lazy else image.device  # type: ignore[union-attr]
+    latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=device)
     boxes = [(y, th, x, tw) for y, th in _tiles(H, tile) for x, tw in _tiles(W, tile)]
     with _groupnorm_mode(vae, stats, record=False):
         for i, (y, th, x, tw) in enumerate(boxes):
             y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
-            z = vae.encode(image[:, :, y0:y1, x0:x1]).latent_dist.mean
+            pixels = image.region(y0, y1, x0, x1).to(vae.dtype) if lazy else image[:, :, y0:y1, x0:x1]
+            z = vae.encode(pixels).latent_dist.mean
             latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
                 :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f]
             if progress:

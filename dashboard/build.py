@@ -15,9 +15,11 @@ from datetime import datetime
 from typing import Any
 
 import polars as pl
+from PIL import Image
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from artifact_store.refs import KINDS
+from asd_models.large_images import read_dzi
 from dashboard import figures
 from dashboard.pages import e, gallery_card, link, metric_pairs, metrics_text, page, pre_json, table
 
@@ -79,6 +81,19 @@ def _lineage_html(ref: str, parents: dict[str, list[str]], root: str, depth: int
     return f"<li>{label}" + (f"<ul>{kids}</ul>" if kids else "") + "</li>"
 
 
+def _pyramid_thumbnail(store: ArtifactStore, ref: ArtifactRef, dzi_rel: str, px: int) -> bytes:
+    """The one-tile level of a Deep Zoom pyramid that fits `px` (the largest such), as PNG."""
+    dz = read_dzi(store.read_bytes(ref, dzi_rel))
+    level = dz.levels - 1
+    while level > 0 and -(-max(dz.width, dz.height) // 2 ** (dz.levels - 1 - level)) > min(px, dz.tile_size):
+        level -= 1
+    tile = store.read_bytes(ref, f"{dzi_rel[: -len('.dzi')]}_files/{level}/0_0.{dz.format}")
+    with Image.open(io.BytesIO(tile)) as im:
+        out = io.BytesIO()
+        im.convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
 def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     store = site.store
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
@@ -92,8 +107,12 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
         if item["status"] == "ok":
             thumb_name, heat_name = f"{item['key']}.png", f"{item['key']}.seams.png"
             if thumb_name not in have:
-                png = store.read_bytes(ref, item["image"])
-                t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [], site.thumb_px)
+                if item.get("deep_zoom"):  # a large output: the thumbnail from its pyramid, never the whole image
+                    t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
+                else:
+                    png = store.read_bytes(ref, item["image"])
+                    t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [],
+                                                         site.thumb_px)
                 site.write(f"{pic_dir}/{thumb_name}", t)
                 if h is not None:
                     site.write(f"{pic_dir}/{heat_name}", h)
@@ -105,7 +124,8 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
             site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
             heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
         full = f"{STORE_ROOT}{ref.prefix}/{item['image']}" if item["image"] else ""
-        cards.append(gallery_card(item, thumb or "", heat, full))
+        viewer = f"{STORE_ROOT}{ref.prefix}/{item['viewer']}" if item.get("viewer") else None
+        cards.append(gallery_card(item, thumb or "", heat, full, viewer))
     ok = sum(r["status"] == "ok" for r in rows)
     more = (f"<p class=muted>showing {len(shown)} of {len(rows)} images (--max-images)</p>"
             if len(rows) > len(shown) else "")

@@ -67,13 +67,14 @@ def metrics_text(metrics: dict[str, float] | list[Any] | None, limit: int = 4) -
     return ", ".join(f"{e(k)}={v:.4g}" for k, v in items)
 
 
-def gallery_card(item: dict[str, Any], thumb: str, heat: str | None, full: str) -> str:
+def gallery_card(item: dict[str, Any], thumb: str, heat: str | None, full: str, viewer: str | None = None) -> str:
     if item["status"] != "ok":
         return (f"<div class=card><b>{e(item['width'])}x{e(item['height'])}</b> FAILED<br>{e(item['prompt'])}"
                 f"<br><span class=muted>{e(item['error'])}</span></div>")
     heat_img = (f"<img src='{e(heat)}' alt='seam heat-map of {e(item['key'])}' title='seam heat-map'>"
                 if heat else "<span class=muted>(too large for a heat-map)</span>")
+    zoom = f"<br><a class=zoom href='{e(viewer)}'>open the zoomable viewer</a>" if viewer else ""
     return (f"<div class=card><a href='{e(full)}'><img src='{e(thumb)}' alt='{e(item['key'])}'></a>{heat_img}"
             f"<br><b>{e(item['width'])}x{e(item['height'])}</b> px (exact), seed {e(item['seed'])}, "
             f"{e(round(item['seconds'] or 0, 1))} s, {e(item['unet_evals'])} UNet evals, {e(item['device'])}"
-            f"<br>{e(item['prompt'])}<br><span class=muted>{e(item['key'])}</span></div>")
+            f"{zoom}<br>{e(item['prompt'])}<br><span class=muted>{e(item['key'])}</span></div>")

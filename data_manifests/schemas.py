@@ -68,6 +68,10 @@ GENERATIONS_MANIFEST = pa.schema([
     ("peak_memory_mb", pa.float64()),  # peak GPU memory of the batch it rendered in (CPU: peak RSS)
     ("device", pa.string()),
     ("worker", pa.string()),          # host:pid that rendered it
+    ("image_format", pa.string()),    # png | png-stream (streamed as encoded) | tiff (tiled pyramidal)
+    ("deep_zoom", pa.string()),       # DZI pyramid of a large output (path relative to the version), or null
+    ("viewer", pa.string()),          # its zoomable viewer page (OpenSeadragon), or null
+    ("peak_rss_mb", pa.float64()),    # peak resident memory of the worker while rendering and writing it
 ])
 
 METRICS = pa.schema([

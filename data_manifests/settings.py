@@ -166,6 +166,13 @@ class GenerateSettings(StageSettings):
     retries: int = Field(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of torch in each Dask worker "
                                       "(default: cores / workers)")
+    large_image_pixels: int = Field(
+        64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
+        "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
+    large_image_format: Literal["png", "tiff"] = Field(
+        "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
+        "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
+    deep_zoom: bool = Field(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
 
     EXECUTION: ClassVar[tuple[str, ...]] = ("shard_size", "pack", "pack_max_pixels", "executor", "workers",
                                             "dask_address", "retries", "tile_batch_size", "device", "dtype",

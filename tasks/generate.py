@@ -3,8 +3,9 @@ process, every image durable in the pending version as soon as it is rendered, a
 of the whole generations version at the end.
 
 Exactly once: an image's key holds a hash of the model version, its prompt row and the render
-settings; a finished image is `images/<key>.png` plus `images/<key>.json` (its manifest row and
-the PNG's sha256, written after the PNG). A rerun of the same job resumes the same pending
+settings; a finished image is `images/<key>.png` (`.tif` for a large output asked as TIFF, with its
+Deep Zoom pyramid and viewer page beside it) plus `images/<key>.json` (its manifest row and the
+files' sha256, written after them). A rerun of the same job resumes the same pending
 version (`store.resume_or_new`) and renders only the images without their `.json`."""
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import hashlib
 import io
 import json
 import os
-import resource
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,11 @@ from prefect import task
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
 from artifact_store.writer import fault_point
+from asd_models.large_images import write_deep_zoom, write_png_stream, write_tiff
+from asd_models.memory import peak_rss_mb, reset_peak_rss
 from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
+from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
+from dashboard.viewer import vendor_files, viewer_page
 from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import GenerateSettings
@@ -111,7 +117,7 @@ def _peak_memory_mb(device: Any) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: ShardOutput) -> bool:
@@ -128,15 +134,50 @@ def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: Shard
     return True
 
 
-def _seam_heatmap_png(image: Any, xs: list[int], ys: list[int]) -> bytes | None:
+def _seam_heatmap_png(pixels: np.ndarray, xs: list[int], ys: list[int]) -> bytes | None:
     """The image's seam heat-map (`<key>.seams.png`; none for images over HEATMAP_MAX_PIXELS)."""
     from PIL import Image
 
-    if image.width * image.height > HEATMAP_MAX_PIXELS:
+    if pixels.shape[0] * pixels.shape[1] > HEATMAP_MAX_PIXELS:
         return None
     buf = io.BytesIO()
-    Image.fromarray(seam_heatmap_rgb(np.asarray(image), xs, ys)).save(buf, format="PNG")
+    Image.fromarray(seam_heatmap_rgb(np.asarray(pixels), xs, ys)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _write_image(writer: Any, key: str, pixels: np.ndarray, s: GenerateSettings) -> tuple[str, str, dict[str, Any]]:
+    """The image file: (path, format, files written beside it). Outputs over
+    `large_image_pixels` go from the (memory-mapped) pixels to the store as they are encoded,
+    with a Deep Zoom pyramid and viewer page when `deep_zoom`; the rest are PNG via PIL."""
+    from PIL import Image
+
+    h, w, _ = pixels.shape
+    if w * h <= s.large_image_pixels:
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(pixels)).save(buf, format="PNG")
+        rel = f"images/{key}.png"
+        writer.put_bytes(rel, buf.getvalue())
+        return rel, "png", {}
+    extra: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="asd-large-") as tmp:
+        if s.large_image_format == "tiff":  # libvips seeks while writing a TIFF: a local file, then streamed up
+            rel, fmt = f"images/{key}.tif", "tiff"
+            write_tiff(pixels, Path(tmp) / "image.tif")
+            writer.put_file(rel, Path(tmp) / "image.tif")
+            (Path(tmp) / "image.tif").unlink()
+        else:
+            rel, fmt = f"images/{key}.png", "png-stream"
+            with writer.open(rel) as f:
+                write_png_stream(pixels, f)
+        if s.deep_zoom:
+            dz = write_deep_zoom(pixels, Path(tmp) / "dz", key)
+            before = set(writer.files)
+            writer.put_dir(Path(tmp) / "dz", prefix="images")
+            page = viewer_page(f"{key} ({w}x{h})", dz, f"{key}_files", f"../{VIEWER_ASSETS}")
+            writer.put_bytes(f"images/{key}.html", page.encode())
+            extra = {k: writer.files[k] for k in set(writer.files) - before}
+            extra[f"images/{key}.html"] = writer.files[f"images/{key}.html"]
+    return rel, fmt, extra
 
 
 def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writer: Any, out: ShardOutput,
@@ -152,9 +193,10 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
     fstd = pipe.default_fstd(s.tile, s.tile_batch_size)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
+    reset_peak_rss()
     t0 = time.perf_counter()
     try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
-        results = pipe.generate_many(reqs, fstd)
+        results = pipe.generate_many(reqs, fstd, memmap_pixels=s.large_image_pixels)
         error = None
     except (ValueError, RuntimeError) as exc:
         results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
@@ -164,32 +206,35 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
         row = {f.name: None for f in GENERATIONS_MANIFEST}
         row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
                    seconds=seconds, peak_memory_mb=peak, device=str(pipe.device), worker=worker)
-        if res is None or res.image.size != (r["width"], r["height"]):
-            row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.image.size}")
+        if res is None or res.size != (r["width"], r["height"]):
+            row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
             logger.error("%s failed: %s", r["key"], row["error"])
             out.rows.append(row)
             continue
-        buf = io.BytesIO()
-        res.image.save(buf, format="PNG")
-        rel = f"images/{r['key']}.png"
-        meta = writer.put_bytes(rel, buf.getvalue())
+        rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
+        meta = writer.files[rel]
         row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
                    canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-                   seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals)
-        heat = _seam_heatmap_png(res.image, row["seam_x"], row["seam_y"])
-        extra = {}
+                   seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
+                   image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
+                   viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
+        heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
         if heat is not None:  # beside the image: where its tile lines are and how they look
             extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+        row["peak_rss_mb"] = peak_rss_mb()  # the pack's peak, encoding and pyramid included
+        if pipe.device.type != "cuda":
+            row["peak_memory_mb"] = row["peak_rss_mb"]
         record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
         out.files[rel] = meta
         out.files.update(extra)
-        out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the PNG
+        out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
         out.rows.append(row)
         out.rendered += 1
         _RENDERED_IN_PROCESS[0] += 1
         fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-        logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
-                    res.unet_evals, row["device"], worker)
+        logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
+                    r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
+        del res
 
 
 @task(name="render-shard")
@@ -234,6 +279,9 @@ def commit_generations(job: GenerationJob, outputs: list[ShardOutput], parents: 
     if len(keys) != len(set(keys)):
         raise RuntimeError(f"{job.pending.ref}: an image appears twice in the manifest")
     rows.sort(key=lambda r: (r["row"], r["key"]))
+    if any(r.get("viewer") for r in rows):  # the viewer pages' OpenSeadragon, once per version
+        for rel, path in vendor_files().items():
+            writer.put_file(rel, path)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_MANIFEST), buf)
     writer.put_bytes("manifest.parquet", buf.getvalue())

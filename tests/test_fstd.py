@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 
 from asd_models.fstd import FSTDConfig, fstd_sample, step_offset
 from asd_models.loading import ModelNotFoundError, load_components
-from asd_models.pipeline import AnySizePipeline
+from asd_models.pipeline import AnySizePipeline, RenderRequest
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +181,20 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(pipe, "memmap_pixels", 100_000)
     made = []
     real = pipe._output_array
-    monkeypatch.setattr(pipe, "_output_array", lambda w, h: made.append(real(w, h)) or made[-1])
-    res = pipe("a cat", 600, 400, num_inference_steps=1, seed=0, fstd=FSTDConfig(tile=16, size_multiple=2))
-    assert res.image.size == (600, 400)
+    monkeypatch.setattr(pipe, "_output_array", lambda w, h, m: made.append(real(w, h, m)) or made[-1])
+    stages = []
+    res = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
+                             on_stage=stages.append)[0]
+    assert stages == ["arad", "canvas", "fstd", "decode", "done"]
+    assert res.size == (600, 400) and res.image.size == (600, 400)
     assert isinstance(made[0], np.memmap) and made[0].shape == (400, 600, 3)
-    assert np.array_equal(np.asarray(res.image), np.asarray(made[0]))  # the image is the file's pages, not a copy
+    assert res.pixels is made[0]  # the result is the file's pages, not a copy
     assert not Path(made[0].filename).exists()  # no file left behind in the temp folder
+    # the threshold can also be given per call (the generate task passes its large_image_pixels)
+    small = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
+                               memmap_pixels=10**9)[0]
+    assert len(made) == 2 and not isinstance(made[1], np.memmap)
+    assert np.abs(small.pixels.astype(int) - res.pixels.astype(int)).mean() < 12  # canvas made per tile: same picture
 
 
 def test_pipeline_rejects_bad_sizes_and_strength(tiny_model_dir):

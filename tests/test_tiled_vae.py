@@ -64,3 +64,25 @@ def test_small_latents_go_through_whole(vae):
     whole = ((vae.decode(z / vae.config.scaling_factor).sample[0].clamp(-1, 1) + 1) * 127.5).round().byte()
     out = tiled_decode(vae, z, tile=8, whole_below=12 * 20, crop=(5, 3, 105, 83))
     assert np.array_equal(out, whole.permute(1, 2, 0).numpy()[3:83, 5:105])
+
+
+@torch.no_grad()
+def test_encode_of_a_lazy_canvas_equals_encode_of_the_same_pixels_made_whole(vae):
+    """A CoverCanvas (stage 2 of very large outputs) is enlarged tile by tile as the encoder asks:
+    the latents are those of the same canvas held whole, and its pixels track PIL's resize."""
+    from PIL import Image
+
+    from asd_models.images import CoverCanvas, pil_to_tensor_m11, resize_cover_crop
+
+    src = Image.fromarray((np.random.default_rng(3).random((24, 40, 3)) * 255).astype(np.uint8))
+    canvas = CoverCanvas(pil_to_tensor_m11(src), 200, 96)  # cover 200x120, centre crop 96 rows
+    whole = canvas.region(0, 96, 0, 200)
+    assert whole.shape == (1, 3, 96, 200) and torch.equal(canvas.region(10, 50, 33, 120), whole[:, :, 10:50, 33:120])
+    ref = pil_to_tensor_m11(resize_cover_crop(src, 200, 96, resample=Image.Resampling.BICUBIC)[0])
+    assert (whole - ref).abs().mean() < 0.05  # bicubic either way (kernels differ slightly)
+    lazy = tiled_encode(vae, canvas, tile=32, pad=16, estimate_size=256)  # statistics from the whole canvas
+    eager = tiled_encode(vae, whole, tile=32, pad=16, estimate_size=256)
+    assert lazy.shape == (1, 4, 12, 25) and torch.allclose(lazy, eager, atol=1e-5)
+    lazy = tiled_encode(vae, canvas, tile=32, pad=16, estimate_size=64)  # from a resample, not an area mean
+    eager = tiled_encode(vae, whole, tile=32, pad=16, estimate_size=64)
+    assert (lazy - eager).abs().mean() < 0.25 * eager.abs().mean()

@@ -1,0 +1,42 @@
+"""This process's resident memory: current, peak, and the peak since a reset (Linux /proc),
+so a long-lived worker can report the peak of each image rather than of its whole life."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the process started or since `reset_peak_rss` (VmHWM;
+    getrusage's lifetime peak where there is no /proc)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def current_rss_mb() -> float:
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak at the current RSS (writes 5 to /proc/self/clear_refs, Linux >= 4.0).
+    False where that is not possible: the peak then stays the lifetime peak."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
