@@ -181,3 +181,25 @@ def test_viewer_page_escapes_its_title():
 
     page = viewer_page("<script>alert(1)</script>", DeepZoom(10, 10, 254, 1, "jpeg"), "k_files", "../viewer")
     assert "<script>alert(1)" not in page and "&lt;script&gt;" in page
+
+
+def test_a_large_png_goes_to_s3_as_a_multipart_upload_while_it_is_encoded(s3_bucket, s3_server, tmp_path):
+    """The streamed PNG reaches S3 in 16 MiB parts (the store's s3fs block size) as libvips
+    encodes it: no whole file in memory or on local disk; the record's sha256 is the object's."""
+    import boto3
+
+    rng = np.random.default_rng(0)
+    pixels = np.memmap(tmp_path / "px.u8", dtype=np.uint8, mode="w+", shape=(2400, 2600, 3))
+    for y in range(0, 2400, 400):
+        pixels[y : y + 400] = rng.integers(0, 255, (400, 2600, 3), dtype=np.uint8)  # incompressible: > 16 MiB
+    store = ArtifactStore(s3_bucket)
+    w = store.new_version("generations", "s3-big")
+    with w.open("images/big.png") as f:
+        write_png_stream(pixels, f)
+    ref = w.commit()
+    assert store.verify(ref) == []
+    bucket, _, prefix = s3_bucket[len("s3://"):].partition("/")
+    head = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket=bucket, Key=f"{prefix}/{ref.prefix}/images/big.png")
+    assert head["ContentLength"] > 16 << 20 and head["ETag"].strip('"').endswith("-2")  # two parts
+    with Image.open(io.BytesIO(store.read_bytes(ref, "images/big.png"))) as im:
+        assert np.array_equal(np.asarray(im), pixels)
