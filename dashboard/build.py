@@ -19,7 +19,8 @@ from PIL import Image
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from artifact_store.refs import KINDS
-from asd_models.large_images import read_dzi
+from asd_models.large_images import read_dzi, thumbnail_png
+from asd_models.seams import HEATMAP_MAX_PIXELS
 from dashboard import figures
 from dashboard.pages import e, gallery_card, link, metric_pairs, metrics_text, page, pre_json, table
 
@@ -109,6 +110,8 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
             if thumb_name not in have:
                 if item.get("deep_zoom"):  # a large output: the thumbnail from its pyramid, never the whole image
                     t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
+                elif item["width"] * item["height"] > HEATMAP_MAX_PIXELS:  # no pyramid: decoded in strips
+                    t, h = thumbnail_png(store.read_bytes(ref, item["image"]), site.thumb_px), None
                 else:
                     png = store.read_bytes(ref, item["image"])
                     t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [],
