@@ -99,6 +99,7 @@ def main() -> None:
             raise SystemExit(f"bench worker failed at {size}x{size}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
+        _write(args.json, args.steps, results, None)  # after every size: a long run stopped early keeps its rows
         print(f"  {size}x{size}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
               f"({time.time() - t0:.0f} s with start-up)", flush=True)
     print(f"\n{'size':>12s} " + " ".join(f"{s + ' s':>10s} {s + ' MB':>11s}" for s in STAGES)
@@ -114,9 +115,13 @@ def main() -> None:
                   "met": by[16384]["peak_rss_mb"] <= limit}
         print(f"\ntarget: peak RSS at 16384^2 {target['peak_16384_mb']:.0f} MB <= 1.5 x peak at 4096^2 + output "
               f"array = {limit:.0f} MB: {'met' if target['met'] else 'NOT met'}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"steps": args.steps, "results": results, "target": target}, indent=2))
+    _write(args.json, args.steps, results, target)
     print(f"wrote {args.json}")
+
+
+def _write(path: str, steps: int, results: list[dict], target: dict | None) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"steps": steps, "results": results, "target": target}, indent=2))
 
 
 if __name__ == "__main__":
