@@ -129,11 +129,12 @@ def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: i
     pad = -(-pad // f) * f
     stats: dict = {}
     scale = min(1.0, estimate_size / max(H, W))
-    small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
     if scale < 1:
         sh, sw = max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f)
         small = (image.resized(sh, sw).to(vae.dtype) if lazy  # type: ignore[union-attr]
                  else F.interpolate(image, size=(sh, sw), mode="area"))
+    else:  # the whole input is no larger than the estimate size: its statistics are exact
+        small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
     with _groupnorm_mode(vae, stats, record=True):
         vae.encode(small)
     device = image.source.device if lazy else image.device  # type: ignore[union-attr]
