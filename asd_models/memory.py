@@ -12,11 +12,12 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 def _status_mb(field: str) -> float | None:
     try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+        status = _STATUS.read_text()
+    except OSError:  # no /proc (not Linux): callers fall back to getrusage
+        return None
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
     return None
 
 

@@ -28,11 +28,12 @@ import hashlib
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from asd_models.memory import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -124,18 +125,6 @@ def medium_unet():
         torch.manual_seed(0)
         UNet2DConditionModel(**MEDIUM_UNET_CONFIG).save_pretrained(folder)
     return folder
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's peak across exec)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:  # no /proc (not Linux): getrusage's peak is the best there is
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def latent_seam_score(latents, tile: int) -> float:
