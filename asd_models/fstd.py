@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from asd_models.memory import release_free_heap
 from asd_models.tiling import Box, gaussian_weights, grid_boxes, uniform_weights
 
 ProgressFn = Callable[[int, int, int, int], None]  # step, total_steps, tiles_done, tiles_in_step
@@ -210,6 +211,11 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
             t = j.timesteps[j.step]
             j.latents = j.scheduler.step(eps.to(j.latents.dtype), t, j.latents, generator=j.generator).prev_sample
             j.step += 1
+            if j.done:  # a finished job keeps only its latents (a large one is decoded next)
+                j.previous = None
+        del acc, tiles_by_shape, eps
+        if any(j.latents.device.type == "cpu" for j in active):  # this round's freed tensors back to the system
+            release_free_heap()
     return jobs
 
 

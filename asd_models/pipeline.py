@@ -256,7 +256,8 @@ class AnySizePipeline:
             canvas: torch.Tensor | CoverCanvas = CoverCanvas(pil_to_tensor_m11(image).to(self.device), cw, ch)
         else:
             canvas = pil_to_tensor_m11(resize_cover_crop(image, cw, ch)[0]).to(self.device)
-        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
+        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below,
+                          release_heap=cw * ch > memmap_pixels)
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
         start = int(round(req.steps * (1 - req.strength)))
@@ -348,7 +349,8 @@ class AnySizePipeline:
         up, req = self.upscaler, r.req
         vae = up.vae if up else self.c.vae
         out = self._output_array(req.width, req.height, memmap_pixels)
-        final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below)
+        final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below,
+                             release_heap=isinstance(out, np.memmap))
         f2 = up.vae_scale_factor if up else self.c.vae_scale_factor
         tile = up.unet.config.sample_size if up else fstd.tile
         tile_cfg = FSTDConfig(tile=tile, mode=fstd.mode, size_multiple=up.unet_multiple if up else fstd.size_multiple)
