@@ -29,6 +29,7 @@ from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.fstd import FSTDConfig, TiledJob, count_tiles, fstd_boxes, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
+from asd_models.memory import release_free_heap
 from asd_models.seams import grid_lines
 from asd_models.tiled_vae import tiled_decode, tiled_encode
 
@@ -256,8 +257,9 @@ class AnySizePipeline:
             canvas: torch.Tensor | CoverCanvas = CoverCanvas(pil_to_tensor_m11(image).to(self.device), cw, ch)
         else:
             canvas = pil_to_tensor_m11(resize_cover_crop(image, cw, ch)[0]).to(self.device)
-        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below,
-                          release_heap=cw * ch > memmap_pixels)
+        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
+        if cw * ch > memmap_pixels and x0.device.type == "cpu":  # once, not per tile: each costs time, and
+            release_free_heap()  # the decode's peak, not the encode's, is the job's
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
         start = int(round(req.steps * (1 - req.strength)))

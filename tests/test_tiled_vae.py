@@ -91,8 +91,6 @@ def test_encode_of_a_lazy_canvas_equals_encode_of_the_same_pixels_made_whole(vae
 @torch.no_grad()
 def test_releasing_the_heap_between_tiles_changes_no_pixel(vae):
     """`release_heap` (large outputs on the CPU) trims glibc's heap after every tile: the
-    latents and pixels are exactly those of the run without it."""
+    pixels are exactly those of the run without it."""
     z = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
     assert np.array_equal(tiled_decode(vae, z, tile=8, release_heap=True), tiled_decode(vae, z, tile=8))
-    x = torch.rand(1, 3, 96, 160, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    assert torch.equal(tiled_encode(vae, x, tile=32, release_heap=True), tiled_encode(vae, x, tile=32))
