@@ -4,6 +4,7 @@ fresh interpreter, whose heap no other test has shaped)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +15,11 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="reads /pro
 
 
 def _run(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    # glibc's defaults: importing Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in this process's
+    # environment, and any MALLOC_* tunable switches off the dynamic mmap threshold these tests rely on
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
