@@ -62,7 +62,7 @@ def release_free_heap() -> bool:
     A CPU VAE or UNet tile allocates and frees many 1-32 MB activations; glibc keeps those
     freed pages in its heap, so resident memory grows by hundreds of MB over a tiled decode
     although nothing is alive (measured on the tiny VAE at 16384^2: peak RSS 1481 MB without,
-    918 MB trimming after every tile, for 5 % more time a tile). False where the C library
+    918 MB trimming after every tile, for 5-13 % more time a tile). False where the C library
     has no `malloc_trim`: memory is then as without it."""
     trim = _malloc_trim()
     if trim is None:
