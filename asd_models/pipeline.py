@@ -258,8 +258,8 @@ class AnySizePipeline:
         else:
             canvas = pil_to_tensor_m11(resize_cover_crop(image, cw, ch)[0]).to(self.device)
         x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
-        if cw * ch > memmap_pixels and x0.device.type == "cpu":  # once, not per tile: each costs time, and
-            release_free_heap()  # the decode's peak, not the encode's, is the job's
+        if isinstance(canvas, CoverCanvas) and x0.device.type == "cpu":  # once, not per tile: each costs
+            release_free_heap()  # time, and the decode's peak, not the encode's, is the job's
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
         start = int(round(req.steps * (1 - req.strength)))

@@ -182,6 +182,10 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     made = []
     real = pipe._output_array
     monkeypatch.setattr(pipe, "_output_array", lambda w, h, m: made.append(real(w, h, m)) or made[-1])
+    import asd_models.tiled_vae as tiled_vae
+
+    trims = []  # the decode of a memory-mapped output gives its freed heap back (release_heap)
+    monkeypatch.setattr(tiled_vae, "release_free_heap", lambda: trims.append(1) or True)
     stages = []
     res = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
                              on_stage=stages.append)[0]
@@ -190,10 +194,12 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     assert isinstance(made[0], np.memmap) and made[0].shape == (400, 600, 3)
     assert res.pixels is made[0]  # the result is the file's pages, not a copy
     assert not Path(made[0].filename).exists()  # no file left behind in the temp folder
+    assert trims, "the large output's decode did not trim the heap"
+    trims.clear()
     # the threshold can also be given per call (the generate task passes its large_image_pixels)
     small = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
                                memmap_pixels=10**9)[0]
-    assert len(made) == 2 and not isinstance(made[1], np.memmap)
+    assert len(made) == 2 and not isinstance(made[1], np.memmap) and not trims
     assert np.abs(small.pixels.astype(int) - res.pixels.astype(int)).mean() < 12  # canvas made per tile: same picture
 
 

@@ -89,8 +89,14 @@ def test_encode_of_a_lazy_canvas_equals_encode_of_the_same_pixels_made_whole(vae
 
 
 @torch.no_grad()
-def test_releasing_the_heap_between_tiles_changes_no_pixel(vae):
-    """`release_heap` (large outputs on the CPU) trims glibc's heap after every tile: the
-    pixels are exactly those of the run without it."""
+def test_release_heap_trims_after_every_tile_and_changes_no_pixel(vae, monkeypatch):
+    """`release_heap` (large outputs on the CPU) trims glibc's heap after each of the 3 x 4
+    tiles, and only then; the pixels are exactly those of the run without it."""
+    import asd_models.tiled_vae as tiled_vae
+
+    calls = []
+    monkeypatch.setattr(tiled_vae, "release_free_heap", lambda: calls.append(1) or True)
     z = torch.randn(1, 4, 20, 30, generator=torch.Generator().manual_seed(4))
-    assert np.array_equal(tiled_decode(vae, z, tile=8, release_heap=True), tiled_decode(vae, z, tile=8))
+    released = tiled_decode(vae, z, tile=8, release_heap=True)
+    assert len(calls) == 12
+    assert np.array_equal(released, tiled_decode(vae, z, tile=8)) and len(calls) == 12
