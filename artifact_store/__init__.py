@@ -3,7 +3,9 @@
 
     refs.py        names, references, version ids, input hashes, errors, PendingVersion
     paths.py       validation of every path taken from records, references and callers
-    writer.py      VersionWriter: files once each, hashed; the commit record last; fault points
+    backend.py     StoreBackend: the files under the root (paths, atomic writes, LATEST pointers)
+    writer.py      VersionWriter: files once each, hashed; the commit record last
+    faults.py      fault points where tests SIGKILL a writer
     store.py       ArtifactStore: reuse-or-new, resolve, read, download, verify, gc, lineage
     catalog.py     one Parquet row per committed version
     s3_options.py  s3fs options (endpoint, retries, optional Prefect credentials block)

@@ -14,14 +14,14 @@ from artifact_store.refs import CATALOG_DIR, ArtifactRef
 from data_manifests.schemas import CATALOG
 
 if TYPE_CHECKING:
-    from artifact_store.store import ArtifactStore
+    from artifact_store.backend import StoreBackend
 
 
-def catalog_row_path(store: ArtifactStore, ref: ArtifactRef) -> str:
+def catalog_row_path(store: StoreBackend, ref: ArtifactRef) -> str:
     return store.path(CATALOG_DIR, ref.kind, ref.name, f"{ref.version}.parquet")
 
 
-def write_catalog_row(store: ArtifactStore, record: dict[str, Any]) -> None:
+def write_catalog_row(store: StoreBackend, record: dict[str, Any]) -> None:
     """Write the catalog row of a (validated) commit record."""
     metrics = {k: float(v) for k, v in (record.get("summary") or {}).items()
                if isinstance(v, int | float) and not isinstance(v, bool) and v == v}
@@ -39,16 +39,9 @@ def write_catalog_row(store: ArtifactStore, record: dict[str, Any]) -> None:
     store.write_atomic(catalog_row_path(store, ref), buf.getvalue())
 
 
-def read_catalog(store: ArtifactStore, rebuild: bool = False) -> pa.Table:
-    """The catalog as a pyarrow Table (one row per committed version). With `rebuild`, first
-    write the rows missing for committed versions (a writer killed after its commit record and
-    before its catalog row)."""
-    if rebuild:
-        have = set(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet")))
-        for kind, name in store.list_artifacts():
-            for ref in store.list_versions(kind, name):
-                if catalog_row_path(store, ref) not in have:
-                    write_catalog_row(store, store.record(ref))
+def read_catalog(store: StoreBackend) -> pa.Table:
+    """The catalog as a pyarrow Table (one row per committed version; `ArtifactStore.catalog`
+    rebuilds missing rows first when asked)."""
     tables = []
     for path in sorted(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet"))):
         with store.fs.open(path, "rb") as f:

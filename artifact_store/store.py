@@ -11,23 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fsspec
-from fsspec.core import url_to_fs
-
-from artifact_store.catalog import read_catalog
+from artifact_store.backend import DEFAULT_STORE, STORE_ENV, StoreBackend, store_url_from_env
+from artifact_store.catalog import catalog_row_path, read_catalog, write_catalog_row
 from artifact_store.paths import check_relpath, local_target
-from artifact_store.redaction import redact
 from artifact_store.refs import (
+    CATALOG_DIR,
     COMMIT_RECORD,
     KINDS,
-    LATEST_POINTER,
     PENDING_MARKER,
     VERSION_RE,
     ArtifactRef,
@@ -40,91 +35,22 @@ from artifact_store.refs import (
     check_name,
     new_version_id,
 )
-from artifact_store.s3_options import s3_retries, s3_storage_options
-from artifact_store.writer import VersionWriter, code_version, fault_point
+from artifact_store.writer import VersionWriter, code_version
 
-DEFAULT_STORE = "./asd-store"
-STORE_ENV = "ASD_STORE"
+__all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
 
 
-def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFileSystem, str]:
-    """(lister, versioned, root) for a store URL. On S3, a version-aware client writes (to
-    learn each object's VersionId) and reads pinned versions; a plain one lists, since version
-    listings keep showing prefixes whose objects were deleted. Elsewhere both are one client."""
-    if url.startswith(("s3://", "s3a://")):
-        opts = s3_storage_options()
-        fs, root = url_to_fs(url, **opts)
-        vfs, _ = url_to_fs(url, **{**opts, "version_aware": True})
-        for client in (fs, vfs):
-            client.retries = s3_retries()  # s3fs' backoff loop (class attribute)
-        return fs, vfs, root
-    if "://" not in url:
-        url = str(Path(url).expanduser().resolve())
-    fs, root = url_to_fs(url)
-    return fs, fs, root
-
-
-def store_url_from_env(url: str | None = None) -> str:
-    """The store URL to use: the one given, else $ASD_STORE, else ./asd-store (made absolute,
-    so flows and workers started elsewhere open the same folder)."""
-    raw = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
-    if "://" not in raw:
-        raw = str(Path(raw).expanduser().resolve())
-    return raw
-
-
-class ArtifactStore:
-    """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`).
-
-    `url` is the operational URL (pass it on to open the same store elsewhere);
-    `display_url` is the same with credentials removed, for messages and logs."""
+class ArtifactStore(StoreBackend):
+    """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`):
+    the files of `StoreBackend`, plus versions: reuse-or-new, resolve, read, verify, gc, lineage."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = store_url_from_env(url)
-        self.display_url = redact(self.url)
-        try:
-            self.fs, self.vfs, self.root = _filesystems(self.url)
-        except (ValueError, ImportError) as exc:
-            raise StoreError(f"cannot open the store {self.display_url!r}: {exc}") from exc
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.is_local = self.protocol in ("file", "local")
+        super().__init__(url)
         self._records: dict[str, dict[str, Any]] = {}  # commit records are immutable: cache them
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.display_url!r})"
-
-    # paths -----------------------------------------------------------------
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
-
-    def uri(self, *parts: str) -> str:
-        """Full URL of a path inside the store (what a user or another tool opens)."""
-        p = self.path(*parts)
-        return p if self.is_local else f"{self.protocol}://{p}"
-
-    def file_uri(self, ref: ArtifactRef, relpath: str) -> str:
-        return self.uri(ref.prefix, check_relpath(relpath, str(ref)))
-
-    def ensure_parent(self, path: str) -> None:
-        if self.is_local:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Whole-or-nothing write: rename on a local disk, a single PUT on object stores."""
-        self.ensure_parent(path)
-        if self.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data[: len(data) // 2])
-                fault_point("during-commit-record")
-                f.write(data[len(data) // 2 :])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            fault_point("during-commit-record")  # a single PUT: all or nothing
-            self.fs.pipe_file(path, data)
 
     # writing ---------------------------------------------------------------
     def new_version(self, kind: str, name: str, version: str | None = None) -> VersionWriter:
@@ -187,12 +113,6 @@ class ArtifactStore:
         """A writer of a pending version (each task that writes part of it opens its own)."""
         return VersionWriter.for_pending(self, pending)
 
-    def advance_latest(self, ref: ArtifactRef) -> None:
-        pointer = self.path(ref.kind, ref.name, LATEST_POINTER)
-        current = self._read_latest(ref.kind, ref.name)
-        if current is None or current < ref.version:
-            self.write_atomic(pointer, ref.version.encode())
-
     def write_run_record(self, flow_run_id: str, record: dict[str, Any]) -> str:
         """Record what one flow run read and wrote; one immutable file per run."""
         name = check_relpath(f"{flow_run_id}.json", "runs/")
@@ -200,14 +120,15 @@ class ArtifactStore:
         self.write_atomic(self.path("runs", name), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
         return self.uri("runs", name)
 
-    # commit records -------------------------------------------------------------
-    def _read_latest(self, kind: str, name: str) -> str | None:
+    def read_run_record(self, flow_run_id: str) -> dict[str, Any] | None:
+        """The record of one flow run (None when it wrote none)."""
+        name = check_relpath(f"{flow_run_id}.json", "runs/")
         try:
-            text = self.fs.cat_file(self.path(kind, name, LATEST_POINTER)).decode("utf-8", "replace").strip()
+            return json.loads(self.fs.cat_file(self.path("runs", name)))
         except FileNotFoundError:
             return None
-        return text if VERSION_RE.fullmatch(text) else None
 
+    # commit records -------------------------------------------------------------
     def _validated_record(self, ref: ArtifactRef, blob: bytes) -> dict[str, Any]:
         where = f"{self.uri(ref.prefix, COMMIT_RECORD)}"
         try:
@@ -269,7 +190,7 @@ class ArtifactStore:
         if isinstance(ref, str):
             ref = ArtifactRef.parse(ref)
         if ref.version == "latest":
-            pointed = self._read_latest(ref.kind, ref.name)
+            pointed = self.read_latest(ref.kind, ref.name)
             if pointed and self.has_commit_record(ArtifactRef(ref.kind, ref.name, pointed)):
                 newest = ArtifactRef(ref.kind, ref.name, pointed)
                 self._committed_record(newest)  # raises CorruptRecord rather than fall back to an older one
@@ -451,8 +372,16 @@ class ArtifactStore:
         return found
 
     def catalog(self, rebuild: bool = False) -> Any:
-        """One row per committed version as a pyarrow Table (see `artifact_store.catalog`)."""
-        return read_catalog(self, rebuild)
+        """One row per committed version as a pyarrow Table (see `artifact_store.catalog`). With
+        `rebuild`, first write the rows missing for committed versions (a writer killed after its
+        commit record and before its catalog row)."""
+        if rebuild:
+            have = set(self.fs.glob(self.path(CATALOG_DIR, "*", "*", "*.parquet")))
+            for kind, name in self.list_artifacts():
+                for ref in self.list_versions(kind, name):
+                    if catalog_row_path(self, ref) not in have:
+                        write_catalog_row(self, self.record(ref))
+        return read_catalog(self)
 
     # locating files ------------------------------------------------------------
     def locate(self, file_or_uri: str) -> tuple[ArtifactRef, str]:

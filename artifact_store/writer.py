@@ -1,13 +1,12 @@
 """Writing one version: files once each (hashed as they stream), then the commit record last.
 
-Fault points (`$ASD_FAULT_AT`) let tests SIGKILL a writer at every phase of a commit."""
+Fault points (`artifact_store.faults`) let tests SIGKILL a writer at every phase of a commit."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from artifact_store.catalog import write_catalog_row
+from artifact_store.faults import fault_point
 from artifact_store.paths import check_relpath
 from artifact_store.refs import (
     COMMIT_RECORD,
@@ -30,29 +30,7 @@ from artifact_store.refs import (
 )
 
 if TYPE_CHECKING:
-    from artifact_store.store import ArtifactStore
-
-FAULT_ENV = "ASD_FAULT_AT"
-
-
-FAULT_ONCE_ENV = "ASD_FAULT_ONCE_FILE"
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process here when $ASD_FAULT_AT names this point (tests only). With
-    $ASD_FAULT_ONCE_FILE set, only the first process to get here dies (it creates that file)."""
-    if os.environ.get(FAULT_ENV) != name:
-        return
-    once = os.environ.get(FAULT_ONCE_ENV)
-    if once:
-        try:
-            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
+    from artifact_store.backend import StoreBackend
 
 @cache
 def code_version() -> str:
@@ -119,7 +97,7 @@ class VersionWriter:
     the version stays invisible until :meth:`commit` writes the commit record.
     """
 
-    def __init__(self, store: ArtifactStore, kind: str, name: str, version: str | None = None,
+    def __init__(self, store: StoreBackend, kind: str, name: str, version: str | None = None,
                  input_hash: str | None = None) -> None:
         check_kind(kind)
         check_name(name)
@@ -130,7 +108,7 @@ class VersionWriter:
         self.committed = False
 
     @classmethod
-    def for_pending(cls, store: ArtifactStore, pending: PendingVersion) -> VersionWriter:
+    def for_pending(cls, store: StoreBackend, pending: PendingVersion) -> VersionWriter:
         return cls(store, pending.ref.kind, pending.ref.name, pending.ref.version, pending.input_hash)
 
     def _target(self, relpath: str) -> str:

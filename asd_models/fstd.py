@@ -1,5 +1,5 @@
-"""FSTD: Fast Seamless Tiled Diffusion (implicit overlap), and the tiled sampling loop that the
-baselines share.
+"""FSTD: Fast Seamless Tiled Diffusion (implicit overlap), and the tiled sampling loop that every
+sampler shares (`asd_models.samplers` names them).
 
 Per denoising step the latent is cut into a non-overlapping grid of tiles (the cost of naive
 tiling), but the grid shifts by a random offset between steps, so a tile border never stays
@@ -272,44 +272,6 @@ def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, 
 
 
 @torch.no_grad()
-def predict_noise_tiled(
-    unet: torch.nn.Module,
-    latent_in: torch.Tensor,
-    t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    guidance_scale: float,
-    boxes: list[Box],
-    tile_batch_size: int,
-    weighting: str = "gaussian",
-    previous: torch.Tensor | None = None,
-    unet_kwargs: dict[str, Any] | None = None,
-    on_tiles: Callable[[int], None] | None = None,
-    size_multiple: int = 1,
-) -> torch.Tensor:
-    """Noise prediction over one latent from tiles, fused with per-tile weights (one step of
-    `sample_jobs` without the scheduler step). latent_in: 1 x C x H x W, already scaled, with
-    any conditioning channels. Positions no box covers take `previous`; without one, an error."""
-    _, _, H, W = latent_in.shape
-    dtype = next(unet.parameters()).dtype
-    job = TiledJob(latent_in, None, t.reshape(1), cond, uncond, guidance_scale, lambda i: boxes,
-                   weighting=weighting, unet_kwargs=unet_kwargs, size_multiple=size_multiple)
-    job._boxes_this_step, job._tiles_done = len(boxes), 0  # type: ignore[attr-defined]
-    if on_tiles:
-        job.progress = lambda s, n, d, nb: on_tiles(1)
-    acc = {id(job): (torch.zeros(1, unet.config.out_channels, H, W, dtype=torch.float32, device=latent_in.device),
-                     torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device))}
-    by_shape: dict[tuple[int, int], list[_Tile]] = defaultdict(list)
-    for box in boxes:
-        ry, rx, rh, rw = _run_box(box, H, W, size_multiple)
-        by_shape[(rh, rw)].append(_Tile(job, box, ry, rx, latent_in, t))
-    for (rh, rw), group in by_shape.items():
-        for i in range(0, len(group), tile_batch_size):
-            _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
-    return _fused_noise(*acc[id(job)], previous)
-
-
-@torch.no_grad()
 def tiled_sample(
     unet: torch.nn.Module,
     scheduler,
@@ -346,44 +308,3 @@ def fstd_boxes(height: int, width: int, config: FSTDConfig, generator: torch.Gen
         return grid_boxes(height, width, config.tile, dy, dx, config.mode, config.min_piece)
 
     return boxes_for_step
-
-
-def count_tiles(shape: torch.Size | tuple[int, ...], config: FSTDConfig, offsets: list[tuple[int, int]]) -> int:
-    """Tiles FSTD ran through the UNet for a latent of `shape`, given the offsets it drew."""
-    H, W = shape[-2:]
-    return sum(len(grid_boxes(H, W, config.tile, dy, dx, config.mode, config.min_piece)) for dy, dx in offsets)
-
-
-@torch.no_grad()
-def fstd_sample(
-    unet: torch.nn.Module,
-    scheduler,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    config: FSTDConfig | None = None,
-    generator: torch.Generator | None = None,
-    condition: torch.Tensor | None = None,
-    unet_kwargs: dict[str, Any] | None = None,
-    progress: ProgressFn | None = None,
-) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Denoise `latents` over `timesteps` with FSTD; returns the latents and the offsets used.
-
-    `scheduler` must already have `set_timesteps` called (timesteps may be a tail of them, for
-    img2img). `condition` (1 x c x H x W) is concatenated to the latent channels and
-    `unet_kwargs` (e.g. `class_labels` = noise level) passed on, for upscaler-style UNets.
-    A latent no larger than the tile is sampled as one tile: plain full-latent sampling.
-    `config` None: FSTDConfig() on this UNet's lattice (`FSTDConfig.for_unet`, also applied to
-    a config given, which is refused if it contradicts the UNet).
-    """
-    config = (config or FSTDConfig()).for_unet(unet)
-    _, _, H, W = latents.shape
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    offsets: list[tuple[int, int]] = []
-    latents = tiled_sample(unet, scheduler, latents, timesteps, cond, uncond, guidance_scale,
-                           fstd_boxes(H, W, config, generator, offsets), config.tile_batch_size, "gaussian",
-                           generator, condition, unet_kwargs, progress, config.size_multiple)
-    return latents, offsets

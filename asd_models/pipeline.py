@@ -26,10 +26,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
-from asd_models.fstd import FSTDConfig, TiledJob, count_tiles, fstd_boxes, sample_jobs
+from asd_models.fstd import TiledJob, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
+from asd_models.samplers import FSTD, BoxPlan, TiledSampler, sampler_named
 from asd_models.seams import grid_lines
 from asd_models.tiled_vae import tiled_decode, tiled_encode
 
@@ -108,7 +109,7 @@ class _Render:
     bucket: Bucket
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     canvas: tuple[int, int] = (0, 0)
-    offsets: list[tuple[int, int]] = field(default_factory=list)
+    plan: BoxPlan | None = None  # stage 2's boxes, counting the tiles run
     unet_evals: int = 0
 
 
@@ -179,13 +180,14 @@ class AnySizePipeline:
         return self
 
     # -- pieces --------------------------------------------------------------------------------
-    def default_fstd(self, tile: int | None = None, tile_batch_size: int | None = None) -> FSTDConfig:
-        """FSTD at the UNet's native size (or `tile`), offsets on the UNet's down-sampling
-        lattice; `tile_batch_size` None: from free GPU memory on a GPU, FSTDConfig's on the CPU."""
+    def default_sampler(self, name: str = FSTD.name, tile: int | None = None,
+                        tile_batch_size: int | None = None) -> TiledSampler:
+        """Stage 2's sampler (`asd_models.samplers`) at the UNet's native size (or `tile`), on the
+        UNet's down-sampling lattice; `tile_batch_size` None: from free GPU memory on a GPU, 8 on
+        the CPU."""
         tile = tile or self.c.unet.config.sample_size
-        batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype)
-        extra = {"tile_batch_size": batch} if batch else {}
-        return FSTDConfig(tile=tile, size_multiple=self.c.unet_multiple, **extra)
+        batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype) or 8
+        return sampler_named(name, tile, batch, self.c.unet_multiple)
 
     @property
     def pixel_multiple(self) -> int:
@@ -242,7 +244,7 @@ class AnySizePipeline:
         return TiledJob(latents, scheduler, scheduler.timesteps, r.cond, r.uncond, r.req.guidance_scale,
                         lambda i: whole, r.generator, "uniform", progress=progress)
 
-    def _stage2_job(self, r: _Render, image: Image.Image, fstd: FSTDConfig, vae_tile: int,
+    def _stage2_job(self, r: _Render, image: Image.Image, sampler: TiledSampler, vae_tile: int,
                     progress: Callable | None, memmap_pixels: int) -> TiledJob:
         """FSTD on a canvas covering the target (sides multiples of the UNet's pixel multiple)."""
         up, req = self.upscaler, r.req
@@ -252,7 +254,7 @@ class AnySizePipeline:
         r.box = ((cw - req.width) // 2, (ch - req.height) // 2, (cw - req.width) // 2 + req.width,
                  (ch - req.height) // 2 + req.height)
         if up is not None:
-            return self._upscaler_job(r, image, fstd, progress)
+            return self._upscaler_job(r, image, sampler, progress)
         if cw * ch > memmap_pixels:  # enlarged tile by tile as the encoder asks for it: never whole
             canvas: torch.Tensor | CoverCanvas = CoverCanvas(pil_to_tensor_m11(image).to(self.device), cw, ch)
         else:
@@ -267,11 +269,17 @@ class AnySizePipeline:
         noise = self._noise(tuple(x0.shape), r.generator)
         latents = scheduler.add_noise(x0, noise, timesteps[:1])
         _, _, h, w = latents.shape
-        return TiledJob(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale,
-                        fstd_boxes(h, w, fstd, r.generator, r.offsets), r.generator, "gaussian",
-                        size_multiple=fstd.size_multiple, progress=progress)
+        r.plan = sampler.boxes(h, w, r.generator)
+        return TiledJob(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale, r.plan, r.generator,
+                        sampler.weighting, size_multiple=sampler.size_multiple or 1, progress=progress)
 
-    def _upscaler_job(self, r: _Render, image: Image.Image, fstd: FSTDConfig, progress: Callable | None) -> TiledJob:
+    def upscaler_sampler(self, sampler: TiledSampler) -> TiledSampler:
+        """Stage 2's sampler at the upscaler UNet's own tile and lattice."""
+        up = self.upscaler
+        return sampler.at_tile(up.unet.config.sample_size, up.unet_multiple).on_unet(up.unet)
+
+    def _upscaler_job(self, r: _Render, image: Image.Image, sampler: TiledSampler, progress: Callable | None
+                      ) -> TiledJob:
         """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
         the latent; FSTD denoises from pure noise at the upscaler's latent size."""
         up, req = self.upscaler, r.req
@@ -286,22 +294,22 @@ class AnySizePipeline:
         scheduler.set_timesteps(req.steps)
         latents = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
         latents = latents * scheduler.init_noise_sigma
-        cfg = FSTDConfig(tile=up.unet.config.sample_size, tile_batch_size=fstd.tile_batch_size,
-                         reset_every=fstd.reset_every, mode=fstd.mode, size_multiple=up.unet_multiple)
+        sampler = self.upscaler_sampler(sampler)
         _, _, h, w = latents.shape
-        return TiledJob(latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale,
-                        fstd_boxes(h, w, cfg, r.generator, r.offsets), r.generator, "gaussian",
-                        condition=low_t.to(self.device), unet_kwargs={"class_labels": level.to(self.device)},
-                        size_multiple=cfg.size_multiple, progress=progress)
+        r.plan = sampler.boxes(h, w, r.generator)
+        return TiledJob(latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale, r.plan,
+                        r.generator, sampler.weighting, condition=low_t.to(self.device),
+                        unet_kwargs={"class_labels": level.to(self.device)}, size_multiple=sampler.size_multiple or 1,
+                        progress=progress)
 
     @torch.no_grad()
-    def generate_many(self, requests: list[RenderRequest], fstd: FSTDConfig | None = None,
+    def generate_many(self, requests: list[RenderRequest], sampler: TiledSampler | None = None,
                       progress: BatchProgress | None = None, vae_tile: int = 64,
                       memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None
                       ) -> list[AnySizeResult]:
         """Render every request at exactly its width x height. The requests advance through
-        their steps together (stage 1, then stage 2), tiles of one shape from all of them
-        sharing UNet calls of up to `fstd.tile_batch_size` tiles. vae_tile: tiled VAE tile in
+        their steps together (stage 1, then stage 2 with `sampler`, default FSTD), tiles of one
+        shape from all of them sharing UNet calls of up to `sampler.tile_batch_size` tiles. vae_tile: tiled VAE tile in
         latent pixels. Outputs over `memmap_pixels` (default: the class attribute) are decoded
         into a memory-mapped file, and their stage-2 canvas is enlarged and encoded tile by tile,
         never whole: memory stays bounded at any size. `on_stage(name)` is called as each stage
@@ -311,7 +319,7 @@ class AnySizePipeline:
         stage = on_stage or (lambda name: None)
         for req in requests:
             self.check_request(req)
-        fstd = (fstd or self.default_fstd()).for_unet(self.c.unet)
+        sampler = (sampler or self.default_sampler()).on_unet(self.c.unet)
 
         def report(i: int, stage: str) -> Callable | None:
             return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None
@@ -324,7 +332,7 @@ class AnySizePipeline:
             renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
                                    nearest_bucket(req.width, req.height, self.buckets)))
         jobs = sample_jobs(self.c.unet, [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
-                           fstd.tile_batch_size)
+                           sampler.tile_batch_size)
         images = []
         for r, job in zip(renders, jobs, strict=True):
             r.unet_evals += job.unet_tiles
@@ -333,20 +341,20 @@ class AnySizePipeline:
 
         # 2. FSTD: every request enlarged to its canvas, re-noised, denoised together
         stage("canvas")
-        jobs = [self._stage2_job(r, img, fstd, vae_tile, report(i, "fstd"), memmap_pixels)
+        jobs = [self._stage2_job(r, img, sampler, vae_tile, report(i, "fstd"), memmap_pixels)
                 for i, (r, img) in enumerate(zip(renders, images, strict=True))]
         del images
         stage("fstd")
-        sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, fstd.tile_batch_size)
+        sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, sampler.tile_batch_size)
         stage("decode")
         results = []
         for r, job in zip(renders, jobs, strict=True):
             r.unet_evals += job.unet_tiles
-            results.append(self._finish(r, job, fstd, vae_tile, memmap_pixels))
+            results.append(self._finish(r, job, sampler, vae_tile, memmap_pixels))
         stage("done")
         return results
 
-    def _finish(self, r: _Render, job: TiledJob, fstd: FSTDConfig, vae_tile: int, memmap_pixels: int
+    def _finish(self, r: _Render, job: TiledJob, sampler: TiledSampler, vae_tile: int, memmap_pixels: int
                 ) -> AnySizeResult:
         up, req = self.upscaler, r.req
         vae = up.vae if up else self.c.vae
@@ -354,25 +362,23 @@ class AnySizePipeline:
         final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below,
                              release_heap=isinstance(out, np.memmap))
         f2 = up.vae_scale_factor if up else self.c.vae_scale_factor
-        tile = up.unet.config.sample_size if up else fstd.tile
-        tile_cfg = FSTDConfig(tile=tile, mode=fstd.mode, size_multiple=up.unet_multiple if up else fstd.size_multiple)
-        tile_px = tile * f2
+        tile_px = (up.unet.config.sample_size if up else sampler.tile) * f2
         return AnySizeResult(
             pixels=final, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
             seam_lines={"x": grid_lines(req.width, tile_px, r.box[0]), "y": grid_lines(req.height, tile_px, r.box[1])},
-            fstd_tiles=count_tiles(job.latents.shape, tile_cfg, r.offsets), unet_evals=r.unet_evals,
+            fstd_tiles=r.plan.tiles if r.plan else 0, unet_evals=r.unet_evals,
         )
 
     @torch.no_grad()
     def __call__(self, prompt: str, width: int, height: int, num_inference_steps: int = 20,
-                 guidance_scale: float = 5.0, strength: float = 0.6, seed: int = 0, fstd: FSTDConfig | None = None,
+                 guidance_scale: float = 5.0, strength: float = 0.6, seed: int = 0, sampler: TiledSampler | None = None,
                  progress: PipelineProgress | None = None, noise_level: int = 20, vae_tile: int = 64,
                  negative_prompt: str = "") -> AnySizeResult:
         """Render `prompt` at exactly `width` x `height` (one request of `generate_many`)."""
         req = RenderRequest(prompt, width, height, seed, negative_prompt, num_inference_steps, guidance_scale,
                             strength, noise_level)
         report = (lambda i, stage, s, n, d, t: progress(stage, s, n, d, t)) if progress else None
-        return self.generate_many([req], fstd, report, vae_tile)[0]
+        return self.generate_many([req], sampler, report, vae_tile)[0]
 
 
 def auto_tile_batch_size(device: torch.device, tile: int, dtype: torch.dtype) -> int | None:

@@ -53,7 +53,7 @@ def write_dataset(folder: Path, n: int, seed: int) -> Path:
 
 
 def ingest_settings(square: bool):
-    from data_manifests.settings import IngestSettings
+    from tasks.ingest import IngestSettings
 
     if square:  # one square bucket: resize to cover, centre crop (how SD-style models are trained)
         return IngestSettings(bucket_table="kohya", bucket_min_side=BASE, bucket_max_side=BASE,
@@ -62,7 +62,7 @@ def ingest_settings(square: bool):
 
 
 def train_settings(steps: int):
-    from data_manifests.settings import TrainSettings
+    from tasks.train import TrainSettings
 
     return TrainSettings(steps=steps, batch_size=8, learning_rate=1e-3, warmup_steps=50, ema_decay=0.999,
                          checkpoint_every=0, seed=0, cache_latents=True)
@@ -71,16 +71,15 @@ def train_settings(steps: int):
 def prepare(store_url: str, train_images: int, steps: int, vae_steps: int) -> dict[str, str]:
     """Dataset, base model and both trained models in the store (reused when already there)."""
     from artifact_store import ArtifactStore
-    from data_engine.engine import ingest_to_store
+    from tasks.ingest import ingest
     from tasks.train import build_tiny_base, train_to_store
 
     store = ArtifactStore(store_url)
     folder = write_dataset(HERE / ".cache" / "composition" / f"world-{train_images}", train_images, seed=0)
     refs = {}
     for scheme, square in (("arad", False), ("square", True)):
-        refs[f"data-{scheme}"] = str(ingest_to_store(store, [str(folder)], f"world-{scheme}",
-                                                     ingest_settings(square)).ref)
-    base = build_tiny_base.fn(store_url, refs["data-arad"], "world-base", vae_steps=vae_steps)
+        refs[f"data-{scheme}"] = ingest(store.url, [str(folder)], f"world-{scheme}", ingest_settings(square))
+    base = build_tiny_base(store_url, refs["data-arad"], "world-base", vae_steps=vae_steps)
     for scheme in ("arad", "square"):
         t0 = time.time()
         refs[scheme] = train_to_store(store_url, refs[f"data-{scheme}"], base, f"world-{scheme}",
@@ -102,7 +101,7 @@ def sample_images(pipe, prompts: list[str], width: int, height: int, steps: int,
     import torch
     from diffusers import DDIMScheduler
 
-    from asd_models.baselines import sample_with
+    from asd_models.samplers import Full, sample_with
 
     f = pipe.c.vae_scale_factor
     out = []
@@ -111,7 +110,7 @@ def sample_images(pipe, prompts: list[str], width: int, height: int, steps: int,
         sched = DDIMScheduler.from_config(pipe.scheduler_config)
         sched.set_timesteps(steps)
         noise = torch.randn(1, 4, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
-        lat = sample_with("full", pipe.c.unet, sched, noise * sched.init_noise_sigma, sched.timesteps, cond, uncond,
+        lat = sample_with(Full(), pipe.c.unet, sched, noise * sched.init_noise_sigma, sched.timesteps, cond, uncond,
                           guidance)
         out.append(pipe.decode_latents(lat))
     return out

@@ -155,8 +155,7 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from asd_models.baselines import sample_with, unet_evals_per_step
-    from asd_models.fstd import FSTDConfig
+    from asd_models.samplers import sample_with, sampler_named
 
     torch.set_num_threads(os.cpu_count() or 1)
     unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
@@ -165,15 +164,15 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     H, W = height // 8, width // 8
     cond = torch.zeros(1, 77, unet.config.cross_attention_dim)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))
-    fstd = FSTDConfig(tile=TILE, tile_batch_size=tile_batch_size).for_unet(unet)
+    sampler = None if method == "diffusers_panorama" else sampler_named(method, TILE, tile_batch_size).on_unet(unet)
 
     def sample(x, n_steps: int):
         sched.set_timesteps(n_steps)
         if method == "diffusers_panorama":
             return run_panorama(unet, sched, x, n_steps, width, height, cond)
-        out = sample_with(method, unet, sched, x, sched.timesteps, cond, None, 1.0, tile=TILE,
-                          tile_batch_size=tile_batch_size, generator=torch.Generator().manual_seed(1), fstd=fstd)
-        return out, unet_evals_per_step(method, H, W, TILE, fstd=fstd)
+        out = sample_with(sampler, unet, sched, x, sched.timesteps, cond, None, 1.0,
+                          generator=torch.Generator().manual_seed(1))
+        return out, sampler.evals_per_step(H, W)
 
     # untimed warm-up (every method alike): first calls at a new tile shape build kernels, which a
     # long-running worker pays once

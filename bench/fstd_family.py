@@ -83,8 +83,8 @@ def main() -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from asd_models.baselines import sample_with
     from asd_models.fstd import FSTDConfig
+    from asd_models.samplers import FSTD, Full, Naive, sample_with
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="bench/results/fstd_family.json")
@@ -116,11 +116,11 @@ def main() -> None:
                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
                     sched.set_timesteps(args.steps)
                     t0 = time.perf_counter()
-                    cfg = (FSTDConfig(tile=TILE, min_piece=0 if method == "fstd_no_merge" else None,
-                                      offset_multiple=args.offset_multiple)
-                           if method.startswith("fstd") else None)
-                    out = sample_with("fstd" if method.startswith("fstd") else method, unet, sched, x.clone(), sched.timesteps, cond,
-                                      tile=TILE, generator=torch.Generator().manual_seed(100 + seed), fstd=cfg)
+                    sampler = (FSTD(FSTDConfig(tile=TILE, min_piece=0 if method == "fstd_no_merge" else None,
+                                               offset_multiple=args.offset_multiple))
+                               if method.startswith("fstd") else {"full": Full(TILE), "naive": Naive(TILE)}[method])
+                    out = sample_with(sampler, unet, sched, x.clone(), sched.timesteps, cond,
+                                      generator=torch.Generator().manual_seed(100 + seed))
                     seconds[method] += (time.perf_counter() - t0) / len(seeds)
                     for axis, v in axis_seams(out).items():
                         scores[method][axis].append(v)

@@ -19,8 +19,8 @@ import torch
 def main() -> None:
     from diffusers import DDIMScheduler
 
-    from asd_models.baselines import sample_with
     from asd_models.fstd import FSTDConfig
+    from asd_models.samplers import FSTD, Full, Naive, sample_with
     from bench.fstd import TILE, latent_seam_score, trained_unet, unet_multiple, worst_line
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,19 +41,19 @@ def main() -> None:
     results = []
     for width, height in [(1024, 1024), (2048, 1024)]:
         H, W = height // 8, width // 8
-        for name, cfg in [*variants.items(), ("full", None), ("naive", None)]:
+        samplers = {name: FSTD(cfg) for name, cfg in variants.items()} | {"full": Full(TILE), "naive": Naive(TILE)}
+        for name, sampler in samplers.items():
             scores, seconds, worst = [], [], []
             for seed in (0, 1):
                 sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-                method = "fstd" if cfg else name
                 x = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(seed))
                 sched.set_timesteps(2)
-                sample_with(method, unet, sched, x, sched.timesteps, torch.zeros(1, 77, 32), tile=TILE, fstd=cfg)
+                sample_with(sampler, unet, sched, x, sched.timesteps, torch.zeros(1, 77, 32))
                 sched.set_timesteps(args.steps)
                 t0 = time.perf_counter()
-                out = sample_with(method, unet, sched, x, sched.timesteps, torch.zeros(1, 77, 32), tile=TILE,
-                                  generator=torch.Generator().manual_seed(1), fstd=cfg)
+                out = sample_with(sampler, unet, sched, x, sched.timesteps, torch.zeros(1, 77, 32),
+                                  generator=torch.Generator().manual_seed(1))
                 seconds.append(time.perf_counter() - t0)
                 scores.append(latent_seam_score(out, TILE))
                 worst.append(worst_line(out))

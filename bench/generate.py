@@ -46,8 +46,8 @@ def make_store(tmp: Path, n_prompts: int) -> tuple[str, Path]:
 
 def run_flow(store_url: str, prompts_ref: str, name: str, **settings) -> dict:
     from artifact_store import ArtifactStore
-    from data_manifests.settings import GenerateSettings
     from flows.stages import generate_flow
+    from tasks.generate import GenerateSettings
 
     t0 = time.perf_counter()
     ref = generate_flow("models/tiny", prompts_ref, name, GenerateSettings(**settings), store_url, rerun=True)
@@ -65,15 +65,15 @@ def packing(steps: int, n: int = 16) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = AnySizePipeline.from_pretrained(save_components(build_tiny_components(seed=0), Path(tmp) / "m"))
-    fstd = pipe.default_fstd(tile_batch_size=64)
+    sampler = pipe.default_sampler(tile_batch_size=64)
     reqs = [RenderRequest(f"prompt {i}", 512, 512, seed=i, steps=steps) for i in range(n)]
-    pipe.generate_many(reqs[:2], fstd)  # warm-up
+    pipe.generate_many(reqs[:2], sampler)  # warm-up
     t0 = time.perf_counter()
     for r in reqs:
-        pipe.generate_many([r], fstd)
+        pipe.generate_many([r], sampler)
     alone = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pipe.generate_many(reqs, fstd)
+    pipe.generate_many(reqs, sampler)
     packed = time.perf_counter() - t0
     return {"one_at_a_time_images_per_s": round(n / alone, 3), "packed_images_per_s": round(n / packed, 3),
             "speedup": round(alone / packed, 2)}
@@ -112,10 +112,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         os.environ["ASD_CACHE"] = str(Path(tmp) / "cache")
         store_url, prompt_file = make_store(Path(tmp), args.prompts)
-        from artifact_store import ArtifactStore
-        from data_engine.prompts import commit_prompts, prompt_table
+        from data_engine.prompts import prompt_table
+        from tasks.prompts import store_prompts
 
-        ref = str(commit_prompts(ArtifactStore(store_url), prompt_table(prompt_file), "bench", "bench"))
+        ref = store_prompts(store_url, prompt_table(prompt_file), "bench", "bench")
         common = {"steps": args.steps, "shard_size": 4}
         if "executors" in parts:
             rows.update(executor_rows(store_url, ref, common))

@@ -43,19 +43,19 @@ def sync(device: torch.device) -> None:
 
 
 def run_one(pipe, reqs, steps: int, device: torch.device) -> dict:
-    fstd = pipe.default_fstd()
+    sampler = pipe.default_sampler()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    results = pipe.generate_many(reqs, fstd)
+    results = pipe.generate_many(reqs, sampler)
     sync(device)
     seconds = time.perf_counter() - t0
     evals = sum(r.unet_evals for r in results)
     return {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(reqs), 3),
             "unet_samples_per_s": round(evals / seconds, 1), "unet_evals": evals,
-            "fstd_tiles": sum(r.fstd_tiles for r in results), "tile_batch_size": fstd.tile_batch_size,
+            "fstd_tiles": sum(r.fstd_tiles for r in results), "tile_batch_size": sampler.tile_batch_size,
             "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if device.type == "cuda" else None,
             "sizes_ok": all(r.image.size == (q.width, q.height) for r, q in zip(results, reqs, strict=True))}
@@ -93,7 +93,7 @@ def main() -> None:
         side = SIZES[args.size][0]
         reqs = [RenderRequest(f"prompt {i}", side, side, seed=i, steps=args.steps, guidance_scale=args.guidance)
                 for i in range(4)]
-        pipe.generate_many(reqs, pipe.default_fstd())  # warm the packed shapes too
+        pipe.generate_many(reqs, pipe.default_sampler())  # warm the packed shapes too
         alone = [run_one(pipe, [r], args.steps, device) for r in reqs]
         packed = run_one(pipe, reqs, args.steps, device)
         alone_s = sum(a["seconds"] for a in alone)

@@ -77,12 +77,11 @@ def subset(folder: Path, n: int) -> Path:
 def child(folder: str, workers: int, resample: str) -> None:
     """One ingest into a fresh store; prints one JSON line."""
     from artifact_store import ArtifactStore
-    from data_engine.engine import ingest_to_store
-    from data_manifests.settings import IngestSettings
+    from tasks.ingest import IngestSettings, ingest
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         t0 = time.perf_counter()
-        ref = str(ingest_to_store(ArtifactStore(tmp), [folder], "bench", IngestSettings(workers=workers, resample=resample)).ref)
+        ref = ingest(tmp, [folder], "bench", IngestSettings(workers=workers, resample=resample))
         seconds = time.perf_counter() - t0
         from artifact_store import ArtifactStore
 

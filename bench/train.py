@@ -42,8 +42,7 @@ def dataset(n: int) -> tuple[str, str]:
     from PIL import Image
 
     from artifact_store import ArtifactStore
-    from data_engine.engine import ingest_to_store
-    from data_manifests.settings import IngestSettings
+    from tasks.ingest import IngestSettings, ingest
 
     root = CACHE / f"train-data-{n}"
     store_url = str(root / "store")
@@ -59,7 +58,7 @@ def dataset(n: int) -> tuple[str, str]:
         arr = np.asarray(field, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"b{i:04d}.jpg", quality=90)
         (folder / f"b{i:04d}.txt").write_text(f"a generated picture number {i}")
-    ref = str(ingest_to_store(ArtifactStore(store_url), [str(folder)], "bench", IngestSettings(bucket_base=128, bucket_step=16, workers=2)).ref)
+    ref = ingest(store_url, [str(folder)], "bench", IngestSettings(bucket_base=128, bucket_step=16, workers=2))
     return store_url, ref
 
 
@@ -73,7 +72,7 @@ def child(config: str, steps: int, n: int) -> dict:
     from asd_models.loading import load_components
     from asd_models.tiny_model import build_tiny_components, save_components
     from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
-    from data_manifests.settings import TrainSettings
+    from tasks.train import TrainSettings
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     store_url, ref = dataset(n)

@@ -67,7 +67,7 @@ def batches(batch_size: int, scale: int):
 
 def run(size: str, batch_size: int, checkpointing: str, cache: bool, steps: int, warmup: int) -> dict:
     from asd_models.arad_training import AradTrainer
-    from data_manifests.settings import TrainSettings
+    from tasks.train import TrainSettings
 
     cuda = torch.cuda.is_available()
     if cuda:

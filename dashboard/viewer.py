@@ -14,7 +14,6 @@ from pathlib import Path
 
 from asd_models.large_images import DeepZoom
 
-OSD_VERSION = "6.1.1"
 VENDOR = Path(__file__).resolve().parent / "vendor" / "openseadragon"
 ASSETS_DIR = "viewer"  # in a generations version: viewer/openseadragon.min.js, viewer/images/*.png
 

@@ -35,21 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from artifact_store import (
-    ArtifactRef,
-    ArtifactStore,
-    VersionWriter,
-    params_hash,
-    redact_url,
-    s3_storage_options,
-)
-from asd_models.buckets import Bucket, asd_buckets, kohya_buckets
+from artifact_store import ArtifactRef, ArtifactStore, VersionWriter
+from asd_models.buckets import Bucket
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
 from data_engine.shards import BucketShardWriter
-from data_engine.sources import ShardSource, SourceOptions, SourceRecord, open_source
+from data_engine.sources import ShardSource, SourceOptions, SourceRecord
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import IngestSettings
 
 MANIFEST_BATCH = 2000
 LOG_FIRST_FAILURES = 20
@@ -73,40 +65,19 @@ def no_progress(label: str, total: int) -> AbstractContextManager[None]:
     return nullcontext()
 
 
-# -- the science's small frozen configs, built from the settings in one place --------------
-def bucket_table(settings: IngestSettings) -> list[Bucket]:
-    if settings.bucket_table == "kohya":
-        return kohya_buckets(settings.bucket_min_side, settings.bucket_max_side, settings.bucket_step,
-                             settings.bucket_max_area or settings.bucket_base ** 2)
-    return asd_buckets(settings.bucket_base, settings.bucket_step)
+@dataclass(frozen=True)
+class IngestConfig:
+    """The data engine's frozen config (built from the ingest stage's settings in one place,
+    `tasks.ingest.IngestSettings.engine_config`)."""
 
-
-def sample_spec(settings: IngestSettings) -> SampleSpec:
-    return SampleSpec(
-        buckets=tuple((b.width, b.height) for b in bucket_table(settings)), min_side=settings.min_side,
-        max_pixels=settings.max_pixels, max_aspect=settings.max_aspect, crop=settings.crop, seed=settings.seed,
-        jpeg_quality=settings.jpeg_quality, draft=settings.draft, resample=settings.resample,
-        max_bytes=settings.max_bytes,
-    )
-
-
-def fetch_options(settings: IngestSettings) -> FetchOptions:
-    return FetchOptions(timeout_s=settings.timeout_s, retries=settings.retries, backoff_s=settings.backoff_s,
-                        max_bytes=settings.max_bytes, concurrency=settings.download_concurrency,
-                        per_host=settings.per_host, allow_schemes=settings.schemes,
-                        allow_private_addresses=settings.allow_private_addresses,
-                        source_credentials=settings.source_credentials)
-
-
-def source_options(settings: IngestSettings) -> SourceOptions:
-    return SourceOptions(url_col=settings.url_col, caption_col=settings.caption_col, max_bytes=settings.max_bytes,
-                         caption_max_bytes=settings.caption_max_bytes,
-                         follow_links_outside=settings.follow_links_outside)
-
-
-def output_hash(settings: IngestSettings) -> str:
-    """Hash of the options that shape the outputs (execution knobs excluded)."""
-    return params_hash(settings.output_options())
+    buckets: tuple[Bucket, ...]
+    sample: SampleSpec
+    fetch: FetchOptions
+    source: SourceOptions
+    empty_caption: str  # "reject" | "keep"
+    shard_max_samples: int
+    shard_max_bytes: int
+    workers: int  # decode processes
 
 
 def sample_key(name: str, fingerprint: str) -> str:
@@ -214,10 +185,10 @@ def plan_reuse(store: ArtifactStore, ref: ArtifactRef, current: Counter, shard_u
 class DatasetIngest:
     """One run: sources -> rows + shards in `writer`."""
 
-    def __init__(self, writer: VersionWriter, options: IngestSettings, progress: ProgressSink | None = None) -> None:
-        self.options, self.progress = options, progress
-        self.spec = sample_spec(options)
-        self.shards = BucketShardWriter(writer, options.shard_max_samples, options.shard_max_bytes)
+    def __init__(self, writer: VersionWriter, config: IngestConfig, progress: ProgressSink | None = None) -> None:
+        self.config, self.progress = config, progress
+        self.spec = config.sample
+        self.shards = BucketShardWriter(writer, config.shard_max_samples, config.shard_max_bytes)
         self.stats = IngestStats()
         self.seen: dict[bytes, str] = {}  # pixel digest -> key
         self.keys: set[str] = set()
@@ -278,7 +249,7 @@ class DatasetIngest:
         says so first."""
         if (rec.caption or "").strip():
             return rec.caption or "", None
-        if self.options.empty_caption == "keep":
+        if self.config.empty_caption == "keep":
             return "", None
         return "", ("no caption found" if rec.caption is None else "empty caption")
 
@@ -299,7 +270,7 @@ class DatasetIngest:
             fetched: Iterable[tuple[SourceRecord, str]] = map(fetch, prepared)
         else:
             submitted = (threads.submit(fetch, item) for item in prepared)
-            fetched = (f.result() for f in windowed(submitted, 4 * self.options.download_concurrency))
+            fetched = (f.result() for f in windowed(submitted, 4 * self.config.fetch.concurrency))
 
         def job(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str, Any]:
             rec, key = item
@@ -311,7 +282,7 @@ class DatasetIngest:
                 return rec, key, process_sample((key, payload, self.spec))
             return rec, key, pool.submit(process_sample, (key, payload, self.spec))
 
-        for rec, key, result in windowed(map(job, fetched), max(2, 4 * self.options.workers)):
+        for rec, key, result in windowed(map(job, fetched), max(2, 4 * self.config.workers)):
             self._finish(rec, key, result, manifest)
 
     def _finish(self, rec: SourceRecord, key: str, result: Any, manifest: ManifestWriter) -> None:
@@ -362,23 +333,23 @@ class DatasetIngest:
                 "shards": self.shards.shards[b], "wids_index": f"buckets/{b}/wids-index.json",
             }
         return {
-            "dataset": dataset, "buckets": buckets, "table": [b.name for b in bucket_table(self.options)],
+            "dataset": dataset, "buckets": buckets, "table": [b.name for b in self.config.buckets],
             "total_ok": self.stats.ok, "total_failed": self.stats.failed, "reused": self.stats.reused,
             "failed_by_stage": dict(sorted(self.stats.failed_by_stage.items())),
             "wids_index": "wids-index.json",
         }
 
 
-def run_ingest(sources: list[Any], writer: VersionWriter, options: IngestSettings, *, dataset: str,
+def run_ingest(sources: list[Any], writer: VersionWriter, config: IngestConfig, *, dataset: str,
                store: ArtifactStore | None = None, previous: Previous | None = None,
                progress: ProgressSink | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole data stage into `writer` (not committed): returns the bucket index."""
-    run = DatasetIngest(writer, options, progress)
+    run = DatasetIngest(writer, config, progress)
     has_urls = any(getattr(s, "kind", "") == "url-list" for s in sources)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs Prefect's threads
-    pool = cf.ProcessPoolExecutor(options.workers, mp_context=ctx) if options.workers > 1 else None
-    threads = cf.ThreadPoolExecutor(options.download_concurrency, thread_name_prefix="asd-fetch") if has_urls else None
-    fetcher = Fetcher(fetch_options(options), storage_options) if has_urls else None
+    pool = cf.ProcessPoolExecutor(config.workers, mp_context=ctx) if config.workers > 1 else None
+    threads = cf.ThreadPoolExecutor(config.fetch.concurrency, thread_name_prefix="asd-fetch") if has_urls else None
+    fetcher = Fetcher(config.fetch, storage_options) if has_urls else None
     try:
         with writer.open("manifest.parquet") as stream:
             manifest = ManifestWriter(stream)
@@ -422,32 +393,11 @@ def has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
     return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
 
 
-@dataclass
-class IngestResult:
-    ref: ArtifactRef
-    reused: bool
-    index: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def ingest_to_store(store: ArtifactStore, sources: list[str], dataset: str, options: IngestSettings, *,
-                    rerun: bool = False, retry_failed: bool = False, flow_run_id: str | None = None,
-                    make_progress: ProgressFactory = no_progress, logger: Any = log) -> IngestResult:
-    """Ingest `sources` into a new version of `datasets/<dataset>`, or return the committed
-    version made from identical inputs (unless `rerun`, or `retry_failed` with failed downloads)."""
-    if not sources:
-        raise ValueError("ingest needs at least one source (folder, URL list, or shards)")
-    storage_options = s3_storage_options()
-    opened = [open_source(s, storage_options, source_options(options)) for s in sources]
-    options_hash = output_hash(options)
-    input_hash = params_hash({"sources": [s.fingerprint() for s in opened], "options": options_hash})
-    found = store.reuse_or_new("datasets", dataset, input_hash, rerun,
-                               keep=lambda ref: not (retry_failed and has_download_failures(store, ref)))
-    if isinstance(found, ArtifactRef):
-        logger.info("dataset %s already ingested from the same inputs: reusing it%s", found,
-                    " (no failed downloads to retry)" if retry_failed else "")
-        return IngestResult(found, reused=True)
-    prev_ref = None if rerun else latest_with_options(store, dataset, options_hash)
-    previous = None
+def plan_previous(store: ArtifactStore, dataset: str, options_hash: str, opened: list[Any],
+                  retry_failed: bool) -> tuple[Previous | None, int]:
+    """What this ingest can carry over from the newest version made with the same output
+    options, and how many inputs it will emit in all (for progress)."""
+    prev_ref = latest_with_options(store, dataset, options_hash)
     current: Counter = Counter()
     shard_units: set[str] = set()
     known = 0
@@ -458,32 +408,7 @@ def ingest_to_store(store: ArtifactStore, sources: list[str], dataset: str, opti
             recs = list(s.records())
             current.update(r.fingerprint for r in recs)
             known += len(recs)
-    if prev_ref is not None:
-        previous = plan_reuse(store, prev_ref, current, shard_units, retry_failed)
-        logger.info("reusing %d rows of %s%s", len(previous.rows), prev_ref,
-                    "; retrying its failed downloads" if retry_failed else "")
-    writer = store.writer(found)
-    total = known + (len(previous.rows.filter(pl.col("fingerprint").str.contains("#"))) if previous else 0)
-    with make_progress(f"ingest {dataset}", max(1, total)) as progress:
-        index = run_ingest(opened, writer, options, dataset=dataset, store=store, previous=previous,
-                           progress=progress, storage_options=storage_options)
-    if index["total_ok"] + index["total_failed"] == 0:
-        raise ValueError(f"ingest sources {[redact_url(x) for x in sources]} hold no inputs at all (nothing committed)")
-    first_failures = index.pop("_first_failures")
-    for key, source, error in first_failures:
-        logger.warning("rejected %s (%s): %s", key, source, error)
-    if index["total_failed"] > len(first_failures):
-        logger.warning("... %d rejected in all, by stage: %s", index["total_failed"], index["failed_by_stage"])
-    reused_from = [previous.ref] if previous is not None and index["reused"] else []
-    summary = {"samples_ok": index["total_ok"], "samples_failed": index["total_failed"], "reused": index["reused"],
-               "failed_by_stage": index["failed_by_stage"],
-               "buckets": {b: v["count"] for b, v in index["buckets"].items()}}
-    ref = writer.commit(
-        parents=reused_from,
-        params={"sources": [redact_url(x) for x in sources], **options.model_dump(), "output_hash": options_hash,
-                "retry_failed": retry_failed},
-        flow_run_id=flow_run_id, summary=summary,
-    )
-    logger.info("committed %s: %d ok, %d failed (%s), %d reused, buckets %s", ref, index["total_ok"],
-                index["total_failed"], index["failed_by_stage"], index["reused"], summary["buckets"])
-    return IngestResult(ref, reused=False, index=index)
+    if prev_ref is None:
+        return None, known
+    previous = plan_reuse(store, prev_ref, current, shard_units, retry_failed)
+    return previous, known + len(previous.rows.filter(pl.col("fingerprint").str.contains("#")))

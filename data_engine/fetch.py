@@ -37,8 +37,7 @@ import httpx
 
 from artifact_store import redact
 
-KNOWN_SCHEMES = ("http", "https", "s3", "file")
-DEFAULT_SCHEMES = ("http", "https")
+URL_SCHEMES = ("http", "https", "s3", "file")  # every scheme a URL list may be allowed to use
 MAX_REDIRECTS = 5
 # A server may send images as octet-stream; these types say it sent a page or an error instead.
 NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
@@ -155,7 +154,7 @@ class Fetcher:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in self.options.allow_schemes:
             allowed = ", ".join(self.options.allow_schemes)
-            if scheme in KNOWN_SCHEMES:
+            if scheme in URL_SCHEMES:
                 raise FetchError(f"refused: scheme {scheme!r} is not allowed (allowed: {allowed}; widen with "
                                  "--allow-schemes)", False)
             raise FetchError(f"unsupported URL scheme {scheme or '(none)'!r} (allowed: {allowed})", False)

@@ -1,5 +1,6 @@
 """Prompt manifests: a Parquet / CSV / JSONL file (or a list) -> every row validated, with its
-row number -> a versioned `prompts/<name>` artifact (`prompts.parquet`, schema PROMPTS).
+row number, as a PROMPTS table (stored by the prompts stage, `tasks.prompts`, as
+`prompts/<name>`: `prompts.parquet`).
 
 A file that cannot be read at all (unknown format, missing file, no `prompt`/`width`/`height`
 columns) is a `PromptFileError`: one line for the user, before any work. A row that is wrong
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from artifact_store import ArtifactRef, ArtifactStore, params_hash
+from artifact_store import ArtifactRef, ArtifactStore
 from data_manifests.schemas import PROMPTS
 from data_manifests.settings import PromptSpec
 
@@ -98,21 +99,6 @@ def prompt_table(path: str | Path) -> pa.Table:
         raise PromptFileError(f"prompt file {path}: missing column(s) {', '.join(missing)} "
                               f"(has {', '.join(sorted(columns)) or 'none'})")
     return validate_rows(rows, f"prompt file {path}")
-
-
-def commit_prompts(store: ArtifactStore, table: pa.Table, name: str, source: str,
-                   flow_run_id: str | None = None) -> ArtifactRef:
-    """Store a validated prompt table as `prompts/<name>` (the same rows give the same version)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    found = store.reuse_or_new("prompts", name, params_hash({"prompts": table.to_pylist()}))
-    if isinstance(found, ArtifactRef):
-        return found
-    writer = store.writer(found)
-    writer.put_bytes(PROMPTS_FILE, buf.getvalue())
-    bad = sum(e is not None for e in table.column("error").to_pylist())
-    return writer.commit(params={"source": source}, flow_run_id=flow_run_id,
-                         summary={"rows": table.num_rows, "invalid_rows": bad})
 
 
 def read_prompts(store: ArtifactStore, ref: ArtifactRef | str) -> pa.Table:

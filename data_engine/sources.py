@@ -393,7 +393,7 @@ class ShardSource:
         n = 0
         try:
             with fsspec.open(url, "rb", **self.storage_options) as stream:
-                for sample in tar_samples(stream, self.options.max_bytes):
+                for sample in tar_stream_samples(stream, self.options.max_bytes):
                     n += 1
                     yield self._sample(url, shard_fp, sample)
         except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
@@ -430,7 +430,7 @@ class ShardSource:
                             data=fields[img_key], meta=meta)
 
 
-def tar_samples(stream: Any, max_bytes: int) -> Iterator[dict[str, Any]]:
+def tar_stream_samples(stream: Any, max_bytes: int) -> Iterator[dict[str, Any]]:
     """WebDataset samples of a tar (or .tar.gz) stream: members sharing a key, grouped in order.
     Only regular files are read, each after its header size is checked against `max_bytes`;
     what is skipped is listed in the sample's `__problems__`."""

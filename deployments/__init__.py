@@ -1,1 +1,2 @@
-"""Prefect deployments (prefect.yaml) and a helper to serve them locally."""
+"""Prefect deployments: `prefect.yaml` (registered by `asd deploy`, `flows.deploy`) and
+`serve.py`, which serves every flow from one process."""

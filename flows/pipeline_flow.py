@@ -6,17 +6,15 @@ from prefect import flow
 from pydantic import BaseModel
 
 from artifact_store import check_name
-from data_manifests.settings import (
-    EvaluateSettings,
-    GenerateSettings,
-    IngestSettings,
-    PromptSpec,
-    TrainSettings,
-)
+from data_manifests.settings import PromptSpec
 from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow
+from tasks.evaluate import EvaluateSettings
+from tasks.generate import GenerateSettings
+from tasks.ingest import IngestSettings
 from tasks.reports import publish_pipeline_summary, refresh_dashboard
 from tasks.runs import record_run
 from tasks.runtime import open_store
+from tasks.train import TrainSettings
 
 
 class PipelineRefs(BaseModel):

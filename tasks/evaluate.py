@@ -1,28 +1,41 @@
-"""Evaluation task: FID / KID on real Inception features, CLIP score where CLIP is on disk,
-and the tile-seam score of every generated image."""
+"""The evaluate stage, in one place: its settings, its identity, and its build (FID / KID on real
+Inception features, CLIP score where CLIP is on disk, the tile-seam score of every generated
+image) -> `evaluations/<name>` with `metrics.parquet` and `report.md`."""
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from prefect import task
 
-from artifact_store import ArtifactRef, ArtifactStore, params_hash
+from artifact_store import ArtifactStore
 from asd_models.metrics import InceptionFeatures, MetricWeightsMissing, clip_score, fid_kid, random_patches
 from asd_models.seams import seam_score
 from data_engine.dataset_reader import read_bucket_samples
 from data_manifests.schemas import METRICS, STATUS_OK
-from data_manifests.settings import EvaluateSettings
-from tasks.runtime import commit_in_run, run_logger
+from data_manifests.settings import SEED_MAX, StageSettings, output
+from tasks.progress import publish_markdown
+from tasks.stage import Built, Inputs, Stage, StageRun
 
 SKIPPED = "skipped"
+
+
+class EvaluateSettings(StageSettings):
+    """Scores of a generations version against the dataset it descends from."""
+
+    patch_size: int = output(96, ge=16, description="patch-FID/KID crop size at native resolution")
+    patches_per_image: int = output(8, ge=1, description="random patches taken from each image")
+    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of the patch positions")
+    seam_period: int = output(8, ge=1, description="VAE factor: seams are compared with lines on this lattice")
+    clip_model: str = output("openai/clip-vit-base-patch16",
+                             description="CLIP for CLIP score: local folder or cached hub id")
 
 
 def _row(metric: str, value: float | None, detail: str, status: str = STATUS_OK) -> dict[str, Any]:
@@ -83,39 +96,44 @@ def clip_rows(fakes: list[np.ndarray], prompts: list[str], model_id: str) -> lis
         return [_row("clip_score", None, str(exc), SKIPPED)]
 
 
-@task(name="evaluate-generations")
-def evaluate_generations(store_url: str, generations_ref: str, dataset_ref: str, evaluation: str,
-                         settings: EvaluateSettings, rerun: bool = False) -> str:
-    """Score a generations version against the dataset it descends from; commit
-    `evaluations/<evaluation>` with `metrics.parquet` and `report.md`."""
-    logger = run_logger()
-    store = ArtifactStore(store_url)
-    gen, data = store.resolve(generations_ref), store.resolve(dataset_ref)
-    input_hash = params_hash({"generations": str(gen), "dataset": str(data), "settings": settings.model_dump()})
-    found = store.reuse_or_new("evaluations", evaluation, input_hash, rerun)
-    if isinstance(found, ArtifactRef):
-        logger.info("evaluation %s already done for the same inputs: reusing it", found)
-        return str(found)
-    manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
-    ok = manifest.filter(pl.col("status") == STATUS_OK)
-    fakes = [np.asarray(Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB"))
-             for r in ok.iter_rows(named=True)]
-    reals = [np.asarray(img) for items in read_bucket_samples(store, data).values() for img, _ in items]
-    rows = seam_rows(ok, fakes, settings.seam_period)
-    rows += distribution_rows(reals, fakes, settings)
-    rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
-                     "file gives pool features only", SKIPPED))
-    rows += clip_rows(fakes, ok["prompt"].to_list(), settings.clip_model)
+@dataclass(frozen=True)
+class Evaluate(Stage):
+    """A generations version scored against a dataset version."""
 
-    writer = store.writer(found)
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), buf)
-    writer.put_bytes("metrics.parquet", buf.getvalue())
-    writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=str(gen), dataset_ref=str(data)).encode())
-    ref = commit_in_run(writer, parents=[gen, data], params=settings.model_dump(),
-                        summary={r["metric"]: r["value"] for r in rows if "/" not in r["metric"]})
-    logger.info("committed %s", ref)
-    return str(ref)
+    flow: ClassVar[str] = "asd-evaluate"
+    kind: ClassVar[str] = "evaluations"
+    generations_ref: str
+    dataset_ref: str
+    settings: EvaluateSettings = EvaluateSettings()
+
+    def resolve(self, store: ArtifactStore) -> Inputs:
+        gen, data = str(store.resolve(self.generations_ref)), str(store.resolve(self.dataset_ref))
+        refs = {"generations": gen, "dataset": data}
+        return Inputs(reads=[gen, data], parents=[gen, data], refs=refs,
+                      identity={**refs, "settings": self.settings.identity()})
+
+    def build(self, run: StageRun, inputs: Inputs) -> Built:
+        store, gen, data = run.store, inputs.refs["generations"], inputs.refs["dataset"]
+        manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
+        ok = manifest.filter(pl.col("status") == STATUS_OK)
+        fakes = [np.asarray(Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB"))
+                 for r in ok.iter_rows(named=True)]
+        reals = [np.asarray(img) for items in read_bucket_samples(store, store.resolve(data)).values()
+                 for img, _ in items]
+        rows = seam_rows(ok, fakes, self.settings.seam_period)
+        rows += distribution_rows(reals, fakes, self.settings)
+        rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
+                         "file gives pool features only", SKIPPED))
+        rows += clip_rows(fakes, ok["prompt"].to_list(), self.settings.clip_model)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), buf)
+        run.writer.put_bytes("metrics.parquet", buf.getvalue())
+        run.writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=gen, dataset_ref=data).encode())
+        return Built(params=self.settings.model_dump(),
+                     summary={r["metric"]: r["value"] for r in rows if "/" not in r["metric"]})
+
+    def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
+        publish_markdown("evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}")
 
 
 def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str) -> str:

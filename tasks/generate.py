@@ -1,6 +1,7 @@
-"""FSTD generation tasks: one task per shard of prompt rows, the model loaded once per worker
-process, every image durable in the pending version as soon as it is rendered, and one commit
-of the whole generations version at the end.
+"""The generate stage, in one place: its settings (and their adapter to the pipeline's
+requests and sampler), its identity, and its build: one task per shard of prompt rows fanned
+out on threads or Dask, the model loaded once per worker process, every image durable in the
+pending version as soon as it is rendered, then the manifest; `run_stage` commits it once.
 
 Exactly once: an image's key holds a hash of the model version, its prompt row and the render
 settings; a finished image is `images/<key>.png` (`.tif` for a large output asked as TIFF, with its
@@ -20,27 +21,96 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
+from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
+from pydantic import model_validator
 
-from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
-from artifact_store.writer import fault_point
+from artifact_store import ArtifactStore, PendingVersion
+from artifact_store.faults import fault_point
 from asd_models.large_images import write_deep_zoom, write_png_stream, write_tiff
 from asd_models.memory import peak_rss_mb, reset_peak_rss
+from asd_models.samplers import SAMPLER_NAMES
 from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
 from dashboard.viewer import vendor_files, viewer_page
 from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import GenerateSettings
+from data_manifests.settings import StageSettings, execution, output
+from tasks.executors import gpu_annotation, task_runner_for
 from tasks.model_cache import cached_pipeline, model_loads
-from tasks.runtime import commit_in_run, run_logger
+from tasks.progress import Progress, publish_table
+from tasks.runtime import run_logger
+from tasks.stage import Built, Inputs, Stage, StageRun
+
+if TYPE_CHECKING:
+    from asd_models.pipeline import RenderRequest
 
 _RENDERED_IN_PROCESS = [0]  # images this process rendered (the fault point counts them)
+
+
+class GenerateSettings(StageSettings):
+    """FSTD generation: how every prompt of a job is rendered."""
+
+    steps: int = output(20, ge=1, le=1000, description="denoising steps (stage 1 and stage 2)")
+    guidance_scale: float = output(5.0, ge=0, le=100, description="classifier-free guidance scale")
+    strength: float = output(0.6, gt=0, le=1, description="how much stage 2 re-noises the enlarged image")
+    sampler: Literal[SAMPLER_NAMES] = output(  # type: ignore[valid-type]
+        "fstd", description="stage 2's tiled sampler (asd_models.samplers): fstd (ours), official (the ASD code's "
+        "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)")
+    tile: int | None = output(None, ge=1, description="stage 2's tile in latent pixels (default: the UNet's "
+                              "sample size; an upscaler uses its own)")
+    tile_batch_size: int | None = execution(None, ge=1, description="tiles per UNet call (default: the sampler's own)")
+    upscaler: str | None = output(
+        None, description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
+        "models/NAME@VERSION) instead of img2img with the same model",
+    )
+    noise_level: int = output(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
+    device: str = execution("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                            description="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
+    shard_size: int = execution(100, ge=1, description="prompts per generation task")
+    pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
+    pack_max_pixels: int = execution(16 << 20, ge=4096, description="output pixels rendered together at most "
+                                     "(a larger image renders alone)")
+    executor: Literal["threads", "dask"] = execution(
+        default_factory=lambda: os.environ.get("ASD_EXECUTOR", "threads"),  # type: ignore[arg-type]
+        description="shard tasks in threads of this process, or on Dask worker processes ($ASD_EXECUTOR)")
+    workers: int = execution(1, ge=1, description="threads, or Dask worker processes of a local cluster")
+    dask_address: str | None = execution(
+        default_factory=lambda: os.environ.get("ASD_DASK_ADDRESS") or None,
+        description="an existing Dask scheduler, e.g. tcp://host:8786 ($ASD_DASK_ADDRESS; default: a local cluster)")
+    retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
+    torch_threads: int | None = execution(None, ge=1, description="CPU threads of torch in each Dask worker "
+                                          "(default: cores / workers)")
+    large_image_pixels: int = output(
+        64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
+        "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
+    large_image_format: Literal["png", "tiff"] = output(
+        "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
+        "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
+    deep_zoom: bool = output(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
+
+    @model_validator(mode="after")
+    def _tile_with_upscaler(self) -> GenerateSettings:
+        if self.upscaler and self.tile is not None:
+            raise ValueError("tile: an upscaler's stage 2 runs at that model's own sample size; leave tile unset "
+                             "with upscaler")
+        return self
+
+    def render_request(self, row: dict[str, Any]) -> RenderRequest:
+        """A prompt row as the pipeline's request (the row's own steps, guidance and strength win)."""
+        from asd_models.pipeline import RenderRequest
+
+        return RenderRequest(row["prompt"], row["width"], row["height"], row["seed"], row["negative_prompt"] or "",
+                             row["steps"] or self.steps,
+                             self.guidance_scale if row["guidance_scale"] is None else row["guidance_scale"],
+                             row["strength"] or self.strength, self.noise_level)
+
 
 
 @dataclass(frozen=True)
@@ -72,7 +142,7 @@ def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) 
     """Hash of what decides an image's pixels: model version, prompt row, render settings."""
     fields = {k: row[k] for k in ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale",
                                   "strength")}
-    blob = json.dumps({"model": model, "row": fields, "settings": settings.render_options()}, sort_keys=True,
+    blob = json.dumps({"model": model, "row": fields, "settings": settings.identity()}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -184,19 +254,15 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
                  worker: str, logger: Any) -> None:
     import torch
 
-    from asd_models.pipeline import RenderRequest
-
     s = job.settings
-    reqs = [RenderRequest(r["prompt"], r["width"], r["height"], r["seed"], r["negative_prompt"] or "",
-                          r["steps"] or s.steps, s.guidance_scale if r["guidance_scale"] is None else r["guidance_scale"],
-                          r["strength"] or s.strength, s.noise_level) for r in pack]
-    fstd = pipe.default_fstd(s.tile, s.tile_batch_size)
+    reqs = [s.render_request(r) for r in pack]
+    sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     reset_peak_rss()
     t0 = time.perf_counter()
     try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
-        results = pipe.generate_many(reqs, fstd, memmap_pixels=s.large_image_pixels)
+        results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
         error = None
     except (ValueError, RuntimeError) as exc:
         results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
@@ -264,13 +330,10 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
     return out
 
 
-@task(name="commit-generations")
-def commit_generations(job: GenerationJob, outputs: list[ShardOutput], parents: list[str],
-                       params: dict[str, Any]) -> str:
-    """Adopt the shards' files, write the generations manifest (invalid prompt rows included as
-    failures), commit the version once."""
+def adopt_shards(job: GenerationJob, writer: Any, outputs: list[ShardOutput]) -> list[dict[str, Any]]:
+    """Adopt the shards' files into the version and write its manifest (invalid prompt rows
+    included as failures); the manifest rows."""
     store = ArtifactStore(job.store_url)
-    writer = store.writer(job.pending)
     rows = [invalid_row(r) for r in read_prompts(store, job.prompts).to_pylist() if r["error"] is not None]
     for o in outputs:
         writer.add_files(o.files)
@@ -285,12 +348,96 @@ def commit_generations(job: GenerationJob, outputs: list[ShardOutput], parents: 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_MANIFEST), buf)
     writer.put_bytes("manifest.parquet", buf.getvalue())
-    ok = sum(r["status"] == STATUS_OK for r in rows)
-    rendered = sum(o.rendered for o in outputs)
-    loads: dict[str, int] = {}
-    for o in outputs:
-        loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
-    ref: ArtifactRef = commit_in_run(writer, parents=parents, params=params, summary={
-        "images_ok": ok, "images_failed": len(rows) - ok, "images_rendered_by_this_run": rendered,
-        "images_resumed": ok - rendered, "model_loads_by_worker": loads})
-    return str(ref)
+    return rows
+
+
+@flow(name="asd-generate-shards", log_prints=True)
+def render_shards_flow(job: GenerationJob, ranges: list[tuple[int, int]], total: int) -> list[ShardOutput]:
+    """The fan-out: one task per shard of prompt rows, on the task runner the job's settings
+    chose (threads or Dask), retried when a task fails or its worker is lost. Progress (images
+    done, tiles/s, ETA) is updated as shards finish."""
+    logger = get_run_logger()
+    shard_task = render_shard.with_options(retries=job.settings.retries, retry_delay_seconds=2)
+    with gpu_annotation(job.settings):
+        futures = [shard_task.submit(job, start, stop) for start, stop in ranges]
+    position = {id(f): i for i, f in enumerate(futures)}
+    outputs: dict[int, ShardOutput] = {}
+    t0 = time.monotonic()
+    with Progress("generate images", total=max(1, total), unit="img") as progress:
+        for future in as_completed(futures):
+            outputs[position[id(future)]] = out = future.result()
+            done = sum(len(o.rows) for o in outputs.values())
+            rendered = sum(o.rendered for o in outputs.values())
+            evals = sum(r["unet_evals"] or 0 for o in outputs.values() for r in o.rows)
+            elapsed = time.monotonic() - t0
+            eta = elapsed / rendered * (total - done) if rendered else float("nan")
+            progress.update(min(done, progress.total))
+            progress.note(f"{evals / max(elapsed, 1e-9):.1f} UNet evals/s, ETA {eta:.0f} s")
+            logger.info("shard done on %s: %d images (%d rendered now); %d/%d in all", out.worker, len(out.rows),
+                        out.rendered, done, total)
+    return [outputs[i] for i in range(len(futures))]
+
+
+GENERATIONS_TABLE_ROWS = 1000  # rows of the UI table; the manifest has them all
+
+
+@dataclass(frozen=True)
+class Generate(Stage):
+    """A stored prompt manifest rendered at its exact sizes by a model version. Resumable: a
+    rerun of the same job after a kill renders only the images that are not finished."""
+
+    flow: ClassVar[str] = "asd-generate"
+    kind: ClassVar[str] = "generations"
+    resumable: ClassVar[bool] = True
+    builds_in_task: ClassVar[bool] = False  # it fans out over shard tasks of its own
+    model_ref: str
+    prompts_ref: str
+    settings: GenerateSettings = GenerateSettings()
+
+    def resolve(self, store: ArtifactStore) -> Inputs:
+        model = str(store.resolve(self.model_ref))
+        prompts = str(store.resolve(self.prompts_ref if self.prompts_ref.startswith("prompts/")
+                                    else f"prompts/{self.prompts_ref}"))
+        refs = {"model": model, "prompts": prompts}
+        if self.settings.upscaler and self.settings.upscaler.startswith("models/"):  # a stored upscaler: a parent too
+            refs["upscaler"] = str(store.resolve(self.settings.upscaler))
+        return Inputs(reads=[model, prompts], parents=list(refs.values()), refs=refs,
+                      identity={**refs, "settings": self.pinned(refs).identity()})
+
+    def pinned(self, refs: dict[str, str]) -> GenerateSettings:
+        """The settings with a stored upscaler pinned to its version (what the shard tasks get)."""
+        return self.settings.model_copy(update={"upscaler": refs["upscaler"]}) if "upscaler" in refs else self.settings
+
+    def build(self, run: StageRun, inputs: Inputs) -> Built:
+        model, prompts = inputs.refs["model"], inputs.refs["prompts"]
+        s = self.pinned(inputs.refs)
+        n_rows = read_prompts(run.store, prompts).num_rows
+        ranges = [(i, min(n_rows, i + s.shard_size)) for i in range(0, n_rows, s.shard_size)]
+        job = GenerationJob(run.store.url, model, prompts, run.pending, s)
+        run.logger.info("rendering %d prompt rows of %s in %d shard(s) with %s (%s executor) into %s", n_rows,
+                        prompts, len(ranges), model, s.executor, run.pending.ref)
+        outputs = render_shards_flow.with_options(task_runner=task_runner_for(s))(job, ranges, n_rows)
+        rows = adopt_shards(job, run.writer, outputs)
+        ok = sum(r["status"] == STATUS_OK for r in rows)
+        rendered = sum(o.rendered for o in outputs)
+        loads: dict[str, int] = {}
+        for o in outputs:
+            loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
+        return Built(params={"prompts": prompts, **s.model_dump()},
+                     summary={"images_ok": ok, "images_failed": len(rows) - ok, "images_rendered_by_this_run": rendered,
+                              "images_resumed": ok - rendered, "model_loads_by_worker": loads},
+                     extra={"rows": rows})
+
+    def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
+        if built is None:
+            return
+        gen = store.resolve(ref)
+        table = [{"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None,
+                  "size": f"{r['width']}x{r['height']}", "status": r["status"], "seconds": round(r["seconds"] or 0, 2),
+                  "unet_evals": r["unet_evals"], "uri": store.file_uri(gen, r["image"]) if r["image"] else r["error"]}
+                 for r in built.extra["rows"]]
+        shown = table[:GENERATIONS_TABLE_ROWS]
+        more = f" (the first {len(shown)} of {len(table)} images; all: manifest.parquet)" if len(table) > len(shown) else ""
+        publish_table("generations", shown, f"generations {ref}{more}")
+        slowest = sorted((t for t in table if t["status"] == "ok"), key=lambda t: -t["seconds"])[:10]
+        publish_table("slowest-images", slowest, f"the slowest images of {ref}")

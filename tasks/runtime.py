@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError, VersionWriter
-from artifact_store.store import STORE_ENV
+from artifact_store.backend import STORE_ENV
 
 
 def current_flow_run_id() -> str | None:

@@ -1,28 +1,63 @@
-"""Training tasks: build the tiny base model, and ARAD fine-tuning on bucketed shards."""
+"""The train stages, in one place: the settings (and their adapter to the trainer's frozen
+config), and two stages: the tiny base model (built in code, its VAE fitted to the data) and
+ARAD fine-tuning on one-bucket batches streamed from a dataset's shards, with resumable
+checkpoints in the store."""
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from prefect import task
-
-from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id, params_hash
+from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id
 from asd_models.arad_loader import LoaderConfig, make_loader
 from asd_models.arad_training import AradTrainer, TrainConfig, fit_vae
 from asd_models.images import pil_to_tensor_m11
 from asd_models.loading import SDComponents, load_components
 from asd_models.tiny_model import build_tiny_components, save_components
 from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
-from data_manifests.settings import TrainSettings
+from data_manifests.settings import SEED_MAX, StageSettings, execution, output
 from tasks.model_cache import load_model_components
 from tasks.progress import Progress, publish_table
-from tasks.runtime import commit_in_run, run_logger
+from tasks.runtime import commit_in_run
+from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 
 LOSS_ARTIFACT = "arad-loss"
+
+
+class TrainSettings(StageSettings):
+    """ARAD fine-tuning (`asd_models.arad_training.TrainConfig`), plus where to start from."""
+
+    base_model: str = output(
+        "tiny",
+        description="'tiny' (built in code, VAE fitted to the data), a store ref models/NAME@VERSION, "
+        "a local diffusers folder, or a hub id already in the local HF cache",
+    )
+    vae_steps: int = output(400, ge=0, description="VAE fitting steps for the tiny base model")
+    steps: int = output(1000, ge=1, description="optimizer steps")
+    batch_size: int = output(8, ge=1, description="samples per micro-batch (per process)")
+    grad_accum: int = output(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = output(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = output(1e-2, ge=0, description="AdamW weight decay")
+    warmup_steps: int = output(20, ge=0, description="linear warm-up, then cosine")
+    min_lr_ratio: float = output(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
+    caption_dropout: float = output(0.1, ge=0, le=1, description="share of empty captions (for CFG)")
+    grad_clip: float = output(1.0, ge=0, description="gradient-norm clip (0: off)")
+    ema_decay: float = output(0.9999, ge=0, lt=1, description="EMA of the weights, with warm-up (0: off)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = output("auto", description="auto: bf16 on a GPU")
+    gradient_checkpointing: Literal["auto", "on", "off"] = output("auto", description="auto: on a GPU")
+    cache_latents: bool = output(False, description="encode each image once (memory grows with the data)")
+    shuffle_buffer: int = output(256, ge=1, description="encoded samples held per bucket for shuffling")
+    leftover: Literal["keep", "drop"] = output("keep", description="a bucket's last partial batch per epoch")
+    num_workers: int = output(0, ge=0, description="data-loader processes (changes the data order)")
+    checkpoint_every: int = execution(500, ge=0, description="a resumable checkpoint in the store every N steps (0: none)")
+    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of weights, noise, timesteps and data order")
+
+    def train_config(self) -> TrainConfig:
+        """The trainer's frozen config (the one place it is built): every TrainConfig field from here."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
 
 def _save_loss_plot(losses: list[float], title: str, path: Path) -> None:
@@ -45,49 +80,57 @@ def _save_loss_plot(losses: list[float], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-@task(name="build-tiny-base-model")
-def build_tiny_base(store_url: str, dataset_ref: str, name: str, vae_steps: int, seed: int = 0, rerun: bool = False) -> str:
+@dataclass(frozen=True)
+class TinyBase(Stage):
     """A tiny SD-shaped base model, built in code, saved and loaded back through
-    `from_pretrained`, with its VAE fitted to the dataset's images (a random VAE decodes
-    every latent to noise). Committed as `models/<name>` with the dataset as parent."""
-    logger = run_logger()
-    store = ArtifactStore(store_url)
-    dataset = store.resolve(dataset_ref)
-    input_hash = params_hash({"dataset": str(dataset), "vae_steps": vae_steps, "seed": seed, "kind": "tiny-base"})
-    found = store.reuse_or_new("models", name, input_hash, rerun)
-    if isinstance(found, ArtifactRef):
-        logger.info("tiny base model %s already built from the same inputs: reusing it", found)
-        return str(found)
-    samples = read_bucket_samples(store, dataset)
-    images = [pil_to_tensor_m11(img) for items in samples.values() for img, _ in items]
-    writer = store.writer(found)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_components(build_tiny_components(seed=seed), Path(tmp) / "init")
-        c = load_components(Path(tmp) / "init")  # the same path real checkpoints take
-        with Progress("fit tiny VAE", total=vae_steps, unit="step") as progress:
-            def on_step(step: int, total: int, loss: float) -> None:
-                progress.update(step + 1)
-                progress.note(f"loss {loss:.3f}")
+    `from_pretrained`, with its VAE fitted to the dataset's images (a random VAE decodes every
+    latent to noise). Its UNet is untrained: ARAD fine-tuning starts from it."""
 
-            losses = fit_vae(c.vae, images, vae_steps, seed=seed, on_step=on_step)
-        out = Path(tmp) / "model"
-        save_components({"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder,
-                         "tokenizer": c.tokenizer, "scheduler": c.scheduler}, out)
-        _save_loss_plot(losses, "tiny VAE reconstruction loss", out / "vae_loss.png")
-        (out / "training_log.json").write_text(json.dumps({"vae_loss": losses}))
-        writer.put_dir(out)
-    ref = commit_in_run(
-        writer, parents=[dataset], params={"vae_steps": vae_steps, "seed": seed, "builder": "asd_models.tiny_model"},
-        summary={"vae_loss_first": losses[0] if losses else None, "vae_loss_last": losses[-1] if losses else None,
-                 "images": len(images), "untrained_unet": True},
-    )
-    logger.info("committed %s (VAE loss %s)", ref, f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not fitted")
-    return str(ref)
+    flow: ClassVar[str] = "asd-train"
+    kind: ClassVar[str] = "models"
+    dataset_ref: str
+    vae_steps: int
+    seed: int = 0
+
+    def resolve(self, store: ArtifactStore) -> Inputs:
+        dataset = str(store.resolve(self.dataset_ref))
+        return Inputs(reads=[dataset], parents=[dataset], refs={"dataset": dataset},
+                      identity={"dataset": dataset, "vae_steps": self.vae_steps, "seed": self.seed, "kind": "tiny-base"})
+
+    def build(self, run: StageRun, inputs: Inputs) -> Built:
+        samples = read_bucket_samples(run.store, run.store.resolve(inputs.refs["dataset"]))
+        images = [pil_to_tensor_m11(img) for items in samples.values() for img, _ in items]
+        with tempfile.TemporaryDirectory() as tmp:
+            save_components(build_tiny_components(seed=self.seed), Path(tmp) / "init")
+            c = load_components(Path(tmp) / "init")  # the same path real checkpoints take
+            with Progress("fit tiny VAE", total=self.vae_steps, unit="step") as progress:
+                def on_step(step: int, total: int, loss: float) -> None:
+                    progress.update(step + 1)
+                    progress.note(f"loss {loss:.3f}")
+
+                losses = fit_vae(c.vae, images, self.vae_steps, seed=self.seed, on_step=on_step)
+            out = Path(tmp) / "model"
+            save_components({"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder,
+                             "tokenizer": c.tokenizer, "scheduler": c.scheduler}, out)
+            _save_loss_plot(losses, "tiny VAE reconstruction loss", out / "vae_loss.png")
+            (out / "training_log.json").write_text(json.dumps({"vae_loss": losses}))
+            run.writer.put_dir(out)
+        run.logger.info("tiny VAE loss %s", f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not fitted")
+        return Built(params={"vae_steps": self.vae_steps, "seed": self.seed, "builder": "asd_models.tiny_model"},
+                     summary={"vae_loss_first": losses[0] if losses else None,
+                              "vae_loss_last": losses[-1] if losses else None, "images": len(images),
+                              "untrained_unet": True})
 
 
-def training_id(dataset: ArtifactRef, base: str, cfg: TrainConfig) -> str:
-    """What a checkpoint must match to be resumed: same data, base model and config."""
-    return params_hash({"dataset": str(dataset), "base": base, "config": cfg.__dict__, "kind": "arad"})
+def build_tiny_base(store_url: str | None, dataset_ref: str, name: str, vae_steps: int, seed: int = 0,
+                    rerun: bool = False) -> str:
+    """The tiny base model `models/<name>` for a dataset (reused when built from the same inputs)."""
+    return run_stage(TinyBase(dataset_ref, vae_steps, seed), name, store_url, rerun).ref
+
+
+def training_identity(dataset: str, base: str, cfg: TrainConfig) -> dict[str, Any]:
+    """What a model (and a checkpoint to resume) is made from: same data, base model and config."""
+    return {"dataset": dataset, "base": base, "config": cfg.__dict__, "kind": "arad"}
 
 
 def loss_table(losses: list[float], lrs: list[float], total: int) -> list[dict[str, Any]]:
@@ -167,11 +210,9 @@ def _run_steps(t: _Training, buckets: dict, checkpoint_every: int, stop_after: i
                       on_checkpoint=lambda step: _save_checkpoint(t, step, logger), checkpoint_every=checkpoint_every)
 
 
-def _commit_model(t: _Training, pending: PendingVersion, counts: dict[str, int], resumed_from: ArtifactRef | None,
-                  checkpoint_every: int) -> ArtifactRef:
+def _write_model(t: _Training, writer: Any, counts: dict[str, int], resumed_from: ArtifactRef | None) -> None:
     """The trained model in diffusers layout, with its loss curve and training log."""
     trainer, cfg, losses = t.trainer, t.cfg, t.trainer.losses
-    writer = t.store.writer(pending)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         save_components({"unet": trainer.final_unet(), "vae": t.components.vae.float(),
@@ -185,56 +226,72 @@ def _commit_model(t: _Training, pending: PendingVersion, counts: dict[str, int],
         }))
         (out / "buckets.json").write_text(json.dumps(sorted(counts)))
         writer.put_dir(out)
-    k = max(1, len(losses) // 10)
-    return commit_in_run(
-        writer, parents=t.parents + ([str(resumed_from)] if resumed_from else []),
-        params={"base_model": t.base, **cfg.__dict__, "checkpoint_every": checkpoint_every},
-        summary={"loss_first10pct_mean": sum(losses[:k]) / k, "loss_last10pct_mean": sum(losses[-k:]) / k,
-                 "steps": cfg.steps, "buckets": sorted(counts), "weights": "ema" if cfg.ema_decay > 0 else "raw"},
-    )
 
 
-def train_to_store(store_url: str, dataset_ref: str, base_model: str, model_name: str, settings: TrainSettings,
+@dataclass(frozen=True)
+class Arad(Stage):
+    """ARAD: fine-tune the UNet of `base_model` on one-bucket batches streamed from the
+    dataset's shards (VAE and text encoder frozen). Every `settings.checkpoint_every` steps a
+    `checkpoints/<name>` version holds the whole trainer state; `resume` continues from the
+    newest one made for the same dataset, base model and config. The result is a
+    diffusers-layout `models/<name>` version with the dataset (and a stored base model) as
+    parents. `stop_after` ends the run early without committing a model (tests, and "train in
+    slices" jobs); under `accelerate launch` only rank 0 commits."""
+
+    flow: ClassVar[str] = "asd-train"
+    kind: ClassVar[str] = "models"
+    dataset_ref: str
+    base_model: str
+    settings: TrainSettings = TrainSettings()
+    resume: bool = False
+    stop_after: int | None = None
+
+    def resolve(self, store: ArtifactStore) -> Inputs:
+        dataset = str(store.resolve(self.dataset_ref))
+        base = str(store.resolve(self.base_model)) if self.base_model.startswith("models/") else self.base_model
+        refs = {"dataset": dataset, "base": base}
+        return Inputs(reads=[dataset] + ([base] if base.startswith("models/") else []),
+                      parents=[dataset] + ([base] if base.startswith("models/") else []), refs=refs,
+                      identity=training_identity(dataset, base, self.settings.train_config()))
+
+    def build(self, run: StageRun, inputs: Inputs) -> Built:
+        store, logger, cfg = run.store, run.logger, self.settings.train_config()
+        dataset, base, name = store.resolve(inputs.refs["dataset"]), inputs.refs["base"], run.pending.ref.name
+        components = load_model_components(store, base)
+        buckets = dataset_buckets(store, dataset)
+        t = _Training(store, dataset, base, name, cfg, run.pending.input_hash or "", components,
+                      AradTrainer(components, cfg))
+        resumed_from = _resume(t, logger) if self.resume else None
+        counts = {b: sum(s.count for s in v) for b, v in buckets.items()}
+        logger.info("ARAD fine-tuning %s on %s for %d steps (batch %d x %d accumulation, %s, leftover=%s)", base,
+                    counts, cfg.steps, cfg.batch_size, cfg.grad_accum, t.trainer.accelerator.mixed_precision,
+                    cfg.leftover)
+        _run_steps(t, buckets, self.settings.checkpoint_every, self.stop_after, logger)
+        t.trainer.accelerator.wait_for_everyone()
+        outcome = {"resumed_from": str(resumed_from) if resumed_from else None, "step": t.trainer.step}
+        if not t.trainer.accelerator.is_main_process:  # under `accelerate launch` only rank 0 commits
+            return Built({}, {}, extra=outcome, commit=False)
+        if t.trainer.step < cfg.steps:
+            logger.info("stopped at step %d of %d (stop_after); no model committed", t.trainer.step, cfg.steps)
+            return Built({}, {}, extra=outcome, commit=False)
+        _write_model(t, run.writer, counts, resumed_from)
+        losses, k = t.trainer.losses, max(1, len(t.trainer.losses) // 10)
+        return Built(
+            params={"base_model": base, **cfg.__dict__, "checkpoint_every": self.settings.checkpoint_every},
+            summary={"loss_first10pct_mean": sum(losses[:k]) / k, "loss_last10pct_mean": sum(losses[-k:]) / k,
+                     "steps": cfg.steps, "buckets": sorted(counts), "weights": "ema" if cfg.ema_decay > 0 else "raw"},
+            parents=[str(resumed_from)] if resumed_from else [],
+            extra={**outcome, "loss_table": loss_table(losses, t.trainer.lrs, cfg.steps)})
+
+    def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
+        if built is not None:
+            publish_table(LOSS_ARTIFACT, built.extra["loss_table"], f"ARAD loss of {ref}")
+
+
+def train_to_store(store_url: str | None, dataset_ref: str, base_model: str, model_name: str, settings: TrainSettings,
                    rerun: bool = False, resume: bool = False, stop_after: int | None = None) -> TrainOutcome:
-    """ARAD: fine-tune the UNet on one-bucket batches streamed from the dataset's shards (VAE and
-    text encoder frozen). Every `settings.checkpoint_every` steps a `checkpoints/<model_name>`
-    version holds the whole trainer state; `resume` continues from the newest one made for the
-    same dataset, base model and config. The result is a diffusers-layout `models/<model_name>`
-    version with the dataset (and a stored base model) as parents. `stop_after` ends the run
-    early without committing a model (tests, and "train in slices" jobs)."""
-    logger = run_logger()
-    store = ArtifactStore(store_url)
-    dataset = store.resolve(dataset_ref)
-    base = str(store.resolve(base_model)) if base_model.startswith("models/") else base_model
-    cfg = settings.train_config()
-    train_id = training_id(dataset, base, cfg)
-    found = store.reuse_or_new("models", model_name, train_id, rerun)
-    if isinstance(found, ArtifactRef):
-        logger.info("model %s already trained from the same inputs: reusing it", found)
-        return TrainOutcome(str(found), None, cfg.steps)
-    components = load_model_components(store, base)
-    buckets = dataset_buckets(store, dataset)
-    t = _Training(store, dataset, base, model_name, cfg, train_id, components, AradTrainer(components, cfg))
-    resumed_from = _resume(t, logger) if resume else None
-    counts = {b: sum(s.count for s in v) for b, v in buckets.items()}
-    logger.info("ARAD fine-tuning %s on %s for %d steps (batch %d x %d accumulation, %s, leftover=%s)", base, counts,
-                cfg.steps, cfg.batch_size, cfg.grad_accum, t.trainer.accelerator.mixed_precision, cfg.leftover)
-    _run_steps(t, buckets, settings.checkpoint_every, stop_after, logger)
-    t.trainer.accelerator.wait_for_everyone()
-    resumed = str(resumed_from) if resumed_from else None
-    if not t.trainer.accelerator.is_main_process:  # under `accelerate launch` only rank 0 commits
-        return TrainOutcome("", resumed, t.trainer.step)
-    if t.trainer.step < cfg.steps:
-        logger.info("stopped at step %d of %d (stop_after); no model committed", t.trainer.step, cfg.steps)
-        return TrainOutcome("", resumed, t.trainer.step)
-    ref = _commit_model(t, found, counts, resumed_from, settings.checkpoint_every)
-    publish_table(LOSS_ARTIFACT, loss_table(t.trainer.losses, t.trainer.lrs, cfg.steps), f"ARAD loss of {ref}")
-    logger.info("committed %s", ref)
-    return TrainOutcome(str(ref), resumed, t.trainer.step)
-
-
-@task(name="arad-finetune")
-def arad_finetune(store_url: str, dataset_ref: str, base_model: str, model_name: str, settings: TrainSettings,
-                  rerun: bool = False, resume: bool = False) -> str:
-    """Prefect task around `train_to_store`: the committed model reference."""
-    return train_to_store(store_url, dataset_ref, base_model, model_name, settings, rerun, resume).model
+    """Run the ARAD stage (see `Arad`): what it committed, resumed from, and reached."""
+    result = run_stage(Arad(dataset_ref, base_model, settings, resume, stop_after), model_name, store_url, rerun)
+    if result.built is None:  # reused as it was
+        return TrainOutcome(result.ref, None, settings.steps)
+    return TrainOutcome(result.ref, result.built.extra["resumed_from"], result.built.extra["step"])

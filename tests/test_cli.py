@@ -12,9 +12,12 @@ from PIL import Image
 
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import: not inside a capsys test
 from artifact_store import ArtifactStore
-from data_manifests.settings import EvaluateSettings, GenerateSettings, IngestSettings, TrainSettings
 from flows.cli import build_parser, main
 from flows.settings_cli import settings_from_args
+from tasks.evaluate import EvaluateSettings
+from tasks.generate import GenerateSettings
+from tasks.ingest import IngestSettings
+from tasks.train import TrainSettings
 from tests.ingest_helpers import ingest_ref
 
 STAGES = {"ingest": IngestSettings, "train": TrainSettings, "generate": GenerateSettings,

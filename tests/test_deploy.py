@@ -8,8 +8,8 @@ import pytest
 
 import flows.stages  # noqa: F401 - Prefect's log handler set up before capsys tests (see test_cli)
 from artifact_store import ArtifactStore
-from deployments.deploy import DEFINITIONS, DeployError, deploy_all, deployment_store, load_specs
 from flows.backfill import BackfillError, DateRange, _attempt_key, backfill_flow, plan_partitions
+from flows.deploy import DEFINITIONS, DeployError, deploy_all, deployment_store, load_specs
 
 
 def test_every_packaged_deployment_is_complete_and_its_defaults_fit_its_flow():
@@ -73,7 +73,8 @@ def test_deploy_creates_pools_and_deployments_without_questions(prefect_harness,
 
 
 def test_partitions_by_date_and_by_prompt_version(tmp_path):
-    from data_engine.prompts import commit_prompts, validate_rows
+    from data_engine.prompts import validate_rows
+    from tasks.prompts import store_prompts
 
     store = ArtifactStore(str(tmp_path / "store"))
     parts = plan_partitions("asd-ingest", {"dataset": "photos", "source": "/d"}, {"source": "/data/{date}/x"}, store,
@@ -81,8 +82,8 @@ def test_partitions_by_date_and_by_prompt_version(tmp_path):
     assert [p.label for p in parts] == ["2026-11-01", "2026-11-03", "2026-11-05"]
     assert parts[1].parameters == {"dataset": "photos-2026-11-03", "source": "/data/2026-11-03/x"}
     assert str(parts[1].output) == "datasets/photos-2026-11-03@latest"
-    v1, v2 = (commit_prompts(store, validate_rows([{"prompt": p, "width": 64, "height": 64}], "test"), "daily",
-                             "test", None) for p in ("a cat", "a dog"))
+    v1, v2 = (store.resolve(store_prompts(store.url, validate_rows([{"prompt": p, "width": 64, "height": 64}], "test"),
+                                          "daily", "test")) for p in ("a cat", "a dog"))
     parts = plan_partitions("asd-generate", {"generations": "daily", "prompts_ref": "x"}, {}, store,
                             prompts_versions=[str(v1), "daily@" + v2.version])
     assert [p.parameters["prompts_ref"] for p in parts] == [str(v1), str(v2)]

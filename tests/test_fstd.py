@@ -10,9 +10,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from asd_models.fstd import FSTDConfig, fstd_sample, step_offset
+from asd_models.fstd import FSTDConfig, step_offset
 from asd_models.loading import ModelNotFoundError, load_components
 from asd_models.pipeline import AnySizePipeline, RenderRequest
+from asd_models.samplers import FSTD, sample_with
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +44,19 @@ def test_first_step_never_shifted_where_a_strip_would_be_uncovered():
     assert any(step_offset(0, FSTDConfig(tile=16), g) != (0, 0) for _ in range(10))
 
 
-@pytest.mark.parametrize("method", ["fstd", "fstd-edge", "fstd-official", "naive", "multidiffusion", "mixture", "full"])
+@pytest.mark.parametrize("method", ["fstd", "fstd-edge", "official", "naive", "multidiffusion", "mixture", "full"])
 def test_every_sampler_shapes_determinism_no_nan(components, method):
-    from asd_models.baselines import sample_with
+    from asd_models.samplers import FSTD, sample_with, sampler_named
 
-    cfgs = {"fstd-edge": FSTDConfig(tile=8, mode="edge-tile", size_multiple=2),
-            "fstd-official": FSTDConfig.official(tile=8)}
+    sampler = (FSTD(FSTDConfig(tile=8, mode="edge-tile", size_multiple=2, tile_batch_size=5)) if method == "fstd-edge"
+               else sampler_named(method, 8, 5))
 
     def run():
         sched = DDIMScheduler.from_config(components.scheduler.config)
         sched.set_timesteps(4)
         x = torch.randn(1, 4, 20, 38, generator=torch.Generator().manual_seed(3))
-        name = "fstd" if method.startswith("fstd") else method
-        return sample_with(name, components.unet, sched, x, sched.timesteps, torch.ones(1, 77, 32), torch.zeros(1, 77, 32),
-                           2.0, tile=8, tile_batch_size=5, generator=torch.Generator().manual_seed(4),
-                           fstd=cfgs.get(method, FSTDConfig(tile=8, tile_batch_size=5)))
+        return sample_with(sampler, components.unet, sched, x, sched.timesteps, torch.ones(1, 77, 32),
+                           torch.zeros(1, 77, 32), 2.0, generator=torch.Generator().manual_seed(4))
 
     a, b = run(), run()
     assert a.shape == (1, 4, 20, 38)
@@ -66,7 +65,9 @@ def test_every_sampler_shapes_determinism_no_nan(components, method):
 
 
 def test_official_scheme_fills_the_uncovered_strip_with_the_previous_prediction(components):
-    from asd_models.fstd import predict_noise_tiled
+    from types import SimpleNamespace
+
+    from asd_models.fstd import TiledJob, sample_jobs
     from asd_models.tiling import grid_boxes
 
     boxes = grid_boxes(16, 24, 8, 3, 5, "official")
@@ -74,18 +75,28 @@ def test_official_scheme_fills_the_uncovered_strip_with_the_previous_prediction(
     for y, x, h, w in boxes:
         covered[y : y + h, x : x + w] = True
     assert not covered[:3].any() and not covered[:, :5].any() and covered[3:, 5:].all()
-    latent = torch.randn(1, 4, 16, 24)
+
+    class EpsAsSample:  # the step returns the fused noise itself
+        def scale_model_input(self, x, t):
+            return x
+
+        def step(self, eps, t, latents, generator=None):
+            return SimpleNamespace(prev_sample=eps)
+
+    def fused(previous):
+        job = TiledJob(torch.randn(1, 4, 16, 24), EpsAsSample(), torch.tensor([500]), torch.zeros(1, 77, 32), None,
+                       1.0, lambda i: boxes, previous=previous)
+        return sample_jobs(components.unet, [job], 4)[0].latents
+
     previous = torch.full((1, 4, 16, 24), 7.0)
-    eps = predict_noise_tiled(components.unet, latent, torch.tensor(500), torch.zeros(1, 77, 32), None, 1.0, boxes, 4,
-                              previous=previous)
+    eps = fused(previous)
     assert torch.equal(eps[:, :, :3], previous[:, :, :3]) and torch.equal(eps[:, :, :, :5], previous[:, :, :, :5])
     assert not torch.equal(eps[:, :, 3:, 5:], previous[:, :, 3:, 5:])
     with pytest.raises(RuntimeError, match="uncovered"):
-        predict_noise_tiled(components.unet, latent, torch.tensor(500), torch.zeros(1, 77, 32), None, 1.0, boxes, 4)
+        fused(None)
 
 
 def test_cropped_grid_is_a_partition_with_naive_cost():
-    from asd_models.fstd import count_tiles
     from asd_models.tiling import cropped_segments, grid_boxes
 
     for length, tile, off in [(128, 64, 0), (128, 64, 24), (135, 16, 6), (7, 16, 4)]:
@@ -96,7 +107,7 @@ def test_cropped_grid_is_a_partition_with_naive_cost():
     assert sum(h * w for _, _, h, w in boxes) == 128 * 128
     assert len(grid_boxes(128, 128, 64)) == 4
     # what FSTD runs: the unshifted grid's 4 tiles, or 9 cropped pieces once the grid is shifted
-    assert count_tiles((1, 4, 128, 128), FSTDConfig(tile=64), [(0, 0), (16, 40)]) == 4 + 9
+    assert len(grid_boxes(128, 128, 64, 0, 0, "cropped", 16)) + len(grid_boxes(128, 128, 64, 16, 40, "cropped", 16)) == 13
 
 
 def test_thin_edge_pieces_join_their_neighbour_and_the_grid_stays_a_partition():
@@ -120,13 +131,12 @@ def test_same_seed_same_latents_and_state_not_kept_between_calls(components):
 
     def run(seed: int):
         x = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(seed))
-        return fstd_sample(components.unet, sched, x, sched.timesteps, cond, cond * 0, 3.0,
-                           FSTDConfig(tile=16, tile_batch_size=3), torch.Generator().manual_seed(seed))
+        return sample_with(FSTD(FSTDConfig(tile=16, tile_batch_size=3)), components.unet, sched, x, sched.timesteps,
+                           cond, cond * 0, 3.0, torch.Generator().manual_seed(seed))
 
-    a, offs_a = run(1)
-    b, offs_b = run(1)
-    assert torch.equal(a, b) and offs_a == offs_b
-    assert not torch.equal(a, run(2)[0])
+    a, b = run(1), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(2))
     assert torch.isfinite(a).all()
 
 
@@ -136,7 +146,7 @@ def test_one_tile_equals_plain_full_latent_sampling(components):
     sched.set_timesteps(4)
     cond, unc = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ours, _ = fstd_sample(components.unet, sched, x.clone(), sched.timesteps, cond, unc, 2.0, FSTDConfig(tile=16))
+    ours = sample_with(FSTD(FSTDConfig(tile=16)), components.unet, sched, x.clone(), sched.timesteps, cond, unc, 2.0)
     ref = x.clone()
     with torch.no_grad():
         for t in sched.timesteps:
@@ -149,7 +159,7 @@ def test_one_tile_equals_plain_full_latent_sampling(components):
 @pytest.mark.parametrize("size", [(1000, 300), (333, 777), (64, 64), (130, 70)])
 def test_pipeline_returns_exactly_the_requested_size(tiny_model_dir, size):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
-    res = pipe("a cat", *size, num_inference_steps=3, seed=0, fstd=FSTDConfig(tile=16, tile_batch_size=16))
+    res = pipe("a cat", *size, num_inference_steps=3, seed=0, sampler=FSTD(FSTDConfig(tile=16, tile_batch_size=16)))
     assert res.image.size == size
     cw, ch = res.canvas
     assert cw >= size[0] and ch >= size[1] and cw % 16 == 0 and ch % 16 == 0
@@ -163,7 +173,7 @@ def test_upscaler_stage_gives_exact_sizes(tiny_model_dir, tmp_path):
     up = save_upscaler_components(build_tiny_upscaler_components(), tmp_path / "x4")
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir, upscaler=up)
     for size in [(1000, 300), (333, 777)]:
-        res = pipe("a cat", *size, num_inference_steps=2, seed=0, fstd=FSTDConfig(tile=16, size_multiple=2))
+        res = pipe("a cat", *size, num_inference_steps=2, seed=0, sampler=FSTD(FSTDConfig(tile=16, size_multiple=2)))
         assert res.image.size == size
         assert res.canvas[0] % 8 == 0 and res.tile_px == 32 * 4
         assert np.isfinite(np.asarray(res.image, dtype=float)).all()
@@ -187,7 +197,7 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     trims = []  # the decode of a memory-mapped output gives its freed heap back (release_heap)
     monkeypatch.setattr(tiled_vae, "release_free_heap", lambda: trims.append(1) or True)
     stages = []
-    res = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
+    res = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTD(FSTDConfig(tile=16, size_multiple=2)),
                              on_stage=stages.append)[0]
     assert stages == ["arad", "canvas", "fstd", "decode", "done"]
     assert res.size == (600, 400) and res.image.size == (600, 400)
@@ -197,7 +207,7 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     assert trims, "the large output's decode did not trim the heap"
     trims.clear()
     # the threshold can also be given per call (the generate task passes its large_image_pixels)
-    small = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTDConfig(tile=16, size_multiple=2),
+    small = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTD(FSTDConfig(tile=16, size_multiple=2)),
                                memmap_pixels=10**9)[0]
     assert len(made) == 2 and not isinstance(made[1], np.memmap) and not trims
     assert np.abs(small.pixels.astype(int) - res.pixels.astype(int)).mean() < 12  # canvas made per tile: same picture
@@ -225,7 +235,7 @@ def test_uncached_hub_id_is_named_and_never_downloaded():
 
 
 def test_fstd_takes_its_lattice_from_the_unet_and_refuses_a_contradicting_config(components):
-    """A library user calling fstd_sample with FSTDConfig() gets the UNet's own size multiple
+    """A library user sampling with FSTD(FSTDConfig()) gets the UNet's own size multiple
     (not a fixed 8) and even offsets; a tile off the UNet's lattice is refused."""
     from asd_models.fstd import unet_size_multiple
 

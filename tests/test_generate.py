@@ -19,7 +19,7 @@ from PIL import Image
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
 from artifact_store import ArtifactStore
 from asd_models.pipeline import AnySizePipeline, RenderRequest
-from data_manifests.settings import GenerateSettings
+from tasks.generate import GenerateSettings
 
 REQUESTS = [RenderRequest("a red cat", 128, 128, seed=1, steps=3), RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
             RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8)]
@@ -39,12 +39,12 @@ def _count_unet_calls(unet):
 
 def test_packed_images_match_one_at_a_time_with_fewer_unet_calls(tiny_model_dir):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
-    fstd = pipe.default_fstd(tile_batch_size=16)
+    sampler = pipe.default_sampler(tile_batch_size=16)
     calls = _count_unet_calls(pipe.c.unet)
-    alone = [pipe.generate_many([r], fstd)[0] for r in REQUESTS]
+    alone = [pipe.generate_many([r], sampler)[0] for r in REQUESTS]
     alone_calls = len(calls)
     calls.clear()
-    packed = pipe.generate_many(REQUESTS, fstd)
+    packed = pipe.generate_many(REQUESTS, sampler)
     assert len(calls) < alone_calls  # tiles of several images shared UNet calls
     for a, p in zip(alone, packed, strict=True):
         assert a.image.size == p.image.size and a.unet_evals == p.unet_evals
@@ -117,11 +117,12 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
 @pytest.mark.slow
 def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(stored_model, tmp_path, prefect_harness,
                                                                      monkeypatch):
-    from data_engine.prompts import commit_prompts, prompt_table
+    from data_engine.prompts import prompt_table
     from flows.stages import generate_flow
+    from tasks.prompts import store_prompts
 
     store = ArtifactStore(stored_model)
-    prompts = str(commit_prompts(store, prompt_table(_prompt_file(tmp_path / "p.parquet", 8)), "dask", "test"))
+    prompts = store_prompts(store.url, prompt_table(_prompt_file(tmp_path / "p.parquet", 8)), "dask", "test")
     monkeypatch.setenv("ASD_FAULT_AT", "after-image-1")
     monkeypatch.setenv("ASD_FAULT_ONCE_FILE", str(tmp_path / "killed-once"))
     monkeypatch.setenv("ASD_CACHE", str(tmp_path / "cache"))

@@ -13,14 +13,14 @@ import webdataset as wds
 from PIL import Image
 
 from artifact_store import ArtifactStore
-from data_engine.engine import sample_key, source_options
+from data_engine.engine import sample_key
 from data_engine.sources import FolderSource, open_source
-from data_manifests.settings import IngestSettings
+from tasks.ingest import IngestSettings
 from tests.image_server import ImageServer, jpeg_bytes
 from tests.ingest_helpers import ingest_ref
 
 SMALL = {"bucket_base": 128, "bucket_step": 16}
-OPTS = source_options(IngestSettings())
+OPTS = IngestSettings().source_options()
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:

@@ -57,13 +57,13 @@ def test_captions_state_the_layout_and_fit_the_tokenizer():
 def test_the_world_is_a_dataset_the_pipeline_ingests_into_aspect_buckets_or_one_square(tmp_path):
     from artifact_store import ArtifactStore
     from bench.composition import ingest_settings, write_dataset
-    from data_engine.engine import ingest_to_store
+    from tasks.ingest import ingest
 
     folder = write_dataset(tmp_path / "world", 24, seed=0)
     store = ArtifactStore(str(tmp_path / "store"))
-    arad = ingest_to_store(store, [str(folder)], "world-arad", ingest_settings(square=False))
-    square = ingest_to_store(store, [str(folder)], "world-square", ingest_settings(square=True))
-    arad_buckets = arad.index["buckets"]
-    assert sum(b["count"] for b in arad_buckets.values()) == 24 and len(arad_buckets) >= 4
+    arad = ingest(store.url, [str(folder)], "world-arad", ingest_settings(square=False))
+    square = ingest(store.url, [str(folder)], "world-square", ingest_settings(square=True))
+    arad_buckets = store.record(arad)["summary"]["buckets"]
+    assert sum(arad_buckets.values()) == 24 and len(arad_buckets) >= 4
     assert any(int(b.split("x")[0]) > 2 * int(b.split("x")[1]) for b in arad_buckets)  # wide ones kept wide
-    assert {b: v["count"] for b, v in square.index["buckets"].items()} == {"128x128": 24}
+    assert store.record(square)["summary"]["buckets"] == {"128x128": 24}

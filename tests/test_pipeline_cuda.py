@@ -23,8 +23,8 @@ def test_every_tensor_on_the_device_and_same_seed_same_image_as_cpu(tiny_model_d
     cpu = AnySizePipeline.from_pretrained(tiny_model_dir)
     gpu = AnySizePipeline.from_pretrained(tiny_model_dir).to("cuda", torch.float32)
     assert gpu.device.type == "cuda" and all(p.device.type == "cuda" for p in gpu.c.vae.parameters())
-    a = cpu.generate_many(REQUESTS, cpu.default_fstd(tile_batch_size=8))
-    b = gpu.generate_many(REQUESTS, gpu.default_fstd(tile_batch_size=8))
+    a = cpu.generate_many(REQUESTS, cpu.default_sampler(tile_batch_size=8))
+    b = gpu.generate_many(REQUESTS, gpu.default_sampler(tile_batch_size=8))
     for x, y in zip(a, b, strict=True):
         assert x.image.size == y.image.size and x.unet_evals == y.unet_evals
         assert _diff(x, y) < 2.0  # noise drawn on the CPU: one seed, one picture on any device
@@ -37,13 +37,13 @@ def test_fp16_and_bf16_render_exact_sizes(tiny_model_dir):
         for res, req in zip(pipe.generate_many(REQUESTS), REQUESTS, strict=True):
             arr = np.asarray(res.image)
             assert res.image.size == (req.width, req.height) and arr.std() > 0
-    assert pipe.default_fstd().tile_batch_size >= 1  # from free GPU memory
+    assert pipe.default_sampler().tile_batch_size >= 1  # from free GPU memory
 
 
 def test_packed_matches_one_at_a_time_on_the_gpu(tiny_model_dir):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cuda", torch.float32)
-    fstd = pipe.default_fstd(tile_batch_size=16)
-    alone = [pipe.generate_many([r], fstd)[0] for r in REQUESTS]
-    packed = pipe.generate_many(REQUESTS, fstd)
+    sampler = pipe.default_sampler(tile_batch_size=16)
+    alone = [pipe.generate_many([r], sampler)[0] for r in REQUESTS]
+    packed = pipe.generate_many(REQUESTS, sampler)
     for a, p in zip(alone, packed, strict=True):
         assert _diff(a, p) < 1.0

@@ -11,15 +11,13 @@ from PIL import Image
 
 from artifact_store import ArtifactStore
 from data_manifests.demo import materialize_demo_photos
-from data_manifests.settings import (
-    EvaluateSettings,
-    GenerateSettings,
-    IngestSettings,
-    PromptSpec,
-    TrainSettings,
-)
+from data_manifests.settings import PromptSpec
 from flows.cli import main as asd_main
 from flows.pipeline_flow import asd_pipeline
+from tasks.evaluate import EvaluateSettings
+from tasks.generate import GenerateSettings
+from tasks.ingest import IngestSettings
+from tasks.train import TrainSettings
 
 SIZES = [(1000, 300), (333, 777), (200, 200)]
 

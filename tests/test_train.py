@@ -20,8 +20,7 @@ from PIL import Image
 from artifact_store import ArtifactStore
 from asd_models.arad_loader import BucketBatchStream, LoaderConfig, ShardRef, make_loader
 from data_engine.dataset_reader import StoreOpener, dataset_buckets
-from data_manifests.settings import TrainSettings
-from tasks.train import train_to_store
+from tasks.train import TrainSettings, train_to_store
 from tests.ingest_helpers import ingest_ref
 
 SIZES = [(64, 64), (96, 64), (64, 96)]  # -> buckets 64x64, 80x48, 48x80 at base 64 / step 16

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-DEFINITIONS = Path(__file__).with_name("prefect.yaml")
+DEFINITIONS = Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"  # the file, not a module: read, not imported
 STORE_ENV = "ASD_STORE"
 
 

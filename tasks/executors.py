@@ -1,18 +1,18 @@
 """Where shard tasks run: threads of this process, or Dask worker processes (a local cluster,
-or an existing scheduler by address), chosen per run from `GenerateSettings`."""
+or an existing scheduler by address), chosen per run from a stage's settings (`executor`, `workers`, `dask_address`, `torch_threads`,
+`device`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_manifests.settings import GenerateSettings
 
-
-def uses_gpu(settings: GenerateSettings) -> bool:
+def uses_gpu(settings: Any) -> bool:
     if settings.device.startswith("cuda"):
         return True
     if settings.device == "auto":
@@ -34,7 +34,7 @@ def current_api_url() -> str | None:
     return url if url.startswith("http") else None
 
 
-def task_runner_for(settings: GenerateSettings):
+def task_runner_for(settings: Any):
     """ThreadPoolTaskRunner, or prefect-dask's DaskTaskRunner: `dask_address` connects to an
     existing cluster (`dask scheduler` + `dask worker --resources GPU=1` per GPU, or `dask cuda
     worker`); without one, a LocalCluster of `workers` single-threaded processes (one per GPU,
@@ -66,7 +66,7 @@ def task_runner_for(settings: GenerateSettings):
 
 
 @contextlib.contextmanager
-def gpu_annotation(settings: GenerateSettings) -> Iterator[None]:
+def gpu_annotation(settings: Any) -> Iterator[None]:
     """Each GPU shard asks for one GPU, so a Dask worker runs as many as it has GPUs."""
     if settings.executor == "dask" and uses_gpu(settings):
         import dask

@@ -1,0 +1,66 @@
+"""What every `asd` subcommand shares: the one-line user error, its parser, and the small
+parsers of references and paths."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: printed as one line, exit code 2."""
+
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (`asd: ...`) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        print(f"asd: {message}" + (f" ({sub}; see `{self.prog} --help`)" if sub else " (see `asd --help`)"),
+              file=sys.stderr)
+        raise SystemExit(USER_ERROR)
+
+
+
+def ref_arg(text: str, kind: str) -> str:
+    """Accept NAME, NAME@VERSION or KIND/NAME@VERSION; checked before any work."""
+    from artifact_store import ArtifactRef
+
+    ref = text if text.startswith(f"{kind}/") else f"{kind}/{text}"
+    ArtifactRef.parse(ref)
+    return ref
+
+
+
+def local_or_url(spec: str) -> str:
+    """Local paths become absolute (flows may run elsewhere); URLs and patterns stay as given."""
+    if "://" in spec:
+        return spec
+    return str(Path(spec).expanduser().resolve()) if "{" not in spec else str(Path(spec).expanduser().absolute())
+
+
+
+def print_metrics(store, ref: str) -> None:
+    import polars as pl
+
+    df = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "metrics.parquet")))
+    df = df.filter(~pl.col("metric").str.contains("/"))
+    with pl.Config(tbl_rows=50, fmt_str_lengths=90, tbl_width_chars=160, tbl_hide_dataframe_shape=True):
+        print(df)
+
+
+def one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from flows.settings_cli import describe_validation_error
+
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text

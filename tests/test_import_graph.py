@@ -1,0 +1,92 @@
+"""The floors of the code base (DESIGN.md): deployments -> flows -> tasks -> (data_engine,
+artifact_store, dashboard) -> asd_models, with data_manifests at the bottom importing nothing
+of the project. Every import (module level or inside a function) must point down, and no
+package's modules may import each other in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from data_manifests.settings import OUTPUT, ROLES, StageSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+BELOW = {
+    "data_manifests": set(),
+    "asd_models": {"data_manifests"},
+    "artifact_store": {"data_manifests"},
+    "data_engine": {"asd_models", "artifact_store", "data_manifests"},
+    "dashboard": {"asd_models", "artifact_store", "data_manifests"},
+}
+BELOW["tasks"] = set(BELOW) | {"data_engine", "dashboard"}
+BELOW["flows"] = BELOW["tasks"] | {"tasks"}
+BELOW["deployments"] = BELOW["flows"] | {"flows"}
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in a file, relative imports resolved."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                out.append((node.lineno, f"{base}.{node.module}" if node.module else base))
+            elif node.module:
+                out.append((node.lineno, node.module))
+    return out
+
+
+def project_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_every_import_points_down():
+    wrong = []
+    for package, allowed in BELOW.items():
+        for path in project_files(package):
+            for line, module in imports(path):
+                top = module.split(".")[0]
+                if top in BELOW and top != package and top not in allowed:
+                    wrong.append(f"{path.relative_to(ROOT)}:{line} {package} -> {top}")
+    assert not wrong, "imports that run back up the floors:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("package", sorted(BELOW))
+def test_no_circles_inside_a_package(package):
+    modules = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in project_files(package)}
+    modules = {m.removesuffix(".__init__"): p for p, m in modules.items()}
+    edges = {m: {i for _, i in imports(p) if i in modules and i != m and not i == package} for m, p in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges[start] - seen:
+            seen.add(nxt)
+            if nxt == goal or reaches(nxt, goal, seen):
+                return True
+        return False
+
+    circles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and reaches(b, a, set()))
+    assert not circles, f"modules of {package} that import each other in a circle: {circles}"
+
+
+def stage_settings() -> list[type[StageSettings]]:
+    import tasks.evaluate
+    import tasks.generate
+    import tasks.ingest
+    import tasks.train
+
+    return [tasks.ingest.IngestSettings, tasks.train.TrainSettings, tasks.generate.GenerateSettings,
+            tasks.evaluate.EvaluateSettings]
+
+
+@pytest.mark.parametrize("model", stage_settings(), ids=lambda m: m.__name__)
+def test_every_stage_setting_declares_its_role(model):
+    missing = [n for n in model.model_fields if model.role(n) not in ROLES]
+    assert not missing, f"{model.__name__}: fields without a role (output(...) or execution(...)): {missing}"
+    identity = model().identity()
+    assert set(identity) == {n for n in model.model_fields if model.role(n) == OUTPUT}
