@@ -150,6 +150,8 @@ class TiledJob:
     step: int = 0
     previous: torch.Tensor | None = None
     unet_tiles: int = 0  # tiles run through the UNet so far (x2 with guidance)
+    boxes_this_step: int = 0  # progress within the current step
+    tiles_done: int = 0
 
     @property
     def done(self) -> bool:
@@ -201,8 +203,7 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
                 tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t))
             acc[id(j)] = (torch.zeros(1, unet.config.out_channels, H, W, dtype=torch.float32, device=latent_in.device),
                           torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device))
-            j._boxes_this_step = len(boxes)  # type: ignore[attr-defined]
-            j._tiles_done = 0  # type: ignore[attr-defined]
+            j.boxes_this_step, j.tiles_done = len(boxes), 0
         for (_c, rh, rw), group in tiles_by_shape.items():
             for i in range(0, len(group), tile_batch_size):
                 _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
@@ -266,9 +267,9 @@ def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, 
         fused, weight_sum = acc[id(j)]
         fused[:, :, y : y + h, x : x + w] += e * wmap
         weight_sum[:, :, y : y + h, x : x + w] += wmap
-        j._tiles_done += 1  # type: ignore[attr-defined]
+        j.tiles_done += 1
         if j.progress:
-            j.progress(j.step, len(j.timesteps), j._tiles_done, j._boxes_this_step)  # type: ignore[attr-defined]
+            j.progress(j.step, len(j.timesteps), j.tiles_done, j.boxes_this_step)
 
 
 @torch.no_grad()

@@ -4,10 +4,12 @@ giving freed heap back to the system between the tiles of a long CPU job."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import resource
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +48,28 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+_windows = {"open": 0}
+_windows_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def peak_rss_window() -> Iterator[Callable[[], float]]:
+    """Measure the peak RSS of a piece of work in a process that may run several at once
+    (threads rendering packs side by side). The peak is reset only when no other window is
+    open, so one call never wipes another's; inside, the returned function gives the process's
+    peak since the earliest open window began: this work's peak, or an upper bound of it when
+    windows overlap (RSS is the whole process's, whoever allocated it)."""
+    with _windows_lock:
+        if _windows["open"] == 0:
+            reset_peak_rss()
+        _windows["open"] += 1
+    try:
+        yield peak_rss_mb
+    finally:
+        with _windows_lock:
+            _windows["open"] -= 1
 
 
 @lru_cache(maxsize=1)

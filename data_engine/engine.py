@@ -40,7 +40,7 @@ from asd_models.buckets import Bucket
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
 from data_engine.shards import BucketShardWriter
-from data_engine.sources import ShardSource, SourceOptions, SourceRecord
+from data_engine.sources import Source, SourceOptions, SourceRecord
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
 
 MANIFEST_BATCH = 2000
@@ -340,12 +340,12 @@ class DatasetIngest:
         }
 
 
-def run_ingest(sources: list[Any], writer: VersionWriter, config: IngestConfig, *, dataset: str,
+def run_ingest(sources: list[Source], writer: VersionWriter, config: IngestConfig, *, dataset: str,
                store: ArtifactStore | None = None, previous: Previous | None = None,
                progress: ProgressSink | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole data stage into `writer` (not committed): returns the bucket index."""
     run = DatasetIngest(writer, config, progress)
-    has_urls = any(getattr(s, "kind", "") == "url-list" for s in sources)
+    has_urls = any(s.needs_download for s in sources)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs Prefect's threads
     pool = cf.ProcessPoolExecutor(config.workers, mp_context=ctx) if config.workers > 1 else None
     threads = cf.ThreadPoolExecutor(config.fetch.concurrency, thread_name_prefix="asd-fetch") if has_urls else None
@@ -393,7 +393,7 @@ def has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
     return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
 
 
-def plan_previous(store: ArtifactStore, dataset: str, options_hash: str, opened: list[Any],
+def plan_previous(store: ArtifactStore, dataset: str, options_hash: str, opened: list[Source],
                   retry_failed: bool) -> tuple[Previous | None, int]:
     """What this ingest can carry over from the newest version made with the same output
     options, and how many inputs it will emit in all (for progress)."""
@@ -402,8 +402,9 @@ def plan_previous(store: ArtifactStore, dataset: str, options_hash: str, opened:
     shard_units: set[str] = set()
     known = 0
     for s in opened:
-        if isinstance(s, ShardSource):
-            shard_units |= s.units()
+        units = s.units()
+        if units is not None:
+            shard_units |= units
         else:
             recs = list(s.records())
             current.update(r.fingerprint for r in recs)

@@ -1,6 +1,8 @@
 """Where ingest inputs come from: a folder tree, a URL list, or existing WebDataset /
-img2dataset shards. Each source lists its inputs as `SourceRecord`s (one per manifest row)
-and has a fingerprint that changes when its inputs do (for incremental re-ingest).
+img2dataset shards. Every reader is a `Source` (the protocol below): one constructor shape
+`(spec, options, storage_options)`, its inputs as `SourceRecord`s (one per manifest row), a
+fingerprint that changes when its inputs do (for incremental re-ingest), and `SOURCES` is the
+table `open_source` picks from; a new kind of source is one class plus a row there.
 
 Nothing is dropped: a file listed in metadata but missing, a caption with no image, a shard
 sample with no image, an unreadable shard all come out as records with an error.
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import fsspec
 import polars as pl
@@ -48,7 +50,7 @@ _WDS_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset: key = path
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """What the readers need from the ingest settings (built once, in the engine)."""
+    """What the readers need from the ingest settings (built once, by `IngestSettings.source_options`)."""
 
     url_col: str | None
     caption_col: str | None
@@ -91,16 +93,31 @@ class SourceRecord:
         return self.fingerprint.split("#", 1)[0]
 
 
+class Source(Protocol):
+    """An ingest source. `needs_download`: its records carry URLs the engine fetches.
+    `units()`: the pieces a re-ingest reuses whole (a shard's samples), or None when inputs are
+    reused one record at a time."""
+
+    kind: ClassVar[str]
+    needs_download: ClassVar[bool]
+
+    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None: ...
+    def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]: ...
+    def fingerprint(self) -> str: ...
+    def units(self) -> set[str] | None: ...
+
+
 class FolderSource:
     """A local folder tree: captions from metadata.{jsonl,csv,parquet} (`file_name` + `text`,
     the diffusers ImageFolder convention) or sidecar `.txt` / `.caption` files."""
 
-    kind = "folder"
+    kind: ClassVar[str] = "folder"
+    needs_download: ClassVar[bool] = False
 
-    def __init__(self, root: str | Path, options: SourceOptions) -> None:
-        self.root = Path(root).expanduser().resolve()
+    def __init__(self, spec: str | Path, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = Path(str(spec).removeprefix("file://")).expanduser().resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"ingest source {root}: not a folder")
+            raise FileNotFoundError(f"ingest source {spec}: not a folder")
         self.options = options
         self._records: list[SourceRecord] | None = None
         self.bad_lines: list[tuple[int, str]] = []  # (line, error) of every metadata.jsonl
@@ -257,6 +274,9 @@ class FolderSource:
             failed_stage=STAGE_SOURCE if error else None,
         )
 
+    def units(self) -> None:
+        return None
+
     def fingerprint(self) -> str:
         return _sha1("folder", self.root, *(r.fingerprint for r in self.records()))
 
@@ -305,10 +325,11 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.D
 class UrlListSource:
     """A table of URLs (and captions), as img2dataset takes it: http(s)://, s3:// or file://."""
 
-    kind = "url-list"
+    kind: ClassVar[str] = "url-list"
+    needs_download: ClassVar[bool] = True
 
-    def __init__(self, path: str, url_col: str | None = None, caption_col: str | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
+        path, url_col, caption_col = spec, options.url_col, options.caption_col
         self.path = path
         df = read_table(path, storage_options)
         self.url_col = url_col or next((c for c in URL_COLUMNS if c in df.columns), None)
@@ -338,11 +359,15 @@ class UrlListSource:
     def fingerprint(self) -> str:
         return _sha1("url-list", *(r.fingerprint for r in self.records()))
 
+    def units(self) -> None:
+        return None
+
 class ShardSource:
     """Existing WebDataset / img2dataset shards: a brace pattern, a .tar, or a folder of .tar
     files, local or on S3. Each sample: an image member (.jpg/.png/.webp) + .txt (+ .json)."""
 
-    kind = "shards"
+    kind: ClassVar[str] = "shards"
+    needs_download: ClassVar[bool] = False
 
     def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
         self.spec = spec
@@ -458,24 +483,33 @@ def tar_stream_samples(stream: Any, max_bytes: int) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def open_source(spec: str, storage_options: dict[str, Any] | None, options: SourceOptions,
-                ) -> FolderSource | UrlListSource | ShardSource:
-    """Pick the reader from the spec: braces or .tar -> shards; a table file -> URL list;
-    a folder -> images (or, when it holds .tar files and no images, shards)."""
+SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (FolderSource, UrlListSource, ShardSource)}
+
+
+def source_kind(spec: str) -> tuple[str, str]:
+    """(kind, spec to open) from the spec alone: braces or .tar -> shards; a table file -> URL
+    list; a remote prefix -> shards; a local folder -> images (or, when it holds .tar files and
+    no images, shards)."""
     low = spec.lower()
     if "{" in spec or low.endswith(SHARD_EXTS):
-        return ShardSource(spec, options, storage_options)
+        return ShardSource.kind, spec
     if low.endswith(LIST_EXTS):
-        return UrlListSource(spec, options.url_col, options.caption_col, storage_options)
+        return UrlListSource.kind, spec
     if "://" in spec and not spec.startswith("file://"):
-        return ShardSource(spec, options, storage_options)  # a remote prefix of shards
+        return ShardSource.kind, spec
     local = Path(spec.removeprefix("file://")).expanduser()
     if not local.exists():
         raise FileNotFoundError(f"ingest source {spec}: no such file or folder")
     if local.is_dir():
         names = [p.name.lower() for p in local.iterdir() if p.is_file()]
         if any(n.endswith(SHARD_EXTS) for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
-            return ShardSource(str(local.resolve()), options, storage_options)
-        return FolderSource(local, options)
+            return ShardSource.kind, str(local.resolve())
+        return FolderSource.kind, str(local)
     raise ValueError(f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "
                      f"or a URL list ({', '.join(LIST_EXTS)})")
+
+
+def open_source(spec: str, storage_options: dict[str, Any] | None, options: SourceOptions) -> Source:
+    """The reader of `spec`, chosen by `source_kind` from `SOURCES`."""
+    kind, target = source_kind(spec)
+    return SOURCES[kind](target, options, storage_options)

@@ -33,7 +33,7 @@ from pydantic import model_validator
 from artifact_store import ArtifactStore, PendingVersion
 from artifact_store.faults import fault_point
 from asd_models.large_images import write_deep_zoom, write_png_stream, write_tiff
-from asd_models.memory import peak_rss_mb, reset_peak_rss
+from asd_models.memory import peak_rss_mb, peak_rss_window
 from asd_models.samplers import SAMPLER_NAMES
 from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
@@ -259,48 +259,48 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
     sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
-        results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
-        error = None
-    except (ValueError, RuntimeError) as exc:
-        results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
-    seconds = (time.perf_counter() - t0) / len(pack)
-    peak = _peak_memory_mb(pipe.device)
-    for r, res in zip(pack, results, strict=True):
-        row = {f.name: None for f in GENERATIONS_MANIFEST}
-        row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
-                   seconds=seconds, peak_memory_mb=peak, device=str(pipe.device), worker=worker)
-        if res is None or res.size != (r["width"], r["height"]):
-            row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
-            logger.error("%s failed: %s", r["key"], row["error"])
+    with peak_rss_window() as pack_peak:  # correct with other threads rendering in this process
+        t0 = time.perf_counter()
+        try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
+            results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
+            error = None
+        except (ValueError, RuntimeError) as exc:
+            results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
+        seconds = (time.perf_counter() - t0) / len(pack)
+        peak = _peak_memory_mb(pipe.device)
+        for r, res in zip(pack, results, strict=True):
+            row = {f.name: None for f in GENERATIONS_MANIFEST}
+            row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
+                       seconds=seconds, peak_memory_mb=peak, device=str(pipe.device), worker=worker)
+            if res is None or res.size != (r["width"], r["height"]):
+                row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
+                logger.error("%s failed: %s", r["key"], row["error"])
+                out.rows.append(row)
+                continue
+            rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
+            meta = writer.files[rel]
+            row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
+                       canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
+                       seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
+                       image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
+                       viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
+            heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
+            if heat is not None:  # beside the image: where its tile lines are and how they look
+                extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+            row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
+            if pipe.device.type != "cuda":
+                row["peak_memory_mb"] = row["peak_rss_mb"]
+            record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
+            out.files[rel] = meta
+            out.files.update(extra)
+            out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
             out.rows.append(row)
-            continue
-        rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
-        meta = writer.files[rel]
-        row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
-                   canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-                   seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
-                   image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
-                   viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
-        heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
-        if heat is not None:  # beside the image: where its tile lines are and how they look
-            extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
-        row["peak_rss_mb"] = peak_rss_mb()  # the pack's peak, encoding and pyramid included
-        if pipe.device.type != "cuda":
-            row["peak_memory_mb"] = row["peak_rss_mb"]
-        record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
-        out.files[rel] = meta
-        out.files.update(extra)
-        out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
-        out.rows.append(row)
-        out.rendered += 1
-        _RENDERED_IN_PROCESS[0] += 1
-        fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-        logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
-                    r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
-        del res
+            out.rendered += 1
+            _RENDERED_IN_PROCESS[0] += 1
+            fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
+            logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
+                        r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
+            del res
 
 
 @task(name="render-shard")

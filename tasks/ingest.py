@@ -6,6 +6,7 @@ version, carrying over what the newest version with the same options already hol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator, model_validator
@@ -15,7 +16,7 @@ from asd_models.buckets import asd_buckets, kohya_buckets
 from data_engine.engine import IngestConfig, has_download_failures, plan_previous, run_ingest
 from data_engine.fetch import URL_SCHEMES, FetchOptions
 from data_engine.samples import SampleSpec
-from data_engine.sources import SourceOptions, open_source
+from data_engine.sources import Source, SourceOptions, open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.settings import SEED_MAX, StageSettings, execution, output
 from tasks.progress import Progress, publish_table
@@ -127,11 +128,13 @@ class Ingest(Stage):
         object.__setattr__(self, "sources", tuple(str(demo_photos_folder()) if s == DEMO_SOURCE else s
                                                   for s in self.sources))
 
-    def open_sources(self) -> list[Any]:
+    @cached_property
+    def opened(self) -> list[Source]:
+        """Each source opened once, for the identity and the build."""
         return [open_source(s, s3_storage_options(), self.settings.source_options()) for s in self.sources]
 
     def resolve(self, store: ArtifactStore) -> Inputs:
-        fingerprints = [s.fingerprint() for s in self.open_sources()]
+        fingerprints = [s.fingerprint() for s in self.opened]
         return Inputs(reads=[redact_url(s) for s in self.sources], parents=[],
                       identity={"sources": fingerprints, "options": self.options_hash})
 
@@ -144,7 +147,7 @@ class Ingest(Stage):
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         store, dataset, logger = run.store, run.pending.ref.name, run.logger
-        opened = self.open_sources()
+        opened = self.opened
         previous, total = (None, 0) if self.rerun else plan_previous(store, dataset, self.options_hash, opened,
                                                                      self.retry_failed)
         if previous is not None:

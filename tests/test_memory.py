@@ -54,3 +54,22 @@ print(json.dumps({{"freed": freed, "after": current_rss_mb(), "released": releas
         assert r["released"] is True and r["after"] < r["freed"] - 300
     else:
         assert r["after"] > r["freed"] - 50  # without it, nothing goes back: the case the call is for
+
+
+def test_peak_windows_of_overlapping_work_never_wipe_each_other():
+    """Two packs measured at once (threads of one worker): the second window must not reset the
+    first's peak; once every window is closed, the next one starts afresh."""
+    r = _run("""
+import json, numpy as np
+from asd_models.memory import current_rss_mb, peak_rss_window
+with peak_rss_window() as first:
+    a = np.ones(300 * 2**20, dtype=np.uint8); del a   # the first pack's peak
+    with peak_rss_window() as second:                  # another thread's pack starts now
+        inner = second()
+    outer = first()
+with peak_rss_window() as fresh:
+    later = fresh()
+print(json.dumps({"outer": outer, "inner": inner, "later": later, "current": current_rss_mb()}))
+""")
+    assert r["outer"] >= r["current"] + 250 and r["inner"] >= r["current"] + 250  # nothing was reset
+    assert r["later"] < r["current"] + 50  # no window open: a new one restarts the peak
