@@ -16,9 +16,9 @@ from artifact_store.paths import check_relpath
 from artifact_store.redaction import redact
 from artifact_store.refs import LATEST_POINTER, VERSION_RE, ArtifactRef, StoreError
 from artifact_store.s3_options import s3_retries, s3_storage_options
+from data_manifests.runtime import runtime
 
 DEFAULT_STORE = "./asd-store"
-STORE_ENV = "ASD_STORE"
 
 
 def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFileSystem, str]:
@@ -41,7 +41,7 @@ def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFi
 def store_url_from_env(url: str | None = None) -> str:
     """The store URL to use: the one given, else $ASD_STORE, else ./asd-store (made absolute,
     so flows and workers started elsewhere open the same folder)."""
-    raw = url or os.environ.get(STORE_ENV) or DEFAULT_STORE
+    raw = url or runtime().store or DEFAULT_STORE
     if "://" not in raw:
         raw = str(Path(raw).expanduser().resolve())
     return raw

@@ -7,13 +7,13 @@ import os
 from typing import Any
 
 from artifact_store.refs import StoreError
+from data_manifests.runtime import runtime
 
 STORE_BLOCK_ENV = "ASD_STORE_BLOCK"
-RETRIES_ENV = "ASD_S3_RETRIES"
 
 
 def s3_retries() -> int:
-    return int(os.environ.get(RETRIES_ENV, "8"))
+    return runtime().s3_retries
 
 
 def s3_storage_options() -> dict[str, Any]:
@@ -29,7 +29,7 @@ def s3_storage_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
-    block = os.environ.get(STORE_BLOCK_ENV)
+    block = runtime().store_block
     if block:
         # the one place the store touches Prefect: an optional credentials block
         from prefect.blocks.system import JSON

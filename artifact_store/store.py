@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from artifact_store.backend import DEFAULT_STORE, STORE_ENV, StoreBackend, store_url_from_env
+from artifact_store.backend import DEFAULT_STORE, StoreBackend, store_url_from_env
 from artifact_store.catalog import catalog_row_path, read_catalog, write_catalog_row
 from artifact_store.paths import check_relpath, local_target
 from artifact_store.refs import (
@@ -37,7 +37,7 @@ from artifact_store.refs import (
 )
 from artifact_store.writer import VersionWriter, code_version
 
-__all__ = ["DEFAULT_STORE", "STORE_ENV", "ArtifactStore", "store_url_from_env"]
+__all__ = ["DEFAULT_STORE", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
 
 

@@ -52,9 +52,11 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-_HTTPX_LOG = logging.getLogger("httpx")
-if not any(isinstance(f, _RedactingFilter) for f in _HTTPX_LOG.filters):
-    _HTTPX_LOG.addFilter(_RedactingFilter())
+def redact_httpx_log() -> None:
+    """Put the redacting filter on httpx's logger (once per process; done by every Fetcher)."""
+    httpx_log = logging.getLogger("httpx")
+    if not any(isinstance(f, _RedactingFilter) for f in httpx_log.filters):
+        httpx_log.addFilter(_RedactingFilter())
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class Fetcher:
     """Thread-safe; one per ingest run (each request opens and closes its own HTTP client)."""
 
     def __init__(self, options: FetchOptions, storage_options: dict[str, Any] | None = None) -> None:
+        redact_httpx_log()  # before the first request
         self.options = options
         self.storage_options = storage_options or {}
         self._lock = threading.Lock()

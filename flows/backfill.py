@@ -19,18 +19,18 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
 from artifact_store import ArtifactRef, ArtifactStore, check_name, params_hash
+from tasks.evaluate import Evaluate
+from tasks.generate import Generate
+from tasks.ingest import Ingest
 from tasks.progress import publish_table
+from tasks.train import Arad
 
-# flow name -> (the parameter naming its output, the output's kind), and the parameter that
-# takes a prompt manifest (for prompt-version partitions)
-OUTPUTS = {
-    "asd-pipeline": ("name", "evaluations"),
-    "asd-ingest": ("dataset", "datasets"),
-    "asd-train": ("model", "models"),
-    "asd-generate": ("generations", "generations"),
-    "asd-evaluate": ("evaluation", "evaluations"),
-}
-PROMPTS_PARAM = {"asd-pipeline": "prompts", "asd-generate": "prompts_ref"}
+# flow name -> (the parameter naming its output, the output's kind), from the stages' own
+# declarations; the whole pipeline's output is its evaluation
+OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {s.flow: (s.output_param, s.kind)
+                                                        for s in (Ingest, Arad, Generate, Evaluate)}
+# the parameter that takes a prompt manifest (for prompt-version partitions)
+PROMPTS_PARAM = {"asd-pipeline": "prompts", Generate.flow: Generate.prompts_param}
 MAX_RETRY_KEYS = 50
 FINAL_FAILED = {"FAILED", "CRASHED", "CANCELLED"}
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"  # the file, not a module: read, not imported
-STORE_ENV = "ASD_STORE"
+STORE_ENV = "ASD_STORE"  # RuntimeSettings.store of every run of a deployment, set in its job variables
 
 
 class DeployError(Exception):

@@ -101,6 +101,7 @@ class Evaluate(Stage):
     """A generations version scored against a dataset version."""
 
     flow: ClassVar[str] = "asd-evaluate"
+    output_param: ClassVar[str] = "evaluation"
     kind: ClassVar[str] = "evaluations"
     generations_ref: str
     dataset_ref: str

@@ -39,6 +39,7 @@ from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
 from dashboard.viewer import vendor_files, viewer_page
 from data_engine.prompts import read_prompts
+from data_manifests.runtime import runtime
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import StageSettings, execution, output
 from tasks.executors import gpu_annotation, task_runner_for
@@ -78,12 +79,12 @@ class GenerateSettings(StageSettings):
     pack_max_pixels: int = execution(16 << 20, ge=4096, description="output pixels rendered together at most "
                                      "(a larger image renders alone)")
     executor: Literal["threads", "dask"] = execution(
-        default_factory=lambda: os.environ.get("ASD_EXECUTOR", "threads"),  # type: ignore[arg-type]
-        description="shard tasks in threads of this process, or on Dask worker processes ($ASD_EXECUTOR)")
+        "threads", description="shard tasks in threads of this process, or on Dask worker processes (left at threads, "
+        "$ASD_EXECUTOR decides)")
     workers: int = execution(1, ge=1, description="threads, or Dask worker processes of a local cluster")
     dask_address: str | None = execution(
-        default_factory=lambda: os.environ.get("ASD_DASK_ADDRESS") or None,
-        description="an existing Dask scheduler, e.g. tcp://host:8786 ($ASD_DASK_ADDRESS; default: a local cluster)")
+        None, description="an existing Dask scheduler, e.g. tcp://host:8786 (unset: $ASD_DASK_ADDRESS, else a "
+        "local cluster of `workers` processes)")
     retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
     torch_threads: int | None = execution(None, ge=1, description="CPU threads of torch in each Dask worker "
                                           "(default: cores / workers)")
@@ -387,6 +388,8 @@ class Generate(Stage):
     rerun of the same job after a kill renders only the images that are not finished."""
 
     flow: ClassVar[str] = "asd-generate"
+    output_param: ClassVar[str] = "generations"
+    prompts_param: ClassVar[str] = "prompts_ref"  # the flow parameter that takes a prompt manifest
     kind: ClassVar[str] = "generations"
     resumable: ClassVar[bool] = True
     builds_in_task: ClassVar[bool] = False  # it fans out over shard tasks of its own
@@ -405,8 +408,15 @@ class Generate(Stage):
                       identity={**refs, "settings": self.pinned(refs).identity()})
 
     def pinned(self, refs: dict[str, str]) -> GenerateSettings:
-        """The settings with a stored upscaler pinned to its version (what the shard tasks get)."""
-        return self.settings.model_copy(update={"upscaler": refs["upscaler"]}) if "upscaler" in refs else self.settings
+        """The settings the shard tasks get: a stored upscaler pinned to its version, and where
+        the settings keep the default executor (threads) or Dask address (none), the run's
+        environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read here, where the run starts."""
+        env = runtime()
+        update = {"upscaler": refs["upscaler"]} if "upscaler" in refs else {}
+        for name in ("executor", "dask_address"):
+            if getattr(self.settings, name) == GenerateSettings.model_fields[name].default and getattr(env, name):
+                update[name] = getattr(env, name)
+        return self.settings.model_copy(update=update) if update else self.settings
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]

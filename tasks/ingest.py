@@ -116,6 +116,7 @@ class Ingest(Stage):
     downloading those again."""
 
     flow: ClassVar[str] = "asd-ingest"
+    output_param: ClassVar[str] = "dataset"
     kind: ClassVar[str] = "datasets"
     sources: tuple[str, ...]
     settings: IngestSettings = IngestSettings()

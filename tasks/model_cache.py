@@ -13,13 +13,14 @@ from pathlib import Path
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from asd_models.loading import SDComponents, load_components
 from asd_models.pipeline import AnySizePipeline
+from data_manifests.runtime import runtime
 from tasks.runtime import run_logger
 
 _LOCK = threading.Lock()
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ASD_CACHE", Path.home() / ".cache" / "asd")).expanduser()
+    return runtime().cache.expanduser()
 
 
 def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
@@ -99,10 +100,10 @@ def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, devic
 def _load_pipeline(store_url: str, ref: str, upscaler: str | None, device: str, dtype: str) -> AnySizePipeline:
     from asd_models.pipeline import resolve_device, resolve_dtype
 
-    if threads := os.environ.get("ASD_TORCH_THREADS"):  # set for Dask workers (they start with 1)
+    if threads := runtime().torch_threads:  # set for Dask workers (they start with 1)
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     store = ArtifactStore(store_url)
     up = resolve_base_model(store, upscaler) if upscaler else None
     pipe = AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)

@@ -21,6 +21,7 @@ class Prompts(Stage):
     """A prompt table stored as a version; `source` says where its rows came from."""
 
     flow: ClassVar[str] = "asd-store-prompts"
+    output_param: ClassVar[str] = "name"
     kind: ClassVar[str] = "prompts"
     table: pa.Table
     source: str

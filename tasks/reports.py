@@ -4,12 +4,12 @@ the metrics table) and links to the report, the generated images and the store's
 from __future__ import annotations
 
 import io
-import os
 
 from prefect import task
 
 from artifact_store import ArtifactStore
 from dashboard.build import SITE_DIR, build_site, version_page
+from data_manifests.runtime import runtime
 from tasks.progress import publish_markdown
 from tasks.runtime import in_prefect_run, run_logger
 
@@ -24,7 +24,7 @@ def browsable(store: ArtifactStore, uri: str) -> str:
 
 def site_link(store: ArtifactStore, page: str) -> str:
     """A dashboard page: under $ASD_SITE_URL when the site is served, else the file in the store."""
-    base = os.environ.get(SITE_URL_ENV)
+    base = runtime().site_url
     if base:
         return f"{base.rstrip('/')}/{page}"
     return browsable(store, store.uri(SITE_DIR, page))

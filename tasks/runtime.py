@@ -3,11 +3,10 @@ outside a run too, and committing a version with that run id."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError, VersionWriter
-from artifact_store.backend import STORE_ENV
+from data_manifests.runtime import runtime
 
 
 def current_flow_run_id() -> str | None:
@@ -56,7 +55,7 @@ def open_store(store_url: str | None) -> ArtifactStore:
     """The store of a flow: the URL given, else $ASD_STORE, else ./asd-store. A run of a
     deployment never falls back to ./asd-store (a folder relative to wherever its worker runs):
     with no URL and no $ASD_STORE it stops with a message saying how to give one."""
-    if store_url is None and not os.environ.get(STORE_ENV) and current_deployment_id():
+    if store_url is None and not runtime().store and current_deployment_id():
         raise StoreError("this deployment run has no store: register the deployment with `asd deploy --store URL` "
                          "(it sets ASD_STORE for its runs), start the worker with ASD_STORE set, or pass store_url")
     return ArtifactStore(store_url)

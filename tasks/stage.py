@@ -68,12 +68,14 @@ class StageResult:
 
 
 class Stage:
-    """One stage: `flow` (its flow's name, in run records), `kind` (what it writes), `resumable`
+    """One stage: `flow` (its flow's name, in run records), `output_param` (the flow parameter that
+    names the output: backfills name each partition's output through it), `kind` (what it writes), `resumable`
     (an uncommitted version of the same inputs is resumed rather than started anew),
     `builds_in_task` (inside a flow run the build is one Prefect task; a build that fans out
     over tasks of its own runs in the flow)."""
 
     flow: ClassVar[str]
+    output_param: ClassVar[str]
     kind: ClassVar[str]
     resumable: ClassVar[bool] = False
     builds_in_task: ClassVar[bool] = True

@@ -87,6 +87,7 @@ class TinyBase(Stage):
     latent to noise). Its UNet is untrained: ARAD fine-tuning starts from it."""
 
     flow: ClassVar[str] = "asd-train"
+    output_param: ClassVar[str] = "model"  # named <model>-tiny-base by the train flow
     kind: ClassVar[str] = "models"
     dataset_ref: str
     vae_steps: int
@@ -239,6 +240,7 @@ class Arad(Stage):
     slices" jobs); under `accelerate launch` only rank 0 commits."""
 
     flow: ClassVar[str] = "asd-train"
+    output_param: ClassVar[str] = "model"
     kind: ClassVar[str] = "models"
     dataset_ref: str
     base_model: str

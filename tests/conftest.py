@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -14,6 +13,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
+
+from tests.helpers import free_port  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +37,17 @@ def tiny_model_dir(tmp_path_factory):
     return save_components(build_tiny_components(seed=0), tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def commit_tiny_model(tiny_model_dir):
+    """A function that commits the tiny model into a store as `models/<name>` (its reference)."""
+    from artifact_store import ArtifactStore
+
+    def commit(store_url: str, name: str = "tiny") -> str:
+        writer = ArtifactStore(store_url).new_version("models", name)
+        writer.put_dir(tiny_model_dir)
+        return str(writer.commit())
+
+    return commit
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +55,7 @@ def s3_server():
     """moto's S3-compatible server on 127.0.0.1, with the AWS environment pointing at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -98,13 +98,10 @@ def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def stored_model_and_data(tmp_path_factory, tiny_model_dir):
+def stored_model_and_data(tmp_path_factory, commit_tiny_model):
     root = tmp_path_factory.mktemp("cli")
     store_url = str(root / "store")
-    store = ArtifactStore(store_url)
-    w = store.new_version("models", "tiny")
-    w.put_dir(tiny_model_dir)
-    w.commit()
+    commit_tiny_model(store_url)
     folder = root / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)

@@ -50,9 +50,9 @@ def test_deploy_refuses_unclear_setups(tmp_path, monkeypatch):
 
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(DeployError, match="PREFECT_API_URL"):
         deploy_all("/tmp/x", {})
-    from tests.conftest import _free_port
+    from tests.helpers import free_port
 
-    dead = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     with temporary_settings({PREFECT_API_URL: dead}), pytest.raises(DeployError, match="does not answer"):
         deploy_all("/tmp/x", {})
 

@@ -67,11 +67,9 @@ def test_device_and_dtype_are_resolved_and_reported(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def stored_model(tmp_path_factory, tiny_model_dir):
+def stored_model(tmp_path_factory, commit_tiny_model):
     store_url = str(tmp_path_factory.mktemp("gen") / "store")
-    w = ArtifactStore(store_url).new_version("models", "tiny")
-    w.put_dir(tiny_model_dir)
-    w.commit()
+    commit_tiny_model(store_url)
     return store_url
 
 

@@ -11,6 +11,7 @@ from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.images import resize_cover_crop
 from asd_models.seams import grid_lines, seam_score
 from asd_models.tiling import grid_boxes, tile_starts
+from tests.helpers import smooth_image
 
 
 def test_asd_table_has_nine_ratios_around_the_base_area():
@@ -60,15 +61,8 @@ def test_unshifted_grid_costs_ceil_tiles_and_shift_adds_an_edge_row():
     assert len(grid_boxes(128, 128, 64, 10, 10)) == 9  # edge tile + 2 shifted per axis
 
 
-def _smooth_image(seed: int, n: int = 256) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:n, 0:n].astype(float)
-    field = 100 + 40 * np.sin(x / 13 + 1) * np.cos(y / 17) + 20 * np.sin((x + y) / 7) + rng.normal(0, 3, (n, n))
-    return np.repeat(field[:, :, None], 3, axis=2)
-
-
-def test_seam_score_catches_a_planted_seam_and_not_a_smooth_image():
-    smooth = _smooth_image(0)
+def test_seam_score_catches_a_planted_seam_and_not_asmooth_image():
+    smooth = smooth_image(0)
     lines = grid_lines(256, 64)
     assert lines == [64, 128, 192]
     clean = seam_score(smooth, lines, lines)
@@ -81,7 +75,7 @@ def test_seam_score_catches_a_planted_seam_and_not_a_smooth_image():
 
 
 def test_seam_score_ignores_the_vae_lattice_but_not_a_seam_on_it():
-    img = _smooth_image(1)
+    img = smooth_image(1)
     img[:, ::8] += 15  # a decoder pattern every 8 px, tile lines included
     img[::8, :] += 15
     lines = grid_lines(256, 64)
@@ -95,7 +89,7 @@ def test_seam_score_ignores_the_vae_lattice_but_not_a_seam_on_it():
 def test_seam_score_of_a_cropped_output_uses_the_lattice_of_its_tile_lines():
     """An output cropped 4 px into its canvas: the decoder lattice and the tile lines both sit at
     8k - 4. The same pixels must score the same cropped or not (the 1920x1080 finding)."""
-    canvas = _smooth_image(2, 264)
+    canvas = smooth_image(2, 264)
     canvas[:, ::8] += 15  # the decoder's lattice in canvas coordinates
     canvas[::8, :] += 15
     whole = seam_score(canvas, grid_lines(264, 64), grid_lines(264, 64), period=8)

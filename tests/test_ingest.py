@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 
 import numpy as np
@@ -145,7 +146,12 @@ def test_folder_every_input_one_row_and_shards_match(tmp_path):
     assert {k: s["txt"] for k, s in samples.items()} == dict(zip(ok["key"], ok["caption"], strict=True))
     assert index["total_ok"] == 10 and index["total_failed"] == 12
     assert sum(b["count"] for b in index["buckets"].values()) == 10
-    assert all(b["mean_aspect_error"] >= 0 for b in index["buckets"].values())
+    for bucket, entry in index["buckets"].items():  # |log aspect(image) - log aspect(bucket)|, by hand
+        rows = ok.filter(pl.col("bucket") == bucket)
+        want = [abs(math.log(r["original_width"] / r["original_height"]) - math.log(r["width"] / r["height"]))
+                for r in rows.iter_rows(named=True)]
+        assert rows["aspect_error"].to_list() == pytest.approx(want)
+        assert entry["mean_aspect_error"] == pytest.approx(sum(want) / len(want))
     assert store.verify(ref) == []
 
 

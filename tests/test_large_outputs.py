@@ -67,26 +67,21 @@ def test_a_failing_destination_stops_the_png_with_its_own_error():
 
 
 @pytest.fixture(scope="module")
-def large_generation(tmp_path_factory, tiny_model_dir):
+def large_generation(tmp_path_factory, commit_tiny_model, prefect_harness):
     """`asd generate` with a low large-image threshold: one large output (640x480), one small."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.cli import main
 
     root = tmp_path_factory.mktemp("large")
     store_url = str(root / "store")
-    w = ArtifactStore(store_url).new_version("models", "tiny")
-    w.put_dir(tiny_model_dir)
-    w.commit()
+    commit_tiny_model(store_url)
     prompts = root / "p.jsonl"
     prompts.write_text('{"prompt": "a wide valley", "width": 640, "height": 480, "seed": 1}\n'
                        '{"prompt": "a small cat", "width": 96, "height": 96, "seed": 2}\n')
-    with prefect_test_harness(server_startup_timeout=120):
-        assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "big", "--prompts", str(prompts),
-                     "--steps", "2", "--large-image-pixels", "100000"]) == 0
-        tiff = main(["--store", store_url, "generate", "--model", "tiny", "--name", "big-tiff", "--prompts",
-                     str(prompts), "--steps", "2", "--large-image-pixels", "100000", "--large-image-format", "tiff",
-                     "--no-deep-zoom"])
+    assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "big", "--prompts", str(prompts),
+                 "--steps", "2", "--large-image-pixels", "100000"]) == 0
+    tiff = main(["--store", store_url, "generate", "--model", "tiny", "--name", "big-tiff", "--prompts",
+                 str(prompts), "--steps", "2", "--large-image-pixels", "100000", "--large-image-format", "tiff",
+                 "--no-deep-zoom"])
     assert tiff == 0
     store = ArtifactStore(store_url)
     return store, store.resolve("generations/big@latest"), store.resolve("generations/big-tiff@latest")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import Browser, chromium_path
-from tests.conftest import _free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -60,7 +60,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float = 600
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
@@ -114,7 +114,7 @@ def test_deploy_run_backfill_and_dashboards_as_a_user_does(prefect_server, s3_bu
     assert "generations/quick@" in summary and "kid_patch" in summary
 
     _run([asd, "dashboard", "build", "--store", s3_bucket], env, elsewhere)
-    port = _free_port()
+    port = free_port()
     serve_log = tmp_path / "dashboard.log"
     server = _start([asd, "dashboard", "serve", "--store", s3_bucket, "--port", str(port)], env, elsewhere, serve_log)
     shots = Path(os.environ.get("ASD_SCREENSHOTS", tmp_path))

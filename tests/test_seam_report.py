@@ -6,11 +6,11 @@ import polars as pl
 
 from asd_models.seams import grid_lines
 from tasks.evaluate import metrics_markdown, seam_rows
-from tests.test_geometry import _smooth_image
+from tests.helpers import smooth_image
 
 
 def test_seam_summary_names_the_axis_and_the_worst_image():
-    clean, seamed = _smooth_image(3), _smooth_image(4)
+    clean, seamed = smooth_image(3), smooth_image(4)
     lines = grid_lines(256, 64)
     for p in lines:
         seamed[:, p:] += 20  # vertical seams only

@@ -100,9 +100,9 @@ def test_server_stopped_mid_upload_leaves_previous_state(monkeypatch):
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from tests.conftest import _free_port
+    from tests.helpers import free_port
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("ASD_S3_RETRIES", "1")

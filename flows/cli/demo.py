@@ -23,19 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_demo)
 
 
-# The demo's settings: small data, a tiny model trained for about two minutes.
-DEMO_INGEST = IngestSettings(bucket_base=128, bucket_step=16, min_side=64)
+def demo_settings(quick: bool) -> dict:
+    """The demo's stage settings: those of the `nightly` deployment (`quick` with --quick) in
+    deployments/prefect.yaml, written there once, so `asd demo` and the deployments never drift."""
+    from flows.deploy import load_specs
 
-
-DEMO_TRAIN = TrainSettings(base_model="tiny", vae_steps=400, steps=1000, batch_size=8, learning_rate=1e-3,
-                           cache_latents=True, ema_decay=0.999, checkpoint_every=0)
-
-
-QUICK_TRAIN = TrainSettings(base_model="tiny", vae_steps=20, steps=20, batch_size=4, learning_rate=1e-3,
-                            cache_latents=True, checkpoint_every=0)
-
-
-DEMO_GENERATE = GenerateSettings(steps=20, guidance_scale=4.0, strength=0.6, shard_size=3)
+    wanted = "quick" if quick else "nightly"
+    spec = next(s for s in load_specs() if s.name == wanted and s.entrypoint.endswith("asd_pipeline"))
+    models = {"ingest": IngestSettings, "train": TrainSettings, "generate": GenerateSettings,
+              "evaluate": EvaluateSettings}
+    return {stage: model(**spec.parameters.get(stage, {})) for stage, model in models.items()}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -52,13 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.quick:
             prompts = [PromptSpec(prompt=p.prompt, width=p.width // 4 + 64, height=p.height // 4 + 64, seed=p.seed)
                        for p in prompts[:3]]
-        refs = asd_pipeline(
-            source=str(folder), prompts=prompts, name=args.name, ingest=DEMO_INGEST,
-            train=QUICK_TRAIN if args.quick else DEMO_TRAIN,
-            generate=DEMO_GENERATE.model_copy(update={"steps": 6}) if args.quick else DEMO_GENERATE,
-            evaluate=EvaluateSettings(patch_size=64 if args.quick else 96),
-            store_url=store.url, rerun=args.rerun,
-        )
+        refs = asd_pipeline(source=str(folder), prompts=prompts, name=args.name, **demo_settings(args.quick),
+                            store_url=store.url, rerun=args.rerun)
     print("\nCommitted versions (the evaluation and everything it descends from):")
     stages = {v: k for k, v in refs.model_dump().items()}
     for rec in store.lineage(refs.evaluation):

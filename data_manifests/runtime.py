@@ -1,0 +1,39 @@
+"""The run's environment, typed in one place: every `ASD_*` variable the pipeline reads, with
+its default and what it does. Read where a run (or a worker's task) starts, by calling
+`runtime()`; never at import. Settings of a stage travel in its settings model instead; these
+are the machine's: where the store and the model cache are, how to reach S3, where the
+dashboard is served, and the defaults a site sets for the generate stage's executor.
+
+The fault points of the tests (`ASD_FAULT_AT`, `ASD_FAULT_ONCE_FILE`) are not settings: they
+live with the one seam that reads them, `artifact_store.faults`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    """`ASD_<FIELD>` in the environment (e.g. `ASD_STORE`, `ASD_S3_RETRIES`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ASD_", frozen=True, extra="ignore")
+
+    store: str | None = Field(None, description="the store URL when none is given (default: ./asd-store)")
+    store_block: str | None = Field(None, description="a Prefect JSON block holding s3fs options for the store")
+    s3_retries: int = Field(8, ge=0, description="S3 request attempts (botocore adaptive retries and s3fs backoff)")
+    cache: Path = Field(Path.home() / ".cache" / "asd", description="local cache of model versions")
+    site_url: str | None = Field(None, description="where the store's _site/ is served (links in the Prefect UI)")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads in a worker process (set for "
+                                      "Dask workers by the executor)")
+    executor: Literal["threads", "dask"] | None = Field(None, description="the generate stage's executor when its "
+                                                        "settings leave it unset")
+    dask_address: str | None = Field(None, description="the generate stage's Dask scheduler when its settings "
+                                     "leave it unset")
+
+
+def runtime() -> RuntimeSettings:
+    """The environment as it is now (call where a run or a task starts)."""
+    return RuntimeSettings()
