@@ -230,11 +230,9 @@ class AradTrainer:
                 else:
                     per_param[str(idx)][k] = v
         _save_tensors(folder / "optimizer.safetensors", tensors)
-        rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if torch.cuda.is_available():
-            for i, st in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda_{i}"] = st
-        _save_tensors(folder / "rng.safetensors", rng)
+        # the trainer's every draw comes from its own generator; the global RNGs are neither saved nor
+        # restored (library code never changes them; a UNet with dropout would draw from them)
+        _save_tensors(folder / "rng.safetensors", {"generator": self.generator.get_state()})
         ema_meta = None
         if self.ema is not None:
             ema_state = self.ema.state_dict()
@@ -244,7 +242,7 @@ class AradTrainer:
         state = {
             "step": self.step, "batches_consumed": self.batches_consumed, "losses": self.losses, "lrs": self.lrs,
             "config": asdict(self.config), "optimizer": {"param_groups": opt_state["param_groups"], "state": per_param},
-            "lr_scheduler": sched_state, "ema": ema_meta, "python_random": _jsonable(random.getstate()),
+            "lr_scheduler": sched_state, "ema": ema_meta,
             "latent_cache": "not saved (rebuilt on demand)",
         }
         (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -271,22 +269,9 @@ class AradTrainer:
             shadow = _load_tensors(folder / "ema.safetensors")
             self.ema.load_state_dict({**state["ema"],
                                       "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
-        rng = _load_tensors(folder / "rng.safetensors")
-        torch.set_rng_state(rng["torch_cpu"])
-        self.generator.set_state(rng["generator"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng])
-        random.setstate(_tupled(state["python_random"]))
+        self.generator.set_state(_load_tensors(folder / "rng.safetensors")["generator"])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         self.losses, self.lrs = list(state["losses"]), list(state["lrs"])
-
-
-def _jsonable(x: Any) -> Any:
-    return [_jsonable(v) for v in x] if isinstance(x, tuple | list) else x
-
-
-def _tupled(x: Any) -> Any:
-    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
 def fit_vae(

@@ -5,13 +5,15 @@ come out in slightly different tones (diffusers' `enable_tiling` hides it with a
 the tone shift stays). Here, as the A1111 Tiled VAE does in its fast mode, the GroupNorm
 statistics are estimated once on a downsampled copy of the whole input and every tile is
 normalised with those; each tile is padded (11 latent px for the decoder, 32 px for the
-encoder) and only its centre is kept.
+encoder) and only its centre is kept. The statistics live in the call (a structural copy of the
+VAE whose GroupNorms read them, weights shared), never in the shared VAE's modules: two threads
+decoding on one pipeline get the pixels each would get alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,37 +27,62 @@ DECODER_PAD = 11  # latent pixels
 ENCODER_PAD = 32  # image pixels
 
 
-@contextlib.contextmanager
-def _groupnorm_mode(module: nn.Module, stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], record: bool
-                    ) -> Iterator[None]:
-    """Patch every GroupNorm under `module`: record per-group mean/var, or apply recorded ones."""
-    patched = []
-    for idx, m in enumerate(mod for mod in module.modules() if isinstance(mod, nn.GroupNorm)):
-        calls = stats.setdefault(idx, [])
-        counter = {"i": 0}
+class _StatsSession:
+    """GroupNorm statistics of one tiled encode or decode: recorded per GroupNorm (in call order)
+    on the downsampled whole, then applied to every tile. Each call has its own session and its
+    own structural copy of the VAE, so concurrent calls on one VAE never see each other's."""
 
-        def forward(x: torch.Tensor, m: nn.GroupNorm = m, calls: list = calls, counter: dict = counter) -> torch.Tensor:
-            n, c = x.shape[:2]
-            g = x.float().reshape(n, m.num_groups, -1)
-            if record:
-                mean, var = g.mean(dim=2, keepdim=True), g.var(dim=2, unbiased=False, keepdim=True)
-                calls.append((mean, var))
-            else:
-                mean, var = calls[counter["i"] % len(calls)]
-                counter["i"] += 1
-            y = ((g - mean) / torch.sqrt(var + m.eps)).reshape_as(x).to(x.dtype)
-            if m.affine:  # inputs are N x C x H x W, or N x C x L inside attention blocks
-                shape = (1, c) + (1,) * (x.ndim - 2)
-                y = y * m.weight.view(shape) + m.bias.view(shape)
-            return y
+    def __init__(self) -> None:
+        self.record = True
+        self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.counters: dict[int, int] = {}
 
-        m.forward = forward  # instance attribute shadows the class method
-        patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+    def applying(self) -> None:
+        self.record = False
+        self.counters = {}
+
+
+class _StatsGroupNorm(nn.Module):
+    """GroupNorm whose statistics come from the session: recorded (one var_mean pass) or applied
+    as one fused per-channel affine, x * scale + shift. Weight and bias are the original
+    module's tensors, shared, not copied."""
+
+    def __init__(self, norm: nn.GroupNorm, index: int, session: _StatsSession) -> None:
+        super().__init__()
+        self.num_groups, self.eps, self.affine = norm.num_groups, norm.eps, norm.affine
+        self.weight, self.bias = norm.weight, norm.bias
+        self.index, self.session = index, session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        s = self.session
+        calls = s.calls.setdefault(self.index, [])
+        if s.record:
+            var, mean = torch.var_mean(x.float().reshape(n, self.num_groups, -1), dim=2, unbiased=False)
+            calls.append((mean, var))
+        else:
+            i = s.counters.get(self.index, 0)
+            s.counters[self.index] = i + 1
+            mean, var = calls[i % len(calls)]
+        per = c // self.num_groups  # per-group statistics, as per-channel scale and shift
+        inv = torch.rsqrt(var + self.eps).repeat_interleave(per, dim=1)
+        scale, shift = inv, -mean.repeat_interleave(per, dim=1) * inv
+        if self.affine:
+            scale, shift = scale * self.weight.float(), shift * self.weight.float() + self.bias.float()
+        shape = (scale.shape[0], c) + (1,) * (x.ndim - 2)  # N x C x H x W, or N x C x L in attention blocks
+        return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+
+
+def _with_session(vae: nn.Module, session: _StatsSession) -> nn.Module:
+    """A structural copy of `vae` (parameters and buffers shared, not copied) whose GroupNorms
+    take their statistics from `session`: the VAE itself is never patched."""
+    shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}
+    twin = copy.deepcopy(vae, shared)
+    norms = [(name, m) for name, m in twin.named_modules() if isinstance(m, nn.GroupNorm)]
+    for index, (name, norm) in enumerate(norms):
+        parent_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, _StatsGroupNorm(norm, index, session))
+    return twin
 
 
 def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
@@ -81,35 +108,36 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     z = (latents / vae.config.scaling_factor).to(vae.dtype)
     _, _, h, w = z.shape
-    stats: dict = {}
     whole = h * w <= whole_below
+    decoder = vae
     if whole:
         tile, pad = max(h, w), 0
     else:
         scale = min(1.0, estimate_size / max(h, w))
         small = F.interpolate(z, scale_factor=scale, mode="area") if scale < 1 else z
-        with _groupnorm_mode(vae, stats, record=True):
-            vae.decode(small)
+        session = _StatsSession()
+        decoder = _with_session(vae, session)
+        decoder.decode(small)
+        session.applying()
     left, top, right, bottom = crop or (0, 0, w * f, h * f)
     if out is None:
         out = np.zeros((bottom - top, right - left, 3), dtype=np.uint8)
     boxes = [(y, th, x, tw) for y, th in _tiles(h, tile) for x, tw in _tiles(w, tile)]
-    with contextlib.nullcontext() if whole else _groupnorm_mode(vae, stats, record=False):
-        for i, (y, th, x, tw) in enumerate(boxes):
-            y0, y1, x0, x1 = max(0, y - pad), min(h, y + th + pad), max(0, x - pad), min(w, x + tw + pad)
-            img = vae.decode(z[:, :, y0:y1, x0:x1]).sample[0]
-            core = img[:, (y - y0) * f : (y - y0 + th) * f, (x - x0) * f : (x - x0 + tw) * f]
-            core = ((core.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            # paste the part of this tile that falls inside the crop window
-            py0, px0 = y * f, x * f
-            cy0, cy1 = max(py0, top), min(py0 + th * f, bottom)
-            cx0, cx1 = max(px0, left), min(px0 + tw * f, right)
-            if cy1 > cy0 and cx1 > cx0:
-                out[cy0 - top : cy1 - top, cx0 - left : cx1 - left] = core[cy0 - py0 : cy1 - py0, cx0 - px0 : cx1 - px0]
-            if release_heap and z.device.type == "cpu":
-                release_free_heap()
-            if progress:
-                progress(i + 1, len(boxes))
+    for i, (y, th, x, tw) in enumerate(boxes):
+        y0, y1, x0, x1 = max(0, y - pad), min(h, y + th + pad), max(0, x - pad), min(w, x + tw + pad)
+        img = decoder.decode(z[:, :, y0:y1, x0:x1]).sample[0]
+        core = img[:, (y - y0) * f : (y - y0 + th) * f, (x - x0) * f : (x - x0 + tw) * f]
+        core = ((core.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        # paste the part of this tile that falls inside the crop window
+        py0, px0 = y * f, x * f
+        cy0, cy1 = max(py0, top), min(py0 + th * f, bottom)
+        cx0, cx1 = max(px0, left), min(px0 + tw * f, right)
+        if cy1 > cy0 and cx1 > cx0:
+            out[cy0 - top : cy1 - top, cx0 - left : cx1 - left] = core[cy0 - py0 : cy1 - py0, cx0 - px0 : cx1 - px0]
+        if release_heap and z.device.type == "cpu":
+            release_free_heap()
+        if progress:
+            progress(i + 1, len(boxes))
     return out
 
 
@@ -133,7 +161,6 @@ def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: i
         return vae.encode(whole).latent_dist.mean.float() * vae.config.scaling_factor
     tile = max(f, tile // f * f)
     pad = -(-pad // f) * f
-    stats: dict = {}
     scale = min(1.0, estimate_size / max(H, W))
     if scale < 1:
         sh, sw = max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f)
@@ -141,18 +168,19 @@ def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: i
                  else F.interpolate(image, size=(sh, sw), mode="area"))
     else:  # the whole input is no larger than the estimate size: its statistics are exact
         small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
-    with _groupnorm_mode(vae, stats, record=True):
-        vae.encode(small)
+    session = _StatsSession()
+    encoder = _with_session(vae, session)
+    encoder.encode(small)
+    session.applying()
     device = image.source.device if lazy else image.device  # type: ignore[union-attr]
     latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=device)
     boxes = [(y, th, x, tw) for y, th in _tiles(H, tile) for x, tw in _tiles(W, tile)]
-    with _groupnorm_mode(vae, stats, record=False):
-        for i, (y, th, x, tw) in enumerate(boxes):
-            y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
-            pixels = image.region(y0, y1, x0, x1).to(vae.dtype) if lazy else image[:, :, y0:y1, x0:x1]
-            z = vae.encode(pixels).latent_dist.mean
-            latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
-                :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f]
-            if progress:
-                progress(i + 1, len(boxes))
+    for i, (y, th, x, tw) in enumerate(boxes):
+        y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
+        pixels = image.region(y0, y1, x0, x1).to(vae.dtype) if lazy else image[:, :, y0:y1, x0:x1]
+        z = encoder.encode(pixels).latent_dist.mean
+        latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
+            :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f]
+        if progress:
+            progress(i + 1, len(boxes))
     return latents * vae.config.scaling_factor

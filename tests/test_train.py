@@ -260,3 +260,24 @@ def test_training_keeps_one_loss_artifact_key_in_the_ui(dataset, tiny_model_dir,
     loss = sorted((a for a in arts if a.key == "arad-loss"), key=lambda a: a.created)
     assert [a.type for a in loss] == ["progress", "table"]
     assert len(ArtifactStore(store_url).list_versions("checkpoints", "ui")) == 2  # the checkpoints did happen
+
+
+def test_a_checkpoint_round_trip_leaves_the_global_rngs_alone(tiny_model_dir, tmp_path):
+    """Library code never changes the process's global RNGs: the trainer's draws come from its
+    own generator, which is what a checkpoint saves and restores."""
+    import random
+
+    from asd_models.arad_training import AradTrainer
+    from asd_models.loading import load_components
+
+    trainer = AradTrainer(load_components(tiny_model_dir), TrainSettings(**CFG).train_config())
+    torch.randint(0, 10, (1,), generator=trainer.generator)  # the trainer's own stream moves on
+    folder = trainer.save_checkpoint(tmp_path / "ckpt")
+    expected = torch.randint(0, 2**30, (4,), generator=trainer.generator).tolist()
+    torch.manual_seed(1234)
+    random.seed(99)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    restored = AradTrainer(load_components(tiny_model_dir), TrainSettings(**CFG).train_config())
+    restored.load_checkpoint(folder)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert torch.randint(0, 2**30, (4,), generator=restored.generator).tolist() == expected
