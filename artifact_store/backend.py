@@ -88,11 +88,10 @@ class StoreBackend:
         if self.is_local:
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
-                f.write(data[: len(data) // 2])
-                fault_point("during-commit-record")
-                f.write(data[len(data) // 2 :])
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point("during-commit-record")  # written, not yet renamed: a reader sees nothing
             os.replace(tmp, path)
         else:
             fault_point("during-commit-record")  # a single PUT: all or nothing
