@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -48,6 +49,9 @@ class FSTDConfig:
     mode: see `grid_boxes`. min_piece: in "cropped" mode, an edge piece thinner than this joins
     its neighbour (None: a quarter tile; 0: never). Thin edge pieces were the worst lines on
     models the sampler was not tuned on.
+    salt: None: each latent draws its offsets from its own generator; an int: the offsets of a
+    step depend on (salt, step) alone, so every image of a job shifts alike and the pieces of
+    same-size images share their shapes (and UNet calls) in a pack.
     """
 
     tile: int = 64
@@ -59,6 +63,7 @@ class FSTDConfig:
     shift_first_step: bool = True
     size_multiple: int | None = None
     min_piece: int | None = None
+    salt: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_piece is None:
@@ -114,7 +119,8 @@ def unet_size_multiple(unet: torch.nn.Module) -> int:
 
 def step_offset(step: int, cfg: FSTDConfig, generator: torch.Generator) -> tuple[int, int]:
     """Grid shift (dy, dx) for one step: none on every k-th step, nor on the first step unless
-    `shift_first_step`."""
+    `shift_first_step`. Drawn from `generator`, or from (cfg.salt, step) when the config has a
+    salt (the same shift for every latent of a job)."""
     r = cfg.shift_range if cfg.shift_range is not None else (cfg.tile if cfg.mode == "cropped" else cfg.tile // 2)
     m = cfg.offset_multiple or 1  # None: a config not yet put on a UNet's lattice (`for_unet`)
     choices = max(1, r // m)
@@ -122,6 +128,8 @@ def step_offset(step: int, cfg: FSTDConfig, generator: torch.Generator) -> tuple
         return 0, 0
     if (step and cfg.reset_every and step % cfg.reset_every == 0) or r < m:
         return 0, 0
+    if cfg.salt is not None:
+        generator = torch.Generator().manual_seed((cfg.salt * 1_000_003 + step) % 2**63)
     dy, dx = (torch.randint(0, choices, (2,), generator=generator) * m).tolist()
     return dy, dx
 
@@ -147,6 +155,9 @@ class TiledJob:
     unet_kwargs: dict[str, Any] | None = None  # per-image tensors (e.g. class_labels = noise level)
     size_multiple: int = 1
     progress: ProgressFn | None = None
+    run_sizes: tuple[int, ...] = ()  # side lengths pieces grow to (with real context): few shapes
+    partition: bool = False  # every step's boxes tile the latent exactly once: no weights, no gaps
+    covers_all: bool = False  # every step's boxes cover every position (no previous prediction needed)
     step: int = 0
     previous: torch.Tensor | None = None
     unet_tiles: int = 0  # tiles run through the UNet so far (x2 with guidance)
@@ -172,25 +183,37 @@ class _Tile:
     t: torch.Tensor
 
 
-def _run_box(box: Box, H: int, W: int, size_multiple: int) -> tuple[int, int, int, int]:
-    """The box grown (with real neighbouring latent) to the UNet's size multiple: (ry, rx, rh, rw)."""
+def run_side(length: int, limit: int, size_multiple: int, run_sizes: tuple[int, ...]) -> int:
+    """The side a piece of `length` runs at: the smallest of `run_sizes` that holds it (else the
+    next multiple of the UNet's size multiple), never more than the latent's side `limit`."""
+    grown = next((s for s in run_sizes if s >= length), -(-length // size_multiple) * size_multiple)
+    return min(limit, grown)
+
+
+def _run_box(box: Box, H: int, W: int, size_multiple: int, run_sizes: tuple[int, ...] = ()
+             ) -> tuple[int, int, int, int]:
+    """The box grown with real neighbouring latent to its run shape, kept inside the latent:
+    (ry, rx, rh, rw)."""
     y, x, h, w = box
-    rh, rw = min(H, -(-h // size_multiple) * size_multiple), min(W, -(-w // size_multiple) * size_multiple)
-    return min(y, H - rh), min(x, W - rw), rh, rw
+    rh, rw = run_side(h, H, size_multiple, run_sizes), run_side(w, W, size_multiple, run_sizes)
+    return max(0, min(y, H - rh)), max(0, min(x, W - rw)), rh, rw
 
 
 @torch.no_grad()
 def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: int = 8) -> list[TiledJob]:
     """Denoise every job to its last timestep. Each round, every unfinished job takes one step:
-    its tiles are cut, tiles of the same run shape from all jobs go through the UNet in batches
-    of `tile_batch_size` tiles (each tile with its own timestep, text and conditioning, guidance
-    in the same batch), each job's predictions are fused with its tile weights (positions no
-    tile covered take the job's previous prediction), and each job takes one step of its own
-    scheduler. One job gives the same result as sampling it alone."""
+    its pieces are cut and grown to their run shapes, pieces of one run shape from all jobs go
+    through the UNet in batches of `tile_batch_size` (each with its own timestep, text and
+    conditioning, guidance in the same batch), each job's predictions are fused (written
+    straight into place when its boxes partition the latent; else weighted, positions no box
+    covered taking the job's previous prediction), and each job takes one step of its own
+    scheduler. No step waits for the device: timesteps and weights live on it, and coverage is
+    known from the geometry. One job gives the same result as sampling it alone."""
     dtype = next(unet.parameters()).dtype
+    device_times = {id(j): j.timesteps.to(j.latents.device) for j in jobs}  # once, not per UNet call
     while active := [j for j in jobs if not j.done]:
         tiles_by_shape: dict[tuple[int, int, int], list[_Tile]] = defaultdict(list)
-        acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        acc: dict[int, _Fusion] = {}
         for j in active:
             t = j.timesteps[j.step]
             latent_in = j.scheduler.scale_model_input(j.latents, t)
@@ -198,17 +221,17 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
                 latent_in = torch.cat([latent_in, j.condition.to(latent_in)], dim=1)
             _, _, H, W = latent_in.shape
             boxes = j.boxes_for_step(j.step)
+            t_dev = device_times[id(j)][j.step]
             for box in boxes:
-                ry, rx, rh, rw = _run_box(box, H, W, j.size_multiple)
-                tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t))
-            acc[id(j)] = (torch.zeros(1, unet.config.out_channels, H, W, dtype=torch.float32, device=latent_in.device),
-                          torch.zeros(1, 1, H, W, dtype=torch.float32, device=latent_in.device))
+                ry, rx, rh, rw = _run_box(box, H, W, j.size_multiple, j.run_sizes)
+                tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t_dev))
+            acc[id(j)] = _Fusion(unet.config.out_channels, H, W, latent_in.device, weighted=not j.partition)
             j.boxes_this_step, j.tiles_done = len(boxes), 0
         for (_c, rh, rw), group in tiles_by_shape.items():
             for i in range(0, len(group), tile_batch_size):
                 _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
         for j in active:
-            eps = j.previous = _fused_noise(*acc[id(j)], j.previous)
+            eps = j.previous = acc[id(j)].noise(j.previous, j.partition or j.covers_all)
             t = j.timesteps[j.step]
             j.latents = j.scheduler.step(eps.to(j.latents.dtype), t, j.latents, generator=j.generator).prev_sample
             j.step += 1
@@ -220,21 +243,49 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
     return jobs
 
 
-def _fused_noise(fused: torch.Tensor, weight_sum: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """Weighted mean of the tiles' noise; positions no tile covered take the previous step's."""
-    eps = fused / weight_sum.clamp_min(1e-30)
-    covered = weight_sum > 0
-    if not bool(covered.all()):
+class _Fusion:
+    """One job's noise prediction of a step, assembled from its pieces."""
+
+    def __init__(self, channels: int, H: int, W: int, device: torch.device, weighted: bool) -> None:
+        self.fused = torch.zeros(1, channels, H, W, dtype=torch.float32, device=device)
+        self.weight_sum = torch.zeros(1, 1, H, W, dtype=torch.float32, device=device) if weighted else None
+
+    def add(self, eps: torch.Tensor, box: Box, weighting: str) -> None:
+        y, x, h, w = box
+        if self.weight_sum is None:  # a partition: each position is written once, weights cancel
+            self.fused[:, :, y : y + h, x : x + w] = eps
+            return
+        wmap = _weights(weighting, h, w, eps.device)
+        self.fused[:, :, y : y + h, x : x + w] += eps * wmap
+        self.weight_sum[:, :, y : y + h, x : x + w] += wmap
+
+    def noise(self, previous: torch.Tensor | None, covered: bool) -> torch.Tensor:
+        """The fused noise; positions no box covered take `previous` (checked on the device only
+        when there is no previous prediction and the geometry does not promise coverage)."""
+        if self.weight_sum is None:
+            return self.fused
+        eps = self.fused / self.weight_sum.clamp_min(1e-30)
+        if covered:
+            return eps
         if previous is None:
-            raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
-        eps = torch.where(covered, eps, previous)
-    return eps
+            if not bool((self.weight_sum > 0).all()):
+                raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
+            return eps
+        return torch.where(self.weight_sum > 0, eps, previous)
+
+
+@lru_cache(maxsize=256)
+def _weights(weighting: str, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """A tile's weight map on the device, made once per shape."""
+    return (gaussian_weights if weighting == "gaussian" else uniform_weights)(h, w).to(device)
 
 
 def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype,
-                   acc: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """One UNet call over tiles of one run shape (from any jobs); fuse each into its job."""
-    inputs, texts, times, extras = [], [], [], defaultdict(list)
+                   acc: dict[int, _Fusion]) -> None:
+    """One UNet call over pieces of one run shape (from any jobs); fuse each into its job.
+    Guidance is combined for the whole batch in one operation."""
+    inputs, texts, times, extras, scales = [], [], [], defaultdict(list), []
+    cfg = all(tile.job.use_cfg for tile in batch)
     for tile in batch:
         j = tile.job
         crop = tile.latent_in[:, :, tile.ry : tile.ry + rh, tile.rx : tile.rx + rw]
@@ -242,62 +293,36 @@ def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, 
         inputs += [crop] * copies
         texts += [j.uncond, j.cond] if j.use_cfg else [j.cond]
         times += [tile.t.reshape(1)] * copies
+        scales.append(j.guidance_scale)
         for k, v in (j.unet_kwargs or {}).items():
             extras[k] += [v.reshape(-1)[:1]] * copies
     device = batch[0].latent_in.device
     model_in = torch.cat(inputs).to(dtype)
     text = torch.cat([x.to(device=device, dtype=dtype) for x in texts])
-    t = torch.cat(times).to(device)
     kwargs = {k: torch.cat(v).to(device) for k, v in extras.items()}
-    eps = unet(model_in, t, encoder_hidden_states=text, **kwargs).sample.float()
+    eps = unet(model_in, torch.cat(times), encoder_hidden_states=text, **kwargs).sample.float()
+    if cfg:  # pairs (uncond, cond) -> uncond + g * (cond - uncond), every tile at once
+        pairs = eps.unflatten(0, (len(batch), 2))
+        g = torch.tensor(scales, dtype=eps.dtype).to(device, non_blocking=True).view(-1, 1, 1, 1)
+        eps = pairs[:, 0] + g * (pairs[:, 1] - pairs[:, 0])
     pos = 0
     for tile in batch:
         j = tile.job
-        if j.use_cfg:
+        if cfg:
+            e = eps[pos]
+            pos += 1
+        elif j.use_cfg:
             e = eps[pos] + j.guidance_scale * (eps[pos + 1] - eps[pos])
             pos += 2
-            j.unet_tiles += 2
         else:
             e = eps[pos]
             pos += 1
-            j.unet_tiles += 1
+        j.unet_tiles += 2 if j.use_cfg else 1
         y, x, h, w = tile.box
-        e = e[:, y - tile.ry : y - tile.ry + h, x - tile.rx : x - tile.rx + w]
-        wmap = (gaussian_weights if j.weighting == "gaussian" else uniform_weights)(h, w).to(device)
-        fused, weight_sum = acc[id(j)]
-        fused[:, :, y : y + h, x : x + w] += e * wmap
-        weight_sum[:, :, y : y + h, x : x + w] += wmap
+        acc[id(j)].add(e[:, y - tile.ry : y - tile.ry + h, x - tile.rx : x - tile.rx + w], tile.box, j.weighting)
         j.tiles_done += 1
         if j.progress:
             j.progress(j.step, len(j.timesteps), j.tiles_done, j.boxes_this_step)
-
-
-@torch.no_grad()
-def tiled_sample(
-    unet: torch.nn.Module,
-    scheduler,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    guidance_scale: float,
-    boxes_for_step: Callable[[int], list[Box]],
-    tile_batch_size: int = 8,
-    weighting: str = "gaussian",
-    generator: torch.Generator | None = None,
-    condition: torch.Tensor | None = None,
-    unet_kwargs: dict[str, Any] | None = None,
-    progress: ProgressFn | None = None,
-    size_multiple: int = 1,
-) -> torch.Tensor:
-    """One latent through the shared loop (`sample_jobs`): per step, tiles from
-    `boxes_for_step(i)`, fused noise, one global scheduler step. FSTD, naive tiles,
-    MultiDiffusion and Mixture of Diffusers differ only in their boxes and weights."""
-    if latents.shape[0] != 1:
-        raise ValueError(f"tiled sampling takes one latent per job, got batch {latents.shape[0]}")
-    job = TiledJob(latents, scheduler, timesteps, cond, uncond, guidance_scale, boxes_for_step, generator, weighting,
-                   condition, unet_kwargs, size_multiple, progress)
-    return sample_jobs(unet, [job], tile_batch_size)[0].latents
 
 
 def fstd_boxes(height: int, width: int, config: FSTDConfig, generator: torch.Generator,

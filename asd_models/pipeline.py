@@ -181,13 +181,14 @@ class AnySizePipeline:
 
     # -- pieces --------------------------------------------------------------------------------
     def default_sampler(self, name: str = FSTD.name, tile: int | None = None,
-                        tile_batch_size: int | None = None) -> TiledSampler:
+                        tile_batch_size: int | None = None, salt: int = 0) -> TiledSampler:
         """Stage 2's sampler (`asd_models.samplers`) at the UNet's native size (or `tile`), on the
         UNet's down-sampling lattice; `tile_batch_size` None: from free GPU memory on a GPU, 8 on
-        the CPU."""
+        the CPU. `salt`: the job's offset salt (every image of a job shifts alike, so a pack of
+        same-size images shares its UNet input shapes and an image is the same alone or packed)."""
         tile = tile or self.c.unet.config.sample_size
         batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype) or 8
-        return sampler_named(name, tile, batch, self.c.unet_multiple)
+        return sampler_named(name, tile, batch, self.c.unet_multiple, salt)
 
     @property
     def pixel_multiple(self) -> int:
@@ -242,7 +243,7 @@ class AnySizePipeline:
         latents = latents * scheduler.init_noise_sigma
         whole = [(0, 0, shape[2], shape[3])]
         return TiledJob(latents, scheduler, scheduler.timesteps, r.cond, r.uncond, r.req.guidance_scale,
-                        lambda i: whole, r.generator, "uniform", progress=progress)
+                        lambda i: whole, r.generator, "uniform", progress=progress, partition=True)
 
     def _stage2_job(self, r: _Render, image: Image.Image, sampler: TiledSampler, vae_tile: int,
                     progress: Callable | None, memmap_pixels: int) -> TiledJob:
@@ -268,10 +269,9 @@ class AnySizePipeline:
         timesteps = scheduler.timesteps[min(start, req.steps - 1):]
         noise = self._noise(tuple(x0.shape), r.generator)
         latents = scheduler.add_noise(x0, noise, timesteps[:1])
-        _, _, h, w = latents.shape
-        r.plan = sampler.boxes(h, w, r.generator)
-        return TiledJob(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale, r.plan, r.generator,
-                        sampler.weighting, size_multiple=sampler.size_multiple or 1, progress=progress)
+        job, r.plan = sampler.job(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale, r.generator,
+                                  progress=progress)
+        return job
 
     def upscaler_sampler(self, sampler: TiledSampler) -> TiledSampler:
         """Stage 2's sampler at the upscaler UNet's own tile and lattice."""
@@ -294,13 +294,10 @@ class AnySizePipeline:
         scheduler.set_timesteps(req.steps)
         latents = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
         latents = latents * scheduler.init_noise_sigma
-        sampler = self.upscaler_sampler(sampler)
-        _, _, h, w = latents.shape
-        r.plan = sampler.boxes(h, w, r.generator)
-        return TiledJob(latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale, r.plan,
-                        r.generator, sampler.weighting, condition=low_t.to(self.device),
-                        unet_kwargs={"class_labels": level.to(self.device)}, size_multiple=sampler.size_multiple or 1,
-                        progress=progress)
+        job, r.plan = self.upscaler_sampler(sampler).job(
+            latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale, r.generator,
+            condition=low_t.to(self.device), unet_kwargs={"class_labels": level.to(self.device)}, progress=progress)
+        return job
 
     @torch.no_grad()
     def generate_many(self, requests: list[RenderRequest], sampler: TiledSampler | None = None,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from asd_models.fstd import FSTDConfig, fstd_boxes, tiled_sample, unet_size_multiple
+from asd_models.fstd import FSTDConfig, TiledJob, fstd_boxes, sample_jobs, unet_size_multiple
 from asd_models.tiling import Box, grid_boxes, overlap_boxes
 
 
@@ -44,19 +44,41 @@ class BoxPlan:
 class TiledSampler:
     """What every sampler declares: its `name` (the CLI's choice), its `weighting` of tile
     predictions ("uniform" or "gaussian"), `tile`, `tile_batch_size` (tiles per UNet call) and
-    `size_multiple` (the UNet's lattice; filled in by `on_unet`), and the boxes of each step."""
+    `size_multiple` (the UNet's lattice; filled in by `on_unet`), the boxes of each step, and
+    their geometry: `partition` (every step's boxes tile the latent exactly once), `covers_all`
+    (no position is ever left to the previous prediction) and `run_sizes` (the side lengths
+    pieces grow to with real context, so a job runs few UNet input shapes)."""
 
     name: ClassVar[str]
     weighting: ClassVar[str] = "uniform"
+    partition: ClassVar[bool] = False
+    covers_all: ClassVar[bool] = True
     tile: int
     tile_batch_size: int
     size_multiple: int | None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> TiledSampler:
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> TiledSampler:
         """The method with its default settings at this tile (the one constructor shape the
-        pipeline and the benches use)."""
+        pipeline and the benches use); `salt`: a job-level salt for methods that draw offsets."""
         raise NotImplementedError
+
+    @property
+    def run_sizes(self) -> tuple[int, ...]:
+        return ()
+
+    def job(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, cond: torch.Tensor,
+            uncond: torch.Tensor | None, guidance_scale: float, generator: torch.Generator,
+            **kwargs: Any) -> tuple[TiledJob, BoxPlan]:
+        """One latent as a job of the shared loop (`sample_jobs`) with this sampler's boxes and
+        geometry, and the plan that counts its tiles; `kwargs`: condition, unet_kwargs, progress."""
+        _, _, height, width = latents.shape
+        plan = self.boxes(height, width, generator)
+        job = TiledJob(latents, scheduler, timesteps, cond, uncond, guidance_scale, plan, generator, self.weighting,
+                       size_multiple=self.size_multiple or 1, run_sizes=self.run_sizes, partition=self.partition,
+                       covers_all=self.covers_all, **kwargs)
+        return job, plan
 
     def on_unet(self, unet: torch.nn.Module) -> TiledSampler:
         """This sampler on `unet`'s lattice: size_multiple filled in; a tile off it refused."""
@@ -90,8 +112,26 @@ class FSTD(TiledSampler):
     config: FSTDConfig = FSTDConfig()
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> FSTD:
-        return cls(FSTDConfig(tile=tile, tile_batch_size=tile_batch_size, size_multiple=size_multiple))
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> FSTD:
+        return cls(FSTDConfig(tile=tile, tile_batch_size=tile_batch_size, size_multiple=size_multiple, salt=salt))
+
+    @property
+    def partition(self) -> bool:  # type: ignore[override]
+        return self.config.mode == "cropped"
+
+    @property
+    def covers_all(self) -> bool:  # type: ignore[override]
+        return self.config.mode != "official"
+
+    @property
+    def run_sizes(self) -> tuple[int, ...]:
+        """Cropped pieces (a quarter tile to a tile and a quarter, thin ones merged) grow to half a
+        tile, a tile or a tile and a quarter: at most 3 x 3 UNet input shapes a job."""
+        if self.config.mode != "cropped":
+            return ()
+        m, t = self.config.size_multiple or 1, self.config.tile
+        return tuple(sorted({-(-s // m) * m for s in (t // 2, t, t + t // 4)}))
 
     @property
     def tile(self) -> int:  # type: ignore[override]
@@ -127,8 +167,9 @@ class Official(FSTD):
     config: FSTDConfig = FSTDConfig.official()
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> Official:
-        return cls(replace(FSTDConfig.official(tile, tile_batch_size), size_multiple=size_multiple))
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> Official:
+        return cls(replace(FSTDConfig.official(tile, tile_batch_size), size_multiple=size_multiple, salt=salt))
 
 
 @dataclass(frozen=True)
@@ -136,12 +177,14 @@ class Naive(TiledSampler):
     """The unshifted grid, edge tiles cropped, every step: the cost of FSTD, seams at the lines."""
 
     name: ClassVar[str] = "naive"
+    partition: ClassVar[bool] = True
     tile: int = 64
     tile_batch_size: int = 8
     size_multiple: int | None = None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> Naive:
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> Naive:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
@@ -165,7 +208,8 @@ class MultiDiffusion(TiledSampler):
             raise ValueError(f"{self.name}: stride must be in [1, tile={self.tile}], got {self.stride}")
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> MultiDiffusion:
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> MultiDiffusion:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
@@ -186,12 +230,14 @@ class Full(TiledSampler):
     """The whole latent as one box each step (the reference: no tiles, no seams)."""
 
     name: ClassVar[str] = "full"
+    partition: ClassVar[bool] = True
     tile: int = 64
     tile_batch_size: int = 1
     size_multiple: int | None = None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> Full:
+    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+             salt: int | None = None) -> Full:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
@@ -203,22 +249,23 @@ SAMPLERS: dict[str, type[TiledSampler]] = {cls.name: cls for cls in (FSTD, Offic
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 
-def sampler_named(name: str, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None) -> TiledSampler:
+def sampler_named(name: str, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
+                  salt: int | None = None) -> TiledSampler:
     """The sampler called `name` with its defaults at this tile; an unknown name says the known ones."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLER_NAMES)}")
-    return SAMPLERS[name].make(tile, tile_batch_size, size_multiple)
+    return SAMPLERS[name].make(tile, tile_batch_size, size_multiple, salt)
 
 
 @torch.no_grad()
 def sample_with(sampler: TiledSampler, unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
                 timesteps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                 guidance_scale: float = 1.0, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
-    """Denoise one latent with `sampler` (put on the UNet's lattice) through the shared loop;
-    `kwargs` as `tiled_sample` (condition, unet_kwargs, progress)."""
+    """Denoise one latent (1 x C x H x W) with `sampler` (put on the UNet's lattice) through the
+    shared loop; `kwargs`: condition, unet_kwargs, progress (see `TiledJob`)."""
+    if latents.shape[0] != 1:
+        raise ValueError(f"tiled sampling takes one latent per job, got batch {latents.shape[0]}")
     sampler = sampler.on_unet(unet)
-    _, _, height, width = latents.shape
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    return tiled_sample(unet, scheduler, latents, timesteps, cond, uncond, guidance_scale,
-                        sampler.boxes(height, width, generator), sampler.tile_batch_size, sampler.weighting,
-                        generator, size_multiple=sampler.size_multiple or 1, **kwargs)
+    job, _ = sampler.job(latents, scheduler, timesteps, cond, uncond, guidance_scale, generator, **kwargs)
+    return sample_jobs(unet, [job], sampler.tile_batch_size)[0].latents

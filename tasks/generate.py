@@ -65,6 +65,8 @@ class GenerateSettings(StageSettings):
         "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)")
     tile: int | None = output(None, ge=1, description="stage 2's tile in latent pixels (default: the UNet's "
                               "sample size; an upscaler uses its own)")
+    offset_salt: int = output(0, ge=0, le=2**62, description="salt of FSTD's per-step grid offsets, shared by every "
+                              "image of the job (so a pack shares its UNet input shapes)")
     tile_batch_size: int | None = execution(None, ge=1, description="tiles per UNet call (default: the sampler's own)")
     upscaler: str | None = output(
         None, description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
@@ -257,7 +259,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
 
     s = job.settings
     reqs = [s.render_request(r) for r in pack]
-    sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size)
+    sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size, s.offset_salt)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     with peak_rss_window() as pack_peak:  # correct with other threads rendering in this process

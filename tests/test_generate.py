@@ -134,3 +134,33 @@ def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(stored_model
     assert all(loads.get(w, 0) <= 1 for w in workers) and sum(loads.values()) <= len(loads)
     for r in manifest.iter_rows(named=True):
         assert Image.open(io.BytesIO(store.read_bytes(ref, r["image"]))).size == (r["width"], r["height"])
+
+
+def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model_dir):
+    """Offsets come from the job's salt and the step, pieces grow to a few run sizes: images of
+    one size in a pack share every UNet input shape, so 4 images take no more stage-2 UNet calls
+    than one, and a whole job of mixed sizes runs at most 3 x 3 stage-2 shapes."""
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
+    sampler = pipe.default_sampler(tile_batch_size=64)
+    stage, calls = [""], []
+    forward = pipe.c.unet.forward
+
+    def counted(*args, **kwargs):
+        calls.append((stage[-1], args[0].shape[0], *args[0].shape[-2:]))
+        return forward(*args, **kwargs)
+
+    pipe.c.unet.forward = counted
+
+    def stage2_calls(batch):
+        calls.clear()
+        pipe.generate_many(batch, sampler, on_stage=stage.append)
+        return [c[1:] for c in calls if c[0] == "fstd"]
+
+    reqs = [RenderRequest(f"picture {i}", 512, 384, seed=i, steps=4, strength=1.0) for i in range(4)]
+    one, four = stage2_calls(reqs[:1]), stage2_calls(reqs)
+    assert len(four) <= len(one), (len(four), len(one))
+    assert sum(c[0] for c in four) == 4 * sum(c[0] for c in one)  # the same pieces, batched together
+    mixed = stage2_calls([RenderRequest("a", 512, 384, steps=6, strength=1.0),
+                          RenderRequest("b", 328, 696, steps=6, strength=1.0),
+                          RenderRequest("c", 1000, 200, steps=6, strength=1.0)])
+    assert len({c[1:] for c in mixed}) <= 9, sorted({c[1:] for c in mixed})
