@@ -58,11 +58,34 @@ def task_runner_for(settings: Any):
         try:
             import dask_cuda  # noqa: F401
 
-            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                                  cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}})
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",  # pins one GPU per worker
+                                  cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}, "env": env,
+                                                  "dashboard_address": None})
         except ImportError:
-            kwargs["resources"] = {"GPU": 1}
+            kwargs["resources"] = {"GPU": 1}  # each worker pins its own GPU when it loads the model (worker_device)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def worker_device(device: str, gpus: int | None = None) -> str:
+    """The device this process renders on. In a worker of a local Dask cluster (named 0, 1, ...
+    by `LocalCluster`) on a machine with several GPUs, "auto" and "cuda" mean the worker's own
+    GPU, `cuda:<name mod GPUs>`, so N workers use N GPUs, not all cuda:0. Elsewhere (threads, a
+    remote worker started with its own CUDA_VISIBLE_DEVICES, an explicit cuda:N) as given."""
+    if device not in ("auto", "cuda"):
+        return device
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return device
+    return f"cuda:{int(name) % gpus}" if isinstance(name, int) or str(name).isdigit() else device
 
 
 @contextlib.contextmanager

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from asd_models.loading import SDComponents, load_components
 from asd_models.pipeline import AnySizePipeline
 from data_manifests.runtime import runtime
+from tasks.executors import worker_device
 from tasks.runtime import run_logger
 
 _LOCK = threading.Lock()
@@ -23,21 +28,39 @@ def cache_root() -> Path:
     return runtime().cache.expanduser()
 
 
+VERIFIED = ".verified.json"  # beside a cached version: the stat of every file when it was last hashed
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """One writer of a cached version at a time: threads of this process (a lock) and every
+    process of the machine (an exclusive flock on a file beside it: Dask workers of one node
+    share the cache)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _LOCK, open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
-    """Local copy of a committed model version (versions are immutable, so cached by id;
-    every file's sha256 is checked as it is downloaded)."""
+    """Local copy of a committed model version (versions are immutable, so cached by id).
+    Every file's sha256 is checked as it is downloaded; a cached copy is re-hashed when any
+    file's size or modification time differs from when it was last verified."""
     ref = store.resolve(ref)
     target = cache_root() / "models" / ref.name / ref.version
-    with _LOCK:
+    with _cache_lock(target):
         if (target / "model_index.json").is_file() and not cached_copy_intact(store, ref, target):
             run_logger().warning("cached copy of %s at %s differs from its commit record: downloading again",
                                  ref, target)
             shutil.rmtree(target)
         if not (target / "model_index.json").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".dl-"))
             try:
                 store.download(ref, tmp)
+                (tmp / VERIFIED).write_text(json.dumps(_stats(store, ref, tmp)))
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.rename(target)
@@ -47,19 +70,31 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
     return target
 
 
+def _stats(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> dict[str, list[int]]:
+    return {rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns] for rel in store.record(ref)["files"]}
+
+
 def cached_copy_intact(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> bool:
     """Every recorded file present in `folder` with its recorded size and sha256 (a cache is
-    a local copy anyone on the machine may have touched)."""
+    a local copy anyone on the machine may have touched); files whose size and modification
+    time are those of the last verification are not hashed again."""
+    try:
+        verified = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        verified = {}
     for rel, meta in store.record(ref)["files"].items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != meta["size"]:
             return False
+        if verified.get(rel) == [path.stat().st_size, path.stat().st_mtime_ns]:
+            continue
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(8 << 20):
                 h.update(block)
         if h.hexdigest() != meta["sha256"]:
             return False
+    (folder / VERIFIED).write_text(json.dumps(_stats(store, ref, folder)))
     return True
 
 
@@ -93,7 +128,7 @@ def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, devic
     (threads that ask at once wait for the one load; two concurrent `from_pretrained` calls
     corrupt each other)."""
     with _LOAD_LOCK:
-        return _load_pipeline(store_url, ref, upscaler, device, dtype)
+        return _load_pipeline(store_url, ref, upscaler, worker_device(device), dtype)
 
 
 @lru_cache(maxsize=4)

@@ -321,3 +321,38 @@ def test_access_key_id_equal_to_bucket_name_still_works(tmp_path, s3_server, mon
     ref = ingest_ref("s3://asd/store", [str(folder)], "d", SMALL)
     store = ArtifactStore("s3://asd/store")
     assert store.url == "s3://asd/store" and store.verify(ref) == []
+
+
+def test_cache_tampering_of_the_same_size_is_found_and_processes_share_one_download(tmp_path, commit_tiny_model):
+    """A cached file edited in place (same size) is hashed again and replaced; three processes
+    filling the cache at once download the version once and all get the intact copy."""
+    import subprocess
+    import sys
+
+    store_url = str(tmp_path / "store")
+    ref = commit_tiny_model(store_url)
+    env = {**os.environ, "ASD_CACHE": str(tmp_path / "cache")}
+    code = f"""
+import json, sys
+from artifact_store import ArtifactStore
+import tasks.model_cache as mc
+store = ArtifactStore({store_url!r})
+downloads = []
+real = store.download
+store.download = lambda *a, **k: downloads.append(1) or real(*a, **k)
+folder = mc.local_model_dir(store, {ref!r})
+print(json.dumps({{"folder": str(folder), "downloads": len(downloads)}}))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert len({r["folder"] for r in results}) == 1 and sum(r["downloads"] for r in results) == 1
+    folder = Path(results[0]["folder"])
+    weights = next(folder.rglob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # one byte flipped, same size
+    weights.write_bytes(bytes(blob))
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["downloads"] == 1  # found, fetched again
+    rel = weights.relative_to(folder).as_posix()
+    assert weights.read_bytes() == ArtifactStore(store_url).read_bytes(ref, rel)
