@@ -109,12 +109,15 @@ class AradTrainer:
             frozen.requires_grad_(False).eval().to(acc.device)
             if self.weight_dtype != torch.float32:
                 frozen.to(dtype=self.weight_dtype)
-        opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        # on a GPU: one fused kernel for the whole optimizer step, and EMA over all tensors at once
+        opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                fused=acc.device.type == "cuda")
         # Stepped by hand once per optimizer step (accelerate would step it once per process).
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, _lr_lambda(config.warmup_steps, config.steps, config.min_lr_ratio))
         self.unet, self.optimizer = acc.prepare(unet, opt)
-        self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True)
+        self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True,
+                             foreach=acc.device.type == "cuda")
                     if config.ema_decay > 0 else None)
         # every draw (noise, timesteps, caption dropout) from this generator: the global RNG is never seeded
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -162,7 +162,8 @@ class AnySizePipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnySizePipeline:
         """Move every model to `device` in `dtype` (as diffusers pipelines). In fp16 a VAE whose
-        config asks for it (`force_upcast`, as SD's) stays in fp32: its decoder overflows in fp16."""
+        config asks for it (`force_upcast`, as SD's: its decoder overflows in fp16) runs in bf16
+        where the device has it (fp32's exponent range at half the bytes), else in fp32."""
         def move(m: torch.nn.Module, want: torch.dtype | None) -> None:
             # only what changes: diffusers warns on every dtype cast, even a no-op one
             if want is not None and want != m.dtype:
@@ -176,7 +177,8 @@ class AnySizePipeline:
             for m in (c.unet, c.text_encoder):
                 move(m, dtype)
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
-            move(c.vae, torch.float32 if upcast else dtype)
+            move(c.vae, _vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
+                 if upcast else dtype)
         return self
 
     # -- pieces --------------------------------------------------------------------------------
@@ -376,6 +378,11 @@ class AnySizePipeline:
                             strength, noise_level)
         report = (lambda i, stage, s, n, d, t: progress(stage, s, n, d, t)) if progress else None
         return self.generate_many([req], sampler, report, vae_tile)[0]
+
+
+def _vae_upcast_dtype(device: torch.device) -> torch.dtype:
+    """The VAE's dtype when fp16 would overflow: bf16 on a GPU that has it, else fp32."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def auto_tile_batch_size(device: torch.device, tile: int, dtype: torch.dtype) -> int | None:

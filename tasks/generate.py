@@ -18,6 +18,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -254,7 +256,10 @@ def _write_image(writer: Any, key: str, pixels: np.ndarray, s: GenerateSettings)
 
 
 def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writer: Any, out: ShardOutput,
-                 worker: str, logger: Any) -> None:
+                 worker: str, logger: Any) -> Callable[[], None]:
+    """Render one pack on the device; the host work that follows (PNG encode, seam heat-map,
+    uploads, the per-image record) is returned as a function, for the shard to run while the
+    device renders the next pack."""
     import torch
 
     s = job.settings
@@ -262,48 +267,66 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
     sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size, s.offset_salt)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    with peak_rss_window() as pack_peak:  # correct with other threads rendering in this process
-        t0 = time.perf_counter()
-        try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
-            results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
-            error = None
-        except (ValueError, RuntimeError) as exc:
-            results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
-        seconds = (time.perf_counter() - t0) / len(pack)
-        peak = _peak_memory_mb(pipe.device)
-        for r, res in zip(pack, results, strict=True):
-            row = {f.name: None for f in GENERATIONS_MANIFEST}
-            row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
-                       seconds=seconds, peak_memory_mb=peak, device=str(pipe.device), worker=worker)
-            if res is None or res.size != (r["width"], r["height"]):
-                row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
-                logger.error("%s failed: %s", r["key"], row["error"])
-                out.rows.append(row)
-                continue
-            rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
-            meta = writer.files[rel]
-            row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
-                       canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-                       seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
-                       image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
-                       viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
-            heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
-            if heat is not None:  # beside the image: where its tile lines are and how they look
-                extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
-            row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
-            if pipe.device.type != "cuda":
-                row["peak_memory_mb"] = row["peak_rss_mb"]
-            record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
-            out.files[rel] = meta
-            out.files.update(extra)
-            out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
-            out.rows.append(row)
-            out.rendered += 1
-            _RENDERED_IN_PROCESS[0] += 1
-            fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-            logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
-                        r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
-            del res
+    window = peak_rss_window()  # correct with other threads rendering in this process; closed by `store`
+    pack_peak = window.__enter__()
+    t0 = time.perf_counter()
+    try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
+        results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
+        error = None
+    except (ValueError, RuntimeError) as exc:
+        results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        window.__exit__(None, None, None)
+        raise
+    seconds = (time.perf_counter() - t0) / len(pack)
+    peak = _peak_memory_mb(pipe.device)
+
+    def store() -> None:
+        try:
+            for r, res in zip(pack, results, strict=True):
+                _store_image(r, res, error, seconds, peak, pack_peak, pipe.device, job, writer, out, worker, logger)
+        finally:
+            window.__exit__(None, None, None)
+
+    return store
+
+
+def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float, peak: float,
+                 pack_peak: Callable[[], float], device: Any, job: GenerationJob, writer: Any, out: ShardOutput,
+                 worker: str, logger: Any) -> None:
+    """One rendered image into the pending version: its file, heat-map, then its record."""
+    s = job.settings
+    row = {f.name: None for f in GENERATIONS_MANIFEST}
+    row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
+               seconds=seconds, peak_memory_mb=peak, device=str(device), worker=worker)
+    if res is None or res.size != (r["width"], r["height"]):
+        row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
+        logger.error("%s failed: %s", r["key"], row["error"])
+        out.rows.append(row)
+        return
+    rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
+    meta = writer.files[rel]
+    row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
+               canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
+               seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
+               image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
+               viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
+    heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
+    if heat is not None:  # beside the image: where its tile lines are and how they look
+        extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+    row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
+    if device.type != "cuda":
+        row["peak_memory_mb"] = row["peak_rss_mb"]
+    record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
+    out.files[rel] = meta
+    out.files.update(extra)
+    out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
+    out.rows.append(row)
+    out.rendered += 1
+    _RENDERED_IN_PROCESS[0] += 1
+    fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
+    logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
+                r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
 
 
 @task(name="render-shard")
@@ -327,8 +350,17 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
                                job.settings.dtype)
         out.model_loads = model_loads() - loads
         writer = store.writer(job.pending)
-        for pack in _packs(todo, job.settings):
-            _render_pack(pipe, pack, job, writer, out, worker, logger)
+        # the host work of a pack (encode, heat-map, uploads) runs while the device renders the next;
+        # at most one pack waits for it, so memory holds two packs at most
+        with ThreadPoolExecutor(1, thread_name_prefix="asd-store") as host:
+            storing: Future | None = None
+            for pack in _packs(todo, job.settings):
+                store_pack = _render_pack(pipe, pack, job, writer, out, worker, logger)
+                if storing is not None:
+                    storing.result()
+                storing = host.submit(store_pack)
+            if storing is not None:
+                storing.result()
     logger.info("shard rows %d-%d: %d rendered, %d already done", start, stop, out.rendered, len(rows) - len(todo))
     return out
 

@@ -34,10 +34,25 @@ def test_fp16_and_bf16_render_exact_sizes(tiny_model_dir):
     for dtype in (torch.float16, torch.bfloat16):
         pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cuda", dtype)
         assert pipe.dtype == dtype
+        if dtype == torch.float16 and torch.cuda.is_bf16_supported():  # SD-style VAEs overflow in fp16
+            assert pipe.c.vae.dtype == torch.bfloat16
         for res, req in zip(pipe.generate_many(REQUESTS), REQUESTS, strict=True):
             arr = np.asarray(res.image)
             assert res.image.size == (req.width, req.height) and arr.std() > 0
     assert pipe.default_sampler().tile_batch_size >= 1  # from free GPU memory
+
+
+def test_concurrent_large_decodes_on_one_gpu_pipeline_match_sequential_ones(tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asd_models.tiled_vae import tiled_decode
+
+    pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cuda", torch.float16)
+    latents = [torch.randn(1, 4, 40, 64, generator=torch.Generator().manual_seed(s)).cuda() * (1 + s) for s in (0, 1)]
+    alone = [tiled_decode(pipe.c.vae, z, tile=8) for z in latents]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda z: tiled_decode(pipe.c.vae, z, tile=8), latents))
+    assert all(np.array_equal(a, t) for a, t in zip(alone, together, strict=True))
 
 
 def test_packed_matches_one_at_a_time_on_the_gpu(tiny_model_dir):
