@@ -30,6 +30,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
         default = field.get_default(call_default_factory=True)
         if default is not None:
             text += f" (default: {default})"
+        text = text.replace("%", "%%")  # argparse formats help with %: a literal one must be doubled
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is Literal:
