@@ -179,6 +179,9 @@ class AnySizePipeline:
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
             move(c.vae, _vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
                  if upcast else dtype)
+            if c.unet.device.type == "cuda":  # tensor cores read NHWC convolutions without transposes
+                for m in (c.unet, c.vae):
+                    m.to(memory_format=torch.channels_last)
         return self
 
     # -- pieces --------------------------------------------------------------------------------

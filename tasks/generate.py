@@ -78,7 +78,8 @@ class GenerateSettings(StageSettings):
     device: str = execution("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                             description="auto (a GPU when there is one), cpu, cuda or cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
-    shard_size: int = execution(100, ge=1, description="prompts per generation task")
+    shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
+                                       "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
     pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
     pack_max_pixels: int = execution(16 << 20, ge=4096, description="output pixels rendered together at most "
                                      "(a larger image renders alone)")
@@ -365,6 +366,35 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
     return out
 
 
+MAX_SHARD_ROWS = 1000
+
+
+def plan_shards(costs: list[int], shard_size: int | None, workers: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of the shard tasks, largest first. `shard_size` given: that many
+    rows each. Else about 4 shards per worker (so a straggler or a lost worker costs little),
+    at most `MAX_SHARD_ROWS` rows each, cut where the running cost (pixels x steps) crosses
+    equal shares, so mixed sizes do not leave workers idle behind one heavy shard."""
+    n_rows = len(costs)
+    if n_rows == 0:
+        return []
+    if shard_size:
+        ranges = [(i, min(n_rows, i + shard_size)) for i in range(0, n_rows, shard_size)]
+    else:
+        n = min(n_rows, max(4 * workers, -(-n_rows // MAX_SHARD_ROWS)))
+        weights = costs if sum(costs) else [1] * n_rows
+        ranges, start, acc, remaining = [], 0, 0, sum(weights)
+        for i, c in enumerate(weights):
+            left = n - len(ranges)  # shards still to make, the open one included
+            if i > start and left > 1 and (acc + c / 2 > remaining / left  # this row would overfill the share
+                                           or n_rows - i < left  # every shard left needs a row
+                                           or i - start >= MAX_SHARD_ROWS):
+                ranges.append((start, i))
+                start, remaining, acc = i, remaining - acc, 0
+            acc += c
+        ranges.append((start, n_rows))
+    return sorted(ranges, key=lambda r: -sum(costs[r[0]:r[1]]))
+
+
 def adopt_shards(job: GenerationJob, writer: Any, outputs: list[ShardOutput]) -> list[dict[str, Any]]:
     """Adopt the shards' files into the version and write its manifest (invalid prompt rows
     included as failures); the manifest rows."""
@@ -455,8 +485,11 @@ class Generate(Stage):
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]
         s = self.pinned(inputs.refs)
-        n_rows = read_prompts(run.store, prompts).num_rows
-        ranges = [(i, min(n_rows, i + s.shard_size)) for i in range(0, n_rows, s.shard_size)]
+        table = read_prompts(run.store, prompts)
+        n_rows = table.num_rows
+        costs = [0 if e is not None else w * h * (st or s.steps) for w, h, st, e in zip(
+            *(table.column(c).to_pylist() for c in ("width", "height", "steps", "error")), strict=True)]
+        ranges = plan_shards(costs, s.shard_size, s.workers)
         job = GenerationJob(run.store.url, model, prompts, run.pending, s)
         run.logger.info("rendering %d prompt rows of %s in %d shard(s) with %s (%s executor) into %s", n_rows,
                         prompts, len(ranges), model, s.executor, run.pending.ref)

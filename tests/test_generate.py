@@ -164,3 +164,23 @@ def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model
                           RenderRequest("b", 328, 696, steps=6, strength=1.0),
                           RenderRequest("c", 1000, 200, steps=6, strength=1.0)])
     assert len({c[1:] for c in mixed}) <= 9, sorted({c[1:] for c in mixed})
+
+
+def test_shards_are_planned_from_the_job():
+    """About 4 shards per worker, equal in pixels x steps, every row once, largest first; an
+    explicit shard size still wins, and no shard holds more than 1000 rows."""
+    from tasks.generate import MAX_SHARD_ROWS, plan_shards
+
+    costs = [1] * 30 + [100] * 2 + [1] * 30  # two heavy rows in the middle of light ones
+    ranges = plan_shards(costs, None, workers=2)
+    assert len(ranges) == 8
+    rows = sorted(i for a, b in ranges for i in range(a, b))
+    assert rows == list(range(len(costs)))  # every row in exactly one shard
+    loads = [sum(costs[a:b]) for a, b in ranges]
+    assert loads == sorted(loads, reverse=True)  # largest first
+    assert max(loads) <= max(max(costs), 2 * sum(costs) / len(ranges))  # no shard much over its share
+    assert sorted(plan_shards([1] * 10, 4, workers=8)) == [(0, 4), (4, 8), (8, 10)]
+    assert sorted(plan_shards([1] * 3, None, workers=4)) == [(0, 1), (1, 2), (2, 3)]  # one row each, no empty shard
+    big = plan_shards([1] * 5000, None, workers=1)
+    assert max(b - a for a, b in big) <= MAX_SHARD_ROWS and sum(b - a for a, b in big) == 5000
+    assert plan_shards([], None, workers=2) == []
