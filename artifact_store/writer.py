@@ -19,6 +19,7 @@ from artifact_store.faults import fault_point
 from artifact_store.paths import check_relpath
 from artifact_store.refs import (
     COMMIT_RECORD,
+    PENDING_MARKER,
     RECORD_FORMAT,
     ArtifactRef,
     PendingVersion,
@@ -193,6 +194,9 @@ class VersionWriter:
         fault_point("before-commit-record")
         self.store.write_atomic(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
         self.committed = True
+        marker = self.store.path(self.ref.prefix, PENDING_MARKER)
+        if self.store.fs.exists(marker):  # what a rerun looked for: the version is committed now
+            self.store.fs.rm_file(marker)
         fault_point("before-catalog")
         write_catalog_row(self.store, record)
         fault_point("before-latest")

@@ -80,9 +80,10 @@ def validate_rows(rows: Iterable[dict[str, Any]], where: str) -> pa.Table:
                 err = exc.errors()[0]
                 field = ".".join(str(p) for p in err["loc"]) or "row"
                 rec["error"] = f"{field}: {err['msg']} (got {err.get('input')!r})"[:300]
-        if rec["error"] is not None:
+        if rec["error"] is not None:  # kept for the report, made storable (an unpaired surrogate becomes ?)
             for k in ("prompt", "negative_prompt"):
-                rec[k] = str(row.get(k))[:1000] if row.get(k) is not None else None
+                text = str(row.get(k))[:1000] if row.get(k) is not None else None
+                rec[k] = text.encode("utf-8", "replace").decode("utf-8") if text is not None else None
         out.append(rec)
     if not out:
         raise PromptFileError(f"{where}: no rows")
@@ -93,6 +94,8 @@ def prompt_table(path: str | Path) -> pa.Table:
     """A prompt file as a validated PROMPTS table."""
     path = Path(path)
     rows = _read_rows(path)
+    if not rows:
+        raise PromptFileError(f"prompt file {path}: no rows")
     columns = {k for r in rows for k in r}
     missing = [c for c in REQUIRED if c not in columns]
     if missing and "__error__" not in columns:

@@ -8,9 +8,10 @@ defined, `output(...)` (changes what the stage produces, so its identity covers 
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticUndefined
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2^64)
@@ -61,3 +62,26 @@ class PromptSpec(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     strength: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("width", "height", "seed", "steps", "guidance_scale", "strength", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would take true as 1
+            raise ValueError("a boolean is not a number")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _text(cls, value: str, info: Any) -> str:
+        """NFC-normalised Unicode; a prompt of only whitespace or invisible characters is empty."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (an unpaired surrogate)") from None
+        value = unicodedata.normalize("NFC", value)
+        if info.field_name == "prompt" and not "".join(c for c in value if unicodedata.category(c) not in INVISIBLE):
+            raise ValueError("empty: only whitespace or invisible characters")
+        return value
+
+
+INVISIBLE = {"Zs", "Zl", "Zp", "Cc", "Cf"}  # separators, controls and format characters (zero-width ones)

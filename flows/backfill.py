@@ -111,7 +111,11 @@ def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[s
         if label in seen:
             raise BackfillError(f"partition {label} is listed twice")
         seen.add(label)
-        out_name = check_name(f"{base}-{fields['partition']}"[:128])
+        out_name = f"{base}-{fields['partition']}"
+        if len(out_name) > 128:  # cut, two partitions could share a name and the second be skipped as done
+            raise BackfillError(f"partition {label}: its output name {out_name[:40]}... is {len(out_name)} characters "
+                                "(at most 128): give a shorter --name")
+        check_name(out_name)
         params = {**defaults, **_fill(parameters, fields), **pinned, out_param: out_name}
         plans.append(Partition(label, params, ArtifactRef(kind, out_name, "latest")))
     return plans

@@ -1,0 +1,66 @@
+"""Bad input stays a row (or one line), never a crash and never a silent cut: prompt text that
+is not valid Unicode, empty to the eye, or booleans where numbers are asked; an empty prompt file;
+backfill output names too long to keep; the pending marker of a committed version."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import date
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from artifact_store import ArtifactStore
+from data_engine.prompts import PromptFileError, prompt_table
+from flows.backfill import BackfillError, DateRange, plan_partitions
+
+
+def test_bad_prompt_text_and_booleans_are_failed_rows_and_the_rest_render(tmp_path):
+    lines = ['{"prompt": "\\ud800 broken", "width": 64, "height": 64}',  # valid JSON, not valid Unicode
+             '{"prompt": "   \\t ", "width": 64, "height": 64}',
+             '{"prompt": "\\u200b\\u200d\\ufeff", "width": 64, "height": 64}',  # zero-width only
+             '{"prompt": "a cat", "width": true, "height": 64}',
+             '{"prompt": "a cat", "width": 64, "height": 64, "steps": false}',
+             '{"prompt": "Cafe\\u0301 at dusk", "width": 64, "height": 64}']
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    table = prompt_table(path)
+    rows = table.to_pylist()
+    errors = [r["error"] for r in rows]
+    assert "unicode" in errors[0].lower()
+    assert "whitespace or invisible" in errors[1] and "whitespace or invisible" in errors[2]
+    assert "boolean" in errors[3] and "boolean" in errors[4]
+    assert errors[5] is None and rows[5]["prompt"] == "Café at dusk"  # normalised (NFC)
+    pq.write_table(table, io.BytesIO())  # the failed rows are storable as they are
+
+
+def test_an_empty_prompt_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pl.DataFrame({"prompt": [], "width": [], "height": []},
+                 schema={"prompt": pl.String, "width": pl.Int64, "height": pl.Int64}).write_parquet(path)
+    with pytest.raises(PromptFileError, match="no rows"):
+        prompt_table(path)
+
+
+def test_backfill_refuses_names_it_would_have_to_cut(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    with pytest.raises(BackfillError, match="at most 128"):
+        plan_partitions("asd-ingest", {"dataset": "d" * 120, "source": "/d"}, {}, store,
+                        dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)))
+    parts = plan_partitions("asd-ingest", {"dataset": "d" * 117, "source": "/d"}, {}, store,
+                            dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)))
+    assert len({p.output.name for p in parts}) == 3  # 128 characters each, all different
+
+
+def test_a_committed_version_keeps_no_pending_marker(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    pending = store.resume_or_new("generations", "g", "hash-1")
+    marker = store.path(pending.ref.prefix, "_PENDING.json")
+    assert json.loads(store.fs.cat_file(marker))["input_hash"] == "hash-1"
+    writer = store.writer(pending)
+    writer.put_bytes("a.txt", b"a")
+    ref = writer.commit()
+    assert not store.fs.exists(marker)
+    assert store.verify(ref) == [] and store.resume_or_new("generations", "g", "hash-1") == ref
