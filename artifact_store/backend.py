@@ -97,6 +97,30 @@ class StoreBackend:
             fault_point("during-commit-record")  # a single PUT: all or nothing
             self.fs.pipe_file(path, data)
 
+    def write_once(self, path: str, data: bytes) -> None:
+        """Whole-or-nothing and only if nothing is there yet: FileExistsError when another writer
+        got there first (a hard link on a local disk, a conditional PUT, If-None-Match: *, on S3)."""
+        self.ensure_parent(path)
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("during-commit-record")  # written, not yet linked: a reader sees nothing
+            try:
+                os.link(tmp, path)  # fails if the path exists: exactly one writer wins
+            finally:
+                os.unlink(tmp)
+            return
+        fault_point("during-commit-record")  # a single PUT: all or nothing
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except Exception:
+            if self.fs.exists(path):
+                raise FileExistsError(path) from None
+            raise
+
     def read_latest(self, kind: str, name: str) -> str | None:
         try:
             text = self.fs.cat_file(self.path(kind, name, LATEST_POINTER)).decode("utf-8", "replace").strip()

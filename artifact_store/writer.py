@@ -163,6 +163,21 @@ class VersionWriter:
                 rel = p.relative_to(local_dir).as_posix()
                 self.put_file(f"{prefix.rstrip('/')}/{rel}" if prefix else rel, p)
 
+    def _check_files_present(self) -> None:
+        """Every file the record will list is in the store with its recorded size (one listing of
+        the version's prefix, not a request per file)."""
+        prefix = self.store.path(self.ref.prefix).rstrip("/") + "/"
+        try:
+            listed = self.store.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            listed = {}
+        sizes = {p.split(prefix, 1)[-1]: info.get("size") for p, info in listed.items()}
+        wrong = [rel if rel not in sizes else f"{rel} ({sizes[rel]} bytes, recorded {meta['size']})"
+                 for rel, meta in self.files.items() if sizes.get(rel) != meta["size"]]
+        if wrong:
+            raise StoreError(f"{self.ref}: not committed, files it would list are missing or changed: "
+                             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+
     def commit(
         self,
         *,
@@ -191,8 +206,13 @@ class VersionWriter:
             "files": dict(sorted(self.files.items())),
         }
         data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        self._check_files_present()
         fault_point("before-commit-record")
-        self.store.write_atomic(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
+        try:
+            self.store.write_once(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
+        except FileExistsError:
+            raise StoreError(f"{self.ref} was committed by another run meanwhile; this run committed nothing "
+                             f"(versions are written once)") from None
         self.committed = True
         marker = self.store.path(self.ref.prefix, PENDING_MARKER)
         if self.store.fs.exists(marker):  # what a rerun looked for: the version is committed now

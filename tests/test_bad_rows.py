@@ -64,3 +64,34 @@ def test_a_committed_version_keeps_no_pending_marker(tmp_path):
     ref = writer.commit()
     assert not store.fs.exists(marker)
     assert store.verify(ref) == [] and store.resume_or_new("generations", "g", "hash-1") == ref
+
+
+def _two_committers_of_one_pending_version(url: str):
+    store = ArtifactStore(url)
+    pending = store.resume_or_new("generations", "twice", "hash-2")
+    first, second = ArtifactStore(url).writer(pending), ArtifactStore(url).writer(pending)
+    first.put_bytes("a.png", b"first")
+    second.put_bytes("b.png", b"second")
+    ref = first.commit(summary={"by": "first"})
+    return store, ref, second
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_version_is_committed_once_and_only_with_its_files(tmp_path, request, where):
+    """Two runs resuming one pending version: the second commit fails cleanly and the first
+    record stands; a commit whose listed file went missing is refused before any record."""
+    from artifact_store import StoreError
+
+    url = str(tmp_path / "store") if where == "folder" else request.getfixturevalue("s3_bucket")
+    store, ref, second = _two_committers_of_one_pending_version(url)
+    with pytest.raises(StoreError, match="committed by another run"):
+        second.commit(summary={"by": "second"})
+    fresh = ArtifactStore(url)
+    assert fresh.record(ref)["summary"] == {"by": "first"} and set(fresh.record(ref)["files"]) == {"a.png"}
+    writer = fresh.new_version("generations", "lost")
+    writer.put_bytes("kept.png", b"1")
+    writer.put_bytes("gone.png", b"2")
+    fresh.fs.rm_file(fresh.path(writer.ref.prefix, "gone.png"))
+    with pytest.raises(StoreError, match="gone.png"):
+        writer.commit()
+    assert not fresh.has_commit_record(writer.ref)
