@@ -41,6 +41,12 @@ __all__ = ["DEFAULT_STORE", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
 
 
+def _modified(info: dict[str, Any]) -> float:
+    """When a listed file was last written (local mtime or S3 LastModified), in epoch seconds."""
+    m = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return m.timestamp() if isinstance(m, datetime) else float(m or 0)
+
+
 class ArtifactStore(StoreBackend):
     """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`):
     the files of `StoreBackend`, plus versions: reuse-or-new, resolve, read, verify, gc, lineage."""
@@ -331,8 +337,10 @@ class ArtifactStore(StoreBackend):
     # leftovers ---------------------------------------------------------------
     def uncommitted(self, grace_s: float = 24 * 3600) -> list[str]:
         """Version prefixes (and temp files) without a commit record, older than `grace_s`:
-        what killed writers left behind. Age comes from the version id's timestamp. A version
-        whose record exists but is damaged is never listed."""
+        what killed writers left behind. A version's age is that of its newest file (a resumed
+        job keeps its old version id but writes now: it is not a leftover), so only versions
+        nobody has written for `grace_s` are listed. A version whose record exists but is
+        damaged is never listed."""
         now = datetime.now(UTC)
         out = []
         for kind, name in self.list_artifacts():
@@ -351,17 +359,19 @@ class ArtifactStore(StoreBackend):
                     born = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
                     if (now - born).total_seconds() < grace_s:
                         continue
-                    if not [f for f in self.fs.find(e) if f.startswith(e.rstrip("/") + "/")]:
+                    files = {f: info for f, info in self.fs.find(e, detail=True).items()
+                             if f.startswith(e.rstrip("/") + "/")}
+                    if not files:
                         continue  # nothing left under it (some S3 servers list emptied prefixes)
+                    if now.timestamp() - max(_modified(info) for info in files.values()) < grace_s:
+                        continue  # written within the grace period: a job is (or was just) at work on it
                 elif (now.timestamp() - self._mtime(e)) < grace_s:
                     continue
                 out.append(e)
         return sorted(out)
 
     def _mtime(self, path: str) -> float:
-        info = self.fs.info(path)
-        m = info.get("mtime") or info.get("LastModified") or info.get("created")
-        return m.timestamp() if isinstance(m, datetime) else float(m or 0)
+        return _modified(self.fs.info(path))
 
     def gc(self, grace_s: float = 24 * 3600, delete: bool = False) -> list[str]:
         """List (and with `delete`, remove) leftovers of uncommitted versions."""

@@ -197,17 +197,42 @@ def _peak_memory_mb(device: Any) -> float:
 
 
 def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: ShardOutput) -> bool:
-    """Take an image a previous run finished (its .json exists) into `out`."""
+    """Take an image a previous run finished into `out`, if its record (`images/<key>.json`) is
+    readable, names only files of this key, and every file it names is in the store with its
+    recorded sha256; anything else is "not done" (logged, rendered again): a rerun never trusts a
+    truncated, edited or injected file it finds."""
     rel = f"images/{key}.json"
     if not store.exists(pending, rel):
         return False
     blob = store.read_pending(pending, rel)
-    record = json.loads(blob)
+    try:
+        record = json.loads(blob)
+        files = {record["row"]["image"]: record["file"], **(record.get("extra") or {})}
+        why = _not_trusted(store, pending, key, files)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        why = f"unreadable ({type(exc).__name__}: {exc})"
+    if why:
+        run_logger().warning("%s of %s is not taken as done: %s; rendering it again", rel, pending.ref, why)
+        return False
     out.rows.append(record["row"])
     out.files[record["row"]["image"]] = record["file"]
     out.files.update(record.get("extra") or {})
     out.files[rel] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
     return True
+
+
+def _not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: dict[str, Any]) -> str | None:
+    """Why a finished image's files cannot be taken as they are (None: they can)."""
+    for rel, meta in files.items():
+        if not rel.startswith(f"images/{key}.") and not rel.startswith(f"images/{key}_files/"):
+            return f"it names {rel!r}, not a file of this image"
+        try:
+            data = store.read_pending(pending, rel)
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if hashlib.sha256(data).hexdigest() != meta["sha256"] or len(data) != meta["size"]:
+            return f"{rel} does not match its recorded sha256"
+    return None
 
 
 def _seam_heatmap_png(pixels: np.ndarray, xs: list[int], ys: list[int]) -> bytes | None:
