@@ -82,31 +82,30 @@ class StoreBackend:
         if self.is_local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
+    def _synced_temp(self, path: str, data: bytes) -> str:
+        """`data` in a flushed and fsynced temporary file beside `path` (local disks only)."""
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
     def write_atomic(self, path: str, data: bytes) -> None:
         """Whole-or-nothing write: rename on a local disk, a single PUT on object stores."""
         self.ensure_parent(path)
         if self.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point("during-commit-record")  # written, not yet renamed: a reader sees nothing
-            os.replace(tmp, path)
+            os.replace(self._synced_temp(path, data), path)
         else:
-            fault_point("during-commit-record")  # a single PUT: all or nothing
             self.fs.pipe_file(path, data)
 
     def write_once(self, path: str, data: bytes) -> None:
-        """Whole-or-nothing and only if nothing is there yet: FileExistsError when another writer
-        got there first (a hard link on a local disk, a conditional PUT, If-None-Match: *, on S3)."""
+        """Whole-or-nothing and only if nothing is there yet (a commit record): FileExistsError
+        when another writer got there first (a hard link on a local disk, a conditional PUT,
+        If-None-Match: *, on S3)."""
         self.ensure_parent(path)
         if self.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = self._synced_temp(path, data)
             fault_point("during-commit-record")  # written, not yet linked: a reader sees nothing
             try:
                 os.link(tmp, path)  # fails if the path exists: exactly one writer wins
