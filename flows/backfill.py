@@ -32,6 +32,7 @@ OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {s.flow: (s.output_param, 
 # the parameter that takes a prompt manifest (for prompt-version partitions)
 PROMPTS_PARAM = {"asd-pipeline": "prompts", Generate.flow: Generate.prompts_param}
 MAX_RETRY_KEYS = 50
+MAX_PARTITIONS = 100  # more runs than this at once need an explicit --max-partitions
 FINAL_FAILED = {"FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -81,7 +82,7 @@ def _fill(value: Any, fields: dict[str, str]) -> Any:
 
 def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[str, Any], store: ArtifactStore,
                     dates: DateRange | None = None, prompts_versions: list[str] | None = None,
-                    name: str | None = None) -> list[Partition]:
+                    name: str | None = None, max_partitions: int = MAX_PARTITIONS) -> list[Partition]:
     """Each partition's parameters: the deployment's defaults, overridden by `parameters` with
     {partition}/{date} filled in, the output named `<name>-<partition>`, and for prompt-version
     partitions the pinned manifest in the flow's prompts parameter."""
@@ -106,6 +107,9 @@ def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[s
             ref = store.resolve(text if text.startswith("prompts/") else f"prompts/{text}")  # pinned, checked
             slug = f"{ref.name}-{ref.version}"
             labels.append((str(ref), {"partition": slug}, {param: str(ref)}))
+    if len(labels) > max_partitions:
+        raise BackfillError(f"{len(labels)} partitions asked for (at most {max_partitions} without a larger "
+                            f"--max-partitions): a 10-year --dates range is {len(labels)} runs; narrow it or raise the cap")
     plans, seen = [], set()
     for label, fields, pinned in labels:
         if label in seen:
@@ -155,6 +159,7 @@ def _launch(deployment: str, part: Partition, key: str, scheduled_time: datetime
 @flow(name="asd-backfill", log_prints=True)
 def backfill_flow(deployment: str, dates: DateRange | None = None, prompts_versions: list[str] | None = None,
                   parameters: dict[str, Any] | None = None, name: str | None = None, max_concurrency: int = 2,
+                  max_partitions: int = MAX_PARTITIONS,
                   store_url: str | None = None, scheduled_time: datetime | None = None,
                   poll_interval_s: float = 5.0) -> list[dict[str, Any]]:
     """Run `deployment` ('flow/deployment') once per partition: each date of `dates`, or each
@@ -172,7 +177,7 @@ def backfill_flow(deployment: str, dates: DateRange | None = None, prompts_versi
         env = (dep.job_variables or {}).get("env") or {}
         store = ArtifactStore(store_url or env.get("ASD_STORE"))
         plans = plan_partitions(deployment.split("/", 1)[0], dict(dep.parameters or {}), parameters or {}, store,
-                                dates, prompts_versions, name)
+                                dates, prompts_versions, name, max_partitions)
         todo, rows = [], []
         for part in plans:
             done = store.list_versions(part.output.kind, part.output.name)

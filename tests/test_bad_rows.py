@@ -95,3 +95,16 @@ def test_a_version_is_committed_once_and_only_with_its_files(tmp_path, request, 
     with pytest.raises(StoreError, match="gone.png"):
         writer.commit()
     assert not fresh.has_commit_record(writer.ref)
+
+
+def test_a_huge_backfill_is_refused_before_any_run(tmp_path, capsys):
+    from flows.cli import main
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    ten_years = DateRange(start=date(2016, 1, 1), end=date(2025, 12, 31))
+    with pytest.raises(BackfillError, match="3653 partitions"):
+        plan_partitions("asd-ingest", {"dataset": "d", "source": "/d"}, {}, store, dates=ten_years)
+    assert len(plan_partitions("asd-ingest", {"dataset": "d", "source": "/d"}, {}, store, dates=ten_years,
+                               max_partitions=4000)) == 3653
+    assert main(["--store", store.url, "backfill", "asd-ingest/ingest", "--dates", "2016-01-01..2025-12-31"]) == 2
+    assert "3653 partitions, more than --max-partitions 100" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from flows.backfill import MAX_PARTITIONS
 from flows.cli.common import UserError, one_line
 
 
@@ -20,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--param", action="append", help="KEY=VALUE override of a deployment parameter (JSON or text)")
     b.add_argument("--name", help="base name of the outputs (default: the deployment's own)")
     b.add_argument("--max-concurrency", type=int, default=2, help="partition runs in flight at once (default: 2)")
+    b.add_argument("--max-partitions", type=int, default=MAX_PARTITIONS,
+                   help=f"refuse a backfill of more partitions than this (default: {MAX_PARTITIONS})")
     b.set_defaults(func=cmd_backfill)
 
 
@@ -63,6 +66,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of --dates or --prompts-versions")
     if args.max_concurrency < 1:
         raise UserError("--max-concurrency must be at least 1")
+    n = len(dates.dates()) if dates else len(versions or [])
+    if n > args.max_partitions:  # before the server is asked anything
+        raise UserError(f"--dates/--prompts-versions give {n} partitions, more than --max-partitions "
+                        f"{args.max_partitions}: narrow the range or pass --max-partitions {n}")
     parameters = dict(_param(p) for p in args.param or [])
     check_api_url()
     from prefect import get_client
@@ -76,7 +83,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                             "(`asd deploy --list` shows what `asd deploy` registers)") from None
     rows = backfill_flow(args.deployment, dates=dates, prompts_versions=versions,
                          parameters=parameters, name=args.name,
-                         max_concurrency=args.max_concurrency, store_url=args.store, return_state=True)
+                         max_concurrency=args.max_concurrency, max_partitions=args.max_partitions,
+                         store_url=args.store, return_state=True)
     result = rows.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         print(f"asd: backfill failed: {one_line(result)}", file=sys.stderr)
