@@ -68,11 +68,11 @@ class StageResult:
 
 
 class Stage:
-    """One stage: `flow` (its flow's name, in run records), `output_param` (the flow parameter that
-    names the output: backfills name each partition's output through it), `kind` (what it writes), `resumable`
-    (an uncommitted version of the same inputs is resumed rather than started anew),
-    `builds_in_task` (inside a flow run the build is one Prefect task; a build that fans out
-    over tasks of its own runs in the flow)."""
+    """One stage: `flow` (its flow's name, in run records), `output_param` (the flow parameter
+    that names the output: backfills name each partition's output through it), `kind` (what it
+    writes), `resumable` (an uncommitted version of the same inputs is resumed rather than
+    started anew), `builds_in_task` (inside a flow run the build is one Prefect task; a build
+    that fans out over tasks of its own runs in the flow)."""
 
     flow: ClassVar[str]
     output_param: ClassVar[str]
@@ -115,6 +115,7 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
     if isinstance(found, ArtifactRef):
         logger.info("%s already made from the same inputs: reusing it", found)
         stage.publish(store, str(found), None)
+        record_run(store.url, stage.flow, inputs.reads, [str(found)], {"reused": True})
         return StageResult(str(found), reused=True)
     run = StageRun(store, found, store.writer(found), logger)
     built = build_task(stage, run, inputs) if stage.builds_in_task and in_prefect_run() else stage.build(run, inputs)
