@@ -24,7 +24,7 @@ def ingest_flow(source: str | list[str], dataset: str = "demo", settings: Ingest
     `asd-demo:photos` names the demo photos shipped inside the installed packages."""
     check_name(dataset)  # every name is checked before any work
     sources = (source,) if isinstance(source, str) else tuple(source)
-    return run_stage(Ingest(sources, settings, retry_failed, rerun), dataset, store_url, rerun).ref
+    return run_stage(Ingest(sources, settings, retry_failed), dataset, store_url, rerun).ref
 
 
 @flow(name="asd-train", log_prints=True)

@@ -121,7 +121,6 @@ class Ingest(Stage):
     sources: tuple[str, ...]
     settings: IngestSettings = IngestSettings()
     retry_failed: bool = False
-    rerun: bool = False  # also: carry nothing over from the newest version
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -149,7 +148,7 @@ class Ingest(Stage):
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         store, dataset, logger = run.store, run.pending.ref.name, run.logger
         opened = self.opened
-        previous, total = (None, 0) if self.rerun else plan_previous(store, dataset, self.options_hash, opened,
+        previous, total = (None, 0) if run.rerun else plan_previous(store, dataset, self.options_hash, opened,
                                                                      self.retry_failed)
         if previous is not None:
             logger.info("reusing %d rows of %s%s", len(previous.rows), previous.ref,
@@ -189,4 +188,4 @@ def ingest(store_url: str | None, sources: list[str], dataset: str, settings: In
            rerun: bool = False, retry_failed: bool = False) -> str:
     """`sources` into a new version of `datasets/<dataset>`, or the committed version made from
     identical inputs (unless `rerun`, or `retry_failed` with failed downloads)."""
-    return run_stage(Ingest(tuple(sources), settings, retry_failed, rerun), dataset, store_url, rerun).ref
+    return run_stage(Ingest(tuple(sources), settings, retry_failed), dataset, store_url, rerun).ref

@@ -49,12 +49,14 @@ class Built:
 
 @dataclass
 class StageRun:
-    """Where a build writes: the store, the pending version and its writer, the logger."""
+    """Where a build writes: the store, the pending version and its writer, the logger, and
+    whether the run was asked to redo everything (`rerun`: reuse nothing, not even parts)."""
 
     store: ArtifactStore
     pending: PendingVersion
     writer: VersionWriter
     logger: Any
+    rerun: bool = False
 
 
 @dataclass
@@ -117,7 +119,7 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
         stage.publish(store, str(found), None)
         record_run(store.url, stage.flow, inputs.reads, [str(found)], {"reused": True})
         return StageResult(str(found), reused=True)
-    run = StageRun(store, found, store.writer(found), logger)
+    run = StageRun(store, found, store.writer(found), logger, rerun)
     built = build_task(stage, run, inputs) if stage.builds_in_task and in_prefect_run() else stage.build(run, inputs)
     if not built.commit:
         return StageResult("", reused=False, built=built)
