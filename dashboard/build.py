@@ -23,6 +23,8 @@ from asd_models.large_images import read_dzi, thumbnail_png
 from asd_models.seams import HEATMAP_MAX_PIXELS
 from dashboard import figures
 from dashboard.pages import e, gallery_card, link, metric_pairs, metrics_text, page, pre_json, table
+from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
+from dashboard.viewer import viewer_page
 
 SITE_DIR = "_site"
 TREND_METRICS = ("fid_patch", "kid_patch", "seam_score", "clip_score")
@@ -95,6 +97,19 @@ def _pyramid_thumbnail(store: ArtifactStore, ref: ArtifactRef, dzi_rel: str, px:
     return out.getvalue()
 
 
+def _zoom_page(site: _Site, ref: ArtifactRef, item: dict[str, Any]) -> str:
+    """The site's own zoomable viewer of a large output (link from a version page), made from
+    the version's `.dzi` by this code: the dashboard never runs a page stored in a version."""
+    rel = f"zoom/{ref.kind}/{ref.name}/{ref.version}/{item['key']}.html"
+    if f"{item['key']}.html" not in site.existing(rel.rsplit("/", 1)[0]):
+        up = "../" * 5  # zoom/<kind>/<name>/<version>/ -> the store root
+        files = f"{up}{ref.prefix}/{item['deep_zoom'][:-len('.dzi')]}_files"
+        dz = read_dzi(site.store.read_bytes(ref, item["deep_zoom"]))
+        title = f"{item['key']} ({item['width']}x{item['height']})"
+        site.write(rel, viewer_page(title, dz, files, f"{up}{ref.prefix}/{VIEWER_ASSETS}").encode())
+    return f"{PAGE_ROOT}{rel}"
+
+
 def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     store = site.store
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
@@ -127,7 +142,7 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
             site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
             heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
         full = f"{STORE_ROOT}{ref.prefix}/{item['image']}" if item["image"] else ""
-        viewer = f"{STORE_ROOT}{ref.prefix}/{item['viewer']}" if item.get("viewer") else None
+        viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
         cards.append(gallery_card(item, thumb or "", heat, full, viewer))
     ok = sum(r["status"] == "ok" for r in rows)
     more = (f"<p class=muted>showing {len(shown)} of {len(rows)} images (--max-images)</p>"

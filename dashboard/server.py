@@ -1,57 +1,146 @@
 """`asd dashboard serve`: the store's dashboard over HTTP on this machine (read-only).
 
-Files are read through the store's filesystem (a local folder or S3 alike), so the pages' relative
-links to the images in the store work. Only GET/HEAD of files inside the store root; a path that
-leaves it, or names a folder, is a 404."""
+What it serves, and nothing else: the built site (`_site/`, `/` and `/_site/` are its index) and
+the recorded files of committed versions (`KIND/NAME/VERSION/PATH`, pinned to the recorded S3
+VersionId). Uncommitted versions, pending markers, commit records, run records and the catalog
+are a 404, as is any path that leaves the store or names a folder.
+
+It is built for a shared store that strangers may write into: files are streamed in chunks
+(HEAD reads none), every connection has a socket timeout, at most `max_connections` are served
+at once (the next get a 503 and are closed), every response carries `nosniff` and a
+content-security policy, HTML/SVG/XML stored in versions is sent as an attachment in a sandbox
+(never run on the dashboard's origin; the site's own zoom pages show large outputs), and an
+overlong path is a 414."""
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import posixpath
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from artifact_store import ArtifactStore, StoreError
 from artifact_store.paths import check_relpath, local_target
+from artifact_store.refs import KINDS, VERSION_RE, ArtifactRef
 from dashboard.build import SITE_DIR
 
+log = logging.getLogger("asd.dashboard")
+MAX_PATH = 2048  # characters of a request path; longer is a 414
+CHUNK = 256 << 10
+SITE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+               "img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+               "frame-ancestors 'none'")
+STORED_POLICY = "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
+ACTIVE_TYPES = {"text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/xml",
+                "text/javascript", "application/javascript"}
 
-def _handler(store: ArtifactStore) -> type[BaseHTTPRequestHandler]:
+
+class _Found:
+    """A file to send: its size, type, policy, and how to open it."""
+
+    def __init__(self, size: int, ctype: str, policy: str, opener: Any, attachment: bool = False) -> None:
+        self.size, self.ctype, self.policy, self.open, self.attachment = size, ctype, policy, opener, attachment
+
+
+def _site_file(store: ArtifactStore, rel: str) -> _Found | None:
+    """A file of the built site (`_site/...`; a folder means its index.html)."""
+    if rel == SITE_DIR or rel.endswith("/"):
+        rel = rel.rstrip("/") + "/index.html"
+    rel = check_relpath(rel, "request")
+    ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+    if store.is_local:  # a link inside the store that points outside it is refused too
+        path = local_target(store.root, rel, "request")
+        if not path.is_file():
+            return None
+        return _Found(path.stat().st_size, ctype, SITE_POLICY, lambda: open(path, "rb"))
+    path = store.path(rel)
+    info = store.fs.info(path)
+    if info.get("type") != "file":
+        return None
+    return _Found(int(info["size"]), ctype, SITE_POLICY, lambda: store.fs.open(path, "rb"))
+
+
+def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
+    """A recorded file of a committed version; stored active content goes out as a download."""
+    kind, name, version, rel = parts[0], parts[1], parts[2], "/".join(parts[3:])
+    if kind not in KINDS or not VERSION_RE.fullmatch(version):
+        return None
+    ref = ArtifactRef(kind, name, version)
+    if not store.is_committed(ref):
+        return None
+    meta = store.record(ref)["files"].get(rel)
+    if meta is None:
+        return None
+    ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+    active = ctype in ACTIVE_TYPES and not ctype.endswith("javascript")  # scripts never run from a download
+    return _Found(int(meta["size"]), ctype, STORED_POLICY, lambda: store.open(ref, rel), attachment=active)
+
+
+def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class StoreFiles(BaseHTTPRequestHandler):
         server_version = "asd-dashboard"
+        timeout = timeout_s  # per socket operation: a client that stops sending is dropped
 
-        def _file(self) -> tuple[bytes, str] | None:
-            raw = unquote(urlsplit(self.path).path)
-            rel = posixpath.normpath(raw.lstrip("/"))
+        def _find(self, path: str) -> _Found | None:
+            rel = posixpath.normpath(unquote(path).lstrip("/")) + ("/" if path.endswith("/") else "")
+            parts = rel.rstrip("/").split("/")
             try:
-                if store.is_local:  # a link inside the store that points outside it is refused too
-                    data = local_target(store.root, rel, "request").read_bytes()
-                else:
-                    data = store.fs.cat_file(store.path(check_relpath(rel, "request")))
-            except (StoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                if parts[0] == SITE_DIR:
+                    return _site_file(store, rel)
+                if len(parts) >= 4 and not rel.endswith("/"):
+                    return _version_file(store, parts)
+            except (StoreError, OSError, ValueError):  # unsafe, missing, a folder, a name too long, damaged
                 return None
-            return data, mimetypes.guess_type(rel)[0] or "application/octet-stream"
+            return None
+
+        def _headers(self, status: HTTPStatus, policy: str = SITE_POLICY) -> None:
+            self.send_response(status)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", policy)
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("Cache-Control", "no-cache")
+
+        def _error(self, status: HTTPStatus) -> None:
+            body = f"{status.value} {status.phrase}\n".encode()
+            self._headers(status, "default-src 'none'")
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def _send(self, body: bool) -> None:
-            if urlsplit(self.path).path in ("", "/"):  # the site's pages link relative to _site/
-                self.send_response(HTTPStatus.FOUND)
+            path = urlsplit(self.path).path
+            if len(self.path) > MAX_PATH:
+                self._error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if path in ("", "/", f"/{SITE_DIR}"):  # the site's pages link relative to _site/
+                self._headers(HTTPStatus.FOUND)
                 self.send_header("Location", f"/{SITE_DIR}/index.html")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            found = self._file()
+            found = self._find(path)
             if found is None:
-                self.send_error(HTTPStatus.NOT_FOUND)
+                self._error(HTTPStatus.NOT_FOUND)
                 return
-            data, ctype = found
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-cache")
+            self._headers(HTTPStatus.OK, found.policy)
+            if found.attachment:  # stored HTML/SVG: shown as text to save, never run here
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Disposition", f'attachment; filename="{posixpath.basename(path)[-100:]}"'
+                                 .encode("ascii", "replace").decode())
+            else:
+                self.send_header("Content-Type", found.ctype)
+            self.send_header("Content-Length", str(found.size))
             self.end_headers()
             if body:
-                self.wfile.write(data)
+                with found.open() as src:
+                    _copy(src, self.wfile, found.size)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._send(True)
@@ -65,5 +154,51 @@ def _handler(store: ArtifactStore) -> type[BaseHTTPRequestHandler]:
     return StoreFiles
 
 
-def make_server(store: ArtifactStore, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), _handler(store))
+def _copy(src: IO[bytes], dst: IO[bytes], size: int) -> None:
+    """Stream `size` bytes in chunks (never the whole file in memory)."""
+    left = size
+    while left > 0:
+        block = src.read(min(CHUNK, left))
+        if not block:
+            break
+        dst.write(block)
+        left -= len(block)
+
+
+class DashboardServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):  # full: a short 503, then the socket is closed
+            try:
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)  # a client went away
+
+
+def make_server(store: ArtifactStore, host: str = "127.0.0.1", port: int = 8000, *, max_connections: int = 64,
+                timeout_s: float = 20.0) -> DashboardServer:
+    return DashboardServer((host, port), _handler(store, timeout_s), max_connections)
+

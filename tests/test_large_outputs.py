@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_dashboard_thumbnails_large_outputs_from_their_pyramid_and_links_the_vie
     big = _manifest(store, ref)[0]
     pages = list(Path(store.path("_site")).rglob(f"{ref.version}.html"))
     html = pages[0].read_text()
-    assert f"{big['key']}.html" in html and "open the zoomable viewer" in html
+    assert f"zoom/{ref.prefix}/{big['key']}.html" in html and "open the zoomable viewer" in html
     thumb = next(Path(store.path("_site")).rglob(f"{big['key']}.png"))
     assert max(Image.open(thumb).size) <= 256
 
@@ -146,15 +147,20 @@ def _zoom_in_and_check(browser: Browser, url: str, shot: Path) -> dict:
 
 @pytest.mark.skipif(chromium_path() is None, reason="needs the chromium Debian package")
 def test_viewer_zooms_to_full_resolution_in_chromium(large_generation, tmp_path):
+    from dashboard.build import build_site
     from dashboard.server import make_server
 
     store, ref, _ = large_generation
     big = _manifest(store, ref)[0]
+    build_site(store)
     server = make_server(store, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with Browser(900, 700) as browser:
-            url = f"http://127.0.0.1:{server.server_address[1]}/{ref.prefix}/{big['viewer']}"
+        with Browser(900, 700) as browser:  # the server runs the site's own zoom page, never a stored one
+            base = f"http://127.0.0.1:{server.server_address[1]}"
+            with urllib.request.urlopen(f"{base}/{ref.prefix}/{big['viewer']}") as r:
+                assert r.headers["Content-Disposition"].startswith("attachment")
+            url = f"{base}/_site/zoom/{ref.prefix}/{big['key']}.html"
             stats = _zoom_in_and_check(browser, url, tmp_path / "http.png")
             assert stats["failed"] == [] and stats["deepest"] == stats["levels"] - 1, stats
             assert stats["std"] > 10, stats  # the canvas shows the picture, not a blank

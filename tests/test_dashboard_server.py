@@ -1,0 +1,125 @@
+"""The dashboard server against hostile and careless clients: only the site and committed files,
+stored active content never run on the dashboard's origin, files streamed, slow and surplus
+connections dropped, overlong paths refused without a traceback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import tracemalloc
+import urllib.error
+import urllib.request
+
+import pytest
+
+from artifact_store import ArtifactStore
+from dashboard.build import build_site
+from dashboard.server import make_server
+
+
+@pytest.fixture
+def served(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    w = store.new_version("generations", "g1")
+    w.put_bytes("images/evil.html", b"<script>alert(document.domain)</script>")
+    w.put_bytes("images/evil.svg", b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>")
+    w.put_bytes("big.bin", bytes(range(256)) * (64 << 12))  # 64 MiB
+    ref = w.commit(parents=[], params={}, summary={})
+    pending = store.resume_or_new("generations", "g2", "hash")
+    store.writer(pending).put_bytes("images/a.png", b"not yet committed")
+    store.write_run_record("run-1", {"reads": [], "writes": []})
+    build_site(store, thumb_px=32)
+    servers = []
+
+    def start(**kw):
+        server = make_server(store, "127.0.0.1", 0, **kw)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield store, ref, pending, start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_only_the_site_and_committed_recorded_files_are_served(served):
+    store, ref, pending, start = served
+    base, _ = start()
+    assert _get(f"{base}/_site/")[0] == 200 and b"Any-Size-Diffusion store" in _get(f"{base}/_site/")[2]
+    assert _get(f"{base}/_site")[0] == 200  # redirected to the index
+    status, headers, _ = _get(f"{base}/{ref.prefix}/big.bin", "HEAD")
+    assert status == 200 and headers["Content-Length"] == str(64 << 20)
+    for hidden in (f"/{pending.ref.prefix}/images/a.png", f"/{pending.ref.prefix}/_PENDING.json",
+                   f"/{ref.prefix}/_COMMIT.json", "/runs/run-1.json", "/_catalog/generations/g1/"
+                   f"{ref.version}.parquet", f"/{ref.prefix}/", f"/{ref.prefix}/images/nope.png"):
+        assert _get(base + hidden)[0] == 404, hidden
+
+
+def test_every_response_is_nosniff_with_a_policy_and_stored_html_svg_are_downloads(served):
+    store, ref, _, start = served
+    base, _ = start()
+    for page in ("/_site/index.html", f"/{ref.prefix}/big.bin", "/nope"):
+        _, headers, _ = _get(base + page, "HEAD")
+        assert headers["X-Content-Type-Options"] == "nosniff", page
+        assert "default-src" in headers["Content-Security-Policy"], page
+    for active in ("images/evil.html", "images/evil.svg"):
+        status, headers, body = _get(f"{base}/{ref.prefix}/{active}")
+        assert status == 200 and body.startswith(b"<")
+        assert headers["Content-Type"].startswith("text/plain"), headers
+        assert headers["Content-Disposition"].startswith("attachment"), headers
+        assert headers["Content-Security-Policy"].startswith("sandbox"), headers
+
+
+def test_files_are_streamed_not_read_whole(served):
+    store, ref, _, start = served
+    base, _ = start()
+    tracemalloc.start()  # the server runs in this process: its allocations are traced too
+    try:
+        size = 0
+        with urllib.request.urlopen(f"{base}/{ref.prefix}/big.bin", timeout=10) as r:
+            while block := r.read(1 << 20):
+                size += len(block)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == 64 << 20
+    assert peak < 8 << 20, peak  # chunks in flight, never the 64 MiB file
+
+
+def test_overlong_paths_are_414_and_the_server_keeps_serving(served, caplog):
+    _, ref, _, start = served
+    base, _ = start()
+    assert _get(base + "/" + "a" * 5000)[0] == 414
+    assert _get(f"{base}/{ref.prefix}/" + "b" * 1500 + "/" + "c" * 300)[0] == 404  # a name too long for the disk
+    assert _get(f"{base}/_site/index.html")[0] == 200
+    assert "Traceback" not in caplog.text
+
+
+def test_slow_clients_time_out_and_surplus_connections_get_503(served):
+    _, _, _, start = served
+    base, server = start(max_connections=2, timeout_s=0.5)
+    port = server.server_address[1]
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    for s in slow:
+        s.sendall(b"GET /_site/index.html HTTP/1.1\r\nHost: x\r\n")  # never finished
+    time.sleep(0.2)
+    extra = socket.create_connection(("127.0.0.1", port))
+    extra.settimeout(5)
+    assert extra.recv(100).startswith(b"HTTP/1.0 503")
+    extra.close()
+    for s in slow:  # the server drops them once their timeout passes
+        s.settimeout(5)
+        assert s.recv(100) == b""
+        s.close()
+    time.sleep(0.2)
+    assert _get(f"{base}/_site/index.html")[0] == 200  # slots free again
