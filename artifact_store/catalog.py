@@ -4,6 +4,7 @@ dashboards and ad-hoc queries (`polars.read_parquet('<store>/_catalog/**/*.parqu
 from __future__ import annotations
 
 import io
+import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ from data_manifests.schemas import CATALOG
 
 if TYPE_CHECKING:
     from artifact_store.backend import StoreBackend
+
+log = logging.getLogger("asd.store")
 
 
 def catalog_row_path(store: StoreBackend, ref: ArtifactRef) -> str:
@@ -39,11 +42,23 @@ def write_catalog_row(store: StoreBackend, record: dict[str, Any]) -> None:
     store.write_atomic(catalog_row_path(store, ref), buf.getvalue())
 
 
+def read_catalog_rows(store: StoreBackend) -> tuple[pa.Table, list[str]]:
+    """The catalog rows that read, and the paths of those that do not (a damaged or foreign
+    file is skipped with a warning naming it; `asd store catalog --rebuild` rewrites it)."""
+    tables, damaged = [], []
+    for path in sorted(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet"))):
+        try:
+            with store.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, schema=CATALOG))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("catalog row %s is unreadable, skipped (%s: %s); `asd store catalog --rebuild` rewrites it",
+                        store.uri(path[len(store.root.rstrip("/")) + 1:]) if path.startswith(store.root) else path,
+                        type(exc).__name__, exc)
+            damaged.append(path)
+    return (pa.concat_tables(tables) if tables else CATALOG.empty_table()), damaged
+
+
 def read_catalog(store: StoreBackend) -> pa.Table:
     """The catalog as a pyarrow Table (one row per committed version; `ArtifactStore.catalog`
-    rebuilds missing rows first when asked)."""
-    tables = []
-    for path in sorted(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet"))):
-        with store.fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, schema=CATALOG))
-    return pa.concat_tables(tables) if tables else CATALOG.empty_table()
+    rebuilds missing or damaged rows first when asked)."""
+    return read_catalog_rows(store)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifact_store.backend import DEFAULT_STORE, StoreBackend, store_url_from_env
-from artifact_store.catalog import catalog_row_path, read_catalog, write_catalog_row
+from artifact_store.catalog import catalog_row_path, read_catalog, read_catalog_rows, write_catalog_row
 from artifact_store.paths import check_relpath, local_target
 from artifact_store.refs import (
     CATALOG_DIR,
@@ -387,10 +387,18 @@ class ArtifactStore(StoreBackend):
         commit record and before its catalog row)."""
         if rebuild:
             have = set(self.fs.glob(self.path(CATALOG_DIR, "*", "*", "*.parquet")))
+            damaged = set(read_catalog_rows(self)[1])
             for kind, name in self.list_artifacts():
                 for ref in self.list_versions(kind, name):
-                    if catalog_row_path(self, ref) not in have:
-                        write_catalog_row(self, self.record(ref))
+                    path = catalog_row_path(self, ref)
+                    if path not in have or path in damaged:
+                        try:
+                            write_catalog_row(self, self.record(ref))
+                        except CorruptRecord as exc:  # `asd store verify` reports it; the rest are rebuilt
+                            log.warning("no catalog row for %s: %s", ref, exc)
+                        damaged.discard(path)
+            for path in damaged:  # no committed version behind it: not a row of this store
+                log.warning("catalog file %s names no committed version; it is left for you to remove", path)
         return read_catalog(self)
 
     # locating files ------------------------------------------------------------

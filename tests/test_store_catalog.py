@@ -96,3 +96,20 @@ def test_credentials_never_leak(s3_bucket, monkeypatch, caplog, capsys):
 def test_redact_hides_userinfo_and_secret_values():
     assert redact("s3://user:pass@bucket/p") == "s3://***@bucket/p"
     assert "hunter2" not in redact("{'aws_secret_access_key': 'hunter2', 'token': 'abc'}")
+
+
+def test_a_corrupt_catalog_file_is_skipped_with_a_warning_and_rebuilt(tmp_path, capsys, caplog):
+    from dashboard.build import build_site
+
+    store, dref, mref, gref = _chain(str(tmp_path))
+    row = tmp_path / "_catalog" / "models" / "arad" / f"{mref.version}.parquet"
+    row.write_bytes(row.read_bytes()[:40])  # cut mid-write (or tampered with)
+    (tmp_path / "_catalog" / "models" / "arad" / "stray.parquet").write_bytes(b"not parquet")
+    with caplog.at_level(logging.WARNING, logger="asd.store"):
+        assert asd_main(["--store", str(tmp_path), "store", "catalog"]) == 0
+    assert "(2 versions)" in capsys.readouterr().out
+    assert f"{mref.version}.parquet is unreadable" in caplog.text
+    assert build_site(ArtifactStore(str(tmp_path)), thumb_px=32).pages == 1 + 3  # rebuilt the row it needed
+    assert asd_main(["--store", str(tmp_path), "store", "catalog", "--rebuild"]) == 0
+    assert "(3 versions)" in capsys.readouterr().out
+    assert "stray.parquet names no committed version" in caplog.text
