@@ -5,6 +5,7 @@
     paths.py       validation of every path taken from records, references and callers
     backend.py     StoreBackend: the files under the root (paths, atomic writes, LATEST pointers)
     writer.py      VersionWriter: files once each, hashed; the commit record last
+    leases.py      who writes a pending version now: lease epochs, heartbeat, takeover
     faults.py      fault points where tests SIGKILL a writer
     store.py       ArtifactStore: reuse-or-new, resolve, read, download, verify, gc, lineage
     catalog.py     one Parquet row per committed version
@@ -15,11 +16,14 @@ Layout under the root URL::
 
     <kind>/<name>/<version>/...               files, written once
     <kind>/<name>/<version>/_COMMITTED.json   commit record, written last
+    <kind>/<name>/<version>/_PENDING.json     while uncommitted and resumable: the job's input hash
+    <kind>/<name>/<version>/_LEASES/<n>.json  while uncommitted and resumable: the run writing it
     <kind>/<name>/LATEST                      pointer, written after the commit record
     _catalog/<kind>/<name>/<version>.parquet  catalog row
     runs/<flow_run_id>.json                   what a flow run read and wrote
 """
 
+from artifact_store import leases
 from artifact_store.redaction import redact, redact_url
 from artifact_store.refs import (
     COMMIT_RECORD,
@@ -41,5 +45,5 @@ from artifact_store.writer import VersionWriter
 __all__ = [
     "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "InvalidReference", "PendingVersion",
     "StoreError", "VersionNotFound", "VersionWriter", "check_name", "new_version_id", "params_hash", "redact",
-    "redact_url", "s3_storage_options", "store_url_from_env",
+    "leases", "redact_url", "s3_storage_options", "store_url_from_env",
 ]

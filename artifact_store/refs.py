@@ -12,6 +12,7 @@ from typing import Any
 
 COMMIT_RECORD = "_COMMITTED.json"
 PENDING_MARKER = "_PENDING.json"  # in an uncommitted version that a rerun of the same inputs resumes
+LEASE_DIR = "_LEASES"  # in a pending version: who writes it now (artifact_store.leases)
 CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
 KINDS = ("datasets", "models", "checkpoints", "prompts", "generations", "evaluations")

@@ -18,6 +18,7 @@ from typing import Any
 
 from artifact_store.backend import DEFAULT_STORE, StoreBackend, store_url_from_env
 from artifact_store.catalog import catalog_row_path, read_catalog, read_catalog_rows, write_catalog_row
+from artifact_store.leases import lease_epochs, live_holder, read_lease
 from artifact_store.paths import check_relpath, local_target
 from artifact_store.refs import (
     CATALOG_DIR,
@@ -359,6 +360,10 @@ class ArtifactStore(StoreBackend):
                     born = datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
                     if (now - born).total_seconds() < grace_s:
                         continue
+                    pending = PendingVersion(ArtifactRef(kind, name, base), "")
+                    epochs = lease_epochs(self, pending)
+                    if epochs and live_holder(read_lease(self, pending, epochs[-1])) is not None:
+                        continue  # a run holds it now (heartbeat within its lease)
                     files = {f: info for f, info in self.fs.find(e, detail=True).items()
                              if f.startswith(e.rstrip("/") + "/")}
                     if not files:

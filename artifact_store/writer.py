@@ -19,6 +19,7 @@ from artifact_store.faults import fault_point
 from artifact_store.paths import check_relpath
 from artifact_store.refs import (
     COMMIT_RECORD,
+    LEASE_DIR,
     PENDING_MARKER,
     RECORD_FORMAT,
     ArtifactRef,
@@ -107,6 +108,7 @@ class VersionWriter:
         self.input_hash = input_hash
         self.files: dict[str, dict[str, Any]] = {}
         self.committed = False
+        self.lease: Any = None  # artifact_store.leases.Lease of a pending version this run holds
 
     @classmethod
     def for_pending(cls, store: StoreBackend, pending: PendingVersion) -> VersionWriter:
@@ -206,6 +208,8 @@ class VersionWriter:
             "files": dict(sorted(self.files.items())),
         }
         data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        if self.lease is not None:
+            self.lease.check()  # another run took the job over: this one commits nothing
         self._check_files_present()
         fault_point("before-commit-record")
         try:
@@ -214,9 +218,14 @@ class VersionWriter:
             raise StoreError(f"{self.ref} was committed by another run meanwhile; this run committed nothing "
                              f"(versions are written once)") from None
         self.committed = True
+        if self.lease is not None:
+            self.lease.finish()
         marker = self.store.path(self.ref.prefix, PENDING_MARKER)
         if self.store.fs.exists(marker):  # what a rerun looked for: the version is committed now
             self.store.fs.rm_file(marker)
+        leases = self.store.path(self.ref.prefix, LEASE_DIR)
+        if self.store.fs.exists(leases):
+            self.store.fs.rm(leases, recursive=True)
         fault_point("before-catalog")
         write_catalog_row(self.store, record)
         fault_point("before-latest")

@@ -32,6 +32,10 @@ class RuntimeSettings(BaseSettings):
                                                         "settings leave it unset")
     dask_address: str | None = Field(None, description="the generate stage's Dask scheduler when its settings "
                                      "leave it unset")
+    lease_s: float = Field(120.0, gt=0, description="a resumable job's lease on its pending version lasts this long "
+                           "without a heartbeat (renewed every third of it)")
+    lease_wait_s: float = Field(0.0, ge=0, description="how long a second run of a job waits for the run holding "
+                                "its lease (then reuses its commit); 0: refuse at once, naming the holder")
 
 
 def runtime() -> RuntimeSettings:

@@ -10,15 +10,25 @@ is a `Stage` that says what it reads and what its output depends on, and how to 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, VersionWriter, check_name, params_hash
+from artifact_store import (
+    ArtifactRef,
+    ArtifactStore,
+    PendingVersion,
+    VersionWriter,
+    check_name,
+    leases,
+    params_hash,
+)
+from data_manifests.runtime import runtime
 from tasks.runs import record_run
-from tasks.runtime import commit_in_run, in_prefect_run, open_store, run_logger
+from tasks.runtime import commit_in_run, current_flow_run_id, in_prefect_run, open_store, run_logger
 
 
 @dataclass
@@ -110,8 +120,17 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
     store = open_store(store_url)
     inputs = stage.resolve(store)
     input_hash = params_hash(inputs.identity)
+    lease = None
     if stage.resumable:
         found = store.resume_or_new(stage.kind, name, input_hash, rerun)
+        if isinstance(found, PendingVersion):  # one run writes it at a time: wait, take over, or refuse
+            env = runtime()
+            pending = found
+            lease = leases.acquire(store, pending, lease_s=env.lease_s, wait_s=env.lease_wait_s,
+                                   flow_run_id=current_flow_run_id(),
+                                   committed=lambda: store.has_commit_record(pending.ref))
+            if lease is None:  # the run we waited for committed it
+                found = pending.ref
     else:
         found = store.reuse_or_new(stage.kind, name, input_hash, rerun, keep=lambda ref: stage.keep(store, ref))
     if isinstance(found, ArtifactRef):
@@ -120,11 +139,13 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
         record_run(store.url, stage.flow, inputs.reads, [str(found)], {"reused": True})
         return StageResult(str(found), reused=True)
     run = StageRun(store, found, store.writer(found), logger, rerun)
-    built = build_task(stage, run, inputs) if stage.builds_in_task and in_prefect_run() else stage.build(run, inputs)
-    if not built.commit:
-        return StageResult("", reused=False, built=built)
-    ref = str(commit_in_run(run.writer, parents=inputs.parents + built.parents, params=built.params,
-                            summary=built.summary))
+    with lease if lease is not None else contextlib.nullcontext():  # renewed while the job writes
+        run.writer.lease = lease
+        built = build_task(stage, run, inputs) if stage.builds_in_task and in_prefect_run() else stage.build(run, inputs)
+        if not built.commit:
+            return StageResult("", reused=False, built=built)
+        ref = str(commit_in_run(run.writer, parents=inputs.parents + built.parents, params=built.params,
+                                summary=built.summary))
     logger.info("committed %s", ref)
     stage.publish(store, ref, built)
     record_run(store.url, stage.flow, inputs.reads, [ref], built.params)
