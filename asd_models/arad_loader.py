@@ -73,13 +73,17 @@ class _BucketPlan:
 
 
 def tar_samples(url: str, opener: Opener) -> Iterator[dict[str, Any]]:
-    """Samples of one shard, streamed with webdataset's tar iterators."""
-    import webdataset as wds
+    """Samples of one shard, streamed within the reader's caps (a sample that does not read
+    whole is skipped with a warning)."""
+    from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 
     with opener(url) as stream:
-        yield from wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        )
+        for sample in tar_stream_samples(stream, STORED_MAX_BYTES, STORED_MAX_BYTES):
+            if sample["__problems__"]:
+                warnings.warn(f"{url}: sample {sample['__key__']} skipped: {'; '.join(sample['__problems__'])}",
+                              stacklevel=2)
+                continue
+            yield {**sample_members(sample), "__url__": url}
 
 
 class BucketBatchStream:

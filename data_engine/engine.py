@@ -33,10 +33,10 @@ from typing import Any, Protocol
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from artifact_store import ArtifactRef, ArtifactStore, VersionWriter
 from asd_models.buckets import Bucket
+from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
 from data_engine.shards import BucketShardWriter
@@ -227,15 +227,14 @@ class DatasetIngest:
             by_shard.setdefault(row["shard"], {})[row["key"]] = row
         for shard, wanted in sorted(by_shard.items()):
             with store.open(prev.ref, shard) as stream:
-                for sample in wds.tariterators.group_by_keys(
-                    wds.tariterators.tar_file_expander([{"url": shard, "stream": stream}])
-                ):
-                    row = wanted.pop(sample["__key__"], None)
-                    if row is None:
+                for sample in tar_stream_samples(stream, STORED_MAX_BYTES, STORED_MAX_BYTES):
+                    row = wanted.get(sample["__key__"])
+                    if row is None or sample["__problems__"]:  # a listed sample that does not read is "lacking"
                         continue
+                    del wanted[sample["__key__"]]
                     self.keys.add(row["key"])
                     self.seen[bytes.fromhex(row["sha256"])] = row["key"]
-                    new_shard = self.shards.write(row["bucket"], {k: v for k, v in sample.items() if k != "__url__"})
+                    new_shard = self.shards.write(row["bucket"], sample_members(sample))
                     self._emit(manifest, {**row, "shard": new_shard, "reused": True})
             if wanted:
                 raise RuntimeError(f"{prev.ref}/{shard} lacks samples its manifest lists: {sorted(wanted)[:5]}")

@@ -11,7 +11,8 @@ Inputs come from strangers (README: Trust boundary). A folder source reads only 
 inside it: a link (to a file, a caption, a metadata file or a folder) whose real path leaves the
 folder is a failed `source` row naming the link, unless `follow_links_outside`. Caption files are
 capped and must be UTF-8 text. Shard members are read only when they are regular files within
-`max_bytes` (checked from the tar header, before reading). URLs are stored and shown without
+`max_bytes` (checked from the tar header, before reading), and one sample's members together
+within `sample_max_bytes` (`asd_models.shard_reader`). URLs are stored and shown without
 credentials or signatures.
 """
 
@@ -22,8 +23,6 @@ import io
 import json
 import os
 import posixpath
-import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import polars as pl
 from braceexpand import braceexpand
 
 from artifact_store import redact_url
+from asd_models.shard_reader import printable, tar_stream_samples
 from data_engine.samples import STAGE_DOWNLOAD, STAGE_SOURCE, STAGE_VALIDATE
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -45,7 +45,6 @@ CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")
 URL_COLUMNS = ("url", "URL", "image_url")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
-_WDS_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset: key = path up to the first dot of the name
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ class SourceOptions:
     url_col: str | None
     caption_col: str | None
     max_bytes: int
+    sample_max_bytes: int
     caption_max_bytes: int
     follow_links_outside: bool
 
@@ -65,11 +65,6 @@ def _sha1(*parts: object) -> str:
         h.update(str(p).encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()
-
-
-def printable(text: str) -> str:
-    """A path or name as valid UTF-8 text (undecodable bytes of a file name become U+FFFD)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass
@@ -418,7 +413,7 @@ class ShardSource:
         n = 0
         try:
             with fsspec.open(url, "rb", **self.storage_options) as stream:
-                for sample in tar_stream_samples(stream, self.options.max_bytes):
+                for sample in tar_stream_samples(stream, self.options.max_bytes, self.options.sample_max_bytes):
                     n += 1
                     yield self._sample(url, shard_fp, sample)
         except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
@@ -443,8 +438,11 @@ class ShardSource:
                 meta["source_json"] = "unparseable"
         source = f"{redact_url(url)}#{key}"
         fp = f"{shard_fp}#{_sha1(key)}"
+        problems = sample.get("__problems__") or []
+        if sample.get("__over__"):
+            return SourceRecord(source=source, name=posixpath.basename(key), caption=None, fingerprint=fp,
+                                error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
         if img_key is None:
-            problems = sample.get("__problems__") or []
             if problems:
                 return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
                                     error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
@@ -453,34 +451,6 @@ class ShardSource:
                                 failed_stage=STAGE_SOURCE, meta=meta)
         return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
                             data=fields[img_key], meta=meta)
-
-
-def tar_stream_samples(stream: Any, max_bytes: int) -> Iterator[dict[str, Any]]:
-    """WebDataset samples of a tar (or .tar.gz) stream: members sharing a key, grouped in order.
-    Only regular files are read, each after its header size is checked against `max_bytes`;
-    what is skipped is listed in the sample's `__problems__`."""
-    sample: dict[str, Any] = {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isdir():
-                continue
-            m = _WDS_NAME.match(member.name)
-            key, ext = (m.group(1), m.group(2).lower()) if m else (member.name, "")
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample = sample or {"__key__": key, "__problems__": []}
-            if not member.isreg():
-                sample["__problems__"].append(f"member {printable(member.name)} is not a regular file (a link or "
-                                              "device); not read")
-            elif member.size > max_bytes:
-                sample["__problems__"].append(f"member {printable(member.name)} is {member.size} bytes, over "
-                                              f"max_bytes {max_bytes}; not read")
-            elif ext:
-                f = tar.extractfile(member)
-                sample[ext] = f.read() if f is not None else b""
-    if sample:
-        yield sample
 
 
 SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (FolderSource, UrlListSource, ShardSource)}

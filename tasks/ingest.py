@@ -54,6 +54,8 @@ class IngestSettings(StageSettings):
     retries: int = execution(3, ge=0, description="retries of a download that may pass (timeouts, 5xx, 429)")
     backoff_s: float = execution(0.5, ge=0, description="first retry delay, doubled each retry")
     max_bytes: int = output(64 << 20, ge=1, description="largest input accepted: download, file or shard member")
+    sample_max_bytes: int = output(128 << 20, ge=1, description="largest shard sample accepted: its members "
+                                   "together (uncompressed)")
     url_col: str | None = output(None, description="URL column of URL lists (default: url)")
     caption_col: str | None = output(None, description="caption column of URL lists (default: caption or text)")
     caption_max_bytes: int = output(64 << 10, ge=1, description="largest caption file read (UTF-8 text only)")
@@ -105,6 +107,7 @@ class IngestSettings(StageSettings):
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(url_col=self.url_col, caption_col=self.caption_col, max_bytes=self.max_bytes,
+                             sample_max_bytes=self.sample_max_bytes,
                              caption_max_bytes=self.caption_max_bytes, follow_links_outside=self.follow_links_outside)
 
 

@@ -207,6 +207,34 @@ def test_oversized_tar_members_are_refused_before_reading(tmp_path):
     assert "over max_bytes" in df["error"][1] and "not a regular file" in df["error"][2]
 
 
+
+def test_one_samples_members_together_are_capped_through_the_gzip_layer(tmp_path):
+    """20 members of 800 KB under one key (a 64 KB .tar.gz): each is under max_bytes, together
+    they are over sample_max_bytes, so the sample is one failed row holding none of them, and the
+    samples around it are ingested."""
+    from asd_models.shard_reader import tar_stream_samples
+
+    path = tmp_path / "00000.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        members = [("000.jpg", jpeg_bytes(160, 120, 1)), ("000.txt", b"a cat")]
+        members += [(f"001.{i:02d}.bin", b"\0" * (800 << 10)) for i in range(20)]
+        members += [("001.jpg", jpeg_bytes(160, 120, 2)), ("002.jpg", jpeg_bytes(160, 120, 3)), ("002.txt", b"a dog")]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert path.stat().st_size < 1 << 17
+    with open(path, "rb") as f:  # what the reader holds: never more than the cap of one sample
+        held = [sum(len(v) for k, v in s.items() if not k.startswith("__")) for s in
+                tar_stream_samples(f, 1 << 20, 2 << 20)]
+    assert max(held) <= 2 << 20 and held[1] == 0
+    ref = ingest_ref(str(tmp_path / "store"), [str(path)], "d",
+                     {**SMALL, "max_bytes": 1 << 20, "sample_max_bytes": 2 << 20})
+    df = _manifest(str(tmp_path / "store"), ref).sort("source")
+    assert df["status"].to_list() == ["ok", "failed", "ok"]
+    assert "total over sample_max_bytes 2097152" in df["error"][1] and "none kept" in df["error"][1]
+
+
 # 5. secrets in source URLs never reach a manifest, a shard or a log ----------------------------------
 def test_url_credentials_and_signatures_are_redacted(tmp_path, caplog):
     with ImageServer() as srv:
