@@ -45,6 +45,7 @@ from data_manifests.runtime import runtime
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import StageSettings, execution, output
 from tasks.executors import gpu_annotation, task_runner_for
+from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
 from tasks.progress import Progress, publish_table
 from tasks.runtime import run_logger
@@ -53,6 +54,8 @@ from tasks.stage import Built, Inputs, Stage, StageRun
 if TYPE_CHECKING:
     from asd_models.pipeline import RenderRequest
 
+MAX_PACK_PIXELS = 1 << 30  # a pack's latents, conditioning and decode stay far inside one GPU's memory
+MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)
 _RENDERED_IN_PROCESS = [0]  # images this process rendered (the fault point counts them)
 
 
@@ -81,8 +84,10 @@ class GenerateSettings(StageSettings):
     shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
                                        "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
     pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
-    pack_max_pixels: int = execution(16 << 20, ge=4096, description="output pixels rendered together at most "
-                                     "(a larger image renders alone)")
+    pack_max_pixels: int = execution(16 << 20, ge=4096, le=MAX_PACK_PIXELS, description="output pixels rendered "
+                                     "together at most (a larger image renders alone)")
+    max_job_pixels: int = execution(MAX_JOB_PIXELS, ge=1, description="a job of more output pixels than this is "
+                                    "refused before anything is written (raise it for a larger job)")
     executor: Literal["threads", "dask"] = execution(
         "threads", description="shard tasks in threads of this process, or on Dask worker processes (left at threads, "
         "$ASD_EXECUTOR decides)")
@@ -140,6 +145,9 @@ class ShardOutput:
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     rendered: int = 0
+    rendered_evals: int = 0  # UNet evaluations of the images rendered now, and their device seconds
+    rendered_seconds: float = 0.0
+    device_kind: str = ""  # cuda or cpu, where it rendered
     worker: str = ""
     model_loads: int = 0
 
@@ -349,6 +357,8 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
     out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
     out.rows.append(row)
     out.rendered += 1
+    out.rendered_evals += res.unet_evals
+    out.rendered_seconds += seconds
     _RENDERED_IN_PROCESS[0] += 1
     fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
     logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
@@ -375,6 +385,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
         pipe = cached_pipeline(job.store_url, job.model, job.settings.upscaler, job.settings.device,
                                job.settings.dtype)
         out.model_loads = model_loads() - loads
+        out.device_kind = pipe.device.type
         writer = store.writer(job.pending)
         # the host work of a pack (encode, heat-map, uploads) runs while the device renders the next;
         # at most one pack waits for it, so memory holds two packs at most
@@ -493,8 +504,11 @@ class Generate(Stage):
         refs = {"model": model, "prompts": prompts}
         if self.settings.upscaler and self.settings.upscaler.startswith("models/"):  # a stored upscaler: a parent too
             refs["upscaler"] = str(store.resolve(self.settings.upscaler))
+        settings = self.pinned(refs)
+        plan = plan_job(store, model, read_prompts(store, prompts), settings)
+        plan.check()  # before any version is started
         return Inputs(reads=[model, prompts], parents=list(refs.values()), refs=refs,
-                      identity={**refs, "settings": self.pinned(refs).identity()})
+                      identity={**refs, "settings": settings.identity()}, extra={"plan": plan})
 
     def pinned(self, refs: dict[str, str]) -> GenerateSettings:
         """The settings the shard tasks get: a stored upscaler pinned to its version, and where
@@ -512,6 +526,10 @@ class Generate(Stage):
         s = self.pinned(inputs.refs)
         table = read_prompts(run.store, prompts)
         n_rows = table.num_rows
+        plan = inputs.extra["plan"]
+        publish_table("job-plan", plan.table(), f"the plan of {run.pending.ref}")
+        for line in plan.lines():
+            run.logger.info("plan: %s", line)
         costs = [0 if e is not None else w * h * (st or s.steps) for w, h, st, e in zip(
             *(table.column(c).to_pylist() for c in ("width", "height", "steps", "error")), strict=True)]
         ranges = plan_shards(costs, s.shard_size, s.workers)
@@ -522,12 +540,17 @@ class Generate(Stage):
         rows = adopt_shards(job, run.writer, outputs)
         ok = sum(r["status"] == STATUS_OK for r in rows)
         rendered = sum(o.rendered for o in outputs)
+        evals = sum(o.rendered_evals for o in outputs)
+        seconds = sum(o.rendered_seconds for o in outputs)
+        kinds = {o.device_kind for o in outputs if o.rendered}
+        rate = {RATE_METRIC.format(kinds.pop()): evals / seconds} if evals and seconds and len(kinds) == 1 else {}
         loads: dict[str, int] = {}
         for o in outputs:
             loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
         return Built(params={"prompts": prompts, **s.model_dump()},
                      summary={"images_ok": ok, "images_failed": len(rows) - ok, "images_rendered_by_this_run": rendered,
-                              "images_resumed": ok - rendered, "model_loads_by_worker": loads},
+                              "images_resumed": ok - rendered, "model_loads_by_worker": loads,
+                              "unet_evals_planned": plan.unet_evals, "output_pixels": plan.pixels, **rate},
                      extra={"rows": rows})
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:

@@ -41,6 +41,7 @@ class Inputs:
     parents: list[str]
     identity: dict[str, Any]
     refs: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # what resolve found for build (a job's plan)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from data_manifests.settings import PromptSpec
 from flows.cli.common import UserError, ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
 from tasks.generate import GenerateSettings
+from tasks.job_plan import JobTooLarge, plan_job
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", action="append", help="WIDTHxHEIGHT, repeatable (with --prompt)")
     g.add_argument("--seed", type=int, default=0, help="seed of --prompt (default: 0)")
     g.add_argument("--rerun", action="store_true", help="render again even if this exact job is committed")
+    g.add_argument("--dry-run", action="store_true", help="print the job's plan (images, pixels, UNet evaluations, "
+                   "estimated time) and render nothing")
     add_settings_arguments(g, GenerateSettings)
     g.set_defaults(func=cmd_generate)
 
@@ -71,6 +74,7 @@ def prompts_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from artifact_store import ArtifactStore, check_name
+    from data_engine.prompts import read_prompts
     from flows.stages import generate_flow
     from tasks.prompts import store_prompts
 
@@ -79,7 +83,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settings_from_args(GenerateSettings, args)
     prompts = prompts_from_args(args)
     store = ArtifactStore(args.store)
-    store.resolve(model)  # a missing model is named before the prompts are stored
+    model = str(store.resolve(model))  # a missing model is named before the prompts are stored
+    table = read_prompts(store, prompts) if isinstance(prompts, str) else prompts
+    plan = plan_job(store, model, table, settings)
+    if args.dry_run:
+        print("\n".join(plan.lines()))
+        return 0
+    try:
+        plan.check()
+    except JobTooLarge as exc:
+        raise UserError(str(exc)) from None
     if not isinstance(prompts, str):
         prompts = store_prompts(store.url, prompts, args.name, args.prompts or "--prompt")
     print(generate_flow(model, prompts, args.name, settings, store.url, args.rerun))

@@ -1,0 +1,171 @@
+"""A plan before a generation job renders anything: images, output pixels, the UNet evaluations
+both stages will make (counted with the job's own sampler geometry, read from the model's
+configs in the store, no weights loaded), and, where the store holds a generations version this
+model rendered on the same kind of device, an estimated time from that job's measured rate.
+
+`asd generate --dry-run` prints it; the generate flow publishes it as its first artifact and
+refuses a job over `max_job_pixels` before anything is written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from asd_models.buckets import asd_buckets, nearest_bucket
+
+if TYPE_CHECKING:
+    from artifact_store import ArtifactStore
+    from tasks.generate import GenerateSettings
+
+RATE_METRIC = "unet_evals_per_s_{}"  # a generations summary's measured rate on one kind of device
+
+
+class JobTooLarge(ValueError):
+    """A job over `max_job_pixels`."""
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the plan needs of a model: its UNet tile, latent factor and lattice."""
+
+    sample_size: int
+    vae_scale_factor: int
+    unet_multiple: int
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.unet_multiple
+
+    @classmethod
+    def of(cls, store: ArtifactStore, model_ref: str) -> ModelGeometry:
+        unet = json.loads(store.read_bytes(model_ref, "unet/config.json"))
+        vae = json.loads(store.read_bytes(model_ref, "vae/config.json"))
+        return cls(int(unet["sample_size"]), 2 ** (len(vae["block_out_channels"]) - 1),
+                   2 ** (len(unet["block_out_channels"]) - 1))
+
+
+@lru_cache(maxsize=4096)
+def image_unet_evals(geo: ModelGeometry, sampler: str, tile: int | None, salt: int, width: int, height: int,
+                     steps: int, strength: float, cfg: bool) -> int:
+    """UNet evaluations of one image: stage 1 (one bucket, every step) plus stage 2 (the
+    sampler's boxes over the canvas latent, for the steps strength leaves), x2 with guidance."""
+    from asd_models.samplers import sampler_named
+
+    f, m = geo.vae_scale_factor, geo.pixel_multiple
+    stage1 = steps
+    lat_w, lat_h = -(-width // m) * m // f, -(-height // m) * m // f
+    stage2_steps = steps - min(int(round(steps * (1 - strength))), steps - 1)
+    s = sampler_named(sampler, tile or geo.sample_size, 8, geo.unet_multiple, salt)
+    stage2 = s.evals_per_step(lat_h, lat_w, stage2_steps) * stage2_steps
+    return int(round((stage1 + stage2) * (2 if cfg else 1)))
+
+
+@dataclass
+class JobPlan:
+    images: int
+    failed_rows: int
+    pixels: int
+    largest: tuple[int, int]
+    unet_evals: int
+    device: str
+    workers: int
+    max_job_pixels: int
+    rate: float | None = None  # UNet evaluations per second per worker, measured
+    rate_from: str | None = None  # the generations version it was measured on
+
+    @property
+    def seconds(self) -> float | None:
+        return self.unet_evals / (self.rate * self.workers) if self.rate else None
+
+    def lines(self) -> list[str]:
+        w, h = self.largest
+        out = [f"images: {self.images:,} to render ({self.failed_rows:,} prompt rows invalid)",
+               f"output pixels: {self.pixels:,} ({self.pixels / 1e9:.2f} gigapixels; largest {w}x{h}); "
+               f"max_job_pixels {self.max_job_pixels:,}",
+               f"UNet evaluations (tiles, both stages, guidance counted): {self.unet_evals:,}"]
+        if self.rate:
+            out.append(f"estimated time: {_duration(self.seconds or 0)} on {self.workers} {self.device} worker(s) "
+                       f"at {self.rate:.1f} UNet evals/s each (measured by {self.rate_from})")
+        else:
+            out.append(f"estimated time: unknown (no generations version of this model rendered on {self.device} "
+                       f"in the store yet)")
+        if self.pixels > self.max_job_pixels:
+            out.append(self.refusal())
+        return out
+
+    def refusal(self) -> str:
+        return (f"refused: {self.pixels:,} output pixels is over max_job_pixels {self.max_job_pixels:,}; "
+                f"raise it (--max-job-pixels N) to run a job this large")
+
+    def check(self) -> None:
+        if self.pixels > self.max_job_pixels:
+            raise JobTooLarge(self.refusal())
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"what": line.split(": ", 1)[0], "value": line.split(": ", 1)[-1]} for line in self.lines()]
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def device_kind(device: str) -> str:
+    """cuda or cpu: what `auto` resolves to here."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":", 1)[0]
+
+
+def measured_rate(store: ArtifactStore, model_ref: str, kind: str) -> tuple[float, str] | None:
+    """The newest measured rate of this model version on this kind of device (catalog rows)."""
+    import polars as pl
+
+    cat = pl.from_arrow(store.catalog())
+    if cat.height == 0:
+        return None
+    metric = RATE_METRIC.format(kind)
+    rows = cat.filter((pl.col("kind") == "generations") & pl.col("parents").list.contains(model_ref))
+    for row in rows.sort("committed_at", descending=True).iter_rows(named=True):
+        rate = dict(row["metrics"] or []).get(metric)
+        if rate:
+            return float(rate), row["ref"]
+    return None
+
+
+def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: GenerateSettings) -> JobPlan:
+    """The plan of rendering `table` (a validated prompt table) with `model_ref` and `settings`."""
+    geo = ModelGeometry.of(store, model_ref)
+    buckets = asd_buckets(base=geo.sample_size * geo.vae_scale_factor, step=geo.pixel_multiple)
+    cols = {c: table.column(c).to_pylist() for c in ("width", "height", "steps", "guidance_scale", "strength",
+                                                       "error")}
+    pixels = evals = images = 0
+    largest = (0, 0)
+    for w, h, st, g, sg, err in zip(*cols.values(), strict=True):
+        if err is not None:
+            continue
+        nearest_bucket(w, h, buckets)  # the same rule stage 1 uses (a size it cannot take fails here)
+        images += 1
+        pixels += w * h
+        largest = max(largest, (w, h), key=lambda s: s[0] * s[1])
+        guidance = settings.guidance_scale if g is None else g
+        evals += image_unet_evals(geo, settings.sampler, settings.tile, settings.offset_salt, w, h,
+                                  st or settings.steps, sg or settings.strength, guidance != 1.0)
+    kind = device_kind(settings.device)
+    plan = JobPlan(images, table.num_rows - images, pixels, largest, evals, kind, settings.workers,
+                   settings.max_job_pixels)
+    found = measured_rate(store, model_ref, kind)
+    if found:
+        plan.rate, plan.rate_from = found
+    return plan
