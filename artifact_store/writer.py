@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
@@ -124,14 +126,23 @@ class VersionWriter:
 
     @contextlib.contextmanager
     def open(self, relpath: str) -> Iterator[HashingWriter]:
-        """Open a new file of this version for binary writing; its hash is recorded on close."""
+        """Open a new file of this version for binary writing; its hash is recorded on close.
+        The file appears whole or not at all: on a local disk it is written to a temporary name
+        and renamed when closed; on S3 an object exists only once its upload completes."""
         rel = self._target(relpath)
         path = self.store.path(self.ref.prefix, rel)
         self.store.ensure_parent(path)
-        with self.store.vfs.open(path, "wb") as raw:
-            writer = HashingWriter(raw)
-            yield writer
-            fault_point("during-upload")
+        target = f"{path}.{uuid.uuid4().hex}.tmp" if self.store.is_local else path
+        try:
+            with self.store.vfs.open(target, "wb") as raw:
+                writer = HashingWriter(raw)
+                yield writer
+                fault_point("during-upload")
+            if target != path:
+                os.replace(target, path)
+        finally:
+            if target != path and os.path.exists(target):
+                os.unlink(target)
         meta: dict[str, Any] = {"sha256": writer.sha256.hexdigest(), "size": writer.size}
         if writer.version_id:
             meta["version_id"] = writer.version_id

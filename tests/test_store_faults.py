@@ -75,6 +75,10 @@ def test_killed_writer_local(tmp_path, phase):
     first = _first_version(url)
     proc = _run_killed_writer(url, phase)
     assert proc.returncode == -9, proc.stderr[-2000:]
+    if phase == "during-upload":  # a file is whole or absent: the half-written one has a temporary name
+        new = [p.name for p in (tmp_path / "store" / "models" / "m").rglob("*")
+               if p.is_file() and first.version not in str(p) and p.name != "LATEST"]
+        assert new and all(n.startswith("a.bin.") and n.endswith(".tmp") for n in new), new
     _check_reader_view(url, first, phase)
 
 
