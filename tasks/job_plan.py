@@ -19,7 +19,6 @@ from asd_models.buckets import asd_buckets, nearest_bucket
 
 if TYPE_CHECKING:
     from artifact_store import ArtifactStore
-    from tasks.generate import GenerateSettings
 
 RATE_METRIC = "unet_evals_per_s_{}"  # a generations summary's measured rate on one kind of device
 
@@ -144,8 +143,9 @@ def measured_rate(store: ArtifactStore, model_ref: str, kind: str) -> tuple[floa
     return None
 
 
-def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: GenerateSettings) -> JobPlan:
-    """The plan of rendering `table` (a validated prompt table) with `model_ref` and `settings`."""
+def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: Any) -> JobPlan:
+    """The plan of rendering `table` (a validated prompt table) with `model_ref` and `settings`
+    (a `tasks.generate.GenerateSettings`)."""
     geo = ModelGeometry.of(store, model_ref)
     buckets = asd_buckets(base=geo.sample_size * geo.vae_scale_factor, step=geo.pixel_multiple)
     cols = {c: table.column(c).to_pylist() for c in ("width", "height", "steps", "guidance_scale", "strength",
