@@ -32,7 +32,8 @@ def write_catalog_row(store: StoreBackend, record: dict[str, Any]) -> None:
     row = {
         "kind": ref.kind, "name": ref.name, "version": ref.version, "ref": str(ref),
         "committed_at": datetime.fromisoformat(record["committed_at"]),
-        "size_bytes": sum(f["size"] for f in record["files"].values()), "file_count": len(record["files"]),
+        "size_bytes": record.get("size_bytes", sum(f["size"] for f in record["files"].values())),
+        "file_count": record.get("file_count", len(record["files"])),
         "parents": record.get("parents", []), "flow_run_id": record.get("flow_run_id"),
         "code_version": record.get("code_version"), "metrics": list(metrics.items()),
         "uri": store.uri(ref.prefix),

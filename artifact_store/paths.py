@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from artifact_store.refs import COMMIT_RECORD, LEASE_DIR, PENDING_MARKER, InvalidReference
+from artifact_store.refs import COMMIT_RECORD, FRAGMENT_DIR, LEASE_DIR, PENDING_MARKER, InvalidReference
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -22,7 +22,7 @@ def check_relpath(rel: str, where: str = "") -> str:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise InvalidReference(f"unsafe file path {rel!r}{at}: empty, '.' or '..' part")
-    if rel in (COMMIT_RECORD, PENDING_MARKER) or parts[0] == LEASE_DIR:
+    if rel in (COMMIT_RECORD, PENDING_MARKER) or parts[0] in (LEASE_DIR, FRAGMENT_DIR):
         raise InvalidReference(f"file path {rel!r}{at} is reserved for the store")
     return rel
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from artifact_store import file_lists
 from artifact_store.backend import DEFAULT_STORE, StoreBackend, store_url_from_env
 from artifact_store.catalog import catalog_row_path, read_catalog, read_catalog_rows, write_catalog_row
 from artifact_store.leases import lease_epochs, live_holder, read_lease
@@ -154,6 +155,10 @@ class ArtifactStore(StoreBackend):
             if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
                     and isinstance(meta.get("size"), int)):
                 raise CorruptRecord(f"commit record {where}: entry {rel!r} lacks sha256/size")
+        lists = rec.get("file_lists") or []
+        if not isinstance(lists, list) or any(not isinstance(p, dict) or p.get("path") not in rec["files"]
+                                              for p in lists):
+            raise CorruptRecord(f"commit record {where}: its file_lists name parts it does not list")
         for parent in rec.get("parents") or []:
             try:
                 ArtifactRef.parse(parent)
@@ -257,11 +262,33 @@ class ArtifactStore(StoreBackend):
         return None
 
     # reading files ------------------------------------------------------------
-    def _pinned(self, ref: ArtifactRef, relpath: str) -> str:
+    def file_meta(self, ref: ArtifactRef | str, relpath: str) -> dict[str, Any] | None:
+        """The recorded sha256, size (and S3 VersionId) of one file of a committed version; None
+        when the version does not list it. A large version's file lists are read only as far as
+        the part and row group that can hold it."""
+        ref = self.resolve(ref)
+        rec = self.record(ref)
+        meta = rec["files"].get(relpath)
+        if meta is None and rec.get("file_lists"):
+            meta = file_lists.lookup(self, ref.prefix, rec["file_lists"], relpath,
+                                     pin=lambda rel: self._pinned(ref, rel))
+        return meta
+
+    def iter_files(self, ref: ArtifactRef | str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every recorded file of a committed version (a large version's lists streamed)."""
+        ref = self.resolve(ref)
+        rec = self.record(ref)
+        yield from rec["files"].items()
+        if rec.get("file_lists"):
+            yield from file_lists.iterate(self, ref.prefix, rec["file_lists"], pin=lambda rel: self._pinned(ref, rel))
+
+    def _pinned(self, ref: ArtifactRef, relpath: str, meta: dict[str, Any] | None = None) -> str:
         """Path of a committed file; on a versioned S3 bucket, pinned to the recorded VersionId."""
         path = self.path(ref.prefix, check_relpath(relpath, str(ref)))
-        meta = self.record(ref)["files"].get(relpath)
-        if meta and meta.get("version_id") and not self.is_local:
+        if self.is_local:
+            return path
+        meta = meta or self.record(ref)["files"].get(relpath) or self.file_meta(ref, relpath)
+        if meta and meta.get("version_id"):
             return f"{path}?versionId={meta['version_id']}"
         return path
 
@@ -279,16 +306,15 @@ class ArtifactStore(StoreBackend):
         """Copy the committed files of a version (optionally under `prefix`) to a local folder;
         every target is checked to stay inside `dest` and every file's sha256 and size checked."""
         ref = self.resolve(ref)
-        rec = self.record(ref)
         dest = Path(dest)
         cut = prefix.rstrip("/") + "/" if prefix else ""
-        for rel, meta in rec["files"].items():
+        for rel, meta in self.iter_files(ref):
             if cut and not rel.startswith(cut):
                 continue
             target = local_target(dest, rel[len(cut):], str(ref))
             target.parent.mkdir(parents=True, exist_ok=True)
             h, size = hashlib.sha256(), 0
-            with self.vfs.open(self._pinned(ref, rel), "rb") as src, open(target, "wb") as out:
+            with self.vfs.open(self._pinned(ref, rel, meta), "rb") as src, open(target, "wb") as out:
                 while block := src.read(8 << 20):
                     h.update(block)
                     size += len(block)
@@ -305,11 +331,11 @@ class ArtifactStore(StoreBackend):
         damaged commit record is a problem, not an exception."""
         try:
             ref = self.resolve(ref)
-            rec = self.record(ref)
+            self.record(ref)
         except CorruptRecord as exc:
             return [str(exc)]
         problems = []
-        for rel, meta in rec["files"].items():
+        for rel, meta in self.iter_files(ref):
             vid = meta.get("version_id")
             if vid and not self.is_local:
                 try:
@@ -322,7 +348,7 @@ class ArtifactStore(StoreBackend):
             h = hashlib.sha256()
             size = 0
             try:
-                with self.vfs.open(self._pinned(ref, rel), "rb") as f:
+                with self.vfs.open(self._pinned(ref, rel, meta), "rb") as f:
                     while block := f.read(8 << 20):
                         h.update(block)
                         size += len(block)
@@ -426,7 +452,7 @@ class ArtifactStore(StoreBackend):
         if not self.is_committed(ref):
             raise VersionNotFound(f"{file_or_uri} belongs to {ref}, which is not committed")
         rel = "/".join(parts[3:])
-        if rel not in self.record(ref)["files"]:
+        if self.file_meta(ref, rel) is None:
             raise VersionNotFound(f"{file_or_uri} is not a recorded file of {ref}")
         return ref, rel
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from artifact_store.catalog import write_catalog_row
 from artifact_store.faults import fault_point
+from artifact_store.file_lists import FileListWriter
 from artifact_store.paths import check_relpath
 from artifact_store.refs import (
     COMMIT_RECORD,
+    FRAGMENT_DIR,
     LEASE_DIR,
     PENDING_MARKER,
     RECORD_FORMAT,
@@ -111,6 +114,7 @@ class VersionWriter:
         self.files: dict[str, dict[str, Any]] = {}
         self.committed = False
         self.lease: Any = None  # artifact_store.leases.Lease of a pending version this run holds
+        self.listed: FileListWriter | None = None  # files listed outside the record (a large version)
 
     @classmethod
     def for_pending(cls, store: StoreBackend, pending: PendingVersion) -> VersionWriter:
@@ -160,10 +164,17 @@ class VersionWriter:
             while block := src.read(chunk):
                 dst.write(block)
 
-    def add_files(self, files: dict[str, dict[str, Any]]) -> None:
-        """Adopt files that other workers wrote into this same version (fan-out writers)."""
+    def add_files(self, files: dict[str, dict[str, Any]], row: int | None = None) -> None:
+        """Adopt files that other workers wrote into this same version (fan-out writers). With
+        `row` (the manifest row they belong to, given in row order), they go to the version's
+        file list parts instead of its commit record (`artifact_store.file_lists`)."""
         for rel, meta in files.items():
             check_relpath(rel, str(self.ref))
+            if row is not None:
+                if self.listed is None:
+                    self.listed = FileListWriter()
+                self.listed.add(rel, meta, row)
+                continue
             if rel in self.files and self.files[rel] != meta:
                 raise StoreError(f"{rel!r} was written twice in {self.ref} with different content")
             self.files[rel] = dict(meta)
@@ -185,8 +196,9 @@ class VersionWriter:
         except FileNotFoundError:
             listed = {}
         sizes = {p.split(prefix, 1)[-1]: info.get("size") for p, info in listed.items()}
+        listed = self.listed.entries() if self.listed is not None else iter(())
         wrong = [rel if rel not in sizes else f"{rel} ({sizes[rel]} bytes, recorded {meta['size']})"
-                 for rel, meta in self.files.items() if sizes.get(rel) != meta["size"]]
+                 for rel, meta in itertools.chain(self.files.items(), listed) if sizes.get(rel) != meta["size"]]
         if wrong:
             raise StoreError(f"{self.ref}: not committed, files it would list are missing or changed: "
                              f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
@@ -203,6 +215,15 @@ class VersionWriter:
         """Write the commit record (last), then move `LATEST`. Returns the committed reference."""
         if self.committed:
             raise StoreError(f"{self.ref} is already committed")
+        if self.listed is not None:
+            self.listed.close()
+        self._check_files_present()
+        file_lists = []
+        if self.listed is not None:
+            for part in self.listed.finish(self):
+                file_lists.append({**part, **self.files[part["path"]]})
+        count = len(self.files) + (self.listed.count if self.listed else 0)
+        size = sum(m["size"] for m in self.files.values()) + (self.listed.size_bytes if self.listed else 0)
         record = {
             "format": RECORD_FORMAT,
             "ref": str(self.ref),
@@ -217,11 +238,14 @@ class VersionWriter:
             "code_version": code_version(),
             "summary": summary or {},
             "files": dict(sorted(self.files.items())),
+            "file_count": count,
+            "size_bytes": size,
         }
+        if file_lists:
+            record["file_lists"] = file_lists
         data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
         if self.lease is not None:
             self.lease.check()  # another run took the job over: this one commits nothing
-        self._check_files_present()
         fault_point("before-commit-record")
         try:
             self.store.write_once(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
@@ -234,9 +258,10 @@ class VersionWriter:
         marker = self.store.path(self.ref.prefix, PENDING_MARKER)
         if self.store.fs.exists(marker):  # what a rerun looked for: the version is committed now
             self.store.fs.rm_file(marker)
-        leases = self.store.path(self.ref.prefix, LEASE_DIR)
-        if self.store.fs.exists(leases):
-            self.store.fs.rm(leases, recursive=True)
+        for pending_state in (LEASE_DIR, FRAGMENT_DIR):  # the record holds what they said
+            folder = self.store.path(self.ref.prefix, pending_state)
+            if self.store.fs.exists(folder):
+                self.store.fs.rm(folder, recursive=True)
         fault_point("before-catalog")
         write_catalog_row(self.store, record)
         fault_point("before-latest")

@@ -72,7 +72,7 @@ def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
     ref = ArtifactRef(kind, name, version)
     if not store.is_committed(ref):
         return None
-    meta = store.record(ref)["files"].get(rel)
+    meta = store.file_meta(ref, rel)
     if meta is None:
         return None
     ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"

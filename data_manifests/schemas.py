@@ -74,6 +74,18 @@ GENERATIONS_MANIFEST = pa.schema([
     ("peak_rss_mb", pa.float64()),    # peak resident memory of the worker while rendering and writing it
 ])
 
+FILE_ENTRY = pa.struct([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
+                        ("version_id", pa.string())])  # one file of a version (version_id: S3 only)
+
+# a chunk of a generation job, durable in its pending version (`_fragments/rows-<a>-<b>.parquet`):
+# the chunk's manifest rows, each with the files it wrote
+GENERATION_FRAGMENT = pa.schema([*GENERATIONS_MANIFEST, ("files", pa.list_(FILE_ENTRY))])
+
+# the file list of a large version, in parts the commit record points at (`_files/part-<n>.parquet`),
+# in row order of the version's manifest (`row`: the manifest row a file belongs to; null for none)
+FILE_LIST = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
+                       ("version_id", pa.string()), ("row", pa.int64())])
+
 METRICS = pa.schema([
     ("metric", pa.string()),
     ("value", pa.float64()),          # null when skipped

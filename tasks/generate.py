@@ -1,13 +1,16 @@
 """The generate stage, in one place: its settings (and their adapter to the pipeline's
 requests and sampler), its identity, and its build: one task per shard of prompt rows fanned
-out on threads or Dask, the model loaded once per worker process, every image durable in the
-pending version as soon as it is rendered, then the manifest; `run_stage` commits it once.
+out on threads or Dask (at most a few per worker in flight), the model loaded once per worker
+process, images durable in the pending version chunk by chunk, then the manifest and file list
+streamed from the chunks' fragments; `run_stage` commits it once.
 
 Exactly once: an image's key holds a hash of the model version, its prompt row and the render
 settings; a finished image is `images/<key>.png` (`.tif` for a large output asked as TIFF, with its
-Deep Zoom pyramid and viewer page beside it) plus `images/<key>.json` (its manifest row and the
-files' sha256, written after them). A rerun of the same job resumes the same pending
-version (`store.resume_or_new`) and renders only the images without their `.json`."""
+Deep Zoom pyramid and viewer page beside it) and its seam heat-map, listed with their sha256 in
+its chunk's fragment (`tasks.fragments`), written once every image of the chunk is. A rerun of
+the same job resumes the same pending version (`store.resume_or_new`, under its lease) and
+renders only the images no intact fragment lists. The flow carries fragment references and
+counts, never rows: its memory and Prefect's work do not grow with the number of images."""
 
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from pydantic import model_validator
 
@@ -45,6 +49,16 @@ from data_manifests.runtime import runtime
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
 from data_manifests.settings import StageSettings, execution, output
 from tasks.executors import gpu_annotation, task_runner_for
+from tasks.fragments import (
+    Compacted,
+    FragmentRef,
+    chunk_ranges,
+    compact,
+    finished_entries,
+    list_fragments,
+    read_fragment,
+    write_fragment,
+)
 from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
 from tasks.progress import Progress, publish_table
@@ -83,6 +97,8 @@ class GenerateSettings(StageSettings):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
     shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
                                        "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
+    chunk_rows: int = execution(32, ge=1, le=4096, description="prompt rows per durability point: a chunk's "
+                                "fragment is written once its images are (a killed worker loses at most one chunk)")
     pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
     pack_max_pixels: int = execution(16 << 20, ge=4096, le=MAX_PACK_PIXELS, description="output pixels rendered "
                                      "together at most (a larger image renders alone)")
@@ -137,19 +153,30 @@ class GenerationJob:
 
 
 @dataclass
-class ShardOutput:
-    """What one shard task left in the pending version: manifest rows (failures included), the
-    files with their sha256 and size, how many images it rendered now (not found done), and
-    where it ran."""
+class ShardResult:
+    """What one shard task tells the flow (a few hundred bytes whatever its size): the fragments
+    that hold its rows, counts, the UNet evaluations and device seconds of what it rendered now,
+    and where it ran."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fragments: list[FragmentRef] = field(default_factory=list)
+    ok: int = 0
+    failed: int = 0
     rendered: int = 0
-    rendered_evals: int = 0  # UNet evaluations of the images rendered now, and their device seconds
+    rendered_evals: int = 0
     rendered_seconds: float = 0.0
     device_kind: str = ""  # cuda or cpu, where it rendered
     worker: str = ""
     model_loads: int = 0
+
+
+@dataclass
+class _Chunk:
+    """A chunk of a shard's rows on its way to its fragment: entries so far, images still to store."""
+
+    start: int
+    stop: int
+    entries: list[dict[str, Any]]
+    left: int
 
 
 def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
@@ -204,45 +231,6 @@ def _peak_memory_mb(device: Any) -> float:
     return peak_rss_mb()
 
 
-def _resumed(store: ArtifactStore, pending: PendingVersion, key: str, out: ShardOutput) -> bool:
-    """Take an image a previous run finished into `out`, if its record (`images/<key>.json`) is
-    readable, names only files of this key, and every file it names is in the store with its
-    recorded sha256; anything else is "not done" (logged, rendered again): a rerun never trusts a
-    truncated, edited or injected file it finds."""
-    rel = f"images/{key}.json"
-    if not store.exists(pending, rel):
-        return False
-    blob = store.read_pending(pending, rel)
-    try:
-        record = json.loads(blob)
-        files = {record["row"]["image"]: record["file"], **(record.get("extra") or {})}
-        why = _not_trusted(store, pending, key, files)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        why = f"unreadable ({type(exc).__name__}: {exc})"
-    if why:
-        run_logger().warning("%s of %s is not taken as done: %s; rendering it again", rel, pending.ref, why)
-        return False
-    out.rows.append(record["row"])
-    out.files[record["row"]["image"]] = record["file"]
-    out.files.update(record.get("extra") or {})
-    out.files[rel] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
-    return True
-
-
-def _not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: dict[str, Any]) -> str | None:
-    """Why a finished image's files cannot be taken as they are (None: they can)."""
-    for rel, meta in files.items():
-        if not rel.startswith(f"images/{key}.") and not rel.startswith(f"images/{key}_files/"):
-            return f"it names {rel!r}, not a file of this image"
-        try:
-            data = store.read_pending(pending, rel)
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        if hashlib.sha256(data).hexdigest() != meta["sha256"] or len(data) != meta["size"]:
-            return f"{rel} does not match its recorded sha256"
-    return None
-
-
 def _seam_heatmap_png(pixels: np.ndarray, xs: list[int], ys: list[int]) -> bytes | None:
     """The image's seam heat-map (`<key>.seams.png`; none for images over HEATMAP_MAX_PIXELS)."""
     from PIL import Image
@@ -289,11 +277,11 @@ def _write_image(writer: Any, key: str, pixels: np.ndarray, s: GenerateSettings)
     return rel, fmt, extra
 
 
-def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writer: Any, out: ShardOutput,
-                 worker: str, logger: Any) -> Callable[[], None]:
+def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stored: Callable[[dict, dict], None],
+                 writer: Any, worker: str) -> Callable[[], None]:
     """Render one pack on the device; the host work that follows (PNG encode, seam heat-map,
-    uploads, the per-image record) is returned as a function, for the shard to run while the
-    device renders the next pack."""
+    uploads) is returned as a function, for the shard to run while the device renders the next;
+    `stored(row, entry)` is called as each image is written."""
     import torch
 
     s = job.settings
@@ -304,7 +292,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
     window = peak_rss_window()  # correct with other threads rendering in this process; closed by `store`
     pack_peak = window.__enter__()
     t0 = time.perf_counter()
-    try:  # progress is per image (a log line each) and per job (the flow's artifact): no API calls per step
+    try:  # progress is per shard (a log line each) and per job (the flow's artifact): no API calls per step
         results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
         error = None
     except (ValueError, RuntimeError) as exc:
@@ -318,7 +306,8 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
     def store() -> None:
         try:
             for r, res in zip(pack, results, strict=True):
-                _store_image(r, res, error, seconds, peak, pack_peak, pipe.device, job, writer, out, worker, logger)
+                entry = _store_image(r, res, error, seconds, peak, pack_peak, pipe.device, job, writer, worker)
+                stored(r, entry)
         finally:
             window.__exit__(None, None, None)
 
@@ -326,20 +315,20 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, writ
 
 
 def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float, peak: float,
-                 pack_peak: Callable[[], float], device: Any, job: GenerationJob, writer: Any, out: ShardOutput,
-                 worker: str, logger: Any) -> None:
-    """One rendered image into the pending version: its file, heat-map, then its record."""
+                 pack_peak: Callable[[], float], device: Any, job: GenerationJob, writer: Any,
+                 worker: str) -> dict[str, Any]:
+    """One rendered image into the pending version: its file and heat-map; its fragment entry
+    (manifest row plus the files it wrote)."""
     s = job.settings
     row = {f.name: None for f in GENERATIONS_MANIFEST}
     row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
-               seconds=seconds, peak_memory_mb=peak, device=str(device), worker=worker)
+               seconds=seconds, peak_memory_mb=peak, device=str(device), worker=worker, files=[])
     if res is None or res.size != (r["width"], r["height"]):
         row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
-        logger.error("%s failed: %s", r["key"], row["error"])
-        out.rows.append(row)
-        return
+        run_logger().error("%s failed: %s", r["key"], row["error"])
+        return row
     rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
-    meta = writer.files[rel]
+    files = {rel: writer.files[rel], **extra}
     row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
                canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
                seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
@@ -347,39 +336,66 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
                viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
     heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
     if heat is not None:  # beside the image: where its tile lines are and how they look
-        extra[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+        files[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
     row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
     if device.type != "cuda":
         row["peak_memory_mb"] = row["peak_rss_mb"]
-    record = json.dumps({"row": row, "file": meta, "extra": extra}, default=str).encode()
-    out.files[rel] = meta
-    out.files.update(extra)
-    out.files[f"images/{r['key']}.json"] = writer.put_bytes(f"images/{r['key']}.json", record)  # after the image
-    out.rows.append(row)
-    out.rendered += 1
-    out.rendered_evals += res.unet_evals
-    out.rendered_seconds += seconds
-    _RENDERED_IN_PROCESS[0] += 1
-    fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-    logger.info("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s, %s, peak RSS %.0f MB)", r["key"], r["width"],
-                r["height"], seconds, res.unet_evals, row["device"], worker, fmt, row["peak_rss_mb"])
+    row["files"] = [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
+                    for k, m in sorted(files.items())]
+    run_logger().debug("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
+                       res.unet_evals, row["device"], fmt)
+    return row
 
 
-@task(name="render-shard")
-def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
-    """Render the valid prompt rows [start, stop) of the job into its pending version;
-    images a previous run finished are taken as they are."""
+@task(name="render-shard", cache_policy=NO_CACHE)
+def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
+    """Render the valid prompt rows [start, stop) of the job into its pending version, chunk by
+    chunk, each chunk's fragment written once its images are; images a previous run finished
+    (their fragment reads and their files check out) are taken as they are."""
     logger = run_logger()
     store = ArtifactStore(job.store_url)
-    rows = [r for r in _prompt_table(job.store_url, job.prompts).slice(start, stop - start).to_pylist()
-            if r["error"] is None]
+    rows = [{**r, "index": start + i} for i, r in enumerate(
+        _prompt_table(job.store_url, job.prompts).slice(start, stop - start).to_pylist()) if r["error"] is None]
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    out = ShardOutput(worker=worker)
-    todo = []
-    for r in rows:
+    out = ShardResult(worker=worker)
+    for r in rows:  # "index": position in the prompts table (chunks cut there); "row": the prompt file's row
         r["key"] = image_key(r, image_identity(job.model, r, job.settings))
-        if not _resumed(store, job.pending, r["key"], out):
-            todo.append(r)
+    keys = {r["row"]: r["key"] for r in rows}
+    existing = list_fragments(store, job.pending)
+    taken = finished_entries(store, job.pending, existing, keys, start, stop) if existing else {}
+    chunks: dict[int, _Chunk] = {}
+    todo = []
+    for a, b in chunk_ranges(start, stop, job.settings.chunk_rows):
+        mine = [r for r in rows if a <= r["index"] < b]
+        if not mine:
+            continue
+        done = [taken[r["row"]] for r in mine if r["row"] in taken]
+        if len(done) == len(mine) and (a, b) in existing and _fragment_is_exactly(store, job.pending, existing[(a, b)],
+                                                                                  done):
+            out.fragments.append(_ref_of(store, job.pending, existing[(a, b)], a, b, len(done)))
+        else:
+            chunks[a] = _Chunk(a, b, done, len(mine) - len(done))
+            todo += [r for r in mine if r["row"] not in taken]
+            if not chunks[a].left:  # all taken, from fragments of another chunking: one fragment for this chunk
+                out.fragments.append(write_fragment(store, job.pending, a, b, done))
+    out.ok += len(taken)
+
+    def stored(r: dict[str, Any], entry: dict[str, Any]) -> None:
+        chunk = chunks[next(a for a, c in chunks.items() if c.start <= r["index"] < c.stop)]
+        chunk.entries.append(entry)
+        chunk.left -= 1
+        if entry["status"] == STATUS_OK:
+            out.ok += 1
+            out.rendered += 1
+            out.rendered_evals += entry["unet_evals"] or 0
+            out.rendered_seconds += entry["seconds"] or 0.0
+        else:
+            out.failed += 1
+        if chunk.left == 0:  # the chunk's durability point
+            out.fragments.append(write_fragment(store, job.pending, chunk.start, chunk.stop, chunk.entries))
+        _RENDERED_IN_PROCESS[0] += 1
+        fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
+
     if todo:
         loads = model_loads()
         pipe = cached_pipeline(job.store_url, job.model, job.settings.upscaler, job.settings.device,
@@ -392,14 +408,26 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardOutput:
         with ThreadPoolExecutor(1, thread_name_prefix="asd-store") as host:
             storing: Future | None = None
             for pack in _packs(todo, job.settings):
-                store_pack = _render_pack(pipe, pack, job, writer, out, worker, logger)
+                store_pack = _render_pack(pipe, pack, job, stored, writer, worker)
                 if storing is not None:
                     storing.result()
                 storing = host.submit(store_pack)
             if storing is not None:
                 storing.result()
-    logger.info("shard rows %d-%d: %d rendered, %d already done", start, stop, out.rendered, len(rows) - len(todo))
+    logger.info("shard rows %d-%d on %s: %d rendered, %d already done, %d failed, %d fragment(s)", start, stop,
+                worker, out.rendered, len(taken), out.failed, len(out.fragments))
     return out
+
+
+def _fragment_is_exactly(store: ArtifactStore, pending: PendingVersion, rel: str, done: list[dict[str, Any]]) -> bool:
+    """Whether the fragment holds exactly these entries (then it is referenced as it is)."""
+    rows = read_fragment(store, pending, rel) or []
+    return sorted(e["key"] for e in rows) == sorted(e["key"] for e in done)
+
+
+def _ref_of(store: ArtifactStore, pending: PendingVersion, rel: str, a: int, b: int, images: int) -> FragmentRef:
+    data = store.fs.cat_file(store.path(pending.ref.prefix, rel))
+    return FragmentRef(rel, a, b, images, hashlib.sha256(data).hexdigest(), len(data))
 
 
 MAX_SHARD_ROWS = 1000
@@ -431,52 +459,69 @@ def plan_shards(costs: list[int], shard_size: int | None, workers: int) -> list[
     return sorted(ranges, key=lambda r: -sum(costs[r[0]:r[1]]))
 
 
-def adopt_shards(job: GenerationJob, writer: Any, outputs: list[ShardOutput]) -> list[dict[str, Any]]:
-    """Adopt the shards' files into the version and write its manifest (invalid prompt rows
-    included as failures); the manifest rows."""
+def shard_ranges(job: GenerationJob) -> list[tuple[int, int]]:
+    """The job's shards, from its prompts and settings alone (the same wherever it is asked)."""
+    table = _prompt_table(job.store_url, job.prompts)
+    s = job.settings
+    costs = [0 if e is not None else w * h * (st or s.steps) for w, h, st, e in zip(
+        *(table.column(c).to_pylist() for c in ("width", "height", "steps", "error")), strict=True)]
+    return plan_shards(costs, s.shard_size, s.workers)
+
+
+def adopt_shards(job: GenerationJob, writer: Any, results: list[ShardResult]) -> Compacted:
+    """Stream the shards' fragments into the version's manifest and file list (invalid prompt
+    rows included as failures)."""
     store = ArtifactStore(job.store_url)
-    rows = [invalid_row(r) for r in read_prompts(store, job.prompts).to_pylist() if r["error"] is not None]
-    for o in outputs:
-        writer.add_files(o.files)
-        rows += o.rows
-    keys = [r["key"] for r in rows]
-    if len(keys) != len(set(keys)):
-        raise RuntimeError(f"{job.pending.ref}: an image appears twice in the manifest")
-    rows.sort(key=lambda r: (r["row"], r["key"]))
-    if any(r.get("viewer") for r in rows):  # the viewer pages' OpenSeadragon, once per version
+    table = read_prompts(store, job.prompts)
+    invalid = [invalid_row(r) for r in table.filter(pc.is_valid(table.column("error"))).to_pylist()]
+    refs = [f for r in results for f in r.fragments]
+    done = compact(store, job.pending, writer, refs, invalid)
+    if done.has_viewer:  # the viewer pages' OpenSeadragon, once per version
         for rel, path in vendor_files().items():
             writer.put_file(rel, path)
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_MANIFEST), buf)
-    writer.put_bytes("manifest.parquet", buf.getvalue())
-    return rows
+    return done
+
+
+MAX_IN_FLIGHT_PER_WORKER = 4
 
 
 @flow(name="asd-generate-shards", log_prints=True)
-def render_shards_flow(job: GenerationJob, ranges: list[tuple[int, int]], total: int) -> list[ShardOutput]:
-    """The fan-out: one task per shard of prompt rows, on the task runner the job's settings
-    chose (threads or Dask), retried when a task fails or its worker is lost. Progress (images
-    done, tiles/s, ETA) is updated as shards finish."""
+def render_shards_flow(job: GenerationJob) -> list[ShardResult]:
+    """The fan-out: one task per shard of prompt rows (planned here from the job, so the flow's
+    parameters stay small whatever its size), at most `MAX_IN_FLIGHT_PER_WORKER` per worker in
+    flight, on the task runner the job's settings chose (threads or Dask), retried when a task
+    fails or its worker is lost. Progress (images done, UNet evals/s, ETA) is updated as shards
+    finish, from running totals."""
     logger = get_run_logger()
+    ranges = shard_ranges(job)
+    total = sum(b - a for a, b in ranges)
     shard_task = render_shard.with_options(retries=job.settings.retries, retry_delay_seconds=2)
-    with gpu_annotation(job.settings):
-        futures = [shard_task.submit(job, start, stop) for start, stop in ranges]
-    position = {id(f): i for i, f in enumerate(futures)}
-    outputs: dict[int, ShardOutput] = {}
+    window = MAX_IN_FLIGHT_PER_WORKER * job.settings.workers
+    results: dict[int, ShardResult] = {}
+    waiting = list(enumerate(ranges))[::-1]
+    running: dict[Any, int] = {}
+    done = rendered = evals = 0
     t0 = time.monotonic()
     with Progress("generate images", total=max(1, total), unit="img") as progress:
-        for future in as_completed(futures):
-            outputs[position[id(future)]] = out = future.result()
-            done = sum(len(o.rows) for o in outputs.values())
-            rendered = sum(o.rendered for o in outputs.values())
-            evals = sum(r["unet_evals"] or 0 for o in outputs.values() for r in o.rows)
+        while waiting or running:
+            with gpu_annotation(job.settings):
+                while waiting and len(running) < window:
+                    i, (a, b) = waiting.pop()
+                    running[shard_task.submit(job, a, b)] = i
+            finished = next(as_completed(list(running)))
+            i = running.pop(finished)
+            results[i] = out = finished.result()
+            a, b = ranges[i]
+            done += b - a
+            rendered += out.rendered
+            evals += out.rendered_evals
             elapsed = time.monotonic() - t0
             eta = elapsed / rendered * (total - done) if rendered else float("nan")
             progress.update(min(done, progress.total))
             progress.note(f"{evals / max(elapsed, 1e-9):.1f} UNet evals/s, ETA {eta:.0f} s")
-            logger.info("shard done on %s: %d images (%d rendered now); %d/%d in all", out.worker, len(out.rows),
-                        out.rendered, done, total)
-    return [outputs[i] for i in range(len(futures))]
+            logger.info("shard %d/%d done on %s: %d ok (%d rendered now), %d failed; %d/%d rows in all", len(results),
+                        len(ranges), out.worker, out.ok, out.rendered, out.failed, done, total)
+    return [results[i] for i in range(len(ranges))]
 
 
 GENERATIONS_TABLE_ROWS = 1000  # rows of the UI table; the manifest has them all
@@ -524,45 +569,42 @@ class Generate(Stage):
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]
         s = self.pinned(inputs.refs)
-        table = read_prompts(run.store, prompts)
-        n_rows = table.num_rows
         plan = inputs.extra["plan"]
         publish_table("job-plan", plan.table(), f"the plan of {run.pending.ref}")
         for line in plan.lines():
             run.logger.info("plan: %s", line)
-        costs = [0 if e is not None else w * h * (st or s.steps) for w, h, st, e in zip(
-            *(table.column(c).to_pylist() for c in ("width", "height", "steps", "error")), strict=True)]
-        ranges = plan_shards(costs, s.shard_size, s.workers)
         job = GenerationJob(run.store.url, model, prompts, run.pending, s)
-        run.logger.info("rendering %d prompt rows of %s in %d shard(s) with %s (%s executor) into %s", n_rows,
-                        prompts, len(ranges), model, s.executor, run.pending.ref)
-        outputs = render_shards_flow.with_options(task_runner=task_runner_for(s))(job, ranges, n_rows)
-        rows = adopt_shards(job, run.writer, outputs)
-        ok = sum(r["status"] == STATUS_OK for r in rows)
-        rendered = sum(o.rendered for o in outputs)
-        evals = sum(o.rendered_evals for o in outputs)
-        seconds = sum(o.rendered_seconds for o in outputs)
-        kinds = {o.device_kind for o in outputs if o.rendered}
+        run.logger.info("rendering %d images of %s with %s (%s executor) into %s", plan.images, prompts, model,
+                        s.executor, run.pending.ref)
+        results = render_shards_flow.with_options(task_runner=task_runner_for(s))(job)
+        done = adopt_shards(job, run.writer, results)
+        rendered = sum(o.rendered for o in results)
+        evals = sum(o.rendered_evals for o in results)
+        seconds = sum(o.rendered_seconds for o in results)
+        kinds = {o.device_kind for o in results if o.rendered}
         rate = {RATE_METRIC.format(kinds.pop()): evals / seconds} if evals and seconds and len(kinds) == 1 else {}
         loads: dict[str, int] = {}
-        for o in outputs:
+        for o in results:
             loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
         return Built(params={"prompts": prompts, **s.model_dump()},
-                     summary={"images_ok": ok, "images_failed": len(rows) - ok, "images_rendered_by_this_run": rendered,
-                              "images_resumed": ok - rendered, "model_loads_by_worker": loads,
-                              "unet_evals_planned": plan.unet_evals, "output_pixels": plan.pixels, **rate},
-                     extra={"rows": rows})
+                     summary={"images_ok": done.ok, "images_failed": done.failed,
+                              "images_rendered_by_this_run": rendered, "images_resumed": done.ok - rendered,
+                              "model_loads_by_worker": loads, "unet_evals_planned": plan.unet_evals,
+                              "output_pixels": plan.pixels, **rate},
+                     extra={"head": done.head, "slowest": [r for _, _, r in sorted(done.slowest, reverse=True)],
+                            "rows": done.ok + done.failed})
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
         if built is None:
             return
         gen = store.resolve(ref)
-        table = [{"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None,
-                  "size": f"{r['width']}x{r['height']}", "status": r["status"], "seconds": round(r["seconds"] or 0, 2),
-                  "unet_evals": r["unet_evals"], "uri": store.file_uri(gen, r["image"]) if r["image"] else r["error"]}
-                 for r in built.extra["rows"]]
-        shown = table[:GENERATIONS_TABLE_ROWS]
-        more = f" (the first {len(shown)} of {len(table)} images; all: manifest.parquet)" if len(table) > len(shown) else ""
-        publish_table("generations", shown, f"generations {ref}{more}")
-        slowest = sorted((t for t in table if t["status"] == "ok"), key=lambda t: -t["seconds"])[:10]
-        publish_table("slowest-images", slowest, f"the slowest images of {ref}")
+
+        def shown(r: dict[str, Any]) -> dict[str, Any]:
+            return {"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None,
+                    "size": f"{r['width']}x{r['height']}", "status": r["status"], "seconds": round(r["seconds"] or 0, 2),
+                    "unet_evals": r["unet_evals"], "uri": store.file_uri(gen, r["image"]) if r["image"] else r["error"]}
+
+        head, n = built.extra["head"], built.extra["rows"]
+        more = f" (the first {len(head)} of {n} images; all: manifest.parquet)" if n > len(head) else ""
+        publish_table("generations", [shown(r) for r in head], f"generations {ref}{more}")
+        publish_table("slowest-images", [shown(r) for r in built.extra["slowest"]], f"the slowest images of {ref}")

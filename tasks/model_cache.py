@@ -71,7 +71,7 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
 
 
 def _stats(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> dict[str, list[int]]:
-    return {rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns] for rel in store.record(ref)["files"]}
+    return {rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns] for rel, _ in store.iter_files(ref)}
 
 
 def cached_copy_intact(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> bool:
@@ -82,7 +82,7 @@ def cached_copy_intact(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> 
         verified = json.loads((folder / VERIFIED).read_text())
     except (OSError, ValueError):
         verified = {}
-    for rel, meta in store.record(ref)["files"].items():
+    for rel, meta in store.iter_files(ref):
         path = folder / rel
         if not path.is_file() or path.stat().st_size != meta["size"]:
             return False

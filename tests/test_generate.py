@@ -106,7 +106,7 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
     manifest = _manifest(stored_model, ref)
     assert manifest["key"].n_unique() == 6 and manifest["status"].to_list() == ["ok"] * 6
     assert store.verify(ref) == []
-    files = store.record(ref)["files"]  # each image's seam heat-map beside it, resumed ones included
+    files = dict(store.iter_files(ref))  # each image's seam heat-map beside it, resumed ones included
     assert all(f"images/{k}.seams.png" in files for k in manifest["key"])
     again = _asd(stored_model, *common, env={"PREFECT_HOME": str(tmp_path / "ph")})
     assert again.stdout.strip().splitlines()[-1] == ref  # the same job is reused, nothing rendered

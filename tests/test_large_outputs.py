@@ -101,7 +101,7 @@ def test_large_outputs_are_streamed_with_a_pyramid_and_a_viewer(large_generation
     assert small["deep_zoom"] is None and small["viewer"] is None
     assert big["peak_rss_mb"] > 100 and small["peak_rss_mb"] > 100
     assert Image.open(io.BytesIO(store.read_bytes(ref, big["image"]))).size == (640, 480)
-    files = store.record(ref)["files"]
+    files = dict(store.iter_files(ref))
     assert "viewer/openseadragon.min.js" in files and "viewer/images/zoomin_rest.png" in files
     dz = read_dzi(store.read_bytes(ref, big["deep_zoom"]))
     assert (dz.width, dz.height) == (640, 480)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -16,10 +15,12 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
-from artifact_store import ArtifactStore, StoreError, leases
+from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, StoreError, leases
 from artifact_store.leases import LeaseHeld
+from tasks.fragments import list_fragments, write_fragment
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -121,21 +122,21 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
     env = {"PREFECT_HOME": str(tmp_path / "ph")}
     job = ["generate", "--model", "tiny", "--name", "owned", "--prompts", str(_prompts(tmp_path / "p.parquet", 6)),
            "--steps", "2", "--shard-size", "3"]
-    killed = _asd(store_url, *job, env={**env, "ASD_FAULT_AT": "after-image-2"})
+    killed = _asd(store_url, *job, env={**env, "ASD_FAULT_AT": "after-image-3"})  # one chunk durable
     assert killed.returncode == -9, killed.stderr[-3000:]
     (version,) = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path("generations", "owned"))
                   if "LATEST" not in p]
-    prefix = f"generations/owned/{version}"
-    records = sorted(p for p in store.fs.find(store.path(prefix, "images")) if p.endswith(".json"))
-    assert len(records) == 2
-    # tampering between the runs: one image swapped, the other's record lists an injected page
-    first = json.loads(store.fs.cat_file(records[0]))
-    store.fs.pipe_file(store.path(prefix, first["row"]["image"]), b"\x89PNG not the rendered image")
+    pending = PendingVersion(ArtifactRef("generations", "owned", version), "")
+    (rel,) = list_fragments(store, pending).values()
+    entries = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(pending.ref.prefix, rel)))).to_pylist()
+    assert len(entries) == 3
+    # tampering between the runs: one image swapped, another's fragment entry lists an injected page
+    store.fs.pipe_file(store.path(pending.ref.prefix, entries[0]["image"]), b"\x89PNG not the rendered image")
     evil = b"<script>alert(document.cookie)</script>"
-    store.fs.pipe_file(store.path(prefix, "images/evil.html"), evil)
-    second = json.loads(store.fs.cat_file(records[1]))
-    second["extra"]["images/evil.html"] = {"sha256": hashlib.sha256(evil).hexdigest(), "size": len(evil)}
-    store.fs.pipe_file(records[1], json.dumps(second).encode())
+    store.fs.pipe_file(store.path(pending.ref.prefix, "images/evil.html"), evil)
+    entries[1]["files"].append({"path": "images/evil.html", "sha256": hashlib.sha256(evil).hexdigest(),
+                                "size": len(evil), "version_id": None})
+    write_fragment(store, pending, 0, 3, entries)
 
     hold = tmp_path / "release"
     rerun = _asd(store_url, *job, env={**env, "ASD_FAULT_HOLD": f"after-image-1={hold}"}, wait=False)
@@ -162,9 +163,9 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
     store = ArtifactStore(store_url)
     assert [str(r) for r in store.list_versions("generations", "owned")] == [ref]
     assert store.verify(ref) == []
-    files = store.record(ref)["files"]
+    files = dict(store.iter_files(ref))
     assert "images/evil.html" not in files and not any("_LEASES" in f or "_PENDING" in f for f in files)
     summary = store.record(ref)["summary"]
-    assert summary["images_ok"] == 6 and summary["images_resumed"] == 0  # both tampered images rendered again
+    assert summary["images_ok"] == 6 and summary["images_resumed"] == 1  # both tampered images rendered again
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
     assert manifest["status"].to_list() == ["ok"] * 6

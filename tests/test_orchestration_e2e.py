@@ -131,7 +131,9 @@ def test_deploy_run_backfill_and_dashboards_as_a_user_does(prefect_server, s3_bu
             gallery = browser.evaluate("[...document.links].map(a => a.href).find(h => h.includes('/generations/quick/'))")
             browser.open(gallery, "document.body.dataset.imagesTotal !== undefined")
             total, loaded = (int(browser.evaluate(f"document.body.dataset.{k}")) for k in ("imagesTotal", "imagesLoaded"))
-            assert total == 6 and loaded == total  # 3 thumbnails + 3 seam heat-maps
+            failed = browser.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0))"
+                                      ".map(i => i.src)")
+            assert total == 6 and loaded == total, (failed, serve_log.read_text()[-2000:])  # 3 thumbnails + 3 heat-maps
             browser.screenshot(shots / "dashboard-gallery.png")
 
             ui = env["PREFECT_API_URL"].removesuffix("/api")

@@ -1,28 +1,30 @@
 """What a rerun finds in a pending version is checked before it is trusted, and gc never takes a
-version a job is writing: a truncated, edited or injected per-image record means "render it
-again"; a version written within the grace period is not a leftover, whatever its id says."""
+version a job is writing: a truncated fragment, an image whose file was swapped, a fragment that
+lists an injected file: each means "render it again"; a version written within the grace period
+is not a leftover, whatever its id says."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
-from tasks.generate import ShardOutput, _resumed
+from tasks.fragments import finished_entries, fragment_name, list_fragments, write_fragment
 
-KEY = "000001-64x64-abcdef012345"
+KEYS = {1: "000001-64x64-abcdef012345", 2: "000002-64x64-abcdef012345"}
 
 
-def _finished_image(store: ArtifactStore, pending: PendingVersion, png: bytes = b"\x89PNG pixels") -> dict:
+def _finished_chunk(store: ArtifactStore, pending: PendingVersion) -> list[dict]:
     writer = store.writer(pending)
-    meta = writer.put_bytes(f"images/{KEY}.png", png)
-    heat = writer.put_bytes(f"images/{KEY}.seams.png", b"heat")
-    record = {"row": {"key": KEY, "image": f"images/{KEY}.png", "prompt": "a cat"}, "file": meta,
-              "extra": {f"images/{KEY}.seams.png": heat}}
-    writer.put_bytes(f"images/{KEY}.json", json.dumps(record).encode())
-    return record
+    entries = []
+    for row, key in KEYS.items():
+        files = [{"path": f"images/{key}.png", **writer.put_bytes(f"images/{key}.png", b"\x89PNG pixels %d" % row)},
+                 {"path": f"images/{key}.seams.png", **writer.put_bytes(f"images/{key}.seams.png", b"heat")}]
+        entries.append({"key": key, "row": row, "prompt": "a cat", "status": "ok", "image": f"images/{key}.png",
+                        "files": files})
+    write_fragment(store, pending, 0, 32, entries)
+    return entries
 
 
 def _write(store: ArtifactStore, pending: PendingVersion, rel: str, data: bytes) -> None:
@@ -31,26 +33,33 @@ def _write(store: ArtifactStore, pending: PendingVersion, rel: str, data: bytes)
     store.fs.pipe_file(path, data)
 
 
-def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path):
+def _taken(store: ArtifactStore, pending: PendingVersion) -> set[int]:
+    return set(finished_entries(store, pending, list_fragments(store, pending), KEYS, 0, 32))
+
+
+def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
     store = ArtifactStore(str(tmp_path / "store"))
     pending = store.resume_or_new("generations", "g", "h")
-    record = _finished_image(store, pending)
-    out = ShardOutput()
-    assert _resumed(store, pending, KEY, out) and out.rows == [record["row"]]
+    entries = _finished_chunk(store, pending)
+    assert _taken(store, pending) == {1, 2}
 
     evil = b"<script>alert(1)</script>"  # an injected page, listed with its correct hash
     _write(store, pending, "images/evil.html", evil)
-    injected = {**record, "extra": {**record["extra"], "images/evil.html": {
-        "sha256": hashlib.sha256(evil).hexdigest(), "size": len(evil)}}}
-    _write(store, pending, f"images/{KEY}.json", json.dumps(injected).encode())
-    assert not _resumed(store, pending, KEY, ShardOutput())
+    entries[1]["files"].append({"path": "images/evil.html", "sha256": hashlib.sha256(evil).hexdigest(),
+                                "size": len(evil)})
+    write_fragment(store, pending, 0, 32, entries)
+    assert _taken(store, pending) == {1}
+    assert "not a file of this image" in caplog.text
 
-    _write(store, pending, f"images/{KEY}.json", json.dumps(record).encode()[:40])  # truncated by a kill
-    assert not _resumed(store, pending, KEY, ShardOutput())
+    entries[1]["files"].pop()
+    write_fragment(store, pending, 0, 32, entries)
+    _write(store, pending, f"images/{KEYS[1]}.png", b"\x89PNG other pixels!")  # swapped image
+    assert _taken(store, pending) == {2}
 
-    _write(store, pending, f"images/{KEY}.json", json.dumps(record).encode())
-    _write(store, pending, f"images/{KEY}.png", b"\x89PNG other pixels!")  # swapped image
-    assert not _resumed(store, pending, KEY, ShardOutput())
+    rel = fragment_name(0, 32)
+    _write(store, pending, rel, store.fs.cat_file(store.path(pending.ref.prefix, rel))[:40])  # cut by a full disk
+    assert _taken(store, pending) == set()
+    assert f"{rel} of {pending.ref} does not read" in caplog.text
 
 
 def test_gc_never_takes_a_version_written_within_the_grace_period(tmp_path):
@@ -58,7 +67,7 @@ def test_gc_never_takes_a_version_written_within_the_grace_period(tmp_path):
     old_id = "20200101T000000.000000Z-aaaaaaaa"  # a job first started long ago, resumed now
     pending = PendingVersion(ArtifactRef("generations", "g", old_id), "h")
     store.write_atomic(store.path(pending.ref.prefix, "_PENDING.json"), b'{"input_hash": "h"}')
-    _finished_image(store, pending)
+    _finished_chunk(store, pending)
     assert store.gc(grace_s=3600) == []  # its files were written a moment ago
     past = time.time() - 7200
     for path in store.fs.find(store.path(pending.ref.prefix)):

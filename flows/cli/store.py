@@ -36,8 +36,9 @@ def store_ls(store, args: argparse.Namespace) -> int:
     for kind, name in store.list_artifacts():
         for ref in store.list_versions(kind, name):
             rec = store.record(ref)
-            size = sum(f["size"] for f in rec["files"].values())
-            print(f"{ref}  {len(rec['files'])} files  {size / 1e6:.2f} MB  parents: {', '.join(rec['parents']) or '-'}")
+            size = rec.get("size_bytes", sum(f["size"] for f in rec["files"].values()))
+            count = rec.get("file_count", len(rec["files"]))
+            print(f"{ref}  {count} files  {size / 1e6:.2f} MB  parents: {', '.join(rec['parents']) or '-'}")
             found = True
     if not found:
         print(f"(no committed versions in {store.display_url})")
@@ -47,7 +48,10 @@ def store_ls(store, args: argparse.Namespace) -> int:
 def store_show(store, args: argparse.Namespace) -> int:
     rec = store.record(args.ref)
     shown = {k: v for k, v in rec.items() if k != "files"}
-    shown["files"] = rec["files"] if args.files else {k: v["size"] for k, v in rec["files"].items()}
+    files = dict(store.iter_files(args.ref)) if args.files else rec["files"]
+    shown["files"] = files if args.files else {k: v["size"] for k, v in files.items()}
+    if rec.get("file_lists") and not args.files:
+        shown["files"]["..."] = f"{rec['file_count'] - len(files)} more in the file lists (--files lists them all)"
     print(json.dumps(shown, indent=2, default=str))
     print("\nLineage:")
     _print_lineage(store, str(store.resolve(args.ref)), full=args.lineage)
@@ -57,7 +61,7 @@ def store_show(store, args: argparse.Namespace) -> int:
 def store_lineage(store, args: argparse.Namespace) -> int:
     ref, rel = store.locate(args.file)
     rec = store.record(ref)
-    meta = rec["files"][rel]
+    meta = store.file_meta(ref, rel)
     print(f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
           + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "") + ")")
     print(f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "

@@ -1,0 +1,154 @@
+"""The file list of a large version, outside its commit record (Iceberg's manifest list, in
+small): Parquet parts `_files/part-<n>.parquet` (path, sha256, size, S3 VersionId, the manifest
+row a file belongs to), written in row order with row groups of `GROUP_ROWS` files; the commit
+record names each part with its row range, sha256 and size, so the record stays a few KB
+whatever the number of files.
+
+Opening one file of such a version reads the record, the part whose row range holds the file's
+row, that part's footer and one row group (a generation's file names start with their row:
+`images/<row>-...`); listing streams the parts one row group at a time. A version's small files
+(its manifest, the parts themselves) stay in the record's `files`, as every version's did."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_manifests.schemas import FILE_LIST
+
+if TYPE_CHECKING:
+    from artifact_store.backend import StoreBackend
+
+FILE_LIST_DIR = "_files"
+GROUP_ROWS = 4096  # files per row group: what one lookup reads
+PART_ROWS = 1 << 20  # files per part
+ROW_OF = re.compile(r"^images/(\d+)-")
+
+
+def row_of(rel: str) -> int | None:
+    """The manifest row a file of a generations version belongs to (from its name)."""
+    m = ROW_OF.match(rel)
+    return int(m.group(1)) if m else None
+
+
+class FileListWriter:
+    """Entries appended in row order into local Parquet parts; `finish` uploads them through the
+    version writer and returns their record entries."""
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="asd-files-")
+        self._parts: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._buffer: list[dict[str, Any]] = []
+        self._rows_in_part = 0
+        self.count = 0
+        self.size_bytes = 0
+
+    def add(self, rel: str, meta: dict[str, Any], row: int | None) -> None:
+        self._buffer.append({"path": rel, "sha256": meta["sha256"], "size": int(meta["size"]),
+                             "version_id": meta.get("version_id"), "row": row})
+        self.count += 1
+        self.size_bytes += int(meta["size"])
+        if len(self._buffer) >= GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._writer is None:
+            path = os.path.join(self._tmp.name, f"part-{len(self._parts):05d}.parquet")
+            self._writer = pq.ParquetWriter(path, FILE_LIST)
+            self._parts.append({"local": path, "rows": [None, None], "count": 0})
+        table = pa.Table.from_pylist(self._buffer, schema=FILE_LIST)
+        self._writer.write_table(table, row_group_size=GROUP_ROWS)
+        part = self._parts[-1]
+        rows = [r for r in table.column("row").to_pylist() if r is not None]
+        if rows:
+            lo, hi = part["rows"]
+            part["rows"] = [min(rows) if lo is None else min(lo, *rows), max(rows) if hi is None else max(hi, *rows)]
+        part["count"] += table.num_rows
+        self._rows_in_part += table.num_rows
+        self._buffer = []
+        if self._rows_in_part >= PART_ROWS:
+            self._writer.close()
+            self._writer, self._rows_in_part = None, 0
+
+    def close(self) -> None:
+        """No more entries: the local parts are complete."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The entries written so far (after `close`), read back from the local parts."""
+        for part in self._parts:
+            pf = pq.ParquetFile(part["local"])
+            for g in range(pf.num_row_groups):
+                for d in pf.read_row_group(g).to_pylist():
+                    yield d["path"], _entry(d)
+
+    def finish(self, version_writer: Any) -> list[dict[str, Any]]:
+        """Upload the parts as files of the version; their entries for the commit record."""
+        self.close()
+        out = []
+        for i, part in enumerate(self._parts):
+            rel = f"{FILE_LIST_DIR}/part-{i:05d}.parquet"
+            version_writer.put_file(rel, part["local"])
+            out.append({"path": rel, "rows": part["rows"], "count": part["count"]})
+        self._tmp.cleanup()
+        return out
+
+
+def _entry(d: dict[str, Any]) -> dict[str, Any]:
+    meta = {"sha256": d["sha256"], "size": d["size"]}
+    if d.get("version_id"):
+        meta["version_id"] = d["version_id"]
+    return meta
+
+
+@contextlib.contextmanager
+def _open_part(store: StoreBackend, prefix: str, part: dict[str, Any], pinned: str | None
+               ) -> Iterator[pq.ParquetFile]:
+    """A part, read by ranges (its footer, then the row groups asked for; never whole)."""
+    with store.vfs.open(pinned or store.path(prefix, part["path"]), "rb") as f:
+        yield pq.ParquetFile(f)
+
+
+def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: str,
+           pin: Any = None) -> dict[str, Any] | None:
+    """One file's entry: only the part and row groups whose row range can hold it are read."""
+    row = row_of(rel)
+    for part in parts:
+        lo, hi = part.get("rows") or [None, None]
+        if row is not None and lo is not None and not lo <= row <= hi:
+            continue
+        with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:
+            col = pf.schema_arrow.get_field_index("row")
+            for g in range(pf.num_row_groups):
+                stats = pf.metadata.row_group(g).column(col).statistics
+                if row is not None and stats is not None and stats.has_min_max and not stats.min <= row <= stats.max:
+                    continue
+                table = pf.read_row_group(g, columns=["path", "sha256", "size", "version_id"])
+                paths = table.column("path").to_pylist()
+                if rel in paths:
+                    i = paths.index(rel)
+                    return _entry({k: table.column(k)[i].as_py() for k in ("sha256", "size", "version_id")})
+    return None
+
+
+def iterate(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], pin: Any = None
+            ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every listed file, streamed one row group at a time."""
+    for part in parts:
+        with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:
+            for g in range(pf.num_row_groups):
+                for d in pf.read_row_group(g).to_pylist():
+                    yield d["path"], _entry(d)

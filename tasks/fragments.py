@@ -1,0 +1,211 @@
+"""A generation job's durability points: one Parquet fragment per chunk of prompt rows.
+
+A shard task renders its rows chunk by chunk (`chunk_rows`, 32 by default); when every image of
+a chunk is written, the chunk's fragment (`_fragments/rows-<a>-<b>.parquet` in the pending
+version, written whole or not at all) lists its manifest rows, each with the files it wrote
+(path, sha256, size, S3 VersionId). A killed or lost worker costs at most the chunk it was on.
+
+A rerun lists the fragments once and takes a finished image only when its fragment reads, the
+image's files are named after its key, and every file re-hashes to what the fragment says
+(anything else is rendered again, with a warning naming it). The commit streams the fragments,
+in row order, into the version's manifest and file list (`compact`); the flow carries only
+fragment references and counts, never rows."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from artifact_store import ArtifactStore, PendingVersion
+from artifact_store.refs import FRAGMENT_DIR
+from data_manifests.schemas import GENERATION_FRAGMENT, GENERATIONS_MANIFEST, STATUS_OK
+
+log = logging.getLogger("asd.generate")
+HEAD_ROWS = 1000  # manifest rows the flow keeps for its UI table
+HASH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    """A written fragment: where, which prompt rows, how many images, its own sha256 and size."""
+
+    path: str
+    start: int
+    stop: int
+    images: int
+    sha256: str
+    size: int
+
+
+def fragment_name(start: int, stop: int) -> str:
+    return f"{FRAGMENT_DIR}/rows-{start:010d}-{stop:010d}.parquet"
+
+
+def chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    return [(a, min(stop, a + chunk_rows)) for a in range(start, stop, chunk_rows)]
+
+
+def write_fragment(store: ArtifactStore, pending: PendingVersion, start: int, stop: int,
+                   entries: list[dict[str, Any]]) -> FragmentRef:
+    """The chunk's fragment, written atomically (rows in row order)."""
+    buf = io.BytesIO()
+    rows = sorted(entries, key=lambda e: e["row"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=GENERATION_FRAGMENT), buf)
+    data = buf.getvalue()
+    rel = fragment_name(start, stop)
+    store.write_atomic(store.path(pending.ref.prefix, rel), data)
+    return FragmentRef(rel, start, stop, len(rows), hashlib.sha256(data).hexdigest(), len(data))
+
+
+def list_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[tuple[int, int], str]:
+    """Every fragment in the pending version by its row range (one listing)."""
+    try:
+        names = store.fs.ls(store.path(pending.ref.prefix, FRAGMENT_DIR), detail=False)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for n in names:
+        base = n.rstrip("/").rsplit("/", 1)[-1]
+        parts = base.removesuffix(".parquet").split("-")
+        if len(parts) == 3 and parts[0] == "rows" and parts[1].isdigit() and parts[2].isdigit() \
+                and base.endswith(".parquet"):
+            out[(int(parts[1]), int(parts[2]))] = f"{FRAGMENT_DIR}/{base}"
+    return out
+
+
+def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str) -> list[dict[str, Any]] | None:
+    """A fragment's entries; None (and a warning naming it) when it does not read."""
+    try:
+        data = store.fs.cat_file(store.path(pending.ref.prefix, rel))
+        return pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("%s of %s does not read (%s: %s); its images are rendered again", rel, pending.ref,
+                    type(exc).__name__, exc)
+        return None
+
+
+def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]) -> str | None:
+    """Why a finished image's files cannot be taken as they are (None: they can)."""
+    if not files:
+        return "it lists no files"
+    for f in files:
+        rel = f["path"]
+        if not rel.startswith(f"images/{key}.") and not rel.startswith(f"images/{key}_files/"):
+            return f"it names {rel!r}, not a file of this image"
+        try:
+            h, size = hashlib.sha256(), 0
+            with store.fs.open(store.path(pending.ref.prefix, rel), "rb") as src:
+                while block := src.read(8 << 20):
+                    h.update(block)
+                    size += len(block)
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if h.hexdigest() != f["sha256"] or size != f["size"]:
+            return f"{rel} does not match its recorded sha256"
+    return None
+
+
+def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: dict[tuple[int, int], str],
+                     keys: dict[int, str], start: int, stop: int) -> dict[int, dict[str, Any]]:
+    """Entries of the shard's rows (`keys`: manifest row -> image key; [start, stop) its range in
+    the prompts table) that a previous run finished and that check out: from any fragment
+    overlapping the range (a rerun may chunk differently), keyed by row."""
+    candidates: dict[int, dict[str, Any]] = {}
+    for (a, b), rel in sorted(fragments.items()):
+        if b <= start or a >= stop:
+            continue
+        for e in read_fragment(store, pending, rel) or []:
+            row = e.get("row")
+            if row in keys and e.get("key") == keys[row] and e.get("status") == STATUS_OK:
+                candidates[row] = e
+
+    def check(e: dict[str, Any]) -> tuple[int, str | None]:
+        return e["row"], not_trusted(store, pending, e["key"], e.get("files") or [])
+
+    taken = {}
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        for row, why in pool.map(check, candidates.values()):
+            if why:
+                log.warning("image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why)
+            else:
+                taken[row] = candidates[row]
+    return taken
+
+
+@dataclass
+class Compacted:
+    """What the commit task learned streaming the fragments: counts and a head of the rows."""
+
+    ok: int = 0
+    failed: int = 0
+    head: list[dict[str, Any]] = field(default_factory=list)
+    slowest: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)
+    has_viewer: bool = False
+
+
+def _fragment_rows(store: ArtifactStore, pending: PendingVersion, ref: FragmentRef) -> list[dict[str, Any]]:
+    data = store.fs.cat_file(store.path(pending.ref.prefix, ref.path))
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise RuntimeError(f"{pending.ref}: {ref.path} changed after its shard wrote it; run the job again")
+    return pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
+
+
+def iter_rows(store: ArtifactStore, pending: PendingVersion, refs: list[FragmentRef],
+              invalid: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every manifest row in row order: the fragments' (read one at a time) merged with the
+    invalid prompt rows."""
+    def fragment_stream() -> Iterator[dict[str, Any]]:
+        for ref in sorted(refs, key=lambda r: r.start):
+            yield from _fragment_rows(store, pending, ref)
+
+    yield from heapq.merge(fragment_stream(), sorted(invalid, key=lambda r: r["row"]), key=lambda r: r["row"])
+
+
+def compact(store: ArtifactStore, pending: PendingVersion, writer: Any, refs: list[FragmentRef],
+            invalid: list[dict[str, Any]], batch_rows: int = 8192) -> Compacted:
+    """Stream the fragments into `manifest.parquet` and the version's file list (the writer's),
+    checking each fragment against its reference and that no image appears twice."""
+    out = Compacted()
+    keys: set[str] = set()
+    names = [f.name for f in GENERATIONS_MANIFEST]
+    with tempfile.TemporaryDirectory(prefix="asd-manifest-") as tmp:
+        path = os.path.join(tmp, "manifest.parquet")
+        with pq.ParquetWriter(path, GENERATIONS_MANIFEST) as pw:
+            batch: list[dict[str, Any]] = []
+            for row in iter_rows(store, pending, refs, invalid):
+                if row["key"] in keys:
+                    raise RuntimeError(f"{pending.ref}: image {row['key']} appears twice in the manifest")
+                keys.add(row["key"])
+                files = row.pop("files", None) or []
+                writer.add_files({f["path"]: {k: v for k, v in (("sha256", f["sha256"]), ("size", f["size"]),
+                                                                 ("version_id", f.get("version_id"))) if v is not None}
+                                  for f in files}, row=row["row"])
+                if row["status"] == STATUS_OK:
+                    out.ok += 1
+                    heapq.heappush(out.slowest, (row["seconds"] or 0.0, row["row"], {k: row[k] for k in names}))
+                    if len(out.slowest) > 10:
+                        heapq.heappop(out.slowest)
+                else:
+                    out.failed += 1
+                out.has_viewer = out.has_viewer or bool(row.get("viewer"))
+                if len(out.head) < HEAD_ROWS:
+                    out.head.append({k: row[k] for k in names})
+                batch.append(row)
+                if len(batch) >= batch_rows:
+                    pw.write_table(pa.Table.from_pylist(batch, schema=GENERATIONS_MANIFEST))
+                    batch = []
+            if batch:
+                pw.write_table(pa.Table.from_pylist(batch, schema=GENERATIONS_MANIFEST))
+        writer.put_file("manifest.parquet", path)
+    return out
