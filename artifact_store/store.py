@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ from artifact_store.paths import check_relpath, local_target
 from artifact_store.refs import (
     CATALOG_DIR,
     COMMIT_RECORD,
+    FRAGMENT_DIR,
     KINDS,
+    LEASE_DIR,
     PENDING_MARKER,
     VERSION_RE,
     ArtifactRef,
@@ -41,6 +45,25 @@ from artifact_store.writer import VersionWriter, code_version
 
 __all__ = ["DEFAULT_STORE", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
+
+
+IO_WORKERS = 32  # requests in flight for verify and download
+
+
+def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """`fn` over `items` on `workers` threads, in order, with at most 2 x `workers` in flight
+    (a million-file version is never a million futures)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="asd-io") as pool:
+        window: deque[Future] = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def _modified(info: dict[str, Any]) -> float:
@@ -302,15 +325,16 @@ class ArtifactStore(StoreBackend):
         ref = self.resolve(ref)
         return self.vfs.cat_file(self._pinned(ref, relpath))
 
-    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "") -> Path:
-        """Copy the committed files of a version (optionally under `prefix`) to a local folder;
-        every target is checked to stay inside `dest` and every file's sha256 and size checked."""
+    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int = IO_WORKERS) -> Path:
+        """Copy the committed files of a version (optionally under `prefix`) to a local folder,
+        `workers` at a time; every target is checked to stay inside `dest` and every file's
+        sha256 and size checked."""
         ref = self.resolve(ref)
         dest = Path(dest)
         cut = prefix.rstrip("/") + "/" if prefix else ""
-        for rel, meta in self.iter_files(ref):
-            if cut and not rel.startswith(cut):
-                continue
+
+        def fetch(item: tuple[str, dict[str, Any]]) -> None:
+            rel, meta = item
             target = local_target(dest, rel[len(cut):], str(ref))
             target.parent.mkdir(parents=True, exist_ok=True)
             h, size = hashlib.sha256(), 0
@@ -323,42 +347,68 @@ class ArtifactStore(StoreBackend):
                 target.unlink()
                 raise StoreError(f"{ref}: {rel} does not match its commit record (size {size} vs "
                                  f"{meta['size']}, sha256 {h.hexdigest()[:16]}…); run `asd store verify`")
+
+        for _ in bounded_map(fetch, ((r, m) for r, m in self.iter_files(ref) if not cut or r.startswith(cut)), workers):
+            pass
         return dest
 
-    def verify(self, ref: ArtifactRef | str) -> list[str]:
-        """Re-hash every recorded file (the recorded S3 VersionId, where there is one, and
-        check it is still the current object); one line per problem, empty when intact. A
+    def verify(self, ref: ArtifactRef | str, shallow: bool = False, workers: int = IO_WORKERS) -> list[str]:
+        """Re-hash every recorded file (the recorded S3 VersionId, where there is one, and check
+        it is still the current object), `workers` files at a time; one line per problem, empty
+        when intact. `shallow`: no file is read: one listing of the version checks every
+        recorded file is there with its size and was not written after the commit record. A
         damaged commit record is a problem, not an exception."""
         try:
             ref = self.resolve(ref)
             self.record(ref)
         except CorruptRecord as exc:
             return [str(exc)]
+        if shallow:
+            return self._verify_listing(ref)
+        problems: list[str] = []
+        for found in bounded_map(lambda item: self._verify_file(ref, *item), self.iter_files(ref), workers):
+            problems += found
+        return problems
+
+    def _verify_file(self, ref: ArtifactRef, rel: str, meta: dict[str, Any]) -> list[str]:
+        problems = []
+        vid = meta.get("version_id")
+        if vid and not self.is_local:
+            try:
+                current = self.vfs.info(self.path(ref.prefix, rel), refresh=True).get("VersionId")
+            except FileNotFoundError:
+                current = None
+            if current != vid:
+                problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
+                                "(overwritten or deleted after commit)")
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with self.vfs.open(self._pinned(ref, rel, meta), "rb") as f:
+                while block := f.read(8 << 20):
+                    h.update(block)
+                    size += len(block)
+        except FileNotFoundError:
+            return [*problems, f"{ref}: {rel}: missing"]
+        if size != meta["size"]:
+            problems.append(f"{ref}: {rel}: size {size} != recorded {meta['size']}")
+        if h.hexdigest() != meta["sha256"]:
+            problems.append(f"{ref}: {rel}: sha256 {h.hexdigest()[:16]}… != recorded {meta['sha256'][:16]}…")
+        return problems
+
+    def _verify_listing(self, ref: ArtifactRef) -> list[str]:
+        prefix = self.path(ref.prefix).rstrip("/") + "/"
+        listed = {p.split(prefix, 1)[-1]: info for p, info in self.fs.find(prefix, detail=True).items()}
+        sealed = _modified(listed[COMMIT_RECORD]) if COMMIT_RECORD in listed else float("inf")
         problems = []
         for rel, meta in self.iter_files(ref):
-            vid = meta.get("version_id")
-            if vid and not self.is_local:
-                try:
-                    current = self.vfs.info(self.path(ref.prefix, rel), refresh=True).get("VersionId")
-                except FileNotFoundError:
-                    current = None
-                if current != vid:
-                    problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
-                                    "(overwritten or deleted after commit)")
-            h = hashlib.sha256()
-            size = 0
-            try:
-                with self.vfs.open(self._pinned(ref, rel, meta), "rb") as f:
-                    while block := f.read(8 << 20):
-                        h.update(block)
-                        size += len(block)
-            except FileNotFoundError:
+            info = listed.get(rel)
+            if info is None:
                 problems.append(f"{ref}: {rel}: missing")
-                continue
-            if size != meta["size"]:
-                problems.append(f"{ref}: {rel}: size {size} != recorded {meta['size']}")
-            if h.hexdigest() != meta["sha256"]:
-                problems.append(f"{ref}: {rel}: sha256 {h.hexdigest()[:16]}… != recorded {meta['sha256'][:16]}…")
+            elif info.get("size") != meta["size"]:
+                problems.append(f"{ref}: {rel}: size {info.get('size')} != recorded {meta['size']}")
+            elif _modified(info) > sealed + 1:
+                problems.append(f"{ref}: {rel}: written after the commit record (overwritten?)")
         return problems
 
     # leftovers ---------------------------------------------------------------
@@ -390,16 +440,31 @@ class ArtifactStore(StoreBackend):
                     epochs = lease_epochs(self, pending)
                     if epochs and live_holder(read_lease(self, pending, epochs[-1])) is not None:
                         continue  # a run holds it now (heartbeat within its lease)
-                    files = {f: info for f, info in self.fs.find(e, detail=True).items()
-                             if f.startswith(e.rstrip("/") + "/")}
-                    if not files:
+                    newest = self._newest_write(e)
+                    if newest is None:
                         continue  # nothing left under it (some S3 servers list emptied prefixes)
-                    if now.timestamp() - max(_modified(info) for info in files.values()) < grace_s:
+                    if now.timestamp() - newest < grace_s:
                         continue  # written within the grace period: a job is (or was just) at work on it
                 elif (now.timestamp() - self._mtime(e)) < grace_s:
                     continue
                 out.append(e)
         return sorted(out)
+
+    def _newest_write(self, prefix: str) -> float | None:
+        """When a pending version was last written: for a resumable job, its marker, lease
+        heartbeats and chunk fragments (three short listings, whatever its number of images: a
+        chunk's fragment follows its images within one chunk's time); else every file."""
+        base = prefix.rstrip("/")
+        if self.fs.exists(f"{base}/{PENDING_MARKER}"):
+            times = [_modified(self.fs.info(f"{base}/{PENDING_MARKER}"))]
+            for sub in (LEASE_DIR, FRAGMENT_DIR):
+                try:
+                    times += [_modified(i) for i in self.fs.ls(f"{base}/{sub}", detail=True)]
+                except FileNotFoundError:
+                    pass
+            return max(times)
+        files = {f: info for f, info in self.fs.find(prefix, detail=True).items() if f.startswith(base + "/")}
+        return max((_modified(i) for i in files.values()), default=None)
 
     def _mtime(self, path: str) -> float:
         return _modified(self.fs.info(path))

@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 import polars as pl
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
@@ -110,11 +112,29 @@ def _zoom_page(site: _Site, ref: ArtifactRef, item: dict[str, Any]) -> str:
     return f"{PAGE_ROOT}{rel}"
 
 
+def _manifest_head(store: ArtifactStore, ref: ArtifactRef, n: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The first `n` rows of a generations manifest, its row count and how many are ok: the
+    footer and the first row groups only (a million-image manifest is never read whole); the ok
+    count from the commit summary where it has one."""
+    with store.open(ref, "manifest.parquet") as f:
+        pf = pq.ParquetFile(f)
+        total = pf.metadata.num_rows
+        head: list[dict[str, Any]] = []
+        for batch in pf.iter_batches(batch_size=max(1, min(n, 4096))):
+            head += batch.to_pylist()[: n - len(head)]
+            if len(head) >= n:
+                break
+    summary = store.record(ref).get("summary") or {}
+    ok = summary.get("images_ok")
+    if not isinstance(ok, int):  # an older version: counted from the manifest (its status column only)
+        with store.open(ref, "manifest.parquet") as f:
+            ok = pc.sum(pc.equal(pq.read_table(f, columns=["status"]).column("status"), "ok")).as_py() or 0
+    return head, total, ok
+
+
 def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     store = site.store
-    manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
-    rows = list(manifest.iter_rows(named=True))
-    shown = rows[: site.max_images]
+    shown, n_rows, ok = _manifest_head(store, ref, site.max_images)
     pic_dir = f"img/{ref.kind}/{ref.name}/{ref.version}"
     have = site.existing(pic_dir)
     cards = []
@@ -144,10 +164,9 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
         full = f"{STORE_ROOT}{ref.prefix}/{item['image']}" if item["image"] else ""
         viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
         cards.append(gallery_card(item, thumb or "", heat, full, viewer))
-    ok = sum(r["status"] == "ok" for r in rows)
-    more = (f"<p class=muted>showing {len(shown)} of {len(rows)} images (--max-images)</p>"
-            if len(rows) > len(shown) else "")
-    return (f"<h2>Gallery</h2><p>{ok} rendered, {len(rows) - ok} failed. Left: the image (click for full size); "
+    more = (f"<p class=muted>showing {len(shown)} of {n_rows} images (--max-images)</p>"
+            if n_rows > len(shown) else "")
+    return (f"<h2>Gallery</h2><p>{ok} rendered, {n_rows - ok} failed. Left: the image (click for full size); "
             "right: its seam heat-map (bright = abrupt change; cyan ticks = the sampler's unshifted tile "
             f"lines).</p>{more}<div class=gallery>{''.join(cards)}</div>")
 

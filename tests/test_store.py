@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -215,3 +216,28 @@ def test_store_url_from_environment(tmp_path, monkeypatch):
     store = ArtifactStore()
     _commit(store)
     assert (tmp_path / "env-store" / "datasets" / "d" / "LATEST").is_file()
+
+
+def test_shallow_verify_reads_no_file_and_still_finds_overwrites_and_losses(tmp_path, capsys):
+    import time as _time
+
+    from flows.cli import main as asd_main
+
+    store = ArtifactStore(str(tmp_path))
+    w = store.new_version("models", "m")
+    for i in range(40):
+        w.put_bytes(f"f/{i}.bin", b"x" * i)
+    ref = w.commit()
+    assert store.verify(ref, shallow=True) == [] and store.verify(ref, workers=8) == []
+    target = tmp_path / ref.prefix / "f" / "7.bin"
+    target.write_bytes(b"y" * 7)  # same size, written after the commit
+    later = _time.time() + 60
+    os.utime(target, (later, later))
+    (tmp_path / ref.prefix / "f" / "9.bin").unlink()
+    shallow = store.verify(ref, shallow=True)
+    assert any("f/7.bin: written after the commit record" in p for p in shallow)
+    assert any("f/9.bin: missing" in p for p in shallow)
+    deep = store.verify(ref, workers=8)
+    assert any("f/7.bin: sha256" in p for p in deep) and any("f/9.bin: missing" in p for p in deep)
+    assert asd_main(["--store", str(tmp_path), "store", "verify", "--shallow", str(ref)]) == 1
+    assert "written after the commit record" in capsys.readouterr().out

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cat.add_argument("--output", help="write the whole catalog to this Parquet file")
     v = ssub.add_parser("verify", help="re-hash files and check commit records; exit 1 on any damage")
     v.add_argument("refs", nargs="*", help="references (default: every committed version)")
+    v.add_argument("--shallow", action="store_true", help="read no file: one listing per version checks every "
+                   "recorded file is there with its size and was not written after the commit record")
     s.set_defaults(func=cmd_store)
 
 
@@ -102,7 +104,7 @@ def store_verify(store, args: argparse.Namespace) -> int:
     refs = args.refs or [str(r) for k, n in store.list_artifacts() for r in store.list_versions(k, n)]
     bad = 0
     for r in refs:
-        problems = store.verify(r)
+        problems = store.verify(r, shallow=args.shallow)
         if problems:
             bad += 1
             for p in problems:
