@@ -40,7 +40,7 @@ def dataset_buckets(store: ArtifactStore, dataset: ArtifactRef) -> dict[str, lis
 
 def read_bucket_samples(store: ArtifactStore, dataset_ref: ArtifactRef | str) -> dict[str, list[tuple[Image.Image, str]]]:
     """All samples of a (small) dataset version in memory, per bucket: for fitting the tiny
-    VAE and for evaluation's real patches. Training streams instead (`make_loader`)."""
+    VAE. Training streams instead (`make_loader`); evaluation samples (`sample_images`)."""
     ref = store.resolve(dataset_ref)
     opener = StoreOpener(store.url, str(ref))
     out: dict[str, list[tuple[Image.Image, str]]] = {}
@@ -50,3 +50,24 @@ def read_bucket_samples(store: ArtifactStore, dataset_ref: ArtifactRef | str) ->
                 img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
                 out.setdefault(bucket, []).append((img, s["txt"].decode("utf-8")))
     return out
+
+
+def sample_images(store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, seed: int) -> list[Image.Image]:
+    """A uniform, seeded sample of `n` images of a dataset version, streamed (reservoir
+    sampling over its shards: memory holds `n` encoded images, whatever the dataset's size)."""
+    import random
+
+    ref = store.resolve(dataset_ref)
+    opener = StoreOpener(store.url, str(ref))
+    rng = random.Random(seed)
+    kept: list[bytes] = []
+    seen = 0
+    for _, shards in sorted(dataset_buckets(store, ref).items()):
+        for shard in shards:
+            for s in tar_samples(shard.url, opener):
+                seen += 1
+                if len(kept) < n:
+                    kept.append(s["jpg"])
+                elif (j := rng.randrange(seen)) < n:
+                    kept[j] = s["jpg"]
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in kept]
