@@ -6,6 +6,7 @@
     backend.py     StoreBackend: the files under the root (paths, atomic writes, LATEST pointers)
     writer.py      VersionWriter: files once each, hashed; the commit record last
     leases.py      who writes a pending version now: lease epochs, heartbeat, takeover
+    file_lists.py  a large version's file list, in Parquet parts outside its commit record
     faults.py      fault points where tests SIGKILL a writer
     store.py       ArtifactStore: reuse-or-new, resolve, read, download, verify, gc, lineage
     catalog.py     one Parquet row per committed version
@@ -23,7 +24,7 @@ Layout under the root URL::
     runs/<flow_run_id>.json                   what a flow run read and wrote
 """
 
-from artifact_store import leases
+from artifact_store import file_lists, leases
 from artifact_store.redaction import redact, redact_url
 from artifact_store.refs import (
     COMMIT_RECORD,
@@ -45,5 +46,5 @@ from artifact_store.writer import VersionWriter
 __all__ = [
     "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "InvalidReference", "PendingVersion",
     "StoreError", "VersionNotFound", "VersionWriter", "check_name", "new_version_id", "params_hash", "redact",
-    "leases", "redact_url", "s3_storage_options", "store_url_from_env",
+    "file_lists", "leases", "redact_url", "s3_storage_options", "store_url_from_env",
 ]

@@ -1,0 +1,70 @@
+"""A large version's file list lives outside its commit record, in Parquet parts: the record
+stays small, one file's lookup reads one row group of one part, listing streams them, and
+verify, download and locate work through them, on a folder and on S3."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from artifact_store import ArtifactStore, file_lists
+from artifact_store.refs import COMMIT_RECORD
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store_url(request, tmp_path):
+    return str(tmp_path / "store") if request.param == "folder" else request.getfixturevalue("s3_bucket")
+
+
+def _listed_version(store: ArtifactStore, n: int):
+    w = store.new_version("generations", "big")
+    for row in range(n):
+        for suffix in ("png", "seams.png"):
+            rel = f"images/{row:06d}-64x64-abc.{suffix}"
+            w.add_files({rel: w.put_bytes(rel, f"{row}.{suffix}".encode())}, row=row)
+    w.files = {k: v for k, v in w.files.items() if not k.startswith("images/")}  # as the commit task adopts them
+    w.put_bytes("manifest.parquet", b"rows")
+    return w.commit(summary={"images_ok": n})
+
+
+def test_the_record_stays_small_and_one_lookup_reads_one_row_group(store_url, monkeypatch, tmp_path):
+    monkeypatch.setattr(file_lists, "GROUP_ROWS", 16)
+    store = ArtifactStore(store_url)
+    ref = _listed_version(store, 100)
+    rec = store.record(ref)
+    assert rec["file_count"] == 200 + 2 and set(rec["files"]) == {"manifest.parquet", "_files/part-00000.parquet"}
+    assert rec["file_lists"][0]["rows"] == [0, 99] and rec["file_lists"][0]["count"] == 200
+    assert len(store.fs.cat_file(store.path(ref.prefix, COMMIT_RECORD))) < 4096
+
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: reads.append(i) or real(self, i, **kw))
+    fresh = ArtifactStore(store_url)
+    assert fresh.read_bytes(ref, "images/000057-64x64-abc.seams.png") == b"57.seams.png"
+    reads.clear()
+    meta = fresh.file_meta(ref, "images/000057-64x64-abc.png")
+    assert meta["size"] == len(b"57.png") and len(reads) == 1  # one row group, whatever the list's length
+    assert fresh.file_meta(ref, "images/000057-64x64-abc.txt") is None
+    assert fresh.locate(fresh.uri(ref.prefix, "images/000003-64x64-abc.png")) == (ref, "images/000003-64x64-abc.png")
+
+    assert len(dict(fresh.iter_files(ref))) == 202
+    assert fresh.verify(ref) == [] and fresh.verify(ref, shallow=True) == []
+    fresh.download(ref, tmp_path / "out", prefix="images")
+    assert (tmp_path / "out" / "000099-64x64-abc.png").read_bytes() == b"99.png"
+    store.fs.pipe_file(store.path(ref.prefix, "images/000042-64x64-abc.png"), b"42.pnG")  # same size, changed
+    assert any("000042-64x64-abc.png" in p for p in ArtifactStore(store_url).verify(ref))
+
+
+def test_a_record_whose_file_lists_name_unlisted_parts_is_corrupt(tmp_path):
+    from artifact_store import CorruptRecord
+
+    store = ArtifactStore(str(tmp_path))
+    ref = _listed_version(store, 3)
+    path = tmp_path / ref.prefix / COMMIT_RECORD
+    rec = json.loads(path.read_text())
+    rec["file_lists"][0]["path"] = "../../elsewhere.parquet"
+    path.write_text(json.dumps(rec))
+    with pytest.raises(CorruptRecord, match="file_lists"):
+        ArtifactStore(str(tmp_path)).record(ref)
