@@ -47,7 +47,8 @@ __all__ = ["DEFAULT_STORE", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
 
 
-IO_WORKERS = 32  # requests in flight for verify and download
+IO_WORKERS = 32  # requests in flight for verify and download on an object store
+LOCAL_WORKERS = 4  # a local disk: hashing is the work, more threads only contend
 
 
 def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
@@ -285,6 +286,11 @@ class ArtifactStore(StoreBackend):
         return None
 
     # reading files ------------------------------------------------------------
+    @property
+    def io_workers(self) -> int:
+        """Requests in flight for verify and download: many on an object store, few on a disk."""
+        return LOCAL_WORKERS if self.is_local else IO_WORKERS
+
     def file_meta(self, ref: ArtifactRef | str, relpath: str) -> dict[str, Any] | None:
         """The recorded sha256, size (and S3 VersionId) of one file of a committed version; None
         when the version does not list it. A large version's file lists are read only as far as
@@ -325,7 +331,7 @@ class ArtifactStore(StoreBackend):
         ref = self.resolve(ref)
         return self.vfs.cat_file(self._pinned(ref, relpath))
 
-    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int = IO_WORKERS) -> Path:
+    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int | None = None) -> Path:
         """Copy the committed files of a version (optionally under `prefix`) to a local folder,
         `workers` at a time; every target is checked to stay inside `dest` and every file's
         sha256 and size checked."""
@@ -348,11 +354,12 @@ class ArtifactStore(StoreBackend):
                 raise StoreError(f"{ref}: {rel} does not match its commit record (size {size} vs "
                                  f"{meta['size']}, sha256 {h.hexdigest()[:16]}…); run `asd store verify`")
 
-        for _ in bounded_map(fetch, ((r, m) for r, m in self.iter_files(ref) if not cut or r.startswith(cut)), workers):
+        for _ in bounded_map(fetch, ((r, m) for r, m in self.iter_files(ref) if not cut or r.startswith(cut)),
+                             workers or self.io_workers):
             pass
         return dest
 
-    def verify(self, ref: ArtifactRef | str, shallow: bool = False, workers: int = IO_WORKERS) -> list[str]:
+    def verify(self, ref: ArtifactRef | str, shallow: bool = False, workers: int | None = None) -> list[str]:
         """Re-hash every recorded file (the recorded S3 VersionId, where there is one, and check
         it is still the current object), `workers` files at a time; one line per problem, empty
         when intact. `shallow`: no file is read: one listing of the version checks every
@@ -366,7 +373,8 @@ class ArtifactStore(StoreBackend):
         if shallow:
             return self._verify_listing(ref)
         problems: list[str] = []
-        for found in bounded_map(lambda item: self._verify_file(ref, *item), self.iter_files(ref), workers):
+        for found in bounded_map(lambda item: self._verify_file(ref, *item), self.iter_files(ref),
+                                 workers or self.io_workers):
             problems += found
         return problems
 

@@ -316,7 +316,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             for m, p in METRICS:
                 f = fit(sub, p)
                 if f and not p[-1].endswith("bytes"):
-                    fits.append(f"{m}: {f[1] * 1e3:.3g} ms/1k images, 10M -> {f[0] + f[1] * 1e7:.3g}")
+                    unit = "MB" if m.endswith("MB") else "s"
+                    fits.append(f"{m}: {f[1] * 1e3:+.3g} {unit}/1k images, 10M -> {f[0] + f[1] * 1e7:.3g} {unit}")
             if fits:
                 lines.append(f"\nfitted ({label}, {store}): " + "; ".join(fits))
     if any(r.get("job", {}).get("requests") for r in rows):
