@@ -15,6 +15,8 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -122,25 +124,54 @@ def _open_part(store: StoreBackend, prefix: str, part: dict[str, Any], pinned: s
         yield pq.ParquetFile(f)
 
 
+_GROUPS: OrderedDict[tuple[str, str, str, int], dict[str, dict[str, Any]]] = OrderedDict()
+_GROUPS_KEPT = 8  # row groups of recent lookups (readers go through a version in row order)
+_GROUPS_LOCK = threading.Lock()
+
+
+def _cached_group(key: tuple[str, str, str, int]) -> dict[str, dict[str, Any]] | None:
+    with _GROUPS_LOCK:
+        if key in _GROUPS:
+            _GROUPS.move_to_end(key)
+            return _GROUPS[key]
+    return None
+
+
+def _keep_group(key: tuple[str, str, str, int], entries: dict[str, dict[str, Any]]) -> None:
+    with _GROUPS_LOCK:
+        _GROUPS[key] = entries
+        while len(_GROUPS) > _GROUPS_KEPT:
+            _GROUPS.popitem(last=False)
+
+
 def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: str,
            pin: Any = None) -> dict[str, Any] | None:
-    """One file's entry: only the part and row groups whose row range can hold it are read."""
+    """One file's entry: only the part and row groups whose row range can hold it are read (the
+    last few row groups read are kept: the next file of a reader going in row order costs no
+    request). Parts are immutable files of committed versions, so what is kept stays true."""
     row = row_of(rel)
     for part in parts:
         lo, hi = part.get("rows") or [None, None]
         if row is not None and lo is not None and not lo <= row <= hi:
             continue
+        part_id = (store.root, prefix, part.get("sha256") or part["path"])
+        with _GROUPS_LOCK:
+            kept = [k for k in _GROUPS if k[:3] == part_id]
+        for key in kept:
+            entries = _cached_group(key)
+            if entries is not None and rel in entries:
+                return entries[rel]
         with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:
             col = pf.schema_arrow.get_field_index("row")
             for g in range(pf.num_row_groups):
                 stats = pf.metadata.row_group(g).column(col).statistics
                 if row is not None and stats is not None and stats.has_min_max and not stats.min <= row <= stats.max:
                     continue
-                table = pf.read_row_group(g, columns=["path", "sha256", "size", "version_id"])
-                paths = table.column("path").to_pylist()
-                if rel in paths:
-                    i = paths.index(rel)
-                    return _entry({k: table.column(k)[i].as_py() for k in ("sha256", "size", "version_id")})
+                entries = {d["path"]: _entry(d) for d in
+                           pf.read_row_group(g, columns=["path", "sha256", "size", "version_id"]).to_pylist()}
+                _keep_group((*part_id, g), entries)
+                if rel in entries:
+                    return entries[rel]
     return None
 
 
