@@ -393,8 +393,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             out.failed += 1
         if chunk.left == 0:  # the chunk's durability point
             out.fragments.append(write_fragment(store, job.pending, chunk.start, chunk.stop, chunk.entries))
-        _RENDERED_IN_PROCESS[0] += 1
-        fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
+        _count_image()
 
     if todo:
         loads = model_loads()
@@ -417,6 +416,14 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
     logger.info("shard rows %d-%d on %s: %d rendered, %d already done, %d failed, %d fragment(s)", start, stop,
                 worker, out.rendered, len(taken), out.failed, len(out.fragments))
     return out
+
+
+def _count_image() -> None:
+    """One more image stored by this process (the fault point counts them). A module function,
+    not inline in the task: Prefect ships the task's function to Dask workers by value, with
+    the globals it names, and the count must be the worker's own."""
+    _RENDERED_IN_PROCESS[0] += 1
+    fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
 
 
 def _fragment_is_exactly(store: ArtifactStore, pending: PendingVersion, rel: str, done: list[dict[str, Any]]) -> bool:
