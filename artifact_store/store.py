@@ -48,7 +48,7 @@ log = logging.getLogger("asd.store")
 
 
 IO_WORKERS = 32  # requests in flight for verify and download on an object store
-LOCAL_WORKERS = 4  # a local disk: hashing is the work, more threads only contend
+LOCAL_WORKERS = 1  # a local disk: hashing is the work; threads cost more than they gave (bench.scale, 200k files)
 
 
 def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:

@@ -317,7 +317,12 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f = fit(sub, p)
                 if f and not p[-1].endswith("bytes"):
                     unit = "MB" if m.endswith("MB") else "s"
-                    fits.append(f"{m}: {f[1] * 1e3:+.3g} {unit}/1k images, 10M -> {f[0] + f[1] * 1e7:.3g} {unit}")
+                    at_10m = f[0] + f[1] * 1e7
+                    largest = max(r["images"] for r in sub)
+                    if abs(f[1] * largest) < 0.2 * abs(f[0] + f[1] * largest):  # within noise of flat
+                        fits.append(f"{m}: flat (~{f[0] + f[1] * largest:.3g} {unit})")
+                    else:
+                        fits.append(f"{m}: {f[1] * 1e3:+.3g} {unit}/1k images, 10M -> {at_10m:.3g} {unit}")
             if fits:
                 lines.append(f"\nfitted ({label}, {store}): " + "; ".join(fits))
     if any(r.get("job", {}).get("requests") for r in rows):
