@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -201,7 +202,7 @@ class Requests:
 
         class Count(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
-                msg = record.getMessage()
+                msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours some lines
                 for m in ("GET", "PUT", "HEAD", "POST", "DELETE"):
                     if f'"{m} ' in msg:
                         key = "LIST" if m == "GET" and ("list-type" in msg or "?prefix" in msg or "&prefix" in msg) else m
