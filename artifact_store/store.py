@@ -8,6 +8,7 @@ the caller is validated; a commit record that exists but cannot be read is an er
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -466,10 +467,8 @@ class ArtifactStore(StoreBackend):
         if self.fs.exists(f"{base}/{PENDING_MARKER}"):
             times = [_modified(self.fs.info(f"{base}/{PENDING_MARKER}"))]
             for sub in (LEASE_DIR, FRAGMENT_DIR):
-                try:
+                with contextlib.suppress(FileNotFoundError):  # no lease taken / no chunk finished yet
                     times += [_modified(i) for i in self.fs.ls(f"{base}/{sub}", detail=True)]
-                except FileNotFoundError:
-                    pass
             return max(times)
         files = {f: info for f, info in self.fs.find(prefix, detail=True).items() if f.startswith(base + "/")}
         return max((_modified(i) for i in files.values()), default=None)

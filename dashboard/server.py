@@ -14,6 +14,7 @@ overlong path is a 414."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mimetypes
 import posixpath
@@ -178,12 +179,10 @@ class DashboardServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):  # full: a short 503, then the socket is closed
-            try:
+            with contextlib.suppress(OSError):  # a client already gone needs no answer
                 request.settimeout(1)
                 request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
                                 b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
