@@ -84,15 +84,30 @@ def list_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[tuple[
     return out
 
 
-def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str) -> list[dict[str, Any]] | None:
-    """A fragment's entries; None (and a warning naming it) when it does not read."""
+@dataclass(frozen=True)
+class FragmentRead:
+    """A fragment as a rerun found it: its image keys, its sha256 and size (to reference it as
+    it is when every image in it checks out)."""
+
+    keys: frozenset[str]
+    sha256: str
+    size: int
+
+    def ref(self, rel: str, start: int, stop: int) -> FragmentRef:
+        return FragmentRef(rel, start, stop, len(self.keys), self.sha256, self.size)
+
+
+def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str
+                  ) -> tuple[list[dict[str, Any]], FragmentRead] | None:
+    """A fragment's entries and what it is; None (and a warning naming it) when it does not read."""
     try:
         data = store.fs.cat_file(store.path(pending.ref.prefix, rel))
-        return pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
+        entries = pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
     except (OSError, ValueError, pa.ArrowException) as exc:
         log.warning("%s of %s does not read (%s: %s); its images are rendered again", rel, pending.ref,
                     type(exc).__name__, exc)
         return None
+    return entries, FragmentRead(frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data))
 
 
 def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]) -> str | None:
@@ -117,15 +132,22 @@ def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: 
 
 
 def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: dict[tuple[int, int], str],
-                     keys: dict[int, str], start: int, stop: int) -> dict[int, dict[str, Any]]:
+                     keys: dict[int, str], start: int, stop: int
+                     ) -> tuple[dict[int, dict[str, Any]], dict[str, FragmentRead]]:
     """Entries of the shard's rows (`keys`: manifest row -> image key; [start, stop) its range in
-    the prompts table) that a previous run finished and that check out: from any fragment
-    overlapping the range (a rerun may chunk differently), keyed by row."""
+    the prompts table) that a previous run finished and that check out, keyed by row: from any
+    fragment overlapping the range (a rerun may chunk differently), each read once; and what
+    each fragment that read is."""
     candidates: dict[int, dict[str, Any]] = {}
+    read: dict[str, FragmentRead] = {}
     for (a, b), rel in sorted(fragments.items()):
         if b <= start or a >= stop:
             continue
-        for e in read_fragment(store, pending, rel) or []:
+        found = read_fragment(store, pending, rel)
+        if found is None:
+            continue
+        entries, read[rel] = found
+        for e in entries:
             row = e.get("row")
             if row in keys and e.get("key") == keys[row] and e.get("status") == STATUS_OK:
                 candidates[row] = e
@@ -140,7 +162,7 @@ def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: d
                 log.warning("image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why)
             else:
                 taken[row] = candidates[row]
-    return taken
+    return taken, read
 
 
 @dataclass

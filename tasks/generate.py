@@ -56,7 +56,6 @@ from tasks.fragments import (
     compact,
     finished_entries,
     list_fragments,
-    read_fragment,
     write_fragment,
 )
 from tasks.job_plan import RATE_METRIC, plan_job
@@ -362,7 +361,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
         r["key"] = image_key(r, image_identity(job.model, r, job.settings))
     keys = {r["row"]: r["key"] for r in rows}
     existing = list_fragments(store, job.pending)
-    taken = finished_entries(store, job.pending, existing, keys, start, stop) if existing else {}
+    taken, read = finished_entries(store, job.pending, existing, keys, start, stop) if existing else ({}, {})
     chunks: dict[int, _Chunk] = {}
     todo = []
     for a, b in chunk_ranges(start, stop, job.settings.chunk_rows):
@@ -370,9 +369,9 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
         if not mine:
             continue
         done = [taken[r["row"]] for r in mine if r["row"] in taken]
-        if len(done) == len(mine) and (a, b) in existing and _fragment_is_exactly(store, job.pending, existing[(a, b)],
-                                                                                  done):
-            out.fragments.append(_ref_of(store, job.pending, existing[(a, b)], a, b, len(done)))
+        was = read.get(existing.get((a, b), ""))
+        if len(done) == len(mine) and was is not None and was.keys == {e["key"] for e in done}:
+            out.fragments.append(was.ref(existing[(a, b)], a, b))  # the chunk's fragment, as it is
         else:
             chunks[a] = _Chunk(a, b, done, len(mine) - len(done))
             todo += [r for r in mine if r["row"] not in taken]
@@ -424,17 +423,6 @@ def _count_image() -> None:
     the globals it names, and the count must be the worker's own."""
     _RENDERED_IN_PROCESS[0] += 1
     fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-
-
-def _fragment_is_exactly(store: ArtifactStore, pending: PendingVersion, rel: str, done: list[dict[str, Any]]) -> bool:
-    """Whether the fragment holds exactly these entries (then it is referenced as it is)."""
-    rows = read_fragment(store, pending, rel) or []
-    return sorted(e["key"] for e in rows) == sorted(e["key"] for e in done)
-
-
-def _ref_of(store: ArtifactStore, pending: PendingVersion, rel: str, a: int, b: int, images: int) -> FragmentRef:
-    data = store.fs.cat_file(store.path(pending.ref.prefix, rel))
-    return FragmentRef(rel, a, b, images, hashlib.sha256(data).hexdigest(), len(data))
 
 
 MAX_SHARD_ROWS = 1000
@@ -529,9 +517,6 @@ def render_shards_flow(job: GenerationJob) -> list[ShardResult]:
             logger.info("shard %d/%d done on %s: %d ok (%d rendered now), %d failed; %d/%d rows in all", len(results),
                         len(ranges), out.worker, out.ok, out.rendered, out.failed, done, total)
     return [results[i] for i in range(len(ranges))]
-
-
-GENERATIONS_TABLE_ROWS = 1000  # rows of the UI table; the manifest has them all
 
 
 @dataclass(frozen=True)

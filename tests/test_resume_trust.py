@@ -34,7 +34,7 @@ def _write(store: ArtifactStore, pending: PendingVersion, rel: str, data: bytes)
 
 
 def _taken(store: ArtifactStore, pending: PendingVersion) -> set[int]:
-    return set(finished_entries(store, pending, list_fragments(store, pending), KEYS, 0, 32))
+    return set(finished_entries(store, pending, list_fragments(store, pending), KEYS, 0, 32)[0])
 
 
 def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
