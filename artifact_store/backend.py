@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -19,6 +21,8 @@ from artifact_store.s3_options import s3_retries, s3_storage_options
 from data_manifests.runtime import runtime
 
 DEFAULT_STORE = "./asd-store"
+MATCH_WINDOW = 10_000  # expected files held while the listing catches up (match_listing)
+SINGLE_GET_BYTES = 16 << 20  # on S3, smaller objects are read with one GET (larger: concurrent ranges)
 
 
 def _filesystems(url: str) -> tuple[fsspec.AbstractFileSystem, fsspec.AbstractFileSystem, str]:
@@ -119,6 +123,69 @@ class StoreBackend:
             if self.fs.exists(path):
                 raise FileExistsError(path) from None
             raise
+
+    def cat(self, path: str, start: int | None = None, end: int | None = None, size: int | None = None,
+            versioned: bool = False) -> bytes:
+        """A file's bytes (or [start, end)) in one request. On S3 a whole read of an object under
+        `SINGLE_GET_BYTES` (or of unknown size that is known to be small: a record) skips the
+        HEAD that s3fs makes to split large downloads."""
+        fs = self.vfs if versioned else self.fs
+        if self.is_local:
+            return fs.cat_file(path, start=start, end=end)
+        single = start is not None or end is not None or size is None or size <= SINGLE_GET_BYTES
+        return fs.cat_file(path, start=start, end=end, **({"max_concurrency": 1} if single else {}))
+
+    def match_listing(self, prefix: str, expected: Iterable[tuple[str, Any]]
+                      ) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
+        """Each expected (relpath, meta) under `prefix` with what the store has there (a dict
+        with `size` and `mtime`/`LastModified`; None: missing), in memory that does not grow with
+        the number of files. A local disk: one stat each. An object store: one listing, streamed
+        page by page and matched against the expected files in a window (listings come in key
+        order, as a generation's files are listed: the window stays small)."""
+        base = self.path(prefix).rstrip("/") + "/"
+        if self.is_local:
+            for rel, meta in expected:
+                try:
+                    st = os.stat(base + rel)
+                except (FileNotFoundError, NotADirectoryError):
+                    yield rel, meta, None
+                    continue
+                yield rel, meta, {"size": st.st_size, "mtime": st.st_mtime}
+            return
+        listing = self._listing(base)
+        waiting: dict[str, Any] = {}  # expected, not listed yet
+        extra: dict[str, dict[str, Any]] = {}  # listed before it was expected (or never: unlisted files)
+        for rel, meta in expected:
+            if rel in extra:
+                yield rel, meta, extra.pop(rel)
+                continue
+            waiting[rel] = meta
+            while len(waiting) > MATCH_WINDOW and (item := next(listing, None)) is not None:
+                if item[0] in waiting:
+                    yield item[0], waiting.pop(item[0]), item[1]
+                else:
+                    extra[item[0]] = item[1]
+        for lrel, info in listing:
+            if not waiting:
+                break
+            if lrel in waiting:
+                yield lrel, waiting.pop(lrel), info
+        for rel, meta in waiting.items():
+            yield rel, meta, None
+
+    def _listing(self, base: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every object under `base` (relpath, info), one page of the listing at a time."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(base)
+        pages = self.fs._iterdir(bucket, prefix=key, delimiter="")
+        while True:
+            try:
+                info = sync(self.fs.loop, pages.__anext__)
+            except StopAsyncIteration:
+                return
+            name = info["name"]
+            yield name.split(base, 1)[-1] if base in name else name, info
 
     def read_latest(self, kind: str, name: str) -> str | None:
         try:

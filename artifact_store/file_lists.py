@@ -12,6 +12,7 @@ row, that part's footer and one row group (a generation's file names start with 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import tempfile
@@ -30,12 +31,13 @@ if TYPE_CHECKING:
 
 FILE_LIST_DIR = "_files"
 GROUP_ROWS = 4096  # files per row group: what one lookup reads
-PART_ROWS = 1 << 20  # files per part
-ROW_OF = re.compile(r"^images/(\d+)-")
+PART_ROWS = 1 << 18  # files per part: its footer (row statistics only) stays under the 64 KB a reader
+# fetches first, so opening one file costs the record, the footer, one row group and the file itself
+ROW_OF = re.compile(r"^(?:images/|shards/rows-)(\d+)-")  # an image's files; a chunk's tar (its first row)
 
 
 def row_of(rel: str) -> int | None:
-    """The manifest row a file of a generations version belongs to (from its name)."""
+    """The manifest row a file of a generations version is listed with (from its name)."""
     m = ROW_OF.match(rel)
     return int(m.group(1)) if m else None
 
@@ -66,7 +68,7 @@ class FileListWriter:
             return
         if self._writer is None:
             path = os.path.join(self._tmp.name, f"part-{len(self._parts):05d}.parquet")
-            self._writer = pq.ParquetWriter(path, FILE_LIST)
+            self._writer = pq.ParquetWriter(path, FILE_LIST, write_statistics=["row"])
             self._parts.append({"local": path, "rows": [None, None], "count": 0})
         table = pa.Table.from_pylist(self._buffer, schema=FILE_LIST)
         self._writer.write_table(table, row_group_size=GROUP_ROWS)
@@ -109,6 +111,41 @@ class FileListWriter:
         return out
 
 
+class RangedFile(io.RawIOBase):
+    """A remote file of known size, read only by ranged GETs of the bytes asked for (no HEAD, no
+    read-ahead): what pyarrow needs to read a Parquet footer and one row group."""
+
+    def __init__(self, store: StoreBackend, path: str, size: int) -> None:
+        super().__init__()
+        self._store, self._path, self._size, self._pos = store, path, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        data = self._store.cat(self._path, start=self._pos, end=end, versioned=True)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
 def _entry(d: dict[str, Any]) -> dict[str, Any]:
     meta = {"sha256": d["sha256"], "size": d["size"]}
     if d.get("version_id"):
@@ -119,9 +156,15 @@ def _entry(d: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _open_part(store: StoreBackend, prefix: str, part: dict[str, Any], pinned: str | None
                ) -> Iterator[pq.ParquetFile]:
-    """A part, read by ranges (its footer, then the row groups asked for; never whole)."""
-    with store.vfs.open(pinned or store.path(prefix, part["path"]), "rb") as f:
-        yield pq.ParquetFile(f)
+    """A part, read by ranges (its footer, then the row groups asked for; never whole). On an
+    object store its recorded size spares a HEAD, and each row group's columns come in one ranged
+    GET (`pre_buffer`), with no read-ahead past them."""
+    path = pinned or store.path(prefix, part["path"])
+    if store.is_local or not isinstance(part.get("size"), int):
+        with store.vfs.open(path, "rb") as f:
+            yield pq.ParquetFile(f)
+        return
+    yield pq.ParquetFile(RangedFile(store, path, part["size"]), pre_buffer=True)
 
 
 _GROUPS: OrderedDict[tuple[str, str, str, int], dict[str, dict[str, Any]]] = OrderedDict()

@@ -197,7 +197,7 @@ class ArtifactStore(StoreBackend):
         key = str(ref)
         if key not in self._records:
             try:
-                blob = self.fs.cat_file(self.path(ref.prefix, COMMIT_RECORD))
+                blob = self.cat(self.path(ref.prefix, COMMIT_RECORD))
             except FileNotFoundError:
                 return None
             self._records[key] = self._validated_record(ref, blob)
@@ -330,7 +330,13 @@ class ArtifactStore(StoreBackend):
 
     def read_bytes(self, ref: ArtifactRef | str, relpath: str) -> bytes:
         ref = self.resolve(ref)
-        return self.vfs.cat_file(self._pinned(ref, relpath))
+        meta = None if self.is_local else self.record(ref)["files"].get(relpath) or self.file_meta(ref, relpath)
+        return self.cat(self._pinned(ref, relpath, meta), size=meta["size"] if meta else None, versioned=True)
+
+    def read_range(self, ref: ArtifactRef | str, relpath: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a committed file (one ranged request: a member of a tar shard)."""
+        ref = self.resolve(ref)
+        return self.cat(self._pinned(ref, relpath), start=start, end=end, versioned=True)
 
     def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int | None = None) -> Path:
         """Copy the committed files of a version (optionally under `prefix`) to a local folder,
@@ -406,19 +412,17 @@ class ArtifactStore(StoreBackend):
         return problems
 
     def _verify_listing(self, ref: ArtifactRef) -> list[str]:
-        prefix = self.path(ref.prefix).rstrip("/") + "/"
-        listed = {p.split(prefix, 1)[-1]: info for p, info in self.fs.find(prefix, detail=True).items()}
-        sealed = _modified(listed[COMMIT_RECORD]) if COMMIT_RECORD in listed else float("inf")
+        record = next(self.match_listing(ref.prefix, [(COMMIT_RECORD, None)]))[2]
+        sealed = _modified(record) if record else float("inf")
         problems = []
-        for rel, meta in self.iter_files(ref):
-            info = listed.get(rel)
+        for rel, meta, info in self.match_listing(ref.prefix, self.iter_files(ref)):
             if info is None:
                 problems.append(f"{ref}: {rel}: missing")
             elif info.get("size") != meta["size"]:
                 problems.append(f"{ref}: {rel}: size {info.get('size')} != recorded {meta['size']}")
             elif _modified(info) > sealed + 1:
                 problems.append(f"{ref}: {rel}: written after the commit record (overwritten?)")
-        return problems
+        return sorted(problems)
 
     # leftovers ---------------------------------------------------------------
     def uncommitted(self, grace_s: float = 24 * 3600) -> list[str]:

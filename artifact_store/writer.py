@@ -188,17 +188,16 @@ class VersionWriter:
                 self.put_file(f"{prefix.rstrip('/')}/{rel}" if prefix else rel, p)
 
     def _check_files_present(self) -> None:
-        """Every file the record will list is in the store with its recorded size (one listing of
-        the version's prefix, not a request per file)."""
-        prefix = self.store.path(self.ref.prefix).rstrip("/") + "/"
-        try:
-            listed = self.store.fs.find(prefix, detail=True)
-        except FileNotFoundError:
-            listed = {}
-        sizes = {p.split(prefix, 1)[-1]: info.get("size") for p, info in listed.items()}
+        """Every file the record will list is in the store with its recorded size (a stat each on
+        a local disk, one streamed listing of the version's prefix on an object store; memory
+        does not grow with the number of files)."""
         listed = self.listed.entries() if self.listed is not None else iter(())
-        wrong = [rel if rel not in sizes else f"{rel} ({sizes[rel]} bytes, recorded {meta['size']})"
-                 for rel, meta in itertools.chain(self.files.items(), listed) if sizes.get(rel) != meta["size"]]
+        wrong = []
+        for rel, meta, info in self.store.match_listing(self.ref.prefix, itertools.chain(self.files.items(), listed)):
+            if info is None or info.get("size") != meta["size"]:
+                wrong.append(rel if info is None else f"{rel} ({info.get('size')} bytes, recorded {meta['size']})")
+                if len(wrong) > 5:
+                    break
         if wrong:
             raise StoreError(f"{self.ref}: not committed, files it would list are missing or changed: "
                              f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")

@@ -6,6 +6,14 @@ import math
 
 import numpy as np
 
+SEAM_PERIOD = 8  # the SD VAE's factor: the lattice seam scores compare tile lines with
+
+
+def seam_scores(image: np.ndarray, xs: list[int], ys: list[int], period: int = SEAM_PERIOD
+                ) -> tuple[float, float, float]:
+    """`seam_score` over both axes, vertical lines only, horizontal lines only."""
+    return (seam_score(image, xs, ys, period), seam_score(image, xs, [], period), seam_score(image, [], ys, period))
+
 
 def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1) -> float:
     """Mean |gradient| across the given tile lines over the median |gradient| across the other

@@ -21,17 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.helpers import S3Requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 64
+WDS_CHUNK_ROWS = 64  # --layout webdataset: images a tar (two writes a chunk: its tar and its fragment)
 
 
 # -- child steps: each in its own process, printing one JSON line --------------------------------
@@ -84,7 +87,7 @@ def child_setup(store_url: str, n: int) -> dict[str, Any]:
     return {"model": model, "prompts": prompts}
 
 
-def child_job(store_url: str, model: str, prompts: str, name: str) -> dict[str, Any]:
+def child_job(store_url: str, model: str, prompts: str, name: str, layout: str = "files") -> dict[str, Any]:
     _stub_pipeline()
     from flows.stages import generate_flow
     from tasks.generate import GenerateSettings
@@ -93,16 +96,20 @@ def child_job(store_url: str, model: str, prompts: str, name: str) -> dict[str, 
     kw: dict[str, Any] = {"steps": 1, "workers": 2}
     if "max_job_pixels" in fields:
         kw["max_job_pixels"] = 1 << 40
+    if layout != "files":
+        kw["layout"] = layout
+        kw["chunk_rows"] = WDS_CHUNK_ROWS
     t0 = time.perf_counter()
     ref = generate_flow(model, prompts, name, GenerateSettings(**kw), store_url)
     return {"ref": ref, "seconds": time.perf_counter() - t0, "rss_mb": _rss_mb()}
 
 
-def child_open(store_url: str, ref: str, rel: str) -> dict[str, Any]:
+def child_open(store_url: str, ref: str, rel: str, member: list[int] | None = None) -> dict[str, Any]:
     from artifact_store import ArtifactStore
 
     t0 = time.perf_counter()
-    data = ArtifactStore(store_url).read_bytes(ref, rel)
+    store = ArtifactStore(store_url)
+    data = store.read_range(ref, rel, member[0], member[0] + member[1]) if member else store.read_bytes(ref, rel)
     return {"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb(), "bytes": len(data)}
 
 
@@ -191,37 +198,8 @@ def run_child(tree: Path, env: dict[str, str], step: str, *args: Any, expect_kil
     return out
 
 
-class Requests:
-    """Requests moto served, by method (a logging handler on its werkzeug log)."""
-
-    def __init__(self) -> None:
-        import logging
-
-        self.counts: dict[str, int] = {}
-        counts = self.counts
-
-        class Count(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours some lines
-                for m in ("GET", "PUT", "HEAD", "POST", "DELETE"):
-                    if f'"{m} ' in msg:
-                        key = "LIST" if m == "GET" and ("list-type" in msg or "?prefix" in msg or "&prefix" in msg) else m
-                        counts[key] = counts.get(key, 0) + 1
-
-        log = logging.getLogger("werkzeug")
-        log.setLevel(logging.INFO)
-        log.addHandler(Count())
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.counts)
-
-    @staticmethod
-    def since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-        return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0)}
-
-
-def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: Requests | None, base_env: dict[str, str]
-               ) -> dict[str, Any]:
+def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: S3Requests | None, base_env: dict[str, str],
+               layout: str = "files", skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"asd-scale-{label}-{n}-"))
     env = {**base_env, "PREFECT_HOME": str(tmp / "prefect"), "ASD_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -235,18 +213,20 @@ def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: Requests | No
         url = f"s3://{bucket}/store"
     else:
         url = str(tmp / "store")
-    row: dict[str, Any] = {"code": label, "images": n, "store": "s3" if s3 else "folder"}
+    row: dict[str, Any] = {"code": label if layout == "files" else f"{label} ({layout})", "images": n,
+                           "store": "s3" if s3 else "folder"}
 
     def step(name: str, *args: Any, **kw: Any) -> dict[str, Any]:
         before = requests.snapshot() if requests else {}
         out = run_child(tree, env, name, *args, **kw)
         if requests:
-            out["requests"] = Requests.since(before, requests.snapshot())
+            out["requests"] = requests.since(before, requests.snapshot())
         print(f"  {label} {n} {name}: {json.dumps(out)[:300]}", flush=True)
         return out
 
     ids = step("setup", url, n)
-    row["job"] = step("job", url, ids["model"], ids["prompts"], "scale")
+    job_args = [layout] if layout != "files" else []
+    row["job"] = step("job", url, ids["model"], ids["prompts"], "scale", *job_args)
     ref = row["job"]["ref"]
     row["sizes"] = step("sizes", url, ref)
     row["open"] = step("open", url, ref, "manifest.parquet")
@@ -255,18 +235,25 @@ def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: Requests | No
     from artifact_store import ArtifactStore
 
     with ArtifactStore(url).open(ref, "manifest.parquet") as f:  # this code reads either layout
-        middle = pq.read_table(f, columns=["image"]).column("image")[n // 2].as_py()
-    row["open_image"] = step("open", url, ref, middle)
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("image", "shard", "shard_offset", "shard_size") if c in pf.schema_arrow.names]
+        middle = pf.read(columns=cols).slice(n // 2, 1).to_pylist()[0]
+    if middle.get("shard"):  # a member of a tar shard: one ranged read
+        row["open_image"] = step("open", url, ref, middle["shard"], [middle["shard_offset"], middle["shard_size"]])
+    else:
+        row["open_image"] = step("open", url, ref, middle["image"])
     row["ls"] = step("ls", url, "scale")
-    row["verify"] = step("verify", url, ref, False)
+    if "verify" not in skip:
+        row["verify"] = step("verify", url, ref, False)
     row["verify_shallow"] = step("verify", url, ref, True)
     row["dashboard"] = step("dashboard", url)
-    env_kill = {**env, "ASD_FAULT_AT": f"after-image-{n // 2}"}
-    env, saved = env_kill, env
-    row["killed"] = step("job", url, ids["model"], ids["prompts"], "resume", expect_kill=True)
-    env = saved
-    row["gc"] = step("gc", url)
-    row["resume"] = step("job", url, ids["model"], ids["prompts"], "resume")
+    if "resume" not in skip:  # a job killed half-way, gc while it is abandoned, the rerun that resumes it
+        env_kill = {**env, "ASD_FAULT_AT": f"after-image-{n // 2}"}
+        env, saved = env_kill, env
+        row["killed"] = step("job", url, ids["model"], ids["prompts"], "resume", *job_args, expect_kill=True)
+        env = saved
+        row["gc"] = step("gc", url)
+        row["resume"] = step("job", url, ids["model"], ids["prompts"], "resume", *job_args)
     return row
 
 
@@ -351,6 +338,9 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="on moto's S3 server, counting requests")
     ap.add_argument("--baseline", help="another checkout to run side by side (e.g. a git worktree)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--layout", default="files", choices=["files", "webdataset", "both"],
+                    help="the new code's output layout (both: one row each); a baseline runs its own")
+    ap.add_argument("--skip", default="", help="steps to leave out, comma-separated (e.g. verify,resume at 1M)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     env = dict(os.environ)
@@ -358,7 +348,7 @@ def main() -> None:
     if args.s3:
         from moto.server import ThreadedMotoServer
 
-        from tests.helpers import free_port
+        from tests.helpers import S3Requests, free_port
 
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -367,12 +357,15 @@ def main() -> None:
                    AWS_DEFAULT_REGION="us-east-1")
         os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                 "AWS_DEFAULT_REGION")})
-        requests = Requests()
+        requests = S3Requests()
     trees = [("new", ROOT)] + ([("base", Path(args.baseline).resolve())] if args.baseline else [])
     rows = []
+    layouts = ["files", "webdataset"] if args.layout == "both" else [args.layout]
+    skip = frozenset(x for x in args.skip.split(",") if x)
     for n in sizes:
         for label, tree in trees:
-            rows.append(bench_tree(label, tree, n, args.s3, requests, env))
+            for layout in (layouts if label == "new" else ["files"]):
+                rows.append(bench_tree(label, tree, n, args.s3, requests, env, layout, skip))
     text = table(rows)
     print(text)
     if args.json:

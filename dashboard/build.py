@@ -7,6 +7,7 @@ exact sizes and seam heat-maps, metrics of an evaluation). Pictures of a version
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
+from artifact_store.members import image_bytes
 from artifact_store.refs import KINDS
 from asd_models.large_images import read_dzi, thumbnail_png
 from asd_models.seams import HEATMAP_MAX_PIXELS
@@ -32,6 +34,8 @@ SITE_DIR = "_site"
 TREND_METRICS = ("fid_patch", "kid_patch", "seam_score", "clip_score")
 PAGE_ROOT = "../../../"  # from v/<kind>/<name>/<version>.html back to the site root
 STORE_ROOT = "../../../../"  # ... and to the store root
+FULL_COPY_MAX_BYTES = 4 << 20  # a gallery image inside a tar shard is copied into the site up to this size
+BUILD_STATE = "build-state.json"  # per version page: what it was built from, and its gallery's previews
 log = logging.getLogger("asd.dashboard")
 
 
@@ -45,12 +49,13 @@ class SiteBuild:
     pictures_made: int
     pictures_reused: int
     index: str  # URI of index.html
+    pages_unchanged: int = 0  # version pages whose inputs had not changed: neither rebuilt nor rewritten
 
 
 class _Site:
     def __init__(self, store: ArtifactStore, thumb_px: int, max_images: int, prefect_ui: str | None) -> None:
         self.store, self.thumb_px, self.max_images, self.ui = store, thumb_px, max_images, prefect_ui
-        self.pages = self.made = self.reused = 0
+        self.pages = self.made = self.reused = self.unchanged = 0
         self.previews: dict[str, list[str]] = {}  # generations ref -> its first thumbnails (for the index)
 
     def write(self, rel: str, data: bytes) -> None:
@@ -62,9 +67,32 @@ class _Site:
         except FileNotFoundError:
             return set()
 
+    def page_exists(self, rel: str) -> bool:
+        return self.store.fs.exists(self.store.path(SITE_DIR, rel))
+
     def write_page(self, rel: str, title: str, body: str, root: str) -> None:
         self.write(rel, page(title, body, root).encode())
         self.pages += 1
+
+
+def _read_state(store: ArtifactStore) -> dict[str, Any]:
+    """What the last build made each version page from (nothing, when unreadable: all rebuilt)."""
+    try:
+        state = json.loads(store.fs.cat_file(store.path(SITE_DIR, BUILD_STATE)))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _page_fingerprint(site: _Site, row: dict[str, Any], parents: dict[str, list[str]],
+                      children: dict[str, list[str]]) -> str:
+    """Everything a version page shows comes from these: its catalog row (versions are
+    immutable), its lineage neighbours, the build's options and this code."""
+    from artifact_store.writer import code_version
+
+    blob = json.dumps([row, sorted(parents.get(row["ref"], [])), sorted(children.get(row["ref"], [])),
+                       site.thumb_px, site.max_images, site.ui, code_version()], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _catalog(store: ArtifactStore) -> pl.DataFrame:
@@ -132,6 +160,21 @@ def _manifest_head(store: ArtifactStore, ref: ArtifactRef, n: int) -> tuple[list
     return head, total, ok
 
 
+def _full_image_link(site: _Site, ref: ArtifactRef, item: dict[str, Any], pic_dir: str, have: set[str]) -> str:
+    """Where a gallery card's full-size link goes: the image's own file; for one inside a tar shard
+    (webdataset layout), a copy in the site when it is small (the server serves files, not members),
+    else the tar."""
+    if not item.get("shard"):
+        return f"{STORE_ROOT}{ref.prefix}/{item['image']}"
+    if (item.get("shard_size") or 0) > FULL_COPY_MAX_BYTES:
+        return f"{STORE_ROOT}{ref.prefix}/{item['shard']}"
+    name = f"{item['key']}.full.png"
+    if name not in have:
+        site.write(f"{pic_dir}/{name}", image_bytes(site.store, ref, item))
+        have.add(name)
+    return f"{PAGE_ROOT}{pic_dir}/{name}"
+
+
 def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     store = site.store
     shown, n_rows, ok = _manifest_head(store, ref, site.max_images)
@@ -146,9 +189,9 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
                 if item.get("deep_zoom"):  # a large output: the thumbnail from its pyramid, never the whole image
                     t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
                 elif item["width"] * item["height"] > HEATMAP_MAX_PIXELS:  # no pyramid: decoded in strips
-                    t, h = thumbnail_png(store.read_bytes(ref, item["image"]), site.thumb_px), None
+                    t, h = thumbnail_png(image_bytes(store, ref, item), site.thumb_px), None
                 else:
-                    png = store.read_bytes(ref, item["image"])
+                    png = image_bytes(store, ref, item)
                     t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [],
                                                          site.thumb_px)
                 site.write(f"{pic_dir}/{thumb_name}", t)
@@ -161,7 +204,7 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
             thumb = f"{PAGE_ROOT}{pic_dir}/{thumb_name}"
             site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
             heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
-        full = f"{STORE_ROOT}{ref.prefix}/{item['image']}" if item["image"] else ""
+        full = _full_image_link(site, ref, item, pic_dir, have) if item["image"] else ""
         viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
         cards.append(gallery_card(item, thumb or "", heat, full, viewer))
     more = (f"<p class=muted>showing {len(shown)} of {n_rows} images (--max-images)</p>"
@@ -260,10 +303,21 @@ def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
     for r, ps in parents.items():
         for p in ps:
             children.setdefault(p, []).append(r)
+    state = _read_state(store)
+    built: dict[str, Any] = {}
     for row in df.iter_rows(named=True):
-        title = f"{row['ref']}"
-        site.write_page(version_page(row["kind"], row["name"], row["version"]), title,
-                        _version_body(site, row, parents, children), PAGE_ROOT)
+        rel = version_page(row["kind"], row["name"], row["version"])
+        fp = _page_fingerprint(site, row, parents, children)
+        before = state.get(rel)
+        if isinstance(before, dict) and before.get("fp") == fp and site.page_exists(rel):
+            built[rel] = before  # nothing it shows changed: not rebuilt, not rewritten
+            if before.get("previews"):
+                site.previews[row["ref"]] = list(before["previews"])
+            site.unchanged += 1
+            continue
+        site.write_page(rel, row["ref"], _version_body(site, row, parents, children), PAGE_ROOT)
+        built[rel] = {"fp": fp, "previews": site.previews.get(row["ref"], [])}
+    site.write(BUILD_STATE, json.dumps(built, sort_keys=True).encode())
     sections = []
     for kind in sorted(KINDS, key=lambda k: (k != "generations", k != "evaluations", k)):
         sub = df.filter(pl.col("kind") == kind)
@@ -279,4 +333,4 @@ def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}. The same catalog: "
              "<code>_catalog/*/*/*.parquet</code> (polars / DuckDB).</p>")
     site.write_page("index.html", "Any-Size-Diffusion store", intro + _trends(site, df, parents) + "".join(sections), "")
-    return SiteBuild(site.pages, site.made, site.reused, store.uri(SITE_DIR, "index.html"))
+    return SiteBuild(site.pages, site.made, site.reused, store.uri(SITE_DIR, "index.html"), site.unchanged)

@@ -72,6 +72,12 @@ GENERATIONS_MANIFEST = pa.schema([
     ("deep_zoom", pa.string()),       # DZI pyramid of a large output (path relative to the version), or null
     ("viewer", pa.string()),          # its zoomable viewer page (OpenSeadragon), or null
     ("peak_rss_mb", pa.float64()),    # peak resident memory of the worker while rendering and writing it
+    ("shard", pa.string()),           # layout webdataset: the tar holding the image (member `image`), else null
+    ("shard_offset", pa.int64()),     # the image member's data offset in that tar
+    ("shard_size", pa.int64()),       # and its size in bytes
+    ("seam_score", pa.float64()),     # tile-seam score (asd_models.seams, VAE lattice), computed where the pixels were
+    ("seam_score_x", pa.float64()),   # the same for vertical tile lines only
+    ("seam_score_y", pa.float64()),   # and horizontal ones
 ])
 
 FILE_ENTRY = pa.struct([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),

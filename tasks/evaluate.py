@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from artifact_store import ArtifactStore
+from artifact_store.members import image_bytes
 from artifact_store.store import bounded_map
 from asd_models.metrics import InceptionFeatures, MetricWeightsMissing, clip_score, fid_kid, random_patches
-from asd_models.seams import seam_score
+from asd_models.seams import SEAM_PERIOD, seam_scores
 from data_engine.dataset_reader import sample_images
 from data_manifests.schemas import METRICS, STATUS_OK
 from data_manifests.settings import SEED_MAX, StageSettings, output
@@ -70,11 +71,14 @@ class SeamTally:
         self.per_axis: dict[str, list[float]] = {"x": [], "y": []}
 
     def add(self, r: dict[str, Any], arr: np.ndarray) -> None:
+        self.add_scores(r, *seam_scores(arr, r["seam_x"] or [], r["seam_y"] or [], period=self.period))
+
+    def add_scores(self, r: dict[str, Any], s: float, sx: float, sy: float) -> None:
+        """An image's scores as its shard task computed them (manifest columns seam_score*)."""
         xs, ys = r["seam_x"] or [], r["seam_y"] or []
-        s = seam_score(arr, xs, ys, period=self.period)
         self.scores.append((s, r["key"]))
-        self.per_axis["x"].append(seam_score(arr, xs, [], period=self.period))
-        self.per_axis["y"].append(seam_score(arr, [], ys, period=self.period))
+        self.per_axis["x"].append(sx)
+        self.per_axis["y"].append(sy)
         self.rows.append(_row(f"seam_score/{r['key']}", s, f"{len(xs)} x-lines, {len(ys)} y-lines at tile "
                               f"{r['tile_px']} px"))
 
@@ -145,9 +149,10 @@ class Evaluate(Stage):
                       identity={**refs, "settings": self.settings.identity()})
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
-        """Every generated image is decoded once, scored for seams and dropped; a fixed, seeded
-        sample of `sample` of them (and as many real images) gives patches for FID/KID and a
-        224 px copy for CLIP: memory does not grow with the number of images."""
+        """Seam scores of every generated image (from the manifest, where its shard task computed
+        them; else decoded here, one at a time); a fixed, seeded sample of `sample` of them (and
+        as many real images) is decoded for patches for FID/KID and a 224 px copy for CLIP: memory
+        does not grow with the number of images, and only the sample is read."""
         store, gen, data, st = run.store, inputs.refs["generations"], inputs.refs["dataset"], self.settings
         with store.open(gen, "manifest.parquet") as f:
             status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
@@ -155,16 +160,28 @@ class Evaluate(Stage):
         sampled = set(np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist())
         tally, fake_patches, clip_imgs, prompts = SeamTally(st.seam_period), [], [], []
 
-        def decode(r: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
-            return r, np.asarray(Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).convert("RGB"))
+        def needs_pixels(i: int, r: dict[str, Any]) -> bool:
+            return i in sampled or r.get("seam_score") is None or st.seam_period != SEAM_PERIOD
+
+        def decode(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any], np.ndarray | None]:
+            i, r = item
+            if not needs_pixels(i, r):  # its scores came with the manifest: only the sample is read
+                return i, r, None
+            return i, r, np.asarray(Image.open(io.BytesIO(image_bytes(store, gen, r))).convert("RGB"))
 
         def ok_rows() -> Iterator[dict[str, Any]]:
             with store.open(gen, "manifest.parquet") as f:
-                cols = ["key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px"]
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=cols):
+                pf = pq.ParquetFile(f)
+                cols = [c for c in ("key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px", "shard",
+                                    "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y")
+                        if c in pf.schema_arrow.names]  # older manifests: no shards, no stored scores
+                for batch in pf.iter_batches(batch_size=1024, columns=cols):
                     yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
 
-        for i, (r, arr) in enumerate(bounded_map(decode, ok_rows(), DECODE_THREADS)):
+        for i, r, arr in bounded_map(decode, enumerate(ok_rows()), DECODE_THREADS):
+            if arr is None:
+                tally.add_scores(r, r["seam_score"], r["seam_score_x"], r["seam_score_y"])
+                continue
             tally.add(r, arr)
             if i in sampled:
                 fake_patches.append(random_patches([arr], st.patch_size, st.patches_per_image, st.seed + 1 + i))

@@ -18,6 +18,7 @@ import heapq
 import io
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from data_manifests.schemas import GENERATION_FRAGMENT, GENERATIONS_MANIFEST, ST
 log = logging.getLogger("asd.generate")
 HEAD_ROWS = 1000  # manifest rows the flow keeps for its UI table
 HASH_THREADS = 8
+TAR_NAME = re.compile(r"shards/rows-\d+-\d+\.tar")  # a chunk's tar shard (webdataset layout)
 
 
 @dataclass(frozen=True)
@@ -110,25 +112,38 @@ def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str
     return entries, FragmentRead(frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data))
 
 
+def _rehash(store: ArtifactStore, pending: PendingVersion, f: dict[str, Any]) -> str | None:
+    """Why a written file does not match its entry (None: it does)."""
+    rel = f["path"]
+    try:
+        h, size = hashlib.sha256(), 0
+        with store.fs.open(store.path(pending.ref.prefix, rel), "rb") as src:
+            while block := src.read(8 << 20):
+                h.update(block)
+                size += len(block)
+    except FileNotFoundError:
+        return f"{rel} is missing"
+    if h.hexdigest() != f["sha256"] or size != f["size"]:
+        return f"{rel} does not match its recorded sha256"
+    return None
+
+
 def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]) -> str | None:
-    """Why a finished image's files cannot be taken as they are (None: they can)."""
+    """Why a finished image's own files cannot be taken as they are (None: they can)."""
     if not files:
         return "it lists no files"
     for f in files:
         rel = f["path"]
         if not rel.startswith(f"images/{key}.") and not rel.startswith(f"images/{key}_files/"):
             return f"it names {rel!r}, not a file of this image"
-        try:
-            h, size = hashlib.sha256(), 0
-            with store.fs.open(store.path(pending.ref.prefix, rel), "rb") as src:
-                while block := src.read(8 << 20):
-                    h.update(block)
-                    size += len(block)
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        if h.hexdigest() != f["sha256"] or size != f["size"]:
-            return f"{rel} does not match its recorded sha256"
+        if why := _rehash(store, pending, f):
+            return why
     return None
+
+
+def _tars_of(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The tar shards a fragment's entries list (webdataset layout: with the chunk's first image)."""
+    return {f["path"]: f for e in entries for f in e.get("files") or [] if TAR_NAME.fullmatch(f["path"])}
 
 
 def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: dict[tuple[int, int], str],
@@ -137,8 +152,9 @@ def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: d
     """Entries of the shard's rows (`keys`: manifest row -> image key; [start, stop) its range in
     the prompts table) that a previous run finished and that check out, keyed by row: from any
     fragment overlapping the range (a rerun may chunk differently), each read once; and what
-    each fragment that read is."""
-    candidates: dict[int, dict[str, Any]] = {}
+    each fragment that read is. An image in a tar shard is taken when its fragment lists that tar
+    and the tar re-hashes (each tar once)."""
+    candidates: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
     read: dict[str, FragmentRead] = {}
     for (a, b), rel in sorted(fragments.items()):
         if b <= start or a >= stop:
@@ -147,21 +163,36 @@ def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: d
         if found is None:
             continue
         entries, read[rel] = found
+        tars = _tars_of(entries)
         for e in entries:
             row = e.get("row")
             if row in keys and e.get("key") == keys[row] and e.get("status") == STATUS_OK:
-                candidates[row] = e
+                candidates[row] = (e, tars.get(e["shard"]) if e.get("shard") else None)
 
-    def check(e: dict[str, Any]) -> tuple[int, str | None]:
-        return e["row"], not_trusted(store, pending, e["key"], e.get("files") or [])
+    tar_verdicts: dict[str, str | None] = {}
+
+    def check_tar(f: dict[str, Any]) -> tuple[str, str | None]:
+        return f["path"], _rehash(store, pending, f)
+
+    def check(item: tuple[dict[str, Any], dict[str, Any] | None]) -> tuple[int, str | None]:
+        e, tar = item
+        if not e.get("shard"):
+            return e["row"], not_trusted(store, pending, e["key"], e.get("files") or [])
+        if tar is None:
+            return e["row"], f"its tar {e['shard']!r} is not listed in its fragment"
+        if e["image"] != f"{e['key']}.png":
+            return e["row"], f"it names member {e['image']!r}, not its own"
+        return e["row"], tar_verdicts[tar["path"]]
 
     taken = {}
     with ThreadPoolExecutor(HASH_THREADS) as pool:
+        tars = {t["path"]: t for _, t in candidates.values() if t is not None}
+        tar_verdicts.update(pool.map(check_tar, tars.values()))
         for row, why in pool.map(check, candidates.values()):
             if why:
                 log.warning("image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why)
             else:
-                taken[row] = candidates[row]
+                taken[row] = candidates[row][0]
     return taken, read
 
 
@@ -199,16 +230,17 @@ def compact(store: ArtifactStore, pending: PendingVersion, writer: Any, refs: li
     """Stream the fragments into `manifest.parquet` and the version's file list (the writer's),
     checking each fragment against its reference and that no image appears twice."""
     out = Compacted()
-    keys: set[str] = set()
+    last_row = -1
     names = [f.name for f in GENERATIONS_MANIFEST]
     with tempfile.TemporaryDirectory(prefix="asd-manifest-") as tmp:
         path = os.path.join(tmp, "manifest.parquet")
         with pq.ParquetWriter(path, GENERATIONS_MANIFEST) as pw:
             batch: list[dict[str, Any]] = []
             for row in iter_rows(store, pending, refs, invalid):
-                if row["key"] in keys:
-                    raise RuntimeError(f"{pending.ref}: image {row['key']} appears twice in the manifest")
-                keys.add(row["key"])
+                if row["row"] <= last_row:  # rows come in order: a repeat is an image listed twice (no set kept)
+                    raise RuntimeError(f"{pending.ref}: image {row['key']} (row {row['row']}) appears twice in the "
+                                       "manifest")
+                last_row = row["row"]
                 files = row.pop("files", None) or []
                 writer.add_files({f["path"]: {k: v for k, v in (("sha256", f["sha256"]), ("size", f["size"]),
                                                                  ("version_id", f.get("version_id"))) if v is not None}

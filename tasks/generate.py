@@ -38,10 +38,11 @@ from pydantic import model_validator
 
 from artifact_store import ArtifactStore, PendingVersion
 from artifact_store.faults import fault_point
+from artifact_store.members import TarPacker, image_uri
 from asd_models.large_images import write_deep_zoom, write_png_stream, write_tiff
 from asd_models.memory import peak_rss_mb, peak_rss_window
 from asd_models.samplers import SAMPLER_NAMES
-from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb
+from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb, seam_scores
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
 from dashboard.viewer import vendor_files, viewer_page
 from data_engine.prompts import read_prompts
@@ -120,6 +121,10 @@ class GenerateSettings(StageSettings):
         "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
         "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
     deep_zoom: bool = output(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
+    layout: Literal["files", "webdataset"] = output(
+        "files", description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
+        "each chunk's images, seam heat-maps and JSON in one tar shard `shards/rows-<first>-<last>.tar` (two writes a "
+        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files")
 
     @model_validator(mode="after")
     def _tile_with_upscaler(self) -> GenerateSettings:
@@ -170,12 +175,40 @@ class ShardResult:
 
 @dataclass
 class _Chunk:
-    """A chunk of a shard's rows on its way to its fragment: entries so far, images still to store."""
+    """A chunk of a shard's rows on its way to its fragment: entries so far, images still to store;
+    in the webdataset layout, the name of its tar (after its first and last prompt rows)."""
 
     start: int
     stop: int
     entries: list[dict[str, Any]]
     left: int
+    tar: str | None = None
+
+
+def shard_tar_name(rows: list[dict[str, Any]]) -> str:
+    """A chunk's tar in the webdataset layout (`artifact_store.file_lists` finds its first row)."""
+    return f"shards/rows-{min(r['row'] for r in rows):06d}-{max(r['row'] for r in rows):06d}.tar"
+
+
+def write_shard_tar(writer: Any, chunk: _Chunk) -> None:
+    """Pack the chunk's members (each image's PNG, seam heat-map and JSON, in row order) into its
+    tar, set each entry's offset and size in it, and list the tar with the chunk's first entry."""
+    packer = TarPacker()
+    packed = sorted((e for e in chunk.entries if e.get("_members")), key=lambda e: e["row"])
+    for e in packed:
+        for name, data in e.pop("_members"):
+            at = packer.add(name, data)
+            if name == e["image"]:
+                e["shard"], (e["shard_offset"], e["shard_size"]) = chunk.tar, at
+    if not packed:
+        return
+    with writer.open(chunk.tar) as f:
+        tar = packer.finish()
+        while block := tar.read(8 << 20):
+            f.write(block)
+    meta = writer.files[chunk.tar]
+    packed[0]["files"] = [*packed[0]["files"], {"path": chunk.tar, "sha256": meta["sha256"], "size": meta["size"],
+                                                "version_id": meta.get("version_id")}]
 
 
 def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
@@ -326,6 +359,12 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
         row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
         run_logger().error("%s failed: %s", r["key"], row["error"])
         return row
+    h, w, _ = res.pixels.shape
+    if w * h <= HEATMAP_MAX_PIXELS:  # scored where the pixels are: evaluate reads only its sample
+        row["seam_score"], row["seam_score_x"], row["seam_score_y"] = seam_scores(
+            res.pixels, res.seam_lines["x"], res.seam_lines["y"])
+    if s.layout == "webdataset" and w * h <= s.large_image_pixels:  # into the chunk's tar, when it is complete
+        return _tar_entry(row, r, res, s, pack_peak, device)
     rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
     files = {rel: writer.files[rel], **extra}
     row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
@@ -343,6 +382,31 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
                     for k, m in sorted(files.items())]
     run_logger().debug("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
                        res.unet_evals, row["device"], fmt)
+    return row
+
+
+def _tar_entry(row: dict[str, Any], r: dict[str, Any], res: Any, s: GenerateSettings,
+               pack_peak: Callable[[], float], device: Any) -> dict[str, Any]:
+    """A rendered image's entry in the webdataset layout: its members (`<key>.png`, `<key>.seams.png`,
+    `<key>.json`: prompt, size, seed) wait in the entry for the chunk's tar."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(res.pixels)).save(buf, format="PNG")
+    key = r["key"]
+    row.update(status=STATUS_OK, image=f"{key}.png", bucket=res.bucket.name, canvas_width=res.canvas[0],
+               canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
+               seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals, image_format="png")
+    members = [(f"{key}.png", buf.getvalue())]
+    heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
+    if heat is not None:
+        members.append((f"{key}.seams.png", heat))
+    caption = {k: row[k] for k in ("key", "row", "prompt", "width", "height", "seed")}
+    members.append((f"{key}.json", json.dumps(caption, sort_keys=True).encode()))
+    row["_members"] = members
+    row["peak_rss_mb"] = pack_peak()
+    if device.type != "cuda":
+        row["peak_memory_mb"] = row["peak_rss_mb"]
     return row
 
 
@@ -372,12 +436,17 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
         was = read.get(existing.get((a, b), ""))
         if len(done) == len(mine) and was is not None and was.keys == {e["key"] for e in done}:
             out.fragments.append(was.ref(existing[(a, b)], a, b))  # the chunk's fragment, as it is
-        else:
-            chunks[a] = _Chunk(a, b, done, len(mine) - len(done))
-            todo += [r for r in mine if r["row"] not in taken]
-            if not chunks[a].left:  # all taken, from fragments of another chunking: one fragment for this chunk
-                out.fragments.append(write_fragment(store, job.pending, a, b, done))
-    out.ok += len(taken)
+            out.ok += len(done)
+            continue
+        tar = shard_tar_name(mine) if job.settings.layout == "webdataset" else None
+        if tar is not None:  # a tar is written whole: images of another chunking's tars are rendered again
+            done = [e for e in done if not e.get("shard")]
+        chunks[a] = _Chunk(a, b, done, len(mine) - len(done), tar)
+        kept = {e["row"] for e in done}
+        todo += [r for r in mine if r["row"] not in kept]
+        out.ok += len(done)
+        if not chunks[a].left:  # all taken, from fragments of another chunking: one fragment for this chunk
+            out.fragments.append(write_fragment(store, job.pending, a, b, done))
 
     def stored(r: dict[str, Any], entry: dict[str, Any]) -> None:
         chunk = chunks[next(a for a, c in chunks.items() if c.start <= r["index"] < c.stop)]
@@ -390,7 +459,9 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             out.rendered_seconds += entry["seconds"] or 0.0
         else:
             out.failed += 1
-        if chunk.left == 0:  # the chunk's durability point
+        if chunk.left == 0:  # the chunk's durability point (its tar first, in the webdataset layout)
+            if chunk.tar is not None:
+                write_shard_tar(writer, chunk)
             out.fragments.append(write_fragment(store, job.pending, chunk.start, chunk.stop, chunk.entries))
         _count_image()
 
@@ -413,7 +484,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             if storing is not None:
                 storing.result()
     logger.info("shard rows %d-%d on %s: %d rendered, %d already done, %d failed, %d fragment(s)", start, stop,
-                worker, out.rendered, len(taken), out.failed, len(out.fragments))
+                worker, out.rendered, out.ok - out.rendered, out.failed, len(out.fragments))
     return out
 
 
@@ -594,7 +665,7 @@ class Generate(Stage):
         def shown(r: dict[str, Any]) -> dict[str, Any]:
             return {"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None,
                     "size": f"{r['width']}x{r['height']}", "status": r["status"], "seconds": round(r["seconds"] or 0, 2),
-                    "unet_evals": r["unet_evals"], "uri": store.file_uri(gen, r["image"]) if r["image"] else r["error"]}
+                    "unet_evals": r["unet_evals"], "uri": image_uri(store, gen, r) if r["image"] else r["error"]}
 
         head, n = built.extra["head"], built.extra["rows"]
         more = f" (the first {len(head)} of {n} images; all: manifest.parquet)" if n > len(head) else ""

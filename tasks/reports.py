@@ -8,6 +8,7 @@ import io
 from prefect import task
 
 from artifact_store import ArtifactStore
+from artifact_store.members import image_uri
 from dashboard.build import SITE_DIR, build_site, version_page
 from data_manifests.runtime import runtime
 from tasks.progress import publish_markdown
@@ -46,21 +47,27 @@ def refresh_dashboard(store_url: str) -> str | None:
 
 def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
     import polars as pl
+    import pyarrow.parquet as pq
 
     lines = ["# Any-Size-Diffusion pipeline run", "", f"Store: `{store.display_url}`", "",
              "| stage | committed version |", "|---|---|"]
     lines += [f"| {stage} | `{ref}` |" for stage, ref in refs.items()]
     if "generations" in refs:
         gen = store.resolve(refs["generations"])
-        manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
-        ok = manifest.filter(pl.col("status") == "ok")
-        lines += ["", f"## Images ({ok.height} rendered, {manifest.height - ok.height} failed)", "",
+        summary = store.record(gen)["summary"]
+        with store.open(gen, "manifest.parquet") as f:  # its head only: a manifest may hold millions of rows
+            pf = pq.ParquetFile(f)
+            n_rows = pf.metadata.num_rows
+            head = next(pf.iter_batches(batch_size=SUMMARY_IMAGES), None)
+            head_rows = head.to_pylist() if head is not None else []
+        ok, failed = summary.get("images_ok", 0), summary.get("images_failed", 0)
+        lines += ["", f"## Images ({ok} rendered, {failed} failed)", "",
                   "| size | seconds | image |", "|---|---:|---|"]
-        for r in manifest.head(SUMMARY_IMAGES).iter_rows(named=True):
-            where = store.file_uri(gen, r["image"]) if r["image"] else f"failed: {r['error']}"
+        for r in head_rows:
+            where = image_uri(store, gen, r) if r["image"] else f"failed: {r['error']}"
             lines.append(f"| {r['width']}x{r['height']} | {r['seconds'] or 0:.1f} | `{where}` |")
-        if manifest.height > SUMMARY_IMAGES:
-            lines += ["", f"(the first {SUMMARY_IMAGES} of {manifest.height}; all of them: the `generations` table "
+        if n_rows > SUMMARY_IMAGES:
+            lines += ["", f"(the first {SUMMARY_IMAGES} of {n_rows}; all of them: the `generations` table "
                       "artifact, the gallery, `manifest.parquet`)"]
     if "evaluation" in refs:
         metrics = pl.read_parquet(io.BytesIO(store.read_bytes(refs["evaluation"], "metrics.parquet")))

@@ -92,8 +92,19 @@ def test_site_lists_versions_with_lineage_gallery_and_trends(populated_store):
     assert heat[5:-5, col].mean() > 2 * np.median(heat[5:-5, :])
     model_page = store.fs.cat_file(store.path("_site", "v", "models", "m1", f"{model.version}.html")).decode()
     assert "loss.png" in model_page
-    again = build_site(store, thumb_px=64)  # pictures of immutable versions are made once
-    assert again.pictures_reused == 1
+    again = build_site(store, thumb_px=64)  # nothing changed: only the index is written again
+    assert (again.pages, again.pages_unchanged, again.pictures_reused) == (1, 4, 0)
+    w = store.new_version("evaluations", "e2")  # a new child of the generations version: its page changes
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"metric": "kid_patch", "value": 0.1, "status": "ok", "detail": ""}],
+                                        schema=METRICS), buf)
+    w.put_bytes("metrics.parquet", buf.getvalue())
+    w.commit(parents=[gen], params={}, summary={"kid_patch": 0.1})
+    third = build_site(store, thumb_px=64)  # pictures of immutable versions are made once
+    assert (third.pages, third.pages_unchanged, third.pictures_reused) == (3, 3, 1)
+    assert third.pictures_made == again.pictures_made  # the index's trend charts only
+    assert "e2@" in store.fs.cat_file(store.path("_site", "v", "generations", "g1", f"{gen.version}.html")).decode()
+    assert "000000-200x120-abc.png" in store.fs.cat_file(store.path("_site", "index.html")).decode()  # previews kept
 
 
 def test_server_serves_the_store_and_nothing_outside(populated_store, tmp_path):

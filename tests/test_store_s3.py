@@ -44,3 +44,43 @@ def test_s3_two_writers_both_commit(s3_bucket):
     store.fs.invalidate_cache()
     assert sorted(store.list_versions("models", "m")) == sorted([ra, rb])
     assert store.resolve("models/m@latest") == max(ra, rb)
+
+
+def test_s3_cold_open_of_one_file_of_a_large_version_is_four_gets(s3_bucket, monkeypatch):
+    """A version whose file list lives in Parquet parts (several parts, several row groups each):
+    a fresh reader opens one file with the record, the part's footer, one row group and the file
+    itself, and reads a tar member with one ranged GET more."""
+    import artifact_store.file_lists as fl
+    from tests.helpers import S3Requests
+
+    monkeypatch.setattr(fl, "GROUP_ROWS", 8)
+    monkeypatch.setattr(fl, "PART_ROWS", 32)
+    monkeypatch.setattr("artifact_store.backend.MATCH_WINDOW", 4)  # the commit's and verify's listing matched in a window
+    store = ArtifactStore(s3_bucket)
+    w = store.new_version("generations", "big")
+    for row in range(80):
+        rel = f"images/{row:06d}-64x64-abc.png"
+        w.add_files({rel: w.put_bytes(rel, f"pixels of {row}".encode())}, row=row)
+        del w.files[rel]  # listed in the parts, not in the record
+    tar = w.put_bytes("shards/rows-000080-000081.tar", b"header" + b"member bytes" + b"end")
+    del w.files["shards/rows-000080-000081.tar"]
+    w.add_files({"shards/rows-000080-000081.tar": tar}, row=80)
+    ref = w.commit()
+    record = store.record(ref)
+    assert len(record["file_lists"]) == 3 and record["file_count"] == 81 + 3  # the parts are files too
+
+    fl._GROUPS.clear()
+    requests = S3Requests()
+    try:
+        before = requests.snapshot()
+        assert ArtifactStore(s3_bucket).read_bytes(ref, "images/000045-64x64-abc.png") == b"pixels of 45"
+        assert requests.since(before, requests.snapshot()) == {"GET": 4}
+        fl._GROUPS.clear()
+        before = requests.snapshot()
+        assert ArtifactStore(s3_bucket).read_range(ref, "shards/rows-000080-000081.tar", 6, 18) == b"member bytes"
+        assert requests.since(before, requests.snapshot()) == {"GET": 4}
+    finally:
+        requests.close()
+    assert store.verify(ref, shallow=True) == []  # one streamed listing against the parts
+    store.fs.rm_file(store.path(ref.prefix, "images/000070-64x64-abc.png"))
+    assert ArtifactStore(s3_bucket).verify(ref, shallow=True) == [f"{ref}: images/000070-64x64-abc.png: missing"]

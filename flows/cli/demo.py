@@ -37,6 +37,7 @@ def demo_settings(quick: bool) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from artifact_store import ArtifactStore, check_name
+    from artifact_store.members import image_uri
     from data_manifests.demo import demo_prompts, materialize_demo_photos
     from flows.pipeline_flow import asd_pipeline
 
@@ -61,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gen = store.resolve(refs.generations)
     print("\nGenerated images:")
     for r in manifest.iter_rows(named=True):
-        where = store.file_uri(gen, r["image"]) if r["image"] else f"FAILED: {r['error']}"
+        where = image_uri(store, gen, r) if r["image"] else f"FAILED: {r['error']}"
         print(f"  {r['width']:>5d}x{r['height']:<5d} {where}")
     print(f"\nMetrics ({refs.evaluation}):")
     print_metrics(store, refs.evaluation)
