@@ -84,6 +84,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint that this run cannot continue (another config or number of processes)."""
+
+
+RANK_SEED_STRIDE = 1_000_003  # rank r's generator starts at seed + r * this
+
+
 class AradTrainer:
     """One training run. `batches` yields dicts with `bucket`, `pixels` (B x 3 x H x W in
     [-1, 1]) or `latents`, `captions` and `keys` (one loader batch per micro-step)."""
@@ -119,8 +126,10 @@ class AradTrainer:
         self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True,
                              foreach=acc.device.type == "cuda")
                     if config.ema_decay > 0 else None)
-        # every draw (noise, timesteps, caption dropout) from this generator: the global RNG is never seeded
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # every draw (noise, timesteps, caption dropout) from this generator: the global RNG is never seeded;
+        # each rank of a multi-process run draws its own stream (rank 0's is a one-process run's)
+        self.generator = torch.Generator().manual_seed(config.seed + RANK_SEED_STRIDE * acc.process_index)
+        self.rank_rng_states: list[torch.Tensor] | None = None  # every rank's, gathered at a checkpoint
         self.step = 0
         self.batches_consumed = 0
         self.losses: list[float] = []
@@ -204,6 +213,7 @@ class AradTrainer:
             if on_step:
                 on_step(self.step - 1, cfg.steps, loss_value)
             if on_checkpoint and checkpoint_every and self.step % checkpoint_every == 0 and self.step < cfg.steps:
+                self.rank_rng_states = self.gather_rng_states()  # every rank takes part; rank 0 writes
                 on_checkpoint(self.step)
         return self.losses
 
@@ -217,6 +227,15 @@ class AradTrainer:
         return unet.float().eval().requires_grad_(False)
 
     # -- checkpoints ----------------------------------------------------------------------
+    def gather_rng_states(self) -> list[torch.Tensor]:
+        """Every rank's generator state, in rank order (a collective: all ranks call it)."""
+        state = self.generator.get_state()
+        if self.accelerator.num_processes == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return [torch.as_tensor(s, dtype=torch.uint8) for s in gather_object([state.tolist()])]
+
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Everything needed to continue exactly: safetensors for tensors, JSON for the rest."""
         folder = Path(folder)
@@ -235,7 +254,8 @@ class AradTrainer:
         _save_tensors(folder / "optimizer.safetensors", tensors)
         # the trainer's every draw comes from its own generator; the global RNGs are neither saved nor
         # restored (library code never changes them; a UNet with dropout would draw from them)
-        _save_tensors(folder / "rng.safetensors", {"generator": self.generator.get_state()})
+        states = self.rank_rng_states or [self.generator.get_state()]
+        _save_tensors(folder / "rng.safetensors", {f"generator.{r}": st for r, st in enumerate(states)})
         ema_meta = None
         if self.ema is not None:
             ema_state = self.ema.state_dict()
@@ -244,6 +264,7 @@ class AradTrainer:
         sched_state = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         state = {
             "step": self.step, "batches_consumed": self.batches_consumed, "losses": self.losses, "lrs": self.lrs,
+            "world_size": len(states),  # processes that trained it: each rank's data and draws depend on it
             "config": asdict(self.config), "optimizer": {"param_groups": opt_state["param_groups"], "state": per_param},
             "lr_scheduler": sched_state, "ema": ema_meta,
             "latent_cache": "not saved (rebuilt on demand)",
@@ -256,7 +277,12 @@ class AradTrainer:
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["config"] != asdict(self.config):
             diff = {k: (v, state["config"].get(k)) for k, v in asdict(self.config).items() if state["config"].get(k) != v}
-            raise ValueError(f"checkpoint {folder} was made with another training config: {diff}")
+            raise CheckpointMismatch(f"checkpoint {folder} was made with another training config: {diff}")
+        world = self.accelerator.num_processes
+        if state.get("world_size", 1) != world:  # each rank's share of the data and its draws depend on it
+            raise CheckpointMismatch(f"checkpoint {folder} was written by a run of {state.get('world_size', 1)} process(es); "
+                             f"this run has {world}: resume with the same number of processes, or train again "
+                             "without --resume")
         unet = self.accelerator.unwrap_model(self.unet)
         unet.load_state_dict(_load_tensors(folder / "unet.safetensors"))
         tensors = _load_tensors(folder / "optimizer.safetensors")
@@ -272,7 +298,8 @@ class AradTrainer:
             shadow = _load_tensors(folder / "ema.safetensors")
             self.ema.load_state_dict({**state["ema"],
                                       "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
-        self.generator.set_state(_load_tensors(folder / "rng.safetensors")["generator"])
+        rng = _load_tensors(folder / "rng.safetensors")
+        self.generator.set_state(rng.get(f"generator.{self.accelerator.process_index}", rng.get("generator")))
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         self.losses, self.lrs = list(state["losses"]), list(state["lrs"])
 

@@ -2,6 +2,7 @@
 baseline, to show the loader is not the bottleneck.
 
     python -m bench.train [--json PATH] [--steps 60] [--images 240]
+    python -m bench.train --processes 2 [--steps 30]   # data-parallel: N processes vs one, same cores
 
 Data: generated photo-like images in three aspect ratios, ingested once (bench/.cache) at the
 demo's bucket size (ASD table, base 128, step 16). Model: the tiny SD-shaped components built
@@ -16,6 +17,10 @@ and is timed over `--steps` optimizer steps after 5 untimed warm-up steps.
 | stream, 2 workers | the same with 2 DataLoader worker processes |
 | stream, cached latents | the same, each image VAE-encoded once |
 | loader only | `make_loader` alone (no model), 0 and 2 workers |
+
+`--processes N` compares instead one training process using every core with N processes under
+torchrun (DDP, gloo on the CPU, cores / N threads each, batch 8 per rank, so N x 8 samples a step),
+streaming from the store: samples/s of each and their ratio.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ def child(config: str, steps: int, n: int) -> dict:
     from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
     from tasks.train import TrainSettings
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # every process shares the same cores
     store_url, ref = dataset(n)
     store = ArtifactStore(store_url)
     buckets = dataset_buckets(store, store.resolve(ref))
@@ -118,13 +124,15 @@ def child(config: str, steps: int, n: int) -> dict:
         stream = counting()
         trainer.train(stream, until_step=warm)
         done_warm = len(counted)
+        trainer.accelerator.wait_for_everyone()
         t0 = time.perf_counter()
         trainer.train(stream)
+        trainer.accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
-        samples = sum(counted[done_warm:])
+        samples = sum(counted[done_warm:]) * world  # every rank draws as many
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"config": config, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-            "peak_rss_mb": rss}
+            "peak_rss_mb": rss, "processes": world}
 
 
 def main() -> None:
@@ -132,12 +140,18 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--processes", type=int, default=0, help="compare N data-parallel processes with one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.images)))
+        out = child(args.child, args.steps, args.images)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(out))
         return
     dataset(args.images)  # build once, outside the timed processes
+    if args.processes:
+        data_parallel(args)
+        return
     results = []
     for config in CONFIGS:
         out = subprocess.run([sys.executable, "-m", "bench.train", "--child", config, "--steps", str(args.steps),
@@ -157,6 +171,31 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results, "steps": args.steps}, indent=2))
 
+
+
+def data_parallel(args: argparse.Namespace) -> None:
+    """One process on every core against `--processes` DDP processes on the same cores."""
+    from tests.helpers import free_port
+
+    runs = []
+    for n in (1, args.processes):
+        launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+                                      "127.0.0.1", "--master_port", str(free_port())]
+        cmd = [sys.executable, *launcher, "-m", "bench.train", "--child", "stream", "--steps", str(args.steps), "--images", str(args.images)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if out.returncode:
+            raise SystemExit(f"{n} process(es) failed:\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cores = len(os.sched_getaffinity(0))
+    print(f"\nARAD data-parallel training, tiny model, batch 8 per process, {args.steps} steps, {cores} cores\n")
+    print("| processes | threads each | samples | s | samples/s | vs 1 process |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['processes']} | {max(1, cores // r['processes'])} | {r['samples']} | {r['seconds']:.1f} | "
+              f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / runs[0]['samples_per_s']:.2f}x |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"data_parallel": runs, "steps": args.steps}, indent=2))
 
 
 def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterator[tuple[str, list[int]]]:

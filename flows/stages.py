@@ -3,6 +3,8 @@ the one stage protocol (`tasks.stage.run_stage`), passing references, not data."
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow
 
 from artifact_store import check_name
@@ -14,7 +16,7 @@ from tasks.ingest import Ingest, IngestSettings
 from tasks.prompts import Prompts
 from tasks.runtime import open_store
 from tasks.stage import run_stage
-from tasks.train import Arad, TinyBase, TrainSettings
+from tasks.train import Arad, TinyBase, TrainSettings, rank_zero_first
 
 
 @flow(name="asd-ingest", log_prints=True)
@@ -37,8 +39,9 @@ def train_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = 
     store_url = open_store(store_url).url
     base = settings.base_model
     if base == "tiny":
-        base = run_stage(TinyBase(dataset_ref, settings.vae_steps, settings.seed), f"{model}-tiny-base", store_url,
-                         rerun).ref
+        with rank_zero_first():  # several processes: rank 0 builds it, the others then reuse that version
+            base = run_stage(TinyBase(dataset_ref, settings.vae_steps, settings.seed), f"{model}-tiny-base",
+                             store_url, rerun and os.environ.get("RANK", "0") == "0").ref
     return run_stage(Arad(dataset_ref, base, settings, resume), model, store_url, rerun).ref
 
 

@@ -5,15 +5,17 @@ checkpoints in the store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id
+from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id, params_hash
 from asd_models.arad_loader import LoaderConfig, make_loader
-from asd_models.arad_training import AradTrainer, TrainConfig, fit_vae
+from asd_models.arad_training import AradTrainer, CheckpointMismatch, TrainConfig, fit_vae
 from asd_models.images import pil_to_tensor_m11
 from asd_models.loading import SDComponents, load_components
 from asd_models.tiny_model import build_tiny_components, save_components
@@ -129,9 +131,28 @@ def build_tiny_base(store_url: str | None, dataset_ref: str, name: str, vae_step
     return run_stage(TinyBase(dataset_ref, vae_steps, seed), name, store_url, rerun).ref
 
 
-def training_identity(dataset: str, base: str, cfg: TrainConfig) -> dict[str, Any]:
-    """What a model (and a checkpoint to resume) is made from: same data, base model and config."""
-    return {"dataset": dataset, "base": base, "config": cfg.__dict__, "kind": "arad"}
+def rank_zero_first() -> contextlib.AbstractContextManager[None]:
+    """Under a multi-process launch (torchrun, accelerate launch): rank 0 runs the block first,
+    the other ranks once it is done (what rank 0 committed, they then reuse). One process: no-op."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
+def world_size() -> int:
+    """Processes of this training run (torchrun / accelerate launch set WORLD_SIZE; else 1)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def training_identity(dataset: str, base: str, cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
+    """What a model (and a checkpoint to resume) is made from: same data, base model and config,
+    and the number of processes (each draws its own share and noise: N processes train another
+    model than one; a one-process identity is as it always was)."""
+    ident = {"dataset": dataset, "base": base, "config": cfg.__dict__, "kind": "arad"}
+    return {**ident, "world_size": processes} if processes > 1 else ident
 
 
 def loss_table(losses: list[float], lrs: list[float], total: int) -> list[dict[str, Any]]:
@@ -171,6 +192,7 @@ def _resume(t: _Training, logger: Any) -> ArtifactRef | None:
     """Load the newest checkpoint of the same training into the trainer, if there is one."""
     ckpt = t.store.find_by_input_hash("checkpoints", t.model_name, t.train_id)
     if ckpt is None:
+        _refuse_other_world_size(t)
         logger.warning("--resume: no checkpoint of %s for this dataset, base model and config; starting at step 0",
                        t.model_name)
         return None
@@ -180,6 +202,23 @@ def _resume(t: _Training, logger: Any) -> ArtifactRef | None:
     return ckpt
 
 
+def _same_training(t: _Training) -> str:
+    """The training's identity whatever its number of processes (what checkpoints record)."""
+    return params_hash(training_identity(str(t.dataset), t.base, t.cfg))
+
+
+def _refuse_other_world_size(t: _Training) -> None:
+    """A checkpoint of the same training by another number of processes cannot be continued
+    exactly (each rank's share of the data and its noise depend on it): say so, in one line."""
+    world = t.trainer.accelerator.num_processes
+    for ref in reversed(t.store.list_versions("checkpoints", t.model_name)):
+        params = t.store.record(ref).get("params") or {}
+        if params.get("training") == _same_training(t) and params.get("world_size", 1) != world:
+            raise CheckpointMismatch(f"--resume: {ref} was written by a run of {params.get('world_size', 1)} "
+                                     f"process(es); this run has {world}: resume with the same number of processes, "
+                                     "or train without --resume")
+
+
 def _save_checkpoint(t: _Training, step: int, logger: Any) -> None:
     if not t.trainer.accelerator.is_main_process:
         return
@@ -187,7 +226,9 @@ def _save_checkpoint(t: _Training, step: int, logger: Any) -> None:
         folder = t.trainer.save_checkpoint(Path(tmp) / "ckpt")
         writer = t.store.writer(PendingVersion(ArtifactRef("checkpoints", t.model_name, new_version_id()), t.train_id))
         writer.put_dir(folder)
-        ref = commit_in_run(writer, parents=t.parents, params={"base_model": t.base, **t.cfg.__dict__},
+        ref = commit_in_run(writer, parents=t.parents, params={"base_model": t.base, **t.cfg.__dict__,
+                                                               "world_size": t.trainer.accelerator.num_processes,
+                                                               "training": _same_training(t)},
                             summary={"step": step, "loss_last": t.trainer.losses[-1]})
     logger.info("checkpoint %s at step %d", ref, step)
 
@@ -254,7 +295,7 @@ class Arad(Stage):
         refs = {"dataset": dataset, "base": base}
         return Inputs(reads=[dataset] + ([base] if base.startswith("models/") else []),
                       parents=[dataset] + ([base] if base.startswith("models/") else []), refs=refs,
-                      identity=training_identity(dataset, base, self.settings.train_config()))
+                      identity=training_identity(dataset, base, self.settings.train_config(), world_size()))
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         store, logger, cfg = run.store, run.logger, self.settings.train_config()

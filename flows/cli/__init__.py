@@ -62,6 +62,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from artifact_store import StoreError
+    from asd_models.arad_training import CheckpointMismatch
     from asd_models.loading import ModelNotFoundError
     from flows.backfill import BackfillError
 
@@ -69,7 +70,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from flows.deploy import DeployError
 
     return (UserError, StoreError, ValidationError, ModelNotFoundError, BotoCoreError, ClientError, DeployError,
-            BackfillError)
+            BackfillError, CheckpointMismatch)
 
 
 def _stop_on_sigterm() -> None:

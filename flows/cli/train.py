@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from flows.cli.common import ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
@@ -27,6 +28,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_name(args.model)
     settings = settings_from_args(TrainSettings, args)
     ref = train_flow(ref_arg(args.dataset, "datasets"), args.model, settings, args.store, args.rerun, args.resume)
+    if not ref:  # a rank other than 0 of a multi-process run: rank 0 commits and prints the model
+        print(f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: done; rank 0 commits the model")
+        return 0
     summary = ArtifactStore(args.store).record(ref).get("summary", {})
     print(ref)
     print(f"  loss (mean of the first / last 10% of steps) {summary.get('loss_first10pct_mean', float('nan')):.4f} -> "
