@@ -4,6 +4,7 @@ reuse, resolve, verify and gc on top of it)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -134,6 +135,21 @@ class StoreBackend:
             return fs.cat_file(path, start=start, end=end)
         single = start is not None or end is not None or size is None or size <= SINGLE_GET_BYTES
         return fs.cat_file(path, start=start, end=end, **({"max_concurrency": 1} if single else {}))
+
+    def sha256_of(self, path: str, expected_size: int | None = None, versioned: bool = False) -> tuple[str, int]:
+        """(sha256 hex, size) of a file, streamed. A file expected small is read with one ranged
+        GET of at most one byte more than expected (no HEAD; a file grown since is caught without
+        being read whole). FileNotFoundError when it is not there."""
+        h, size = hashlib.sha256(), 0
+        if isinstance(expected_size, int) and 0 < expected_size <= SINGLE_GET_BYTES:
+            data = self.cat(path, start=0, end=expected_size + 1, versioned=versioned)
+            h.update(data)
+            return h.hexdigest(), len(data)
+        with (self.vfs if versioned else self.fs).open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+                size += len(block)
+        return h.hexdigest(), size
 
     def match_listing(self, prefix: str, expected: Iterable[tuple[str, Any]]
                       ) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:

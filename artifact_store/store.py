@@ -396,19 +396,14 @@ class ArtifactStore(StoreBackend):
             if current != vid:
                 problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
                                 "(overwritten or deleted after commit)")
-        h = hashlib.sha256()
-        size = 0
         try:
-            with self.vfs.open(self._pinned(ref, rel, meta), "rb") as f:
-                while block := f.read(8 << 20):
-                    h.update(block)
-                    size += len(block)
+            digest, size = self.sha256_of(self._pinned(ref, rel, meta), meta["size"], versioned=True)
         except FileNotFoundError:
             return [*problems, f"{ref}: {rel}: missing"]
         if size != meta["size"]:
             problems.append(f"{ref}: {rel}: size {size} != recorded {meta['size']}")
-        if h.hexdigest() != meta["sha256"]:
-            problems.append(f"{ref}: {rel}: sha256 {h.hexdigest()[:16]}… != recorded {meta['sha256'][:16]}…")
+        if digest != meta["sha256"]:
+            problems.append(f"{ref}: {rel}: sha256 {digest[:16]}… != recorded {meta['sha256'][:16]}…")
         return problems
 
     def _verify_listing(self, ref: ArtifactRef) -> list[str]:

@@ -8,9 +8,11 @@ reason naming the weights they need; a random network is never used as a metric.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +100,28 @@ class _Precomputed(torch.nn.Module):
         return x
 
 
+def inception_features(images: torch.Tensor, features: InceptionFeatures, batch_size: int = 16) -> torch.Tensor:
+    """N x 2048 features of N x 3 x H x W images in [0, 1], `batch_size` at a time."""
+    return torch.cat([features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def scores_from_features(real: torch.Tensor, fake: torch.Tensor, seed: int, patch_size: int) -> DistributionScores:
+    """FID and KID from features computed anywhere (one process, or batches on many workers,
+    concatenated in a fixed order): the statistics are the same whoever computed them."""
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated")
+    subset = min(len(real), len(fake), 1000)
+    fid = FrechetInceptionDistance(feature=_Precomputed())
+    kid = KernelInceptionDistance(feature=_Precomputed(), subset_size=subset, subsets=50)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):  # KID's subsets draw from the global RNG: seed a fork of it
+        torch.manual_seed(seed)
+        k_mean, k_std = kid.compute()
+    return DistributionScores(float(fid.compute()), float(k_mean), float(k_std), len(real), len(fake), patch_size, seed)
+
+
 def fid_kid(
     real: torch.Tensor, fake: torch.Tensor, features: InceptionFeatures, seed: int, patch_size: int,
     batch_size: int = 16,
@@ -105,34 +129,30 @@ def fid_kid(
     """FID and KID between two sets of N x 3 x H x W images in [0, 1]."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated")
-    feats = {
-        side: torch.cat([features(data[i : i + batch_size]) for i in range(0, len(data), batch_size)])
-        for side, data in (("real", real), ("fake", fake))
-    }
-    subset = min(len(real), len(fake), 1000)
-    fid = FrechetInceptionDistance(feature=_Precomputed())
-    kid = KernelInceptionDistance(feature=_Precomputed(), subset_size=subset, subsets=50)
-    for metric in (fid, kid):
-        metric.update(feats["real"], real=True)
-        metric.update(feats["fake"], real=False)
-    with torch.random.fork_rng(devices=[]):  # KID's subsets draw from the global RNG: seed a fork of it
-        torch.manual_seed(seed)
-        k_mean, k_std = kid.compute()
-    return DistributionScores(float(fid.compute()), float(k_mean), float(k_std), len(real), len(fake), patch_size, seed)
+    return scores_from_features(inception_features(real, features, batch_size),
+                                inception_features(fake, features, batch_size), seed, patch_size)
 
 
-def clip_score(images: list, prompts: list[str], model_id: str) -> float:
-    """Mean 100 * cosine(image, text) with a real CLIP from a local folder or the HF cache
-    (never downloaded, never random: a missing model raises MetricWeightsMissing)."""
+@functools.lru_cache(maxsize=1)
+def _clip(model_id: str) -> tuple[Any, Any]:
+    """A real CLIP from a local folder or the HF cache, once per process (never downloaded)."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model = CLIPModel.from_pretrained(model_id, local_files_only=True).eval()
-        proc = CLIPProcessor.from_pretrained(model_id, local_files_only=True)
+        return (CLIPModel.from_pretrained(model_id, local_files_only=True).eval(),
+                CLIPProcessor.from_pretrained(model_id, local_files_only=True))
     except OSError as exc:
         raise MetricWeightsMissing(
             f"CLIP score needs the CLIP model {model_id!r} on disk (local folder or HF cache); it is not there"
         ) from exc
+
+
+def clip_scores(images: list, prompts: list[str], model_id: str) -> list[float]:
+    """100 * cosine(image, text) of each image with its prompt (CLIP score's terms: their mean is
+    the score, so batches scored anywhere add up exactly); MetricWeightsMissing without CLIP."""
+    if not images:
+        return []
+    model, proc = _clip(model_id)
     with torch.no_grad():
         inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
         img = model.get_image_features(pixel_values=inputs["pixel_values"])
@@ -141,4 +161,11 @@ def clip_score(images: list, prompts: list[str], model_id: str) -> float:
         img = getattr(img, "image_embeds", getattr(img, "pooler_output", img))
         txt = getattr(txt, "text_embeds", getattr(txt, "pooler_output", txt))
         cos = torch.nn.functional.cosine_similarity(img, txt)
-    return float((100 * cos.clamp_min(0)).mean())
+    return (100 * cos.clamp_min(0)).tolist()
+
+
+def clip_score(images: list, prompts: list[str], model_id: str) -> float:
+    """Mean 100 * cosine(image, text) with a real CLIP from a local folder or the HF cache
+    (never downloaded, never random: a missing model raises MetricWeightsMissing)."""
+    scores = clip_scores(images, prompts, model_id)
+    return float(sum(scores) / len(scores)) if scores else float("nan")

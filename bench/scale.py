@@ -12,7 +12,7 @@ runs on moto's S3 server in this process and counts the requests each step makes
 Steps, for each size N: a fresh job (time, flow peak RSS, commit record / manifest / file-list
 sizes); a job killed at N/2 images, then `gc` with it abandoned and the rerun that resumes it;
 a cold open of one file in a fresh process; `ls` and the reuse lookup; `verify` (full, and
-`--shallow` where the code has it); a dashboard build. Slopes per image are fitted over the
+`--shallow` where the code has it); a dashboard build; the evaluate stage (a sample of 200). Slopes per image are fitted over the
 sizes and extrapolated to 10M.
 """
 
@@ -64,6 +64,15 @@ def _stub_pipeline() -> None:
 
 
 def _rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss
+    keeps the high-water mark of the parent it was forked from: the driver's, once it has read a
+    large manifest)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -84,7 +93,34 @@ def child_setup(store_url: str, n: int) -> dict[str, Any]:
         pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [SIDE] * n, "height": [SIDE] * n,
                       "seed": list(range(n))}).write_parquet(path)
         prompts = store_prompts(store.url, prompt_table(path), "scale", "bench")
-    return {"model": model, "prompts": prompts}
+    return {"model": model, "prompts": prompts, **child_real(store_url)}
+
+
+def child_real(store_url: str) -> dict[str, Any]:
+    """A small dataset of real images (20 of 64x64), for the evaluate step."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.ingest import IngestSettings, ingest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        real = Path(tmp)
+        for i in range(20):
+            arr = (np.indices((SIDE, SIDE)).sum(0) * (i + 1) % 256).astype(np.uint8)
+            Image.fromarray(np.stack([arr, arr.T, 255 - arr], 2)).save(real / f"r{i}.png")
+            (real / f"r{i}.txt").write_text(f"real {i}")
+        return {"data": ingest(store_url, [str(real)], "real", IngestSettings(bucket_base=SIDE, bucket_step=16))}
+
+
+def child_evaluate(store_url: str, gen: str, data: str) -> dict[str, Any]:
+    """The evaluate stage on the job's images: a fixed sample of 200 for FID/KID (one 32 px patch
+    each), seam scores of every image (from the manifest where the code stores them)."""
+    from flows.stages import evaluate_flow
+    from tasks.evaluate import EvaluateSettings
+
+    t0 = time.perf_counter()
+    evaluate_flow(gen, data, "scale", EvaluateSettings(sample=200, patch_size=32, patches_per_image=1), store_url)
+    return {"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb()}
 
 
 def child_job(store_url: str, model: str, prompts: str, name: str, layout: str = "files") -> dict[str, Any]:
@@ -170,7 +206,7 @@ def child_sizes(store_url: str, ref: str) -> dict[str, Any]:
             "file_list_bytes": lists, "files": rec.get("file_count", len(rec["files"]))}
 
 
-CHILDREN = {"setup": child_setup, "job": child_job, "open": child_open, "ls": child_ls, "verify": child_verify,
+CHILDREN = {"evaluate": child_evaluate, "real": child_real, "setup": child_setup, "job": child_job, "open": child_open, "ls": child_ls, "verify": child_verify,
             "gc": child_gc, "dashboard": child_dashboard, "sizes": child_sizes}
 
 
@@ -247,6 +283,8 @@ def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: S3Requests | 
         row["verify"] = step("verify", url, ref, False)
     row["verify_shallow"] = step("verify", url, ref, True)
     row["dashboard"] = step("dashboard", url)
+    if "evaluate" not in skip:
+        row["evaluate"] = step("evaluate", url, ref, ids["data"])
     if "resume" not in skip:  # a job killed half-way, gc while it is abandoned, the rerun that resumes it
         env_kill = {**env, "ASD_FAULT_AT": f"after-image-{n // 2}"}
         env, saved = env_kill, env
@@ -280,7 +318,8 @@ METRICS = [("job s", ("job", "seconds")), ("job RSS MB", ("job", "rss_mb")),
            ("ls s", ("ls", "ls_seconds")), ("lookup s", ("ls", "lookup_seconds")),
            ("verify s", ("verify", "seconds")), ("verify shallow s", ("verify_shallow", "seconds")),
            ("gc s", ("gc", "seconds")), ("resume s", ("resume", "seconds")), ("dashboard s", ("dashboard", "seconds")),
-           ("dashboard RSS MB", ("dashboard", "rss_mb"))]
+           ("dashboard RSS MB", ("dashboard", "rss_mb")), ("evaluate s", ("evaluate", "seconds")),
+           ("evaluate RSS MB", ("evaluate", "rss_mb"))]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -327,7 +366,7 @@ def main() -> None:
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
         step, args = sys.argv[i + 1], [json.loads(a) for a in sys.argv[i + 2:]]
-        if step in ("setup", "job"):  # they run flows (the readers import no Prefect: their RSS is their own)
+        if step in ("setup", "job", "evaluate", "real"):  # they run flows (the readers import no Prefect: their RSS is their own)
             from flows.server_guard import tie_temporary_server_to_this_process
 
             tie_temporary_server_to_this_process()  # Prefect's temporary server ends with this process

@@ -53,7 +53,12 @@ def read_bucket_samples(store: ArtifactStore, dataset_ref: ArtifactRef | str) ->
 
 
 def sample_images(store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, seed: int) -> list[Image.Image]:
-    """A uniform, seeded sample of `n` images of a dataset version, streamed (reservoir
+    """`sample_encoded`, decoded."""
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in sample_encoded(store, dataset_ref, n, seed)]
+
+
+def sample_encoded(store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, seed: int) -> list[bytes]:
+    """A uniform, seeded sample of `n` images of a dataset version, encoded, streamed (reservoir
     sampling over its shards: memory holds `n` encoded images, whatever the dataset's size)."""
     import random
 
@@ -70,4 +75,4 @@ def sample_images(store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, 
                     kept.append(s["jpg"])
                 elif (j := rng.randrange(seen)) < n:
                     kept[j] = s["jpg"]
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in kept]
+    return kept

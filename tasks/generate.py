@@ -46,10 +46,9 @@ from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb, seam_scores
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
 from dashboard.viewer import vendor_files, viewer_page
 from data_engine.prompts import read_prompts
-from data_manifests.runtime import runtime
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import StageSettings, execution, output
-from tasks.executors import gpu_annotation, task_runner_for
+from data_manifests.settings import FanOutSettings, execution, output
+from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, gpu_annotation, task_runner_for, with_run_environment
 from tasks.fragments import (
     Compacted,
     FragmentRef,
@@ -73,7 +72,7 @@ MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pix
 _RENDERED_IN_PROCESS = [0]  # images this process rendered (the fault point counts them)
 
 
-class GenerateSettings(StageSettings):
+class GenerateSettings(FanOutSettings):
     """FSTD generation: how every prompt of a job is rendered."""
 
     steps: int = output(20, ge=1, le=1000, description="denoising steps (stage 1 and stage 2)")
@@ -104,16 +103,7 @@ class GenerateSettings(StageSettings):
                                      "together at most (a larger image renders alone)")
     max_job_pixels: int = execution(MAX_JOB_PIXELS, ge=1, description="a job of more output pixels than this is "
                                     "refused before anything is written (raise it for a larger job)")
-    executor: Literal["threads", "dask"] = execution(
-        "threads", description="shard tasks in threads of this process, or on Dask worker processes (left at threads, "
-        "$ASD_EXECUTOR decides)")
-    workers: int = execution(1, ge=1, description="threads, or Dask worker processes of a local cluster")
-    dask_address: str | None = execution(
-        None, description="an existing Dask scheduler, e.g. tcp://host:8786 (unset: $ASD_DASK_ADDRESS, else a "
-        "local cluster of `workers` processes)")
     retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
-    torch_threads: int | None = execution(None, ge=1, description="CPU threads of torch in each Dask worker "
-                                          "(default: cores / workers)")
     large_image_pixels: int = output(
         64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
         "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
@@ -175,39 +165,40 @@ class ShardResult:
 
 @dataclass
 class _Chunk:
-    """A chunk of a shard's rows on its way to its fragment: entries so far, images still to store;
-    in the webdataset layout, the name of its tar (after its first and last prompt rows)."""
+    """A chunk of a shard's rows on its way to its fragment: entries so far, images still to store,
+    and whether its images go into a tar (the webdataset layout)."""
 
     start: int
     stop: int
     entries: list[dict[str, Any]]
     left: int
-    tar: str | None = None
+    tar: bool = False
 
 
 def shard_tar_name(rows: list[dict[str, Any]]) -> str:
-    """A chunk's tar in the webdataset layout (`artifact_store.file_lists` finds its first row)."""
+    """The tar of a chunk's images in the webdataset layout, named after the first and last rows
+    it holds (the file list lists it with its first row: `artifact_store.file_lists` finds it)."""
     return f"shards/rows-{min(r['row'] for r in rows):06d}-{max(r['row'] for r in rows):06d}.tar"
 
 
 def write_shard_tar(writer: Any, chunk: _Chunk) -> None:
     """Pack the chunk's members (each image's PNG, seam heat-map and JSON, in row order) into its
     tar, set each entry's offset and size in it, and list the tar with the chunk's first entry."""
-    packer = TarPacker()
     packed = sorted((e for e in chunk.entries if e.get("_members")), key=lambda e: e["row"])
+    if not packed:  # every image of the chunk failed, or is a large output stored apart
+        return
+    packer, rel = TarPacker(), shard_tar_name(packed)
     for e in packed:
         for name, data in e.pop("_members"):
             at = packer.add(name, data)
             if name == e["image"]:
-                e["shard"], (e["shard_offset"], e["shard_size"]) = chunk.tar, at
-    if not packed:
-        return
-    with writer.open(chunk.tar) as f:
+                e["shard"], (e["shard_offset"], e["shard_size"]) = rel, at
+    with writer.open(rel) as f:
         tar = packer.finish()
         while block := tar.read(8 << 20):
             f.write(block)
-    meta = writer.files[chunk.tar]
-    packed[0]["files"] = [*packed[0]["files"], {"path": chunk.tar, "sha256": meta["sha256"], "size": meta["size"],
+    meta = writer.files[rel]
+    packed[0]["files"] = [*packed[0]["files"], {"path": rel, "sha256": meta["sha256"], "size": meta["size"],
                                                 "version_id": meta.get("version_id")}]
 
 
@@ -438,8 +429,8 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             out.fragments.append(was.ref(existing[(a, b)], a, b))  # the chunk's fragment, as it is
             out.ok += len(done)
             continue
-        tar = shard_tar_name(mine) if job.settings.layout == "webdataset" else None
-        if tar is not None:  # a tar is written whole: images of another chunking's tars are rendered again
+        tar = job.settings.layout == "webdataset"
+        if tar:  # a tar is written whole: images of another chunking's tars are rendered again
             done = [e for e in done if not e.get("shard")]
         chunks[a] = _Chunk(a, b, done, len(mine) - len(done), tar)
         kept = {e["row"] for e in done}
@@ -460,7 +451,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
         else:
             out.failed += 1
         if chunk.left == 0:  # the chunk's durability point (its tar first, in the webdataset layout)
-            if chunk.tar is not None:
+            if chunk.tar:
                 write_shard_tar(writer, chunk)
             out.fragments.append(write_fragment(store, job.pending, chunk.start, chunk.stop, chunk.entries))
         _count_image()
@@ -548,8 +539,6 @@ def adopt_shards(job: GenerationJob, writer: Any, results: list[ShardResult]) ->
     return done
 
 
-MAX_IN_FLIGHT_PER_WORKER = 4
-
 
 @flow(name="asd-generate-shards", log_prints=True)
 def render_shards_flow(job: GenerationJob) -> list[ShardResult]:
@@ -622,12 +611,7 @@ class Generate(Stage):
         """The settings the shard tasks get: a stored upscaler pinned to its version, and where
         the settings keep the default executor (threads) or Dask address (none), the run's
         environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read here, where the run starts."""
-        env = runtime()
-        update = {"upscaler": refs["upscaler"]} if "upscaler" in refs else {}
-        for name in ("executor", "dask_address"):
-            if getattr(self.settings, name) == GenerateSettings.model_fields[name].default and getattr(env, name):
-                update[name] = getattr(env, name)
-        return self.settings.model_copy(update=update) if update else self.settings
+        return with_run_environment(self.settings, {"upscaler": refs["upscaler"]} if "upscaler" in refs else None)
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]

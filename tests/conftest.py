@@ -85,3 +85,11 @@ def s3_bucket(s3_server, request):
 
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}/store"
+
+
+@pytest.fixture(scope="module")
+def stored_model(tmp_path_factory, commit_tiny_model):
+    """A store (one per test module) with the tiny model committed as `models/tiny`."""
+    store_url = str(tmp_path_factory.mktemp("gen") / "store")
+    commit_tiny_model(store_url)
+    return store_url

@@ -66,13 +66,6 @@ def test_device_and_dtype_are_resolved_and_reported(tiny_model_dir):
         GenerateSettings(device="gpu")
 
 
-@pytest.fixture(scope="module")
-def stored_model(tmp_path_factory, commit_tiny_model):
-    store_url = str(tmp_path_factory.mktemp("gen") / "store")
-    commit_tiny_model(store_url)
-    return store_url
-
-
 def _prompt_file(path: Path, n: int) -> Path:
     sizes = [(96, 96), (160, 96), (96, 160), (128, 128)]
     pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [sizes[i % 4][0] for i in range(n)],

@@ -23,13 +23,6 @@ from artifact_store import ArtifactStore
 from artifact_store.members import TarPacker, image_bytes, image_uri
 
 
-@pytest.fixture(scope="module")
-def stored_model(tmp_path_factory, commit_tiny_model):
-    store_url = str(tmp_path_factory.mktemp("wds") / "store")
-    commit_tiny_model(store_url)
-    return store_url
-
-
 def _prompts(path: Path, n: int) -> Path:
     sizes = [(96, 96), (160, 96), (96, 160)]
     pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [sizes[i % 3][0] for i in range(n)],
