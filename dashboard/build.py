@@ -227,10 +227,14 @@ def _model_loss(site: _Site, ref: ArtifactRef) -> str:
 
 
 def _evaluation_metrics(site: _Site, ref: ArtifactRef) -> str:
-    m = pl.read_parquet(io.BytesIO(site.store.read_bytes(ref, "metrics.parquet")))
+    with site.store.open(ref, "metrics.parquet") as f:  # one row per image too: only the summary is shown
+        m = pl.scan_parquet(f).filter(~pl.col("metric").str.contains("/", literal=True)).collect()
+        n_all = pq.ParquetFile(f).metadata.num_rows
     rows = [[e(r["metric"]), "" if r["value"] is None else f"{r['value']:.4g}", e(r["status"]), e(r["detail"])]
             for r in m.iter_rows(named=True)]
-    return "<h2>Metrics</h2>" + table(["metric", "value", "status", "detail"], rows)
+    more = (f"<p class=muted>{n_all - m.height} per-image rows (seam_score/&lt;image&gt;) in metrics.parquet and "
+            "the report</p>" if n_all > m.height else "")
+    return "<h2>Metrics</h2>" + table(["metric", "value", "status", "detail"], rows) + more
 
 
 def _version_body(site: _Site, row: dict[str, Any], parents: dict[str, list[str]],

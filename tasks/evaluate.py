@@ -5,15 +5,19 @@ image) -> `evaluations/<name>` with `metrics.parquet` and `report.md`."""
 from __future__ import annotations
 
 import functools
+import heapq
 import io
 import math
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -72,40 +76,61 @@ def _row(metric: str, value: float | None, detail: str, status: str = STATUS_OK)
 
 
 class SeamTally:
-    """Seam scores of images given one at a time (nothing kept but the scores): one row per
-    image (1.0 = no visible tile lines), then the summary (mean, per axis, worst image)."""
+    """Seam scores of images given one at a time (nothing kept per image but the `REPORT_IMAGES`
+    worst): one row per image (1.0 = no visible tile lines) to `sink` (default: kept in `rows`),
+    then the summary (mean, per axis, worst image) from running sums."""
 
-    def __init__(self, period: int) -> None:
+    def __init__(self, period: int, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.period = period
         self.rows: list[dict[str, Any]] = []
-        self.scores: list[tuple[float, str]] = []
-        self.per_axis: dict[str, list[float]] = {"x": [], "y": []}
+        self.sink = sink or self.rows.append
+        self.count = 0
+        self.sums = {"all": [0.0, 0], "x": [0.0, 0], "y": [0.0, 0]}  # sum and count of finite scores
+        self.over = 0  # images above 1.1
+        self.worst: list[tuple[float, int, dict[str, Any]]] = []  # min-heap of the worst REPORT_IMAGES
 
     def add(self, r: dict[str, Any], arr: np.ndarray) -> None:
         self.add_scores(r, *seam_scores(arr, r["seam_x"] or [], r["seam_y"] or [], period=self.period))
 
     def add_scores(self, r: dict[str, Any], s: float, sx: float, sy: float) -> None:
-        """An image's scores as its shard task computed them (manifest columns seam_score*)."""
+        """An image's scores (decoded here, or as its shard task stored them in the manifest)."""
         xs, ys = r["seam_x"] or [], r["seam_y"] or []
-        self.scores.append((s, r["key"]))
-        self.per_axis["x"].append(sx)
-        self.per_axis["y"].append(sy)
-        self.rows.append(_row(f"seam_score/{r['key']}", s, f"{len(xs)} x-lines, {len(ys)} y-lines at tile "
-                              f"{r['tile_px']} px"))
+        row = _row(f"seam_score/{r['key']}", s, f"{len(xs)} x-lines, {len(ys)} y-lines at tile {r['tile_px']} px")
+        self.sink(row)
+        self.count += 1
+        for axis, v in (("all", s), ("x", sx), ("y", sy)):
+            if v is not None and math.isfinite(v):
+                self.sums[axis][0] += v
+                self.sums[axis][1] += 1
+        if s is not None and math.isfinite(s):
+            self.over += s > 1.1
+            item = (s, self.count, row)
+            if len(self.worst) < REPORT_IMAGES:
+                heapq.heappush(self.worst, item)
+            elif s > self.worst[0][0]:
+                heapq.heapreplace(self.worst, item)
+
+    def worst_rows(self) -> list[dict[str, Any]]:
+        """The per-image rows of the worst images, worst first."""
+        return [row for _, _, row in sorted(self.worst, key=lambda t: (-t[0], t[1]))]
 
     def summary(self) -> list[dict[str, Any]]:
-        finite = [(s, k) for s, k in self.scores if math.isfinite(s)]
-        out = [_row("seam_score", float(np.mean([s for s, _ in finite])) if finite else math.nan,
-                    f"mean over {len(finite)} images with tile borders (1.0 = seamless; reference: the other lines "
+        """The summary rows, then the per-image rows kept here (none when they went to a sink)."""
+        def mean(axis: str) -> float:
+            total, n = self.sums[axis]
+            return total / n if n else math.nan
+
+        n = self.sums["all"][1]
+        out = [_row("seam_score", mean("all"),
+                    f"mean over {n} images with tile borders (1.0 = seamless; reference: the other lines "
                     f"of the {self.period}-px decoder lattice, on the tile lines' phase)")]
         for axis, lines in (("x", "vertical"), ("y", "horizontal")):
-            vals = [v for v in self.per_axis[axis] if math.isfinite(v)]
-            out.append(_row(f"seam_score_{axis}", float(np.mean(vals)) if vals else math.nan,
-                            f"{lines} tile lines only, mean over {len(vals)} images"))
-        if finite:
-            worst, key = max(finite)
-            over = sum(s > 1.1 for s, _ in finite)
-            out.append(_row("seam_score_max", worst, f"worst image {key}; {over} of {len(finite)} images above 1.1"))
+            out.append(_row(f"seam_score_{axis}", mean(axis),
+                            f"{lines} tile lines only, mean over {self.sums[axis][1]} images"))
+        if self.worst:
+            top = max(self.worst, key=lambda t: (t[0], -t[1]))
+            out.append(_row("seam_score_max", top[0], f"worst image {top[2]['metric'].split('/', 1)[1]}; "
+                            f"{self.over} of {n} images above 1.1"))
         return [*out, *self.rows]
 
 
@@ -233,18 +258,37 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+@dataclass
+class Scored:
+    """What the scoring sub-flow found: the summary rows, the worst images' rows (for the
+    report), and how many per-image rows it wrote to its Parquet file."""
+
+    rows: list[dict[str, Any]]
+    worst: list[dict[str, Any]]
+    per_image: int
+
+
 @flow(name="asd-evaluate-batches", log_prints=True)
-def score_flow(job: EvalJob) -> list[dict[str, Any]]:
+def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     """The fan-out: batches of images to decode as tasks (at most a few per worker in flight) on
-    the job's task runner; seam scores, features and CLIP terms merged in index order, so the
-    metrics are those of one process, whatever the workers."""
+    the job's task runner; features and CLIP terms merged in sample order, so the metrics are
+    those of one process, whatever the workers. Per-image seam rows stream to `per_image_path`
+    (a local Parquet file): memory does not grow with the number of images."""
     logger = get_run_logger()
     store, st = ArtifactStore(job.store_url), job.settings
     with store.open(job.gen, "manifest.parquet") as f:
-        status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
-    n_ok = sum(x == STATUS_OK for x in status)
+        n_ok = pc.sum(pc.equal(pq.read_table(f, columns=["status"]).column("status"), STATUS_OK)).as_py() or 0
     sampled = set(np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist())
-    seams: list[tuple[int, dict[str, Any], float, float, float]] = []
+    per_image = pq.ParquetWriter(per_image_path, METRICS)
+    buffered: list[dict[str, Any]] = []
+
+    def sink(row: dict[str, Any]) -> None:
+        buffered.append(row)
+        if len(buffered) >= 8192:
+            per_image.write_table(pa.Table.from_pylist(buffered, schema=METRICS))
+            buffered.clear()
+
+    tally = SeamTally(st.seam_period, sink)
     fake: dict[int, torch.Tensor] = {}
     real: dict[int, torch.Tensor] = {}
     clip: dict[int, float] = {}
@@ -254,13 +298,13 @@ def score_flow(job: EvalJob) -> list[dict[str, Any]]:
         for i, r in enumerate(_ok_rows(store, job.gen)):
             stored = r.get("seam_score") is not None and st.seam_period == SEAM_PERIOD
             if stored:  # scored by its shard task
-                seams.append((i, {k: r[k] for k in ("key", "seam_x", "seam_y", "tile_px")}, r["seam_score"],
-                              r["seam_score_x"], r["seam_score_y"]))
+                tally.add_scores(r, r["seam_score"], r["seam_score_x"], r["seam_score_y"])
             if i in sampled or not stored:  # read only for the sample, or for a score the manifest lacks
                 yield i, r, i in sampled
 
     def collect(out: BatchScores, side: dict[int, torch.Tensor]) -> None:
-        seams.extend((i, {k: r[k] for k in ("key", "seam_x", "seam_y", "tile_px")}, *sc) for i, r, *sc in out.seams)
+        for _, r, *sc in out.seams:
+            tally.add_scores(r, *sc)
         side.update(out.features)
         clip.update(out.clip)
         missing["features"] = missing["features"] or out.features_missing
@@ -280,17 +324,17 @@ def score_flow(job: EvalJob) -> list[dict[str, Any]]:
             finished = next(as_completed(list(running)))
             collect(finished.result(), running.pop(finished))
             progress.update(min(len(fake) + len(clip) // 2, progress.total))
-    logger.info("scored %d generated images (%d sampled) and %d real ones", len(seams), len(fake), len(real))
-    tally = SeamTally(st.seam_period)
-    for _, r, s_all, s_x, s_y in sorted(seams, key=lambda t: t[0]):
-        tally.add_scores(r, s_all, s_x, s_y)
+    if buffered:
+        per_image.write_table(pa.Table.from_pylist(buffered, schema=METRICS))
+    per_image.close()
+    logger.info("scored %d generated images (%d sampled) and %d real ones", tally.count, len(fake), len(real))
     rows = tally.summary()
     rows += distribution_rows([real[j] for j in sorted(real)], [fake[i] for i in sorted(fake)], st, len(real),
                               len(fake), missing["features"])
     rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
                      "file gives pool features only", SKIPPED))
     rows += clip_rows([clip[i] for i in sorted(clip)], st.clip_model, missing["clip"])
-    return rows
+    return Scored(rows, tally.worst_rows(), tally.count)
 
 
 @dataclass(frozen=True)
@@ -318,26 +362,36 @@ class Evaluate(Stage):
         the task runner the settings choose (threads or Dask); merged exactly in the flow."""
         st = with_run_environment(self.settings)
         job = EvalJob(run.store.url, inputs.refs["generations"], inputs.refs["dataset"], st)
-        rows = score_flow.with_options(task_runner=task_runner_for(st))(job)
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=METRICS), buf)
-        run.writer.put_bytes("metrics.parquet", buf.getvalue())
-        run.writer.put_bytes("report.md", metrics_markdown(rows, gen_ref=job.gen, dataset_ref=job.data).encode())
+        with tempfile.TemporaryDirectory(prefix="asd-metrics-") as tmp:
+            per_image = os.path.join(tmp, "per-image.parquet")
+            scored = score_flow.with_options(task_runner=task_runner_for(st))(job, per_image)
+            out = os.path.join(tmp, "metrics.parquet")
+            with pq.ParquetWriter(out, METRICS) as w:  # the summary, then every image's rows, streamed
+                w.write_table(pa.Table.from_pylist(scored.rows, schema=METRICS))
+                for batch in pq.ParquetFile(per_image).iter_batches(batch_size=8192):
+                    w.write_table(pa.Table.from_batches([batch], schema=METRICS))
+            run.writer.put_file("metrics.parquet", out)
+        report = metrics_markdown(scored.rows, gen_ref=job.gen, dataset_ref=job.data, worst=scored.worst,
+                                  per_image_count=scored.per_image)
+        run.writer.put_bytes("report.md", report.encode())
         return Built(params=st.model_dump(),
-                     summary={r["metric"]: r["value"] for r in rows if "/" not in r["metric"]})
+                     summary={r["metric"]: r["value"] for r in scored.rows if "/" not in r["metric"]})
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
         publish_markdown("evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}")
 
 
-def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str) -> str:
+def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str,
+                     worst: list[dict[str, Any]] | None = None, per_image_count: int | None = None) -> str:
     """The report: a narrow table of the scores (what the Prefect UI shows whole), each score's
-    detail as a numbered note under it, then the per-image scores."""
+    detail as a numbered note under it, then the worst per-image scores (`worst`, of
+    `per_image_count`; default: the per-image rows among `rows`)."""
     def value(r: dict[str, Any]) -> str:
         return "" if r["value"] is None else f"{r['value']:.4g}"
 
     overall = [r for r in rows if "/" not in r["metric"]]
-    per_image = [r for r in rows if "/" in r["metric"]]
+    per_image = worst if worst is not None else [r for r in rows if "/" in r["metric"]]
+    total = per_image_count if per_image_count is not None else len(per_image)
     lines = [f"# Evaluation of `{gen_ref}`", "", f"Real images: `{dataset_ref}`", "",
              "| metric | value | status | note |", "|---|---:|---|---|"]
     lines += [f"| {r['metric']} | {value(r)} | {r['status']} | [{i}] |" for i, r in enumerate(overall, 1)]
@@ -345,7 +399,7 @@ def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str)
     if per_image:
         worst = sorted(per_image, key=lambda r: -(r["value"] if r["value"] is not None else -math.inf))
         shown = worst[:REPORT_IMAGES]
-        more = f" (the worst {len(shown)} of {len(per_image)}; all in metrics.parquet)" if len(per_image) > len(shown) else ""
+        more = f" (the worst {len(shown)} of {total}; all in metrics.parquet)" if total > len(shown) else ""
         lines += ["", f"Per image{more}:", "", "| image metric | value |", "|---|---:|"]
         lines += [f"| {r['metric']} | {value(r)} |" for r in shown]
     return "\n".join(lines) + "\n"
