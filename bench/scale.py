@@ -119,7 +119,8 @@ def child_evaluate(store_url: str, gen: str, data: str) -> dict[str, Any]:
     from tasks.evaluate import EvaluateSettings
 
     t0 = time.perf_counter()
-    evaluate_flow(gen, data, "scale", EvaluateSettings(sample=200, patch_size=32, patches_per_image=1), store_url)
+    evaluate_flow(gen, data, "scale", EvaluateSettings(sample=200, patch_size=32, patches_per_image=1), store_url,
+                  rerun=True)  # measured afresh, never reused
     return {"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb()}
 
 
