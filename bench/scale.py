@@ -67,13 +67,10 @@ def _rss_mb() -> float:
     """This process's own peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss
     keeps the high-water mark of the parent it was forked from: the driver's, once it has read a
     large manifest)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []  # Linux only
+    hwm = [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
+    return hwm[0] / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_setup(store_url: str, n: int) -> dict[str, Any]:

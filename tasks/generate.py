@@ -358,10 +358,8 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
         return _tar_entry(row, r, res, s, pack_peak, device)
     rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
     files = {rel: writer.files[rel], **extra}
-    row.update(status=STATUS_OK, image=rel, bucket=res.bucket.name, canvas_width=res.canvas[0],
-               canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-               seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals,
-               image_format=fmt, deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
+    row.update(status=STATUS_OK, image=rel, **_rendered_fields(res), image_format=fmt,
+               deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
                viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
     heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
     if heat is not None:  # beside the image: where its tile lines are and how they look
@@ -376,6 +374,13 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
     return row
 
 
+def _rendered_fields(res: Any) -> dict[str, Any]:
+    """The manifest fields every rendered image has, whichever layout stores it."""
+    return {"bucket": res.bucket.name, "canvas_width": res.canvas[0], "canvas_height": res.canvas[1],
+            "tile_px": res.tile_px, "fstd_tiles": res.fstd_tiles, "seam_x": res.seam_lines["x"],
+            "seam_y": res.seam_lines["y"], "unet_evals": res.unet_evals}
+
+
 def _tar_entry(row: dict[str, Any], r: dict[str, Any], res: Any, s: GenerateSettings,
                pack_peak: Callable[[], float], device: Any) -> dict[str, Any]:
     """A rendered image's entry in the webdataset layout: its members (`<key>.png`, `<key>.seams.png`,
@@ -385,9 +390,7 @@ def _tar_entry(row: dict[str, Any], r: dict[str, Any], res: Any, s: GenerateSett
     buf = io.BytesIO()
     Image.fromarray(np.asarray(res.pixels)).save(buf, format="PNG")
     key = r["key"]
-    row.update(status=STATUS_OK, image=f"{key}.png", bucket=res.bucket.name, canvas_width=res.canvas[0],
-               canvas_height=res.canvas[1], tile_px=res.tile_px, fstd_tiles=res.fstd_tiles,
-               seam_x=res.seam_lines["x"], seam_y=res.seam_lines["y"], unet_evals=res.unet_evals, image_format="png")
+    row.update(status=STATUS_OK, image=f"{key}.png", **_rendered_fields(res), image_format="png")
     members = [(f"{key}.png", buf.getvalue())]
     heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
     if heat is not None:
