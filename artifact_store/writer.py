@@ -153,6 +153,16 @@ class VersionWriter:
         self.files[rel] = meta
         fault_point("between-files")
 
+    def discard(self, relpath: str) -> None:
+        """Delete a file this writer wrote (before the commit): it is as if never written."""
+        rel = check_relpath(relpath, str(self.ref))
+        if self.committed:
+            raise StoreError(f"{self.ref} is committed; versions are immutable")
+        self.files.pop(rel, None)
+        path = self.store.path(self.ref.prefix, rel)
+        if self.store.fs.exists(path):
+            self.store.fs.rm_file(path)
+
     def put_bytes(self, relpath: str, data: bytes) -> dict[str, Any]:
         """Write one file; returns its recorded metadata (sha256, size, S3 VersionId)."""
         with self.open(relpath) as f:

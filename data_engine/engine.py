@@ -1,17 +1,18 @@
-"""The data engine's driver: sources (reader) -> fetch (downloader) -> samples (resizer) ->
-shards (writer), into one bucketed dataset version of the store.
+"""One partition of an ingest: its inputs through the downloader and the resizer into its own
+bucket shards and a manifest fragment (`data_engine.partitions` makes the partitions,
+`data_engine.merge` merges what every partition wrote into one dataset version).
 
-Output (one version of `datasets/<name>`): `manifest.parquet` (exactly one row per input,
-failures with `failed_stage` and `error`), `buckets/<W>x<H>/<nnnnnn>.tar` WebDataset shards
-(`<key>.jpg`, `<key>.txt`, `<key>.json`), `bucket_index.json` (bucket -> shards, counts,
-aspect error) and wids indexes. Streaming end to end: memory does not grow with the dataset
-beyond one small record per input of the listing and a 32-byte digest per good image.
+A partition task runs wherever the stage's executor puts it (a thread, a Dask worker); it needs
+only the store URL, the pending version and the frozen config. It writes
+`buckets/<W>x<H>/<stem>-<nnnn>.tar` WebDataset shards (`<key>.jpg`, `<key>.txt`, `<key>.json`)
+and `_fragments/part-<stem>.parquet` (exactly one manifest row per input, failures with
+`failed_stage` and `error`), and returns a small `PartitionResult`.
 
-Incremental: inputs whose fingerprint matches a row of the newest version made with the same
-output options are copied from it (good rows) or keep their failure (bad rows), unless
-`retry_failed` asks to download the failed downloads again.
-
-No Prefect here: progress and logging come in as arguments (the task passes Prefect's).
+Reuse, from the newest version made with the same output options: a partition whose
+fingerprint it holds is copied whole (its shards, each re-hashed against that version's
+record while copied, and its manifest rows); otherwise the inputs it lists unchanged are carried
+over one by one (good rows' samples streamed from the old shards), unless `retry_failed` asks
+to download failed downloads again. Anything that does not check out is built afresh.
 """
 
 from __future__ import annotations
@@ -22,47 +23,33 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import re
+import tarfile
+import tempfile
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_store import ArtifactRef, ArtifactStore, VersionWriter
+from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, VersionWriter
+from artifact_store.refs import FRAGMENT_DIR
 from asd_models.buckets import Bucket
 from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
+from data_engine.partitions import Partition, partition_records, plan_fingerprints
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
 from data_engine.shards import BucketShardWriter
-from data_engine.sources import Source, SourceOptions, SourceRecord
+from data_engine.sources import SourceOptions, SourceRecord, shard_records
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
 
 MANIFEST_BATCH = 2000
 LOG_FIRST_FAILURES = 20
+PARTITIONS_FILE = "partitions.json"  # what the next ingest reuses: each partition's rows and shards
 log = logging.getLogger("asd.data_engine")
-
-
-class ProgressSink(Protocol):
-    """What the engine reports progress to (tqdm + a Prefect artifact in a task; nothing here)."""
-
-    total: int
-
-    def update(self, done: int) -> None: ...
-    def set_total(self, total: int) -> None: ...
-    def note(self, text: str) -> None: ...
-
-
-ProgressFactory = Callable[[str, int], AbstractContextManager[ProgressSink | None]]
-
-
-def no_progress(label: str, total: int) -> AbstractContextManager[None]:
-    return nullcontext()
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ class IngestConfig:
     empty_caption: str  # "reject" | "keep"
     shard_max_samples: int
     shard_max_bytes: int
-    workers: int  # decode processes
+    partition_inputs: int  # records a partition holds, on average
 
 
 def sample_key(name: str, fingerprint: str) -> str:
@@ -106,7 +93,7 @@ def _row(**values: Any) -> dict[str, Any]:
 
 
 class ManifestWriter:
-    """Rows into `manifest.parquet` in batches (never the whole table in memory)."""
+    """Rows into a manifest Parquet stream in batches (never the whole table in memory)."""
 
     def __init__(self, stream: Any) -> None:
         self.pq = pq.ParquetWriter(stream, DATASET_MANIFEST, compression="zstd")
@@ -149,62 +136,59 @@ class IngestStats:
                 self.first_failures.append((row["key"], row["source"], row["error"]))
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """What a partition takes from the previous version: all of it (`whole`: that version's
+    partition entry) or some of its rows (`rows`, reused input by input)."""
+
+    ref: str
+    whole: dict[str, Any] | None = None
+    rows: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """What every partition task of one ingest shares (picklable: sent to Dask workers)."""
+
+    store_url: str
+    pending: PendingVersion
+    config: IngestConfig
+    storage_options: dict[str, Any] | None = None
+
+
 @dataclass
-class Previous:
-    """What can be reused from an earlier version: its ref and the manifest rows to keep."""
+class PartitionResult:
+    """What a partition task tells the merge: its fragment, the files it wrote, its shards by
+    bucket (with counts), and whether it was copied whole from the previous version."""
 
-    ref: ArtifactRef
-    rows: pl.DataFrame  # reusable rows
-    skip_units: set[str]  # shard units whose every row is reused (the shard is not read)
-    available: Counter   # fingerprint -> reusable rows left for the records of this run
-
-
-def plan_reuse(store: ArtifactStore, ref: ArtifactRef, current: Counter, shard_units: set[str],
-               retry_failed: bool) -> Previous:
-    """Rows of `ref` to carry over: a row is reused when its input is still listed unchanged
-    (as many times as it is listed now) and it is not a failed download being retried."""
-    df = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
-    df = df.with_columns(pl.col("fingerprint").str.split("#").list.first().alias("_unit"))
-    retry = (pl.col("status") == STATUS_FAILED) & (pl.col("failed_stage") == STAGE_DOWNLOAD)
-    if not retry_failed:
-        retry = pl.lit(False)
-    df = df.with_columns(retry.alias("_retry"))
-    retried_units = set(df.filter(pl.col("_retry"))["_unit"].to_list())
-    in_shard = pl.col("_unit").is_in(list(shard_units - retried_units))
-    rank = pl.int_range(pl.len()).over("fingerprint")
-    counts = pl.DataFrame({"fingerprint": list(current), "_n": list(current.values())},
-                          schema={"fingerprint": pl.String, "_n": pl.Int64})
-    df = df.join(counts, on="fingerprint", how="left").with_columns(rank.alias("_rank"))
-    listed = pl.col("_n").is_not_null() & (pl.col("_rank") < pl.col("_n"))
-    keep = df.filter((in_shard | listed) & ~pl.col("_retry"))
-    skip = set(keep.filter(in_shard)["_unit"].to_list())
-    available = Counter(keep.filter(~in_shard)["fingerprint"].to_list())
-    return Previous(ref, keep.drop("_unit", "_retry", "_n", "_rank"), skip, available)
+    index: int
+    fingerprint: str
+    fragment: str
+    rows: int
+    files: dict[str, dict[str, Any]]
+    shards: dict[str, list[dict[str, Any]]]
+    copied: bool = False
 
 
-class DatasetIngest:
-    """One run: sources -> rows + shards in `writer`."""
+def fragment_name(part: Partition) -> str:
+    return f"{FRAGMENT_DIR}/part-{part.stem}.parquet"
 
-    def __init__(self, writer: VersionWriter, config: IngestConfig, progress: ProgressSink | None = None) -> None:
-        self.config, self.progress = config, progress
+
+class PartitionIngest:
+    """One partition: records -> rows (a fragment) + samples (its own bucket shards)."""
+
+    def __init__(self, writer: VersionWriter, config: IngestConfig, stem: str) -> None:
+        self.config = config
         self.spec = config.sample
-        self.shards = BucketShardWriter(writer, config.shard_max_samples, config.shard_max_bytes)
-        self.stats = IngestStats()
-        self.seen: dict[bytes, str] = {}  # pixel digest -> key
+        self.shards = BucketShardWriter(writer, config.shard_max_samples, config.shard_max_bytes, stem)
+        self.rows: list[dict[str, Any]] = []
+        self.seen: dict[bytes, str] = {}  # pixel digest -> key (within the partition; the merge does the rest)
         self.keys: set[str] = set()
-        self.done = 0
+        self.previous: dict[str, deque[dict[str, Any]]] = {}  # fingerprint -> reusable rows
+        self.samples: dict[str, dict[str, Any]] = {}  # their samples, by old key
 
-    # -- rows -----------------------------------------------------------------------------
-    def _emit(self, manifest: ManifestWriter, row: dict[str, Any]) -> None:
-        manifest.add(row)
-        self.stats.count(row)
-        self.done += 1
-        if self.progress:
-            if self.done > self.progress.total:
-                self.progress.set_total(self.done)
-            self.progress.update(self.done)
-            if self.done % 50 == 0:
-                self.progress.note(f"{self.stats.ok} ok, {self.stats.failed} failed")
+    def _emit(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
 
     def _unique_key(self, name: str, fingerprint: str) -> str:
         key = base = sample_key(name, fingerprint)
@@ -216,33 +200,54 @@ class DatasetIngest:
         return key
 
     # -- reuse ----------------------------------------------------------------------------
-    def copy_previous(self, store: ArtifactStore, prev: Previous, manifest: ManifestWriter) -> None:
-        """Carry reused rows over; good ones' samples are streamed from the old shards."""
-        good = prev.rows.filter(pl.col("status") == STATUS_OK)
-        for row in prev.rows.filter(pl.col("status") != STATUS_OK).iter_rows(named=True):
-            self.keys.add(row["key"])
-            self._emit(manifest, {**row, "reused": True})
-        by_shard: dict[str, dict[str, dict[str, Any]]] = {}
-        for row in good.iter_rows(named=True):
-            by_shard.setdefault(row["shard"], {})[row["key"]] = row
+    def load_previous(self, store: ArtifactStore, prev: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Rows of the previous version to take for the inputs they describe (by fingerprint, in
+        order), and the samples of the good ones, streamed from its shards (a sample that does
+        not read leaves its input to be processed again)."""
+        self.previous: dict[str, deque[dict[str, Any]]] = {}
+        by_shard: dict[str, set[str]] = {}
+        for row in rows:
+            self.previous.setdefault(row["fingerprint"], deque()).append(row)
+            if row["status"] == STATUS_OK:
+                by_shard.setdefault(row["shard"], set()).add(row["key"])
         for shard, wanted in sorted(by_shard.items()):
-            with store.open(prev.ref, shard) as stream:
-                for sample in tar_stream_samples(stream, STORED_MAX_BYTES, STORED_MAX_BYTES):
-                    row = wanted.get(sample["__key__"])
-                    if row is None or sample["__problems__"]:  # a listed sample that does not read is "lacking"
-                        continue
-                    del wanted[sample["__key__"]]
-                    self.keys.add(row["key"])
-                    self.seen[bytes.fromhex(row["sha256"])] = row["key"]
-                    new_shard = self.shards.write(row["bucket"], sample_members(sample))
-                    self._emit(manifest, {**row, "shard": new_shard, "reused": True})
-            if wanted:
-                raise RuntimeError(f"{prev.ref}/{shard} lacks samples its manifest lists: {sorted(wanted)[:5]}")
+            try:
+                with store.open(prev, shard) as stream:
+                    for sample in tar_stream_samples(stream, STORED_MAX_BYTES, STORED_MAX_BYTES):
+                        if sample["__key__"] in wanted and not sample["__problems__"]:
+                            self.samples[sample["__key__"]] = sample_members(sample)
+            except (OSError, ValueError, tarfile.TarError) as exc:
+                log.warning("%s/%s does not read (%s); its inputs are processed again", prev, shard, exc)
+
+    def _take_previous(self, rec: SourceRecord, key: str) -> dict[str, Any] | None:
+        """The previous row of `rec`, when it can stand for it: a good row needs its sample, and
+        a random crop its key (the crop is seeded by the key)."""
+        queue = self.previous.get(rec.fingerprint)
+        if not queue:
+            return None
+        row = queue.popleft()
+        if row["status"] == STATUS_OK and (row["key"] not in self.samples or
+                                           (row["key"] != key and self.spec.crop == "random")):
+            return None
+        return row
+
+    def _reuse(self, row: dict[str, Any], key: str) -> None:
+        if row["status"] != STATUS_OK:
+            self._emit({**row, "key": key, "reused": True})
+            return
+        digest = bytes.fromhex(row["sha256"])
+        if digest in self.seen:
+            self._emit(duplicate_row({**row, "key": key, "reused": True}, self.seen[digest]))
+            return
+        self.seen[digest] = key
+        sample = self.samples.pop(row["key"])
+        if key != row["key"]:
+            meta = json.loads(sample.get("json", b"{}"))
+            sample = {**sample, "__key__": key, "json": json.dumps({**meta, "key": key}, default=str).encode()}
+        shard = self.shards.write(row["bucket"], sample)
+        self._emit({**row, "key": key, "shard": shard, "reused": True})
 
     # -- new work -------------------------------------------------------------------------
-    def _prepare(self, rec: SourceRecord) -> tuple[SourceRecord, str]:
-        return rec, self._unique_key(rec.name, rec.fingerprint)
-
     def _caption(self, rec: SourceRecord) -> tuple[str, str | None]:
         """(caption to store, error). Checked after decoding, so a file that is not an image
         says so first."""
@@ -252,13 +257,18 @@ class DatasetIngest:
             return "", None
         return "", ("no caption found" if rec.caption is None else "empty caption")
 
-    def process(self, records: Iterable[SourceRecord], manifest: ManifestWriter, fetcher: Fetcher | None,
-                pool: cf.Executor | None, threads: cf.Executor | None) -> None:
-        prepared = (self._prepare(r) for r in records)
+    def process(self, records: Iterable[SourceRecord], fetcher: Fetcher | None, threads: cf.Executor | None) -> None:
+        """Every record in order: its previous row where one stands for it, else downloaded
+        (in `threads`), decoded and written."""
+        def prepare(rec: SourceRecord) -> tuple[SourceRecord, str, dict[str, Any] | None]:
+            key = self._unique_key(rec.name, rec.fingerprint)
+            return rec, key, self._take_previous(rec, key)
 
-        def fetch(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str]:
-            rec, key = item
-            if rec.url and not rec.error and fetcher is not None:
+        prepared = map(prepare, records)
+
+        def fetch(item: tuple[SourceRecord, str, dict[str, Any] | None]) -> tuple[SourceRecord, str, dict[str, Any] | None]:
+            rec, _, old = item
+            if old is None and rec.url and not rec.error and fetcher is not None:
                 try:
                     rec.data = fetcher.fetch(rec.url)
                 except FetchError as exc:
@@ -266,48 +276,41 @@ class DatasetIngest:
             return item
 
         if threads is None:
-            fetched: Iterable[tuple[SourceRecord, str]] = map(fetch, prepared)
+            fetched: Iterable[tuple[SourceRecord, str, dict[str, Any] | None]] = map(fetch, prepared)
         else:
             submitted = (threads.submit(fetch, item) for item in prepared)
             fetched = (f.result() for f in windowed(submitted, 4 * self.config.fetch.concurrency))
+        for rec, key, old in fetched:
+            if old is not None:
+                self._reuse(old, key)
+                continue
+            result = None
+            if not rec.error:
+                payload = rec.data if rec.data is not None else rec.path
+                rec.data = None
+                result = process_sample((key, payload, self.spec))
+            self._finish(rec, key, result)
 
-        def job(item: tuple[SourceRecord, str]) -> tuple[SourceRecord, str, Any]:
-            rec, key = item
-            if rec.error:
-                return rec, key, None
-            payload = rec.data if rec.data is not None else rec.path
-            rec.data = None
-            if pool is None:
-                return rec, key, process_sample((key, payload, self.spec))
-            return rec, key, pool.submit(process_sample, (key, payload, self.spec))
-
-        for rec, key, result in windowed(map(job, fetched), max(2, 4 * self.config.workers)):
-            self._finish(rec, key, result, manifest)
-
-    def _finish(self, rec: SourceRecord, key: str, result: Any, manifest: ManifestWriter) -> None:
-        if isinstance(result, cf.Future):
-            result = result.result()
+    def _finish(self, rec: SourceRecord, key: str, result: dict[str, Any] | None) -> None:
         caption, caption_error = self._caption(rec) if result is not None and result["ok"] else (rec.caption, None)
         base = {"key": key, "source": rec.source, "caption": caption, "fingerprint": rec.fingerprint,
                 "reused": False}
         if result is None:
-            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=rec.error, failed_stage=rec.failed_stage))
+            self._emit(_row(**base, status=STATUS_FAILED, error=rec.error, failed_stage=rec.failed_stage))
             return
         if not result["ok"]:
-            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=result["error"],
-                                      failed_stage=result["failed_stage"]))
+            self._emit(_row(**base, status=STATUS_FAILED, error=result["error"], failed_stage=result["failed_stage"]))
             return
         if caption_error:
-            self._emit(manifest, _row(**base, status=STATUS_FAILED, error=caption_error, failed_stage=STAGE_CAPTION,
-                                      original_width=result["original_width"],
-                                      original_height=result["original_height"], sha256=result["sha256"]))
+            self._emit(_row(**base, status=STATUS_FAILED, error=caption_error, failed_stage=STAGE_CAPTION,
+                            original_width=result["original_width"], original_height=result["original_height"],
+                            sha256=result["sha256"]))
             return
         digest = bytes.fromhex(result["sha256"])
         if digest in self.seen:
-            self._emit(manifest, _row(
-                **base, status=STATUS_FAILED, error=f"duplicate pixels of {self.seen[digest]}",
-                failed_stage=STAGE_DUPLICATE, original_width=result["original_width"],
-                original_height=result["original_height"], sha256=result["sha256"]))
+            self._emit(duplicate_row(_row(**base, original_width=result["original_width"],
+                                          original_height=result["original_height"], sha256=result["sha256"]),
+                                     self.seen[digest]))
             return
         self.seen[digest] = key
         geometry = {k: result[k] for k in ("original_width", "original_height", "bucket", "width", "height",
@@ -318,69 +321,88 @@ class DatasetIngest:
             "__key__": key, "jpg": result["jpg"], "txt": caption.encode("utf-8", "replace"),
             "json": json.dumps(meta, default=str).encode(),
         })
-        self._emit(manifest, _row(**base, status=STATUS_OK, **geometry, sha256=result["sha256"], shard=shard,
-                                  bytes=len(result["jpg"])))
-
-    # -- indexes --------------------------------------------------------------------------
-    def bucket_index(self, dataset: str) -> dict[str, Any]:
-        buckets = {}
-        for b in sorted(self.shards.shards):
-            n = self.shards.counts[b]
-            buckets[b] = {
-                "width": Bucket.parse(b).width, "height": Bucket.parse(b).height, "count": n,
-                "mean_aspect_error": self.stats.aspect_error_sum[b] / n if n else None,
-                "shards": self.shards.shards[b], "wids_index": f"buckets/{b}/wids-index.json",
-            }
-        return {
-            "dataset": dataset, "buckets": buckets, "table": [b.name for b in self.config.buckets],
-            "total_ok": self.stats.ok, "total_failed": self.stats.failed, "reused": self.stats.reused,
-            "failed_by_stage": dict(sorted(self.stats.failed_by_stage.items())),
-            "wids_index": "wids-index.json",
-        }
+        self._emit(_row(**base, status=STATUS_OK, **geometry, sha256=result["sha256"], shard=shard,
+                        bytes=len(result["jpg"])))
 
 
-def run_ingest(sources: list[Source], writer: VersionWriter, config: IngestConfig, *, dataset: str,
-               store: ArtifactStore | None = None, previous: Previous | None = None,
-               progress: ProgressSink | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole data stage into `writer` (not committed): returns the bucket index."""
-    run = DatasetIngest(writer, config, progress)
-    has_urls = any(s.needs_download for s in sources)
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs Prefect's threads
-    pool = cf.ProcessPoolExecutor(config.workers, mp_context=ctx) if config.workers > 1 else None
-    threads = cf.ThreadPoolExecutor(config.fetch.concurrency, thread_name_prefix="asd-fetch") if has_urls else None
-    fetcher = Fetcher(config.fetch, storage_options) if has_urls else None
-    try:
-        with writer.open("manifest.parquet") as stream:
-            manifest = ManifestWriter(stream)
-            try:
-                if previous is not None and store is not None:
-                    run.copy_previous(store, previous, manifest)
-
-                def fresh() -> Iterator[SourceRecord]:
-                    for src in sources:
-                        for rec in src.records(previous.skip_units if previous else None):
-                            if previous and previous.available[rec.fingerprint] > 0:
-                                previous.available[rec.fingerprint] -= 1
-                                continue
-                            yield rec
-
-                run.process(fresh(), manifest, fetcher, pool, threads)
-            finally:
-                run.shards.close()
-                manifest.close()
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-        if threads:
-            threads.shutdown(cancel_futures=True)
-    for rel, data in run.shards.wids_indexes(dataset).items():
-        writer.put_bytes(rel, data)
-    index = run.bucket_index(dataset)
-    writer.put_bytes("bucket_index.json", json.dumps(index, indent=2).encode())
-    index["_first_failures"] = run.stats.first_failures
-    return index
+def duplicate_row(row: dict[str, Any], first_key: str) -> dict[str, Any]:
+    """`row` as the later copy of pixels first seen as `first_key` (no shard of its own)."""
+    keep = {"key", "source", "caption", "fingerprint", "reused", "original_width", "original_height", "sha256"}
+    return {**{k: (v if k in keep else None) for k, v in row.items()}, "status": STATUS_FAILED,
+            "failed_stage": STAGE_DUPLICATE, "error": f"duplicate pixels of {first_key}"}
 
 
+def manifest_rows(store: ArtifactStore, ref: str, start: int, stop: int) -> list[dict[str, Any]]:
+    """Rows [start, stop) of a version's manifest, reading only the row groups that hold them."""
+    out: list[dict[str, Any]] = []
+    with store.open(ref, "manifest.parquet") as f:
+        pf = pq.ParquetFile(f)
+        first = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first < stop and first + n > start:
+                rows = pf.read_row_group(g).to_pylist()
+                out += rows[max(0, start - first):stop - first]
+            first += n
+    return out
+
+
+def _copy_whole(store: ArtifactStore, writer: VersionWriter, reuse: Reuse) -> list[dict[str, Any]] | None:
+    """The previous version's partition copied: its shards (each re-hashed against that
+    version's record while copied) and its rows. None when a shard does not check out (what
+    was copied is discarded; the caller builds the partition afresh)."""
+    entry = reuse.whole
+    assert entry is not None
+    copied: list[str] = []
+    for rel in (s["shard"] for shards in entry["shards"].values() for s in shards):
+        expected = store.file_meta(reuse.ref, rel)
+        try:
+            with store.open(reuse.ref, rel) as src, writer.open(rel) as dst:
+                while block := src.read(8 << 20):
+                    dst.write(block)
+            copied.append(rel)
+            if expected is None or writer.files[rel]["sha256"] != expected["sha256"]:
+                raise ValueError("it does not match its recorded sha256")
+        except (OSError, ValueError) as exc:
+            log.warning("%s/%s cannot be reused (%s); its partition is ingested again", reuse.ref, rel, exc)
+            for done in copied:
+                writer.discard(done)
+            return None
+    a, b = entry["rows"]
+    return [{**row, "reused": True} for row in manifest_rows(store, reuse.ref, a, b)]
+
+
+def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) -> PartitionResult:
+    """The task body: one partition into its shards and fragment (see the module doc)."""
+    store = ArtifactStore(job.store_url)
+    writer = VersionWriter.for_pending(store, job.pending)
+    rows = _copy_whole(store, writer, reuse) if reuse is not None and reuse.whole is not None else None
+    if rows is not None:
+        shards, copied = reuse.whole["shards"], True  # type: ignore[union-attr]
+    else:
+        run = PartitionIngest(writer, job.config, part.stem)
+        if reuse is not None and reuse.rows:
+            run.load_previous(store, reuse.ref, reuse.rows)
+        records = (partition_records(store, part) if part.plan is not None
+                   else shard_records(part.shard_url or "", part.shard_fp or "", job.config.source, job.storage_options))
+        threads = (cf.ThreadPoolExecutor(job.config.fetch.concurrency, thread_name_prefix="asd-fetch")
+                   if part.needs_download else None)
+        fetcher = Fetcher(job.config.fetch, job.storage_options) if part.needs_download else None
+        try:
+            run.process(records, fetcher, threads)
+        finally:
+            run.shards.close()
+            if threads:
+                threads.shutdown(cancel_futures=True)
+        rows, shards, copied = run.rows, run.shards.shards, False
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_MANIFEST), buf, compression="zstd")
+    rel = fragment_name(part)
+    store.write_atomic(store.path(job.pending.ref.prefix, rel), buf.getvalue())
+    return PartitionResult(part.index, part.fingerprint, rel, len(rows), dict(writer.files), shards, copied)
+
+
+# -- the plan of reuse (in the driver) --------------------------------------------------------
 def latest_with_options(store: ArtifactStore, dataset: str, options_hash: str) -> ArtifactRef | None:
     for ref in reversed(store.list_versions("datasets", dataset)):
         if store.record(ref).get("params", {}).get("output_hash") == options_hash:
@@ -392,23 +414,60 @@ def has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
     return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
 
 
-def plan_previous(store: ArtifactStore, dataset: str, options_hash: str, opened: list[Source],
-                  retry_failed: bool) -> tuple[Previous | None, int]:
-    """What this ingest can carry over from the newest version made with the same output
-    options, and how many inputs it will emit in all (for progress)."""
-    prev_ref = latest_with_options(store, dataset, options_hash)
-    current: Counter = Counter()
-    shard_units: set[str] = set()
-    known = 0
-    for s in opened:
-        units = s.units()
-        if units is not None:
-            shard_units |= units
-        else:
-            recs = list(s.records())
-            current.update(r.fingerprint for r in recs)
-            known += len(recs)
-    if prev_ref is None:
-        return None, known
-    previous = plan_reuse(store, prev_ref, current, shard_units, retry_failed)
-    return previous, known + len(previous.rows.filter(pl.col("fingerprint").str.contains("#")))
+def plan_reuse(store: ArtifactStore, dataset: str, options_hash: str, parts: list[Partition],
+               retry_failed: bool) -> tuple[ArtifactRef | None, dict[int, Reuse]]:
+    """What each partition takes from the newest version made with the same output options:
+    partitions it holds unchanged are copied whole (unless `retry_failed` and they have failed
+    downloads, or the merge edited them); the rest take the rows of inputs still listed unchanged
+    (as many times as listed now), except failed downloads being retried and duplicates (which
+    the merge decides again)."""
+    prev = latest_with_options(store, dataset, options_hash)
+    if prev is None:
+        return None, {}
+    try:
+        entries = json.loads(store.read_bytes(prev, PARTITIONS_FILE))["partitions"]
+    except FileNotFoundError:
+        log.info("%s predates partitioned ingest: nothing of it is reused", prev)
+        return prev, {}
+    by_fp = {e["fingerprint"]: e for e in entries}
+    plan: dict[int, Reuse] = {}
+    whole_rows: list[tuple[int, int]] = []
+    changed: list[Partition] = []
+    for part in parts:
+        e = by_fp.get(part.fingerprint)
+        if e is not None and not e.get("edited") and not (retry_failed and e.get("download_failures")):
+            plan[part.index] = Reuse(str(prev), whole=e)
+            whole_rows.append(tuple(e["rows"]))
+        elif part.plan is not None:
+            changed.append(part)
+    if changed:
+        for index, rows in _reusable_rows(store, prev, changed, whole_rows, retry_failed).items():
+            plan[index] = Reuse(str(prev), rows=tuple(rows))
+    return prev, plan
+
+
+def _reusable_rows(store: ArtifactStore, prev: ArtifactRef, changed: list[Partition],
+                   whole_rows: list[tuple[int, int]], retry_failed: bool) -> dict[int, list[dict[str, Any]]]:
+    """Rows of `prev` for the inputs of `changed` partitions, matched by fingerprint and
+    occurrence, by partition index (one pass over a local copy of `prev`'s manifest)."""
+    current = pl.DataFrame(list(plan_fingerprints(store, changed)), schema={"_part": pl.Int64, "fingerprint": pl.String},
+                           orient="row")
+    current = current.with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+        with store.open(prev, "manifest.parquet") as src:
+            while block := src.read(8 << 20):
+                tmp.write(block)
+        tmp.flush()
+        df = pl.scan_parquet(tmp.name).with_row_index("_row")
+        taken = pl.lit(False)
+        for a, b in whole_rows:
+            taken = taken | pl.col("_row").is_between(a, b, closed="left")
+        drop = taken | pl.col("failed_stage").eq_missing(STAGE_DUPLICATE)
+        if retry_failed:
+            drop = drop | (pl.col("status").eq_missing(STATUS_FAILED) & pl.col("failed_stage").eq_missing(STAGE_DOWNLOAD))
+        df = df.filter(~drop).with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
+        matched = df.join(current.lazy(), on=["fingerprint", "_rank"], how="inner").collect()
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in matched.drop("_row", "_rank").iter_rows(named=True):
+        out.setdefault(row.pop("_part"), []).append(row)
+    return out

@@ -12,17 +12,18 @@ from typing import Any
 import webdataset as wds
 
 from artifact_store import VersionWriter
+from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 
 TAR_MTIME = 0  # fixed member mtime: the same input gives byte-identical shards
 WIDS_KIND = "wids-shard-index-v1"
 
 
 class BucketShardWriter:
-    """`buckets/<W>x<H>/<nnnnnn>.tar`, a new shard when one reaches `max_samples` or `max_bytes`.
-    Memory is one open tar stream per bucket, flat in the dataset size."""
+    """`buckets/<W>x<H>/<stem>-<nnnn>.tar` (one partition's `stem`), a new shard when one reaches
+    `max_samples` or `max_bytes`. Memory is one open tar stream per bucket."""
 
-    def __init__(self, writer: VersionWriter, max_samples: int, max_bytes: int) -> None:
-        self.writer = writer
+    def __init__(self, writer: VersionWriter, max_samples: int, max_bytes: int, stem: str) -> None:
+        self.writer, self.stem = writer, stem
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.open: dict[str, tuple[wds.TarWriter, contextlib.ExitStack, str]] = {}
         self.counts: Counter[str] = Counter()
@@ -33,7 +34,7 @@ class BucketShardWriter:
 
     def _rotate(self, bucket: str) -> None:
         self._close(bucket)
-        rel = f"buckets/{bucket}/{self.shard_no[bucket]:06d}.tar"
+        rel = f"buckets/{bucket}/{self.stem}-{self.shard_no[bucket]:04d}.tar"
         self.shard_no[bucket] += 1
         stack = contextlib.ExitStack()
         stream = stack.enter_context(self.writer.open(rel))
@@ -69,18 +70,43 @@ class BucketShardWriter:
         for b in list(self.open):
             self._close(b)
 
-    def wids_indexes(self, name: str) -> dict[str, bytes]:
-        """wids index files (relative URLs, resolved against the index's own location)."""
-        def doc(label: str, shards: list[dict[str, Any]], prefix: str) -> bytes:
-            return json.dumps({
-                "__kind__": WIDS_KIND, "wids_version": 1, "name": label,
-                "shardlist": [{"url": s["shard"][len(prefix):], "nsamples": s["count"]} for s in shards],
-            }, indent=1).encode()
 
-        out = {}
-        every = [s for b in sorted(self.shards) for s in self.shards[b]]
-        if every:
-            out["wids-index.json"] = doc(name, every, "")
-        for b in sorted(self.shards):
-            out[f"buckets/{b}/wids-index.json"] = doc(f"{name}/{b}", self.shards[b], f"buckets/{b}/")
-        return out
+def wids_indexes(name: str, shards: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
+    """wids index files of bucket -> shards (relative URLs, resolved against the index's own
+    location): one for the whole dataset and one per bucket."""
+    def doc(label: str, listed: list[dict[str, Any]], prefix: str) -> bytes:
+        return json.dumps({
+            "__kind__": WIDS_KIND, "wids_version": 1, "name": label,
+            "shardlist": [{"url": s["shard"][len(prefix):], "nsamples": s["count"]} for s in listed],
+        }, indent=1).encode()
+
+    out = {}
+    every = [s for b in sorted(shards) for s in shards[b]]
+    if every:
+        out["wids-index.json"] = doc(name, every, "")
+    for b in sorted(shards):
+        out[f"buckets/{b}/wids-index.json"] = doc(f"{name}/{b}", shards[b], f"buckets/{b}/")
+    return out
+
+
+def rewrite_shard(writer: VersionWriter, rel: str, data: Any, drop: set[str], rename: dict[str, str]) -> int:
+    """Shard `rel` of `writer`'s version written again from `data` (its stream) without the
+    samples of `drop` and with keys renamed by `rename`; returns the samples it keeps (0: the
+    shard is gone). Byte-identical to a shard written with those samples in the first place."""
+    kept = [sample_members(s) for s in tar_stream_samples(data, STORED_MAX_BYTES, STORED_MAX_BYTES)
+            if s["__key__"] not in drop]
+    writer.discard(rel)
+    if not kept:
+        return 0
+    with writer.open(rel) as stream:
+        tar = wds.TarWriter(stream, mtime=TAR_MTIME)
+        for sample in kept:
+            key = sample["__key__"]
+            if key in rename:
+                sample = {**sample, "__key__": rename[key]}
+                if "json" in sample:
+                    meta = json.loads(sample["json"])
+                    sample["json"] = json.dumps({**meta, "key": rename[key]}, default=str).encode()
+            tar.write(sample)
+        tar.close()
+    return len(kept)

@@ -36,13 +36,11 @@ from braceexpand import braceexpand
 from artifact_store import redact_url
 from asd_models.shard_reader import printable, tar_stream_samples
 from data_engine.samples import STAGE_DOWNLOAD, STAGE_SOURCE, STAGE_VALIDATE
+from data_engine.url_lists import CAPTION_COLUMNS, LIST_EXTS, UrlTable
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTS = (".txt", ".caption")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-LIST_EXTS = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt")
-CAPTION_COLUMNS = ("caption", "text", "TEXT", "prompt")
-URL_COLUMNS = ("url", "URL", "image_url")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 
@@ -318,44 +316,46 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.D
 
 
 class UrlListSource:
-    """A table of URLs (and captions), as img2dataset takes it: http(s)://, s3:// or file://."""
+    """A table of URLs (and captions), as img2dataset takes it: http(s)://, s3:// or file://,
+    streamed (`data_engine.url_lists`): a list of any length is read a batch at a time."""
 
     kind: ClassVar[str] = "url-list"
     needs_download: ClassVar[bool] = True
 
     def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
-        path, url_col, caption_col = spec, options.url_col, options.caption_col
-        self.path = path
-        df = read_table(path, storage_options)
-        self.url_col = url_col or next((c for c in URL_COLUMNS if c in df.columns), None)
-        if self.url_col not in df.columns:
-            raise ValueError(f"URL list {path}: no URL column (looked for {url_col or ', '.join(URL_COLUMNS)}; "
-                             f"it has {df.columns})")
-        self.caption_col = caption_col or next((c for c in CAPTION_COLUMNS if c in df.columns), None)
-        if caption_col and caption_col not in df.columns:
-            raise ValueError(f"URL list {path}: no caption column {caption_col!r} (it has {df.columns})")
-        cols = [self.url_col] + ([self.caption_col] if self.caption_col else [])
-        self.rows = [(r[0], r[1] if len(r) > 1 else None) for r in df.select(cols).iter_rows()]
+        self.path = spec
+        self.table = UrlTable(spec, options.url_col, options.caption_col, storage_options)
+        self._fingerprint: str | None = None
 
     def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
-        for i, (url, caption) in enumerate(self.rows):
-            url = "" if url is None else str(url).strip()
-            caption = None if caption is None else str(caption)
-            fp = _sha1("url", url, caption)
-            if not url:
-                yield SourceRecord(source=f"{self.path}#row{i}", name=f"row{i}", caption=caption, fingerprint=fp,
-                                   error="empty URL", failed_stage=STAGE_SOURCE)
-                continue
-            name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or f"row{i}"
-            shown = redact_url(url)  # what the manifest, the shard metadata and the logs may hold
-            yield SourceRecord(source=shown, name=name, caption=caption, fingerprint=fp, url=url,
-                               meta={"url": shown, "row": i})
+        i = 0
+        for batch in self.table.batches():
+            for url, caption, error in batch:
+                yield url_record(redact_url(self.path), i, url, caption, error)
+                i += 1
 
     def fingerprint(self) -> str:
-        return _sha1("url-list", *(r.fingerprint for r in self.records()))
+        """The list's bytes and the columns read (streamed: not the rows in memory)."""
+        if self._fingerprint is None:
+            self._fingerprint = _sha1("url-list", self.table.content_sha256(), self.table.url_col,
+                                      self.table.caption_col)
+        return self._fingerprint
 
     def units(self) -> None:
         return None
+
+
+def url_record(list_name: str, i: int, url: str | None, caption: str | None, error: str | None = None) -> SourceRecord:
+    """Row `i` of a URL list as an input."""
+    url = "" if url is None else url.strip()
+    fp = _sha1("url", url, caption)
+    if error or not url:
+        return SourceRecord(source=f"{list_name}#row{i}", name=f"row{i}", caption=caption, fingerprint=fp,
+                            error=error or "empty URL", failed_stage=STAGE_SOURCE)
+    name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or f"row{i}"
+    shown = redact_url(url)  # what the manifest, the shard metadata and the logs may hold
+    return SourceRecord(source=shown, name=name, caption=caption, fingerprint=fp, url=url, meta={"url": shown, "row": i})
+
 
 class ShardSource:
     """Existing WebDataset / img2dataset shards: a brace pattern, a .tar, or a folder of .tar
@@ -410,47 +410,54 @@ class ShardSource:
             yield from self._shard(url, shard_fp)
 
     def _shard(self, url: str, shard_fp: str) -> Iterator[SourceRecord]:
-        n = 0
-        try:
-            with fsspec.open(url, "rb", **self.storage_options) as stream:
-                for sample in tar_stream_samples(stream, self.options.max_bytes, self.options.sample_max_bytes):
-                    n += 1
-                    yield self._sample(url, shard_fp, sample)
-        except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
-            yield SourceRecord(source=redact_url(url), name=posixpath.basename(url), caption=None,
-                               fingerprint=f"{shard_fp}#__shard_error__", error=(
-                                   f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
-                               failed_stage=STAGE_DOWNLOAD)
+        return shard_records(url, shard_fp, self.options, self.storage_options)
 
-    def _sample(self, url: str, shard_fp: str, sample: dict[str, Any]) -> SourceRecord:
-        key = str(sample.get("__key__", ""))
-        fields = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
-        img_key = next((k for k in SHARD_IMAGE_KEYS if k in fields), None)
-        caption = fields.get("txt") or fields.get("caption")
-        caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else caption
-        meta: dict[str, Any] = {"shard": redact_url(url), "shard_key": key}
-        if "json" in fields:
-            try:
-                src = json.loads(fields["json"])
-                if isinstance(src, dict):
-                    meta["source_json"] = {k: src[k] for k in ("url", "key", "width", "height", "status") if k in src}
-            except (ValueError, UnicodeDecodeError):
-                meta["source_json"] = "unparseable"
-        source = f"{redact_url(url)}#{key}"
-        fp = f"{shard_fp}#{_sha1(key)}"
-        problems = sample.get("__problems__") or []
-        if sample.get("__over__"):
-            return SourceRecord(source=source, name=posixpath.basename(key), caption=None, fingerprint=fp,
-                                error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
-        if img_key is None:
-            if problems:
-                return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                                    error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
+
+def shard_records(url: str, shard_fp: str, options: SourceOptions,
+                  storage_options: dict[str, Any] | None) -> Iterator[SourceRecord]:
+    """Every sample of one shard file as an input (what a shard partition's task reads)."""
+    n = 0
+    try:
+        with fsspec.open(url, "rb", **(storage_options if url.startswith("s3://") else {})) as stream:
+            for sample in tar_stream_samples(stream, options.max_bytes, options.sample_max_bytes):
+                n += 1
+                yield _shard_sample(url, shard_fp, sample)
+    except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
+        yield SourceRecord(source=redact_url(url), name=posixpath.basename(url), caption=None,
+                           fingerprint=f"{shard_fp}#__shard_error__", error=(
+                               f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
+                           failed_stage=STAGE_DOWNLOAD)
+
+
+def _shard_sample(url: str, shard_fp: str, sample: dict[str, Any]) -> SourceRecord:
+    key = str(sample.get("__key__", ""))
+    fields = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
+    img_key = next((k for k in SHARD_IMAGE_KEYS if k in fields), None)
+    caption = fields.get("txt") or fields.get("caption")
+    caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else caption
+    meta: dict[str, Any] = {"shard": redact_url(url), "shard_key": key}
+    if "json" in fields:
+        try:
+            src = json.loads(fields["json"])
+            if isinstance(src, dict):
+                meta["source_json"] = {k: src[k] for k in ("url", "key", "width", "height", "status") if k in src}
+        except (ValueError, UnicodeDecodeError):
+            meta["source_json"] = "unparseable"
+    source = f"{redact_url(url)}#{key}"
+    fp = f"{shard_fp}#{_sha1(key)}"
+    problems = sample.get("__problems__") or []
+    if sample.get("__over__"):
+        return SourceRecord(source=source, name=posixpath.basename(key), caption=None, fingerprint=fp,
+                            error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
+    if img_key is None:
+        if problems:
             return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                                error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
-                                failed_stage=STAGE_SOURCE, meta=meta)
+                                error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
         return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                            data=fields[img_key], meta=meta)
+                            error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
+                            failed_stage=STAGE_SOURCE, meta=meta)
+    return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
+                        data=fields[img_key], meta=meta)
 
 
 SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (FolderSource, UrlListSource, ShardSource)}

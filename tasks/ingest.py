@@ -1,7 +1,9 @@
 """The ingest stage, in one place: its settings (and their adapter to the data engine's frozen
 config), its identity (the sources' fingerprints and the output options), and its build: the
-data engine (reader -> downloader -> resizer -> writer, `data_engine`) into one bucketed dataset
-version, carrying over what the newest version with the same options already holds."""
+sources split into partitions (`data_engine.partitions`), one task per partition through the data
+engine (reader -> downloader -> resizer -> writer) into its own shards and manifest fragment, on
+threads of this process or Dask workers, then one merge (`data_engine.merge`) and one commit.
+Partitions the newest version with the same options holds are copied from it."""
 
 from __future__ import annotations
 
@@ -9,22 +11,37 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from pydantic import field_validator, model_validator
 
 from artifact_store import ArtifactRef, ArtifactStore, params_hash, redact_url, s3_storage_options
 from asd_models.buckets import asd_buckets, kohya_buckets
-from data_engine.engine import IngestConfig, has_download_failures, plan_previous, run_ingest
+from data_engine.engine import (
+    IngestConfig,
+    PartitionJob,
+    PartitionResult,
+    Reuse,
+    has_download_failures,
+    ingest_partition,
+    plan_reuse,
+)
 from data_engine.fetch import URL_SCHEMES, FetchOptions
+from data_engine.merge import merge_partitions
+from data_engine.partitions import Partition, plan_partitions
 from data_engine.samples import SampleSpec
 from data_engine.sources import Source, SourceOptions, open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
-from data_manifests.settings import SEED_MAX, StageSettings, execution, output
+from data_manifests.settings import SEED_MAX, FanOutSettings, execution, output
+from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, task_runner_for, with_run_environment
 from tasks.progress import Progress, publish_table
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 
 
-class IngestSettings(StageSettings):
-    """The data stage: sources -> validated, bucketed samples -> manifest + WebDataset shards."""
+class IngestSettings(FanOutSettings):
+    """The data stage: sources -> validated, bucketed samples -> manifest + WebDataset shards,
+    partition by partition on the executor (`executor`, `workers`, `dask_address`)."""
 
     bucket_table: Literal["asd", "kohya"] = output(
         "asd", description="asd: our 9-ratio table around bucket_base^2; kohya: every width from "
@@ -47,7 +64,8 @@ class IngestSettings(StageSettings):
         "bilinear", description="resize filter (antialiased when shrinking); bilinear as diffusers' SD training")
     shard_max_samples: int = output(1000, ge=1, description="samples per shard before it rotates")
     shard_max_bytes: int = output(256 << 20, ge=1 << 16, description="bytes per shard before it rotates")
-    workers: int = execution(1, ge=1, description="decode processes (all cores: os.cpu_count())")
+    partition_inputs: int = output(1000, ge=1, description="inputs a partition (one task, its own shards) holds "
+                                   "on average (a quarter to 4x this); a shard source is one partition a file")
     download_concurrency: int = execution(16, ge=1, description="downloads in flight")
     per_host: int = execution(4, ge=1, description="concurrent requests per host")
     timeout_s: float = execution(20.0, gt=0, description="deadline of one request, headers included, seconds")
@@ -103,7 +121,7 @@ class IngestSettings(StageSettings):
                              allow_schemes=self.schemes, allow_private_addresses=self.allow_private_addresses,
                              source_credentials=self.source_credentials)
         return IngestConfig(tuple(buckets), sample, fetch, self.source_options(), self.empty_caption,
-                            self.shard_max_samples, self.shard_max_bytes, self.workers)
+                            self.shard_max_samples, self.shard_max_bytes, self.partition_inputs)
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(url_col=self.url_col, caption_col=self.caption_col, max_bytes=self.max_bytes,
@@ -121,6 +139,7 @@ class Ingest(Stage):
     flow: ClassVar[str] = "asd-ingest"
     output_param: ClassVar[str] = "dataset"
     kind: ClassVar[str] = "datasets"
+    builds_in_task: ClassVar[bool] = False  # it fans out over partition tasks of its own
     sources: tuple[str, ...]
     settings: IngestSettings = IngestSettings()
     retry_failed: bool = False
@@ -150,15 +169,12 @@ class Ingest(Stage):
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         store, dataset, logger = run.store, run.pending.ref.name, run.logger
-        opened = self.opened
-        previous, total = (None, 0) if run.rerun else plan_previous(store, dataset, self.options_hash, opened,
-                                                                     self.retry_failed)
-        if previous is not None:
-            logger.info("reusing %d rows of %s%s", len(previous.rows), previous.ref,
-                        "; retrying its failed downloads" if self.retry_failed else "")
-        with Progress(f"ingest {dataset}", max(1, total), unit="img") as progress:
-            index = run_ingest(opened, run.writer, self.settings.engine_config(), dataset=dataset, store=store,
-                               previous=previous, progress=progress, storage_options=s3_storage_options())
+        st = with_run_environment(self.settings)
+        config = st.engine_config()
+        job = PartitionJob(store.url, run.pending, config, s3_storage_options())
+        results, previous = partitions_flow.with_options(task_runner=task_runner_for(st))(
+            self, job, st.workers, run.rerun)
+        index = merge_partitions(store, run.writer, run.pending, results, dataset, config)
         if index["total_ok"] + index["total_failed"] == 0:
             raise ValueError(f"ingest sources {[redact_url(x) for x in self.sources]} hold no inputs at all "
                              "(nothing committed)")
@@ -168,18 +184,59 @@ class Ingest(Stage):
         if index["total_failed"] > len(first_failures):
             logger.warning("... %d rejected in all, by stage: %s", index["total_failed"], index["failed_by_stage"])
         summary = {"samples_ok": index["total_ok"], "samples_failed": index["total_failed"], "reused": index["reused"],
-                   "failed_by_stage": index["failed_by_stage"],
+                   "failed_by_stage": index["failed_by_stage"], "partitions": index["partitions"],
                    "buckets": {b: v["count"] for b, v in index["buckets"].items()}}
-        logger.info("%s: %d ok, %d failed (%s), %d reused, buckets %s", run.pending.ref, index["total_ok"],
-                    index["total_failed"], index["failed_by_stage"], index["reused"], summary["buckets"])
+        logger.info("%s: %d ok, %d failed (%s), %d reused, %d partitions, buckets %s", run.pending.ref,
+                    index["total_ok"], index["total_failed"], index["failed_by_stage"], index["reused"],
+                    index["partitions"], summary["buckets"])
         return Built(params={"sources": [redact_url(x) for x in self.sources], **self.settings.model_dump(),
                              "output_hash": self.options_hash, "retry_failed": self.retry_failed},
-                     summary=summary, parents=[str(previous.ref)] if previous is not None and index["reused"] else [],
+                     summary=summary, parents=[previous] if previous is not None and index["reused"] else [],
                      extra={"index": index})
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
         if built is not None:
             publish_table("bucket-stats", bucket_rows(built.extra["index"]), f"bucket statistics of {ref}")
+
+
+@task(name="ingest-partition", task_run_name="partition-{part.index}", cache_policy=NO_CACHE)
+def ingest_partition_task(job: PartitionJob, part: Partition, reuse: Reuse | None) -> PartitionResult:
+    """One partition into its own shards and manifest fragment (on a thread or a Dask worker)."""
+    return ingest_partition(job, part, reuse)
+
+
+@flow(name="asd-ingest-partitions", log_prints=True, validate_parameters=False)  # the stage as it is (opened)
+def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool
+                    ) -> tuple[list[PartitionResult], str | None]:
+    """The fan-out: the sources planned into partitions (records streamed to plan files in the
+    pending version), what each takes from the previous version, then one task a partition, at
+    most a few per worker in flight; returns their results and the version reused from."""
+    logger = get_run_logger()
+    store = ArtifactStore(job.store_url)
+    parts = plan_partitions(stage.opened, job.config.partition_inputs, store, job.pending.ref.prefix)
+    previous, reuse = (None, {}) if rerun else plan_reuse(store, job.pending.ref.name, stage.options_hash, parts,
+                                                          stage.retry_failed)
+    whole = sum(1 for r in reuse.values() if r.whole is not None)
+    logger.info("%d partitions of %s; %d copied whole from %s, %d take some of its rows", len(parts),
+                [redact_url(s) for s in stage.sources], whole, previous, len(reuse) - whole)
+    known = sum(p.inputs or 0 for p in parts)
+    results: list[PartitionResult] = []
+    done = 0
+    window = MAX_IN_FLIGHT_PER_WORKER * workers
+    todo = list(reversed(parts))
+    running: set[Any] = set()
+    with Progress(f"ingest {job.pending.ref.name}", max(1, known), unit="input") as progress:
+        while todo or running:
+            while todo and len(running) < window:
+                part = todo.pop()
+                running.add(ingest_partition_task.submit(job, part, reuse.get(part.index)))
+            finished = next(as_completed(list(running)))
+            running.discard(finished)
+            results.append(finished.result())
+            done += results[-1].rows
+            progress.update(min(progress.total, done))
+            progress.note(f"{len(results)}/{len(parts)} partitions")
+    return results, None if previous is None else str(previous)
 
 
 def bucket_rows(index: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""Ingest inputs as partitions: the unit a task takes, and the unit a re-ingest reuses whole.
+
+A partition is a run of consecutive inputs of one source:
+
+- a folder or a URL list: consecutive records, cut after a record whose `source` hashes to a
+  boundary (content-defined, as rsync and restic chunk files: adding, removing or changing an
+  input changes its own partition, not every partition after it), at least a quarter and at most
+  four times `target` records. The records are written once, as the planner streams them, to a
+  plan file in the pending version (`_fragments/plan-<source>.parquet`, one row group a
+  partition): the driver holds no records and a task reads its row group (one ranged read);
+- existing shards: one partition per shard file, read by its task.
+
+A partition's fingerprint covers its records' fingerprints in order (a shard's: the shard's), and
+its occurrence among equal partitions, so the same inputs listed twice are two partitions. Its
+first 16 hex name its bucket shards (`buckets/<WxH>/<stem>-<nnnn>.tar`): a reused partition's
+shards keep their names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from artifact_store import ArtifactStore
+from artifact_store.refs import FRAGMENT_DIR
+from data_engine.sources import Source, SourceRecord
+
+PLAN_FIELDS = ("source", "name", "caption", "fingerprint", "path", "url", "error", "failed_stage")
+# bytes, not strings: a listing's names are whatever the file system holds (surrogates included)
+PLAN = pa.schema([(f, pa.binary()) for f in (*PLAN_FIELDS, "meta")])
+MIN_FRACTION, MAX_FACTOR = 4, 4  # a partition holds target/4 .. 4*target records
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One task's inputs: a row group of a plan file (`plan`, `group`; `inputs` records), or one
+    shard file (`shard_url`, its samples counted as they are read)."""
+
+    index: int
+    fingerprint: str
+    inputs: int | None
+    needs_download: bool
+    plan: str | None = None  # path of the plan file in the store
+    group: int | None = None
+    shard_url: str | None = None
+    shard_fp: str | None = None
+
+    @property
+    def stem(self) -> str:
+        return self.fingerprint[:16]
+
+
+def _boundary(source: str, target: int) -> bool:
+    h = int.from_bytes(hashlib.sha1(source.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return h % target == 0
+
+
+def cut(records: Iterable[SourceRecord], target: int) -> Iterator[list[SourceRecord]]:
+    """Consecutive runs of `records`, cut at content-defined boundaries (see the module doc)."""
+    low, high = max(1, target // MIN_FRACTION), max(1, target * MAX_FACTOR)
+    run: list[SourceRecord] = []
+    for rec in records:
+        run.append(rec)
+        if len(run) >= high or (len(run) >= low and _boundary(rec.source, target)):
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _enc(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _dec(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", "surrogatepass")
+
+
+def _plan_table(records: list[SourceRecord]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {**{f: _enc(getattr(r, f)) for f in PLAN_FIELDS},
+         "meta": _enc(json.dumps(r.meta, default=str)) if r.meta else None}
+        for r in records], schema=PLAN)
+
+
+class _Fingerprints:
+    """Partition fingerprints, unique within a run (an occurrence count for equal ones)."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, parts: Iterable[str]) -> str:
+        h = hashlib.sha1()
+        for p in parts:
+            h.update(p.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        fp = h.hexdigest()
+        self.seen[fp] += 1
+        n = self.seen[fp]
+        return fp if n == 1 else hashlib.sha1(f"{fp}:{n}".encode()).hexdigest()
+
+
+def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, prefix: str) -> list[Partition]:
+    """Every input of `sources` in partitions (in input order); record sources' records go to
+    plan files under `prefix` (a pending version's), streamed: memory holds one partition."""
+    fingerprint = _Fingerprints()
+    out: list[Partition] = []
+    for i, src in enumerate(sources):
+        shard_fps = getattr(src, "shard_fingerprints", None)
+        if src.units() is not None and shard_fps is not None:
+            for url, shard_fp in shard_fps().items():
+                out.append(Partition(len(out), fingerprint([shard_fp]), None, src.needs_download,
+                                     shard_url=url, shard_fp=shard_fp))
+            continue
+        plan = store.path(prefix, FRAGMENT_DIR, f"plan-{i:04d}.parquet")
+        store.ensure_parent(plan)
+        with store.fs.open(plan, "wb") as raw, pq.ParquetWriter(raw, PLAN, compression="zstd") as writer:
+            for group, records in enumerate(cut(src.records(), target)):
+                writer.write_table(_plan_table(records), row_group_size=len(records))
+                out.append(Partition(len(out), fingerprint(r.fingerprint for r in records), len(records),
+                                     src.needs_download, plan=plan, group=group))
+    return out
+
+
+def partition_records(store: ArtifactStore, part: Partition) -> list[SourceRecord]:
+    """A plan partition's records (its row group of the plan file)."""
+    assert part.plan is not None and part.group is not None
+    with store.fs.open(part.plan, "rb") as f:
+        rows = pq.ParquetFile(f).read_row_group(part.group).to_pylist()
+    return [SourceRecord(**{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]
+                         meta=json.loads(r["meta"]) if r["meta"] else {}) for r in rows]
+
+
+def plan_fingerprints(store: ArtifactStore, parts: list[Partition]) -> Iterator[tuple[int, str]]:
+    """(partition index, record fingerprint) of plan partitions, streamed group by group."""
+    for part in parts:
+        if part.plan is None:
+            continue
+        with store.fs.open(part.plan, "rb") as f:
+            fps = pq.ParquetFile(f).read_row_group(part.group, columns=["fingerprint"]).column(0).to_pylist()
+        for fp in fps:
+            yield part.index, _dec(fp) or ""
+
