@@ -8,7 +8,8 @@ decoded and scored) are written once; then the evaluate stage runs with the whol
 sample (`--sample` = images: every image decoded, seam-scored, 8 patches each through the
 TF-Inception) on a LocalCluster of 1 worker with 1 thread, 1 worker with every core, and 2
 workers with cores / 2 threads each. Prints seconds, images/s and the ratio to 1 worker x 1
-thread, and checks that every run gives the same FID/KID.
+thread, and checks that every run gives the same FID/KID. The flows report to a real Prefect
+server started for the run (`bench.prefect_server`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from distributed import LocalCluster
-    from prefect.testing.utilities import prefect_test_harness
 
+    from bench.prefect_server import prefect_server
     from flows.stages import evaluate_flow
     from tasks.evaluate import EvaluateSettings
 
@@ -88,7 +89,7 @@ def main() -> None:
     configs = [("1 worker x 1 thread", 1, 1), (f"1 worker x {cores} threads", 1, cores),
                (f"2 workers x {max(1, cores // 2)} thread(s)", 2, max(1, cores // 2))]
     results = []
-    with tempfile.TemporaryDirectory(prefix="asd-bench-eval-") as tmp, prefect_test_harness(server_startup_timeout=120):
+    with tempfile.TemporaryDirectory(prefix="asd-bench-eval-") as tmp, prefect_server():
         store_url, gen, data = build(Path(tmp), args.images)
         for label, workers, threads in configs:
             env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "ASD_TORCH_THREADS": str(threads)}

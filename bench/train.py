@@ -18,9 +18,10 @@ and is timed over `--steps` optimizer steps after 5 untimed warm-up steps.
 | stream, cached latents | the same, each image VAE-encoded once |
 | loader only | `make_loader` alone (no model), 0 and 2 workers |
 
-`--processes N` compares instead one training process using every core with N processes under
-torchrun (DDP, gloo on the CPU, cores / N threads each, batch 8 per rank, so N x 8 samples a step),
-streaming from the store: samples/s of each and their ratio.
+`--processes N` compares instead one training process using every core (and one using one
+rank's share of them) with N processes under torchrun (DDP, gloo on the CPU, cores / N threads
+each, batch 8 per rank, so N x 8 samples a step), streaming from the store: samples/s of each
+and their ratios.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def child(config: str, steps: int, n: int) -> dict:
     from tasks.train import TrainSettings
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # every process shares the same cores
+    threads = os.environ.get("BENCH_TORCH_THREADS")  # default: every process shares the same cores
+    torch.set_num_threads(int(threads) if threads else max(1, len(os.sched_getaffinity(0)) // world))
     store_url, ref = dataset(n)
     store = ArtifactStore(store_url)
     buckets = dataset_buckets(store, store.resolve(ref))
@@ -174,25 +176,29 @@ def main() -> None:
 
 
 def data_parallel(args: argparse.Namespace) -> None:
-    """One process on every core against `--processes` DDP processes on the same cores."""
+    """One process on every core, and one process on one rank's share of the cores, against
+    `--processes` DDP processes on the same cores."""
     from tests.helpers import free_port
 
+    cores = len(os.sched_getaffinity(0))
+    share = max(1, cores // args.processes)
     runs = []
-    for n in (1, args.processes):
+    for n, threads in ((1, cores), (1, share), (args.processes, share)):
         launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
                                       "127.0.0.1", "--master_port", str(free_port())]
-        cmd = [sys.executable, *launcher, "-m", "bench.train", "--child", "stream", "--steps", str(args.steps), "--images", str(args.images)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        cmd = [sys.executable, *launcher, "-m", "bench.train", "--child", "stream", "--steps", str(args.steps),
+               "--images", str(args.images)]
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "TQDM_DISABLE": "1", "BENCH_TORCH_THREADS": str(threads)})
         if out.returncode:
             raise SystemExit(f"{n} process(es) failed:\n{out.stderr[-3000:]}")
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cores = len(os.sched_getaffinity(0))
+        runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "threads": threads})
     print(f"\nARAD data-parallel training, tiny model, batch 8 per process, {args.steps} steps, {cores} cores\n")
-    print("| processes | threads each | samples | s | samples/s | vs 1 process |")
-    print("|---|---|---|---|---|---|")
+    print("| processes | threads each | samples | s | samples/s | vs 1 process, all cores | vs 1 process, 1 share |")
+    print("|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['processes']} | {max(1, cores // r['processes'])} | {r['samples']} | {r['seconds']:.1f} | "
-              f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / runs[0]['samples_per_s']:.2f}x |")
+        print(f"| {r['processes']} | {r['threads']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | "
+              f"{r['samples_per_s'] / runs[0]['samples_per_s']:.2f}x | {r['samples_per_s'] / runs[1]['samples_per_s']:.2f}x |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"data_parallel": runs, "steps": args.steps}, indent=2))

@@ -5,17 +5,38 @@ one per bucket)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import tarfile
 from collections import Counter
 from typing import Any
-
-import webdataset as wds
 
 from artifact_store import VersionWriter
 from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 
 TAR_MTIME = 0  # fixed member mtime: the same input gives byte-identical shards
 WIDS_KIND = "wids-shard-index-v1"
+
+
+class SampleTarWriter:
+    """WebDataset samples into a tar stream, as `webdataset.TarWriter` writes them (USTAR,
+    members `<key>.<ext>` in sorted order, mode 0444, fixed mtime), without importing
+    webdataset, whose package imports torch: ingest's driver and workers never load torch."""
+
+    def __init__(self, stream: Any) -> None:
+        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 class BucketShardWriter:
@@ -25,7 +46,7 @@ class BucketShardWriter:
     def __init__(self, writer: VersionWriter, max_samples: int, max_bytes: int, stem: str) -> None:
         self.writer, self.stem = writer, stem
         self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.open: dict[str, tuple[wds.TarWriter, contextlib.ExitStack, str]] = {}
+        self.open: dict[str, tuple[SampleTarWriter, contextlib.ExitStack, str]] = {}
         self.counts: Counter[str] = Counter()
         self.shard_no: Counter[str] = Counter()
         self.in_shard: Counter[str] = Counter()
@@ -38,7 +59,7 @@ class BucketShardWriter:
         self.shard_no[bucket] += 1
         stack = contextlib.ExitStack()
         stream = stack.enter_context(self.writer.open(rel))
-        self.open[bucket] = (wds.TarWriter(stream, mtime=TAR_MTIME), stack, rel)
+        self.open[bucket] = (SampleTarWriter(stream), stack, rel)
         self.in_shard[bucket] = 0
         self.bytes_in_shard[bucket] = 0
         self.shards.setdefault(bucket, []).append({"shard": rel, "count": 0})
@@ -99,7 +120,7 @@ def rewrite_shard(writer: VersionWriter, rel: str, data: Any, drop: set[str], re
     if not kept:
         return 0
     with writer.open(rel) as stream:
-        tar = wds.TarWriter(stream, mtime=TAR_MTIME)
+        tar = SampleTarWriter(stream)
         for sample in kept:
             key = sample["__key__"]
             if key in rename:

@@ -35,6 +35,7 @@ class DeploymentSpec:
     concurrency_limit: int | None = None
     tags: tuple[str, ...] = ()
     job_variables: dict[str, Any] = field(default_factory=dict)
+    work_queue: str | None = None  # a queue of the pool (a worker started with --work-queue takes only its runs)
 
     def load_flow(self) -> Any:
         """The flow object behind the entrypoint, imported from the installed package."""
@@ -82,6 +83,7 @@ def load_specs(path: str | Path = DEFINITIONS) -> list[DeploymentSpec]:
             schedules=tuple(d.get("schedules") or ()), description=d.get("description"),
             concurrency_limit=d.get("concurrency_limit"), tags=tuple(d.get("tags") or ()),
             job_variables=dict((d.get("work_pool") or {}).get("job_variables") or {}),
+            work_queue=(d.get("work_pool") or {}).get("work_queue_name"),
         ))
     return specs
 
@@ -184,7 +186,7 @@ def deploy_all(store: str | None, env: dict[str, str], path: str | Path = DEFINI
         deployment = flows[spec.name].to_deployment(
             name=spec.name, schedules=_schedules(spec), parameters=spec.parameters, description=spec.description,
             concurrency_limit=spec.concurrency_limit, tags=list(spec.tags), version=version,
-            job_variables=job_vars, entrypoint_type=EntrypointType.MODULE_PATH,
+            job_variables=job_vars, entrypoint_type=EntrypointType.MODULE_PATH, work_queue_name=spec.work_queue,
         )
         try:
             deployment_id = deployment.apply(work_pool_name=spec.work_pool)

@@ -64,6 +64,22 @@ def settings_from_args(model: type[BaseModel], args: argparse.Namespace, base: B
     return model(**{**start, **given})
 
 
+def settings_to_args(settings: BaseModel) -> list[str]:
+    """The flags that give `settings` on a command line built by `add_settings_arguments`
+    (fields left at their default are left out): `settings_from_args` reads them back equal."""
+    out: list[str] = []
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if value == field.get_default(call_default_factory=True):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            out += [flag, "none" if value is None else str(value)]
+    return out
+
+
 def describe_validation_error(exc: ValidationError, flags: bool = True) -> str:
     """One line: each failing field as its --flag (or name) and pydantic's message."""
     parts = []

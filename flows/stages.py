@@ -4,8 +4,10 @@ the one stage protocol (`tasks.stage.run_stage`), passing references, not data."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from artifact_store import check_name
 from data_engine.prompts import validate_rows
@@ -43,6 +45,39 @@ def train_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = 
             base = run_stage(TinyBase(dataset_ref, settings.vae_steps, settings.seed), f"{model}-tiny-base",
                              store_url, rerun and os.environ.get("RANK", "0") == "0").ref
     return run_stage(Arad(dataset_ref, base, settings, resume), model, store_url, rerun).ref
+
+
+@flow(name="asd-train-processes", log_prints=True)
+def train_processes_flow(dataset_ref: str, model: str = "demo", settings: TrainSettings = TrainSettings(),
+                         store_url: str | None = None, rerun: bool = False, resume: bool = False,
+                         processes: int = 2, nnodes: int = 1, node_rank: int = 0,
+                         rdzv_endpoint: str | None = None) -> str:
+    """ARAD on `processes` processes of this machine (GPUs, or gloo on the CPU), and with `nnodes`
+    > 1 on as many machines, each running this flow with its `node_rank` and one `rdzv_endpoint`
+    (host:port of a c10d rendezvous): `torchrun` over `asd train` (every rank a run of
+    `asd-train`; rank 0 commits). A work pool worker on each machine starts it. Returns the model
+    version rank 0 committed (on the machine of rank 0; elsewhere the newest version)."""
+    from flows.settings_cli import settings_to_args
+
+    check_name(model)
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ValueError(f"nnodes {nnodes} needs rdzv_endpoint (host:port of one of the machines)")
+    store = open_store(store_url)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    launch += (["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", str(rdzv_endpoint)] if nnodes > 1 else ["--standalone"])
+    command = [*launch, "-m", "flows.cli", "--store", store.url, "train", "--dataset", dataset_ref, "--model", model,
+               *settings_to_args(settings), *(["--rerun"] if rerun else []), *(["--resume"] if resume else [])]
+    logger = get_run_logger()
+    logger.info("launching %d x %d processes: torchrun ... asd train --dataset %s --model %s", nnodes, processes,
+                dataset_ref, model)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"}) as proc:
+        for line in proc.stdout or ():
+            logger.info("%s", line.rstrip())
+    if proc.returncode:
+        raise RuntimeError(f"torchrun over asd train exited with {proc.returncode} (its output is logged above)")
+    return str(store.resolve(f"models/{model}@latest"))
 
 
 @flow(name="asd-generate", log_prints=True)

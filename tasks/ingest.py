@@ -33,39 +33,18 @@ from data_engine.partitions import Partition, plan_partitions
 from data_engine.samples import SampleSpec
 from data_engine.sources import Source, SourceOptions, open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
-from data_manifests.settings import SEED_MAX, FanOutSettings, execution, output
+from data_manifests.settings import SEED_MAX, FanOutSettings, StageSettings, execution, output
 from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, task_runner_for, with_run_environment
 from tasks.progress import Progress, publish_table
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 
 
-class IngestSettings(FanOutSettings):
-    """The data stage: sources -> validated, bucketed samples -> manifest + WebDataset shards,
-    partition by partition on the executor (`executor`, `workers`, `dask_address`)."""
+class SourceSettings(StageSettings):
+    """How inputs from strangers are read (folders, URL lists, shards): caps, downloads and the
+    trust boundary. Shared by every stage that reads them (ingest, upscale)."""
 
-    bucket_table: Literal["asd", "kohya"] = output(
-        "asd", description="asd: our 9-ratio table around bucket_base^2; kohya: every width from "
-        "bucket_min_side to bucket_max_side with the largest height under bucket_max_area")
-    bucket_base: int = output(512, ge=64, description="bucket side for a square image, pixels")
-    bucket_step: int = output(64, ge=8, description="bucket sides are multiples of this")
-    bucket_min_side: int = output(256, ge=8, description="kohya table: shortest bucket side")
-    bucket_max_side: int = output(1024, ge=8, description="kohya table: longest bucket side")
-    bucket_max_area: int | None = output(None, ge=64, description="kohya table: max pixels (default bucket_base^2)")
-    crop: Literal["center", "random"] = output("center", description="crop after resize-to-cover")
-    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of random crops (per sample key: reproducible)")
-    min_side: int = output(64, ge=1, description="reject images whose shorter side is smaller")
     max_pixels: int = output(64_000_000, ge=1, le=178_956_970,
                             description="decompression-bomb guard: reject larger images (at most PIL's own ceiling)")
-    max_aspect: float = output(4.0, ge=1, description="reject images more elongated than this ratio")
-    empty_caption: Literal["reject", "keep"] = output("reject", description="missing or blank captions")
-    jpeg_quality: int = output(95, ge=1, le=100, description="JPEG quality of the bucket images")
-    draft: bool = output(True, description="JPEG draft decoding at the smallest scale covering the bucket")
-    resample: Literal["bilinear", "bicubic", "lanczos"] = output(
-        "bilinear", description="resize filter (antialiased when shrinking); bilinear as diffusers' SD training")
-    shard_max_samples: int = output(1000, ge=1, description="samples per shard before it rotates")
-    shard_max_bytes: int = output(256 << 20, ge=1 << 16, description="bytes per shard before it rotates")
-    partition_inputs: int = output(1000, ge=1, description="inputs a partition (one task, its own shards) holds "
-                                   "on average (a quarter to 4x this); a shard source is one partition a file")
     download_concurrency: int = execution(16, ge=1, description="downloads in flight")
     per_host: int = execution(4, ge=1, description="concurrent requests per host")
     timeout_s: float = execution(20.0, gt=0, description="deadline of one request, headers included, seconds")
@@ -86,6 +65,7 @@ class IngestSettings(FanOutSettings):
                                            "profile name, or 'env' for the environment's (default: anonymous)")
     follow_links_outside: bool = output(False, description="follow links in folder sources whose target lies "
                                        "outside the folder")
+
     @field_validator("allow_schemes")
     @classmethod
     def _known_schemes(cls, value: str) -> str:
@@ -98,6 +78,44 @@ class IngestSettings(FanOutSettings):
     @property
     def schemes(self) -> tuple[str, ...]:
         return tuple(self.allow_schemes.split(","))
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(url_col=self.url_col, caption_col=self.caption_col, max_bytes=self.max_bytes,
+                             sample_max_bytes=self.sample_max_bytes,
+                             caption_max_bytes=self.caption_max_bytes, follow_links_outside=self.follow_links_outside)
+
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
+                            max_bytes=self.max_bytes, concurrency=self.download_concurrency, per_host=self.per_host,
+                            allow_schemes=self.schemes, allow_private_addresses=self.allow_private_addresses,
+                            source_credentials=self.source_credentials)
+
+
+class IngestSettings(FanOutSettings, SourceSettings):
+    """The data stage: sources -> validated, bucketed samples -> manifest + WebDataset shards,
+    partition by partition on the executor (`executor`, `workers`, `dask_address`)."""
+
+    bucket_table: Literal["asd", "kohya"] = output(
+        "asd", description="asd: our 9-ratio table around bucket_base^2; kohya: every width from "
+        "bucket_min_side to bucket_max_side with the largest height under bucket_max_area")
+    bucket_base: int = output(512, ge=64, description="bucket side for a square image, pixels")
+    bucket_step: int = output(64, ge=8, description="bucket sides are multiples of this")
+    bucket_min_side: int = output(256, ge=8, description="kohya table: shortest bucket side")
+    bucket_max_side: int = output(1024, ge=8, description="kohya table: longest bucket side")
+    bucket_max_area: int | None = output(None, ge=64, description="kohya table: max pixels (default bucket_base^2)")
+    crop: Literal["center", "random"] = output("center", description="crop after resize-to-cover")
+    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of random crops (per sample key: reproducible)")
+    min_side: int = output(64, ge=1, description="reject images whose shorter side is smaller")
+    max_aspect: float = output(4.0, ge=1, description="reject images more elongated than this ratio")
+    empty_caption: Literal["reject", "keep"] = output("reject", description="missing or blank captions")
+    jpeg_quality: int = output(95, ge=1, le=100, description="JPEG quality of the bucket images")
+    draft: bool = output(True, description="JPEG draft decoding at the smallest scale covering the bucket")
+    resample: Literal["bilinear", "bicubic", "lanczos"] = output(
+        "bilinear", description="resize filter (antialiased when shrinking); bilinear as diffusers' SD training")
+    shard_max_samples: int = output(1000, ge=1, description="samples per shard before it rotates")
+    shard_max_bytes: int = output(256 << 20, ge=1 << 16, description="bytes per shard before it rotates")
+    partition_inputs: int = output(1000, ge=1, description="inputs a partition (one task, its own shards) holds "
+                                   "on average (a quarter to 4x this); a shard source is one partition a file")
 
     @model_validator(mode="after")
     def _bucket_geometry(self) -> IngestSettings:
@@ -116,17 +134,8 @@ class IngestSettings(FanOutSettings):
             buckets=tuple((b.width, b.height) for b in buckets), min_side=self.min_side, max_pixels=self.max_pixels,
             max_aspect=self.max_aspect, crop=self.crop, seed=self.seed, jpeg_quality=self.jpeg_quality,
             draft=self.draft, resample=self.resample, max_bytes=self.max_bytes)
-        fetch = FetchOptions(timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
-                             max_bytes=self.max_bytes, concurrency=self.download_concurrency, per_host=self.per_host,
-                             allow_schemes=self.schemes, allow_private_addresses=self.allow_private_addresses,
-                             source_credentials=self.source_credentials)
-        return IngestConfig(tuple(buckets), sample, fetch, self.source_options(), self.empty_caption,
+        return IngestConfig(tuple(buckets), sample, self.fetch_options(), self.source_options(), self.empty_caption,
                             self.shard_max_samples, self.shard_max_bytes, self.partition_inputs)
-
-    def source_options(self) -> SourceOptions:
-        return SourceOptions(url_col=self.url_col, caption_col=self.caption_col, max_bytes=self.max_bytes,
-                             sample_max_bytes=self.sample_max_bytes,
-                             caption_max_bytes=self.caption_max_bytes, follow_links_outside=self.follow_links_outside)
 
 
 @dataclass(frozen=True)

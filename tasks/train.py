@@ -320,7 +320,8 @@ class Arad(Stage):
         _write_model(t, run.writer, counts, resumed_from)
         losses, k = t.trainer.losses, max(1, len(t.trainer.losses) // 10)
         return Built(
-            params={"base_model": base, **cfg.__dict__, "checkpoint_every": self.settings.checkpoint_every},
+            params={"base_model": base, **cfg.__dict__, "checkpoint_every": self.settings.checkpoint_every,
+                    "world_size": world_size()},
             summary={"loss_first10pct_mean": sum(losses[:k]) / k, "loss_last10pct_mean": sum(losses[-k:]) / k,
                      "steps": cfg.steps, "buckets": sorted(counts), "weights": "ema" if cfg.ema_decay > 0 else "raw"},
             parents=[str(resumed_from)] if resumed_from else [],

@@ -87,3 +87,32 @@ def test_two_process_training_resumes_after_sigkill_to_the_same_losses(tmp_path)
     a, b = _log(store_url, "models/full@latest"), _log(store_url, "models/cut@latest")
     assert b["resumed_from"], out[-6000:]
     assert len(a["loss"]) == 60 and a["loss"] == b["loss"]  # exactly, step by step
+
+
+def test_settings_round_trip_through_the_command_line():
+    import argparse
+
+    from flows.settings_cli import add_settings_arguments, settings_from_args, settings_to_args
+    from tasks.train import TrainSettings
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, TrainSettings)
+    for settings in (TrainSettings(), TrainSettings(steps=7, cache_latents=True, learning_rate=3e-4, ema_decay=0.99),
+                     TrainSettings(base_model="/models/sd-2-1", checkpoint_every=0)):
+        assert settings_from_args(TrainSettings, parser.parse_args(settings_to_args(settings))) == settings
+
+
+@pytest.mark.slow
+def test_the_launch_flow_trains_on_two_processes_from_a_flow_run(tmp_path, prefect_harness, monkeypatch):
+    from flows.stages import train_processes_flow
+    from tasks.train import TrainSettings
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    store_url = str(tmp_path / "store")
+    ds = ingest_ref(store_url, [str(_folder(tmp_path / "in", 8))], "d", {"bucket_base": 64, "bucket_step": 16})
+    ref = train_processes_flow(ds, "pair", TrainSettings(vae_steps=3, steps=6, batch_size=2, checkpoint_every=0),
+                               store_url, processes=2)
+    store = ArtifactStore(store_url)
+    assert ref == str(store.resolve("models/pair@latest")) and len(store.list_versions("models", "pair")) == 1
+    assert store.record(ref)["params"]["world_size"] == 2 and len(_log(store_url, ref)["loss"]) == 6
