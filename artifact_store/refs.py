@@ -16,7 +16,7 @@ LEASE_DIR = "_LEASES"  # in a pending version: who writes it now (artifact_store
 FRAGMENT_DIR = "_fragments"  # in a pending generation: one Parquet fragment per finished chunk of rows
 CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
-KINDS = ("datasets", "models", "checkpoints", "prompts", "generations", "evaluations")
+KINDS = ("datasets", "models", "checkpoints", "prompts", "generations", "upscales", "evaluations")
 RECORD_FORMAT = 1
 
 # fullmatch everywhere: `$` would also accept a trailing newline

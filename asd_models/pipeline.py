@@ -340,8 +340,40 @@ class AnySizePipeline:
             r.unet_evals += job.unet_tiles
             images.append(self.decode_latents(job.latents))
         del jobs
+        return self._stage2_many(renders, images, sampler, report, vae_tile, memmap_pixels, stage)
 
-        # 2. FSTD: every request enlarged to its canvas, re-noised, denoised together
+    @torch.no_grad()
+    def upscale_many(self, requests: list[RenderRequest], images: list[Image.Image],
+                     sampler: TiledSampler | None = None, progress: BatchProgress | None = None, vae_tile: int = 64,
+                     memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None
+                     ) -> list[AnySizeResult]:
+        """Stage 2 alone on existing images (ASD-upscale): each image enlarged to cover its
+        request's exact width x height, re-noised to `strength` and denoised with `sampler`
+        (default FSTD) under the request's prompt, or, with an upscaler, denoised from noise with
+        the image as its low-res condition. The requests advance together as in `generate_many`."""
+        memmap_pixels = self.memmap_pixels if memmap_pixels is None else memmap_pixels
+        stage = on_stage or (lambda name: None)
+        if len(images) != len(requests):
+            raise ValueError(f"{len(requests)} requests and {len(images)} images")
+        for req in requests:
+            self.check_request(req)
+        sampler = (sampler or self.default_sampler()).on_unet(self.c.unet)
+
+        def report(i: int, stage: str) -> Callable | None:
+            return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None
+
+        renders = []
+        for req in requests:
+            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
+            renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
+                                   nearest_bucket(req.width, req.height, self.buckets)))
+        return self._stage2_many(renders, [im.convert("RGB") for im in images], sampler, report, vae_tile,
+                                 memmap_pixels, stage)
+
+    def _stage2_many(self, renders: list[_Render], images: list[Image.Image], sampler: TiledSampler,
+                     report: Callable[[int, str], Callable | None], vae_tile: int, memmap_pixels: int,
+                     stage: Callable[[str], None]) -> list[AnySizeResult]:
+        """FSTD: every request's image enlarged to its canvas, re-noised, denoised together, decoded."""
         stage("canvas")
         jobs = [self._stage2_job(r, img, sampler, vae_tile, report(i, "fstd"), memmap_pixels)
                 for i, (r, img) in enumerate(zip(renders, images, strict=True))]

@@ -298,6 +298,8 @@ def main() -> None:
     print(f"\npolars bucketing of {b['rows']:,} rows: {b['seconds']:.2f} s ({b['buckets']} buckets)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        if not plans and Path(args.json).is_file():  # --plan-rows 0: the planning rows measured before stay
+            plans = json.loads(Path(args.json).read_text()).get("plan", [])
         Path(args.json).write_text(json.dumps({"ingest": results, "plan": plans, "bucketing": b, "cores": cores,
                                                "partition_inputs": args.partition_inputs}, indent=2))
 

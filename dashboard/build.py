@@ -251,7 +251,7 @@ def _version_body(site: _Site, row: dict[str, Any], parents: dict[str, list[str]
     body = (facts + f"<h2>Lineage</h2><ul>{_lineage_html(row['ref'], parents, PAGE_ROOT)}</ul>"
             + (f"<h2>Used by</h2><ul>{used_by}</ul>" if used_by else ""))
     try:
-        if ref.kind == "generations":
+        if ref.kind in ("generations", "upscales"):  # an upscale's manifest has every generation field
             body += _generations_gallery(site, ref)
         elif ref.kind == "models":
             body += _model_loss(site, ref)

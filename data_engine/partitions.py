@@ -5,9 +5,9 @@ A partition is a run of consecutive inputs of one source:
 - a folder or a URL list: consecutive records, cut after a record whose `source` hashes to a
   boundary (content-defined, as rsync and restic chunk files: adding, removing or changing an
   input changes its own partition, not every partition after it), at least a quarter and at most
-  four times `target` records. The records are written once, as the planner streams them, to a
-  plan file in the pending version (`_fragments/plan-<source>.parquet`, one row group a
-  partition): the driver holds no records and a task reads its row group (one ranged read);
+  four times `target` records. The records are written once, as the planner streams them, to
+  plan files in the pending version (`_fragments/plan-<source>-<k>.parquet`, one row group a
+  partition, 256 a file): the driver holds no records and a task reads its row group;
 - existing shards: one partition per shard file, read by its task.
 
 A partition's fingerprint covers its records' fingerprints in order (a shard's: the shard's), and
@@ -35,6 +35,7 @@ PLAN_FIELDS = ("source", "name", "caption", "fingerprint", "path", "url", "error
 # bytes, not strings: a listing's names are whatever the file system holds (surrogates included)
 PLAN = pa.schema([(f, pa.binary()) for f in (*PLAN_FIELDS, "meta")])
 MIN_FRACTION, MAX_FACTOR = 4, 4  # a partition holds target/4 .. 4*target records
+GROUPS_PER_PLAN_FILE = 256  # partitions a plan file holds (the planner's memory stays flat in the number of inputs)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,21 @@ class _Fingerprints:
         return fp if n == 1 else hashlib.sha1(f"{fp}:{n}".encode()).hexdigest()
 
 
+class _PlanFile:
+    """One plan file being written (one row group a partition)."""
+
+    def __init__(self, store: ArtifactStore, path: str) -> None:
+        self.raw = store.fs.open(path, "wb")
+        self.writer = pq.ParquetWriter(self.raw, PLAN, compression="zstd", write_statistics=False)
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.raw.close()
+
+
 def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, prefix: str) -> list[Partition]:
     """Every input of `sources` in partitions (in input order); record sources' records go to
     plan files under `prefix` (a pending version's), streamed: memory holds one partition."""
@@ -118,13 +134,21 @@ def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, pr
                 out.append(Partition(len(out), fingerprint([shard_fp]), None, src.needs_download,
                                      shard_url=url, shard_fp=shard_fp))
             continue
-        plan = store.path(prefix, FRAGMENT_DIR, f"plan-{i:04d}.parquet")
-        store.ensure_parent(plan)
-        with store.fs.open(plan, "wb") as raw, pq.ParquetWriter(raw, PLAN, compression="zstd") as writer:
-            for group, records in enumerate(cut(src.records(), target)):
-                writer.write_table(_plan_table(records), row_group_size=len(records))
+        writer = None
+        try:
+            for n, records in enumerate(cut(src.records(), target)):
+                if n % GROUPS_PER_PLAN_FILE == 0:  # a new file: a writer's footer grows with its row groups
+                    if writer is not None:
+                        writer.close()
+                    plan = store.path(prefix, FRAGMENT_DIR, f"plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet")
+                    store.ensure_parent(plan)
+                    writer = _PlanFile(store, plan)
+                writer.write(_plan_table(records))
                 out.append(Partition(len(out), fingerprint(r.fingerprint for r in records), len(records),
-                                     src.needs_download, plan=plan, group=group))
+                                     src.needs_download, plan=plan, group=n % GROUPS_PER_PLAN_FILE))
+        finally:
+            if writer is not None:
+                writer.close()
     return out
 
 

@@ -145,18 +145,27 @@ def check_size(w: int, h: int, spec: SampleSpec) -> None:
         raise Rejected(STAGE_VALIDATE, f"extreme aspect ratio: {w}x{h} is {ratio:.2f}:1 > {spec.max_aspect:g}:1")
 
 
+def read_capped(path: str, max_bytes: int) -> bytes:
+    """A local input file's bytes, at most `max_bytes` (Rejected: too large, or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except Exception as exc:  # noqa: BLE001
+        raise Rejected(STAGE_READ, _describe(exc)) from exc
+    if len(data) > max_bytes:
+        raise Rejected(STAGE_VALIDATE, f"file too large: over max_bytes {max_bytes}")
+    return data
+
+
 def process_sample(job: tuple[str, bytes | str, SampleSpec]) -> dict[str, Any]:
     """(key, image bytes or a local path, spec) -> a result dict: `ok` True with the bucket
     image (JPEG bytes) and its geometry, or `ok` False with `failed_stage` and `error`."""
     key, data, spec = job
     if isinstance(data, str):
         try:
-            with open(data, "rb") as f:
-                data = f.read(spec.max_bytes + 1)
-            if len(data) > spec.max_bytes:
-                return _fail(STAGE_VALIDATE, f"file too large: over max_bytes {spec.max_bytes}")
-        except Exception as exc:  # noqa: BLE001
-            return _fail(STAGE_READ, _describe(exc))
+            data = read_capped(data, spec.max_bytes)
+        except Rejected as exc:
+            return _fail(exc.stage, str(exc))
     if not data:
         return _fail(STAGE_DECODE, "empty file (0 bytes)")
     buckets = spec.bucket_list()

@@ -80,12 +80,27 @@ GENERATIONS_MANIFEST = pa.schema([
     ("seam_score_y", pa.float64()),   # and horizontal ones
 ])
 
+UPSCALES_MANIFEST = pa.schema([     # upscales/<name>: the generation fields (key, image, seams, ...) plus the input's
+    *GENERATIONS_MANIFEST,
+    ("source", pa.string()),          # where the input came from (path, URL without credentials, shard#key)
+    ("input_sha256", pa.string()),    # sha256 of the input file's bytes
+    ("input_width", pa.int32()),      # upright (EXIF applied) size of the input
+    ("input_height", pa.int32()),
+    ("strength", pa.float64()),
+    ("steps", pa.int32()),
+    ("failed_stage", pa.string()),    # source | download | read | decode | validate | target | render
+    ("roundtrip_ssim", pa.float64()),  # the output downscaled to the input's size against the input: SSIM (grey)
+    ("roundtrip_color_error", pa.float64()),  # and mean |difference| of the RGB channel means, in 0..255
+])
+
 FILE_ENTRY = pa.struct([("path", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
                         ("version_id", pa.string())])  # one file of a version (version_id: S3 only)
 
 # a chunk of a generation job, durable in its pending version (`_fragments/rows-<a>-<b>.parquet`):
 # the chunk's manifest rows, each with the files it wrote
 GENERATION_FRAGMENT = pa.schema([*GENERATIONS_MANIFEST, ("files", pa.list_(FILE_ENTRY))])
+# one finished image of an upscale job (`_fragments/img-<partition>-<n>.parquet`)
+UPSCALE_FRAGMENT = pa.schema([*UPSCALES_MANIFEST, ("files", pa.list_(FILE_ENTRY))])
 
 # the file list of a large version, in parts the commit record points at (`_files/part-<n>.parquet`),
 # in row order of the version's manifest (`row`: the manifest row a file belongs to; null for none)

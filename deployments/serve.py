@@ -11,11 +11,19 @@ from prefect import serve
 
 from flows.backfill import backfill_flow
 from flows.pipeline_flow import asd_pipeline
-from flows.stages import evaluate_flow, generate_flow, ingest_flow, prompts_flow, train_flow, train_processes_flow
+from flows.stages import (
+    evaluate_flow,
+    generate_flow,
+    ingest_flow,
+    prompts_flow,
+    train_flow,
+    train_processes_flow,
+    upscale_flow,
+)
 
 SERVED_NAME = "served"
-SERVED_FLOWS = (asd_pipeline, ingest_flow, train_flow, train_processes_flow, prompts_flow, generate_flow, evaluate_flow,
-                backfill_flow)
+SERVED_FLOWS = (asd_pipeline, ingest_flow, train_flow, train_processes_flow, prompts_flow, generate_flow, upscale_flow,
+                evaluate_flow, backfill_flow)
 
 
 def main() -> None:

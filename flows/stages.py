@@ -19,6 +19,7 @@ from tasks.prompts import Prompts
 from tasks.runtime import open_store
 from tasks.stage import run_stage
 from tasks.train import Arad, TinyBase, TrainSettings, rank_zero_first
+from tasks.upscale import Upscale, UpscaleSettings
 
 
 @flow(name="asd-ingest", log_prints=True)
@@ -97,6 +98,18 @@ def prompts_flow(prompts: list[PromptSpec], name: str = "demo", store_url: str |
     check_name(name)
     table = validate_rows([p.model_dump() for p in prompts], "prompt list")
     return run_stage(Prompts(table, "prompt list"), name, store_url).ref
+
+
+@flow(name="asd-upscale", log_prints=True)
+def upscale_flow(source: str | list[str], model_ref: str, upscale: str = "demo",
+                 settings: UpscaleSettings = UpscaleSettings(), store_url: str | None = None,
+                 rerun: bool = False) -> str:
+    """Existing images (folders, URL lists, shards, `datasets/NAME@VERSION`) enlarged by a model
+    version -> `upscales/<upscale>`. Resumable: a rerun after a kill renders only the images not
+    finished; one version is committed at the end."""
+    check_name(upscale)
+    sources = (source,) if isinstance(source, str) else tuple(source)
+    return run_stage(Upscale(sources, model_ref, settings), upscale, store_url, rerun).ref
 
 
 @flow(name="asd-evaluate", log_prints=True)

@@ -45,6 +45,7 @@ from tasks.stage import Built, Inputs, Stage, StageRun
 
 SKIPPED = "skipped"
 REPORT_IMAGES = 200  # per-image rows in report.md (metrics.parquet has them all)
+ROUNDTRIP = ("roundtrip_ssim", "roundtrip_color_error")  # an upscale's: how much of its input each output keeps
 CLIP_PX = 224
 
 
@@ -241,8 +242,8 @@ def _ok_rows(store: ArtifactStore, gen: str) -> Iterator[dict[str, Any]]:
     with store.open(gen, "manifest.parquet") as f:
         pf = pq.ParquetFile(f)
         cols = [c for c in ("key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px", "shard",
-                            "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y")
-                if c in pf.schema_arrow.names]
+                            "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y",
+                            *ROUNDTRIP) if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=1024, columns=cols):
             yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
 
@@ -294,8 +295,14 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     clip: dict[int, float] = {}
     missing: dict[str, str | None] = {"features": None, "clip": None}
 
+    kept = {m: [0.0, 0] for m in ROUNDTRIP}  # running sum and count of an upscale's round-trip scores
+
     def to_decode() -> Iterator[tuple[int, dict[str, Any], bool]]:
         for i, r in enumerate(_ok_rows(store, job.gen)):
+            for m in ROUNDTRIP:
+                if r.get(m) is not None:
+                    kept[m][0] += r[m]
+                    kept[m][1] += 1
             stored = r.get("seam_score") is not None and st.seam_period == SEAM_PERIOD
             if stored:  # scored by its shard task
                 tally.add_scores(r, r["seam_score"], r["seam_score_x"], r["seam_score_y"])
@@ -329,6 +336,10 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     per_image.close()
     logger.info("scored %d generated images (%d sampled) and %d real ones", tally.count, len(fake), len(real))
     rows = tally.summary()
+    rows += [_row(m, total / n, f"mean over {n} upscaled images: the output downscaled to its input's size, "
+                  + ("SSIM of the grey images" if m == "roundtrip_ssim" else "mean |difference| of the RGB channel "
+                     "means, 0..255"))
+             for m, (total, n) in kept.items() if n]
     rows += distribution_rows([real[j] for j in sorted(real)], [fake[i] for i in sorted(fake)], st, len(real),
                               len(fake), missing["features"])
     rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "

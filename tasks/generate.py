@@ -72,8 +72,9 @@ MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pix
 _RENDERED_IN_PROCESS = [0]  # images this process rendered (the fault point counts them)
 
 
-class GenerateSettings(FanOutSettings):
-    """FSTD generation: how every prompt of a job is rendered."""
+class RenderSettings(FanOutSettings):
+    """How FSTD renders an image (shared by generation and upscaling): sampler, steps, model,
+    device, and how large outputs are written."""
 
     steps: int = output(20, ge=1, le=1000, description="denoising steps (stage 1 and stage 2)")
     guidance_scale: float = output(5.0, ge=0, le=100, description="classifier-free guidance scale")
@@ -94,16 +95,9 @@ class GenerateSettings(FanOutSettings):
     device: str = execution("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
                             description="auto (a GPU when there is one), cpu, cuda or cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
-    shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
-                                       "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
-    chunk_rows: int = execution(32, ge=1, le=4096, description="prompt rows per durability point: a chunk's "
-                                "fragment is written once its images are (a killed worker loses at most one chunk)")
     pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
     pack_max_pixels: int = execution(16 << 20, ge=4096, le=MAX_PACK_PIXELS, description="output pixels rendered "
                                      "together at most (a larger image renders alone)")
-    max_job_pixels: int = execution(MAX_JOB_PIXELS, ge=1, description="a job of more output pixels than this is "
-                                    "refused before anything is written (raise it for a larger job)")
-    retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
     large_image_pixels: int = output(
         64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
         "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
@@ -111,17 +105,29 @@ class GenerateSettings(FanOutSettings):
         "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
         "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
     deep_zoom: bool = output(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
-    layout: Literal["files", "webdataset"] = output(
-        "files", description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
-        "each chunk's images, seam heat-maps and JSON in one tar shard `shards/rows-<first>-<last>.tar` (two writes a "
-        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files")
 
     @model_validator(mode="after")
-    def _tile_with_upscaler(self) -> GenerateSettings:
+    def _tile_with_upscaler(self) -> RenderSettings:
         if self.upscaler and self.tile is not None:
             raise ValueError("tile: an upscaler's stage 2 runs at that model's own sample size; leave tile unset "
                              "with upscaler")
         return self
+
+
+class GenerateSettings(RenderSettings):
+    """FSTD generation: how every prompt of a job is rendered."""
+
+    shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
+                                       "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
+    chunk_rows: int = execution(32, ge=1, le=4096, description="prompt rows per durability point: a chunk's "
+                                "fragment is written once its images are (a killed worker loses at most one chunk)")
+    max_job_pixels: int = execution(MAX_JOB_PIXELS, ge=1, description="a job of more output pixels than this is "
+                                    "refused before anything is written (raise it for a larger job)")
+    retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
+    layout: Literal["files", "webdataset"] = output(
+        "files", description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
+        "each chunk's images, seam heat-maps and JSON in one tar shard `shards/rows-<first>-<last>.tar` (two writes a "
+        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files")
 
     def render_request(self, row: dict[str, Any]) -> RenderRequest:
         """A prompt row as the pipeline's request (the row's own steps, guidance and strength win)."""
@@ -223,7 +229,7 @@ def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _packs(rows: list[dict[str, Any]], settings: GenerateSettings) -> list[list[dict[str, Any]]]:
+def _packs(rows: list[dict[str, Any]], settings: RenderSettings) -> list[list[dict[str, Any]]]:
     """Consecutive rows rendered together, up to `pack_max_pixels` output pixels (at least one)."""
     if not settings.pack:
         return [[r] for r in rows]
@@ -265,7 +271,7 @@ def _seam_heatmap_png(pixels: np.ndarray, xs: list[int], ys: list[int]) -> bytes
     return buf.getvalue()
 
 
-def _write_image(writer: Any, key: str, pixels: np.ndarray, s: GenerateSettings) -> tuple[str, str, dict[str, Any]]:
+def _write_image(writer: Any, key: str, pixels: np.ndarray, s: RenderSettings) -> tuple[str, str, dict[str, Any]]:
     """The image file: (path, format, files written beside it). Outputs over
     `large_image_pixels` go from the (memory-mapped) pixels to the store as they are encoded,
     with a Deep Zoom pyramid and viewer page when `deep_zoom`; the rest are PNG via PIL."""

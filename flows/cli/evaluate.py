@@ -11,7 +11,8 @@ from tasks.evaluate import EvaluateSettings
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="FID/KID/CLIP/seam scores of a generations version")
-    e.add_argument("--generations", required=True, help="NAME, NAME@VERSION or generations/NAME@VERSION")
+    e.add_argument("--generations", required=True, help="NAME, NAME@VERSION or generations/NAME@VERSION, or "
+                   "upscales/NAME@VERSION (its round trip is scored too)")
     e.add_argument("--dataset", required=True, help="NAME, NAME@VERSION or datasets/NAME@VERSION")
     e.add_argument("--name", default="evaluation", help="name of the evaluation artifact to write")
     e.add_argument("--rerun", action="store_true", help="score again even if this exact evaluation is committed")
@@ -25,7 +26,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     check_name(args.name)
     settings = settings_from_args(EvaluateSettings, args)
-    ref = evaluate_flow(ref_arg(args.generations, "generations"), ref_arg(args.dataset, "datasets"), args.name,
+    scored = (ref_arg(args.generations, "upscales") if args.generations.startswith("upscales/")
+              else ref_arg(args.generations, "generations"))
+    ref = evaluate_flow(scored, ref_arg(args.dataset, "datasets"), args.name,
                         settings, args.store, args.rerun)
     print(ref)
     print_metrics(ArtifactStore(args.store), ref)

@@ -1,0 +1,212 @@
+"""ASD-upscale: FSTD against 50%-overlap tiles (MultiDiffusion-style img2img), naive tiles and a
+full-latent img2img, same model and steps, on real photos; the round trip over strength; and a
+job killed half way and rerun.
+
+    python -m bench.upscale [--side 512] [--json bench/results/upscale.json]   # 512^2 -> 2048^2 (CPU)
+    python -m bench.upscale --side 1024 --device cuda                          # 1024^2 -> 4096^2
+    python -m bench.upscale --kill-rerun 100 --workers 2                       # + the kill-and-rerun job
+
+The model is the demo's (the tiny SD-shaped model trained by the `nightly` deployment's settings
+on the demo photos, about two minutes; cached under bench/.cache/upscale-store): a random
+network would draw noise, and its round trip would mean nothing. The tiny model's weak VAE
+bounds the round trip from above; read its numbers as this model's, not the method's ceiling.
+
+1. Methods: a demo photo centre-cropped to `--side`^2, enlarged 4x with each of fstd,
+   multidiffusion (50%-overlap windows), naive (fixed non-overlapping tiles) and full (one latent),
+   `--steps` steps at strength 0.5: seconds, seam score on FSTD's tile lattice (the lines naive
+   tiles show) over the full-latent output's on the same lines, round-trip SSIM and colour error.
+2. Round trip over strength: every demo photo enlarged 2x with FSTD at strengths 0.1 .. 0.7:
+   mean SSIM (grey) and colour error (mean |difference| of the RGB channel means, 0..255) of the
+   output downscaled back against the input.
+3. `--kill-rerun N`: N photos of mixed sizes (crops of the demo photos) upscaled 2x by
+   `asd upscale` on `--workers` Dask workers, SIGKILLed after half of them are written, then
+   rerun: images resumed, rendered by the rerun, and whether every image is there once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STORE = HERE / ".cache" / "upscale-store"
+METHODS = ("fstd", "multidiffusion", "naive", "full")
+STRENGTHS = (0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+def trained_model() -> str:
+    """The demo's model, trained once into bench/.cache/upscale-store; returns its reference."""
+    from artifact_store import ArtifactStore
+    from data_manifests.demo import demo_photos_folder
+    from flows.cli.demo import demo_settings
+    from flows.stages import ingest_flow, train_flow
+
+    store = ArtifactStore(str(STORE))
+    if store.list_versions("models", "upscale-bench"):
+        return str(store.list_versions("models", "upscale-bench")[-1])
+    print("training the demo's model once (about two minutes) ...", file=sys.stderr, flush=True)
+    settings = demo_settings(quick=False)
+    data = ingest_flow(str(demo_photos_folder()), "photos", settings["ingest"], str(STORE))
+    return train_flow(data, "upscale-bench", settings["train"], str(STORE))
+
+
+def photos() -> list:
+    from PIL import Image
+
+    from data_manifests.demo import demo_photos_folder
+
+    folder = demo_photos_folder()
+    return [Image.open(p).convert("RGB") for p in sorted(folder.iterdir()) if p.suffix in (".png", ".jpg")]
+
+
+def centre_square(image, side: int):
+    from asd_models.images import resize_cover_crop
+
+    return resize_cover_crop(image, side, side)[0]
+
+
+def compare_methods(pipe, side: int, steps: int) -> list[dict]:
+    from asd_models.pipeline import RenderRequest
+    from asd_models.seams import seam_scores
+    from tasks.upscale import roundtrip
+
+    image = centre_square(photos()[0], side)
+    req = RenderRequest("a photo", 4 * side, 4 * side, seed=0, steps=steps, guidance_scale=4.0, strength=0.5)
+    out, lines = [], None
+    for method in ("fstd", *[m for m in METHODS if m != "fstd"]):
+        sampler = pipe.default_sampler(method)
+        t0 = time.perf_counter()
+        res = pipe.upscale_many([req], [image], sampler)[0]
+        seconds = time.perf_counter() - t0
+        lines = lines or res.seam_lines  # FSTD's unshifted lattice: where naive tiles' borders are
+        seam = seam_scores(res.pixels, lines["x"], lines["y"])[0]
+        ssim, color = roundtrip(res.pixels, image)
+        out.append({"method": method, "seconds": seconds, "seam_score": seam, "roundtrip_ssim": ssim,
+                    "roundtrip_color_error": color, "size": f"{4 * side}x{4 * side}", "input": f"{side}x{side}"})
+        print(f"  {method}: {seconds:.1f} s, seam {seam:.3f}, SSIM {ssim:.3f}", file=sys.stderr, flush=True)
+    full = next(r for r in out if r["method"] == "full")
+    fstd = next(r for r in out if r["method"] == "fstd")
+    for r in out:
+        r["seam_vs_full"] = r["seam_score"] / full["seam_score"]
+        r["time_vs_fstd"] = r["seconds"] / fstd["seconds"]
+    return out
+
+
+def strength_curve(pipe, steps: int) -> list[dict]:
+    from asd_models.pipeline import RenderRequest
+    from tasks.upscale import roundtrip
+
+    images = [centre_square(p, 256) if max(p.size) > 512 else p for p in photos()]
+    out = []
+    for strength in STRENGTHS:
+        reqs = [RenderRequest("a photo", 2 * im.width, 2 * im.height, seed=i, steps=steps, guidance_scale=4.0,
+                              strength=strength) for i, im in enumerate(images)]
+        scores = [roundtrip(r.pixels, im) for r, im in zip(pipe.upscale_many(reqs, images), images, strict=True)]
+        out.append({"strength": strength, "images": len(images), "ssim_mean": float(np.mean([s for s, _ in scores])),
+                    "ssim_min": float(np.min([s for s, _ in scores])),
+                    "color_error_mean": float(np.mean([c for _, c in scores]))})
+        print(f"  strength {strength}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
+def kill_rerun(model: str, n: int, workers: int, steps: int) -> dict:
+    """`asd upscale` of n mixed-size photos on Dask workers, SIGKILLed after n/2 images, rerun."""
+    from artifact_store import ArtifactStore
+
+    rng = np.random.default_rng(0)
+    sources = photos()
+    with tempfile.TemporaryDirectory(prefix="bench-upscale-") as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for i in range(n):
+            im = sources[i % len(sources)]
+            w, h = (int(v) for v in rng.integers(64, 200, 2))
+            x, y = int(rng.integers(0, max(1, im.width - w))), int(rng.integers(0, max(1, im.height - h)))
+            im.crop((x, y, x + w, y + h)).save(folder / f"photo{i:03d}.png")
+            (folder / f"photo{i:03d}.txt").write_text(f"a photo, part {i}")
+        args = [sys.executable, "-m", "flows.cli", "--store", str(STORE), "upscale", str(folder), "--model", model,
+                "--name", f"kill-{n}", "--steps", str(steps), "--executor", "dask", "--workers", str(workers),
+                "--partition-inputs", "4", "--rerun"]
+        env = {**os.environ, "TQDM_DISABLE": "1", "ASD_FAULT_AT": f"after-upscale-{max(1, n // (2 * workers))}",
+               "ASD_FAULT_ONCE_FILE": str(Path(tmp) / "killed"), "PREFECT_HOME": str(Path(tmp) / "ph")}
+        t0 = time.perf_counter()
+        first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+        killed_s = time.perf_counter() - t0
+        env.pop("ASD_FAULT_AT")
+        t0 = time.perf_counter()
+        second = subprocess.run([a for a in args if a != "--rerun"], capture_output=True, text=True, cwd=ROOT,
+                                env=env)
+        rerun_s = time.perf_counter() - t0
+        if second.returncode:
+            raise SystemExit(f"the rerun failed:\n{second.stderr[-3000:]}")
+        store = ArtifactStore(str(STORE))
+        ref = second.stdout.strip().splitlines()[-2]
+        summary = store.record(ref)["summary"]
+        import io
+
+        import polars as pl
+
+        m = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
+        return {"photos": n, "workers": workers, "first_run_rc": first.returncode, "killed_after_s": killed_s,
+                "rerun_s": rerun_s, "resumed": summary["images_resumed"],
+                "rendered_by_rerun": summary["images_rendered_by_this_run"], "ok": summary["images_ok"],
+                "failed": summary["images_failed"], "keys_unique": m["key"].n_unique() == len(m),
+                "each_once": summary["images_resumed"] + summary["images_rendered_by_this_run"] == summary["images_ok"],
+                "verify_problems": len(store.verify(ref)), "ref": ref}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--kill-rerun", type=int, default=0, help="photos of the kill-and-rerun job (0: skip it)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from artifact_store import ArtifactStore
+    from asd_models.pipeline import AnySizePipeline, resolve_device, resolve_dtype
+    from tasks.model_cache import local_model_dir
+
+    model = trained_model()
+    pipe = AnySizePipeline.from_pretrained(local_model_dir(ArtifactStore(str(STORE)), model))
+    dev = resolve_device(args.device)
+    pipe.to(dev, resolve_dtype("auto", dev))
+    print(f"methods, {args.side}^2 -> {4 * args.side}^2 on {dev} ...", file=sys.stderr, flush=True)
+    methods = compare_methods(pipe, args.side, args.steps)
+    print("round trip over strength ...", file=sys.stderr, flush=True)
+    curve = strength_curve(pipe, args.steps)
+    killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
+    print(f"\nASD-upscale with {model} on {dev}, {args.steps} steps, strength 0.5, guidance 4\n")
+    print("| method | input -> output | s | vs FSTD | seam score | vs full latent | round-trip SSIM | colour error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in methods:
+        print(f"| {r['method']} | {r['input']} -> {r['size']} | {r['seconds']:.1f} | {r['time_vs_fstd']:.2f}x | "
+              f"{r['seam_score']:.3f} | {r['seam_vs_full']:.2f}x | {r['roundtrip_ssim']:.3f} | "
+              f"{r['roundtrip_color_error']:.2f} |")
+    print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD\n")
+    print("| strength | SSIM mean | SSIM min | colour error mean (0..255) |")
+    print("|---|---|---|---|")
+    for r in curve:
+        print(f"| {r['strength']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | {r['color_error_mean']:.2f} |")
+    if killed:
+        print(f"\nkill and rerun: {json.dumps({k: v for k, v in killed.items() if k != 'ref'})}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": model, "device": str(dev), "steps": args.steps,
+                                               "methods": methods, "strength_curve": curve, "kill_rerun": killed},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The upscale stage (ASD-upscale), in one place: existing images enlarged to any size by FSTD's
+stage 2 alone -> `upscales/<name>`.
+
+Inputs are what the data stage reads (folders, URL lists, WebDataset / img2dataset shards, local
+or S3), behind the same trust boundary (`tasks.ingest.SourceSettings`), or a dataset version of
+the store (`datasets/NAME@VERSION`: its bucket shards). They are planned into partitions as
+ingest plans them (`data_engine.partitions`); one task a partition, on threads or Dask workers
+(the generation job's settings and runner), with the model loaded once a process: each image is
+read (capped) and decoded (its pixel count checked from the header first), its target computed
+(`scale`, an exact `size` or a `long_side`), and the partition's images rendered together
+(`AnySizePipeline.upscale_many`: img2img FSTD with the same model, or an x4-upscaler); each
+output is written as generation writes its images (large ones streamed, with a Deep Zoom pyramid
+and viewer), with its seam scores and how well it keeps the input (the output downscaled back:
+SSIM and colour error). Each input's manifest row is written as a one-row fragment as soon as it
+is done (`_fragments/img-<partition>-<n>.parquet`): a rerun after a kill resumes the pending
+version and takes every image whose fragment reads and whose files re-hash; only the rest are
+rendered. One commit: `manifest.parquet`, every input in input order, bad ones as failed rows
+with their stage and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from pydantic import model_validator
+
+from artifact_store import ArtifactStore, PendingVersion, redact_url, s3_storage_options
+from artifact_store.faults import fault_point
+from artifact_store.refs import FRAGMENT_DIR
+from data_engine.fetch import Fetcher, FetchError
+from data_engine.partitions import Partition, partition_records, plan_partitions
+from data_engine.samples import STAGE_DECODE, STAGE_DOWNLOAD, Rejected, SampleSpec, decode, read_capped
+from data_engine.sources import ShardSource, Source, SourceRecord, open_source, shard_records
+from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
+from data_manifests.schemas import STATUS_FAILED, STATUS_OK, UPSCALE_FRAGMENT, UPSCALES_MANIFEST
+from data_manifests.settings import SEED_MAX, execution, output
+from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, gpu_annotation, task_runner_for, with_run_environment
+from tasks.fragments import not_trusted
+from tasks.generate import RenderSettings, _packs, _rendered_fields, _seam_heatmap_png, _write_image
+from tasks.ingest import SourceSettings
+from tasks.progress import Progress
+from tasks.runtime import run_logger
+from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
+
+MIN_SIDE, MAX_SIDE = 64, 16384
+STAGE_TARGET = "target"
+STAGE_RENDER = "render"
+_DONE_IN_PROCESS = [0]
+
+
+class UpscaleSettings(RenderSettings, SourceSettings):
+    """ASD-upscale: existing images enlarged to an exact size by FSTD's stage 2."""
+
+    scale: float | None = output(None, gt=1, le=256, description="enlarge every image by this factor (the default, "
+                                 "2, when neither size nor long_side is given)")
+    size: str | None = output(None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$",
+                              description="every output exactly WxH (the input resized to cover it, then cropped)")
+    long_side: int | None = output(None, ge=MIN_SIDE, le=MAX_SIDE, description="every output's longer side, the "
+                                   "aspect ratio kept")
+    prompt: str = output("", description="prompt of an image without a caption of its own (a sidecar .txt, a URL "
+                         "list's caption column, a shard's .txt); with --same-prompt, of every image")
+    same_prompt: bool = output(False, description="use `prompt` for every image, not the images' captions")
+    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of every image's noise")
+    strength: float = output(0.3, gt=0, le=1, description="how far the enlarged image is re-noised: low keeps the "
+                             "picture, high lets the model redraw it")
+    partition_inputs: int = execution(8, ge=1, description="images a task takes (on average; rendered together)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> UpscaleSettings:
+        given = [n for n in ("scale", "size", "long_side") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of scale, size and long_side, not {' and '.join(given)}")
+        return self
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """The output size of an input of `width` x `height` (ValueError: not an upscale here)."""
+        if self.size:
+            w, h = (int(v) for v in self.size.split("x"))
+        elif self.long_side:
+            f = self.long_side / max(width, height)
+            w, h = max(1, round(width * f)), max(1, round(height * f))
+        else:
+            f = self.scale or 2.0
+            w, h = round(width * f), round(height * f)
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise ValueError(f"target {w}x{h} is outside {MIN_SIDE}..{MAX_SIDE} pixels a side")
+        if w < width or h < height:
+            raise ValueError(f"target {w}x{h} is smaller than the input {width}x{height}: not an upscale")
+        return w, h
+
+    def sample_spec(self) -> SampleSpec:
+        """The decoder's limits (the data stage's decode: caps, EXIF orientation, RGB)."""
+        return SampleSpec(buckets=(), min_side=1, max_pixels=self.max_pixels, max_aspect=float("inf"),
+                          crop="center", seed=0, jpeg_quality=95, draft=False, max_bytes=self.max_bytes,
+                          resample="bicubic")
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    """What every partition task of one upscale job shares (small, picklable)."""
+
+    store_url: str
+    model: str  # resolved models/NAME@VERSION
+    pending: PendingVersion
+    settings: UpscaleSettings
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass
+class PartitionDone:
+    """What a partition task tells the flow: its inputs, and what became of them."""
+
+    index: int
+    stem: str
+    inputs: int
+    ok: int = 0
+    failed: int = 0
+    rendered: int = 0
+    resumed: int = 0
+    worker: str = ""
+    large: bool = False  # a large output with a viewer page: the viewer's assets go into the version once
+
+
+def fragment_name(stem: str, n: int) -> str:
+    return f"{FRAGMENT_DIR}/img-{stem}-{n:06d}.parquet"
+
+
+def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) -> str:
+    ident = hashlib.sha256(f"{job.model}|{rec.fingerprint}|{width}x{height}|{job.settings.identity()}".encode(
+        "utf-8", "surrogatepass")).hexdigest()
+    return f"{n:06d}-{width}x{height}-{ident[:12]}"
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    row = {f.name: None for f in UPSCALE_FRAGMENT}
+    row.update(files=[], **values)
+    return row
+
+
+def roundtrip(pixels: np.ndarray, original: Any) -> tuple[float, float]:
+    """How much of the input an output keeps: the output downscaled (area) to the input's size,
+    against the input: SSIM of the grey images, and the mean |difference| of the RGB channel
+    means (a colour cast), in 0..255."""
+    import torch
+    from PIL import Image
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    back = np.asarray(Image.fromarray(np.asarray(pixels)).resize(original.size, Image.Resampling.BOX), dtype=np.float32)
+    orig = np.asarray(original.convert("RGB"), dtype=np.float32)
+    grey = [torch.from_numpy(a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None, None] for a in (back, orig)]
+    score = float(ssim(grey[0], grey[1], data_range=255.0))
+    color = float(np.abs(back.reshape(-1, 3).mean(0) - orig.reshape(-1, 3).mean(0)).mean())
+    return score, color
+
+
+def _load(rec: SourceRecord, job: UpscaleJob, fetcher: Fetcher | None) -> tuple[Any, str]:
+    """(upright RGB image, sha256 of the input's bytes); Rejected with the stage that failed."""
+    st = job.settings
+    if rec.error:
+        raise Rejected(rec.failed_stage or "source", rec.error)
+    if rec.data is not None:
+        data = rec.data
+    elif rec.url:
+        if fetcher is None:
+            raise Rejected(STAGE_DOWNLOAD, "no downloader")
+        try:
+            data = fetcher.fetch(rec.url)
+        except FetchError as exc:
+            raise Rejected(STAGE_DOWNLOAD, str(exc)) from exc
+    else:
+        data = read_capped(rec.path or "", st.max_bytes)
+    if not data:
+        raise Rejected(STAGE_DECODE, "empty file (0 bytes)")
+    image, _, _ = decode(data, st.sample_spec())
+    return image, hashlib.sha256(data).hexdigest()
+
+
+def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int]) -> dict[int, dict[str, Any]]:
+    """This partition's images a previous run finished: their fragment reads, it is ok, and its
+    files re-hash (anything else is rendered again, with a warning naming it)."""
+    out = {}
+    for n in sorted(done):
+        rel = fragment_name(stem, n)
+        try:
+            row = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
+                                schema=UPSCALE_FRAGMENT).to_pylist()[0]
+        except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
+            run_logger().warning("%s does not read (%s); its image is rendered again", rel, exc)
+            continue
+        if row["status"] != STATUS_OK:
+            continue
+        why = not_trusted(store, job.pending, row["key"], row["files"])
+        if why:
+            run_logger().warning("%s cannot be taken as it is (%s); rendered again", row["key"], why)
+            continue
+        out[n] = row
+    return out
+
+
+def _write_fragment(store: ArtifactStore, job: UpscaleJob, stem: str, n: int, row: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=UPSCALE_FRAGMENT), buf)
+    store.write_atomic(store.path(job.pending.ref.prefix, fragment_name(stem, n)), buf.getvalue())
+
+
+def _count_image() -> None:
+    """One more image stored by this process (the fault point counts them; a module function:
+    Prefect ships a task's function to Dask by value, and the count must be the worker's own)."""
+    _DONE_IN_PROCESS[0] += 1
+    fault_point(f"after-upscale-{_DONE_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
+
+
+@task(name="upscale-partition", task_run_name="upscale-{part.index}", cache_policy=NO_CACHE)
+def upscale_partition(job: UpscaleJob, part: Partition, done: set[int]) -> PartitionDone:
+    """Upscale one partition's inputs (see the module doc); `done`: the positions whose
+    fragments a previous run wrote."""
+    from tasks.model_cache import cached_pipeline
+
+    store, st = ArtifactStore(job.store_url), job.settings
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    taken = _finished(store, job, part.stem, done) if done else {}
+    records = (partition_records(store, part) if part.plan is not None
+               else shard_records(part.shard_url or "", part.shard_fp or "", st.source_options(), job.storage_options))
+    fetcher = Fetcher(st.fetch_options(), job.storage_options) if part.needs_download else None
+    out = PartitionDone(part.index, part.stem, 0, worker=worker)
+    todo: list[dict[str, Any]] = []
+    for n, rec in enumerate(records):
+        out.inputs += 1
+        if n in taken:
+            out.ok += 1
+            out.resumed += 1
+            continue
+        base = {"source": rec.source, "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt
+                else st.prompt, "seed": st.seed, "strength": st.strength, "steps": st.steps, "worker": worker}
+        try:
+            image, digest = _load(rec, job, fetcher)
+        except Rejected as exc:
+            _fail(store, job, part, n, out, _row(key=f"{n:06d}-failed", **base, error=str(exc),
+                                                  failed_stage=exc.stage))
+            continue
+        try:
+            width, height = st.target(*image.size)
+        except ValueError as exc:
+            _fail(store, job, part, n, out, _row(key=f"{n:06d}-failed", **base, error=str(exc),
+                                                  failed_stage=STAGE_TARGET, input_width=image.width,
+                                                  input_height=image.height, input_sha256=digest))
+            continue
+        key = _key(job, rec, width, height, n)
+        todo.append({**base, "n": n, "key": key, "width": width, "height": height, "image_obj": image,
+                     "input_sha256": digest, "input_width": image.width, "input_height": image.height})
+    if todo:
+        pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype)
+        writer = store.writer(job.pending)
+        for pack in _packs(todo, st):
+            _render_pack(pipe, pack, job, part, writer, store, out)
+    run_logger().info("partition %d on %s: %d inputs, %d rendered, %d already done, %d failed", part.index, worker,
+                      out.inputs, out.rendered, out.resumed, out.failed)
+    return out
+
+
+def _fail(store: ArtifactStore, job: UpscaleJob, part: Partition, n: int, out: PartitionDone,
+          row: dict[str, Any]) -> None:
+    row["status"] = STATUS_FAILED
+    run_logger().warning("input %d of partition %d (%s) failed: %s", n, part.index, row["source"], row["error"])
+    _write_fragment(store, job, part.stem, n, row)
+    out.failed += 1
+
+
+def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: Partition, writer: Any,
+                 store: ArtifactStore, out: PartitionDone) -> None:
+    from asd_models.pipeline import RenderRequest
+    from asd_models.seams import HEATMAP_MAX_PIXELS, seam_scores
+
+    st = job.settings
+    reqs = [RenderRequest(r["prompt"] or "", r["width"], r["height"], r["seed"], "", st.steps, st.guidance_scale,
+                          st.strength, st.noise_level) for r in pack]
+    sampler = pipe.default_sampler(st.sampler, st.tile, st.tile_batch_size, st.offset_salt)
+    t0 = time.perf_counter()
+    try:
+        results, error = pipe.upscale_many(reqs, [r["image_obj"] for r in pack], sampler,
+                                           memmap_pixels=st.large_image_pixels), None
+    except (ValueError, RuntimeError) as exc:
+        results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
+    seconds = (time.perf_counter() - t0) / len(pack)
+    for r, res in zip(pack, results, strict=True):
+        original = r.pop("image_obj")
+        row = _row(**{k: v for k, v in r.items() if k != "n"}, seconds=seconds, device=str(pipe.device))
+        if res is None or res.size != (r["width"], r["height"]):
+            row.update(status=STATUS_FAILED, failed_stage=STAGE_RENDER, error=error or f"pipeline returned {res.size}")
+            _fail(store, job, part, r["n"], out, row)
+            continue
+        h, w, _ = res.pixels.shape
+        rel, fmt, extra = _write_image(writer, r["key"], res.pixels, st)
+        files = {rel: writer.files[rel], **extra}
+        row.update(status=STATUS_OK, image=rel, image_format=fmt, **_rendered_fields(res),
+                   deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
+                   viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
+        out.large = out.large or row["viewer"] is not None
+        if w * h <= HEATMAP_MAX_PIXELS:
+            row["seam_score"], row["seam_score_x"], row["seam_score_y"] = seam_scores(
+                res.pixels, res.seam_lines["x"], res.seam_lines["y"])
+            row["roundtrip_ssim"], row["roundtrip_color_error"] = roundtrip(res.pixels, original)
+            heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
+            if heat is not None:
+                files[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+        row["files"] = [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
+                        for k, m in sorted(files.items())]
+        _write_fragment(store, job, part.stem, r["n"], row)
+        out.ok += 1
+        out.rendered += 1
+        _count_image()
+
+
+def _listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str, set[int]]:
+    """Positions with a fragment, by partition stem (one listing of the pending version)."""
+    try:
+        names = store.fs.ls(store.path(pending.ref.prefix, FRAGMENT_DIR), detail=False)
+    except FileNotFoundError:
+        return {}
+    out: dict[str, set[int]] = {}
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("img-") and base.endswith(".parquet"):
+            stem, _, n = base.removeprefix("img-").removesuffix(".parquet").rpartition("-")
+            if n.isdigit():
+                out.setdefault(stem, set()).add(int(n))
+    return out
+
+
+@flow(name="asd-upscale-partitions", log_prints=True, validate_parameters=False)
+def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDone]:
+    """The fan-out: the inputs planned into partitions (plan files in the pending version), the
+    fragments a previous run left listed once, one task a partition, at most a few per worker in
+    flight."""
+    logger = get_run_logger()
+    store = ArtifactStore(job.store_url)
+    parts = plan_partitions([src for src, _ in stage.opened(store)], job.settings.partition_inputs, store,
+                            job.pending.ref.prefix)
+    finished = _listed_fragments(store, job.pending)
+    logger.info("%d partitions of %s; %d inputs with a fragment from an earlier run", len(parts),
+                [redact_url(s) for s in stage.sources], sum(len(v) for v in finished.values()))
+    results: dict[int, PartitionDone] = {}
+    todo = list(reversed(parts))
+    running: dict[Any, int] = {}
+    window = MAX_IN_FLIGHT_PER_WORKER * job.settings.workers
+    known = sum(p.inputs or 0 for p in parts)
+    with Progress(f"upscale {job.pending.ref.name}", max(1, known), unit="img") as progress:
+        while todo or running:
+            with gpu_annotation(job.settings):
+                while todo and len(running) < window:
+                    part = todo.pop()
+                    running[upscale_partition.submit(job, part, finished.get(part.stem, set()))] = part.index
+            future = next(as_completed(list(running)))
+            running.pop(future)
+            r = future.result()
+            results[r.index] = r
+            progress.update(min(progress.total, sum(x.inputs for x in results.values())))
+    return [results[i] for i in sorted(results)]
+
+
+@dataclass(frozen=True)
+class Upscale(Stage):
+    """Existing images -> `upscales/<name>`, enlarged by a model version. Resumable."""
+
+    flow: ClassVar[str] = "asd-upscale"
+    output_param: ClassVar[str] = "upscale"
+    kind: ClassVar[str] = "upscales"
+    resumable: ClassVar[bool] = True
+    builds_in_task: ClassVar[bool] = False  # it fans out over partition tasks of its own
+    sources: tuple[str, ...]
+    model_ref: str
+    settings: UpscaleSettings = field(default_factory=UpscaleSettings)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("upscale needs at least one source (folder, URL list, shards or datasets/NAME@VERSION)")
+        object.__setattr__(self, "sources", tuple(str(demo_photos_folder()) if s == DEMO_SOURCE else s
+                                                  for s in self.sources))
+
+    def _open(self, store: ArtifactStore, spec: str) -> tuple[Source, str | None]:
+        """A source's reader, and the version it pins when it is a dataset of the store."""
+        kind = spec.split("/", 1)[0]
+        if kind == "datasets":
+            ref = store.resolve(spec)
+            return ShardSource(store.uri(ref.prefix, "buckets"), self.settings.source_options(),
+                               s3_storage_options()), str(ref)
+        if kind in ("generations", "upscales", "models", "prompts", "evaluations", "checkpoints"):
+            raise ValueError(f"upscale source {spec}: a {kind} version is not an image source here "
+                             "(use datasets/NAME@VERSION, a folder, a URL list or shards)")
+        return open_source(spec, s3_storage_options(), self.settings.source_options()), None
+
+    def opened(self, store: ArtifactStore) -> list[tuple[Source, str | None]]:
+        """Each source opened once, for the identity and the build."""
+        if "_opened" not in self.__dict__:
+            object.__setattr__(self, "_opened", [self._open(store, s) for s in self.sources])
+        return self.__dict__["_opened"]
+
+    def resolve(self, store: ArtifactStore) -> Inputs:
+        model = str(store.resolve(self.model_ref if self.model_ref.startswith("models/")
+                                  else f"models/{self.model_ref}"))
+        opened = self.opened(store)
+        pinned = [ref for _, ref in opened if ref]
+        refs = {"model": model}
+        if self.settings.upscaler and self.settings.upscaler.startswith("models/"):
+            refs["upscaler"] = str(store.resolve(self.settings.upscaler))
+        return Inputs(reads=[model, *[ref or redact_url(spec) for spec, (_, ref) in zip(self.sources, opened,
+                                                                                         strict=True)]],
+                      parents=[*refs.values(), *pinned], refs=refs,
+                      identity={**refs, "sources": [src.fingerprint() for src, _ in opened],
+                                "settings": self.settings.identity()})
+
+    def build(self, run: StageRun, inputs: Inputs) -> Built:
+        st = with_run_environment(self.settings, {"upscaler": inputs.refs["upscaler"]} if "upscaler" in inputs.refs
+                                  else None)
+        job = UpscaleJob(run.store.url, inputs.refs["model"], run.pending, st, s3_storage_options())
+        results = upscale_partitions_flow.with_options(task_runner=task_runner_for(st))(self, job)
+        counts = _merge(run, job, results)
+        return Built(params={"sources": [redact_url(s) for s in self.sources], "model": job.model, **st.model_dump()},
+                     summary=counts)
+
+
+def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict[str, Any]:
+    """Every input's fragment, in input order, into `manifest.parquet`; their files into the record."""
+    from dashboard.viewer import vendor_files
+
+    store, writer = run.store, run.writer
+    counts = {"images_ok": 0, "images_failed": 0, "images_rendered_by_this_run": sum(r.rendered for r in results),
+              "images_resumed": sum(r.resumed for r in results)}
+    ssim: list[float] = []
+    with writer.open("manifest.parquet") as stream, pq.ParquetWriter(stream, UPSCALES_MANIFEST) as manifest:
+        row_no = 0
+        for r in results:
+            rows = []
+            for n in range(r.inputs):
+                rel = fragment_name(r.stem, n)
+                got = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
+                                    schema=UPSCALE_FRAGMENT).to_pylist()[0]
+                files = got.pop("files")
+                writer.add_files({f["path"]: {k: v for k, v in f.items() if k != "path" and v is not None}
+                                  for f in files})
+                got["row"] = row_no
+                row_no += 1
+                counts["images_ok" if got["status"] == STATUS_OK else "images_failed"] += 1
+                if got["roundtrip_ssim"] is not None:
+                    ssim.append(got["roundtrip_ssim"])
+                rows.append(got)
+            if rows:
+                manifest.write_table(pa.Table.from_pylist(rows, schema=UPSCALES_MANIFEST))
+    if any(r.large for r in results):
+        for rel, path in vendor_files().items():
+            writer.put_file(rel, path)
+    if ssim:
+        counts["roundtrip_ssim_mean"] = float(np.mean(ssim))
+    run.logger.info("%s: %d upscaled (%d by this run, %d resumed), %d failed", run.pending.ref, counts["images_ok"],
+                    counts["images_rendered_by_this_run"], counts["images_resumed"], counts["images_failed"])
+    return counts
+
+
+def upscale(store_url: str | None, sources: list[str], model_ref: str, name: str,
+            settings: UpscaleSettings | None = None, rerun: bool = False) -> str:
+    """`sources` enlarged by `model_ref` into a new version of `upscales/<name>` (or the committed
+    one made from identical inputs, unless `rerun`)."""
+    return run_stage(Upscale(tuple(sources), model_ref, settings or UpscaleSettings()), name, store_url, rerun).ref
+

@@ -1,0 +1,116 @@
+"""ASD-upscale: existing images enlarged to exact sizes by FSTD's stage 2, bad inputs as failed
+rows with their reason, lineage to the inputs, and a killed job that reruns only what is missing
+(every image once)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
+from artifact_store import ArtifactStore
+from tests.helpers import smooth_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _photos(folder: Path, n: int = 4) -> Path:
+    """n smooth colour pictures of mixed sizes with captions, and one of each kind of bad input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        g = smooth_image(i, 96).astype(np.float32)[..., 0]
+        rgb = np.stack([g, g * 0.8 + 30, 255 - g], axis=2).clip(0, 255).astype(np.uint8)
+        Image.fromarray(rgb[: 64 + 16 * (i % 2), : 64 + 32 * (i % 3)]).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"a picture number {i}")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.zeros((64, 8200, 3), np.uint8)).save(folder / "wide.png")  # 2x is over 16384 px wide
+    return folder
+
+
+def _manifest(store_url: str, ref: str) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(ArtifactStore(store_url).read_bytes(ref, "manifest.parquet")))
+
+
+def test_upscale_folder_exact_sizes_failed_rows_and_lineage(stored_model, tmp_path, prefect_harness):
+    from flows.stages import upscale_flow
+    from tasks.upscale import UpscaleSettings
+
+    folder = _photos(tmp_path / "in")
+    ref = upscale_flow([str(folder)], "models/tiny", "x2", UpscaleSettings(steps=2, partition_inputs=2),
+                       stored_model)
+    store = ArtifactStore(stored_model)
+    m = _manifest(stored_model, ref)
+    assert len(m) == 6 and m["row"].to_list() == list(range(6))
+    ok = m.filter(pl.col("status") == "ok")
+    assert ok.height == 4
+    for r in ok.iter_rows(named=True):
+        assert (r["width"], r["height"]) == (2 * r["input_width"], 2 * r["input_height"])
+        assert Image.open(io.BytesIO(store.read_bytes(ref, r["image"]))).size == (r["width"], r["height"])
+        assert r["prompt"].startswith("a picture number") and r["source"].endswith(".png")
+        assert 0 < r["roundtrip_ssim"] <= 1 and r["roundtrip_color_error"] >= 0 and r["seam_score"] is not None
+        digest = __import__("hashlib").sha256(Path(r["source"]).read_bytes()).hexdigest()
+        assert r["input_sha256"] == digest  # every output names the bytes it came from
+    bad = {Path(r["source"]).name: r for r in m.filter(pl.col("status") == "failed").iter_rows(named=True)}
+    assert bad["broken.png"]["failed_stage"] == "decode"
+    assert bad["wide.png"]["failed_stage"] == "target" and "16384" in bad["wide.png"]["error"]
+    record = store.record(ref)
+    assert str(store.resolve("models/tiny")) in record["parents"]
+    assert record["summary"]["images_ok"] == 4 and record["summary"]["images_failed"] == 2
+    assert store.verify(ref) == []
+
+
+def test_upscale_target_rules():
+    from tasks.upscale import UpscaleSettings
+
+    assert UpscaleSettings().target(100, 60) == (200, 120)
+    assert UpscaleSettings(size="640x360").target(300, 200) == (640, 360)
+    assert UpscaleSettings(long_side=1000).target(400, 300) == (1000, 750)
+    with pytest.raises(ValueError, match="smaller than the input"):
+        UpscaleSettings(size="100x100").target(300, 200)
+    with pytest.raises(ValueError, match="one of scale, size and long_side"):
+        UpscaleSettings(scale=3, long_side=512)
+
+
+def _asd(store_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store_url, *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})}, timeout=900)
+
+
+@pytest.mark.slow
+def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
+    folder = _photos(tmp_path / "in", n=6)
+    common = ["upscale", str(folder), "--model", "tiny", "--name", "resume", "--steps", "2", "--partition-inputs",
+              "2", "--workers", "2"]
+    ph = {"PREFECT_HOME": str(tmp_path / "ph")}
+    killed = _asd(stored_model, *common, env={"ASD_FAULT_AT": "after-upscale-3", **ph})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = ArtifactStore(stored_model)
+    assert store.list_versions("upscales", "resume") == []
+    done = _asd(stored_model, *common, env=ph)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = done.stdout.strip().splitlines()[-2]
+    summary = store.record(ref)["summary"]
+    assert summary["images_ok"] == 6 and summary["images_failed"] == 2
+    assert summary["images_resumed"] == 3 and summary["images_rendered_by_this_run"] == 3
+    m = _manifest(stored_model, ref)
+    assert m.filter(pl.col("status") == "ok")["key"].n_unique() == 6 and store.verify(ref) == []
+    again = _asd(stored_model, *common, env=ph)
+    assert again.stdout.strip().splitlines()[-2] == ref  # the same job is reused, nothing rendered
+
+    data = _asd(stored_model, "ingest", str(folder), "--dataset", "inputs", "--bucket-base", "64", "--bucket-step",
+                "16", env=ph)
+    assert data.returncode == 0, data.stderr[-2000:]
+    scored = _asd(stored_model, "evaluate", "--generations", ref, "--dataset", "inputs", "--name", "up",
+                  "--sample", "4", "--patch-size", "32", env=ph)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    metrics = {r["metric"]: r for r in pl.read_parquet(io.BytesIO(store.read_bytes(
+        "evaluations/up@latest", "metrics.parquet"))).iter_rows(named=True)}
+    assert metrics["roundtrip_ssim"]["value"] == pytest.approx(m["roundtrip_ssim"].mean())  # in the evaluation too
