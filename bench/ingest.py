@@ -80,8 +80,9 @@ def child(code: str, folder: str, settings: str, store: str, address_workers: in
     if address_workers:
         from distributed import Client, LocalCluster
 
-        from tasks.executors import current_api_url
+        from tasks.executors import current_api_url, keep_worker_heap
 
+        keep_worker_heap()  # as task_runner_for starts its local clusters
         cluster = LocalCluster(n_workers=address_workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, env={"PREFECT_API_URL": current_api_url() or ""})
         with Client(cluster) as client:  # a running cluster's workers have their modules loaded

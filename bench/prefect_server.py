@@ -14,6 +14,14 @@ import urllib.request
 from collections.abc import Iterator
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:  # not listening yet
+        return False
+
+
 @contextlib.contextmanager
 def prefect_server(timeout_s: float = 180) -> Iterator[str]:
     """`prefect server start` on a free loopback port with a fresh home; this process (and every
@@ -30,13 +38,7 @@ def prefect_server(timeout_s: float = 180) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+        while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Prefect server did not start (log: {home}/server.log)")
             time.sleep(0.5)

@@ -154,6 +154,7 @@ class PartitionJob:
     pending: PendingVersion
     config: IngestConfig
     storage_options: dict[str, Any] | None = None
+    decode_threads: int = 1  # threads decoding within one partition (more workers than partitions)
 
 
 @dataclass
@@ -257,9 +258,11 @@ class PartitionIngest:
             return "", None
         return "", ("no caption found" if rec.caption is None else "empty caption")
 
-    def process(self, records: Iterable[SourceRecord], fetcher: Fetcher | None, threads: cf.Executor | None) -> None:
+    def process(self, records: Iterable[SourceRecord], fetcher: Fetcher | None, threads: cf.Executor | None,
+                decoders: cf.Executor | None = None, decode_threads: int = 1) -> None:
         """Every record in order: its previous row where one stands for it, else downloaded
-        (in `threads`), decoded and written."""
+        (in `threads`), decoded (in `decoders`: PIL lets go of the GIL while it decodes and
+        resizes) and written."""
         def prepare(rec: SourceRecord) -> tuple[SourceRecord, str, dict[str, Any] | None]:
             key = self._unique_key(rec.name, rec.fingerprint)
             return rec, key, self._take_previous(rec, key)
@@ -280,16 +283,20 @@ class PartitionIngest:
         else:
             submitted = (threads.submit(fetch, item) for item in prepared)
             fetched = (f.result() for f in windowed(submitted, 4 * self.config.fetch.concurrency))
-        for rec, key, old in fetched:
+        def decode(item: tuple[SourceRecord, str, dict[str, Any] | None]) -> tuple[Any, ...]:
+            rec, key, old = item
+            if old is not None or rec.error:
+                return rec, key, old, None
+            payload = rec.data if rec.data is not None else rec.path
+            rec.data = None
+            job = (key, payload, self.spec)
+            return rec, key, old, process_sample(job) if decoders is None else decoders.submit(process_sample, job)
+
+        for rec, key, old, result in windowed(map(decode, fetched), 4 * max(1, decode_threads)):
             if old is not None:
                 self._reuse(old, key)
                 continue
-            result = None
-            if not rec.error:
-                payload = rec.data if rec.data is not None else rec.path
-                rec.data = None
-                result = process_sample((key, payload, self.spec))
-            self._finish(rec, key, result)
+            self._finish(rec, key, result.result() if isinstance(result, cf.Future) else result)
 
     def _finish(self, rec: SourceRecord, key: str, result: dict[str, Any] | None) -> None:
         caption, caption_error = self._caption(rec) if result is not None and result["ok"] else (rec.caption, None)
@@ -387,13 +394,16 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
                    else shard_records(part.shard_url or "", part.shard_fp or "", job.config.source, job.storage_options))
         threads = (cf.ThreadPoolExecutor(job.config.fetch.concurrency, thread_name_prefix="asd-fetch")
                    if part.needs_download else None)
+        decoders = (cf.ThreadPoolExecutor(job.decode_threads, thread_name_prefix="asd-decode")
+                    if job.decode_threads > 1 else None)
         fetcher = Fetcher(job.config.fetch, job.storage_options) if part.needs_download else None
         try:
-            run.process(records, fetcher, threads)
+            run.process(records, fetcher, threads, decoders, job.decode_threads)
         finally:
             run.shards.close()
-            if threads:
-                threads.shutdown(cancel_futures=True)
+            for pool in (threads, decoders):
+                if pool:
+                    pool.shutdown(cancel_futures=True)
         rows, shards, copied = run.rows, run.shards.shards, False
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_MANIFEST), buf, compression="zstd")

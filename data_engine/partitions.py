@@ -4,8 +4,8 @@ A partition is a run of consecutive inputs of one source:
 
 - a folder or a URL list: consecutive records, cut after a record whose `source` hashes to a
   boundary (content-defined, as rsync and restic chunk files: adding, removing or changing an
-  input changes its own partition, not every partition after it), at least a quarter and at most
-  four times `target` records. The records are written once, as the planner streams them, to
+  input changes its own partition, not every partition after it), at least half and at most
+  twice `target` records. The records are written once, as the planner streams them, to
   plan files in the pending version (`_fragments/plan-<source>-<k>.parquet`, one row group a
   partition, 256 a file): the driver holds no records and a task reads its row group;
 - existing shards: one partition per shard file, read by its task.
@@ -34,7 +34,7 @@ from data_engine.sources import Source, SourceRecord
 PLAN_FIELDS = ("source", "name", "caption", "fingerprint", "path", "url", "error", "failed_stage")
 # bytes, not strings: a listing's names are whatever the file system holds (surrogates included)
 PLAN = pa.schema([(f, pa.binary()) for f in (*PLAN_FIELDS, "meta")])
-MIN_FRACTION, MAX_FACTOR = 4, 4  # a partition holds target/4 .. 4*target records
+MIN_FRACTION, MAX_FACTOR = 2, 2  # a partition holds target/2 .. 2*target records
 GROUPS_PER_PLAN_FILE = 256  # partitions a plan file holds (the planner's memory stays flat in the number of inputs)
 
 

@@ -7,6 +7,7 @@ Partitions the newest version with the same options holds are copied from it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -115,7 +116,7 @@ class IngestSettings(FanOutSettings, SourceSettings):
     shard_max_samples: int = output(1000, ge=1, description="samples per shard before it rotates")
     shard_max_bytes: int = output(256 << 20, ge=1 << 16, description="bytes per shard before it rotates")
     partition_inputs: int = output(1000, ge=1, description="inputs a partition (one task, its own shards) holds "
-                                   "on average (a quarter to 4x this); a shard source is one partition a file")
+                                   "on average (half to twice this); a shard source is one partition a file")
 
     @model_validator(mode="after")
     def _bucket_geometry(self) -> IngestSettings:
@@ -182,7 +183,7 @@ class Ingest(Stage):
         config = st.engine_config()
         job = PartitionJob(store.url, run.pending, config, s3_storage_options())
         results, previous = partitions_flow.with_options(task_runner=task_runner_for(st))(
-            self, job, st.workers, run.rerun)
+            self, job, st.workers, run.rerun, st.executor)
         index = merge_partitions(store, run.writer, run.pending, results, dataset, config)
         if index["total_ok"] + index["total_failed"] == 0:
             raise ValueError(f"ingest sources {[redact_url(x) for x in self.sources]} hold no inputs at all "
@@ -215,7 +216,7 @@ def ingest_partition_task(job: PartitionJob, part: Partition, reuse: Reuse | Non
 
 
 @flow(name="asd-ingest-partitions", log_prints=True, validate_parameters=False)  # the stage as it is (opened)
-def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool
+def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool, executor: str = "threads"
                     ) -> tuple[list[PartitionResult], str | None]:
     """The fan-out: the sources planned into partitions (records streamed to plan files in the
     pending version), what each takes from the previous version, then one task a partition, at
@@ -223,6 +224,8 @@ def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool
     logger = get_run_logger()
     store = ArtifactStore(job.store_url)
     parts = plan_partitions(stage.opened, job.config.partition_inputs, store, job.pending.ref.prefix)
+    if executor == "threads" and 0 < len(parts) < workers:  # fewer partitions than threads: they decode in threads
+        job = dataclasses.replace(job, decode_threads=max(1, workers // len(parts)))
     previous, reuse = (None, {}) if rerun else plan_reuse(store, job.pending.ref.name, stage.options_hash, parts,
                                                           stage.retry_failed)
     whole = sum(1 for r in reuse.values() if r.whole is not None)
@@ -232,7 +235,7 @@ def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool
     results: list[PartitionResult] = []
     done = 0
     window = MAX_IN_FLIGHT_PER_WORKER * workers
-    todo = list(reversed(parts))
+    todo = sorted(parts, key=lambda p: p.inputs or 0)  # the largest first (popped from the end): a short tail
     running: set[Any] = set()
     with Progress(f"ingest {job.pending.ref.name}", max(1, known), unit="input") as progress:
         while todo or running:

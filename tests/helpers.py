@@ -54,3 +54,20 @@ class S3Requests:
 
     def close(self) -> None:
         logging.getLogger("werkzeug").removeHandler(self._handler)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a launched process and every process under it (torchrun starts its ranks, and a
+    flow its Dask workers, in sessions of their own: a kill of its group alone leaves them)."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    tree = psutil.Process(proc.pid)
+    victims = [tree, *tree.children(recursive=True)]
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait()

@@ -4,10 +4,8 @@ with another number of processes refused in one line."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from artifact_store import ArtifactStore
-from tests.helpers import free_port
+from tests.helpers import free_port, kill_tree
 from tests.ingest_helpers import ingest_ref
 from tests.test_train import _folder
 
@@ -30,20 +28,6 @@ def _launch(store_url: str, processes: int, *args: str) -> subprocess.Popen:
            "127.0.0.1", "--master_port", str(free_port()), "-m", "flows.cli", *args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def _kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL a launch and every process under it (torchrun starts its ranks in sessions of
-    their own: a kill of its group alone leaves them running)."""
-    import psutil
-
-    tree = psutil.Process(proc.pid)
-    victims = [tree, *tree.children(recursive=True)]
-    for p in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=30)
-    proc.wait()
 
 
 def _log(store_url: str, ref: str) -> dict:
@@ -74,7 +58,7 @@ def test_two_process_training_resumes_after_sigkill_to_the_same_losses(tmp_path)
         assert cut.poll() is None and time.monotonic() < deadline, (cut.stdout.read() if cut.poll() is not None
                                                                     else "no checkpoint in time")[-4000:]
         time.sleep(0.02)
-    _kill_all(cut)
+    kill_tree(cut)
     assert not store.list_versions("models", "cut")
 
     one = _launch(store_url, 1, *common, "--model", "cut", "--resume")  # another world size: refused

@@ -46,6 +46,26 @@ def local_or_url(spec: str) -> str:
 
 
 
+def checked_sources(specs: list[str], source_options, store=None) -> list[str]:
+    """The sources as a flow takes them (local paths absolute; with `store`, a
+    `datasets/NAME@VERSION` pinned), each opened once here: a typo or an unreadable list fails in
+    one line, naming it, before any flow run."""
+    from artifact_store import redact_url, s3_storage_options
+    from data_engine.sources import open_source
+
+    out = []
+    for spec in specs:
+        if store is not None and spec.startswith("datasets/"):
+            out.append(str(store.resolve(spec)))
+            continue
+        try:
+            open_source(local_or_url(spec), s3_storage_options(), source_options)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"source {redact_url(spec)!r}: {exc}") from exc
+        out.append(local_or_url(spec))
+    return out
+
+
 def print_metrics(store, ref: str) -> None:
     import polars as pl
 

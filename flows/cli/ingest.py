@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli.common import UserError, local_or_url
+from flows.cli.common import checked_sources
 from flows.settings_cli import add_settings_arguments, settings_from_args
 from tasks.ingest import IngestSettings
 
@@ -25,19 +25,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from artifact_store import check_name, redact_url, s3_storage_options
-    from data_engine.sources import open_source
+    from artifact_store import check_name
     from flows.stages import ingest_flow
 
     check_name(args.dataset)
     settings = settings_from_args(IngestSettings, args)
-    for spec in args.source:  # a typo or an unreadable list fails here, in one line, before any flow run
-        try:
-            open_source(local_or_url(spec), s3_storage_options(), settings.source_options())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"source {redact_url(spec)!r}: {exc}") from exc
-    ref = ingest_flow([local_or_url(s) for s in args.source], args.dataset, settings, args.store, args.rerun,
-                      args.retry_failed)
+    sources = checked_sources(args.source, settings.source_options())
+    ref = ingest_flow(sources, args.dataset, settings, args.store, args.rerun, args.retry_failed)
     _print_ingest_summary(ref, args.store)
     return 0
 

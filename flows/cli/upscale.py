@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli.common import UserError, local_or_url, ref_arg
+from flows.cli.common import checked_sources, ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
 from tasks.upscale import UpscaleSettings
 
@@ -25,25 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from artifact_store import ArtifactStore, check_name, redact_url, s3_storage_options
-    from data_engine.sources import open_source
+    from artifact_store import ArtifactStore, check_name
     from flows.stages import upscale_flow
 
     check_name(args.name)
-    model = ref_arg(args.model, "models")
     settings = settings_from_args(UpscaleSettings, args)
     store = ArtifactStore(args.store)
-    model = str(store.resolve(model))  # a missing model is named before anything starts
-    sources = []
-    for spec in args.source:  # a typo or an unreadable list fails here, in one line, before any flow run
-        if spec.startswith("datasets/"):
-            sources.append(str(store.resolve(spec)))
-            continue
-        try:
-            open_source(local_or_url(spec), s3_storage_options(), settings.source_options())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"source {redact_url(spec)!r}: {exc}") from exc
-        sources.append(local_or_url(spec))
+    model = str(store.resolve(ref_arg(args.model, "models")))  # a missing model is named before anything starts
+    sources = checked_sources(args.source, settings.source_options(), store)
     ref = upscale_flow(sources, model, args.name, settings, store.url, args.rerun)
     summary = store.record(ref).get("summary", {})
     print(ref)
