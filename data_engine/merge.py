@@ -145,7 +145,7 @@ def merge_partitions(store: ArtifactStore, writer: VersionWriter, pending: Pendi
     index = {"dataset": dataset, "buckets": buckets, "table": [b.name for b in config.buckets],
              "total_ok": stats.ok, "total_failed": stats.failed, "reused": stats.reused,
              "failed_by_stage": dict(sorted(stats.failed_by_stage.items())), "wids_index": "wids-index.json",
-             "partitions": len(results)}
+             "partitions": len(results), "partitions_copied": sum(r.copied for r in results)}
     writer.put_bytes("bucket_index.json", json.dumps(index, indent=2).encode())
     index["_first_failures"] = stats.first_failures
     return index

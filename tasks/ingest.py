@@ -195,6 +195,7 @@ class Ingest(Stage):
             logger.warning("... %d rejected in all, by stage: %s", index["total_failed"], index["failed_by_stage"])
         summary = {"samples_ok": index["total_ok"], "samples_failed": index["total_failed"], "reused": index["reused"],
                    "failed_by_stage": index["failed_by_stage"], "partitions": index["partitions"],
+                   "partitions_copied": index["partitions_copied"],
                    "buckets": {b: v["count"] for b, v in index["buckets"].items()}}
         logger.info("%s: %d ok, %d failed (%s), %d reused, %d partitions, buckets %s", run.pending.ref,
                     index["total_ok"], index["total_failed"], index["failed_by_stage"], index["reused"],

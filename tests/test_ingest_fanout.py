@@ -129,5 +129,6 @@ def test_reingest_copies_unchanged_partitions_and_equals_a_fresh_ingest(tmp_path
     new_parts = json.loads(store.read_bytes(second, "partitions.json"))["partitions"]
     kept = {p["fingerprint"] for p in parts} & {p["fingerprint"] for p in new_parts}
     assert len(new_parts) - 3 <= len(kept) < len(new_parts)  # one changed partition (two at a moved cut), one tampered
+    assert store.record(second)["summary"]["partitions_copied"] == len(kept) - 1  # all but the tampered one
     assert d2["reused"].sum() >= 24 - 4 * 4 - 4 and not d2.filter(pl.col("source").str.ends_with("img10b.png"))["reused"][0]
     assert str(store.resolve(first)) in store.record(second)["parents"]
