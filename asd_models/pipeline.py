@@ -26,8 +26,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
+from asd_models.fidelity import FIDELITY
 from asd_models.fstd import TiledJob, sample_jobs
-from asd_models.images import CoverCanvas, pil_to_tensor_m11, resize_cover_crop, tensor_m11_to_pil
+from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
 from asd_models.samplers import FSTD, BoxPlan, TiledSampler, sampler_named
@@ -261,10 +262,11 @@ class AnySizePipeline:
                  (ch - req.height) // 2 + req.height)
         if up is not None:
             return self._upscaler_job(r, image, sampler, progress)
-        if cw * ch > memmap_pixels:  # enlarged tile by tile as the encoder asks for it: never whole
-            canvas: torch.Tensor | CoverCanvas = CoverCanvas(pil_to_tensor_m11(image).to(self.device), cw, ch)
-        else:
-            canvas = pil_to_tensor_m11(resize_cover_crop(image, cw, ch)[0]).to(self.device)
+        # the box (what is kept) shows the image exactly; the margin up to the canvas continues it
+        canvas: torch.Tensor | CoverCanvas = CoverCanvas(
+            pil_to_tensor_m11(shrunk_for(image, cw, ch, r.box)).to(self.device), cw, ch, r.box)
+        if cw * ch <= memmap_pixels:  # else enlarged tile by tile as the encoder asks for it: never whole
+            canvas = canvas.whole()
         x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
         if isinstance(canvas, CoverCanvas) and x0.device.type == "cpu":  # once, not per tile: each costs
             release_free_heap()  # time, and the decode's peak, not the encode's, is the job's
@@ -290,8 +292,8 @@ class AnySizePipeline:
         up, req = self.upscaler, r.req
         f = up.vae_scale_factor
         cw, ch = r.canvas
-        low, _ = resize_cover_crop(image, cw // f, ch // f)
-        low_t = pil_to_tensor_m11(low)
+        low_t = CoverCanvas(pil_to_tensor_m11(shrunk_for(image, cw // f, ch // f, r.box, f)), cw // f, ch // f,
+                            r.box, scale=f).whole()
         level = torch.tensor([req.noise_level], dtype=torch.long)
         low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=r.generator), level)
         cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt, up)
@@ -345,12 +347,15 @@ class AnySizePipeline:
     @torch.no_grad()
     def upscale_many(self, requests: list[RenderRequest], images: list[Image.Image],
                      sampler: TiledSampler | None = None, progress: BatchProgress | None = None, vae_tile: int = 64,
-                     memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None
-                     ) -> list[AnySizeResult]:
+                     memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None,
+                     fidelity: str = "backproject") -> list[AnySizeResult]:
         """Stage 2 alone on existing images (ASD-upscale): each image enlarged to cover its
         request's exact width x height, re-noised to `strength` and denoised with `sampler`
         (default FSTD) under the request's prompt, or, with an upscaler, denoised from noise with
-        the image as its low-res condition. The requests advance together as in `generate_many`."""
+        the image as its low-res condition. The requests advance together as in `generate_many`.
+        `fidelity` names how each output is made to keep its input (`asd_models.fidelity`)."""
+        if fidelity not in FIDELITY:
+            raise ValueError(f"fidelity {fidelity!r}: not one of {', '.join(FIDELITY)}")
         memmap_pixels = self.memmap_pixels if memmap_pixels is None else memmap_pixels
         stage = on_stage or (lambda name: None)
         if len(images) != len(requests):
@@ -367,8 +372,11 @@ class AnySizePipeline:
             cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
             renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
                                    nearest_bucket(req.width, req.height, self.buckets)))
-        return self._stage2_many(renders, [im.convert("RGB") for im in images], sampler, report, vae_tile,
-                                 memmap_pixels, stage)
+        results = self._stage2_many(renders, [im.convert("RGB") for im in images], sampler, report, vae_tile,
+                                    memmap_pixels, stage)
+        for res, image in zip(results, images, strict=True):
+            FIDELITY[fidelity](res.pixels, image)
+        return results
 
     def _stage2_many(self, renders: list[_Render], images: list[Image.Image], sampler: TiledSampler,
                      report: Callable[[int, str], Callable | None], vae_tile: int, memmap_pixels: int,

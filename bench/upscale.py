@@ -75,9 +75,9 @@ def centre_square(image, side: int):
 
 
 def compare_methods(pipe, side: int, steps: int) -> list[dict]:
+    from asd_models.fidelity import roundtrip
     from asd_models.pipeline import RenderRequest
     from asd_models.seams import seam_scores
-    from tasks.upscale import roundtrip
 
     image = centre_square(photos()[0], side)
     req = RenderRequest("a photo", 4 * side, 4 * side, seed=0, steps=steps, guidance_scale=4.0, strength=0.5)
@@ -85,7 +85,7 @@ def compare_methods(pipe, side: int, steps: int) -> list[dict]:
     for method in ("fstd", *[m for m in METHODS if m != "fstd"]):
         sampler = pipe.default_sampler(method)
         t0 = time.perf_counter()
-        res = pipe.upscale_many([req], [image], sampler)[0]
+        res = pipe.upscale_many([req], [image], sampler, fidelity="none")[0]  # the method's own pixels
         seconds = time.perf_counter() - t0
         lines = lines or res.seam_lines  # FSTD's unshifted lattice: where naive tiles' borders are
         seam = seam_scores(res.pixels, lines["x"], lines["y"])[0]
@@ -101,20 +101,86 @@ def compare_methods(pipe, side: int, steps: int) -> list[dict]:
     return out
 
 
+def _scored(results, images, **fields) -> dict:
+    """Round trip and added detail of `results` (of `images`), with `fields`."""
+    from asd_models.fidelity import roundtrip
+
+    scores = [roundtrip(r.pixels, im) for r, im in zip(results, images, strict=True)]
+    return {**fields, "images": len(images), "ssim_mean": float(np.mean([s for s, _ in scores])),
+            "ssim_min": float(np.min([s for s, _ in scores])),
+            "color_error_mean": float(np.mean([c for _, c in scores])),
+            "detail": float(np.mean([finer_detail(r.pixels, im) for r, im in zip(results, images, strict=True)]))}
+
+
+def finer_detail(pixels: np.ndarray, image) -> float:
+    """Mean |pixels - pixels shrunk to the input and enlarged again (bicubic)|: the detail an
+    output holds above what its input can (0 for a plain bicubic enlargement's own band)."""
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    low = Image.fromarray(pixels).resize(image.size, Image.Resampling.BOX).resize((w, h), Image.Resampling.BICUBIC)
+    return float(np.abs(pixels.astype(np.float32) - np.asarray(low, dtype=np.float32)).mean())
+
+
 def strength_curve(pipe, steps: int) -> list[dict]:
+    """Every demo photo enlarged 2x with FSTD at each strength, as the model draws it (`none`)
+    and back-projected (`backproject`, the default)."""
     from asd_models.pipeline import RenderRequest
-    from tasks.upscale import roundtrip
 
     images = [centre_square(p, 256) if max(p.size) > 512 else p for p in photos()]
     out = []
     for strength in STRENGTHS:
         reqs = [RenderRequest("a photo", 2 * im.width, 2 * im.height, seed=i, steps=steps, guidance_scale=4.0,
                               strength=strength) for i, im in enumerate(images)]
-        scores = [roundtrip(r.pixels, im) for r, im in zip(pipe.upscale_many(reqs, images), images, strict=True)]
-        out.append({"strength": strength, "images": len(images), "ssim_mean": float(np.mean([s for s, _ in scores])),
-                    "ssim_min": float(np.min([s for s, _ in scores])),
-                    "color_error_mean": float(np.mean([c for _, c in scores]))})
-        print(f"  strength {strength}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
+        for fidelity in ("none", "backproject"):
+            out.append(_scored(pipe.upscale_many(reqs, images, fidelity=fidelity), images, strength=strength,
+                               fidelity=fidelity))
+            print(f"  strength {strength}, {fidelity}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
+def tiny_x4_upscaler() -> Path:
+    """The tiny x4 upscaler fitted in code on the demo photos (once; cached under bench/.cache)."""
+    from asd_models.images import pil_to_tensor_m11
+    from asd_models.tiny_model import save_upscaler_components
+    from asd_models.upscaler_training import fit_tiny_upscaler
+
+    folder = HERE / ".cache" / "x4-upscaler"
+    if (folder / "model_index.json").exists():
+        return folder
+    print("fitting the tiny x4 upscaler once (a few minutes) ...", file=sys.stderr, flush=True)
+    images = [pil_to_tensor_m11(centre_square(p, 256) if max(p.size) > 512 else p) for p in photos()]
+    components = fit_tiny_upscaler(images, ["a photo"] * len(images))
+    return save_upscaler_components(components, folder)
+
+
+def x4_paths(model_dir: Path, side: int, steps: int) -> list[dict]:
+    """The demo photos (centre squares of `side`) enlarged 4x by img2img FSTD with the model
+    (strength 0.3) and by the tiny x4 upscaler (noise level 20), each as drawn and back-projected,
+    beside a plain bicubic enlargement."""
+    from PIL import Image
+
+    from asd_models.pipeline import AnySizePipeline, RenderRequest
+
+    images = [centre_square(p, side) for p in photos()]
+    upscaler = tiny_x4_upscaler()
+    pipes = {"img2img": AnySizePipeline.from_pretrained(model_dir),
+             "x4 upscaler": AnySizePipeline.from_pretrained(model_dir, upscaler=upscaler)}
+    reqs = [RenderRequest("a photo", 4 * side, 4 * side, seed=i, steps=steps, guidance_scale=4.0, strength=0.3,
+                          noise_level=20) for i in range(len(images))]
+
+    class Plain:  # a result of bicubic enlargement
+        def __init__(self, im):
+            self.pixels = np.asarray(im.resize((4 * side, 4 * side), Image.Resampling.BICUBIC))
+
+    out = [_scored([Plain(im) for im in images], images, path="bicubic", fidelity="-", seconds=0.0)]
+    for path, pipe in pipes.items():
+        for fidelity in ("none", "backproject"):
+            t0 = time.perf_counter()
+            results = pipe.upscale_many(reqs, images, fidelity=fidelity)
+            out.append(_scored(results, images, path=path, fidelity=fidelity,
+                               seconds=(time.perf_counter() - t0) / len(images)))
+            print(f"  {path}, {fidelity}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
     return out
 
 
@@ -184,6 +250,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--x4-side", type=int, default=64, help="input side of the x4 paths' comparison (0: skip it)")
     ap.add_argument("--kill-rerun", type=int, default=0, help="photos of the kill-and-rerun job (0: skip it)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -201,6 +268,8 @@ def main() -> None:
     methods = compare_methods(pipe, args.side, args.steps)
     print("round trip over strength ...", file=sys.stderr, flush=True)
     curve = strength_curve(pipe, args.steps)
+    print(f"x4 paths, {args.x4_side}^2 -> {4 * args.x4_side}^2 ...", file=sys.stderr, flush=True)
+    x4 = x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps) if args.x4_side else []
     killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
     print(f"\nASD-upscale with {model} on {dev}, {args.steps} steps, strength 0.5, guidance 4\n")
     print("| method | input -> output | s | vs FSTD | seam score | vs full latent | round-trip SSIM | colour error |")
@@ -209,17 +278,27 @@ def main() -> None:
         print(f"| {r['method']} | {r['input']} -> {r['size']} | {r['seconds']:.1f} | {r['time_vs_fstd']:.2f}x | "
               f"{r['seam_score']:.3f} | {r['seam_vs_full']:.2f}x | {r['roundtrip_ssim']:.3f} | "
               f"{r['roundtrip_color_error']:.2f} |")
-    print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD\n")
-    print("| strength | SSIM mean | SSIM min | colour error mean (0..255) |")
-    print("|---|---|---|---|")
+    print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
+          "own downscale enlarged again|, the detail above what the input holds)\n")
+    print("| strength | fidelity | SSIM mean | SSIM min | colour error mean (0..255) | detail |")
+    print("|---|---|---|---|---|---|")
     for r in curve:
-        print(f"| {r['strength']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | {r['color_error_mean']:.2f} |")
+        print(f"| {r['strength']} | {r['fidelity']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
+              f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
+    if x4:
+        print(f"\nx4 paths: the {x4[0]['images']} demo photos, {args.x4_side}^2 -> {4 * args.x4_side}^2\n")
+        print("| path | fidelity | s / image | SSIM mean | SSIM min | colour error | detail |")
+        print("|---|---|---|---|---|---|---|")
+        for r in x4:
+            print(f"| {r['path']} | {r['fidelity']} | {r['seconds']:.2f} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
+                  f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
     if killed:
         print(f"\nkill and rerun: {json.dumps({k: v for k, v in killed.items() if k != 'ref'})}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": model, "device": str(dev), "steps": args.steps,
-                                               "methods": methods, "strength_curve": curve, "kill_rerun": killed},
+                                               "methods": methods, "strength_curve": curve, "x4_paths": x4,
+                                               "kill_rerun": killed},
                                               indent=2))
 
 

@@ -104,7 +104,8 @@ def prompts_flow(prompts: list[PromptSpec], name: str = "demo", store_url: str |
 def upscale_flow(source: str | list[str], model_ref: str, upscale: str = "demo",
                  settings: UpscaleSettings = UpscaleSettings(), store_url: str | None = None,
                  rerun: bool = False) -> str:
-    """Existing images (folders, URL lists, shards, `datasets/NAME@VERSION`) enlarged by a model
+    """Existing images (folders, URL lists, shards, a `datasets/`, `generations/` or `upscales/`
+    version) enlarged by a model
     version -> `upscales/<upscale>`. Resumable: a rerun after a kill renders only the images not
     finished; one version is committed at the end."""
     check_name(upscale)

@@ -2,16 +2,18 @@
 stage 2 alone -> `upscales/<name>`.
 
 Inputs are what the data stage reads (folders, URL lists, WebDataset / img2dataset shards, local
-or S3), behind the same trust boundary (`tasks.ingest.SourceSettings`), or a dataset version of
-the store (`datasets/NAME@VERSION`: its bucket shards). They are planned into partitions as
-ingest plans them (`data_engine.partitions`); one task a partition, on threads or Dask workers
-(the generation job's settings and runner), with the model loaded once a process: each image is
-read (capped) and decoded (its pixel count checked from the header first), its target computed
-(`scale`, an exact `size` or a `long_side`), and the partition's images rendered together
-(`AnySizePipeline.upscale_many`: img2img FSTD with the same model, or an x4-upscaler); each
-output is written as generation writes its images (large ones streamed, with a Deep Zoom pyramid
-and viewer), with its seam scores and how well it keeps the input (the output downscaled back:
-SSIM and colour error). Each input's manifest row is written as a one-row fragment as soon as it
+or S3), behind the same trust boundary (`tasks.ingest.SourceSettings`), or a version of the
+store: `datasets/NAME@VERSION` (its bucket shards), `generations/` or `upscales/NAME@VERSION`
+(`tasks.version_images`: each image with its prompt, checked against the recorded sha256).
+They are planned into partitions as ingest plans them (`data_engine.partitions`); one task a
+partition, on threads or Dask workers (the generation job's settings and runner), with the model
+loaded once a process: each image is read (capped) and decoded (its pixel count checked from the
+header first), its target computed (`scale`, an exact `size` or a `long_side`), and the
+partition's images rendered together (`AnySizePipeline.upscale_many`: img2img FSTD with the same
+model, or an x4-upscaler, then made to keep its input: `asd_models.fidelity`, back-projection by
+default); each output is written as generation writes its images (large ones streamed, with a
+Deep Zoom pyramid and viewer), with its seam scores and how well it keeps the input (the output
+downscaled back: SSIM and colour error). Each input's manifest row is written as a one-row fragment as soon as it
 is done (`_fragments/img-<partition>-<n>.parquet`): a rerun after a kill resumes the pending
 version and takes every image whose fragment reads and whose files re-hash; only the rest are
 rendered. One commit: `manifest.parquet`, every input in input order, bad ones as failed rows
@@ -26,7 +28,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +41,7 @@ from pydantic import model_validator
 from artifact_store import ArtifactStore, PendingVersion, redact_url, s3_storage_options
 from artifact_store.faults import fault_point
 from artifact_store.refs import FRAGMENT_DIR
+from asd_models.fidelity import FIDELITY_NAMES, roundtrip
 from data_engine.fetch import Fetcher, FetchError
 from data_engine.partitions import Partition, partition_records, plan_partitions
 from data_engine.samples import STAGE_DECODE, STAGE_DOWNLOAD, Rejected, SampleSpec, decode, read_capped
@@ -53,6 +56,7 @@ from tasks.ingest import SourceSettings
 from tasks.progress import Progress
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
+from tasks.version_images import IMAGE_KINDS, VersionImages, read_version_image
 
 MIN_SIDE, MAX_SIDE = 64, 16384
 STAGE_TARGET = "target"
@@ -75,6 +79,10 @@ class UpscaleSettings(RenderSettings, SourceSettings):
     seed: int = output(0, ge=0, le=SEED_MAX, description="seed of every image's noise")
     strength: float = output(0.3, gt=0, le=1, description="how far the enlarged image is re-noised: low keeps the "
                              "picture, high lets the model redraw it")
+    fidelity: Literal[FIDELITY_NAMES] = output(  # type: ignore[valid-type]
+        "backproject", description="how an output is made to keep its input: backproject (its downscale is made "
+        "the input: structure and colour from the input, only finer detail from the model) or none (the model's "
+        "output as it is)")
     partition_inputs: int = execution(8, ge=1, description="images a task takes (on average; rendered together)")
 
     @model_validator(mode="after")
@@ -149,28 +157,14 @@ def _row(**values: Any) -> dict[str, Any]:
     return row
 
 
-def roundtrip(pixels: np.ndarray, original: Any) -> tuple[float, float]:
-    """How much of the input an output keeps: the output downscaled (area) to the input's size,
-    against the input: SSIM of the grey images, and the mean |difference| of the RGB channel
-    means (a colour cast), in 0..255."""
-    import torch
-    from PIL import Image
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-    back = np.asarray(Image.fromarray(np.asarray(pixels)).resize(original.size, Image.Resampling.BOX), dtype=np.float32)
-    orig = np.asarray(original.convert("RGB"), dtype=np.float32)
-    grey = [torch.from_numpy(a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None, None] for a in (back, orig)]
-    score = float(ssim(grey[0], grey[1], data_range=255.0))
-    color = float(np.abs(back.reshape(-1, 3).mean(0) - orig.reshape(-1, 3).mean(0)).mean())
-    return score, color
-
-
-def _load(rec: SourceRecord, job: UpscaleJob, fetcher: Fetcher | None) -> tuple[Any, str]:
+def _load(rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fetcher | None) -> tuple[Any, str]:
     """(upright RGB image, sha256 of the input's bytes); Rejected with the stage that failed."""
     st = job.settings
     if rec.error:
         raise Rejected(rec.failed_stage or "source", rec.error)
-    if rec.data is not None:
+    if rec.meta.get("version"):
+        data, _ = read_version_image(store, rec.meta, st.max_bytes)
+    elif rec.data is not None:
         data = rec.data
     elif rec.url:
         if fetcher is None:
@@ -245,7 +239,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int]) -> Parti
         base = {"source": rec.source, "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt
                 else st.prompt, "seed": st.seed, "strength": st.strength, "steps": st.steps, "worker": worker}
         try:
-            image, digest = _load(rec, job, fetcher)
+            image, digest = _load(rec, job, store, fetcher)
         except Rejected as exc:
             _fail(store, job, part, n, out, _row(key=f"{n:06d}-failed", **base, error=str(exc),
                                                   failed_stage=exc.stage))
@@ -290,7 +284,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: P
     t0 = time.perf_counter()
     try:
         results, error = pipe.upscale_many(reqs, [r["image_obj"] for r in pack], sampler,
-                                           memmap_pixels=st.large_image_pixels), None
+                                           memmap_pixels=st.large_image_pixels, fidelity=st.fidelity), None
     except (ValueError, RuntimeError) as exc:
         results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
     seconds = (time.perf_counter() - t0) / len(pack)
@@ -385,7 +379,8 @@ class Upscale(Stage):
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ValueError("upscale needs at least one source (folder, URL list, shards or datasets/NAME@VERSION)")
+            raise ValueError("upscale needs at least one source (folder, URL list, shards, or a datasets/, "
+                             "generations/ or upscales/ version)")
         object.__setattr__(self, "sources", tuple(str(demo_photos_folder()) if s == DEMO_SOURCE else s
                                                   for s in self.sources))
 
@@ -396,9 +391,12 @@ class Upscale(Stage):
             ref = store.resolve(spec)
             return ShardSource(store.uri(ref.prefix, "buckets"), self.settings.source_options(),
                                s3_storage_options()), str(ref)
-        if kind in ("generations", "upscales", "models", "prompts", "evaluations", "checkpoints"):
-            raise ValueError(f"upscale source {spec}: a {kind} version is not an image source here "
-                             "(use datasets/NAME@VERSION, a folder, a URL list or shards)")
+        if kind in IMAGE_KINDS:
+            source = VersionImages(store, spec)
+            return source, str(source.ref)
+        if kind in ("models", "prompts", "evaluations", "checkpoints"):
+            raise ValueError(f"upscale source {spec}: a {kind} version is not an image source (use "
+                             "datasets/, generations/ or upscales/NAME@VERSION, a folder, a URL list or shards)")
         return open_source(spec, s3_storage_options(), self.settings.source_options()), None
 
     def opened(self, store: ArtifactStore) -> list[tuple[Source, str | None]]:

@@ -46,17 +46,25 @@ def local_or_url(spec: str) -> str:
 
 
 
+STORE_IMAGE_KINDS = ("datasets", "generations", "upscales")  # versions of the store a source may be
+
+
 def checked_sources(specs: list[str], source_options, store=None) -> list[str]:
-    """The sources as a flow takes them (local paths absolute; with `store`, a
-    `datasets/NAME@VERSION` pinned), each opened once here: a typo or an unreadable list fails in
-    one line, naming it, before any flow run."""
+    """The sources as a flow takes them (local paths absolute; with `store`, a version of the
+    store, `datasets/`, `generations/` or `upscales/NAME@VERSION`, pinned), each opened once
+    here: a typo or an unreadable list fails in one line, naming it, before any flow run."""
     from artifact_store import redact_url, s3_storage_options
     from data_engine.sources import open_source
 
     out = []
+    from data_manifests.demo import DEMO_SOURCE
+
     for spec in specs:
-        if store is not None and spec.startswith("datasets/"):
-            out.append(str(store.resolve(spec)))
+        if spec == DEMO_SOURCE:  # the demo photos, wherever the packages are installed
+            out.append(spec)
+            continue
+        if store is not None and spec.split("/", 1)[0] in STORE_IMAGE_KINDS:
+            out.append(str(store.resolve(spec)))  # a missing version is named by the CLI's store errors
             continue
         try:
             open_source(local_or_url(spec), s3_storage_options(), source_options)

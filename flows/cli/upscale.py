@@ -13,9 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser(
         "upscale", help="enlarge existing images to any size with FSTD (folders, URL lists, shards, datasets/...)",
         description="SOURCE: a folder of images (captions from sidecar .txt or metadata.jsonl become prompts), a "
-        "URL list, WebDataset/img2dataset shards (local or s3://), or datasets/NAME@VERSION of the store. Each "
-        "image is enlarged to --scale (default 2), an exact --size WxH or a --long-side, with img2img FSTD by "
-        "--model, or by an x4-upscaler-style model (--upscaler).")
+        "URL list, WebDataset/img2dataset shards (local or s3://), or a version of the store: datasets/, "
+        "generations/ or upscales/NAME@VERSION (their prompts become prompts). Each image is enlarged to --scale "
+        "(default 2), an exact --size WxH or a --long-side, with img2img FSTD by --model, or by an "
+        "x4-upscaler-style model (--upscaler), and back-projected so that its downscale is the input "
+        "(--fidelity).")
     u.add_argument("source", nargs="+")
     u.add_argument("--model", required=True, help="NAME, NAME@VERSION or models/NAME@VERSION")
     u.add_argument("--name", default="upscales", help="name of the upscales artifact to write")

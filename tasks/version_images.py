@@ -1,0 +1,90 @@
+"""The images of a committed `generations/` or `upscales/` version, as an input source (of
+`asd upscale`): one record per ok row of its manifest, in row order, its prompt the caption.
+
+A version is immutable, so a record's identity is the version and the image's path in it; the
+version is pinned as a parent of whatever is made from it. The manifest is streamed in row
+batches (a million-image version is never held). An image is read from its file, or from its
+tar shard by one ranged read (the `webdataset` layout), at most `max_bytes`; a file whose bytes
+no longer match the version's recorded sha256 (tampered with, or half overwritten) is refused,
+as is a shard member of another size than recorded (a shard's own sha256 is `asd verify`'s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+
+from artifact_store import ArtifactStore
+from data_engine.samples import STAGE_READ, STAGE_VALIDATE, Rejected
+from data_engine.sources import SourceRecord
+from data_manifests.schemas import STATUS_OK
+
+IMAGE_KINDS = ("generations", "upscales")
+_COLUMNS = ("image", "prompt", "status", "shard", "shard_offset", "shard_size")
+_BATCH_ROWS = 4096
+
+
+class VersionImages:
+    """Every image of a committed `generations/...` or `upscales/...` version (see the module doc)."""
+
+    kind: ClassVar[str] = "version"
+    needs_download: ClassVar[bool] = False
+
+    def __init__(self, store: ArtifactStore, spec: str) -> None:
+        self.store = store
+        self.ref = store.resolve(spec)
+        if self.ref.kind not in IMAGE_KINDS:
+            raise ValueError(f"{spec}: a {self.ref.kind} version holds no images to upscale "
+                             f"(use {' or '.join(k + '/NAME@VERSION' for k in IMAGE_KINDS)})")
+
+    def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
+        ref = str(self.ref)
+        with self.store.open(self.ref, "manifest.parquet") as f:
+            manifest = pq.ParquetFile(f)
+            names = set(manifest.schema_arrow.names)
+            for batch in manifest.iter_batches(_BATCH_ROWS, columns=[c for c in _COLUMNS if c in names]):
+                for row in batch.to_pylist():
+                    if row.get("status") != STATUS_OK or not row.get("image"):
+                        continue  # a failed row of the version has no image
+                    meta = {"version": ref, "image": row["image"]}
+                    if row.get("shard"):
+                        meta.update(shard=row["shard"], offset=int(row["shard_offset"]), size=int(row["shard_size"]))
+                    yield SourceRecord(source=f"{ref}/{row['image']}", name=posixpath.basename(row["image"]),
+                                       caption=row.get("prompt"), fingerprint=f"{ref}/{row['image']}", meta=meta)
+
+    def fingerprint(self) -> str:
+        return str(self.ref)
+
+    def units(self) -> set[str] | None:
+        return None
+
+
+def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
+    """(bytes, sha256) of a `VersionImages` record's image; Rejected when it is over `max_bytes`,
+    unreadable, or not what the version recorded."""
+    ref, image = meta["version"], meta["image"]
+    try:
+        if meta.get("shard"):
+            if meta["size"] > max_bytes:
+                raise Rejected(STAGE_VALIDATE, f"image too large: {meta['size']} bytes, over max_bytes {max_bytes}")
+            data = store.read_range(ref, meta["shard"], meta["offset"], meta["offset"] + meta["size"])
+            if len(data) != meta["size"]:
+                raise Rejected(STAGE_READ, f"{image} in {meta['shard']} of {ref}: {len(data)} bytes where "
+                               f"{meta['size']} are recorded")
+            return data, hashlib.sha256(data).hexdigest()
+        recorded = store.file_meta(ref, image)
+        if recorded is None:
+            raise Rejected(STAGE_READ, f"{image} is not a recorded file of {ref}")
+        if recorded["size"] > max_bytes:
+            raise Rejected(STAGE_VALIDATE, f"image too large: {recorded['size']} bytes, over max_bytes {max_bytes}")
+        data = store.read_bytes(ref, image)
+    except OSError as exc:
+        raise Rejected(STAGE_READ, f"{image} of {ref} cannot be read: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded["sha256"]:
+        raise Rejected(STAGE_READ, f"{image} of {ref} does not match its recorded sha256 (changed after the commit)")
+    return data, digest
