@@ -8,17 +8,24 @@ job killed half way and rerun.
 
 The model is the demo's (the tiny SD-shaped model trained by the `nightly` deployment's settings
 on the demo photos, about two minutes; cached under bench/.cache/upscale-store): a random
-network would draw noise, and its round trip would mean nothing. The tiny model's weak VAE
-bounds the round trip from above; read its numbers as this model's, not the method's ceiling.
+network would draw noise, and its round trip would mean nothing. Its weak VAE alone keeps little
+of an image (round-trip SSIM about 0.72 at the lowest strength): the `none` rows are this model's,
+not the method's ceiling; `backproject` rows hold whatever the model.
 
 1. Methods: a demo photo centre-cropped to `--side`^2, enlarged 4x with each of fstd,
    multidiffusion (50%-overlap windows), naive (fixed non-overlapping tiles) and full (one latent),
-   `--steps` steps at strength 0.5: seconds, seam score on FSTD's tile lattice (the lines naive
-   tiles show) over the full-latent output's on the same lines, round-trip SSIM and colour error.
-2. Round trip over strength: every demo photo enlarged 2x with FSTD at strengths 0.1 .. 0.7:
-   mean SSIM (grey) and colour error (mean |difference| of the RGB channel means, 0..255) of the
-   output downscaled back against the input.
-3. `--kill-rerun N`: N photos of mixed sizes (crops of the demo photos) upscaled 2x by
+   `--steps` steps at strength 0.5, each method's own pixels (`--fidelity none`): seconds, seam
+   score on FSTD's tile lattice (the lines naive tiles show) over the full-latent output's on the
+   same lines, round-trip SSIM and colour error.
+2. Round trip over strength: every demo photo enlarged 2x with FSTD at strengths 0.1 .. 0.7, as
+   the model draws it and back-projected (the default): mean SSIM (grey) and colour error (mean
+   |difference| of the RGB channel means, 0..255) of the output downscaled back against the
+   input, and `detail`: mean |output - its own downscale enlarged again|, what the output holds
+   above the input's resolution.
+3. The x4 paths (`--x4-side`, 64: 64^2 -> 256^2 on the CPU): img2img FSTD with the model against
+   the tiny x4 upscaler fitted in code on the demo photos (`asd_models.upscaler_training`, once,
+   cached under bench/.cache/x4-upscaler), each as drawn and back-projected, beside bicubic.
+4. `--kill-rerun N`: N photos of mixed sizes (crops of the demo photos) upscaled 2x by
    `asd upscale` on `--workers` Dask workers, SIGKILLed after half of them are written, then
    rerun: images resumed, rendered by the rerun, and whether every image is there once.
 """
