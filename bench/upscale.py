@@ -81,7 +81,7 @@ def centre_square(image, side: int):
     return resize_cover_crop(image, side, side)[0]
 
 
-def compare_methods(pipe, side: int, steps: int) -> list[dict]:
+def compare_methods(pipe, side: int, steps: int, methods: tuple[str, ...] = METHODS) -> list[dict]:
     from asd_models.fidelity import roundtrip
     from asd_models.pipeline import RenderRequest
     from asd_models.seams import seam_scores
@@ -89,7 +89,7 @@ def compare_methods(pipe, side: int, steps: int) -> list[dict]:
     image = centre_square(photos()[0], side)
     req = RenderRequest("a photo", 4 * side, 4 * side, seed=0, steps=steps, guidance_scale=4.0, strength=0.5)
     out, lines = [], None
-    for method in ("fstd", *[m for m in METHODS if m != "fstd"]):
+    for method in ("fstd", *[m for m in methods if m != "fstd"]):
         sampler = pipe.default_sampler(method)
         t0 = time.perf_counter()
         res = pipe.upscale_many([req], [image], sampler, fidelity="none")[0]  # the method's own pixels
@@ -100,10 +100,10 @@ def compare_methods(pipe, side: int, steps: int) -> list[dict]:
         out.append({"method": method, "seconds": seconds, "seam_score": seam, "roundtrip_ssim": ssim,
                     "roundtrip_color_error": color, "size": f"{4 * side}x{4 * side}", "input": f"{side}x{side}"})
         print(f"  {method}: {seconds:.1f} s, seam {seam:.3f}, SSIM {ssim:.3f}", file=sys.stderr, flush=True)
-    full = next(r for r in out if r["method"] == "full")
+    full = next((r for r in out if r["method"] == "full"), None)
     fstd = next(r for r in out if r["method"] == "fstd")
     for r in out:
-        r["seam_vs_full"] = r["seam_score"] / full["seam_score"]
+        r["seam_vs_full"] = r["seam_score"] / full["seam_score"] if full else None
         r["time_vs_fstd"] = r["seconds"] / fstd["seconds"]
     return out
 
@@ -197,7 +197,8 @@ def _kill_when_half_done(proc: subprocess.Popen, n: int) -> int:
     from tests.helpers import kill_tree
 
     def written() -> int:
-        return sum(1 for p in STORE.glob("upscales/kill-*/*/_fragments/img-*.parquet") if p.stat().st_mtime > start)
+        return sum(1 for p in STORE.glob("upscales/kill-*/*/images/*.png")
+                   if not p.name.endswith(".seams.png") and p.stat().st_mtime > start)
 
     start = time.time()
     while proc.poll() is None and written() < n // 2:
@@ -257,6 +258,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated, of " + ", ".join(METHODS) + " (full: one latent, slow on a CPU at 4096^2)")
+    ap.add_argument("--curve", action=argparse.BooleanOptionalAction, default=True,
+                    help="the round trip over strength (--no-curve: skip it)")
     ap.add_argument("--x4-side", type=int, default=64, help="input side of the x4 paths' comparison (0: skip it)")
     ap.add_argument("--kill-rerun", type=int, default=0, help="photos of the kill-and-rerun job (0: skip it)")
     ap.add_argument("--workers", type=int, default=2)
@@ -272,9 +277,10 @@ def main() -> None:
     dev = resolve_device(args.device)
     pipe.to(dev, resolve_dtype("auto", dev))
     print(f"methods, {args.side}^2 -> {4 * args.side}^2 on {dev} ...", file=sys.stderr, flush=True)
-    methods = compare_methods(pipe, args.side, args.steps)
-    print("round trip over strength ...", file=sys.stderr, flush=True)
-    curve = strength_curve(pipe, args.steps)
+    methods = compare_methods(pipe, args.side, args.steps, tuple(m.strip() for m in args.methods.split(",")))
+    if args.curve:
+        print("round trip over strength ...", file=sys.stderr, flush=True)
+    curve = strength_curve(pipe, args.steps) if args.curve else []
     print(f"x4 paths, {args.x4_side}^2 -> {4 * args.x4_side}^2 ...", file=sys.stderr, flush=True)
     x4 = x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps) if args.x4_side else []
     killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
@@ -283,15 +289,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in methods:
         print(f"| {r['method']} | {r['input']} -> {r['size']} | {r['seconds']:.1f} | {r['time_vs_fstd']:.2f}x | "
-              f"{r['seam_score']:.3f} | {r['seam_vs_full']:.2f}x | {r['roundtrip_ssim']:.3f} | "
+              f"{r['seam_score']:.3f} | " + (f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-")
+              + f" | {r['roundtrip_ssim']:.3f} | "
               f"{r['roundtrip_color_error']:.2f} |")
-    print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
-          "own downscale enlarged again|, the detail above what the input holds)\n")
-    print("| strength | fidelity | SSIM mean | SSIM min | colour error mean (0..255) | detail |")
-    print("|---|---|---|---|---|---|")
-    for r in curve:
-        print(f"| {r['strength']} | {r['fidelity']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
-              f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
+    if curve:
+        print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
+              "own downscale enlarged again|, the detail above what the input holds)\n")
+        print("| strength | fidelity | SSIM mean | SSIM min | colour error mean (0..255) | detail |")
+        print("|---|---|---|---|---|---|")
+        for r in curve:
+            print(f"| {r['strength']} | {r['fidelity']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
+                  f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
     if x4:
         print(f"\nx4 paths: the {x4[0]['images']} demo photos, {args.x4_side}^2 -> {4 * args.x4_side}^2\n")
         print("| path | fidelity | s / image | SSIM mean | SSIM min | colour error | detail |")

@@ -13,11 +13,12 @@ partition's images rendered together (`AnySizePipeline.upscale_many`: img2img FS
 model, or an x4-upscaler, then made to keep its input: `asd_models.fidelity`, back-projection by
 default); each output is written as generation writes its images (large ones streamed, with a
 Deep Zoom pyramid and viewer), with its seam scores and how well it keeps the input (the output
-downscaled back: SSIM and colour error). Each input's manifest row is written as a one-row fragment as soon as it
-is done (`_fragments/img-<partition>-<n>.parquet`): a rerun after a kill resumes the pending
-version and takes every image whose fragment reads and whose files re-hash; only the rest are
-rendered. One commit: `manifest.parquet`, every input in input order, bad ones as failed rows
-with their stage and reason.
+downscaled back: SSIM and colour error). Each input's manifest row is written as a one-row
+fragment as soon as it is done (`_fragments/img-<partition>-<n>.parquet`), and a finished
+partition's rows are compacted into one (`_fragments/part-<partition>.parquet`): a rerun after a
+kill resumes the pending version and takes every image whose row reads and whose files re-hash;
+only the rest are rendered. One commit: `manifest.parquet`, every input in input order, bad ones
+as failed rows with their stage and reason.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pydantic import model_validator
 from artifact_store import ArtifactStore, PendingVersion, redact_url, s3_storage_options
 from artifact_store.faults import fault_point
 from artifact_store.refs import FRAGMENT_DIR
+from artifact_store.store import bounded_map
 from asd_models.fidelity import FIDELITY_NAMES, roundtrip
 from data_engine.fetch import Fetcher, FetchError
 from data_engine.partitions import Partition, partition_records, plan_partitions
@@ -142,7 +144,14 @@ class PartitionDone:
 
 
 def fragment_name(stem: str, n: int) -> str:
+    """One input's row, written as soon as its image is."""
     return f"{FRAGMENT_DIR}/img-{stem}-{n:06d}.parquet"
+
+
+def partition_fragment_name(stem: str) -> str:
+    """A finished partition's rows, in input order: its inputs' fragments compacted into one
+    file (the merge reads one file a partition, and a million-image job leaves no million files)."""
+    return f"{FRAGMENT_DIR}/part-{stem}.parquet"
 
 
 def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) -> str:
@@ -181,18 +190,31 @@ def _load(rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fet
     return image, hashlib.sha256(data).hexdigest()
 
 
-def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int]) -> dict[int, dict[str, Any]]:
-    """This partition's images a previous run finished: their fragment reads, it is ok, and its
-    files re-hash (anything else is rendered again, with a warning naming it)."""
-    out = {}
-    for n in sorted(done):
-        rel = fragment_name(stem, n)
+def _read_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str, Any]]:
+    return pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
+                         schema=UPSCALE_FRAGMENT).to_pylist()
+
+
+def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] | None) -> dict[int, dict[str, Any]]:
+    """This partition's images a previous run finished (`done`: the positions with a fragment;
+    None: the partition's compacted fragment): their row reads, it is ok, and its files re-hash
+    (anything else is rendered again, with a warning naming it)."""
+    rows: dict[int, dict[str, Any]] = {}
+    if done is None:
+        rel = partition_fragment_name(stem)
         try:
-            row = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
-                                schema=UPSCALE_FRAGMENT).to_pylist()[0]
-        except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
-            run_logger().warning("%s does not read (%s); its image is rendered again", rel, exc)
-            continue
+            rows = dict(enumerate(_read_rows(store, job, rel)))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            run_logger().warning("%s does not read (%s); its images are rendered again", rel, exc)
+    else:
+        for n in sorted(done):
+            rel = fragment_name(stem, n)
+            try:
+                rows[n] = _read_rows(store, job, rel)[0]
+            except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
+                run_logger().warning("%s does not read (%s); its image is rendered again", rel, exc)
+    out = {}
+    for n, row in rows.items():
         if row["status"] != STATUS_OK:
             continue
         why = not_trusted(store, job.pending, row["key"], row["files"])
@@ -203,10 +225,46 @@ def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int]) 
     return out
 
 
-def _write_fragment(store: ArtifactStore, job: UpscaleJob, stem: str, n: int, row: dict[str, Any]) -> None:
+def _compact(store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, dict[str, Any]],
+             written: set[int]) -> None:
+    """The partition's rows into its one fragment (written whole first), then its inputs'
+    fragments removed (a kill in between leaves both: the compacted one is read)."""
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([row], schema=UPSCALE_FRAGMENT), buf)
-    store.write_atomic(store.path(job.pending.ref.prefix, fragment_name(stem, n)), buf.getvalue())
+    pq.write_table(pa.Table.from_pylist([rows[n] for n in sorted(rows)], schema=UPSCALE_FRAGMENT), buf)
+    store.write_atomic(store.path(job.pending.ref.prefix, partition_fragment_name(stem)), buf.getvalue())
+    for n in sorted(written):
+        try:
+            store.fs.rm_file(store.path(job.pending.ref.prefix, fragment_name(stem, n)))
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class _Rows:
+    """A partition task's rows as they are decided: each written as its input's fragment at once,
+    all compacted into the partition's fragment at the end."""
+
+    store: ArtifactStore
+    job: UpscaleJob
+    part: Partition
+    out: PartitionDone
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)
+
+    def write(self, n: int, row: dict[str, Any]) -> None:
+        self.rows[n] = row
+        self.written.add(n)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([row], schema=UPSCALE_FRAGMENT), buf)
+        self.store.write_atomic(self.store.path(self.job.pending.ref.prefix, fragment_name(self.part.stem, n)),
+                                buf.getvalue())
+
+    def fail(self, n: int, row: dict[str, Any]) -> None:
+        row["status"] = STATUS_FAILED
+        run_logger().warning("input %d of partition %d (%s) failed: %s", n, self.part.index, row["source"],
+                             row["error"])
+        self.write(n, row)
+        self.out.failed += 1
 
 
 def _count_image() -> None:
@@ -217,22 +275,24 @@ def _count_image() -> None:
 
 
 @task(name="upscale-partition", task_run_name="upscale-{part.index}", cache_policy=NO_CACHE)
-def upscale_partition(job: UpscaleJob, part: Partition, done: set[int]) -> PartitionDone:
+def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -> PartitionDone:
     """Upscale one partition's inputs (see the module doc); `done`: the positions whose
-    fragments a previous run wrote."""
+    fragments a previous run wrote (None: it wrote the partition's compacted fragment)."""
     from tasks.model_cache import cached_pipeline
 
     store, st = ArtifactStore(job.store_url), job.settings
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    taken = _finished(store, job, part.stem, done) if done else {}
+    taken = _finished(store, job, part.stem, done) if done is None or done else {}
     records = (partition_records(store, part) if part.plan is not None
                else shard_records(part.shard_url or "", part.shard_fp or "", st.source_options(), job.storage_options))
     fetcher = Fetcher(st.fetch_options(), job.storage_options) if part.needs_download else None
     out = PartitionDone(part.index, part.stem, 0, worker=worker)
+    rows = _Rows(store, job, part, out)
     todo: list[dict[str, Any]] = []
     for n, rec in enumerate(records):
         out.inputs += 1
         if n in taken:
+            rows.rows[n] = taken[n]
             out.ok += 1
             out.resumed += 1
             continue
@@ -241,15 +301,13 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int]) -> Parti
         try:
             image, digest = _load(rec, job, store, fetcher)
         except Rejected as exc:
-            _fail(store, job, part, n, out, _row(key=f"{n:06d}-failed", **base, error=str(exc),
-                                                  failed_stage=exc.stage))
+            rows.fail(n, _row(key=f"{n:06d}-failed", **base, error=str(exc), failed_stage=exc.stage))
             continue
         try:
             width, height = st.target(*image.size)
         except ValueError as exc:
-            _fail(store, job, part, n, out, _row(key=f"{n:06d}-failed", **base, error=str(exc),
-                                                  failed_stage=STAGE_TARGET, input_width=image.width,
-                                                  input_height=image.height, input_sha256=digest))
+            rows.fail(n, _row(key=f"{n:06d}-failed", **base, error=str(exc), failed_stage=STAGE_TARGET,
+                              input_width=image.width, input_height=image.height, input_sha256=digest))
             continue
         key = _key(job, rec, width, height, n)
         todo.append({**base, "n": n, "key": key, "width": width, "height": height, "image_obj": image,
@@ -258,22 +316,15 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int]) -> Parti
         pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype)
         writer = store.writer(job.pending)
         for pack in _packs(todo, st):
-            _render_pack(pipe, pack, job, part, writer, store, out)
+            _render_pack(pipe, pack, job, writer, rows)
+    if rows.written or done:  # else the compacted fragment a previous run wrote holds exactly these rows
+        _compact(store, job, part.stem, rows.rows, rows.written | (done or set()))
     run_logger().info("partition %d on %s: %d inputs, %d rendered, %d already done, %d failed", part.index, worker,
                       out.inputs, out.rendered, out.resumed, out.failed)
     return out
 
 
-def _fail(store: ArtifactStore, job: UpscaleJob, part: Partition, n: int, out: PartitionDone,
-          row: dict[str, Any]) -> None:
-    row["status"] = STATUS_FAILED
-    run_logger().warning("input %d of partition %d (%s) failed: %s", n, part.index, row["source"], row["error"])
-    _write_fragment(store, job, part.stem, n, row)
-    out.failed += 1
-
-
-def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: Partition, writer: Any,
-                 store: ArtifactStore, out: PartitionDone) -> None:
+def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer: Any, rows: _Rows) -> None:
     from asd_models.pipeline import RenderRequest
     from asd_models.seams import HEATMAP_MAX_PIXELS, seam_scores
 
@@ -293,7 +344,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: P
         row = _row(**{k: v for k, v in r.items() if k != "n"}, seconds=seconds, device=str(pipe.device))
         if res is None or res.size != (r["width"], r["height"]):
             row.update(status=STATUS_FAILED, failed_stage=STAGE_RENDER, error=error or f"pipeline returned {res.size}")
-            _fail(store, job, part, r["n"], out, row)
+            rows.fail(r["n"], row)
             continue
         h, w, _ = res.pixels.shape
         rel, fmt, extra = _write_image(writer, r["key"], res.pixels, st)
@@ -301,7 +352,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: P
         row.update(status=STATUS_OK, image=rel, image_format=fmt, **_rendered_fields(res),
                    deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
                    viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
-        out.large = out.large or row["viewer"] is not None
+        rows.out.large = rows.out.large or row["viewer"] is not None
         if w * h <= HEATMAP_MAX_PIXELS:
             row["seam_score"], row["seam_score_x"], row["seam_score_y"] = seam_scores(
                 res.pixels, res.seam_lines["x"], res.seam_lines["y"])
@@ -311,26 +362,30 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, part: P
                 files[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
         row["files"] = [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
                         for k, m in sorted(files.items())]
-        _write_fragment(store, job, part.stem, r["n"], row)
-        out.ok += 1
-        out.rendered += 1
+        rows.write(r["n"], row)
+        rows.out.ok += 1
+        rows.out.rendered += 1
         _count_image()
 
 
-def _listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str, set[int]]:
-    """Positions with a fragment, by partition stem (one listing of the pending version)."""
+def _listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str, set[int] | None]:
+    """Positions with a fragment, by partition stem; None for a partition with its compacted
+    fragment (one listing of the pending version)."""
     try:
         names = store.fs.ls(store.path(pending.ref.prefix, FRAGMENT_DIR), detail=False)
     except FileNotFoundError:
         return {}
-    out: dict[str, set[int]] = {}
+    out: dict[str, set[int] | None] = {}
+    whole = set()
     for name in names:
         base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("img-") and base.endswith(".parquet"):
+        if base.startswith("part-") and base.endswith(".parquet"):
+            whole.add(base.removeprefix("part-").removesuffix(".parquet"))
+        elif base.startswith("img-") and base.endswith(".parquet"):
             stem, _, n = base.removeprefix("img-").removesuffix(".parquet").rpartition("-")
             if n.isdigit():
-                out.setdefault(stem, set()).add(int(n))
-    return out
+                out.setdefault(stem, set()).add(int(n))  # type: ignore[union-attr]
+    return {**out, **dict.fromkeys(whole)}
 
 
 @flow(name="asd-upscale-partitions", log_prints=True, validate_parameters=False)
@@ -343,13 +398,14 @@ def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDo
     parts = plan_partitions([src for src, _ in stage.opened(store)], job.settings.partition_inputs, store,
                             job.pending.ref.prefix)
     finished = _listed_fragments(store, job.pending)
-    logger.info("%d partitions of %s; %d inputs with a fragment from an earlier run", len(parts),
-                [redact_url(s) for s in stage.sources], sum(len(v) for v in finished.values()))
+    logger.info("%d partitions of %s; from an earlier run: %d finished, %d inputs of others", len(parts),
+                [redact_url(s) for s in stage.sources], sum(v is None for v in finished.values()),
+                sum(len(v) for v in finished.values() if v is not None))
     results: dict[int, PartitionDone] = {}
     todo = list(reversed(parts))
     running: dict[Any, int] = {}
     window = MAX_IN_FLIGHT_PER_WORKER * job.settings.workers
-    known = sum(p.inputs or 0 for p in parts)
+    known, seen = sum(p.inputs or 0 for p in parts), 0
     with Progress(f"upscale {job.pending.ref.name}", max(1, known), unit="img") as progress:
         while todo or running:
             with gpu_annotation(job.settings):
@@ -360,7 +416,8 @@ def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDo
             running.pop(future)
             r = future.result()
             results[r.index] = r
-            progress.update(min(progress.total, sum(x.inputs for x in results.values())))
+            seen += r.inputs
+            progress.update(min(progress.total, seen))
     return [results[i] for i in sorted(results)]
 
 
@@ -439,12 +496,13 @@ def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict
     ssim: list[float] = []
     with writer.open("manifest.parquet") as stream, pq.ParquetWriter(stream, UPSCALES_MANIFEST) as manifest:
         row_no = 0
-        for r in results:
+        partitions = bounded_map(lambda r: _read_rows(store, job, partition_fragment_name(r.stem)), results,
+                                 store.io_workers)
+        for r, got_rows in zip(results, partitions, strict=True):
+            if len(got_rows) != r.inputs:
+                raise RuntimeError(f"partition {r.index} ({r.stem}) has {len(got_rows)} rows for {r.inputs} inputs")
             rows = []
-            for n in range(r.inputs):
-                rel = fragment_name(r.stem, n)
-                got = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
-                                    schema=UPSCALE_FRAGMENT).to_pylist()[0]
+            for got in got_rows:
                 files = got.pop("files")
                 writer.add_files({f["path"]: {k: v for k, v in f.items() if k != "path" and v is not None}
                                   for f in files})

@@ -131,6 +131,10 @@ def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = ArtifactStore(stored_model)
     assert store.list_versions("upscales", "resume") == []
+    frags = [p for p in Path(stored_model).glob("upscales/resume/*/_fragments/*-*.parquet")
+             if not p.name.startswith("plan-")]
+    # three images' rows: each in its own fragment, or with its finished partition's rows in one
+    assert sum(pl.read_parquet(p).filter(pl.col("status") == "ok").height for p in frags) == 3
     done = _asd(stored_model, *common, env=ph)
     assert done.returncode == 0, done.stderr[-3000:]
     ref = done.stdout.strip().splitlines()[-2]
