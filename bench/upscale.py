@@ -253,6 +253,14 @@ def kill_rerun(model: str, n: int, workers: int, steps: int) -> dict:
                 "verify_problems": len(store.verify(ref)), "ref": ref}
 
 
+def _table(rows: list[dict], columns: dict) -> None:
+    """A Markdown table of `rows`: a column's cell is its format string over the row, or a function."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(c(r) if callable(c) else c.format(**r) for c in columns.values()) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
@@ -285,28 +293,19 @@ def main() -> None:
     x4 = x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps) if args.x4_side else []
     killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
     print(f"\nASD-upscale with {model} on {dev}, {args.steps} steps, strength 0.5, guidance 4\n")
-    print("| method | input -> output | s | vs FSTD | seam score | vs full latent | round-trip SSIM | colour error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in methods:
-        print(f"| {r['method']} | {r['input']} -> {r['size']} | {r['seconds']:.1f} | {r['time_vs_fstd']:.2f}x | "
-              f"{r['seam_score']:.3f} | " + (f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-")
-              + f" | {r['roundtrip_ssim']:.3f} | "
-              f"{r['roundtrip_color_error']:.2f} |")
+    _table(methods, {"method": "{method}", "input -> output": "{input} -> {size}", "s": "{seconds:.1f}",
+                     "vs FSTD": "{time_vs_fstd:.2f}x", "seam score": "{seam_score:.3f}",
+                     "vs full latent": lambda r: f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-",
+                     "round-trip SSIM": "{roundtrip_ssim:.3f}", "colour error": "{roundtrip_color_error:.2f}"})
+    round_trip = {"SSIM mean": "{ssim_mean:.3f}", "SSIM min": "{ssim_min:.3f}",
+                  "colour error (0..255)": "{color_error_mean:.2f}", "detail": "{detail:.2f}"}
     if curve:
         print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
               "own downscale enlarged again|, the detail above what the input holds)\n")
-        print("| strength | fidelity | SSIM mean | SSIM min | colour error mean (0..255) | detail |")
-        print("|---|---|---|---|---|---|")
-        for r in curve:
-            print(f"| {r['strength']} | {r['fidelity']} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
-                  f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
+        _table(curve, {"strength": "{strength}", "fidelity": "{fidelity}", **round_trip})
     if x4:
         print(f"\nx4 paths: the {x4[0]['images']} demo photos, {args.x4_side}^2 -> {4 * args.x4_side}^2\n")
-        print("| path | fidelity | s / image | SSIM mean | SSIM min | colour error | detail |")
-        print("|---|---|---|---|---|---|---|")
-        for r in x4:
-            print(f"| {r['path']} | {r['fidelity']} | {r['seconds']:.2f} | {r['ssim_mean']:.3f} | {r['ssim_min']:.3f} | "
-                  f"{r['color_error_mean']:.2f} | {r['detail']:.2f} |")
+        _table(x4, {"path": "{path}", "fidelity": "{fidelity}", "s / image": "{seconds:.2f}", **round_trip})
     if killed:
         print(f"\nkill and rerun: {json.dumps({k: v for k, v in killed.items() if k != 'ref'})}")
     if args.json:

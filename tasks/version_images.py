@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 
-from artifact_store import ArtifactStore
-from data_engine.samples import STAGE_READ, STAGE_VALIDATE, Rejected
+from artifact_store import ArtifactStore, StoreError
+from artifact_store.paths import check_relpath
+from data_engine.samples import STAGE_READ, STAGE_SOURCE, STAGE_VALIDATE, Rejected
 from data_engine.sources import SourceRecord
 from data_manifests.schemas import STATUS_OK
 
@@ -46,13 +47,19 @@ class VersionImages:
         with self.store.open(self.ref, "manifest.parquet") as f:
             manifest = pq.ParquetFile(f)
             names = set(manifest.schema_arrow.names)
+            n = -1
             for batch in manifest.iter_batches(_BATCH_ROWS, columns=[c for c in _COLUMNS if c in names]):
                 for row in batch.to_pylist():
-                    if row.get("status") != STATUS_OK or not row.get("image"):
+                    n += 1
+                    if row.get("status") != STATUS_OK:
                         continue  # a failed row of the version has no image
-                    meta = {"version": ref, "image": row["image"]}
-                    if row.get("shard"):
-                        meta.update(shard=row["shard"], offset=int(row["shard_offset"]), size=int(row["shard_size"]))
+                    try:
+                        meta = _located(ref, row)
+                    except (StoreError, TypeError, ValueError) as exc:  # a manifest edited by hand, or hostile
+                        yield SourceRecord(source=f"{ref}#row{n}", name=f"row{n}", caption=None,
+                                           fingerprint=f"{ref}#row{n}", error=f"manifest row {n}: {exc}",
+                                           failed_stage=STAGE_SOURCE)
+                        continue
                     yield SourceRecord(source=f"{ref}/{row['image']}", name=posixpath.basename(row["image"]),
                                        caption=row.get("prompt"), fingerprint=f"{ref}/{row['image']}", meta=meta)
 
@@ -61,6 +68,17 @@ class VersionImages:
 
     def units(self) -> set[str] | None:
         return None
+
+
+def _located(ref: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Where a manifest row's image is (ValueError / StoreError: not a safe place in the version)."""
+    meta: dict[str, Any] = {"version": ref, "image": check_relpath(row.get("image") or "", ref)}
+    if row.get("shard"):
+        offset, size = int(row["shard_offset"]), int(row["shard_size"])
+        if offset < 0 or size <= 0:
+            raise ValueError(f"shard offset {offset} and size {size} are not a member's")
+        meta.update(shard=check_relpath(row["shard"], ref), offset=offset, size=size)
+    return meta
 
 
 def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
@@ -82,7 +100,7 @@ def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: in
         if recorded["size"] > max_bytes:
             raise Rejected(STAGE_VALIDATE, f"image too large: {recorded['size']} bytes, over max_bytes {max_bytes}")
         data = store.read_bytes(ref, image)
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         raise Rejected(STAGE_READ, f"{image} of {ref} cannot be read: {exc}") from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != recorded["sha256"]:

@@ -88,17 +88,22 @@ def test_generations_and_upscales_versions_are_sources(stored_model, tmp_path, p
     tampered = _manifest(stored_model, first).filter(pl.col("status") == "ok")["image"][0]
     path = Path(store.path(store.resolve(first).prefix, tampered))
     path.write_bytes(path.read_bytes()[:-40] + b"\0" * 40)
+    made = _manifest(stored_model, gen)
+    hostile = made.head(2).with_columns(  # a manifest edited after its commit: a path out of the store, a bad member
+        image=pl.Series(["../../../../etc/passwd", made["image"][1]]), shard_offset=pl.Series([None, -5]))
+    pl.concat([made, hostile]).write_parquet(store.path(store.resolve(gen).prefix, "manifest.parquet"))
     ref = upscale_flow([gen, first], "models/tiny", "again", UpscaleSettings(steps=2, scale=1.5), stored_model)
     m = _manifest(stored_model, ref)
-    assert len(m) == 3 + 2
-    made = _manifest(stored_model, gen)
+    assert len(m) == 3 + 2 + 2
+    assert all("manifest row" in e and ("unsafe file path" in e or "not a member" in e)
+               for e in m.slice(3, 2)["error"].to_list()), m.slice(3, 2)["error"].to_list()
     for r, g in zip(m.head(3).iter_rows(named=True), made.iter_rows(named=True), strict=True):
         assert r["status"] == "ok" and r["prompt"] == g["prompt"] and r["source"] == f"{store.resolve(gen)}/{g['image']}"
         assert (r["input_width"], r["width"]) == (g["width"], round(1.5 * g["width"]))
         assert r["input_sha256"] == hashlib.sha256(image_bytes(store, gen, g)).hexdigest()
     bad = m.filter(pl.col("source").str.ends_with(tampered)).row(0, named=True)
     assert bad["status"] == "failed" and "does not match its recorded sha256" in bad["error"]
-    assert m.filter(pl.col("status") == "ok").height == 4
+    assert m.filter(pl.col("status") == "ok").height == 4 and m.filter(pl.col("status") == "failed").height == 3
     assert {str(store.resolve(gen)), str(store.resolve(first))} <= set(store.record(ref)["parents"])
     with pytest.raises(ValueError, match="not an image source"):
         upscale_flow([prompts], "models/tiny", "no", UpscaleSettings(steps=2), stored_model)
