@@ -67,8 +67,8 @@ class CoverCanvas:
     Pixels are made per region on request (bicubic from the source), so a 16384^2 canvas costs no
     more memory than one tile; `whole()` is the canvas in one tensor (the small-output path).
     Source and regions: 1 x 3 x h x w float tensors in [-1, 1]. A source much larger than the
-    canvas needs (the upscaler's low-res image of a large input) is shrunk first, antialiased:
-    `shrunk_source_size` says to what."""
+    canvas needs (the upscaler's low-res image of a large input) is to be shrunk first,
+    antialiased: `shrunk_for`."""
 
     def __init__(self, source, width: int, height: int, box: tuple[float, float, float, float] | None = None,
                  scale: float = 1.0) -> None:

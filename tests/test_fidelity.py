@@ -105,3 +105,44 @@ def test_back_projection_of_an_output_of_another_aspect_uses_the_part_it_shows()
     fixed = back_project(out.copy(), small)
     assert roundtrip(fixed, small)[0] > 0.98
     assert roundtrip(fixed, view)[0] == pytest.approx(roundtrip(fixed, small)[0])
+
+
+def _area_mean(ch: np.ndarray, w: int, h: int) -> np.ndarray:
+    """The exact area average, pixel by pixel (slow; the reference)."""
+    H, W = ch.shape
+    out = np.zeros((h, w))
+    for j in range(h):
+        for i in range(w):
+            y0, y1, x0, x1 = j * H / h, (j + 1) * H / h, i * W / w, (i + 1) * W / w
+            acc = 0.0
+            for y in range(int(y0), int(np.ceil(y1))):
+                for x in range(int(x0), int(np.ceil(x1))):
+                    acc += (min(y + 1, y1) - max(y, y0)) * (min(x + 1, x1) - max(x, x0)) * ch[y, x]
+            out[j, i] = acc / ((y1 - y0) * (x1 - x0))
+    return out
+
+
+@pytest.mark.parametrize(("big", "small"), [((53, 41), (20, 17)), ((50, 40), (50, 13)), ((64, 32), (32, 16))])
+def test_band_wise_area_shrink_is_the_exact_area_average(big, small, monkeypatch):
+    import asd_models.fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "_ROWS", 7)  # bands that cut the small rows anywhere
+    px = np.random.default_rng(1).integers(0, 256, (big[1], big[0], 3), dtype=np.uint8)
+    got = fidelity.area_shrunk_channel(px, 1, small)
+    assert np.abs(got - _area_mean(px[..., 1].astype(float), *small)).max() < 1e-3
+
+
+def test_enlarged_bands_join_without_a_trace():
+    from asd_models.fidelity import enlarged_rows
+
+    small = torch.rand(1, 1, 30, 40, generator=torch.Generator().manual_seed(0))
+    whole = enlarged_rows(small, 400, 300, 0, 300)
+    assert np.array_equal(whole, np.concatenate([enlarged_rows(small, 400, 300, 0, 113),
+                                                 enlarged_rows(small, 400, 300, 113, 300)]))
+    assert np.abs(whole - torch.nn.functional.interpolate(small, size=(300, 400), mode="bicubic")[0, 0].numpy()
+                  ).max() < 1e-4
+
+
+def test_back_projection_refuses_to_shrink():
+    with pytest.raises(ValueError, match="smaller than its input"):
+        back_project(np.zeros((40, 40, 3), np.uint8), _picture(80, 80))
