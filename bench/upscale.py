@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import table, write_json
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STORE = HERE / ".cache" / "upscale-store"
@@ -253,14 +255,6 @@ def kill_rerun(model: str, n: int, workers: int, steps: int) -> dict:
                 "verify_problems": len(store.verify(ref)), "ref": ref}
 
 
-def _table(rows: list[dict], columns: dict) -> None:
-    """A Markdown table of `rows`: a column's cell is its format string over the row, or a function."""
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join(c(r) if callable(c) else c.format(**r) for c in columns.values()) + " |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
@@ -293,7 +287,7 @@ def main() -> None:
     x4 = x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps) if args.x4_side else []
     killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
     print(f"\nASD-upscale with {model} on {dev}, {args.steps} steps, strength 0.5, guidance 4\n")
-    _table(methods, {"method": "{method}", "input -> output": "{input} -> {size}", "s": "{seconds:.1f}",
+    table(methods, {"method": "{method}", "input -> output": "{input} -> {size}", "s": "{seconds:.1f}",
                      "vs FSTD": "{time_vs_fstd:.2f}x", "seam score": "{seam_score:.3f}",
                      "vs full latent": lambda r: f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-",
                      "round-trip SSIM": "{roundtrip_ssim:.3f}", "colour error": "{roundtrip_color_error:.2f}"})
@@ -302,18 +296,14 @@ def main() -> None:
     if curve:
         print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
               "own downscale enlarged again|, the detail above what the input holds)\n")
-        _table(curve, {"strength": "{strength}", "fidelity": "{fidelity}", **round_trip})
+        table(curve, {"strength": "{strength}", "fidelity": "{fidelity}", **round_trip})
     if x4:
         print(f"\nx4 paths: the {x4[0]['images']} demo photos, {args.x4_side}^2 -> {4 * args.x4_side}^2\n")
-        _table(x4, {"path": "{path}", "fidelity": "{fidelity}", "s / image": "{seconds:.2f}", **round_trip})
+        table(x4, {"path": "{path}", "fidelity": "{fidelity}", "s / image": "{seconds:.2f}", **round_trip})
     if killed:
         print(f"\nkill and rerun: {json.dumps({k: v for k, v in killed.items() if k != 'ref'})}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": model, "device": str(dev), "steps": args.steps,
-                                               "methods": methods, "strength_curve": curve, "x4_paths": x4,
-                                               "kill_rerun": killed},
-                                              indent=2))
+    write_json(args.json, {"model": model, "device": str(dev), "steps": args.steps, "methods": methods,
+                           "strength_curve": curve, "x4_paths": x4, "kill_rerun": killed})
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from bench.report import child_arm, table, write_json
 
 ARMS = ("none", "backproject")
 
@@ -49,24 +48,12 @@ def main() -> None:
     if args.arm:
         print(json.dumps(arm(args.arm, args.side, args.scale, args.steps)))
         return
-    rows = []
-    for fidelity in ARMS:
-        out = subprocess.run([sys.executable, "-m", "bench.upscale_memory", "--arm", fidelity, "--side", str(args.side),
-                              "--scale", str(args.scale), "--steps", str(args.steps)], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
-        if out.returncode:
-            raise SystemExit(f"arm {fidelity} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [child_arm("bench.upscale_memory", "--arm", fidelity, "--side", str(args.side), "--scale", str(args.scale),
+                      "--steps", str(args.steps)) for fidelity in ARMS]
     print(f"\none {args.side}^2 photo -> {args.side * args.scale}^2, {args.steps} steps, each arm in its own process\n")
-    print("| fidelity | memory-mapped | s | peak RSS MB | vs none |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['fidelity']} | {r['memory_mapped']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-
+    table(rows, {"fidelity": "{fidelity}", "memory-mapped": "{memory_mapped}", "s": "{seconds:.1f}",
+                 "peak RSS MB": "{peak_rss_mb:.0f}", "vs none": lambda r: f"{r['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB"})
+    write_json(args.json, rows)
 
 if __name__ == "__main__":
     main()
