@@ -92,6 +92,8 @@ class UpscaleSettings(RenderSettings, SourceSettings):
         given = [n for n in ("scale", "size", "long_side") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of scale, size and long_side, not {' and '.join(given)}")
+        if self.size and not all(MIN_SIDE <= int(v) <= MAX_SIDE for v in self.size.split("x")):
+            raise ValueError(f"size {self.size}: each side must be {MIN_SIDE}..{MAX_SIDE} pixels")
         return self
 
     def target(self, width: int, height: int) -> tuple[int, int]:

@@ -119,6 +119,8 @@ def test_upscale_target_rules():
         UpscaleSettings(size="100x100").target(300, 200)
     with pytest.raises(ValueError, match="one of scale, size and long_side"):
         UpscaleSettings(scale=3, long_side=512)
+    with pytest.raises(ValueError, match="each side must be 64..16384"):
+        UpscaleSettings(size="100000x64")
 
 
 def _asd(store_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
