@@ -20,13 +20,15 @@ image's grid, so bands join without a trace); beyond a band, only input-sized ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from asd_models.images import input_view
+
+if TYPE_CHECKING:
+    import torch
 
 BACKPROJECT_ITERATIONS = 3
 _ROWS = 512  # output rows a band holds
@@ -61,6 +63,7 @@ def area_shrunk_channel(pixels: np.ndarray, c: int, size: tuple[int, int]) -> np
 def enlarged_rows(small: torch.Tensor, width: int, height: int, y0: int, y1: int) -> np.ndarray:
     """Rows [y0, y1) of `small` (1 x 1 x h x w float32) enlarged to width x height, bicubic, on
     the whole image's pixel grid (a band equals the same rows of the whole enlargement)."""
+    import torch
     import torch.nn.functional as F
 
     gx = (torch.arange(width, dtype=torch.float64) + 0.5) / width * 2 - 1
@@ -79,6 +82,8 @@ def back_project(pixels: np.ndarray, original: Image.Image, iterations: int = BA
         raise ValueError(f"back-projection enlarges: the output {width}x{height} is smaller than its input "
                          f"{view.width}x{view.height}")
     ref = np.asarray(view)
+    import torch
+
     with torch.no_grad():
         for _ in range(iterations):
             for c in range(3):
@@ -107,6 +112,7 @@ def roundtrip(pixels: np.ndarray, original: Any) -> tuple[float, float]:
     the part of the input it shows (`input_view`: all of it unless the output's aspect differs),
     against that part: SSIM of the grey images, and the mean |difference| of the RGB channel
     means (a colour cast), in 0..255."""
+    import torch
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     height, width = pixels.shape[:2]

@@ -297,6 +297,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
             rows.rows[n] = taken[n]
             out.ok += 1
             out.resumed += 1
+            out.large = out.large or taken[n]["viewer"] is not None  # its viewer's assets go in, resumed or not
             continue
         base = {"source": rec.source, "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt
                 else st.prompt, "seed": st.seed, "strength": st.strength, "steps": st.steps, "worker": worker}
