@@ -237,8 +237,8 @@ def _compact(store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, d
     for n in sorted(written):
         try:
             store.fs.rm_file(store.path(job.pending.ref.prefix, fragment_name(stem, n)))
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError:  # removed already (by a run killed after its own compaction)
+            run_logger().debug("%s was removed already", fragment_name(stem, n))
 
 
 @dataclass
