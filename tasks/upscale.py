@@ -174,7 +174,7 @@ def _load(rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fet
     if rec.error:
         raise Rejected(rec.failed_stage or "source", rec.error)
     if rec.meta.get("version"):
-        data, _ = read_version_image(store, rec.meta, st.max_bytes)
+        data = read_version_image(store, rec.meta, st.max_bytes)
     elif rec.data is not None:
         data = rec.data
     elif rec.url:

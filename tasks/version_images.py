@@ -81,8 +81,8 @@ def _located(ref: str, row: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: int) -> tuple[bytes, str]:
-    """(bytes, sha256) of a `VersionImages` record's image; Rejected when it is over `max_bytes`,
+def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: int) -> bytes:
+    """The bytes of a `VersionImages` record's image; Rejected when it is over `max_bytes`,
     unreadable, or not what the version recorded."""
     ref, image = meta["version"], meta["image"]
     try:
@@ -93,7 +93,7 @@ def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: in
             if len(data) != meta["size"]:
                 raise Rejected(STAGE_READ, f"{image} in {meta['shard']} of {ref}: {len(data)} bytes where "
                                f"{meta['size']} are recorded")
-            return data, hashlib.sha256(data).hexdigest()
+            return data
         recorded = store.file_meta(ref, image)
         if recorded is None:
             raise Rejected(STAGE_READ, f"{image} is not a recorded file of {ref}")
@@ -102,7 +102,6 @@ def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: in
         data = store.read_bytes(ref, image)
     except (OSError, StoreError) as exc:
         raise Rejected(STAGE_READ, f"{image} of {ref} cannot be read: {exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != recorded["sha256"]:
+    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
         raise Rejected(STAGE_READ, f"{image} of {ref} does not match its recorded sha256 (changed after the commit)")
-    return data, digest
+    return data

@@ -46,24 +46,21 @@ def local_or_url(spec: str) -> str:
 
 
 
-STORE_IMAGE_KINDS = ("datasets", "generations", "upscales")  # versions of the store a source may be
-
-
 def checked_sources(specs: list[str], source_options, store=None) -> list[str]:
     """The sources as a flow takes them (local paths absolute; with `store`, a version of the
     store, `datasets/`, `generations/` or `upscales/NAME@VERSION`, pinned), each opened once
     here: a typo or an unreadable list fails in one line, naming it, before any flow run."""
     from artifact_store import redact_url, s3_storage_options
     from data_engine.sources import open_source
+    from data_manifests.demo import DEMO_SOURCE
+    from tasks.version_images import IMAGE_KINDS
 
     out = []
-    from data_manifests.demo import DEMO_SOURCE
-
     for spec in specs:
         if spec == DEMO_SOURCE:  # the demo photos, wherever the packages are installed
             out.append(spec)
             continue
-        if store is not None and spec.split("/", 1)[0] in STORE_IMAGE_KINDS:
+        if store is not None and spec.split("/", 1)[0] in ("datasets", *IMAGE_KINDS):
             out.append(str(store.resolve(spec)))  # a missing version is named by the CLI's store errors
             continue
         try:
