@@ -8,7 +8,12 @@
     leases.py      who writes a pending version now: lease epochs, heartbeat, takeover
     file_lists.py  a large version's file list, in Parquet parts outside its commit record
     faults.py      fault points where tests SIGKILL a writer
-    store.py       ArtifactStore: reuse-or-new, resolve, read, download, verify, gc, lineage
+    store.py       ArtifactStore: reuse-or-new, resume, commit records, resolve; a facade over
+    reading.py     only what a record lists is read; download, verify (unlisted files reported)
+    maintenance.py leftovers of killed writers, gc, the catalog
+    lineage.py     the version holding a file, a version's ancestors
+    fragment_log.py  a pending version's durable fragments (ingest, generation, upscale)
+    windows.py     bounded windows over long streams (windowed, bounded_map, batched)
     catalog.py     one Parquet row per committed version
     s3_options.py  s3fs options (endpoint, retries, optional Prefect credentials block)
     redaction.py   display forms of URLs and messages without secrets
@@ -31,6 +36,7 @@ from artifact_store.refs import (
     KINDS,
     ArtifactRef,
     CorruptRecord,
+    FileNotListed,
     InvalidReference,
     PendingVersion,
     StoreError,
@@ -44,7 +50,7 @@ from artifact_store.store import ArtifactStore, store_url_from_env
 from artifact_store.writer import VersionWriter
 
 __all__ = [
-    "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "InvalidReference", "PendingVersion",
+    "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "FileNotListed", "InvalidReference", "PendingVersion",
     "StoreError", "VersionNotFound", "VersionWriter", "check_name", "new_version_id", "params_hash", "redact",
     "file_lists", "leases", "redact_url", "s3_storage_options", "store_url_from_env",
 ]

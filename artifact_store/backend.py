@@ -8,6 +8,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ def store_url_from_env(url: str | None = None) -> str:
     if "://" not in raw:
         raw = str(Path(raw).expanduser().resolve())
     return raw
+
+
+def modified(info: dict[str, Any]) -> float:
+    """When a listed file was last written (local mtime or S3 LastModified), in epoch seconds."""
+    m = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return m.timestamp() if isinstance(m, datetime) else float(m or 0)
 
 
 class StoreBackend:
@@ -188,6 +195,21 @@ class StoreBackend:
                 yield lrel, waiting.pop(lrel), info
         for rel, meta in waiting.items():
             yield rel, meta, None
+
+    def files_under(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every file under `prefix` as (relpath, info with `size`), streamed; on a local disk links
+        are not followed, and a link is listed as itself (`islink` in its info)."""
+        base = self.path(prefix).rstrip("/") + "/"
+        if not self.is_local:
+            yield from self._listing(base)
+            return
+        for top, dirs, names in os.walk(base, followlinks=False):
+            rel_top = top[len(base):].strip("/")
+            links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+            for name in sorted(names) + links:
+                st = os.lstat(os.path.join(top, name))
+                rel = f"{rel_top}/{name}" if rel_top else name
+                yield rel, {"size": st.st_size, "mtime": st.st_mtime, "islink": os.path.islink(os.path.join(top, name))}
 
     def _listing(self, base: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every object under `base` (relpath, info), one page of the listing at a time."""

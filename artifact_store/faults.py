@@ -41,3 +41,14 @@ def _hold(release: str) -> None:
     deadline = time.monotonic() + HOLD_MAX_S
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+_COUNTS: dict[str, int] = {}
+
+
+def counted_point(label: str) -> None:
+    """One more `label` done by this process (an image rendered, an image upscaled): the fault
+    point `<label>-<n>` for the n-th (tests kill a job after its n-th image). The count is this
+    process's own: a Dask worker counts what it did."""
+    _COUNTS[label] = _COUNTS.get(label, 0) + 1
+    fault_point(f"{label}-{_COUNTS[label]}")

@@ -55,6 +55,13 @@ class FileListWriter:
         self.count = 0
         self.size_bytes = 0
 
+    def add_sorted(self, files: list[tuple[str, dict[str, Any]]]) -> None:
+        """Files that belong to no manifest row, in path order, in row groups of their own (each
+        group's path range in its statistics: a lookup reads the one group that can hold a path)."""
+        self._flush()
+        for rel, meta in files:
+            self.add(rel, meta, None)
+
     def add(self, rel: str, meta: dict[str, Any], row: int | None) -> None:
         self._buffer.append({"path": rel, "sha256": meta["sha256"], "size": int(meta["size"]),
                              "version_id": meta.get("version_id"), "row": row})
@@ -68,7 +75,7 @@ class FileListWriter:
             return
         if self._writer is None:
             path = os.path.join(self._tmp.name, f"part-{len(self._parts):05d}.parquet")
-            self._writer = pq.ParquetWriter(path, FILE_LIST, write_statistics=["row"])
+            self._writer = pq.ParquetWriter(path, FILE_LIST, write_statistics=["row", "path"])
             self._parts.append({"local": path, "rows": [None, None], "count": 0})
         table = pa.Table.from_pylist(self._buffer, schema=FILE_LIST)
         self._writer.write_table(table, row_group_size=GROUP_ROWS)
@@ -77,6 +84,9 @@ class FileListWriter:
         if rows:
             lo, hi = part["rows"]
             part["rows"] = [min(rows) if lo is None else min(lo, *rows), max(rows) if hi is None else max(hi, *rows)]
+        paths = table.column("path").to_pylist()
+        lo, hi = part.setdefault("paths", [min(paths), max(paths)])
+        part["paths"] = [min(lo, min(paths)), max(hi, max(paths))]
         part["count"] += table.num_rows
         self._rows_in_part += table.num_rows
         self._buffer = []
@@ -106,7 +116,7 @@ class FileListWriter:
         for i, part in enumerate(self._parts):
             rel = f"{FILE_LIST_DIR}/part-{i:05d}.parquet"
             version_writer.put_file(rel, part["local"])
-            out.append({"path": rel, "rows": part["rows"], "count": part["count"]})
+            out.append({"path": rel, "rows": part["rows"], "paths": part.get("paths"), "count": part["count"]})
         self._tmp.cleanup()
         return out
 
@@ -189,13 +199,20 @@ def _keep_group(key: tuple[str, str, str, int], entries: dict[str, dict[str, Any
 
 def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: str,
            pin: Any = None) -> dict[str, Any] | None:
-    """One file's entry: only the part and row groups whose row range can hold it are read (the
-    last few row groups read are kept: the next file of a reader going in row order costs no
-    request). Parts are immutable files of committed versions, so what is kept stays true."""
+    """One file's entry: only the parts and row groups whose row range (from the file's name) or
+    path range can hold it are read (the last few row groups read are kept: the next file of a
+    reader going in row order costs no request). Parts are immutable files of committed versions,
+    so what is kept stays true. Parts written before path ranges were recorded are read as before."""
     row = row_of(rel)
+
+    def may_hold(rows: Any, paths: Any) -> bool:
+        by_row = row is not None and rows is not None and rows[0] is not None and rows[0] <= row <= rows[1]
+        if paths is None:  # no path range: the row range decides, or every group is read
+            return by_row or row is None or rows is None or rows[0] is None
+        return by_row or paths[0] <= rel <= paths[1]
+
     for part in parts:
-        lo, hi = part.get("rows") or [None, None]
-        if row is not None and lo is not None and not lo <= row <= hi:
+        if not may_hold(part.get("rows"), part.get("paths")):
             continue
         part_id = (store.root, prefix, part.get("sha256") or part["path"])
         with _GROUPS_LOCK:
@@ -205,10 +222,10 @@ def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: s
             if entries is not None and rel in entries:
                 return entries[rel]
         with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:
-            col = pf.schema_arrow.get_field_index("row")
+            row_col, path_col = pf.schema_arrow.get_field_index("row"), pf.schema_arrow.get_field_index("path")
             for g in range(pf.num_row_groups):
-                stats = pf.metadata.row_group(g).column(col).statistics
-                if row is not None and stats is not None and stats.has_min_max and not stats.min <= row <= stats.max:
+                group = pf.metadata.row_group(g)
+                if not may_hold(_range(group.column(row_col).statistics), _range(group.column(path_col).statistics)):
                     continue
                 entries = {d["path"]: _entry(d) for d in
                            pf.read_row_group(g, columns=["path", "sha256", "size", "version_id"]).to_pylist()}
@@ -216,6 +233,11 @@ def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: s
                 if rel in entries:
                     return entries[rel]
     return None
+
+
+def _range(stats: Any) -> list[Any] | None:
+    """A row group column's [min, max], or None when it has no statistics."""
+    return [stats.min, stats.max] if stats is not None and stats.has_min_max else None
 
 
 def iterate(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], pin: Any = None

@@ -12,8 +12,10 @@ from artifact_store.refs import COMMIT_RECORD, FRAGMENT_DIR, LEASE_DIR, PENDING_
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def check_relpath(rel: str, where: str = "") -> str:
-    """Return `rel` if it is a safe file path inside a version, else raise InvalidReference."""
+def check_relpath(rel: str, where: str = "", store_state: bool = False) -> str:
+    """Return `rel` if it is a safe file path inside a version, else raise InvalidReference.
+    `store_state`: the store's own files of a pending version (fragments, leases, its marker)
+    are allowed too."""
     at = f" in {where}" if where else ""
     if not isinstance(rel, str) or not rel:
         raise InvalidReference(f"empty file path{at}")
@@ -22,7 +24,7 @@ def check_relpath(rel: str, where: str = "") -> str:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise InvalidReference(f"unsafe file path {rel!r}{at}: empty, '.' or '..' part")
-    if rel in (COMMIT_RECORD, PENDING_MARKER) or parts[0] in (LEASE_DIR, FRAGMENT_DIR):
+    if not store_state and (rel in (COMMIT_RECORD, PENDING_MARKER) or parts[0] in (LEASE_DIR, FRAGMENT_DIR)):
         raise InvalidReference(f"file path {rel!r}{at} is reserved for the store")
     return rel
 

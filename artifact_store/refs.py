@@ -41,6 +41,14 @@ class CorruptRecord(StoreError):
     """A commit record exists but cannot be read: an error, never 'absent'."""
 
 
+class FileNotListed(StoreError):
+    """A path inside a committed version's folder that its commit record does not list (a
+    version's content is exactly its record), or a link where a file should be."""
+
+
+PENDING_STATE = (PENDING_MARKER, LEASE_DIR, FRAGMENT_DIR)  # what a pending version holds besides its files
+
+
 @dataclass(frozen=True, order=True)
 class ArtifactRef:
     """`kind/name@version`; version may be `latest` before resolution."""

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import subprocess
 import uuid
@@ -26,6 +27,7 @@ from artifact_store.refs import (
     FRAGMENT_DIR,
     LEASE_DIR,
     PENDING_MARKER,
+    PENDING_STATE,
     RECORD_FORMAT,
     ArtifactRef,
     PendingVersion,
@@ -38,6 +40,10 @@ from artifact_store.refs import (
 
 if TYPE_CHECKING:
     from artifact_store.backend import StoreBackend
+
+INLINE_FILES_MAX = 1000  # files a commit record lists itself; past it they go to file-list parts, whatever call
+# wrote them (100,000 files inline made a 13 MB record, a 345 ms cold open and a 265 ms list_versions)
+log = logging.getLogger("asd.store")
 
 @cache
 def code_version() -> str:
@@ -197,6 +203,23 @@ class VersionWriter:
                 rel = p.relative_to(local_dir).as_posix()
                 self.put_file(f"{prefix.rstrip('/')}/{rel}" if prefix else rel, p)
 
+    def _remove_unlisted(self) -> None:
+        """A version's content is exactly its record: a file in its folder that this commit will
+        not list (a stray temporary file, something another hand put there) is removed, and
+        logged, before the record is written; the pending version's own state (lease, fragments,
+        marker) goes after it."""
+        expected = set(self.files)
+        if self.listed is not None:
+            self.listed.close()
+            expected.update(rel for rel, _ in self.listed.entries())
+        stray = [rel for rel, _ in self.store.files_under(self.ref.prefix)
+                 if rel not in expected and rel != COMMIT_RECORD and rel.split("/", 1)[0] not in PENDING_STATE]
+        for rel in stray:
+            self.store.fs.rm_file(self.store.path(self.ref.prefix, rel))
+        if stray:
+            log.warning("%s: removed %d file(s) in its folder that its commit would not list: %s%s", self.ref,
+                        len(stray), ", ".join(stray[:5]), " ..." if len(stray) > 5 else "")
+
     def _check_files_present(self) -> None:
         """Every file the record will list is in the store with its recorded size (a stat each on
         a local disk, one streamed listing of the version's prefix on an object store; memory
@@ -224,6 +247,17 @@ class VersionWriter:
         """Write the commit record (last), then move `LATEST`. Returns the committed reference."""
         if self.committed:
             raise StoreError(f"{self.ref} is already committed")
+        if self.store.fs.exists(self.store.path(self.ref.prefix, COMMIT_RECORD)):
+            raise StoreError(f"{self.ref} was committed by another run meanwhile; this run committed nothing "
+                             f"(versions are written once)")
+        if self.lease is not None:
+            self.lease.check()  # only the run holding the job's lease tidies its folder
+        self._remove_unlisted()
+        if len(self.files) > INLINE_FILES_MAX:  # a large version: its record points at parts, sorted by path
+            if self.listed is None:
+                self.listed = FileListWriter()
+            self.listed.add_sorted(sorted(self.files.items()))
+            self.files = {}
         if self.listed is not None:
             self.listed.close()
         self._check_files_present()

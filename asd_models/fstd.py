@@ -26,6 +26,18 @@ from asd_models.tiling import Box, gaussian_weights, grid_boxes, uniform_weights
 
 ProgressFn = Callable[[int, int, int, int], None]  # step, total_steps, tiles_done, tiles_in_step
 GRID_MODES = ("cropped", "edge-tile", "official")
+# How cropped pieces grow (with real neighbouring latent) before the UNet runs them:
+#   exact     to the UNet's size multiple only: the least area; every new shape is free on a CPU
+#   bucketed  to half a tile, a tile or a tile and a quarter: at most 3 x 3 shapes a job, so CUDA
+#             graphs, compiled kernels and cuDNN plans are built once (about 71% of the input is
+#             useful at 1024^2, 84% at 2048^2: area a CPU pays for and a GPU's shapes save)
+PIECE_SHAPES = ("exact", "bucketed")
+
+
+def piece_shapes_for(device: torch.device | str) -> str:
+    """The piece shapes that cost least on `device`: bucketed where a new shape costs (CUDA), exact
+    elsewhere (`bench.fstd --quick`: exact pieces are what made FSTD as fast as naive tiles on a CPU)."""
+    return "bucketed" if torch.device(device).type == "cuda" else "exact"
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class FSTDConfig:
     salt: None: each latent draws its offsets from its own generator; an int: the offsets of a
     step depend on (salt, step) alone, so every image of a job shifts alike and the pieces of
     same-size images share their shapes (and UNet calls) in a pack.
+    pieces: how cropped pieces grow before the UNet runs them (`PIECE_SHAPES`); None: chosen
+    from the UNet's device by `for_unet` (`piece_shapes_for`).
     """
 
     tile: int = 64
@@ -64,6 +78,7 @@ class FSTDConfig:
     size_multiple: int | None = None
     min_piece: int | None = None
     salt: int | None = None
+    pieces: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_piece is None:
@@ -84,6 +99,8 @@ class FSTDConfig:
             raise ValueError(f"FSTD tile {self.tile} must be a multiple of offset_multiple {self.offset_multiple}")
         if self.size_multiple is not None and (self.size_multiple < 1 or self.tile % self.size_multiple):
             raise ValueError(f"FSTD tile {self.tile} must be a multiple of the UNet's size multiple {self.size_multiple}")
+        if self.pieces is not None and self.pieces not in PIECE_SHAPES:
+            raise ValueError(f"FSTD pieces must be one of {PIECE_SHAPES}, got {self.pieces!r}")
         if self.mode == "official" and self.shift_first_step:
             raise ValueError("the official scheme never shifts the first step (shift_first_step=False)")
 
@@ -96,17 +113,25 @@ class FSTDConfig:
 
     def for_unet(self, unet: torch.nn.Module) -> FSTDConfig:
         """This config on `unet`: size_multiple filled in from the UNet's down-sampling levels
-        when not given (offset_multiple then defaults to 2); a tile or size multiple off the
-        UNet's lattice is refused (the UNet would fail on it or leave seams)."""
+        when not given (offset_multiple then defaults to 2), the piece shapes from its device; a
+        tile or size multiple off the UNet's lattice is refused (the UNet would fail on it or
+        leave seams)."""
         m = unet_size_multiple(unet)
         size = self.size_multiple if self.size_multiple is not None else m
         offset = self.offset_multiple if self.offset_multiple is not None else min(2, size)
+        pieces = self.pieces or piece_shapes_for(next(unet.parameters()).device)
         if self.tile % m or size % m:
             raise ValueError(f"FSTD tile {self.tile} and size_multiple {size} must be multiples of this UNet's "
                              f"size multiple {m} (2 ** its {m.bit_length() - 1} down-sampling levels)")
-        if (size, offset) == (self.size_multiple, self.offset_multiple):
+        if (size, offset, pieces) == (self.size_multiple, self.offset_multiple, self.pieces):
             return self
-        return replace(self, size_multiple=size, offset_multiple=offset)
+        return replace(self, size_multiple=size, offset_multiple=offset, pieces=pieces)
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The first of `steps` timesteps an image re-noised to `strength` is denoised from (at least
+    one step is always left): stage 2 runs `steps - img2img_start(steps, strength)` steps."""
+    return min(int(round(steps * (1 - strength))), steps - 1)
 
 
 def unet_size_multiple(unet: torch.nn.Module) -> int:

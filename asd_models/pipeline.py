@@ -27,7 +27,7 @@ from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.fidelity import FIDELITY
-from asd_models.fstd import TiledJob, sample_jobs
+from asd_models.fstd import TiledJob, img2img_start, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
@@ -87,6 +87,7 @@ class AnySizeResult:
     seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
     fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps
     unet_evals: int = 0  # UNet samples evaluated for this image, both stages (guidance counts twice)
+    piece_shapes: str = "exact"  # how stage 2's pieces grew before the UNet ran them (asd_models.fstd.PIECE_SHAPES)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -187,14 +188,17 @@ class AnySizePipeline:
 
     # -- pieces --------------------------------------------------------------------------------
     def default_sampler(self, name: str = FSTD.name, tile: int | None = None,
-                        tile_batch_size: int | None = None, salt: int = 0) -> TiledSampler:
+                        tile_batch_size: int | None = None, salt: int = 0, pieces: str | None = None
+                        ) -> TiledSampler:
         """Stage 2's sampler (`asd_models.samplers`) at the UNet's native size (or `tile`), on the
         UNet's down-sampling lattice; `tile_batch_size` None: from free GPU memory on a GPU, 8 on
         the CPU. `salt`: the job's offset salt (every image of a job shifts alike, so a pack of
-        same-size images shares its UNet input shapes and an image is the same alone or packed)."""
+        same-size images shares its UNet input shapes and an image is the same alone or packed).
+        `pieces`: how cropped pieces grow (`asd_models.fstd.PIECE_SHAPES`; None: the cheaper on
+        the UNet's device, exact on a CPU, bucketed on CUDA)."""
         tile = tile or self.c.unet.config.sample_size
         batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype) or 8
-        return sampler_named(name, tile, batch, self.c.unet_multiple, salt)
+        return sampler_named(name, tile, batch, self.c.unet_multiple, salt).with_pieces(pieces)
 
     @property
     def pixel_multiple(self) -> int:
@@ -272,8 +276,7 @@ class AnySizePipeline:
             release_free_heap()  # time, and the decode's peak, not the encode's, is the job's
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
-        start = int(round(req.steps * (1 - req.strength)))
-        timesteps = scheduler.timesteps[min(start, req.steps - 1):]
+        timesteps = scheduler.timesteps[img2img_start(req.steps, req.strength):]
         noise = self._noise(tuple(x0.shape), r.generator)
         latents = scheduler.add_noise(x0, noise, timesteps[:1])
         job, r.plan = sampler.job(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale, r.generator,
@@ -409,6 +412,7 @@ class AnySizePipeline:
             pixels=final, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
             seam_lines={"x": grid_lines(req.width, tile_px, r.box[0]), "y": grid_lines(req.height, tile_px, r.box[1])},
             fstd_tiles=r.plan.tiles if r.plan else 0, unet_evals=r.unet_evals,
+            piece_shapes="bucketed" if job.run_sizes else "exact",
         )
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ class TiledSampler:
     weighting: ClassVar[str] = "uniform"
     partition: ClassVar[bool] = False
     covers_all: ClassVar[bool] = True
+    options: ClassVar[dict[str, type]] = {}  # the method's own knobs (`with_options`), by name and type
     tile: int
     tile_batch_size: int
     size_multiple: int | None
@@ -67,6 +68,36 @@ class TiledSampler:
     @property
     def run_sizes(self) -> tuple[int, ...]:
         return ()
+
+    def with_options(self, **given: str | int) -> TiledSampler:
+        """The same method with its own knobs set (`options`; values given as text are converted);
+        a knob it does not have, or a value it refuses, is a ValueError naming both."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            known = ", ".join(f"{k} ({t.__name__})" for k, t in self.options.items()) or "none"
+            raise ValueError(f"sampler {self.name} has no option {unknown[0]!r}; its options: {known}")
+        values = {}
+        for k, v in given.items():
+            try:
+                values[k] = self.options[k](v)
+            except ValueError:
+                raise ValueError(f"sampler {self.name}: option {k} must be {self.options[k].__name__}, "
+                                 f"got {v!r}") from None
+        return self._replace_options(values) if values else self
+
+    def _replace_options(self, values: dict[str, Any]) -> TiledSampler:
+        return replace(self, **values)  # type: ignore[type-var]
+
+    def with_pieces(self, pieces: str | None) -> TiledSampler:
+        """The same sampler with its cropped pieces grown `pieces` (`asd_models.fstd.PIECE_SHAPES`;
+        None: from the UNet's device); a method whose boxes are all full size has none to grow."""
+        return self
+
+    @property
+    def piece_shapes(self) -> str:
+        """How this sampler's pieces grow before the UNet runs them (`asd_models.fstd.PIECE_SHAPES`):
+        recorded with every image it renders."""
+        return "bucketed" if self.run_sizes else "exact"
 
     def job(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, cond: torch.Tensor,
             uncond: torch.Tensor | None, guidance_scale: float, generator: torch.Generator,
@@ -109,12 +140,23 @@ class FSTD(TiledSampler):
 
     name: ClassVar[str] = "fstd"
     weighting: ClassVar[str] = "gaussian"
+    options: ClassVar[dict[str, type]] = {"mode": str, "shift_range": int, "reset_every": int, "min_piece": int,
+                                          "offset_multiple": int}
     config: FSTDConfig = FSTDConfig()
+
+    def _replace_options(self, values: dict[str, Any]) -> FSTD:
+        if values.get("mode") == "official":  # that grid has no previous prediction for step 0's strip
+            values = {**values, "shift_first_step": False}
+        return replace(self, config=replace(self.config, **values))
 
     @classmethod
     def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
              salt: int | None = None) -> FSTD:
         return cls(FSTDConfig(tile=tile, tile_batch_size=tile_batch_size, size_multiple=size_multiple, salt=salt))
+
+    def with_pieces(self, pieces: str | None) -> FSTD:
+        """The same sampler with its pieces grown `pieces` (None: from the UNet's device)."""
+        return replace(self, config=replace(self.config, pieces=pieces))
 
     @property
     def partition(self) -> bool:  # type: ignore[override]
@@ -126,9 +168,10 @@ class FSTD(TiledSampler):
 
     @property
     def run_sizes(self) -> tuple[int, ...]:
-        """Cropped pieces (a quarter tile to a tile and a quarter, thin ones merged) grow to half a
-        tile, a tile or a tile and a quarter: at most 3 x 3 UNet input shapes a job."""
-        if self.config.mode != "cropped":
+        """With bucketed pieces (`FSTDConfig.pieces`), cropped pieces (a quarter tile to a tile and a
+        quarter, thin ones merged) grow to half a tile, a tile or a tile and a quarter: at most 3 x 3
+        UNet input shapes a job. Exact pieces grow to the UNet's size multiple only."""
+        if self.config.mode != "cropped" or self.config.pieces != "bucketed":
             return ()
         m, t = self.config.size_multiple or 1, self.config.tile
         return tuple(sorted({-(-s // m) * m for s in (t // 2, t, t + t // 4)}))
@@ -164,6 +207,7 @@ class Official(FSTD):
     first unshifted, full-size clamped tiles, the uncovered strip from the previous prediction."""
 
     name: ClassVar[str] = "official"
+    options: ClassVar[dict[str, type]] = {}  # the published scheme as it is
     config: FSTDConfig = FSTDConfig.official()
 
     @classmethod
@@ -198,6 +242,7 @@ class MultiDiffusion(TiledSampler):
     edge, predictions averaged."""
 
     name: ClassVar[str] = "multidiffusion"
+    options: ClassVar[dict[str, type]] = {"stride": int}
     tile: int = 64
     tile_batch_size: int = 8
     size_multiple: int | None = None
@@ -247,6 +292,19 @@ class Full(TiledSampler):
 SAMPLERS: dict[str, type[TiledSampler]] = {cls.name: cls for cls in (FSTD, Official, Naive, MultiDiffusion,
                                                                       Mixture, Full)}
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+
+def parse_sampler_options(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (what `--sampler-options` takes) as a dict; a malformed item is a ValueError."""
+    out: dict[str, str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"sampler options are k=v pairs separated by commas, got {item!r}")
+        if key.strip() in out:
+            raise ValueError(f"sampler option {key.strip()!r} is given twice")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def sampler_named(name: str, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,

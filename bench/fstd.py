@@ -53,7 +53,17 @@ MEDIUM_UNET_CONFIG = {
 TILE = 64  # latent pixels = 512 px
 SIZES_QUICK = [(1024, 1024), (2048, 1024)]
 SIZES_FULL = SIZES_QUICK + [(4096, 4096)]
-METHODS = ["fstd", "naive", "multidiffusion", "mixture", "diffusers_panorama", "full"]
+METHODS = ["fstd", "fstd-bucketed", "naive", "multidiffusion", "mixture", "diffusers_panorama", "full"]
+# "fstd" runs as the pipeline runs it on this device (exact pieces on a CPU); "fstd-bucketed" grows its
+# pieces to the GPU's few run sizes, side by side, so the cost of that shape discipline here is in view
+
+
+def bench_sampler(method: str, tile_batch_size: int, unet):
+    """The sampler a bench arm runs, on `unet`."""
+    from asd_models.samplers import sampler_named
+
+    name, _, pieces = method.partition("-")
+    return sampler_named(name, TILE, tile_batch_size).with_pieces(pieces or None).on_unet(unet)
 
 
 def smooth_latents(n: int, size: int, gen, max_freq: float = 3.0):
@@ -155,7 +165,7 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from asd_models.samplers import sample_with, sampler_named
+    from asd_models.samplers import sample_with
 
     torch.set_num_threads(os.cpu_count() or 1)
     unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
@@ -164,7 +174,7 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     H, W = height // 8, width // 8
     cond = torch.zeros(1, 77, unet.config.cross_attention_dim)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))
-    sampler = None if method == "diffusers_panorama" else sampler_named(method, TILE, tile_batch_size).on_unet(unet)
+    sampler = None if method == "diffusers_panorama" else bench_sampler(method, tile_batch_size, unet)
 
     def sample(x, n_steps: int):
         sched.set_timesteps(n_steps)
@@ -182,6 +192,7 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     seconds = time.perf_counter() - t0
     return {
         "method": method, "width": width, "height": height, "steps": steps, "unet_evals_per_step": evals,
+        "piece_shapes": sampler.piece_shapes if sampler else "exact",
         "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb(),
         "seam_score": round(latent_seam_score(out, TILE), 4), "worst_line": round(worst_line(out), 3),
         "finite": bool(torch.isfinite(out).all()),
@@ -224,6 +235,10 @@ def main() -> None:
                     help="skip diffusers' panorama above this size (its stride-8 cost explodes; default 2048x1024, "
                     "1024x1024 for --unet medium)")
     ap.add_argument("--full-max-pixels", type=int, default=2048 * 1024, help="skip full-latent sampling above this")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated arms (default all: {','.join(METHODS)}); fstd and naive are always run")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every arm, interleaved; each arm's median time "
+                    "is reported (this machine is noisy: one round can be 50%% off)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -244,17 +259,24 @@ def main() -> None:
     print(f"UNet ({args.unet}): {json.dumps(config)}, {trained}; tile {TILE} latent ({TILE * 8} px), FSTD cropped "
           f"grid, offsets in steps of 2; overlap baselines stride {TILE // 2} (50%), panorama stride 8; "
           f"{args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads")
-    jobs = [(m, w, h, args.steps) for w, h in sizes for m in METHODS]
+    methods = [m for m in METHODS if m in {"fstd", "naive", *args.methods.split(",")}]
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}: expected some of {','.join(METHODS)}")
+    jobs = [(m, w, h, args.steps) for w, h in sizes for m in methods]
     if not args.quick and not medium:
         jobs.append(("fstd", 8192, 8192, 1))  # memory at 8192^2 (one step)
-    results, skipped = [], []
-    for method, w, h, steps in jobs:
+    runs: dict[tuple, list[dict]] = {}
+    skipped: list[dict] = []
+    for round_no, (method, w, h, steps) in ((i, j) for i in range(args.repeat) for j in jobs):
         if method == "diffusers_panorama" and w * h > args.panorama_max_pixels:
-            skipped.append({"method": method, "width": w, "height": h, "reason": "stride-8 cost: hours on this CPU"})
+            if round_no == 0:
+                skipped.append({"method": method, "width": w, "height": h, "reason": "stride-8 cost: hours on this CPU"})
             continue
         if method == "full" and w * h > args.full_max_pixels:
-            skipped.append({"method": method, "width": w, "height": h, "reason": "attention over the whole latent "
-                            "does not fit in memory"})
+            if round_no == 0:
+                skipped.append({"method": method, "width": w, "height": h, "reason": "attention over the whole "
+                                "latent does not fit in memory"})
             continue
         spec = json.dumps({"method": method, "width": w, "height": h, "steps": steps, "unet_dir": str(unet_dir),
                            "tile_batch_size": args.tile_batch_size, "warmup_steps": 1 if medium else 3})
@@ -266,9 +288,13 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         if medium:  # a random UNet's latent says nothing about seams
             r["seam_score"] = r["worst_line"] = None
-        results.append(r)
-        print(f"  {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} evals/step, "
-              f"{r['peak_rss_mb']:.0f} MB, seam {_fmt(r['seam_score'])}", flush=True)
+        runs.setdefault((method, w, h, steps), []).append(r)
+        print(f"  round {round_no + 1}: {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} "
+              f"evals/step, {r['peak_rss_mb']:.0f} MB, seam {_fmt(r['seam_score'])}", flush=True)
+    results = []
+    for arm in runs.values():  # the median round of each arm (same pixels every round: a seeded sampler)
+        arm.sort(key=lambda r: r["seconds"])
+        results.append({**arm[len(arm) // 2], "seconds_rounds": [r["seconds"] for r in arm]})
 
     speedup = {}
     for w, h in sizes:
@@ -277,8 +303,12 @@ def main() -> None:
         s = {f"over_{m}": round(by[m]["seconds"] / f, 2) for m in ("multidiffusion", "mixture", "diffusers_panorama")
              if m in by}
         s["time_over_naive"] = round(f / by["naive"]["seconds"], 3)
+        if "fstd-bucketed" in by:
+            s["bucketed_time_over_exact"] = round(by["fstd-bucketed"]["seconds"] / f, 3)
         if "full" in by and not medium:
             s["seam_over_full"] = round(by["fstd"]["seam_score"] / by["full"]["seam_score"], 3)
+            if "fstd-bucketed" in by:
+                s["bucketed_seam_over_full"] = round(by["fstd-bucketed"]["seam_score"] / by["full"]["seam_score"], 3)
         speedup[f"{w}x{h}"] = s
 
     print(f"\n{'method':18s} {'size':>10s} {'evals/step':>10s} {'seconds':>9s} {'peak MB':>8s} {'seam':>7s}")
@@ -290,7 +320,7 @@ def main() -> None:
     print("\nspeedup (FSTD's speed over each; time_over_naive = FSTD time / naive time):")
     for size, s in speedup.items():
         print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
-    out = {"unet": args.unet, "unet_config": config, "train_steps": None if medium else args.train_steps, "tile": TILE, "steps": args.steps,
+    out = {"unet": args.unet, "repeat": args.repeat, "unet_config": config, "train_steps": None if medium else args.train_steps, "tile": TILE, "steps": args.steps,
            "results": results, "skipped": skipped, "speedup": speedup}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))

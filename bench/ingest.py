@@ -95,7 +95,7 @@ def child(code: str, folder: str, settings: str, store: str, address_workers: in
         cluster.close()
     st = ArtifactStore(store)
     summary = st.record(ref)["summary"]
-    tars = {k: v["sha256"] for k, v in st.record(ref)["files"].items() if k.endswith(".tar")}
+    tars = {k: v["sha256"] for k, v in st.iter_files(ref) if k.endswith(".tar")}
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "ok": summary["samples_ok"], "failed": summary["samples_failed"],
                       "rss_main_mb": me, "ref": str(ref), "tars": tars}))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.helpers import S3Requests
+    from bench.harness import S3Requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 64
@@ -385,7 +385,7 @@ def main() -> None:
     if args.s3:
         from moto.server import ThreadedMotoServer
 
-        from tests.helpers import S3Requests, free_port
+        from bench.harness import S3Requests, free_port
 
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -178,7 +178,7 @@ def main() -> None:
 def data_parallel(args: argparse.Namespace) -> None:
     """One process on every core, and one process on one rank's share of the cores, against
     `--processes` DDP processes on the same cores."""
-    from tests.helpers import free_port
+    from bench.harness import free_port
 
     cores = len(os.sched_getaffinity(0))
     share = max(1, cores // args.processes)

@@ -196,7 +196,7 @@ def x4_paths(model_dir: Path, side: int, steps: int) -> list[dict]:
 def _kill_when_half_done(proc: subprocess.Popen, n: int) -> int:
     """SIGKILL `proc` and every process under it (the flow, its Dask workers) once half of the
     job's images have their fragment in its pending version; returns how many had."""
-    from tests.helpers import kill_tree
+    from bench.harness import kill_tree
 
     def written() -> int:
         return sum(1 for p in STORE.glob("upscales/kill-*/*/images/*.png")

@@ -73,9 +73,7 @@ def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
     ref = ArtifactRef(kind, name, version)
     if not store.is_committed(ref):
         return None
-    meta = store.file_meta(ref, rel)
-    if meta is None:
-        return None
+    _, meta, _ = store.listed(ref, rel)  # FileNotListed (a 404): unlisted, or a link on a local store
     ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
     active = ctype in ACTIVE_TYPES and not ctype.endswith("javascript")  # scripts never run from a download
     return _Found(int(meta["size"]), ctype, STORED_POLICY, lambda: store.open(ref, rel), attachment=active)

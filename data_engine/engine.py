@@ -20,14 +20,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import re
 import tarfile
 import tempfile
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, VersionWriter
-from artifact_store.refs import FRAGMENT_DIR
+from artifact_store.fragment_log import Fragment, FragmentLog
+from artifact_store.windows import windowed
 from asd_models.buckets import Bucket
 from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
@@ -73,17 +73,6 @@ def sample_key(name: str, fingerprint: str) -> str:
     stem = name.rsplit(".", 1)[0] if "." in name.strip(".") else name
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:48] or "sample"
     return f"{stem}-{hashlib.sha1(fingerprint.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
-
-
-def windowed(items: Iterable[Any], window: int) -> Iterator[Any]:
-    """Yield `items` in order, pulling up to `window` ahead: with items that are submitted
-    futures, at most `window` calls are in flight and memory stays flat."""
-    pending: deque[Any] = deque()
-    for item in items:
-        pending.append(item)
-        if len(pending) >= window:
-            yield pending.popleft()
-    yield from pending
 
 
 def _row(**values: Any) -> dict[str, Any]:
@@ -164,15 +153,11 @@ class PartitionResult:
 
     index: int
     fingerprint: str
-    fragment: str
+    fragment: Fragment  # its rows, in input order (`artifact_store.fragment_log`)
     rows: int
     files: dict[str, dict[str, Any]]
     shards: dict[str, list[dict[str, Any]]]
     copied: bool = False
-
-
-def fragment_name(part: Partition) -> str:
-    return f"{FRAGMENT_DIR}/part-{part.stem}.parquet"
 
 
 class PartitionIngest:
@@ -405,11 +390,8 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
                 if pool:
                     pool.shutdown(cancel_futures=True)
         rows, shards, copied = run.rows, run.shards.shards, False
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_MANIFEST), buf, compression="zstd")
-    rel = fragment_name(part)
-    store.write_atomic(store.path(job.pending.ref.prefix, rel), buf.getvalue())
-    return PartitionResult(part.index, part.fingerprint, rel, len(rows), dict(writer.files), shards, copied)
+    fragment = FragmentLog(store, job.pending, DATASET_MANIFEST).write("part", part.stem, rows, compression="zstd")
+    return PartitionResult(part.index, part.fingerprint, fragment, len(rows), dict(writer.files), shards, copied)
 
 
 # -- the plan of reuse (in the driver) --------------------------------------------------------

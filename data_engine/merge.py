@@ -22,16 +22,15 @@ what the next ingest reuses).
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from artifact_store import ArtifactStore, PendingVersion, VersionWriter
-from artifact_store.store import bounded_map
+from artifact_store.fragment_log import FragmentLog
+from artifact_store.windows import bounded_map
 from asd_models.buckets import Bucket
 from data_engine.engine import (
     PARTITIONS_FILE,
@@ -43,13 +42,12 @@ from data_engine.engine import (
 )
 from data_engine.samples import STAGE_DOWNLOAD
 from data_engine.shards import rewrite_shard, wids_indexes
-from data_manifests.schemas import STATUS_OK
+from data_manifests.schemas import DATASET_MANIFEST, STATUS_OK
 
 
 def _fragment(store: ArtifactStore, pending: PendingVersion, result: PartitionResult,
               columns: list[str] | None = None) -> Any:
-    return pq.read_table(io.BytesIO(store.fs.cat_file(store.path(pending.ref.prefix, result.fragment))),
-                         columns=columns)
+    return FragmentLog(store, pending, DATASET_MANIFEST).read(result.fragment.path, result.fragment, columns)
 
 
 def _edits(store: ArtifactStore, pending: PendingVersion, results: list[PartitionResult]
@@ -101,7 +99,7 @@ def merge_partitions(store: ArtifactStore, writer: VersionWriter, pending: Pendi
     row_edits, shard_edits = _edits(store, pending, results) if results else ({}, {})
     counts: dict[str, int] = {}
     for rel, (drop, rename) in sorted(shard_edits.items()):
-        with store.fs.open(store.path(pending.ref.prefix, rel), "rb") as data:
+        with store.pending_files(pending).open(rel) as data:
             counts[rel] = rewrite_shard(writer, rel, data, drop, rename)
     stats = IngestStats()
     by_bucket: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -28,6 +28,8 @@ class RuntimeSettings(BaseSettings):
     site_url: str | None = Field(None, description="where the store's _site/ is served (links in the Prefect UI)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads in a worker process (set for "
                                       "Dask workers by the executor)")
+    gpu_by_worker_name: bool = Field(False, description="set by a local Dask cluster this pipeline starts for its "
+                                     "workers: each sees every GPU and renders on cuda:<worker name mod GPUs>")
     executor: Literal["threads", "dask"] | None = Field(None, description="the generate stage's executor when its "
                                                         "settings leave it unset")
     dask_address: str | None = Field(None, description="the generate stage's Dask scheduler when its settings "

@@ -78,6 +78,7 @@ GENERATIONS_MANIFEST = pa.schema([
     ("seam_score", pa.float64()),     # tile-seam score (asd_models.seams, VAE lattice), computed where the pixels were
     ("seam_score_x", pa.float64()),   # the same for vertical tile lines only
     ("seam_score_y", pa.float64()),   # and horizontal ones
+    ("piece_shapes", pa.string()),    # how FSTD's pieces grew: exact (CPU) | bucketed (CUDA: few shapes)
 ])
 
 UPSCALES_MANIFEST = pa.schema([     # upscales/<name>: the generation fields (key, image, seams, ...) plus the input's

@@ -21,14 +21,13 @@ from pydantic import BaseModel, Field, model_validator
 from artifact_store import ArtifactRef, ArtifactStore, check_name, params_hash
 from tasks.evaluate import Evaluate
 from tasks.generate import Generate
-from tasks.ingest import Ingest
 from tasks.progress import publish_table
-from tasks.train import Arad
+from tasks.registry import STAGES
 
 # flow name -> (the parameter naming its output, the output's kind), from the stages' own
 # declarations; the whole pipeline's output is its evaluation
-OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {s.flow: (s.output_param, s.kind)
-                                                        for s in (Ingest, Arad, Generate, Evaluate)}
+OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {e.stage.flow: (e.stage.output_param, e.stage.kind)
+                                                        for e in STAGES.values()}
 # the parameter that takes a prompt manifest (for prompt-version partitions)
 PROMPTS_PARAM = {"asd-pipeline": "prompts", Generate.flow: Generate.prompts_param}
 MAX_RETRY_KEYS = 50

@@ -1,5 +1,5 @@
 """argparse flags generated from a stage's settings model: one `--flag` per field, choices
-for `Literal`s, help and default from the field (written once, in `data_manifests.settings`)."""
+for `Literal`s, help and default from the field (written once, in the stage's settings model in `tasks/<stage>.py`)."""
 
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from artifact_store import ArtifactStore
 from artifact_store.members import image_bytes
+from artifact_store.windows import batched
 from asd_models.metrics import (
     InceptionFeatures,
     MetricWeightsMissing,
@@ -39,7 +39,7 @@ from asd_models.seams import SEAM_PERIOD, seam_scores
 from data_engine.dataset_reader import sample_encoded
 from data_manifests.schemas import METRICS, STATUS_OK
 from data_manifests.settings import SEED_MAX, FanOutSettings, execution, output
-from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, task_runner_for, with_run_environment
+from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.progress import Progress, publish_markdown
 from tasks.stage import Built, Inputs, Stage, StageRun
 
@@ -248,17 +248,6 @@ def _ok_rows(store: ArtifactStore, gen: str) -> Iterator[dict[str, Any]]:
             yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
 
 
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @dataclass
 class Scored:
     """What the scoring sub-flow found: the summary rows, the worst images' rows (for the
@@ -317,19 +306,13 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
         missing["features"] = missing["features"] or out.features_missing
         missing["clip"] = missing["clip"] or out.clip_missing
 
-    window = MAX_IN_FLIGHT_PER_WORKER * st.workers
     with Progress("evaluate images", total=max(1, len(sampled)), unit="img") as progress:
-        work = [(score_generated, fake, b) for b in _batches(to_decode(), st.batch_rows)]
+        work = [(score_generated, fake, b) for b in batched(to_decode(), st.batch_rows)]
         reals = sample_encoded(store, job.data, st.sample, st.seed)
-        work += [(score_real, real, b) for b in _batches(iter(enumerate(reals)), st.batch_rows)]
+        work += [(score_real, real, b) for b in batched(iter(enumerate(reals)), st.batch_rows)]
         del reals
-        running: dict[Any, dict[int, torch.Tensor]] = {}
-        while work or running:
-            while work and len(running) < window:
-                fn, side, batch = work.pop(0)
-                running[fn.submit(job, batch)] = side
-            finished = next(as_completed(list(running)))
-            collect(finished.result(), running.pop(finished))
+        for (_, side, _), out in fan_out(lambda w: w[0].submit(job, w[2]), work, st):
+            collect(out, side)
             progress.update(min(len(fake) + len(clip) // 2, progress.total))
     if buffered:
         per_image.write_table(pa.Table.from_pylist(buffered, schema=METRICS))

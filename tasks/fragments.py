@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from artifact_store import ArtifactStore, PendingVersion
-from artifact_store.refs import FRAGMENT_DIR
+from artifact_store.fragment_log import Fragment, FragmentDamaged, FragmentLog, rows_id
 from data_manifests.schemas import GENERATION_FRAGMENT, GENERATIONS_MANIFEST, STATUS_OK
 
 log = logging.getLogger("asd.generate")
@@ -50,40 +50,26 @@ class FragmentRef:
     size: int
 
 
-def fragment_name(start: int, stop: int) -> str:
-    return f"{FRAGMENT_DIR}/rows-{start:010d}-{stop:010d}.parquet"
-
-
 def chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(a, min(stop, a + chunk_rows)) for a in range(start, stop, chunk_rows)]
+
+
+def fragment_log(store: ArtifactStore, pending: PendingVersion) -> FragmentLog:
+    return FragmentLog(store, pending, GENERATION_FRAGMENT)
 
 
 def write_fragment(store: ArtifactStore, pending: PendingVersion, start: int, stop: int,
                    entries: list[dict[str, Any]]) -> FragmentRef:
     """The chunk's fragment, written atomically (rows in row order)."""
-    buf = io.BytesIO()
     rows = sorted(entries, key=lambda e: e["row"])
-    pq.write_table(pa.Table.from_pylist(rows, schema=GENERATION_FRAGMENT), buf)
-    data = buf.getvalue()
-    rel = fragment_name(start, stop)
-    store.write_atomic(store.path(pending.ref.prefix, rel), data)
-    return FragmentRef(rel, start, stop, len(rows), hashlib.sha256(data).hexdigest(), len(data))
+    f = fragment_log(store, pending).write("rows", rows_id(start, stop), rows)
+    return FragmentRef(f.path, start, stop, f.rows, f.sha256, f.size)
 
 
 def list_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[tuple[int, int], str]:
-    """Every fragment in the pending version by its row range (one listing)."""
-    try:
-        names = store.fs.ls(store.path(pending.ref.prefix, FRAGMENT_DIR), detail=False)
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for n in names:
-        base = n.rstrip("/").rsplit("/", 1)[-1]
-        parts = base.removesuffix(".parquet").split("-")
-        if len(parts) == 3 and parts[0] == "rows" and parts[1].isdigit() and parts[2].isdigit() \
-                and base.endswith(".parquet"):
-            out[(int(parts[1]), int(parts[2]))] = f"{FRAGMENT_DIR}/{base}"
-    return out
+    """Every chunk fragment in the pending version by its row range (one listing)."""
+    chunks = fragment_log(store, pending).listing()["rows"]
+    return {(int(i[:10]), int(i[11:])): rel for i, rel in chunks.items()}
 
 
 @dataclass(frozen=True)
@@ -102,26 +88,15 @@ class FragmentRead:
 def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str
                   ) -> tuple[list[dict[str, Any]], FragmentRead] | None:
     """A fragment's entries and what it is; None (and a warning naming it) when it does not read."""
+    frags = fragment_log(store, pending)
     try:
-        data = store.fs.cat_file(store.path(pending.ref.prefix, rel))
+        data = frags.read_bytes(rel)
         entries = pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (FragmentDamaged, OSError, ValueError, pa.ArrowException) as exc:
         log.warning("%s of %s does not read (%s: %s); its images are rendered again", rel, pending.ref,
                     type(exc).__name__, exc)
         return None
     return entries, FragmentRead(frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data))
-
-
-def _rehash(store: ArtifactStore, pending: PendingVersion, f: dict[str, Any]) -> str | None:
-    """Why a written file does not match its entry (None: it does)."""
-    rel = f["path"]
-    try:
-        digest, size = store.sha256_of(store.path(pending.ref.prefix, rel), f.get("size"))
-    except FileNotFoundError:
-        return f"{rel} is missing"
-    if digest != f["sha256"] or size != f["size"]:
-        return f"{rel} does not match its recorded sha256"
-    return None
 
 
 def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]) -> str | None:
@@ -132,7 +107,7 @@ def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: 
         rel = f["path"]
         if not rel.startswith(f"images/{key}.") and not rel.startswith(f"images/{key}_files/"):
             return f"it names {rel!r}, not a file of this image"
-        if why := _rehash(store, pending, f):
+        if why := fragment_log(store, pending).rehash(f):
             return why
     return None
 
@@ -168,7 +143,7 @@ def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: d
     tar_verdicts: dict[str, str | None] = {}
 
     def check_tar(f: dict[str, Any]) -> tuple[str, str | None]:
-        return f["path"], _rehash(store, pending, f)
+        return f["path"], fragment_log(store, pending).rehash(f)
 
     def check(item: tuple[dict[str, Any], dict[str, Any] | None]) -> tuple[int, str | None]:
         e, tar = item
@@ -204,10 +179,8 @@ class Compacted:
 
 
 def _fragment_rows(store: ArtifactStore, pending: PendingVersion, ref: FragmentRef) -> list[dict[str, Any]]:
-    data = store.fs.cat_file(store.path(pending.ref.prefix, ref.path))
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise RuntimeError(f"{pending.ref}: {ref.path} changed after its shard wrote it; run the job again")
-    return pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
+    written = Fragment(ref.path, "rows", rows_id(ref.start, ref.stop), ref.images, ref.sha256, ref.size)
+    return fragment_log(store, pending).read(ref.path, written).to_pylist()
 
 
 def iter_rows(store: ArtifactStore, pending: PendingVersion, refs: list[FragmentRef],

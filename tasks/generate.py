@@ -15,40 +15,29 @@ counts, never rows: its memory and Prefect's work do not grow with the number of
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from pydantic import model_validator
 
 from artifact_store import ArtifactStore, PendingVersion
-from artifact_store.faults import fault_point
-from artifact_store.members import TarPacker, image_uri
-from asd_models.large_images import write_deep_zoom, write_png_stream, write_tiff
-from asd_models.memory import peak_rss_mb, peak_rss_window
-from asd_models.samplers import SAMPLER_NAMES
-from asd_models.seams import HEATMAP_MAX_PIXELS, seam_heatmap_rgb, seam_scores
-from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
-from dashboard.viewer import vendor_files, viewer_page
+from artifact_store.faults import counted_point
+from artifact_store.members import image_uri
+from asd_models.memory import peak_rss_window
 from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import FanOutSettings, execution, output
-from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, gpu_annotation, task_runner_for, with_run_environment
+from data_manifests.settings import execution, output
+from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.fragments import (
     Compacted,
     FragmentRef,
@@ -60,58 +49,16 @@ from tasks.fragments import (
 )
 from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
+from tasks.outputs import add_viewer_assets, store_rendered, tar_members, write_shard_tar
 from tasks.progress import Progress, publish_table
+from tasks.render import RenderSettings, packs, peak_memory_mb
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun
 
 if TYPE_CHECKING:
     from asd_models.pipeline import RenderRequest
 
-MAX_PACK_PIXELS = 1 << 30  # a pack's latents, conditioning and decode stay far inside one GPU's memory
 MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)
-_RENDERED_IN_PROCESS = [0]  # images this process rendered (the fault point counts them)
-
-
-class RenderSettings(FanOutSettings):
-    """How FSTD renders an image (shared by generation and upscaling): sampler, steps, model,
-    device, and how large outputs are written."""
-
-    steps: int = output(20, ge=1, le=1000, description="denoising steps (stage 1 and stage 2)")
-    guidance_scale: float = output(5.0, ge=0, le=100, description="classifier-free guidance scale")
-    strength: float = output(0.6, gt=0, le=1, description="how much stage 2 re-noises the enlarged image")
-    sampler: Literal[SAMPLER_NAMES] = output(  # type: ignore[valid-type]
-        "fstd", description="stage 2's tiled sampler (asd_models.samplers): fstd (ours), official (the ASD code's "
-        "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)")
-    tile: int | None = output(None, ge=1, description="stage 2's tile in latent pixels (default: the UNet's "
-                              "sample size; an upscaler uses its own)")
-    offset_salt: int = output(0, ge=0, le=2**62, description="salt of FSTD's per-step grid offsets, shared by every "
-                              "image of the job (so a pack shares its UNet input shapes)")
-    tile_batch_size: int | None = execution(None, ge=1, description="tiles per UNet call (default: the sampler's own)")
-    upscaler: str | None = output(
-        None, description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
-        "models/NAME@VERSION) instead of img2img with the same model",
-    )
-    noise_level: int = output(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
-    device: str = execution("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                            description="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
-    pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
-    pack_max_pixels: int = execution(16 << 20, ge=4096, le=MAX_PACK_PIXELS, description="output pixels rendered "
-                                     "together at most (a larger image renders alone)")
-    large_image_pixels: int = output(
-        64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
-        "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
-    large_image_format: Literal["png", "tiff"] = output(
-        "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
-        "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
-    deep_zoom: bool = output(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
-
-    @model_validator(mode="after")
-    def _tile_with_upscaler(self) -> RenderSettings:
-        if self.upscaler and self.tile is not None:
-            raise ValueError("tile: an upscaler's stage 2 runs at that model's own sample size; leave tile unset "
-                             "with upscaler")
-        return self
 
 
 class GenerateSettings(RenderSettings):
@@ -181,33 +128,6 @@ class _Chunk:
     tar: bool = False
 
 
-def shard_tar_name(rows: list[dict[str, Any]]) -> str:
-    """The tar of a chunk's images in the webdataset layout, named after the first and last rows
-    it holds (the file list lists it with its first row: `artifact_store.file_lists` finds it)."""
-    return f"shards/rows-{min(r['row'] for r in rows):06d}-{max(r['row'] for r in rows):06d}.tar"
-
-
-def write_shard_tar(writer: Any, chunk: _Chunk) -> None:
-    """Pack the chunk's members (each image's PNG, seam heat-map and JSON, in row order) into its
-    tar, set each entry's offset and size in it, and list the tar with the chunk's first entry."""
-    packed = sorted((e for e in chunk.entries if e.get("_members")), key=lambda e: e["row"])
-    if not packed:  # every image of the chunk failed, or is a large output stored apart
-        return
-    packer, rel = TarPacker(), shard_tar_name(packed)
-    for e in packed:
-        for name, data in e.pop("_members"):
-            at = packer.add(name, data)
-            if name == e["image"]:
-                e["shard"], (e["shard_offset"], e["shard_size"]) = rel, at
-    with writer.open(rel) as f:
-        tar = packer.finish()
-        while block := tar.read(8 << 20):
-            f.write(block)
-    meta = writer.files[rel]
-    packed[0]["files"] = [*packed[0]["files"], {"path": rel, "sha256": meta["sha256"], "size": meta["size"],
-                                                "version_id": meta.get("version_id")}]
-
-
 def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
     """Hash of what decides an image's pixels: model version, prompt row, render settings."""
     fields = {k: row[k] for k in ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale",
@@ -229,81 +149,10 @@ def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _packs(rows: list[dict[str, Any]], settings: RenderSettings) -> list[list[dict[str, Any]]]:
-    """Consecutive rows rendered together, up to `pack_max_pixels` output pixels (at least one)."""
-    if not settings.pack:
-        return [[r] for r in rows]
-    packs: list[list[dict[str, Any]]] = []
-    pixels = 0
-    for r in rows:
-        n = r["width"] * r["height"]
-        if packs and pixels + n <= settings.pack_max_pixels:
-            packs[-1].append(r)
-            pixels += n
-        else:
-            packs.append([r])
-            pixels = n
-    return packs
-
-
 @lru_cache(maxsize=2)
 def _prompt_table(store_url: str, prompts_ref: str) -> pa.Table:
     """A prompts version, read once per worker process (versions are immutable)."""
     return read_prompts(ArtifactStore(store_url), prompts_ref)
-
-
-def _peak_memory_mb(device: Any) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
-
-
-def _seam_heatmap_png(pixels: np.ndarray, xs: list[int], ys: list[int]) -> bytes | None:
-    """The image's seam heat-map (`<key>.seams.png`; none for images over HEATMAP_MAX_PIXELS)."""
-    from PIL import Image
-
-    if pixels.shape[0] * pixels.shape[1] > HEATMAP_MAX_PIXELS:
-        return None
-    buf = io.BytesIO()
-    Image.fromarray(seam_heatmap_rgb(np.asarray(pixels), xs, ys)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_image(writer: Any, key: str, pixels: np.ndarray, s: RenderSettings) -> tuple[str, str, dict[str, Any]]:
-    """The image file: (path, format, files written beside it). Outputs over
-    `large_image_pixels` go from the (memory-mapped) pixels to the store as they are encoded,
-    with a Deep Zoom pyramid and viewer page when `deep_zoom`; the rest are PNG via PIL."""
-    from PIL import Image
-
-    h, w, _ = pixels.shape
-    if w * h <= s.large_image_pixels:
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(pixels)).save(buf, format="PNG")
-        rel = f"images/{key}.png"
-        writer.put_bytes(rel, buf.getvalue())
-        return rel, "png", {}
-    extra: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="asd-large-") as tmp:
-        if s.large_image_format == "tiff":  # libvips seeks while writing a TIFF: a local file, then streamed up
-            rel, fmt = f"images/{key}.tif", "tiff"
-            write_tiff(pixels, Path(tmp) / "image.tif")
-            writer.put_file(rel, Path(tmp) / "image.tif")
-            (Path(tmp) / "image.tif").unlink()
-        else:
-            rel, fmt = f"images/{key}.png", "png-stream"
-            with writer.open(rel) as f:
-                write_png_stream(pixels, f)
-        if s.deep_zoom:
-            dz = write_deep_zoom(pixels, Path(tmp) / "dz", key)
-            before = set(writer.files)
-            writer.put_dir(Path(tmp) / "dz", prefix="images")
-            page = viewer_page(f"{key} ({w}x{h})", dz, f"{key}_files", f"../{VIEWER_ASSETS}")
-            writer.put_bytes(f"images/{key}.html", page.encode())
-            extra = {k: writer.files[k] for k in set(writer.files) - before}
-            extra[f"images/{key}.html"] = writer.files[f"images/{key}.html"]
-    return rel, fmt, extra
 
 
 def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stored: Callable[[dict, dict], None],
@@ -315,7 +164,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stor
 
     s = job.settings
     reqs = [s.render_request(r) for r in pack]
-    sampler = pipe.default_sampler(s.sampler, s.tile, s.tile_batch_size, s.offset_salt)
+    sampler = s.sampler_on(pipe)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     window = peak_rss_window()  # correct with other threads rendering in this process; closed by `store`
@@ -330,7 +179,7 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stor
         window.__exit__(None, None, None)
         raise
     seconds = (time.perf_counter() - t0) / len(pack)
-    peak = _peak_memory_mb(pipe.device)
+    peak = peak_memory_mb(pipe.device)
 
     def store() -> None:
         try:
@@ -346,8 +195,9 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stor
 def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float, peak: float,
                  pack_peak: Callable[[], float], device: Any, job: GenerationJob, writer: Any,
                  worker: str) -> dict[str, Any]:
-    """One rendered image into the pending version: its file and heat-map; its fragment entry
-    (manifest row plus the files it wrote)."""
+    """One rendered image into the pending version (its file and heat-map, or its members waiting
+    for the chunk's tar in the webdataset layout); its fragment entry (manifest row plus the
+    files it wrote)."""
     s = job.settings
     row = {f.name: None for f in GENERATIONS_MANIFEST}
     row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
@@ -357,56 +207,15 @@ def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float,
         run_logger().error("%s failed: %s", r["key"], row["error"])
         return row
     h, w, _ = res.pixels.shape
-    if w * h <= HEATMAP_MAX_PIXELS:  # scored where the pixels are: evaluate reads only its sample
-        row["seam_score"], row["seam_score_x"], row["seam_score_y"] = seam_scores(
-            res.pixels, res.seam_lines["x"], res.seam_lines["y"])
     if s.layout == "webdataset" and w * h <= s.large_image_pixels:  # into the chunk's tar, when it is complete
-        return _tar_entry(row, r, res, s, pack_peak, device)
-    rel, fmt, extra = _write_image(writer, r["key"], res.pixels, s)
-    files = {rel: writer.files[rel], **extra}
-    row.update(status=STATUS_OK, image=rel, **_rendered_fields(res), image_format=fmt,
-               deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
-               viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
-    heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
-    if heat is not None:  # beside the image: where its tile lines are and how they look
-        files[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
+        row["_members"] = tar_members(row, r["key"], res)
+    else:
+        store_rendered(writer, row, r["key"], res, s)
     row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
     if device.type != "cuda":
         row["peak_memory_mb"] = row["peak_rss_mb"]
-    row["files"] = [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
-                    for k, m in sorted(files.items())]
     run_logger().debug("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
-                       res.unet_evals, row["device"], fmt)
-    return row
-
-
-def _rendered_fields(res: Any) -> dict[str, Any]:
-    """The manifest fields every rendered image has, whichever layout stores it."""
-    return {"bucket": res.bucket.name, "canvas_width": res.canvas[0], "canvas_height": res.canvas[1],
-            "tile_px": res.tile_px, "fstd_tiles": res.fstd_tiles, "seam_x": res.seam_lines["x"],
-            "seam_y": res.seam_lines["y"], "unet_evals": res.unet_evals}
-
-
-def _tar_entry(row: dict[str, Any], r: dict[str, Any], res: Any, s: GenerateSettings,
-               pack_peak: Callable[[], float], device: Any) -> dict[str, Any]:
-    """A rendered image's entry in the webdataset layout: its members (`<key>.png`, `<key>.seams.png`,
-    `<key>.json`: prompt, size, seed) wait in the entry for the chunk's tar."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(res.pixels)).save(buf, format="PNG")
-    key = r["key"]
-    row.update(status=STATUS_OK, image=f"{key}.png", **_rendered_fields(res), image_format="png")
-    members = [(f"{key}.png", buf.getvalue())]
-    heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
-    if heat is not None:
-        members.append((f"{key}.seams.png", heat))
-    caption = {k: row[k] for k in ("key", "row", "prompt", "width", "height", "seed")}
-    members.append((f"{key}.json", json.dumps(caption, sort_keys=True).encode()))
-    row["_members"] = members
-    row["peak_rss_mb"] = pack_peak()
-    if device.type != "cuda":
-        row["peak_memory_mb"] = row["peak_rss_mb"]
+                       res.unet_evals, row["device"], row["image_format"])
     return row
 
 
@@ -461,9 +270,9 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             out.failed += 1
         if chunk.left == 0:  # the chunk's durability point (its tar first, in the webdataset layout)
             if chunk.tar:
-                write_shard_tar(writer, chunk)
+                write_shard_tar(writer, chunk.entries)
             out.fragments.append(write_fragment(store, job.pending, chunk.start, chunk.stop, chunk.entries))
-        _count_image()
+        counted_point("after-image")  # tests: a process killed after its N-th image
 
     if todo:
         loads = model_loads()
@@ -476,7 +285,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
         # at most one pack waits for it, so memory holds two packs at most
         with ThreadPoolExecutor(1, thread_name_prefix="asd-store") as host:
             storing: Future | None = None
-            for pack in _packs(todo, job.settings):
+            for pack in packs(todo, job.settings):
                 store_pack = _render_pack(pipe, pack, job, stored, writer, worker)
                 if storing is not None:
                     storing.result()
@@ -488,52 +297,6 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
     return out
 
 
-def _count_image() -> None:
-    """One more image stored by this process (the fault point counts them). A module function,
-    not inline in the task: Prefect ships the task's function to Dask workers by value, with
-    the globals it names, and the count must be the worker's own."""
-    _RENDERED_IN_PROCESS[0] += 1
-    fault_point(f"after-image-{_RENDERED_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
-
-
-MAX_SHARD_ROWS = 1000
-
-
-def plan_shards(costs: list[int], shard_size: int | None, workers: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of the shard tasks, largest first. `shard_size` given: that many
-    rows each. Else about 4 shards per worker (so a straggler or a lost worker costs little),
-    at most `MAX_SHARD_ROWS` rows each, cut where the running cost (pixels x steps) crosses
-    equal shares, so mixed sizes do not leave workers idle behind one heavy shard."""
-    n_rows = len(costs)
-    if n_rows == 0:
-        return []
-    if shard_size:
-        ranges = [(i, min(n_rows, i + shard_size)) for i in range(0, n_rows, shard_size)]
-    else:
-        n = min(n_rows, max(4 * workers, -(-n_rows // MAX_SHARD_ROWS)))
-        weights = costs if sum(costs) else [1] * n_rows
-        ranges, start, acc, remaining = [], 0, 0, sum(weights)
-        for i, c in enumerate(weights):
-            left = n - len(ranges)  # shards still to make, the open one included
-            if i > start and left > 1 and (acc + c / 2 > remaining / left  # this row would overfill the share
-                                           or n_rows - i < left  # every shard left needs a row
-                                           or i - start >= MAX_SHARD_ROWS):
-                ranges.append((start, i))
-                start, remaining, acc = i, remaining - acc, 0
-            acc += c
-        ranges.append((start, n_rows))
-    return sorted(ranges, key=lambda r: -sum(costs[r[0]:r[1]]))
-
-
-def shard_ranges(job: GenerationJob) -> list[tuple[int, int]]:
-    """The job's shards, from its prompts and settings alone (the same wherever it is asked)."""
-    table = _prompt_table(job.store_url, job.prompts)
-    s = job.settings
-    costs = [0 if e is not None else w * h * (st or s.steps) for w, h, st, e in zip(
-        *(table.column(c).to_pylist() for c in ("width", "height", "steps", "error")), strict=True)]
-    return plan_shards(costs, s.shard_size, s.workers)
-
-
 def adopt_shards(job: GenerationJob, writer: Any, results: list[ShardResult]) -> Compacted:
     """Stream the shards' fragments into the version's manifest and file list (invalid prompt
     rows included as failures)."""
@@ -542,40 +305,29 @@ def adopt_shards(job: GenerationJob, writer: Any, results: list[ShardResult]) ->
     invalid = [invalid_row(r) for r in table.filter(pc.is_valid(table.column("error"))).to_pylist()]
     refs = [f for r in results for f in r.fragments]
     done = compact(store, job.pending, writer, refs, invalid)
-    if done.has_viewer:  # the viewer pages' OpenSeadragon, once per version
-        for rel, path in vendor_files().items():
-            writer.put_file(rel, path)
+    if done.has_viewer:
+        add_viewer_assets(writer)
     return done
 
 
 
 @flow(name="asd-generate-shards", log_prints=True)
-def render_shards_flow(job: GenerationJob) -> list[ShardResult]:
-    """The fan-out: one task per shard of prompt rows (planned here from the job, so the flow's
-    parameters stay small whatever its size), at most `MAX_IN_FLIGHT_PER_WORKER` per worker in
-    flight, on the task runner the job's settings chose (threads or Dask), retried when a task
-    fails or its worker is lost. Progress (images done, UNet evals/s, ETA) is updated as shards
-    finish, from running totals."""
+def render_shards_flow(job: GenerationJob, ranges: list[tuple[int, int]]) -> list[ShardResult]:
+    """The fan-out: one task per shard of prompt rows (`ranges`, from the job's plan: a few per
+    worker, so the flow's parameters stay small whatever its size), at most
+    `MAX_IN_FLIGHT_PER_WORKER` per live worker in flight, on the task runner the job's settings
+    chose (threads or Dask), retried when a task fails or its worker is lost. Progress (images
+    done, UNet evals/s, ETA) is updated as shards finish, from running totals."""
     logger = get_run_logger()
-    ranges = shard_ranges(job)
     total = sum(b - a for a, b in ranges)
     shard_task = render_shard.with_options(retries=job.settings.retries, retry_delay_seconds=2)
-    window = MAX_IN_FLIGHT_PER_WORKER * job.settings.workers
     results: dict[int, ShardResult] = {}
-    waiting = list(enumerate(ranges))[::-1]
-    running: dict[Any, int] = {}
     done = rendered = evals = 0
     t0 = time.monotonic()
+    submit = lambda item: shard_task.submit(job, *item[1])  # noqa: E731
     with Progress("generate images", total=max(1, total), unit="img") as progress:
-        while waiting or running:
-            with gpu_annotation(job.settings):
-                while waiting and len(running) < window:
-                    i, (a, b) = waiting.pop()
-                    running[shard_task.submit(job, a, b)] = i
-            finished = next(as_completed(list(running)))
-            i = running.pop(finished)
-            results[i] = out = finished.result()
-            a, b = ranges[i]
+        for (i, (a, b)), out in fan_out(submit, enumerate(ranges), job.settings, annotate=True):
+            results[i] = out
             done += b - a
             rendered += out.rendered
             evals += out.rendered_evals
@@ -632,7 +384,8 @@ class Generate(Stage):
         job = GenerationJob(run.store.url, model, prompts, run.pending, s)
         run.logger.info("rendering %d images of %s with %s (%s executor) into %s", plan.images, prompts, model,
                         s.executor, run.pending.ref)
-        results = render_shards_flow.with_options(task_runner=task_runner_for(s))(job)
+        ranges = plan.shard_ranges(s.shard_size, s.workers)
+        results = render_shards_flow.with_options(task_runner=task_runner_for(s))(job, ranges)
         done = adopt_shards(job, run.writer, results)
         rendered = sum(o.rendered for o in results)
         evals = sum(o.rendered_evals for o in results)

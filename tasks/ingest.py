@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 from pydantic import field_validator, model_validator
 
 from artifact_store import ArtifactRef, ArtifactStore, params_hash, redact_url, s3_storage_options
@@ -35,7 +34,7 @@ from data_engine.samples import SampleSpec
 from data_engine.sources import Source, SourceOptions, open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.settings import SEED_MAX, FanOutSettings, StageSettings, execution, output
-from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, task_runner_for, with_run_environment
+from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.progress import Progress, publish_table
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 
@@ -235,18 +234,13 @@ def partitions_flow(stage: Ingest, job: PartitionJob, workers: int, rerun: bool,
     known = sum(p.inputs or 0 for p in parts)
     results: list[PartitionResult] = []
     done = 0
-    window = MAX_IN_FLIGHT_PER_WORKER * workers
-    todo = sorted(parts, key=lambda p: p.inputs or 0)  # the largest first (popped from the end): a short tail
-    running: set[Any] = set()
+    todo = sorted(parts, key=lambda p: p.inputs or 0, reverse=True)  # the largest first: a short tail
+    submit = lambda part: ingest_partition_task.submit(job, part, reuse.get(part.index))  # noqa: E731
     with Progress(f"ingest {job.pending.ref.name}", max(1, known), unit="input") as progress:
-        while todo or running:
-            while todo and len(running) < window:
-                part = todo.pop()
-                running.add(ingest_partition_task.submit(job, part, reuse.get(part.index)))
-            finished = next(as_completed(list(running)))
-            running.discard(finished)
-            results.append(finished.result())
-            done += results[-1].rows
+        for _, result in fan_out(submit, todo, stage.settings.model_copy(update={"workers": workers,
+                                                                               "executor": executor})):
+            results.append(result)
+            done += result.rows
             progress.update(min(progress.total, done))
             progress.note(f"{len(results)}/{len(parts)} partitions")
     return results, None if previous is None else str(previous)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from asd_models.buckets import asd_buckets, nearest_bucket
@@ -49,16 +50,19 @@ class ModelGeometry:
 
 @lru_cache(maxsize=4096)
 def image_unet_evals(geo: ModelGeometry, sampler: str, tile: int | None, salt: int, width: int, height: int,
-                     steps: int, strength: float, cfg: bool) -> int:
+                     steps: int, strength: float, cfg: bool, options: str = "") -> int:
     """UNet evaluations of one image: stage 1 (one bucket, every step) plus stage 2 (the
-    sampler's boxes over the canvas latent, for the steps strength leaves), x2 with guidance."""
-    from asd_models.samplers import sampler_named
+    sampler's boxes, with its `options`, over the canvas latent, for the steps strength leaves),
+    x2 with guidance."""
+    from asd_models.fstd import img2img_start
+    from asd_models.samplers import parse_sampler_options, sampler_named
 
     f, m = geo.vae_scale_factor, geo.pixel_multiple
     stage1 = steps
     lat_w, lat_h = -(-width // m) * m // f, -(-height // m) * m // f
-    stage2_steps = steps - min(int(round(steps * (1 - strength))), steps - 1)
-    s = sampler_named(sampler, tile or geo.sample_size, 8, geo.unet_multiple, salt)
+    stage2_steps = steps - img2img_start(steps, strength)
+    s = sampler_named(sampler, tile or geo.sample_size, 8, geo.unet_multiple, salt).with_options(
+        **parse_sampler_options(options))
     stage2 = s.evals_per_step(lat_h, lat_w, stage2_steps) * stage2_steps
     return int(round((stage1 + stage2) * (2 if cfg else 1)))
 
@@ -75,6 +79,11 @@ class JobPlan:
     max_job_pixels: int
     rate: float | None = None  # UNet evaluations per second per worker, measured
     rate_from: str | None = None  # the generations version it was measured on
+    row_evals: Any = None  # UNet evaluations of each prompt row (0 for an invalid one), a numpy array
+
+    def shard_ranges(self, shard_size: int | None, workers: int) -> list[tuple[int, int]]:
+        """The job's shard tasks (`plan_shards` over each row's UNet evaluations)."""
+        return plan_shards(self.row_evals.tolist() if self.row_evals is not None else [], shard_size, workers)
 
     @property
     def seconds(self) -> float | None:
@@ -152,7 +161,8 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
                                                        "error")}
     pixels = evals = images = 0
     largest = (0, 0)
-    for w, h, st, g, sg, err in zip(*cols.values(), strict=True):
+    row_evals = np.zeros(table.num_rows, dtype=np.int64)
+    for i, (w, h, st, g, sg, err) in enumerate(zip(*cols.values(), strict=True)):
         if err is not None:
             continue
         nearest_bucket(w, h, buckets)  # the same rule stage 1 uses (a size it cannot take fails here)
@@ -160,12 +170,43 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
         pixels += w * h
         largest = max(largest, (w, h), key=lambda s: s[0] * s[1])
         guidance = settings.guidance_scale if g is None else g
-        evals += image_unet_evals(geo, settings.sampler, settings.tile, settings.offset_salt, w, h,
-                                  st or settings.steps, sg or settings.strength, guidance != 1.0)
+        row_evals[i] = image_unet_evals(geo, settings.sampler, settings.tile, settings.offset_salt, w, h,
+                                        st or settings.steps, sg or settings.strength, guidance != 1.0,
+                                        settings.sampler_options)
+        evals += int(row_evals[i])
     kind = device_kind(settings.device)
     plan = JobPlan(images, table.num_rows - images, pixels, largest, evals, kind, settings.workers,
-                   settings.max_job_pixels)
+                   settings.max_job_pixels, row_evals=row_evals)
     found = measured_rate(store, model_ref, kind)
     if found:
         plan.rate, plan.rate_from = found
     return plan
+
+
+MAX_SHARD_ROWS = 1000
+
+
+def plan_shards(costs: list[int], shard_size: int | None, workers: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of the shard tasks, largest first. `shard_size` given: that many
+    rows each. Else about 4 shards per worker (so a straggler or a lost worker costs little),
+    at most `MAX_SHARD_ROWS` rows each, cut where the running cost (pixels x steps) crosses
+    equal shares, so mixed sizes do not leave workers idle behind one heavy shard."""
+    n_rows = len(costs)
+    if n_rows == 0:
+        return []
+    if shard_size:
+        ranges = [(i, min(n_rows, i + shard_size)) for i in range(0, n_rows, shard_size)]
+    else:
+        n = min(n_rows, max(4 * workers, -(-n_rows // MAX_SHARD_ROWS)))
+        weights = costs if sum(costs) else [1] * n_rows
+        ranges, start, acc, remaining = [], 0, 0, sum(weights)
+        for i, c in enumerate(weights):
+            left = n - len(ranges)  # shards still to make, the open one included
+            if i > start and left > 1 and (acc + c / 2 > remaining / left  # this row would overfill the share
+                                           or n_rows - i < left  # every shard left needs a row
+                                           or i - start >= MAX_SHARD_ROWS):
+                ranges.append((start, i))
+                start, remaining, acc = i, remaining - acc, 0
+            acc += c
+        ranges.append((start, n_rows))
+    return sorted(ranges, key=lambda r: -sum(costs[r[0]:r[1]]))

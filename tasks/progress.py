@@ -90,11 +90,6 @@ class Progress:
                 run_logger().warning("progress artifact of %s stopped updating: %s", self.label, exc)
                 self.artifact_id = None
 
-    def set_total(self, total: int) -> None:
-        self.total = max(1, total)
-        self.bar.total = self.total
-        self.bar.refresh()
-
     def note(self, text: str) -> None:
         self.postfix = text
         self.bar.set_postfix_str(text, refresh=False)

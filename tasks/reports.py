@@ -15,7 +15,6 @@ from tasks.progress import publish_markdown
 from tasks.runtime import in_prefect_run, run_logger
 
 SUMMARY_IMAGES = 50  # image rows in the run summary (the rest: generations table, gallery, manifest)
-SITE_URL_ENV = "ASD_SITE_URL"  # where the store's _site/ is served (S3 static hosting, `asd dashboard serve`)
 
 
 def browsable(store: ArtifactStore, uri: str) -> str:

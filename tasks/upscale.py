@@ -24,7 +24,6 @@ as failed rows with their stage and reason.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import socket
 import time
@@ -36,13 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 from pydantic import model_validator
 
 from artifact_store import ArtifactStore, PendingVersion, redact_url, s3_storage_options
-from artifact_store.faults import fault_point
-from artifact_store.refs import FRAGMENT_DIR
-from artifact_store.store import bounded_map
+from artifact_store.faults import counted_point
+from artifact_store.fragment_log import FragmentDamaged, FragmentLog, fragment_path, img_id
+from artifact_store.windows import bounded_map
 from asd_models.fidelity import FIDELITY_NAMES, roundtrip
 from data_engine.fetch import Fetcher, FetchError
 from data_engine.partitions import Partition, partition_records, plan_partitions
@@ -51,11 +49,12 @@ from data_engine.sources import ShardSource, Source, SourceRecord, open_source, 
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.schemas import STATUS_FAILED, STATUS_OK, UPSCALE_FRAGMENT, UPSCALES_MANIFEST
 from data_manifests.settings import SEED_MAX, execution, output
-from tasks.executors import MAX_IN_FLIGHT_PER_WORKER, gpu_annotation, task_runner_for, with_run_environment
+from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.fragments import not_trusted
-from tasks.generate import RenderSettings, _packs, _rendered_fields, _seam_heatmap_png, _write_image
 from tasks.ingest import SourceSettings
+from tasks.outputs import add_viewer_assets, store_rendered
 from tasks.progress import Progress
+from tasks.render import RenderSettings, packs
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 from tasks.version_images import IMAGE_KINDS, VersionImages, read_version_image
@@ -63,7 +62,6 @@ from tasks.version_images import IMAGE_KINDS, VersionImages, read_version_image
 MIN_SIDE, MAX_SIDE = 64, 16384
 STAGE_TARGET = "target"
 STAGE_RENDER = "render"
-_DONE_IN_PROCESS = [0]
 
 
 class UpscaleSettings(RenderSettings, SourceSettings):
@@ -145,17 +143,6 @@ class PartitionDone:
     large: bool = False  # a large output with a viewer page: the viewer's assets go into the version once
 
 
-def fragment_name(stem: str, n: int) -> str:
-    """One input's row, written as soon as its image is."""
-    return f"{FRAGMENT_DIR}/img-{stem}-{n:06d}.parquet"
-
-
-def partition_fragment_name(stem: str) -> str:
-    """A finished partition's rows, in input order: its inputs' fragments compacted into one
-    file (the merge reads one file a partition, and a million-image job leaves no million files)."""
-    return f"{FRAGMENT_DIR}/part-{stem}.parquet"
-
-
 def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) -> str:
     ident = hashlib.sha256(f"{job.model}|{rec.fingerprint}|{width}x{height}|{job.settings.identity()}".encode(
         "utf-8", "surrogatepass")).hexdigest()
@@ -192,9 +179,12 @@ def _load(rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fet
     return image, hashlib.sha256(data).hexdigest()
 
 
+def _log(store: ArtifactStore, job: UpscaleJob) -> FragmentLog:
+    return FragmentLog(store, job.pending, UPSCALE_FRAGMENT)
+
+
 def _read_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str, Any]]:
-    return pq.read_table(io.BytesIO(store.fs.cat_file(store.path(job.pending.ref.prefix, rel))),
-                         schema=UPSCALE_FRAGMENT).to_pylist()
+    return _log(store, job).read(rel).to_pylist()
 
 
 def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] | None) -> dict[int, dict[str, Any]]:
@@ -203,18 +193,18 @@ def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] |
     (anything else is rendered again, with a warning naming it)."""
     rows: dict[int, dict[str, Any]] = {}
     if done is None:
-        rel = partition_fragment_name(stem)
+        rel = fragment_path("part", stem)
         try:
             rows = dict(enumerate(_read_rows(store, job, rel)))
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            run_logger().warning("%s does not read (%s); its images are rendered again", rel, exc)
+        except FragmentDamaged as exc:
+            run_logger().warning("%s; its images are rendered again", exc)
     else:
         for n in sorted(done):
-            rel = fragment_name(stem, n)
+            rel = fragment_path("img", img_id(stem, n))
             try:
                 rows[n] = _read_rows(store, job, rel)[0]
-            except (OSError, ValueError, IndexError, pa.ArrowException) as exc:
-                run_logger().warning("%s does not read (%s); its image is rendered again", rel, exc)
+            except (FragmentDamaged, IndexError) as exc:
+                run_logger().warning("%s; its image is rendered again", exc)
     out = {}
     for n, row in rows.items():
         if row["status"] != STATUS_OK:
@@ -231,14 +221,12 @@ def _compact(store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, d
              written: set[int]) -> None:
     """The partition's rows into its one fragment (written whole first), then its inputs'
     fragments removed (a kill in between leaves both: the compacted one is read)."""
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([rows[n] for n in sorted(rows)], schema=UPSCALE_FRAGMENT), buf)
-    store.write_atomic(store.path(job.pending.ref.prefix, partition_fragment_name(stem)), buf.getvalue())
+    log = _log(store, job)
+    log.write("part", stem, [rows[n] for n in sorted(rows)])
     for n in sorted(written):
-        try:
-            store.fs.rm_file(store.path(job.pending.ref.prefix, fragment_name(stem, n)))
-        except FileNotFoundError:  # removed already (by a run killed after its own compaction)
-            run_logger().debug("%s was removed already", fragment_name(stem, n))
+        rel = fragment_path("img", img_id(stem, n))
+        if not log.remove(rel):  # removed already (by a run killed after its own compaction)
+            run_logger().debug("%s was removed already", rel)
 
 
 @dataclass
@@ -256,10 +244,7 @@ class _Rows:
     def write(self, n: int, row: dict[str, Any]) -> None:
         self.rows[n] = row
         self.written.add(n)
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([row], schema=UPSCALE_FRAGMENT), buf)
-        self.store.write_atomic(self.store.path(self.job.pending.ref.prefix, fragment_name(self.part.stem, n)),
-                                buf.getvalue())
+        _log(self.store, self.job).write("img", img_id(self.part.stem, n), [row])
 
     def fail(self, n: int, row: dict[str, Any]) -> None:
         row["status"] = STATUS_FAILED
@@ -267,13 +252,6 @@ class _Rows:
                              row["error"])
         self.write(n, row)
         self.out.failed += 1
-
-
-def _count_image() -> None:
-    """One more image stored by this process (the fault point counts them; a module function:
-    Prefect ships a task's function to Dask by value, and the count must be the worker's own)."""
-    _DONE_IN_PROCESS[0] += 1
-    fault_point(f"after-upscale-{_DONE_IN_PROCESS[0]}")  # tests: a process killed after its N-th image
 
 
 @task(name="upscale-partition", task_run_name="upscale-{part.index}", cache_policy=NO_CACHE)
@@ -318,7 +296,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
     if todo:
         pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype)
         writer = store.writer(job.pending)
-        for pack in _packs(todo, st):
+        for pack in packs(todo, st):
             _render_pack(pipe, pack, job, writer, rows)
     if rows.written or done:  # else the compacted fragment a previous run wrote holds exactly these rows
         _compact(store, job, part.stem, rows.rows, rows.written | (done or set()))
@@ -329,12 +307,11 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
 
 def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer: Any, rows: _Rows) -> None:
     from asd_models.pipeline import RenderRequest
-    from asd_models.seams import HEATMAP_MAX_PIXELS, seam_scores
 
     st = job.settings
     reqs = [RenderRequest(r["prompt"] or "", r["width"], r["height"], r["seed"], "", st.steps, st.guidance_scale,
                           st.strength, st.noise_level) for r in pack]
-    sampler = pipe.default_sampler(st.sampler, st.tile, st.tile_batch_size, st.offset_salt)
+    sampler = st.sampler_on(pipe)
     t0 = time.perf_counter()
     try:
         results, error = pipe.upscale_many(reqs, [r["image_obj"] for r in pack], sampler,
@@ -349,46 +326,25 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer:
             row.update(status=STATUS_FAILED, failed_stage=STAGE_RENDER, error=error or f"pipeline returned {res.size}")
             rows.fail(r["n"], row)
             continue
-        h, w, _ = res.pixels.shape
-        rel, fmt, extra = _write_image(writer, r["key"], res.pixels, st)
-        files = {rel: writer.files[rel], **extra}
-        row.update(status=STATUS_OK, image=rel, image_format=fmt, **_rendered_fields(res),
-                   deep_zoom=f"images/{r['key']}.dzi" if f"images/{r['key']}.dzi" in extra else None,
-                   viewer=f"images/{r['key']}.html" if f"images/{r['key']}.html" in extra else None)
+        store_rendered(writer, row, r["key"], res, st)
         rows.out.large = rows.out.large or row["viewer"] is not None
-        if w * h <= HEATMAP_MAX_PIXELS:
-            row["seam_score"], row["seam_score_x"], row["seam_score_y"] = seam_scores(
-                res.pixels, res.seam_lines["x"], res.seam_lines["y"])
+        if row["seam_score"] is not None:  # scored where small enough (HEATMAP_MAX_PIXELS), as the seams are
             row["roundtrip_ssim"], row["roundtrip_color_error"] = roundtrip(res.pixels, original)
-            heat = _seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
-            if heat is not None:
-                files[f"images/{r['key']}.seams.png"] = writer.put_bytes(f"images/{r['key']}.seams.png", heat)
-        row["files"] = [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
-                        for k, m in sorted(files.items())]
         rows.write(r["n"], row)
         rows.out.ok += 1
         rows.out.rendered += 1
-        _count_image()
+        counted_point("after-upscale")  # tests: a process killed after its N-th image
 
 
 def _listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str, set[int] | None]:
     """Positions with a fragment, by partition stem; None for a partition with its compacted
     fragment (one listing of the pending version)."""
-    try:
-        names = store.fs.ls(store.path(pending.ref.prefix, FRAGMENT_DIR), detail=False)
-    except FileNotFoundError:
-        return {}
+    found = FragmentLog(store, pending, UPSCALE_FRAGMENT).listing()
     out: dict[str, set[int] | None] = {}
-    whole = set()
-    for name in names:
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("part-") and base.endswith(".parquet"):
-            whole.add(base.removeprefix("part-").removesuffix(".parquet"))
-        elif base.startswith("img-") and base.endswith(".parquet"):
-            stem, _, n = base.removeprefix("img-").removesuffix(".parquet").rpartition("-")
-            if n.isdigit():
-                out.setdefault(stem, set()).add(int(n))  # type: ignore[union-attr]
-    return {**out, **dict.fromkeys(whole)}
+    for fid in found["img"]:
+        stem, _, n = fid.rpartition("-")
+        out.setdefault(stem, set()).add(int(n))  # type: ignore[union-attr]
+    return {**out, **dict.fromkeys(found["part"])}
 
 
 @flow(name="asd-upscale-partitions", log_prints=True, validate_parameters=False)
@@ -405,19 +361,10 @@ def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDo
                 [redact_url(s) for s in stage.sources], sum(v is None for v in finished.values()),
                 sum(len(v) for v in finished.values() if v is not None))
     results: dict[int, PartitionDone] = {}
-    todo = list(reversed(parts))
-    running: dict[Any, int] = {}
-    window = MAX_IN_FLIGHT_PER_WORKER * job.settings.workers
     known, seen = sum(p.inputs or 0 for p in parts), 0
+    submit = lambda part: upscale_partition.submit(job, part, finished.get(part.stem, set()))  # noqa: E731
     with Progress(f"upscale {job.pending.ref.name}", max(1, known), unit="img") as progress:
-        while todo or running:
-            with gpu_annotation(job.settings):
-                while todo and len(running) < window:
-                    part = todo.pop()
-                    running[upscale_partition.submit(job, part, finished.get(part.stem, set()))] = part.index
-            future = next(as_completed(list(running)))
-            running.pop(future)
-            r = future.result()
+        for _, r in fan_out(submit, parts, job.settings, annotate=True):
             results[r.index] = r
             seen += r.inputs
             progress.update(min(progress.total, seen))
@@ -491,15 +438,13 @@ class Upscale(Stage):
 
 def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict[str, Any]:
     """Every input's fragment, in input order, into `manifest.parquet`; their files into the record."""
-    from dashboard.viewer import vendor_files
-
     store, writer = run.store, run.writer
     counts = {"images_ok": 0, "images_failed": 0, "images_rendered_by_this_run": sum(r.rendered for r in results),
               "images_resumed": sum(r.resumed for r in results)}
     ssim: list[float] = []
     with writer.open("manifest.parquet") as stream, pq.ParquetWriter(stream, UPSCALES_MANIFEST) as manifest:
         row_no = 0
-        partitions = bounded_map(lambda r: _read_rows(store, job, partition_fragment_name(r.stem)), results,
+        partitions = bounded_map(lambda r: _read_rows(store, job, fragment_path("part", r.stem)), results,
                                  store.io_workers)
         for r, got_rows in zip(results, partitions, strict=True):
             if len(got_rows) != r.inputs:
@@ -518,8 +463,7 @@ def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict
             if rows:
                 manifest.write_table(pa.Table.from_pylist(rows, schema=UPSCALES_MANIFEST))
     if any(r.large for r in results):
-        for rel, path in vendor_files().items():
-            writer.put_file(rel, path)
+        add_viewer_assets(writer)
     if ssim:
         counts["roundtrip_ssim_mean"] = float(np.mean(ssim))
     run.logger.info("%s: %d upscaled (%d by this run, %d resumed), %d failed", run.pending.ref, counts["images_ok"],

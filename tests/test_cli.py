@@ -17,11 +17,10 @@ from flows.settings_cli import settings_from_args
 from tasks.evaluate import EvaluateSettings
 from tasks.generate import GenerateSettings
 from tasks.ingest import IngestSettings
-from tasks.train import TrainSettings
+from tasks.registry import STAGES as REGISTRY
 from tests.ingest_helpers import ingest_ref
 
-STAGES = {"ingest": IngestSettings, "train": TrainSettings, "generate": GenerateSettings,
-          "evaluate": EvaluateSettings}
+STAGES = {command: entry.settings for command, entry in REGISTRY.items()}
 
 
 def _subparser(name):

@@ -98,6 +98,7 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
     assert summary["images_ok"] == 6 and summary["images_resumed"] == 2 and summary["images_rendered_by_this_run"] == 4
     manifest = _manifest(stored_model, ref)
     assert manifest["key"].n_unique() == 6 and manifest["status"].to_list() == ["ok"] * 6
+    assert manifest["piece_shapes"].to_list() == ["exact"] * 6  # the CPU's choice, recorded with each image
     assert store.verify(ref) == []
     files = dict(store.iter_files(ref))  # each image's seam heat-map beside it, resumed ones included
     assert all(f"images/{k}.seams.png" in files for k in manifest["key"])
@@ -129,12 +130,15 @@ def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(stored_model
         assert Image.open(io.BytesIO(store.read_bytes(ref, r["image"]))).size == (r["width"], r["height"])
 
 
-def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model_dir):
-    """Offsets come from the job's salt and the step, pieces grow to a few run sizes: images of
-    one size in a pack share every UNet input shape, so 4 images take no more stage-2 UNet calls
-    than one, and a whole job of mixed sizes runs at most 3 x 3 stage-2 shapes."""
+@pytest.mark.parametrize("pieces", ["exact", "bucketed"])
+def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model_dir, pieces):
+    """Offsets come from the job's salt and the step: images of one size in a pack share every UNet
+    input shape, so 4 images take no more stage-2 UNet calls than one, with exact pieces (the CPU's
+    default) and bucketed ones (CUDA's); with bucketed pieces a whole job of mixed sizes runs at
+    most 3 x 3 stage-2 shapes, and each image says which it had."""
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
-    sampler = pipe.default_sampler(tile_batch_size=64)
+    sampler = pipe.default_sampler(tile_batch_size=64, pieces=None if pieces == "exact" else pieces)
+    assert pipe.generate_many([RenderRequest("x", 128, 96, steps=2)], sampler)[0].piece_shapes == pieces
     stage, calls = [""], []
     forward = pipe.c.unet.forward
 
@@ -153,16 +157,17 @@ def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model
     one, four = stage2_calls(reqs[:1]), stage2_calls(reqs)
     assert len(four) <= len(one), (len(four), len(one))
     assert sum(c[0] for c in four) == 4 * sum(c[0] for c in one)  # the same pieces, batched together
-    mixed = stage2_calls([RenderRequest("a", 512, 384, steps=6, strength=1.0),
-                          RenderRequest("b", 328, 696, steps=6, strength=1.0),
-                          RenderRequest("c", 1000, 200, steps=6, strength=1.0)])
-    assert len({c[1:] for c in mixed}) <= 9, sorted({c[1:] for c in mixed})
+    if pieces == "bucketed":
+        mixed = stage2_calls([RenderRequest("a", 512, 384, steps=6, strength=1.0),
+                              RenderRequest("b", 328, 696, steps=6, strength=1.0),
+                              RenderRequest("c", 1000, 200, steps=6, strength=1.0)])
+        assert len({c[1:] for c in mixed}) <= 9, sorted({c[1:] for c in mixed})
 
 
 def test_shards_are_planned_from_the_job():
     """About 4 shards per worker, equal in pixels x steps, every row once, largest first; an
     explicit shard size still wins, and no shard holds more than 1000 rows."""
-    from tasks.generate import MAX_SHARD_ROWS, plan_shards
+    from tasks.job_plan import MAX_SHARD_ROWS, plan_shards
 
     costs = [1] * 30 + [100] * 2 + [1] * 30  # two heavy rows in the middle of light ones
     ranges = plan_shards(costs, None, workers=2)

@@ -10,7 +10,8 @@ import os
 import time
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
-from tasks.fragments import finished_entries, fragment_name, list_fragments, write_fragment
+from artifact_store.fragment_log import fragment_path, rows_id
+from tasks.fragments import finished_entries, list_fragments, write_fragment
 
 KEYS = {1: "000001-64x64-abcdef012345", 2: "000002-64x64-abcdef012345"}
 
@@ -56,7 +57,7 @@ def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
     _write(store, pending, f"images/{KEYS[1]}.png", b"\x89PNG other pixels!")  # swapped image
     assert _taken(store, pending) == {2}
 
-    rel = fragment_name(0, 32)
+    rel = fragment_path("rows", rows_id(0, 32))
     _write(store, pending, rel, store.fs.cat_file(store.path(pending.ref.prefix, rel))[:40])  # cut by a full disk
     assert _taken(store, pending) == set()
     assert f"{rel} of {pending.ref} does not read" in caplog.text

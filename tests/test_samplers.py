@@ -135,3 +135,36 @@ def test_pipeline_renders_with_any_sampler(tiny_model_dir):
         assert res.size == (200, 120)
         h, w = res.canvas[1] // 8, res.canvas[0] // 8
         assert res.fstd_tiles == 2 * len(pipe.default_sampler(name, tile=8).boxes(h, w, torch.Generator())(0))
+
+
+def test_sampler_options_reach_the_boxes_and_refuse_what_a_method_lacks():
+    """`--sampler-options` sets a method's own knobs (MultiDiffusion's stride, FSTD's grid mode):
+    the boxes change; a knob another method has, or a bad value, is one clear error."""
+    from asd_models.samplers import parse_sampler_options
+
+    md = sampler_named("multidiffusion", 8).with_options(**parse_sampler_options("stride=8"))
+    assert boxes_of(md, 16, 16)[0][0] == [(0, 0, 8, 8), (0, 8, 8, 8), (8, 0, 8, 8), (8, 8, 8, 8)]
+    edge = sampler_named("fstd", 8, size_multiple=2).with_options(mode="edge-tile")
+    assert all(b[2:] == (8, 8) for s in boxes_of(edge, 20, 38)[0] for b in s)  # full tiles, overlapping at the edge
+    assert sampler_named("fstd", 8).with_options(mode="official").config.shift_first_step is False
+    with pytest.raises(ValueError, match="has no option 'stride'"):
+        sampler_named("fstd", 8).with_options(stride="4")
+    with pytest.raises(ValueError, match="must be int"):
+        md.with_options(stride="wide")
+    with pytest.raises(ValueError, match="k=v"):
+        parse_sampler_options("stride")
+
+
+def test_piece_shapes_follow_the_device_unless_asked():
+    """Exact pieces (the size multiple only) on a CPU UNet, bucketed run sizes when asked (CUDA's
+    default); exact pieces run no more area than the latent."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
+                                cross_attention_dim=8, norm_num_groups=4)
+    cpu = FSTD.make(16).on_unet(unet)
+    assert cpu.piece_shapes == "exact" and cpu.run_sizes == ()
+    bucketed = FSTD.make(16).with_pieces("bucketed").on_unet(unet)
+    assert bucketed.piece_shapes == "bucketed" and bucketed.run_sizes == (8, 16, 20)
+    assert Naive(tile=16).with_pieces("bucketed").piece_shapes == "exact"  # full tiles: nothing to grow

@@ -241,3 +241,57 @@ def test_shallow_verify_reads_no_file_and_still_finds_overwrites_and_losses(tmp_
     assert any("f/7.bin: sha256" in p for p in deep) and any("f/9.bin: missing" in p for p in deep)
     assert asd_main(["--store", str(tmp_path), "store", "verify", "--shallow", str(ref)]) == 1
     assert "written after the commit record" in capsys.readouterr().out
+
+
+def test_a_version_is_exactly_its_record(tmp_path, caplog):
+    """A file in a version's folder that its record does not list is refused by every reader and
+    reported by verify (full and shallow); a commit removes strays left in its pending folder; a
+    link put where a listed file was is refused, never followed."""
+    from artifact_store import FileNotListed
+
+    store = ArtifactStore(str(tmp_path / "s"))
+    w = store.new_version("datasets", "d")
+    w.put_bytes("a/file.bin", b"hello")
+    stray = Path(store.path(w.ref.prefix, "a/stray.bin"))
+    stray.write_bytes(b"left by someone else")
+    with caplog.at_level("WARNING", logger="asd.store"):
+        ref = w.commit()
+    assert not stray.exists() and "a/stray.bin" in caplog.text  # removed, and said so
+    stray.write_bytes(b"put there after the commit")
+    for read in (lambda: store.read_bytes(ref, "a/stray.bin"), lambda: store.open(ref, "a/stray.bin"),
+                 lambda: store.read_range(ref, "a/stray.bin", 0, 2)):
+        with pytest.raises(FileNotListed, match="does not list 'a/stray.bin'"):
+            read()
+    with pytest.raises(StoreError, match="not inside"):
+        store.read_range(ref, "a/file.bin", 0, 99)  # past the recorded size
+    for shallow in (False, True):
+        assert [p for p in store.verify(ref, shallow=shallow) if "stray" in p], shallow
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"hello")  # same bytes and size as the listed file
+    listed = Path(store.path(ref.prefix, "a/file.bin"))
+    listed.unlink()
+    listed.symlink_to(secret)
+    with pytest.raises(FileNotListed, match="link"):
+        store.read_bytes(ref, "a/file.bin")
+    assert any("a link" in p for p in store.verify(ref))
+
+
+def test_many_files_through_the_public_writer_keep_the_record_small(tmp_path):
+    """Past INLINE_FILES_MAX files the record points at path-sorted file-list parts whatever call
+    wrote them; any file is still found (by the path range of its row group) and listed."""
+    from artifact_store.writer import INLINE_FILES_MAX
+
+    store = ArtifactStore(str(tmp_path / "s"))
+    w = store.new_version("datasets", "many")
+    n = INLINE_FILES_MAX + 500
+    for i in range(n):
+        w.put_bytes(f"f/{i:06d}.txt", str(i).encode())
+    ref = w.commit()
+    rec = store.record(ref)
+    assert len(rec["files"]) < 10 and rec["file_count"] == n + len(rec["files"])
+    assert len(json.dumps(rec)) < 8_000
+    fresh = ArtifactStore(str(tmp_path / "s"))
+    assert fresh.read_bytes(ref, "f/000007.txt") == b"7" and fresh.read_bytes(ref, f"f/{n - 1:06d}.txt") == \
+        str(n - 1).encode()
+    assert sum(1 for _ in fresh.iter_files(ref)) == n + len(rec["files"])
+    assert fresh.verify(ref, shallow=True) == []
