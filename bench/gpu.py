@@ -15,11 +15,15 @@ reported):
   run), and MB per sample from the sweep;
 - FSTD at 1024^2, 2048^2, 4096^2 and 8 x 1024^2 packed (--quick: 1024^2, 2048^2 and 4 x 1024^2),
   guidance on: every stage-2 UNet call (batch, h, w, CUDA-event time) gives E = area-equivalent
-  64x64 samples per second during stage 2 / R_ref and U = latent area / run area; calls per
+  64x64 samples per second during stage 2 / R_ref, U = latent area / run area, and E_run = E / U
+  (the call efficiency over the area the UNet really ran: the targets); calls per
   step; stage times (stage 1, canvas, FSTD, decode); the first image at a size against steady
   state; 16384^2 for memory only (2 steps);
 - diffusers' `StableDiffusionPipeline` built from the same module objects, full latent at the
   same sizes, run for a few steps and extrapolated to the step count (labelled as such).
+
+The JSON is written after every arm (`complete` false until the end): a run stopped by its time
+limit still returns what it measured.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ CASES = {  # name -> (side, images); quick runs the first three
     "tiny": [("128^2", 128, 1), ("256^2", 256, 1), ("4 x 128^2 packed", 128, 4), ("512^2", 512, 1)],
 }
 MEMORY_CASE = {"sd21": 16384, "tiny": 1024}
-TARGETS = {"1024^2": ("E", 0.50), "2048^2": ("E", 0.75), "4096^2": ("E", 0.85), "8 x 1024^2 packed": ("E", 0.80)}
+# call efficiency over the area the UNet really ran (E_run = E / U): E over the latent area alone can never
+# pass U, so the targets are on E_run and U is reported beside it
+TARGETS = {"1024^2": ("E_run", 0.50), "2048^2": ("E_run", 0.75), "4096^2": ("E_run", 0.85),
+           "8 x 1024^2 packed": ("E_run", 0.80)}
 REF_DRIFT = 0.05
 
 
@@ -216,7 +223,14 @@ def main() -> None:
     steps = args.steps or (3 if tiny else 20 if args.quick else 50)
     repeats = args.repeats or (1 if args.quick or tiny else 2)
     cases = CASES[args.size][:3] if args.quick else CASES[args.size]
-    report: dict[str, Any] = {"environment": environment(device, dtype), "steps": steps, "repeats": repeats}
+    report: dict[str, Any] = {"environment": environment(device, dtype), "steps": steps, "repeats": repeats,
+                              "complete": False}
+
+    def save() -> None:
+        """The report so far, written after every arm: a run stopped by its time limit keeps its arms."""
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         pipe = build_pipeline(args.size, Path(tmp) / "model", device, dtype)
@@ -226,20 +240,28 @@ def main() -> None:
               f"{sum(p.numel() for p in pipe.c.unet.parameters()) / 1e6:.0f} M, {steps} steps per stage", flush=True)
         batches = [1, 2, 4, 8] if tiny else [1, 4, 8, 16, 32, 64]
         ref_start = reference(pipe, device, batches, ref_side)
+        report["reference_start"] = ref_start
+        save()
         print(f"reference: R_ref {ref_start['R_ref']} samples/s at batch {ref_start['best_batch']}", flush=True)
-        cold = {}
+        cold: dict[str, float] = {}
+        report["first_image_s"] = cold
         for name, side, images in cases:  # first image at each size: new shapes pay their kernel selection
             t0 = time.perf_counter()
             fstd_arm(pipe, device, side, images, 2, ref_side, args.guidance)
             cold[name] = time.perf_counter() - t0
+            save()
         reps: list[dict[str, dict]] = []
+        report["repetitions"] = reps
         for _ in range(repeats):
-            rows = {name: fstd_arm(pipe, device, side, images, steps, ref_side, args.guidance)
-                    for name, side, images in cases}
+            rows: dict[str, dict] = {}
+            reps.append(rows)
+            for name, side, images in cases:
+                rows[name] = fstd_arm(pipe, device, side, images, steps, ref_side, args.guidance)
+                save()
             for name, side, _ in cases:
                 if name.endswith("^2"):
                     rows[f"diffusers {name}"] = diffusers_arm(pipe, device, side, steps, min(steps, 3), args.guidance)
-            reps.append(rows)
+                    save()
             print(json.dumps({k: v.get("seconds", v.get("seconds_at_steps")) for k, v in rows.items()}), flush=True)
         ref_end = reference(pipe, device, [ref_start["best_batch"]], ref_side)
         drift = abs(ref_end["R_ref"] - ref_start["R_ref"]) / ref_start["R_ref"]
@@ -248,7 +270,9 @@ def main() -> None:
     summary = {}
     for name, _, _ in cases:
         e = [r[name]["area_samples_per_s"] / r_ref for r in reps if r[name].get("area_samples_per_s")]
-        row = {"E": round(statistics.median(e), 3) if e else None, "U": reps[-1][name]["U"],
+        u = reps[-1][name]["U"]
+        row = {"E": round(statistics.median(e), 3) if e else None, "U": u,
+               "E_run": round(statistics.median(e) / u, 3) if e and u else None,
                "calls_per_step": reps[-1][name]["calls_per_step"], "shapes": reps[-1][name]["shapes"],
                "seconds": statistics.median(r[name]["seconds"] for r in reps),
                "first_over_steady_2_steps": None, "peak_gpu_gb": reps[-1][name]["peak_gpu_gb"]}
@@ -261,7 +285,7 @@ def main() -> None:
                                                                                                strict=False)), 3)
         summary[name] = row
     report.update(reference_start=ref_start, reference_end=ref_end, reference_drift=round(drift, 4),
-                  repetitions=reps, memory=memory, summary=summary)
+                  repetitions=reps, memory=memory, summary=summary, complete=True)
     checks = [("R_ref drift <= 5%", drift <= REF_DRIFT, f"{drift:.1%}")]
     for name, (metric, bar) in TARGETS.items():
         if name in summary and summary[name][metric] is not None:
@@ -270,18 +294,17 @@ def main() -> None:
         checks.append(("R_ref >= 300 samples/s", r_ref >= 300, r_ref))
     report["checks"] = [{"check": c, "pass": bool(p), "value": v} for c, p, v in checks]
     print(f"\nR_ref {r_ref} samples/s ({ref_side}^2 latents, batch {ref_start['best_batch']}), drift {drift:.1%}")
-    print(f"{'case':22s} {'E':>6s} {'U':>6s} {'calls/step':>10s} {'shapes':>6s} {'seconds':>8s} {'first/steady':>12s} "
+    print(f"{'case':22s} {'E_run':>6s} {'E':>6s} {'U':>6s} {'calls/step':>10s} {'shapes':>6s} {'seconds':>8s} {'first/steady':>12s} "
           f"{'vs diffusers':>12s} {'peak GB':>8s}")
     for name, r in summary.items():
-        print(f"{name:22s} {r['E'] if r['E'] is not None else '-':>6} {r['U'] or '-':>6} {r['calls_per_step']:>10} "
+        print(f"{name:22s} {r['E_run'] if r['E_run'] is not None else '-':>6} {r['E'] if r['E'] is not None else '-':>6} {r['U'] or '-':>6} {r['calls_per_step']:>10} "
               f"{r['shapes']:>6} {r['seconds']:>8} {r['first_over_steady_2_steps'] or '-':>12} "
               f"{r.get('over_diffusers', '-'):>12} {r['peak_gpu_gb'] or '-':>8}")
     print(f"memory only, {memory['size']} (2 steps): {memory['seconds']} s, peak GPU {memory['peak_gpu_gb']} GB")
     print("\n" + "\n".join(f"{'PASS' if p else 'FAIL'}  {c}: {v}" for c, p, v in checks))
     if tiny:
         print("(dry run: a tiny random model on this device; the numbers say the arms run, not how fast a GPU is)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    save()
     print(f"wrote {args.json}")
 
 
