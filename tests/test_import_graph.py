@@ -1,4 +1,4 @@
-"""The floors of the code base (the layout in the README): deployments -> flows -> tasks -> (data_engine,
+"""The floors of the code base (docs/architecture.md): deployments -> flows -> tasks -> (data_engine,
 artifact_store, dashboard) -> asd_models, with data_manifests at the bottom importing nothing
 of the project. Every import (module level or inside a function) must point down, and no
 package's modules may import each other in a circle."""
@@ -92,11 +92,11 @@ def test_every_stage_setting_declares_its_role(model):
     assert set(identity) == {n for n in model.model_fields if model.role(n) == OUTPUT}
 
 
-def test_the_readmes_layout_names_every_module():
-    """The README's layout section names every module and sub-package of every package, so a
-    newcomer finds each file there (it omitted 15 modules once)."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+def test_the_layout_page_names_every_module():
+    """The architecture page's layout names every module and sub-package of every package, so a
+    newcomer finds each file there (the README's once omitted 15 modules)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```", 2)[1]
     sections: dict[str, str] = {}
     current = None
     for line in block.splitlines():
@@ -111,4 +111,4 @@ def test_the_readmes_layout_names_every_module():
         names += [f"{p.name}/" for p in (ROOT / package).iterdir() if p.is_dir() and p.name != "__pycache__"
                   and not p.name.endswith(".egg-info")]
         missing = [n for n in names if n not in sections.get(package, "")]
-        assert not missing, f"README layout: {package}/ does not name {missing}"
+        assert not missing, f"docs/architecture.md: {package}/ does not name {missing}"
