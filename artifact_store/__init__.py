@@ -50,7 +50,24 @@ from artifact_store.store import ArtifactStore, store_url_from_env
 from artifact_store.writer import VersionWriter
 
 __all__ = [
-    "COMMIT_RECORD", "KINDS", "ArtifactRef", "ArtifactStore", "CorruptRecord", "FileNotListed", "InvalidReference", "PendingVersion",
-    "StoreError", "VersionNotFound", "VersionWriter", "check_name", "new_version_id", "params_hash", "redact",
-    "file_lists", "leases", "redact_url", "s3_storage_options", "store_url_from_env",
+    "COMMIT_RECORD",
+    "KINDS",
+    "ArtifactRef",
+    "ArtifactStore",
+    "CorruptRecord",
+    "FileNotListed",
+    "InvalidReference",
+    "PendingVersion",
+    "StoreError",
+    "VersionNotFound",
+    "VersionWriter",
+    "check_name",
+    "new_version_id",
+    "params_hash",
+    "redact",
+    "file_lists",
+    "leases",
+    "redact_url",
+    "s3_storage_options",
+    "store_url_from_env",
 ]

@@ -132,8 +132,14 @@ class StoreBackend:
                 raise FileExistsError(path) from None
             raise
 
-    def cat(self, path: str, start: int | None = None, end: int | None = None, size: int | None = None,
-            versioned: bool = False) -> bytes:
+    def cat(
+        self,
+        path: str,
+        start: int | None = None,
+        end: int | None = None,
+        size: int | None = None,
+        versioned: bool = False,
+    ) -> bytes:
         """A file's bytes (or [start, end)) in one request. On S3 a whole read of an object under
         `SINGLE_GET_BYTES` (or of unknown size that is known to be small: a record) skips the
         HEAD that s3fs makes to split large downloads."""
@@ -143,7 +149,9 @@ class StoreBackend:
         single = start is not None or end is not None or size is None or size <= SINGLE_GET_BYTES
         return fs.cat_file(path, start=start, end=end, **({"max_concurrency": 1} if single else {}))
 
-    def sha256_of(self, path: str, expected_size: int | None = None, versioned: bool = False) -> tuple[str, int]:
+    def sha256_of(
+        self, path: str, expected_size: int | None = None, versioned: bool = False
+    ) -> tuple[str, int]:
         """(sha256 hex, size) of a file, streamed. A file expected small is read with one ranged
         GET of at most one byte more than expected (no HEAD; a file grown since is caught without
         being read whole). FileNotFoundError when it is not there."""
@@ -158,8 +166,9 @@ class StoreBackend:
                 size += len(block)
         return h.hexdigest(), size
 
-    def match_listing(self, prefix: str, expected: Iterable[tuple[str, Any]]
-                      ) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
+    def match_listing(
+        self, prefix: str, expected: Iterable[tuple[str, Any]]
+    ) -> Iterator[tuple[str, Any, dict[str, Any] | None]]:
         """Each expected (relpath, meta) under `prefix` with what the store has there (a dict
         with `size` and `mtime`/`LastModified`; None: missing), in memory that does not grow with
         the number of files. A local disk: one stat each. An object store: one listing, streamed
@@ -204,12 +213,19 @@ class StoreBackend:
             yield from self._listing(base)
             return
         for top, dirs, names in os.walk(base, followlinks=False):
-            rel_top = top[len(base):].strip("/")
+            rel_top = top[len(base) :].strip("/")
             links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
             for name in sorted(names) + links:
                 st = os.lstat(os.path.join(top, name))
                 rel = f"{rel_top}/{name}" if rel_top else name
-                yield rel, {"size": st.st_size, "mtime": st.st_mtime, "islink": os.path.islink(os.path.join(top, name))}
+                yield (
+                    rel,
+                    {
+                        "size": st.st_size,
+                        "mtime": st.st_mtime,
+                        "islink": os.path.islink(os.path.join(top, name)),
+                    },
+                )
 
     def _listing(self, base: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every object under `base` (relpath, info), one page of the listing at a time."""
@@ -237,4 +253,3 @@ class StoreBackend:
         current = self.read_latest(ref.kind, ref.name)
         if current is None or current < ref.version:
             self.write_atomic(pointer, ref.version.encode())
-

@@ -26,16 +26,24 @@ def catalog_row_path(store: StoreBackend, ref: ArtifactRef) -> str:
 
 def write_catalog_row(store: StoreBackend, record: dict[str, Any]) -> None:
     """Write the catalog row of a (validated) commit record."""
-    metrics = {k: float(v) for k, v in (record.get("summary") or {}).items()
-               if isinstance(v, int | float) and not isinstance(v, bool) and v == v}
+    metrics = {
+        k: float(v)
+        for k, v in (record.get("summary") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and v == v
+    }
     ref = ArtifactRef(record["kind"], record["name"], record["version"])
     row = {
-        "kind": ref.kind, "name": ref.name, "version": ref.version, "ref": str(ref),
+        "kind": ref.kind,
+        "name": ref.name,
+        "version": ref.version,
+        "ref": str(ref),
         "committed_at": datetime.fromisoformat(record["committed_at"]),
         "size_bytes": record.get("size_bytes", sum(f["size"] for f in record["files"].values())),
         "file_count": record.get("file_count", len(record["files"])),
-        "parents": record.get("parents", []), "flow_run_id": record.get("flow_run_id"),
-        "code_version": record.get("code_version"), "metrics": list(metrics.items()),
+        "parents": record.get("parents", []),
+        "flow_run_id": record.get("flow_run_id"),
+        "code_version": record.get("code_version"),
+        "metrics": list(metrics.items()),
         "uri": store.uri(ref.prefix),
     }
     buf = io.BytesIO()
@@ -52,9 +60,12 @@ def read_catalog_rows(store: StoreBackend) -> tuple[pa.Table, list[str]]:
             with store.fs.open(path, "rb") as f:
                 tables.append(pq.read_table(f, schema=CATALOG))
         except (OSError, ValueError, pa.ArrowException) as exc:
-            log.warning("catalog row %s is unreadable, skipped (%s: %s); `asd store catalog --rebuild` rewrites it",
-                        store.uri(path[len(store.root.rstrip("/")) + 1:]) if path.startswith(store.root) else path,
-                        type(exc).__name__, exc)
+            log.warning(
+                "catalog row %s is unreadable, skipped (%s: %s); `asd store catalog --rebuild` rewrites it",
+                store.uri(path[len(store.root.rstrip("/")) + 1 :]) if path.startswith(store.root) else path,
+                type(exc).__name__,
+                exc,
+            )
             damaged.append(path)
     return (pa.concat_tables(tables) if tables else CATALOG.empty_table()), damaged
 

@@ -63,8 +63,15 @@ class FileListWriter:
             self.add(rel, meta, None)
 
     def add(self, rel: str, meta: dict[str, Any], row: int | None) -> None:
-        self._buffer.append({"path": rel, "sha256": meta["sha256"], "size": int(meta["size"]),
-                             "version_id": meta.get("version_id"), "row": row})
+        self._buffer.append(
+            {
+                "path": rel,
+                "sha256": meta["sha256"],
+                "size": int(meta["size"]),
+                "version_id": meta.get("version_id"),
+                "row": row,
+            }
+        )
         self.count += 1
         self.size_bytes += int(meta["size"])
         if len(self._buffer) >= GROUP_ROWS:
@@ -83,7 +90,10 @@ class FileListWriter:
         rows = [r for r in table.column("row").to_pylist() if r is not None]
         if rows:
             lo, hi = part["rows"]
-            part["rows"] = [min(rows) if lo is None else min(lo, *rows), max(rows) if hi is None else max(hi, *rows)]
+            part["rows"] = [
+                min(rows) if lo is None else min(lo, *rows),
+                max(rows) if hi is None else max(hi, *rows),
+            ]
         paths = table.column("path").to_pylist()
         lo, hi = part.setdefault("paths", [min(paths), max(paths)])
         part["paths"] = [min(lo, min(paths)), max(hi, max(paths))]
@@ -116,7 +126,9 @@ class FileListWriter:
         for i, part in enumerate(self._parts):
             rel = f"{FILE_LIST_DIR}/part-{i:05d}.parquet"
             version_writer.put_file(rel, part["local"])
-            out.append({"path": rel, "rows": part["rows"], "paths": part.get("paths"), "count": part["count"]})
+            out.append(
+                {"path": rel, "rows": part["rows"], "paths": part.get("paths"), "count": part["count"]}
+            )
         self._tmp.cleanup()
         return out
 
@@ -152,7 +164,7 @@ class RangedFile(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -164,8 +176,9 @@ def _entry(d: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _open_part(store: StoreBackend, prefix: str, part: dict[str, Any], pinned: str | None
-               ) -> Iterator[pq.ParquetFile]:
+def _open_part(
+    store: StoreBackend, prefix: str, part: dict[str, Any], pinned: str | None
+) -> Iterator[pq.ParquetFile]:
     """A part, read by ranges (its footer, then the row groups asked for; never whole). On an
     object store its recorded size spares a HEAD, and each row group's columns come in one ranged
     GET (`pre_buffer`), with no read-ahead past them."""
@@ -197,8 +210,9 @@ def _keep_group(key: tuple[str, str, str, int], entries: dict[str, dict[str, Any
             _GROUPS.popitem(last=False)
 
 
-def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: str,
-           pin: Any = None) -> dict[str, Any] | None:
+def lookup(
+    store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: str, pin: Any = None
+) -> dict[str, Any] | None:
     """One file's entry: only the parts and row groups whose row range (from the file's name) or
     path range can hold it are read (the last few row groups read are kept: the next file of a
     reader going in row order costs no request). Parts are immutable files of committed versions,
@@ -222,13 +236,22 @@ def lookup(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], rel: s
             if entries is not None and rel in entries:
                 return entries[rel]
         with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:
-            row_col, path_col = pf.schema_arrow.get_field_index("row"), pf.schema_arrow.get_field_index("path")
+            row_col, path_col = (
+                pf.schema_arrow.get_field_index("row"),
+                pf.schema_arrow.get_field_index("path"),
+            )
             for g in range(pf.num_row_groups):
                 group = pf.metadata.row_group(g)
-                if not may_hold(_range(group.column(row_col).statistics), _range(group.column(path_col).statistics)):
+                if not may_hold(
+                    _range(group.column(row_col).statistics), _range(group.column(path_col).statistics)
+                ):
                     continue
-                entries = {d["path"]: _entry(d) for d in
-                           pf.read_row_group(g, columns=["path", "sha256", "size", "version_id"]).to_pylist()}
+                entries = {
+                    d["path"]: _entry(d)
+                    for d in pf.read_row_group(
+                        g, columns=["path", "sha256", "size", "version_id"]
+                    ).to_pylist()
+                }
                 _keep_group((*part_id, g), entries)
                 if rel in entries:
                     return entries[rel]
@@ -240,8 +263,9 @@ def _range(stats: Any) -> list[Any] | None:
     return [stats.min, stats.max] if stats is not None and stats.has_min_max else None
 
 
-def iterate(store: StoreBackend, prefix: str, parts: list[dict[str, Any]], pin: Any = None
-            ) -> Iterator[tuple[str, dict[str, Any]]]:
+def iterate(
+    store: StoreBackend, prefix: str, parts: list[dict[str, Any]], pin: Any = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every listed file, streamed one row group at a time."""
     for part in parts:
         with _open_part(store, prefix, part, pin(part["path"]) if pin else None) as pf:

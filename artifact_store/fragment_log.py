@@ -76,8 +76,9 @@ class FragmentLog:
         self.pending, self.schema = pending, schema
         self.files = PendingFiles(store, pending)
 
-    def write(self, unit: str, fragment_id: str, rows: Iterable[dict[str, Any]], compression: str = "snappy"
-              ) -> Fragment:
+    def write(
+        self, unit: str, fragment_id: str, rows: Iterable[dict[str, Any]], compression: str = "snappy"
+    ) -> Fragment:
         """The rows as one fragment, written whole (replacing one of the same name)."""
         table = pa.Table.from_pylist(list(rows), schema=self.schema)
         buf = io.BytesIO()
@@ -101,9 +102,15 @@ class FragmentLog:
         try:
             data = self.files.read(rel)
         except (OSError, ValueError, StoreError) as exc:
-            raise FragmentDamaged(f"{rel} of {self.pending.ref} does not read ({type(exc).__name__}: {exc})") from exc
-        if expected is not None and (len(data) != expected.size or hashlib.sha256(data).hexdigest() != expected.sha256):
-            raise FragmentDamaged(f"{rel} of {self.pending.ref} changed after its task wrote it; run the job again")
+            raise FragmentDamaged(
+                f"{rel} of {self.pending.ref} does not read ({type(exc).__name__}: {exc})"
+            ) from exc
+        if expected is not None and (
+            len(data) != expected.size or hashlib.sha256(data).hexdigest() != expected.sha256
+        ):
+            raise FragmentDamaged(
+                f"{rel} of {self.pending.ref} changed after its task wrote it; run the job again"
+            )
         return data
 
     def read(self, rel: str, expected: Fragment | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -112,8 +119,9 @@ class FragmentLog:
         try:
             return pq.read_table(io.BytesIO(data), schema=self.schema, columns=columns)
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise FragmentDamaged(f"{rel} of {self.pending.ref} does not read as a fragment "
-                                  f"({type(exc).__name__}: {exc})") from exc
+            raise FragmentDamaged(
+                f"{rel} of {self.pending.ref} does not read as a fragment ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def remove(self, rel: str) -> bool:
         """Remove a fragment (False: it was gone already)."""

@@ -105,8 +105,9 @@ def holder_text(owner: dict[str, Any]) -> str:
 class Lease:
     """This run's lease on a pending version; `held()` keeps it renewed while the job writes."""
 
-    def __init__(self, store: StoreBackend, pending: PendingVersion, epoch: int, owner: dict[str, Any],
-                 lease_s: float) -> None:
+    def __init__(
+        self, store: StoreBackend, pending: PendingVersion, epoch: int, owner: dict[str, Any], lease_s: float
+    ) -> None:
         self.store, self.pending, self.epoch, self.owner, self.lease_s = store, pending, epoch, owner, lease_s
         self.lost: str | None = None
         self.done = False
@@ -114,8 +115,15 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self, released: bool = False) -> bytes:
-        return json.dumps({"owner": self.owner, "heartbeat": _now(), "lease_s": self.lease_s,
-                           "at": datetime.now(UTC).isoformat(), "released": released}).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "heartbeat": _now(),
+                "lease_s": self.lease_s,
+                "at": datetime.now(UTC).isoformat(),
+                "released": released,
+            }
+        ).encode()
 
     def renew(self) -> None:
         """Rewrite the heartbeat; notice a newer epoch (the lease was taken over: this run lost it)."""
@@ -123,8 +131,10 @@ class Lease:
         if newer:
             rec = read_lease(self.store, self.pending, newer[-1]) or {}
             owner = rec.get("owner") or {}
-            self.lost = (f"{self.pending.ref}'s lease was taken over by {owner.get('host')}:{owner.get('pid')} "
-                         f"(this run's heartbeat had stopped for over {self.lease_s:.0f} s)")
+            self.lost = (
+                f"{self.pending.ref}'s lease was taken over by {owner.get('host')}:{owner.get('pid')} "
+                f"(this run's heartbeat had stopped for over {self.lease_s:.0f} s)"
+            )
             self._stop.set()
             return
         self.store.write_atomic(lease_path(self.store, self.pending, self.epoch), self._record())
@@ -144,7 +154,9 @@ class Lease:
                 log.warning("could not renew the lease of %s: %s", self.pending.ref, exc)
 
     def start(self) -> Lease:
-        self._thread = threading.Thread(target=self._beat, name=f"asd-lease-{self.pending.ref.version}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"asd-lease-{self.pending.ref.version}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -163,7 +175,9 @@ class Lease:
         self.stop()
         if self.lost is None and not self.done:
             try:
-                self.store.write_atomic(lease_path(self.store, self.pending, self.epoch), self._record(released=True))
+                self.store.write_atomic(
+                    lease_path(self.store, self.pending, self.epoch), self._record(released=True)
+                )
             except Exception as exc:  # noqa: BLE001 - it expires on its own
                 log.warning("could not release the lease of %s: %s", self.pending.ref, exc)
 
@@ -174,12 +188,24 @@ class Lease:
         self.release()
 
 
-def acquire(store: StoreBackend, pending: PendingVersion, *, lease_s: float, wait_s: float = 0.0,
-            flow_run_id: str | None = None, committed: Any = None) -> Lease | None:
+def acquire(
+    store: StoreBackend,
+    pending: PendingVersion,
+    *,
+    lease_s: float,
+    wait_s: float = 0.0,
+    flow_run_id: str | None = None,
+    committed: Any = None,
+) -> Lease | None:
     """This run's lease on `pending`: the next epoch when the newest lease is free, expired or
     its process gone; waits up to `wait_s` for a live one, then raises LeaseHeld naming it.
     Returns None when `committed()` turns true while waiting (the holder committed the job)."""
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": flow_run_id, "token": uuid.uuid4().hex}
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "flow_run_id": flow_run_id,
+        "token": uuid.uuid4().hex,
+    }
     deadline = _now() + wait_s
     while True:
         epochs = lease_epochs(store, pending)
@@ -192,12 +218,16 @@ def acquire(store: StoreBackend, pending: PendingVersion, *, lease_s: float, wai
             except FileExistsError:
                 continue  # another run took this epoch first: look again
             if newest:
-                log.info("took over the lease of %s (epoch %d) from an expired or ended run", pending.ref, newest)
+                log.info(
+                    "took over the lease of %s (epoch %d) from an expired or ended run", pending.ref, newest
+                )
             return lease
         if committed is not None and committed():
             return None
         if _now() >= deadline:
-            raise LeaseHeld(f"{pending.ref} is being written by {holder_text(holder)}; this run did nothing. Wait for "
-                            f"it (ASD_LEASE_WAIT_S=seconds waits, then reuses its commit), or run again after its "
-                            f"lease expires ({lease_s:.0f} s without a heartbeat)")
+            raise LeaseHeld(
+                f"{pending.ref} is being written by {holder_text(holder)}; this run did nothing. Wait for "
+                f"it (ASD_LEASE_WAIT_S=seconds waits, then reuses its commit), or run again after its "
+                f"lease expires ({lease_s:.0f} s without a heartbeat)"
+            )
         time.sleep(min(POLL_S, max(0.05, deadline - _now())))

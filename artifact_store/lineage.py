@@ -29,13 +29,13 @@ class Lineage:
         if "://" in text and not text.startswith("file://"):
             text = text.split("://", 1)[1]
         elif text.startswith("file://"):
-            text = text[len("file://"):]
+            text = text[len("file://") :]
         if self.is_local:
             text = str(Path(text).expanduser().resolve())
         root = self.root.rstrip("/") + "/"
         if not text.startswith(root):
             raise InvalidReference(f"{file_or_uri} is not inside the store {self.display_url}")
-        parts = text[len(root):].split("/")
+        parts = text[len(root) :].split("/")
         if len(parts) < 4 or parts[0] not in KINDS or not VERSION_RE.fullmatch(parts[2]):
             raise InvalidReference(f"{file_or_uri} is not a file of a version (KIND/NAME/VERSION/PATH)")
         ref = ArtifactRef(parts[0], check_name(parts[1]), parts[2])

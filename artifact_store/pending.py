@@ -21,9 +21,13 @@ class PendingFiles:
 
     def path(self, rel: str) -> str:
         """The store path of `rel` (checked; a link on a local disk is refused)."""
-        path = self.store.path(self.pending.ref.prefix, check_relpath(rel, str(self.pending.ref), store_state=True))
+        path = self.store.path(
+            self.pending.ref.prefix, check_relpath(rel, str(self.pending.ref), store_state=True)
+        )
         if self.store.is_local and os.path.lexists(path) and os.path.realpath(path) != os.path.abspath(path):
-            raise FileNotListed(f"{rel} in {self.pending.ref} is (or lies under) a link, not a file this job wrote")
+            raise FileNotListed(
+                f"{rel} in {self.pending.ref} is (or lies under) a link, not a file this job wrote"
+            )
         return path
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     pass
 
 IO_WORKERS = 32  # requests in flight for verify and download on an object store
-LOCAL_WORKERS = 1  # a local disk: hashing is the work; threads cost more than they gave (bench.scale, 200k files)
+LOCAL_WORKERS = (
+    1  # a local disk: hashing is the work; threads cost more than they gave (bench.scale, 200k files)
+)
 
 
 class VersionReading:
@@ -40,8 +42,9 @@ class VersionReading:
         rec = self.record(ref)
         meta = rec["files"].get(relpath)
         if meta is None and rec.get("file_lists"):
-            meta = file_lists.lookup(self, ref.prefix, rec["file_lists"], relpath,
-                                     pin=lambda rel: self._pinned(ref, rel))
+            meta = file_lists.lookup(
+                self, ref.prefix, rec["file_lists"], relpath, pin=lambda rel: self._pinned(ref, rel)
+            )
         return meta
 
     def iter_files(self, ref: ArtifactRef | str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -50,7 +53,9 @@ class VersionReading:
         rec = self.record(ref)
         yield from rec["files"].items()
         if rec.get("file_lists"):
-            yield from file_lists.iterate(self, ref.prefix, rec["file_lists"], pin=lambda rel: self._pinned(ref, rel))
+            yield from file_lists.iterate(
+                self, ref.prefix, rec["file_lists"], pin=lambda rel: self._pinned(ref, rel)
+            )
 
     def _pinned(self, ref: ArtifactRef, relpath: str, meta: dict[str, Any] | None = None) -> str:
         """Path of a committed file; on a versioned S3 bucket, pinned to the recorded VersionId."""
@@ -70,12 +75,16 @@ class VersionReading:
         ref = self.resolve(ref)
         meta = self.file_meta(ref, check_relpath(relpath, str(ref)))
         if meta is None:
-            raise FileNotListed(f"{ref} does not list {relpath!r}: a version holds exactly the files its commit "
-                                f"record lists (`asd store show {ref}`)")
+            raise FileNotListed(
+                f"{ref} does not list {relpath!r}: a version holds exactly the files its commit "
+                f"record lists (`asd store show {ref}`)"
+            )
         path = self._pinned(ref, relpath, meta)
         if self.is_local and os.path.realpath(path) != os.path.abspath(path):
-            raise FileNotListed(f"{ref}: {relpath} is (or lies under) a link in the store, not the file its commit "
-                                f"record lists; run `asd store verify {ref}`")
+            raise FileNotListed(
+                f"{ref}: {relpath} is (or lies under) a link in the store, not the file its commit "
+                f"record lists; run `asd store verify {ref}`"
+            )
         return ref, meta, path
 
     def open(self, ref: ArtifactRef | str, relpath: str, mode: str = "rb") -> Any:
@@ -95,10 +104,14 @@ class VersionReading:
         inside the size its record gives."""
         _, meta, path = self.listed(ref, relpath)
         if not 0 <= start <= end <= meta["size"]:
-            raise StoreError(f"bytes [{start}, {end}) are not inside {relpath} of {ref} ({meta['size']} bytes)")
+            raise StoreError(
+                f"bytes [{start}, {end}) are not inside {relpath} of {ref} ({meta['size']} bytes)"
+            )
         return self.cat(path, start=start, end=end, versioned=True)
 
-    def download(self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int | None = None) -> Path:
+    def download(
+        self, ref: ArtifactRef | str, dest: str | Path, prefix: str = "", workers: int | None = None
+    ) -> Path:
         """Copy the committed files of a version (optionally under `prefix`) to a local folder,
         `workers` at a time; every target is checked to stay inside `dest` and every file's
         sha256 and size checked."""
@@ -108,7 +121,7 @@ class VersionReading:
 
         def fetch(item: tuple[str, dict[str, Any]]) -> None:
             rel, meta = item
-            target = local_target(dest, rel[len(cut):], str(ref))
+            target = local_target(dest, rel[len(cut) :], str(ref))
             target.parent.mkdir(parents=True, exist_ok=True)
             h, size = hashlib.sha256(), 0
             with self.vfs.open(self._pinned(ref, rel, meta), "rb") as src, open(target, "wb") as out:
@@ -118,11 +131,16 @@ class VersionReading:
                     out.write(block)
             if size != meta["size"] or h.hexdigest() != meta["sha256"]:
                 target.unlink()
-                raise StoreError(f"{ref}: {rel} does not match its commit record (size {size} vs "
-                                 f"{meta['size']}, sha256 {h.hexdigest()[:16]}…); run `asd store verify`")
+                raise StoreError(
+                    f"{ref}: {rel} does not match its commit record (size {size} vs "
+                    f"{meta['size']}, sha256 {h.hexdigest()[:16]}…); run `asd store verify`"
+                )
 
-        for _ in bounded_map(fetch, ((r, m) for r, m in self.iter_files(ref) if not cut or r.startswith(cut)),
-                             workers or self.io_workers):
+        for _ in bounded_map(
+            fetch,
+            ((r, m) for r, m in self.iter_files(ref) if not cut or r.startswith(cut)),
+            workers or self.io_workers,
+        ):
             pass
         return dest
 
@@ -140,8 +158,9 @@ class VersionReading:
         if shallow:
             return self._verify_listing(ref) + self.unlisted(ref)
         problems: list[str] = []
-        for found in bounded_map(lambda item: self._verify_file(ref, *item), self.iter_files(ref),
-                                 workers or self.io_workers):
+        for found in bounded_map(
+            lambda item: self._verify_file(ref, *item), self.iter_files(ref), workers or self.io_workers
+        ):
             problems += found
         return problems + self.unlisted(ref)
 
@@ -154,8 +173,10 @@ class VersionReading:
             if info.get("islink"):
                 problems.append(f"{ref}: {rel}: a link, not a file (readers refuse it)")
             elif rel not in recorded and rel != COMMIT_RECORD:
-                problems.append(f"{ref}: {rel}: in the version's folder but not in its commit record (readers "
-                                "refuse it; remove it)")
+                problems.append(
+                    f"{ref}: {rel}: in the version's folder but not in its commit record (readers "
+                    "refuse it; remove it)"
+                )
         return sorted(problems)
 
     def _verify_file(self, ref: ArtifactRef, rel: str, meta: dict[str, Any]) -> list[str]:
@@ -167,8 +188,10 @@ class VersionReading:
             except FileNotFoundError:
                 current = None
             if current != vid:
-                problems.append(f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
-                                "(overwritten or deleted after commit)")
+                problems.append(
+                    f"{ref}: {rel}: current S3 VersionId {current} != recorded {vid} "
+                    "(overwritten or deleted after commit)"
+                )
         try:
             digest, size = self.sha256_of(self._pinned(ref, rel, meta), meta["size"], versioned=True)
         except FileNotFoundError:

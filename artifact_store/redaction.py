@@ -11,7 +11,9 @@ _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session
 # query parameters that carry credentials in presigned URLs (S3 SigV2/V4, GCS, Azure SAS)
 _SECRET_PARAMS = re.compile(
     r"(x-amz-(signature|credential|security-token)|signature|sig|x-goog-(signature|credential)|token|"
-    r"access_token|api_key|apikey|key|password|secret|awsaccesskeyid|se|sp|sv|skoid|sktid)$", re.I)
+    r"access_token|api_key|apikey|key|password|secret|awsaccesskeyid|se|sp|sv|skoid|sktid)$",
+    re.I,
+)
 
 
 def redact_url(url: str) -> str:
@@ -34,8 +36,12 @@ def redact(text: str) -> str:
     """Remove credentials from a message: user:secret@ in URLs, secret-looking key=values,
     and the values of the AWS secret key and session token from the environment."""
     text = re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
-    text = re.sub(r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig)=)[^&\s'\"]+",
-                  r"\1***", text, flags=re.I)
+    text = re.sub(
+        r"((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig)=)[^&\s'\"]+",
+        r"\1***",
+        text,
+        flags=re.I,
+    )
     for word in _SECRET_WORDS:
         text = re.sub(rf"({word}[A-Za-z_]*['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}}&]+", r"\1***", text, flags=re.I)
     # the access key id is an identifier, not a secret: never replaced (it may equal a bucket name)

@@ -100,8 +100,9 @@ def check_name(name: str) -> str:
 
 def check_version(version: str) -> str:
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-        raise InvalidReference(f"bad version id {version!r}: expected 'latest' or an id like "
-                               "20261126T153000.123456Z-1a2b3c4d")
+        raise InvalidReference(
+            f"bad version id {version!r}: expected 'latest' or an id like 20261126T153000.123456Z-1a2b3c4d"
+        )
     return version
 
 

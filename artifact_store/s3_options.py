@@ -22,8 +22,11 @@ def s3_storage_options() -> dict[str, Any]:
     opts: dict[str, Any] = {
         "version_aware": False,
         # botocore's adaptive retry mode for throttling and connection errors
-        "config_kwargs": {"retries": {"max_attempts": s3_retries(), "mode": "adaptive"},
-                          "connect_timeout": 10, "read_timeout": 120},
+        "config_kwargs": {
+            "retries": {"max_attempts": s3_retries(), "mode": "adaptive"},
+            "connect_timeout": 10,
+            "read_timeout": 120,
+        },
         "default_block_size": 16 << 20,  # multipart upload part size for large files
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -37,7 +40,9 @@ def s3_storage_options() -> dict[str, Any]:
         try:
             value = JSON.load(block).value
         except Exception as exc:  # noqa: BLE001 - re-raised with the block name only, never its value
-            raise StoreError(f"cannot load the Prefect JSON block {block!r} named by ${STORE_BLOCK_ENV}") from exc
+            raise StoreError(
+                f"cannot load the Prefect JSON block {block!r} named by ${STORE_BLOCK_ENV}"
+            ) from exc
         if not isinstance(value, dict):
             raise StoreError(f"Prefect JSON block {block!r} must hold an object of s3fs options")
         opts.update(value)

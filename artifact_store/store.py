@@ -40,7 +40,6 @@ __all__ = ["DEFAULT_STORE", "ArtifactStore", "store_url_from_env"]
 log = logging.getLogger("asd.store")
 
 
-
 class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
     """Root of the versioned artifact store (`file://`, a local path, or `s3://bucket/prefix`):
     the files of `StoreBackend`, plus versions: writing (reuse-or-new, resume), commit records and
@@ -61,8 +60,14 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
         workers write parts of one version, each through its own writer."""
         return VersionWriter(self, kind, name, version)
 
-    def reuse_or_new(self, kind: str, name: str, input_hash: str, rerun: bool = False,
-                     keep: Callable[[ArtifactRef], bool] | None = None) -> ArtifactRef | PendingVersion:
+    def reuse_or_new(
+        self,
+        kind: str,
+        name: str,
+        input_hash: str,
+        rerun: bool = False,
+        keep: Callable[[ArtifactRef], bool] | None = None,
+    ) -> ArtifactRef | PendingVersion:
         """The one reuse-or-commit protocol of every stage: the committed version built from
         the same inputs (unless `rerun`, or `keep(ref)` says it must be redone), or a pending
         version to build and commit once. Name checks happen here, before any work."""
@@ -73,7 +78,9 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
                 return done
         return PendingVersion(ArtifactRef(kind, name, new_version_id()), input_hash)
 
-    def resume_or_new(self, kind: str, name: str, input_hash: str, rerun: bool = False) -> ArtifactRef | PendingVersion:
+    def resume_or_new(
+        self, kind: str, name: str, input_hash: str, rerun: bool = False
+    ) -> ArtifactRef | PendingVersion:
         """As `reuse_or_new`, for work that is durable piece by piece (generation): an
         uncommitted version started for the same inputs (its `_PENDING.json` says so) is
         resumed, so what a killed run finished is found again; else a new one is marked."""
@@ -87,12 +94,22 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
                 except FileNotFoundError:  # an uncommitted version of another kind of job: not ours to resume
                     continue
                 except ValueError as exc:
-                    log.warning("not resuming %s/%s@%s: its %s is unreadable (%s)", kind, name, version,
-                                PENDING_MARKER, exc)
+                    log.warning(
+                        "not resuming %s/%s@%s: its %s is unreadable (%s)",
+                        kind,
+                        name,
+                        version,
+                        PENDING_MARKER,
+                        exc,
+                    )
                     continue
                 if isinstance(marker, dict) and marker.get("input_hash") == input_hash:
                     return PendingVersion(ArtifactRef(kind, name, version), input_hash)
-        marker = {"input_hash": input_hash, "started_at": datetime.now(UTC).isoformat(), "code_version": code_version()}
+        marker = {
+            "input_hash": input_hash,
+            "started_at": datetime.now(UTC).isoformat(),
+            "code_version": code_version(),
+        }
         self.write_atomic(self.path(found.ref.prefix, PENDING_MARKER), json.dumps(marker).encode())
         return found
 
@@ -102,7 +119,11 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
         except FileNotFoundError:
             return []
         versions = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return [v for v in versions if VERSION_RE.fullmatch(v) and not self.has_commit_record(ArtifactRef(kind, name, v))]
+        return [
+            v
+            for v in versions
+            if VERSION_RE.fullmatch(v) and not self.has_commit_record(ArtifactRef(kind, name, v))
+        ]
 
     def pending_files(self, pending: PendingVersion) -> PendingFiles:
         """A pending version's files by their path in the version (`artifact_store.pending`)."""
@@ -116,7 +137,9 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
         """Record what one flow run read and wrote; one immutable file per run."""
         name = check_relpath(f"{flow_run_id}.json", "runs/")
         record = {"flow_run_id": flow_run_id, "code_version": code_version(), **record}
-        self.write_atomic(self.path("runs", name), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+        self.write_atomic(
+            self.path("runs", name), json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        )
         return self.uri("runs", name)
 
     def read_run_record(self, flow_run_id: str) -> dict[str, Any] | None:
@@ -143,12 +166,16 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
                 check_relpath(rel, where)
             except InvalidReference as exc:
                 raise CorruptRecord(f"commit record {where} lists an unsafe path: {exc}") from exc
-            if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
-                    and isinstance(meta.get("size"), int)):
+            if not (
+                isinstance(meta, dict)
+                and isinstance(meta.get("sha256"), str)
+                and isinstance(meta.get("size"), int)
+            ):
                 raise CorruptRecord(f"commit record {where}: entry {rel!r} lacks sha256/size")
         lists = rec.get("file_lists") or []
-        if not isinstance(lists, list) or any(not isinstance(p, dict) or p.get("path") not in rec["files"]
-                                              for p in lists):
+        if not isinstance(lists, list) or any(
+            not isinstance(p, dict) or p.get("path") not in rec["files"] for p in lists
+        ):
             raise CorruptRecord(f"commit record {where}: its file_lists name parts it does not list")
         for parent in rec.get("parents") or []:
             try:

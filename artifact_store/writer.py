@@ -41,9 +41,12 @@ from artifact_store.refs import (
 if TYPE_CHECKING:
     from artifact_store.backend import StoreBackend
 
-INLINE_FILES_MAX = 1000  # files a commit record lists itself; past it they go to file-list parts, whatever call
+INLINE_FILES_MAX = (
+    1000  # files a commit record lists itself; past it they go to file-list parts, whatever call
+)
 # wrote them (100,000 files inline made a 13 MB record, a 345 ms cold open and a 265 ms list_versions)
 log = logging.getLogger("asd.store")
+
 
 @cache
 def code_version() -> str:
@@ -58,12 +61,20 @@ def code_version() -> str:
     repo = Path(__file__).resolve().parent.parent
     if (repo / ".git").exists():
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-                                 capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             if out.returncode == 0:
                 sha = out.stdout.strip()
-                dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                       capture_output=True, text=True, timeout=5)
+                dirty = subprocess.run(
+                    ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                )
                 if dirty.returncode == 0 and dirty.stdout.strip():
                     sha += "-dirty"
     return f"{pkg}+{sha}" if sha else pkg
@@ -110,12 +121,20 @@ class VersionWriter:
     the version stays invisible until :meth:`commit` writes the commit record.
     """
 
-    def __init__(self, store: StoreBackend, kind: str, name: str, version: str | None = None,
-                 input_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        store: StoreBackend,
+        kind: str,
+        name: str,
+        version: str | None = None,
+        input_hash: str | None = None,
+    ) -> None:
         check_kind(kind)
         check_name(name)
         self.store = store
-        self.ref = ArtifactRef(kind, name, check_version(version) if version is not None else new_version_id())
+        self.ref = ArtifactRef(
+            kind, name, check_version(version) if version is not None else new_version_id()
+        )
         self.input_hash = input_hash
         self.files: dict[str, dict[str, Any]] = {}
         self.committed = False
@@ -212,13 +231,21 @@ class VersionWriter:
         if self.listed is not None:
             self.listed.close()
             expected.update(rel for rel, _ in self.listed.entries())
-        stray = [rel for rel, _ in self.store.files_under(self.ref.prefix)
-                 if rel not in expected and rel != COMMIT_RECORD and rel.split("/", 1)[0] not in PENDING_STATE]
+        stray = [
+            rel
+            for rel, _ in self.store.files_under(self.ref.prefix)
+            if rel not in expected and rel != COMMIT_RECORD and rel.split("/", 1)[0] not in PENDING_STATE
+        ]
         for rel in stray:
             self.store.fs.rm_file(self.store.path(self.ref.prefix, rel))
         if stray:
-            log.warning("%s: removed %d file(s) in its folder that its commit would not list: %s%s", self.ref,
-                        len(stray), ", ".join(stray[:5]), " ..." if len(stray) > 5 else "")
+            log.warning(
+                "%s: removed %d file(s) in its folder that its commit would not list: %s%s",
+                self.ref,
+                len(stray),
+                ", ".join(stray[:5]),
+                " ..." if len(stray) > 5 else "",
+            )
 
     def _check_files_present(self) -> None:
         """Every file the record will list is in the store with its recorded size (a stat each on
@@ -226,14 +253,20 @@ class VersionWriter:
         does not grow with the number of files)."""
         listed = self.listed.entries() if self.listed is not None else iter(())
         wrong = []
-        for rel, meta, info in self.store.match_listing(self.ref.prefix, itertools.chain(self.files.items(), listed)):
+        for rel, meta, info in self.store.match_listing(
+            self.ref.prefix, itertools.chain(self.files.items(), listed)
+        ):
             if info is None or info.get("size") != meta["size"]:
-                wrong.append(rel if info is None else f"{rel} ({info.get('size')} bytes, recorded {meta['size']})")
+                wrong.append(
+                    rel if info is None else f"{rel} ({info.get('size')} bytes, recorded {meta['size']})"
+                )
                 if len(wrong) > 5:
                     break
         if wrong:
-            raise StoreError(f"{self.ref}: not committed, files it would list are missing or changed: "
-                             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+            raise StoreError(
+                f"{self.ref}: not committed, files it would list are missing or changed: "
+                f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}"
+            )
 
     def commit(
         self,
@@ -248,8 +281,10 @@ class VersionWriter:
         if self.committed:
             raise StoreError(f"{self.ref} is already committed")
         if self.store.fs.exists(self.store.path(self.ref.prefix, COMMIT_RECORD)):
-            raise StoreError(f"{self.ref} was committed by another run meanwhile; this run committed nothing "
-                             f"(versions are written once)")
+            raise StoreError(
+                f"{self.ref} was committed by another run meanwhile; this run committed nothing "
+                f"(versions are written once)"
+            )
         if self.lease is not None:
             self.lease.check()  # only the run holding the job's lease tidies its folder
         self._remove_unlisted()
@@ -293,8 +328,10 @@ class VersionWriter:
         try:
             self.store.write_once(self.store.path(self.ref.prefix, COMMIT_RECORD), data)
         except FileExistsError:
-            raise StoreError(f"{self.ref} was committed by another run meanwhile; this run committed nothing "
-                             f"(versions are written once)") from None
+            raise StoreError(
+                f"{self.ref} was committed by another run meanwhile; this run committed nothing "
+                f"(versions are written once)"
+            ) from None
         self.committed = True
         if self.lease is not None:
             self.lease.finish()

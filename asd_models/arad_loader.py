@@ -80,8 +80,10 @@ def tar_samples(url: str, opener: Opener) -> Iterator[dict[str, Any]]:
     with opener(url) as stream:
         for sample in tar_stream_samples(stream, STORED_MAX_BYTES, STORED_MAX_BYTES):
             if sample["__problems__"]:
-                warnings.warn(f"{url}: sample {sample['__key__']} skipped: {'; '.join(sample['__problems__'])}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{url}: sample {sample['__key__']} skipped: {'; '.join(sample['__problems__'])}",
+                    stacklevel=2,
+                )
                 continue
             yield {**sample_members(sample), "__url__": url}
 
@@ -89,8 +91,14 @@ def tar_samples(url: str, opener: Opener) -> Iterator[dict[str, Any]]:
 class BucketBatchStream:
     """Endless one-bucket batches for one slot (rank x worker), epoch after epoch."""
 
-    def __init__(self, buckets: dict[str, list[ShardRef]], opener: Opener, config: LoaderConfig,
-                 slot: int = 0, slots: int = 1) -> None:
+    def __init__(
+        self,
+        buckets: dict[str, list[ShardRef]],
+        opener: Opener,
+        config: LoaderConfig,
+        slot: int = 0,
+        slots: int = 1,
+    ) -> None:
         self.buckets = {b: list(s) for b, s in sorted(buckets.items()) if sum(x.count for x in s) > 0}
         if not self.buckets:
             raise ValueError("no samples in any bucket")
@@ -108,8 +116,9 @@ class BucketBatchStream:
                 plans[b] = _BucketPlan([s.url for s in mine], None, self.slot, sum(s.count for s in mine))
             else:
                 total = sum(s.count for s in order)
-                plans[b] = _BucketPlan([s.url for s in order], self.slots, self.slot,
-                                       len(range(self.slot, total, self.slots)))
+                plans[b] = _BucketPlan(
+                    [s.url for s in order], self.slots, self.slot, len(range(self.slot, total, self.slots))
+                )
         return plans
 
     def _samples(self, plan: _BucketPlan) -> Iterator[dict[str, Any]]:
@@ -153,8 +162,11 @@ class BucketBatchStream:
                 plan = plans[b]
                 samples = self._take(plan, min(bs, plan.remaining), rng)
                 if len(samples) < min(bs, plan.remaining):  # the shards hold fewer than the index says
-                    warnings.warn(f"bucket {b}: its shards hold {plan.remaining - len(samples)} samples fewer than "
-                                  f"the bucket index says (epoch {epoch}, slot {self.slot}/{self.slots})", stacklevel=2)
+                    warnings.warn(
+                        f"bucket {b}: its shards hold {plan.remaining - len(samples)} samples fewer than "
+                        f"the bucket index says (epoch {epoch}, slot {self.slot}/{self.slots})",
+                        stacklevel=2,
+                    )
                     plan.remaining = 0
                     if not samples or (not keep and len(samples) < bs):
                         continue
@@ -163,8 +175,10 @@ class BucketBatchStream:
                 yield RawBatch(b, samples, epoch)
                 yielded = True
             if not yielded:
-                raise ValueError(f"slot {self.slot}/{self.slots} gets no batch in an epoch: fewer samples than "
-                                 f"batch_size {bs} per bucket with leftover=drop, or empty shards")
+                raise ValueError(
+                    f"slot {self.slot}/{self.slots} gets no batch in an epoch: fewer samples than "
+                    f"batch_size {bs} per bucket with leftover=drop, or empty shards"
+                )
             epoch += 1
 
 
@@ -183,8 +197,13 @@ def decode_batch(raw: RawBatch) -> dict[str, Any]:
         txt = s.get("txt", b"")
         captions.append(txt.decode("utf-8", "replace") if isinstance(txt, bytes) else str(txt))
         keys.append(str(s.get("__key__")))
-    return {"bucket": raw.bucket, "pixels": torch.stack(images), "captions": captions, "keys": keys,
-            "epoch": raw.epoch}
+    return {
+        "bucket": raw.bucket,
+        "pixels": torch.stack(images),
+        "captions": captions,
+        "keys": keys,
+        "epoch": raw.epoch,
+    }
 
 
 class BucketedShardDataset(torch.utils.data.IterableDataset):
@@ -192,8 +211,14 @@ class BucketedShardDataset(torch.utils.data.IterableDataset):
     one-bucket batches; worker w of rank r is slot r*W + w. `start_batch` resumes: it is the
     number of batches this rank's DataLoader already yielded (they are replayed undecoded)."""
 
-    def __init__(self, buckets: dict[str, list[ShardRef]], opener: Opener, config: LoaderConfig,
-                 start_batch: int = 0, decode: Callable[[RawBatch], Any] = decode_batch) -> None:
+    def __init__(
+        self,
+        buckets: dict[str, list[ShardRef]],
+        opener: Opener,
+        config: LoaderConfig,
+        start_batch: int = 0,
+        decode: Callable[[RawBatch], Any] = decode_batch,
+    ) -> None:
         super().__init__()
         self.buckets, self.opener, self.config = buckets, opener, config
         self.start_batch, self.decode = start_batch, decode
@@ -202,18 +227,30 @@ class BucketedShardDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         slot = self.config.rank * nw + wid
-        stream = iter(BucketBatchStream(self.buckets, self.opener, self.config, slot, self.config.world_size * nw))
+        stream = iter(
+            BucketBatchStream(self.buckets, self.opener, self.config, slot, self.config.world_size * nw)
+        )
         for _ in range(len(range(wid, self.start_batch, nw))):  # batches of this worker already consumed
             next(stream)
         for raw in stream:
             yield self.decode(raw)
 
 
-def make_loader(buckets: dict[str, list[ShardRef]], opener: Opener, config: LoaderConfig, num_workers: int = 0,
-                start_batch: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(
+    buckets: dict[str, list[ShardRef]],
+    opener: Opener,
+    config: LoaderConfig,
+    num_workers: int = 0,
+    start_batch: int = 0,
+) -> torch.utils.data.DataLoader:
     """Workers are spawned, never forked: the training process runs Prefect's and fsspec's
     threads, and a fork can inherit their held locks."""
     ds = BucketedShardDataset(buckets, opener, config, start_batch)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                       prefetch_factor=2 if num_workers else None,
-                                       multiprocessing_context="spawn" if num_workers else None)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+        multiprocessing_context="spawn" if num_workers else None,
+    )

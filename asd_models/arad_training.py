@@ -51,11 +51,16 @@ class TrainConfig:
     seed: int
 
     def __post_init__(self) -> None:
-        checks = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "gradient_checkpointing": ("auto", "on", "off"),
-                  "leftover": ("keep", "drop")}
+        checks = {
+            "mixed_precision": ("auto", "no", "bf16", "fp16"),
+            "gradient_checkpointing": ("auto", "on", "off"),
+            "leftover": ("keep", "drop"),
+        }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"train option {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"train option {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                )
         if self.grad_accum < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
@@ -104,10 +109,13 @@ class AradTrainer:
         mp = config.mixed_precision
         if mp == "auto":
             mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = accelerator or Accelerator(mixed_precision=mp, cpu=not cuda,
-                                                      gradient_accumulation_steps=config.grad_accum)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=mp, cpu=not cuda, gradient_accumulation_steps=config.grad_accum
+        )
         acc = self.accelerator
-        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            acc.mixed_precision, torch.float32
+        )
         unet = components.unet
         unet.train().requires_grad_(True)
         if config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and cuda):
@@ -117,15 +125,27 @@ class AradTrainer:
             if self.weight_dtype != torch.float32:
                 frozen.to(dtype=self.weight_dtype)
         # on a GPU: one fused kernel for the whole optimizer step, and EMA over all tensors at once
-        opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                fused=acc.device.type == "cuda")
+        opt = torch.optim.AdamW(
+            unet.parameters(),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            fused=acc.device.type == "cuda",
+        )
         # Stepped by hand once per optimizer step (accelerate would step it once per process).
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(config.warmup_steps, config.steps, config.min_lr_ratio))
+            opt, _lr_lambda(config.warmup_steps, config.steps, config.min_lr_ratio)
+        )
         self.unet, self.optimizer = acc.prepare(unet, opt)
-        self.ema = (EMAModel(acc.unwrap_model(self.unet).parameters(), decay=config.ema_decay, use_ema_warmup=True,
-                             foreach=acc.device.type == "cuda")
-                    if config.ema_decay > 0 else None)
+        self.ema = (
+            EMAModel(
+                acc.unwrap_model(self.unet).parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=True,
+                foreach=acc.device.type == "cuda",
+            )
+            if config.ema_decay > 0
+            else None
+        )
         # every draw (noise, timesteps, caption dropout) from this generator: the global RNG is never seeded;
         # each rank of a multi-process run draws its own stream (rank 0's is a one-process run's)
         self.generator = torch.Generator().manual_seed(config.seed + RANK_SEED_STRIDE * acc.process_index)
@@ -138,7 +158,9 @@ class AradTrainer:
         sched = components.scheduler.config
         self.prediction_type = sched.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)"
+            )
         self.num_train_timesteps = sched.num_train_timesteps
         with torch.no_grad():
             self.empty_embed = self._encode_text([""])[0]
@@ -146,8 +168,13 @@ class AradTrainer:
     # -- one micro-batch ------------------------------------------------------------------
     @torch.no_grad()
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.c.tokenizer(captions, padding="max_length", max_length=self.c.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
+        tok = self.c.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.c.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         return self.c.text_encoder(tok.input_ids.to(self.accelerator.device))[0]
 
     @torch.no_grad()
@@ -182,9 +209,14 @@ class AradTrainer:
         return F.mse_loss(pred.float(), target.float())
 
     # -- the loop -------------------------------------------------------------------------
-    def train(self, batches: Iterator[dict[str, Any]], until_step: int | None = None,
-              on_step: StepLog | None = None, on_checkpoint: Callable[[int], None] | None = None,
-              checkpoint_every: int = 0) -> list[float]:
+    def train(
+        self,
+        batches: Iterator[dict[str, Any]],
+        until_step: int | None = None,
+        on_step: StepLog | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+        checkpoint_every: int = 0,
+    ) -> list[float]:
         """Optimizer steps up to `until_step` (default: config.steps); returns all losses."""
         acc, cfg = self.accelerator, self.config
         until = min(until_step or cfg.steps, cfg.steps)
@@ -212,7 +244,12 @@ class AradTrainer:
             self.losses.append(loss_value)
             if on_step:
                 on_step(self.step - 1, cfg.steps, loss_value)
-            if on_checkpoint and checkpoint_every and self.step % checkpoint_every == 0 and self.step < cfg.steps:
+            if (
+                on_checkpoint
+                and checkpoint_every
+                and self.step % checkpoint_every == 0
+                and self.step < cfg.steps
+            ):
                 self.rank_rng_states = self.gather_rng_states()  # every rank takes part; rank 0 writes
                 on_checkpoint(self.step)
         return self.losses
@@ -259,14 +296,22 @@ class AradTrainer:
         ema_meta = None
         if self.ema is not None:
             ema_state = self.ema.state_dict()
-            _save_tensors(folder / "ema.safetensors", {f"shadow.{i}": t for i, t in enumerate(ema_state.pop("shadow_params"))})
+            _save_tensors(
+                folder / "ema.safetensors",
+                {f"shadow.{i}": t for i, t in enumerate(ema_state.pop("shadow_params"))},
+            )
             ema_meta = {k: v for k, v in ema_state.items() if isinstance(v, int | float | bool | type(None))}
         sched_state = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
         state = {
-            "step": self.step, "batches_consumed": self.batches_consumed, "losses": self.losses, "lrs": self.lrs,
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "losses": self.losses,
+            "lrs": self.lrs,
             "world_size": len(states),  # processes that trained it: each rank's data and draws depend on it
-            "config": asdict(self.config), "optimizer": {"param_groups": opt_state["param_groups"], "state": per_param},
-            "lr_scheduler": sched_state, "ema": ema_meta,
+            "config": asdict(self.config),
+            "optimizer": {"param_groups": opt_state["param_groups"], "state": per_param},
+            "lr_scheduler": sched_state,
+            "ema": ema_meta,
             "latent_cache": "not saved (rebuilt on demand)",
         }
         (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -276,13 +321,19 @@ class AradTrainer:
         folder = Path(folder)
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["config"] != asdict(self.config):
-            diff = {k: (v, state["config"].get(k)) for k, v in asdict(self.config).items() if state["config"].get(k) != v}
+            diff = {
+                k: (v, state["config"].get(k))
+                for k, v in asdict(self.config).items()
+                if state["config"].get(k) != v
+            }
             raise CheckpointMismatch(f"checkpoint {folder} was made with another training config: {diff}")
         world = self.accelerator.num_processes
         if state.get("world_size", 1) != world:  # each rank's share of the data and its draws depend on it
-            raise CheckpointMismatch(f"checkpoint {folder} was written by a run of {state.get('world_size', 1)} process(es); "
-                             f"this run has {world}: resume with the same number of processes, or train again "
-                             "without --resume")
+            raise CheckpointMismatch(
+                f"checkpoint {folder} was written by a run of {state.get('world_size', 1)} process(es); "
+                f"this run has {world}: resume with the same number of processes, or train again "
+                "without --resume"
+            )
         unet = self.accelerator.unwrap_model(self.unet)
         unet.load_state_dict(_load_tensors(folder / "unet.safetensors"))
         tensors = _load_tensors(folder / "optimizer.safetensors")
@@ -291,13 +342,16 @@ class AradTrainer:
             opt_state["state"][int(idx)] = dict(extra)
         for name, t in tensors.items():
             idx, k = name.split(".", 1)
-            opt_state["state"].setdefault(int(idx), {})[k] = t.to(self.accelerator.device) if k != "step" else t
+            opt_state["state"].setdefault(int(idx), {})[k] = (
+                t.to(self.accelerator.device) if k != "step" else t
+            )
         self.optimizer.load_state_dict(opt_state)
         self.lr_scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
         if self.ema is not None:
             shadow = _load_tensors(folder / "ema.safetensors")
-            self.ema.load_state_dict({**state["ema"],
-                                      "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+            self.ema.load_state_dict(
+                {**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]}
+            )
         rng = _load_tensors(folder / "rng.safetensors")
         self.generator.set_state(rng.get(f"generator.{self.accelerator.process_index}", rng.get("generator")))
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
@@ -318,7 +372,9 @@ def fit_vae(
     """Fit an autoencoder to random crops of `images` (each 1 x 3 x H x W in [-1, 1]), then
     set `scaling_factor` so scaled latents have unit variance (as SD's VAE does)."""
     rng = random.Random(seed)  # crops and flips; the VAE fit itself draws no random numbers
-    crop = min([crop] + [min(img.shape[-2:]) for img in images])  # one crop size: images of any bucket batch together
+    crop = min(
+        [crop] + [min(img.shape[-2:]) for img in images]
+    )  # one crop size: images of any bucket batch together
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(20, steps // 10 + 1), steps))

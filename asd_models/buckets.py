@@ -16,7 +16,15 @@ import numpy as np
 # published. It spans portrait to landscape up to 21:9 and stays 9 distinct buckets at the
 # usual 512/64 and at the demo's 128/16 (coarser steps may merge neighbours).
 ASD_RATIOS: tuple[tuple[int, int], ...] = (
-    (1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (21, 9), (9, 21),
+    (1, 1),
+    (4, 3),
+    (3, 4),
+    (3, 2),
+    (2, 3),
+    (16, 9),
+    (9, 16),
+    (21, 9),
+    (9, 21),
 )
 
 
@@ -62,12 +70,16 @@ def asd_buckets(base: int = 512, step: int = 64) -> list[Bucket]:
     return _canonical(out)
 
 
-def kohya_buckets(min_side: int = 256, max_side: int = 1024, step: int = 64, max_area: int = 512 * 512) -> list[Bucket]:
+def kohya_buckets(
+    min_side: int = 256, max_side: int = 1024, step: int = 64, max_area: int = 512 * 512
+) -> list[Bucket]:
     """kohya-ss / NovelAI style table: for every width from `min_side` to `max_side` in `step`s,
     the largest height (a multiple of `step`, at most `max_side`) with width*height <= `max_area`;
     mirrored for portrait."""
     if step <= 0 or min_side <= 0 or min_side % step or max_side % step:
-        raise ValueError(f"min_side {min_side} and max_side {max_side} must be positive multiples of step {step}")
+        raise ValueError(
+            f"min_side {min_side} and max_side {max_side} must be positive multiples of step {step}"
+        )
     if max_side < min_side:
         raise ValueError(f"max_side {max_side} is below min_side {min_side}")
     if max_area < min_side * min_side:
@@ -102,7 +114,9 @@ def aspect_error(width: int, height: int, bucket: Bucket) -> float:
     return abs(math.log(width / height) - bucket.log_aspect)
 
 
-def assign_buckets(widths: np.ndarray, heights: np.ndarray, buckets: list[Bucket]) -> tuple[np.ndarray, np.ndarray, list[Bucket]]:
+def assign_buckets(
+    widths: np.ndarray, heights: np.ndarray, buckets: list[Bucket]
+) -> tuple[np.ndarray, np.ndarray, list[Bucket]]:
     """Vectorised `nearest_bucket` for millions of sizes: (bucket index, aspect error, table).
 
     Sizes must be positive; the caller masks bad rows out first."""

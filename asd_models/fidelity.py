@@ -46,7 +46,7 @@ def area_shrunk_channel(pixels: np.ndarray, c: int, size: tuple[int, int]) -> np
     fx = np.where(xi < width, edges - xi, 0.0)
     out = np.zeros((h, w), np.float64)
     for y0 in range(0, height, _ROWS):
-        band = np.asarray(pixels[y0:y0 + _ROWS, :, c], dtype=np.float64)
+        band = np.asarray(pixels[y0 : y0 + _ROWS, :, c], dtype=np.float64)
         prefix = np.zeros((band.shape[0], width + 1))
         np.cumsum(band, axis=1, out=prefix[:, 1:])
         integral = prefix[:, xi] + fx * band[:, np.minimum(xi, width - 1)]
@@ -69,18 +69,24 @@ def enlarged_rows(small: torch.Tensor, width: int, height: int, y0: int, y1: int
     gx = (torch.arange(width, dtype=torch.float64) + 0.5) / width * 2 - 1
     gy = (torch.arange(y0, y1, dtype=torch.float64) + 0.5) / height * 2 - 1
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].float()
-    return F.grid_sample(small, grid, mode="bicubic", padding_mode="border", align_corners=False)[0, 0].numpy()
+    return F.grid_sample(small, grid, mode="bicubic", padding_mode="border", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
-def back_project(pixels: np.ndarray, original: Image.Image, iterations: int = BACKPROJECT_ITERATIONS) -> np.ndarray:
+def back_project(
+    pixels: np.ndarray, original: Image.Image, iterations: int = BACKPROJECT_ITERATIONS
+) -> np.ndarray:
     """`pixels` (H x W x 3 uint8, an output showing `original`'s `input_view`, perhaps
     memory-mapped), corrected in place so that its downscale to the input is the input (see the
     module doc). Memory: the input's size in float32 twice, and one band of rows."""
     height, width, _ = pixels.shape
     view = input_view(original.convert("RGB"), width, height)
     if view.width > width or view.height > height:
-        raise ValueError(f"back-projection enlarges: the output {width}x{height} is smaller than its input "
-                         f"{view.width}x{view.height}")
+        raise ValueError(
+            f"back-projection enlarges: the output {width}x{height} is smaller than its input "
+            f"{view.width}x{view.height}"
+        )
     ref = np.asarray(view)
     import torch
 
@@ -119,7 +125,10 @@ def roundtrip(pixels: np.ndarray, original: Any) -> tuple[float, float]:
     view = input_view(original.convert("RGB"), width, height)
     back = np.stack([area_shrunk_channel(pixels, c, view.size) for c in range(3)], axis=2)
     orig = np.asarray(view, dtype=np.float32)
-    grey = [torch.from_numpy(a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None, None] for a in (back, orig)]
+    grey = [
+        torch.from_numpy(a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None, None]
+        for a in (back, orig)
+    ]
     score = float(ssim(grey[0], grey[1], data_range=255.0))
     color = float(np.abs(back.reshape(-1, 3).mean(0) - orig.reshape(-1, 3).mean(0)).mean())
     return score, color

@@ -95,10 +95,16 @@ class FSTDConfig:
             raise ValueError(f"FSTD tile_batch_size must be >= 1, got {self.tile_batch_size}")
         if self.mode not in GRID_MODES:
             raise ValueError(f"FSTD mode must be one of {GRID_MODES}, got {self.mode!r}")
-        if self.offset_multiple is not None and (self.offset_multiple < 1 or self.tile % self.offset_multiple):
-            raise ValueError(f"FSTD tile {self.tile} must be a multiple of offset_multiple {self.offset_multiple}")
+        if self.offset_multiple is not None and (
+            self.offset_multiple < 1 or self.tile % self.offset_multiple
+        ):
+            raise ValueError(
+                f"FSTD tile {self.tile} must be a multiple of offset_multiple {self.offset_multiple}"
+            )
         if self.size_multiple is not None and (self.size_multiple < 1 or self.tile % self.size_multiple):
-            raise ValueError(f"FSTD tile {self.tile} must be a multiple of the UNet's size multiple {self.size_multiple}")
+            raise ValueError(
+                f"FSTD tile {self.tile} must be a multiple of the UNet's size multiple {self.size_multiple}"
+            )
         if self.pieces is not None and self.pieces not in PIECE_SHAPES:
             raise ValueError(f"FSTD pieces must be one of {PIECE_SHAPES}, got {self.pieces!r}")
         if self.mode == "official" and self.shift_first_step:
@@ -108,8 +114,15 @@ class FSTDConfig:
     def official(cls, tile: int = 64, tile_batch_size: int = 8) -> FSTDConfig:
         """The official ASD-upscale scheme: offsets in [0, tile/2), every 4th step unshifted,
         clamped tiles, the uncovered strip filled with the previous prediction."""
-        return cls(tile=tile, shift_range=tile // 2, reset_every=4, tile_batch_size=tile_batch_size,
-                   mode="official", offset_multiple=1, shift_first_step=False)
+        return cls(
+            tile=tile,
+            shift_range=tile // 2,
+            reset_every=4,
+            tile_batch_size=tile_batch_size,
+            mode="official",
+            offset_multiple=1,
+            shift_first_step=False,
+        )
 
     def for_unet(self, unet: torch.nn.Module) -> FSTDConfig:
         """This config on `unet`: size_multiple filled in from the UNet's down-sampling levels
@@ -121,8 +134,10 @@ class FSTDConfig:
         offset = self.offset_multiple if self.offset_multiple is not None else min(2, size)
         pieces = self.pieces or piece_shapes_for(next(unet.parameters()).device)
         if self.tile % m or size % m:
-            raise ValueError(f"FSTD tile {self.tile} and size_multiple {size} must be multiples of this UNet's "
-                             f"size multiple {m} (2 ** its {m.bit_length() - 1} down-sampling levels)")
+            raise ValueError(
+                f"FSTD tile {self.tile} and size_multiple {size} must be multiples of this UNet's "
+                f"size multiple {m} (2 ** its {m.bit_length() - 1} down-sampling levels)"
+            )
         if (size, offset, pieces) == (self.size_multiple, self.offset_multiple, self.pieces):
             return self
         return replace(self, size_multiple=size, offset_multiple=offset, pieces=pieces)
@@ -146,7 +161,11 @@ def step_offset(step: int, cfg: FSTDConfig, generator: torch.Generator) -> tuple
     """Grid shift (dy, dx) for one step: none on every k-th step, nor on the first step unless
     `shift_first_step`. Drawn from `generator`, or from (cfg.salt, step) when the config has a
     salt (the same shift for every latent of a job)."""
-    r = cfg.shift_range if cfg.shift_range is not None else (cfg.tile if cfg.mode == "cropped" else cfg.tile // 2)
+    r = (
+        cfg.shift_range
+        if cfg.shift_range is not None
+        else (cfg.tile if cfg.mode == "cropped" else cfg.tile // 2)
+    )
     m = cfg.offset_multiple or 1  # None: a config not yet put on a UNet's lattice (`for_unet`)
     choices = max(1, r // m)
     if step == 0 and not cfg.shift_first_step:
@@ -215,8 +234,9 @@ def run_side(length: int, limit: int, size_multiple: int, run_sizes: tuple[int, 
     return min(limit, grown)
 
 
-def _run_box(box: Box, H: int, W: int, size_multiple: int, run_sizes: tuple[int, ...] = ()
-             ) -> tuple[int, int, int, int]:
+def _run_box(
+    box: Box, H: int, W: int, size_multiple: int, run_sizes: tuple[int, ...] = ()
+) -> tuple[int, int, int, int]:
     """The box grown with real neighbouring latent to its run shape, kept inside the latent:
     (ry, rx, rh, rw)."""
     y, x, h, w = box
@@ -258,12 +278,16 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
         for j in active:
             eps = j.previous = acc[id(j)].noise(j.previous, j.partition or j.covers_all)
             t = j.timesteps[j.step]
-            j.latents = j.scheduler.step(eps.to(j.latents.dtype), t, j.latents, generator=j.generator).prev_sample
+            j.latents = j.scheduler.step(
+                eps.to(j.latents.dtype), t, j.latents, generator=j.generator
+            ).prev_sample
             j.step += 1
             if j.done:  # a finished job keeps only its latents (a large one is decoded next)
                 j.previous = None
         del acc, tiles_by_shape, eps
-        if any(j.latents.device.type == "cpu" for j in active):  # this round's freed tensors back to the system
+        if any(
+            j.latents.device.type == "cpu" for j in active
+        ):  # this round's freed tensors back to the system
             release_free_heap()
     return jobs
 
@@ -294,7 +318,9 @@ class _Fusion:
             return eps
         if previous is None:
             if not bool((self.weight_sum > 0).all()):
-                raise RuntimeError("tiles leave positions uncovered and there is no previous prediction to fill them")
+                raise RuntimeError(
+                    "tiles leave positions uncovered and there is no previous prediction to fill them"
+                )
             return eps
         return torch.where(self.weight_sum > 0, eps, previous)
 
@@ -305,8 +331,9 @@ def _weights(weighting: str, h: int, w: int, device: torch.device) -> torch.Tens
     return (gaussian_weights if weighting == "gaussian" else uniform_weights)(h, w).to(device)
 
 
-def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype,
-                   acc: dict[int, _Fusion]) -> None:
+def _predict_batch(
+    unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype, acc: dict[int, _Fusion]
+) -> None:
     """One UNet call over pieces of one run shape (from any jobs); fuse each into its job.
     Guidance is combined for the whole batch in one operation."""
     inputs, texts, times, extras, scales = [], [], [], defaultdict(list), []
@@ -344,15 +371,19 @@ def _predict_batch(unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, 
             pos += 1
         j.unet_tiles += 2 if j.use_cfg else 1
         y, x, h, w = tile.box
-        acc[id(j)].add(e[:, y - tile.ry : y - tile.ry + h, x - tile.rx : x - tile.rx + w], tile.box, j.weighting)
+        acc[id(j)].add(
+            e[:, y - tile.ry : y - tile.ry + h, x - tile.rx : x - tile.rx + w], tile.box, j.weighting
+        )
         j.tiles_done += 1
         if j.progress:
             j.progress(j.step, len(j.timesteps), j.tiles_done, j.boxes_this_step)
 
 
-def fstd_boxes(height: int, width: int, config: FSTDConfig, generator: torch.Generator,
-               offsets: list[tuple[int, int]]) -> Callable[[int], list[Box]]:
+def fstd_boxes(
+    height: int, width: int, config: FSTDConfig, generator: torch.Generator, offsets: list[tuple[int, int]]
+) -> Callable[[int], list[Box]]:
     """FSTD's boxes for each step of a height x width latent; the drawn offsets go to `offsets`."""
+
     def boxes_for_step(i: int) -> list[Box]:
         dy, dx = step_offset(i, config, generator)
         offsets.append((dy, dx))

@@ -28,7 +28,10 @@ def random_crop_box(w: int, h: int, dst_w: int, dst_h: int, rng: random.Random) 
 
 
 def resize_cover_crop(
-    img: Image.Image, dst_w: int, dst_h: int, rng: random.Random | None = None,
+    img: Image.Image,
+    dst_w: int,
+    dst_h: int,
+    rng: random.Random | None = None,
     resample: Image.Resampling = Image.Resampling.LANCZOS,
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Resize to cover dst (keeping aspect), then crop: centred, or at a random place when
@@ -70,8 +73,14 @@ class CoverCanvas:
     canvas needs (the upscaler's low-res image of a large input) is to be shrunk first,
     antialiased: `shrunk_for`."""
 
-    def __init__(self, source, width: int, height: int, box: tuple[float, float, float, float] | None = None,
-                 scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        source,
+        width: int,
+        height: int,
+        box: tuple[float, float, float, float] | None = None,
+        scale: float = 1.0,
+    ) -> None:
         self.source = source
         _, _, sh, sw = source.shape
         x0, y0, x1, y1 = box or (0.0, 0.0, width * scale, height * scale)
@@ -88,19 +97,27 @@ class CoverCanvas:
         import torch.nn.functional as F
 
         _, _, sh, sw = self.source.shape
-        u = (xs * self.scale - self.x0) / self.k + self.cx  # align_corners=False: -1/+1 = the source's outer edges
+        u = (
+            xs * self.scale - self.x0
+        ) / self.k + self.cx  # align_corners=False: -1/+1 = the source's outer edges
         v = (ys * self.scale - self.y0) / self.k + self.cy
         grid = torch.stack(torch.meshgrid(u / sw * 2 - 1, v / sh * 2 - 1, indexing="xy"), dim=-1)[None]
-        out = F.grid_sample(self.source.float(), grid.to(self.source.device, torch.float32), mode="bicubic",
-                            padding_mode="reflection", align_corners=False)
+        out = F.grid_sample(
+            self.source.float(),
+            grid.to(self.source.device, torch.float32),
+            mode="bicubic",
+            padding_mode="reflection",
+            align_corners=False,
+        )
         return out.clamp(-1, 1).to(self.source.dtype)
 
     def region(self, y0: int, y1: int, x0: int, x1: int):
         """Canvas pixels [y0, y1) x [x0, x1)."""
         import torch
 
-        return self._sample(torch.arange(y0, y1, dtype=torch.float64) + 0.5,
-                            torch.arange(x0, x1, dtype=torch.float64) + 0.5)
+        return self._sample(
+            torch.arange(y0, y1, dtype=torch.float64) + 0.5, torch.arange(x0, x1, dtype=torch.float64) + 0.5
+        )
 
     def whole(self):
         _, _, h, w = self.shape
@@ -111,12 +128,19 @@ class CoverCanvas:
         import torch
 
         _, _, H, W = self.shape
-        return self._sample((torch.arange(height, dtype=torch.float64) + 0.5) * H / height,
-                            (torch.arange(width, dtype=torch.float64) + 0.5) * W / width)
+        return self._sample(
+            (torch.arange(height, dtype=torch.float64) + 0.5) * H / height,
+            (torch.arange(width, dtype=torch.float64) + 0.5) * W / width,
+        )
 
 
-def shrunk_for(image: Image.Image, width: int, height: int, box: tuple[float, float, float, float] | None = None,
-               scale: float = 1.0) -> Image.Image:
+def shrunk_for(
+    image: Image.Image,
+    width: int,
+    height: int,
+    box: tuple[float, float, float, float] | None = None,
+    scale: float = 1.0,
+) -> Image.Image:
     """`image`, shrunk (LANCZOS, antialiased) to the resolution a `CoverCanvas` of these
     arguments samples it at, when that is smaller than the image; else the image itself
     (bicubic sampling enlarges well, but aliases when it shrinks)."""
@@ -124,8 +148,9 @@ def shrunk_for(image: Image.Image, width: int, height: int, box: tuple[float, fl
     k = max((x1 - x0) / image.width, (y1 - y0) / image.height) / scale  # canvas pixels per image pixel
     if k >= 1:
         return image
-    return image.resize((max(1, math.ceil(image.width * k)), max(1, math.ceil(image.height * k))),
-                        Image.Resampling.LANCZOS)
+    return image.resize(
+        (max(1, math.ceil(image.width * k)), max(1, math.ceil(image.height * k))), Image.Resampling.LANCZOS
+    )
 
 
 def input_view(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -26,8 +26,10 @@ def _vips():
     try:
         import pyvips
     except (ImportError, OSError) as exc:  # OSError: the package is there, libvips is not
-        raise RuntimeError("large outputs need libvips: pip install 'pyvips[binary]' (the binary wheel ships "
-                           f"libvips; no system package needed): {exc}") from exc
+        raise RuntimeError(
+            "large outputs need libvips: pip install 'pyvips[binary]' (the binary wheel ships "
+            f"libvips; no system package needed): {exc}"
+        ) from exc
     return pyvips
 
 
@@ -68,8 +70,16 @@ def write_tiff(pixels: np.ndarray, path: str | Path) -> None:
     """A tiled (256 px), deflate-compressed, pyramidal TIFF; BigTIFF (64-bit offsets) when the
     pixels alone pass 3.5 GB. libvips needs a seekable file, so this writes a local path."""
     h, w, _ = pixels.shape
-    vips_image(pixels).tiffsave(str(path), tile=True, tile_width=256, tile_height=256, pyramid=True,
-                                compression="deflate", predictor="horizontal", bigtiff=h * w * 3 > 3_500_000_000)
+    vips_image(pixels).tiffsave(
+        str(path),
+        tile=True,
+        tile_width=256,
+        tile_height=256,
+        pyramid=True,
+        compression="deflate",
+        predictor="horizontal",
+        bigtiff=h * w * 3 > 3_500_000_000,
+    )
 
 
 @dataclass(frozen=True)
@@ -89,24 +99,39 @@ class DeepZoom:
 
     def tile_source(self, files_url: str) -> dict[str, Any]:
         """The DZI descriptor as OpenSeadragon's inline tile source (no request for the .dzi)."""
-        return {"Image": {"xmlns": "http://schemas.microsoft.com/deepzoom/2008", "Url": files_url,
-                          "Format": self.format, "Overlap": str(self.overlap), "TileSize": str(self.tile_size),
-                          "Size": {"Width": str(self.width), "Height": str(self.height)}}}
+        return {
+            "Image": {
+                "xmlns": "http://schemas.microsoft.com/deepzoom/2008",
+                "Url": files_url,
+                "Format": self.format,
+                "Overlap": str(self.overlap),
+                "TileSize": str(self.tile_size),
+                "Size": {"Width": str(self.width), "Height": str(self.height)},
+            }
+        }
 
 
 def read_dzi(text: str | bytes) -> DeepZoom:
     root = ET.fromstring(text)
     size = next(el for el in root if el.tag.endswith("Size"))
-    return DeepZoom(int(size.get("Width")), int(size.get("Height")), int(root.get("TileSize")),
-                    int(root.get("Overlap")), root.get("Format"))
+    return DeepZoom(
+        int(size.get("Width")),
+        int(size.get("Height")),
+        int(root.get("TileSize")),
+        int(root.get("Overlap")),
+        root.get("Format"),
+    )
 
 
-def write_deep_zoom(pixels: np.ndarray, folder: str | Path, name: str, quality: int = DZI_QUALITY) -> DeepZoom:
+def write_deep_zoom(
+    pixels: np.ndarray, folder: str | Path, name: str, quality: int = DZI_QUALITY
+) -> DeepZoom:
     """`<folder>/<name>.dzi` and `<folder>/<name>_files/<level>/<col>_<row>.jpeg`."""
     base = Path(folder) / name
     base.parent.mkdir(parents=True, exist_ok=True)
-    vips_image(pixels).dzsave(str(base), tile_size=DZI_TILE, overlap=1, suffix=f".jpeg[Q={quality}]",
-                              layout="dz", keep="none")
+    vips_image(pixels).dzsave(
+        str(base), tile_size=DZI_TILE, overlap=1, suffix=f".jpeg[Q={quality}]", layout="dz", keep="none"
+    )
     (base.parent / f"{base.name}_files" / "vips-properties.xml").unlink(missing_ok=True)  # libvips' own notes
     return read_dzi((base.parent / f"{base.name}.dzi").read_bytes())
 

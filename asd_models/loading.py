@@ -88,7 +88,9 @@ def load_components(source: str | Path) -> SDComponents:
     """
     src = str(source)
     path = Path(src).expanduser()
-    looks_like_path = path.exists() or src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1
+    looks_like_path = (
+        path.exists() or src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1
+    )
     if looks_like_path:
         _check_folder(path)
         base, kw = str(path), {}

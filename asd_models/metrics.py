@@ -70,8 +70,13 @@ def random_patches(images: list[np.ndarray], size: int, per_image: int, seed: in
         h, w = t.shape[1:]
         if min(h, w) < size:
             s = size / min(h, w)
-            t = F.interpolate(t[None], size=(max(size, round(h * s)), max(size, round(w * s))),
-                              mode="bilinear", align_corners=False, antialias=True)[0]
+            t = F.interpolate(
+                t[None],
+                size=(max(size, round(h * s)), max(size, round(w * s))),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )[0]
             h, w = t.shape[1:]
         for _ in range(per_image):
             y = int(rng.integers(0, h - size + 1))
@@ -100,16 +105,22 @@ class _Precomputed(torch.nn.Module):
         return x
 
 
-def inception_features(images: torch.Tensor, features: InceptionFeatures, batch_size: int = 16) -> torch.Tensor:
+def inception_features(
+    images: torch.Tensor, features: InceptionFeatures, batch_size: int = 16
+) -> torch.Tensor:
     """N x 2048 features of N x 3 x H x W images in [0, 1], `batch_size` at a time."""
     return torch.cat([features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def scores_from_features(real: torch.Tensor, fake: torch.Tensor, seed: int, patch_size: int) -> DistributionScores:
+def scores_from_features(
+    real: torch.Tensor, fake: torch.Tensor, seed: int, patch_size: int
+) -> DistributionScores:
     """FID and KID from features computed anywhere (one process, or batches on many workers,
     concatenated in a fixed order): the statistics are the same whoever computed them."""
     if len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated")
+        raise ValueError(
+            f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated"
+        )
     subset = min(len(real), len(fake), 1000)
     fid = FrechetInceptionDistance(feature=_Precomputed())
     kid = KernelInceptionDistance(feature=_Precomputed(), subset_size=subset, subsets=50)
@@ -119,18 +130,30 @@ def scores_from_features(real: torch.Tensor, fake: torch.Tensor, seed: int, patc
     with torch.random.fork_rng(devices=[]):  # KID's subsets draw from the global RNG: seed a fork of it
         torch.manual_seed(seed)
         k_mean, k_std = kid.compute()
-    return DistributionScores(float(fid.compute()), float(k_mean), float(k_std), len(real), len(fake), patch_size, seed)
+    return DistributionScores(
+        float(fid.compute()), float(k_mean), float(k_std), len(real), len(fake), patch_size, seed
+    )
 
 
 def fid_kid(
-    real: torch.Tensor, fake: torch.Tensor, features: InceptionFeatures, seed: int, patch_size: int,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    features: InceptionFeatures,
+    seed: int,
+    patch_size: int,
     batch_size: int = 16,
 ) -> DistributionScores:
     """FID and KID between two sets of N x 3 x H x W images in [0, 1]."""
     if len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated")
-    return scores_from_features(inception_features(real, features, batch_size),
-                                inception_features(fake, features, batch_size), seed, patch_size)
+        raise ValueError(
+            f"FID/KID need at least 2 images per side, got {len(real)} real, {len(fake)} generated"
+        )
+    return scores_from_features(
+        inception_features(real, features, batch_size),
+        inception_features(fake, features, batch_size),
+        seed,
+        patch_size,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,8 +162,10 @@ def _clip(model_id: str) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        return (CLIPModel.from_pretrained(model_id, local_files_only=True).eval(),
-                CLIPProcessor.from_pretrained(model_id, local_files_only=True))
+        return (
+            CLIPModel.from_pretrained(model_id, local_files_only=True).eval(),
+            CLIPProcessor.from_pretrained(model_id, local_files_only=True),
+        )
     except OSError as exc:
         raise MetricWeightsMissing(
             f"CLIP score needs the CLIP model {model_id!r} on disk (local folder or HF cache); it is not there"

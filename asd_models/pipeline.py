@@ -87,7 +87,9 @@ class AnySizeResult:
     seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
     fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps
     unet_evals: int = 0  # UNet samples evaluated for this image, both stages (guidance counts twice)
-    piece_shapes: str = "exact"  # how stage 2's pieces grew before the UNet ran them (asd_models.fstd.PIECE_SHAPES)
+    piece_shapes: str = (
+        "exact"  # how stage 2's pieces grew before the UNet ran them (asd_models.fstd.PIECE_SHAPES)
+    )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -126,14 +128,19 @@ class AnySizePipeline:
     memmap_pixels = 64_000_000  # larger outputs are decoded straight into a file on disk
     vae_whole_below = 256 * 256  # latents up to this many pixels go through the VAE in one piece
 
-    def __init__(self, components: SDComponents, buckets: list[Bucket] | None = None,
-                 upscaler: SDComponents | None = None) -> None:
+    def __init__(
+        self,
+        components: SDComponents,
+        buckets: list[Bucket] | None = None,
+        upscaler: SDComponents | None = None,
+    ) -> None:
         self.c = components
         self.upscaler = upscaler
         # scheduler configs only: every call builds its own schedulers (they hold per-run state)
         self.scheduler_config = DDIMScheduler.from_config(components.scheduler.config).config
-        self.upscale_scheduler_config = (DDIMScheduler.from_config(upscaler.scheduler.config).config
-                                         if upscaler is not None else None)
+        self.upscale_scheduler_config = (
+            DDIMScheduler.from_config(upscaler.scheduler.config).config if upscaler is not None else None
+        )
         self.buckets = buckets or asd_buckets(
             base=components.unet.config.sample_size * components.vae_scale_factor,
             step=components.vae_scale_factor * components.unet_multiple,
@@ -144,8 +151,9 @@ class AnySizePipeline:
                     m.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, buckets: list[Bucket] | None = None,
-                        upscaler: str | Path | None = None) -> AnySizePipeline:
+    def from_pretrained(
+        cls, source: str | Path, buckets: list[Bucket] | None = None, upscaler: str | Path | None = None
+    ) -> AnySizePipeline:
         """Load components; use the model's training buckets (`buckets.json`) when it has them.
         `upscaler`: an SD-x4-upscaler-style model for stage 2 instead of img2img."""
         listed = Path(source) / "buckets.json"
@@ -162,10 +170,13 @@ class AnySizePipeline:
     def dtype(self) -> torch.dtype:
         return self.c.unet.dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnySizePipeline:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> AnySizePipeline:
         """Move every model to `device` in `dtype` (as diffusers pipelines). In fp16 a VAE whose
         config asks for it (`force_upcast`, as SD's: its decoder overflows in fp16) runs in bf16
         where the device has it (fp32's exponent range at half the bytes), else in fp32."""
+
         def move(m: torch.nn.Module, want: torch.dtype | None) -> None:
             # only what changes: diffusers warns on every dtype cast, even a no-op one
             if want is not None and want != m.dtype:
@@ -179,17 +190,26 @@ class AnySizePipeline:
             for m in (c.unet, c.text_encoder):
                 move(m, dtype)
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
-            move(c.vae, _vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
-                 if upcast else dtype)
+            move(
+                c.vae,
+                _vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
+                if upcast
+                else dtype,
+            )
             if c.unet.device.type == "cuda":  # tensor cores read NHWC convolutions without transposes
                 for m in (c.unet, c.vae):
                     m.to(memory_format=torch.channels_last)
         return self
 
     # -- pieces --------------------------------------------------------------------------------
-    def default_sampler(self, name: str = FSTD.name, tile: int | None = None,
-                        tile_batch_size: int | None = None, salt: int = 0, pieces: str | None = None
-                        ) -> TiledSampler:
+    def default_sampler(
+        self,
+        name: str = FSTD.name,
+        tile: int | None = None,
+        tile_batch_size: int | None = None,
+        salt: int = 0,
+        pieces: str | None = None,
+    ) -> TiledSampler:
         """Stage 2's sampler (`asd_models.samplers`) at the UNet's native size (or `tile`), on the
         UNet's down-sampling lattice; `tile_batch_size` None: from free GPU memory on a GPU, 8 on
         the CPU. `salt`: the job's offset salt (every image of a job shifts alike, so a pack of
@@ -205,12 +225,18 @@ class AnySizePipeline:
         return self.c.vae_scale_factor * self.c.unet_multiple
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, negative_prompt: str = "", c: SDComponents | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str = "", c: SDComponents | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         c = c or self.c
         tok = c.tokenizer
-        ids = tok([prompt, negative_prompt], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(c.text_encoder.device)
+        ids = tok(
+            [prompt, negative_prompt],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(c.text_encoder.device)
         emb = c.text_encoder(ids)[0]
         return emb[:1], emb[1:]
 
@@ -252,35 +278,68 @@ class AnySizePipeline:
         scheduler.set_timesteps(r.req.steps)
         latents = latents * scheduler.init_noise_sigma
         whole = [(0, 0, shape[2], shape[3])]
-        return TiledJob(latents, scheduler, scheduler.timesteps, r.cond, r.uncond, r.req.guidance_scale,
-                        lambda i: whole, r.generator, "uniform", progress=progress, partition=True)
+        return TiledJob(
+            latents,
+            scheduler,
+            scheduler.timesteps,
+            r.cond,
+            r.uncond,
+            r.req.guidance_scale,
+            lambda i: whole,
+            r.generator,
+            "uniform",
+            progress=progress,
+            partition=True,
+        )
 
-    def _stage2_job(self, r: _Render, image: Image.Image, sampler: TiledSampler, vae_tile: int,
-                    progress: Callable | None, memmap_pixels: int) -> TiledJob:
+    def _stage2_job(
+        self,
+        r: _Render,
+        image: Image.Image,
+        sampler: TiledSampler,
+        vae_tile: int,
+        progress: Callable | None,
+        memmap_pixels: int,
+    ) -> TiledJob:
         """FSTD on a canvas covering the target (sides multiples of the UNet's pixel multiple)."""
         up, req = self.upscaler, r.req
         m = (up.vae_scale_factor * up.unet_multiple) if up else self.pixel_multiple
         cw, ch = -(-req.width // m) * m, -(-req.height // m) * m
         r.canvas = (cw, ch)
-        r.box = ((cw - req.width) // 2, (ch - req.height) // 2, (cw - req.width) // 2 + req.width,
-                 (ch - req.height) // 2 + req.height)
+        r.box = (
+            (cw - req.width) // 2,
+            (ch - req.height) // 2,
+            (cw - req.width) // 2 + req.width,
+            (ch - req.height) // 2 + req.height,
+        )
         if up is not None:
             return self._upscaler_job(r, image, sampler, progress)
         # the box (what is kept) shows the image exactly; the margin up to the canvas continues it
         canvas: torch.Tensor | CoverCanvas = CoverCanvas(
-            pil_to_tensor_m11(shrunk_for(image, cw, ch, r.box)).to(self.device), cw, ch, r.box)
+            pil_to_tensor_m11(shrunk_for(image, cw, ch, r.box)).to(self.device), cw, ch, r.box
+        )
         if cw * ch <= memmap_pixels:  # else enlarged tile by tile as the encoder asks for it: never whole
             canvas = canvas.whole()
-        x0 = tiled_encode(self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below)
+        x0 = tiled_encode(
+            self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below
+        )
         if isinstance(canvas, CoverCanvas) and x0.device.type == "cpu":  # once, not per tile: each costs
             release_free_heap()  # time, and the decode's peak, not the encode's, is the job's
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(req.steps)
-        timesteps = scheduler.timesteps[img2img_start(req.steps, req.strength):]
+        timesteps = scheduler.timesteps[img2img_start(req.steps, req.strength) :]
         noise = self._noise(tuple(x0.shape), r.generator)
         latents = scheduler.add_noise(x0, noise, timesteps[:1])
-        job, r.plan = sampler.job(latents, scheduler, timesteps, r.cond, r.uncond, req.guidance_scale, r.generator,
-                                  progress=progress)
+        job, r.plan = sampler.job(
+            latents,
+            scheduler,
+            timesteps,
+            r.cond,
+            r.uncond,
+            req.guidance_scale,
+            r.generator,
+            progress=progress,
+        )
         return job
 
     def upscaler_sampler(self, sampler: TiledSampler) -> TiledSampler:
@@ -288,15 +347,17 @@ class AnySizePipeline:
         up = self.upscaler
         return sampler.at_tile(up.unet.config.sample_size, up.unet_multiple).on_unet(up.unet)
 
-    def _upscaler_job(self, r: _Render, image: Image.Image, sampler: TiledSampler, progress: Callable | None
-                      ) -> TiledJob:
+    def _upscaler_job(
+        self, r: _Render, image: Image.Image, sampler: TiledSampler, progress: Callable | None
+    ) -> TiledJob:
         """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
         the latent; FSTD denoises from pure noise at the upscaler's latent size."""
         up, req = self.upscaler, r.req
         f = up.vae_scale_factor
         cw, ch = r.canvas
-        low_t = CoverCanvas(pil_to_tensor_m11(shrunk_for(image, cw // f, ch // f, r.box, f)), cw // f, ch // f,
-                            r.box, scale=f).whole()
+        low_t = CoverCanvas(
+            pil_to_tensor_m11(shrunk_for(image, cw // f, ch // f, r.box, f)), cw // f, ch // f, r.box, scale=f
+        ).whole()
         level = torch.tensor([req.noise_level], dtype=torch.long)
         low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=r.generator), level)
         cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt, up)
@@ -305,15 +366,29 @@ class AnySizePipeline:
         latents = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
         latents = latents * scheduler.init_noise_sigma
         job, r.plan = self.upscaler_sampler(sampler).job(
-            latents, scheduler, scheduler.timesteps, cond, uncond, req.guidance_scale, r.generator,
-            condition=low_t.to(self.device), unet_kwargs={"class_labels": level.to(self.device)}, progress=progress)
+            latents,
+            scheduler,
+            scheduler.timesteps,
+            cond,
+            uncond,
+            req.guidance_scale,
+            r.generator,
+            condition=low_t.to(self.device),
+            unet_kwargs={"class_labels": level.to(self.device)},
+            progress=progress,
+        )
         return job
 
     @torch.no_grad()
-    def generate_many(self, requests: list[RenderRequest], sampler: TiledSampler | None = None,
-                      progress: BatchProgress | None = None, vae_tile: int = 64,
-                      memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None
-                      ) -> list[AnySizeResult]:
+    def generate_many(
+        self,
+        requests: list[RenderRequest],
+        sampler: TiledSampler | None = None,
+        progress: BatchProgress | None = None,
+        vae_tile: int = 64,
+        memmap_pixels: int | None = None,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> list[AnySizeResult]:
         """Render every request at exactly its width x height. The requests advance through
         their steps together (stage 1, then stage 2 with `sampler`, default FSTD), tiles of one
         shape from all of them sharing UNet calls of up to `sampler.tile_batch_size` tiles. vae_tile: tiled VAE tile in
@@ -336,10 +411,20 @@ class AnySizePipeline:
         renders = []
         for req in requests:
             cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
-            renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
-                                   nearest_bucket(req.width, req.height, self.buckets)))
-        jobs = sample_jobs(self.c.unet, [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
-                           sampler.tile_batch_size)
+            renders.append(
+                _Render(
+                    req,
+                    torch.Generator().manual_seed(req.seed),
+                    cond,
+                    uncond,
+                    nearest_bucket(req.width, req.height, self.buckets),
+                )
+            )
+        jobs = sample_jobs(
+            self.c.unet,
+            [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
+            sampler.tile_batch_size,
+        )
         images = []
         for r, job in zip(renders, jobs, strict=True):
             r.unet_evals += job.unet_tiles
@@ -348,10 +433,17 @@ class AnySizePipeline:
         return self._stage2_many(renders, images, sampler, report, vae_tile, memmap_pixels, stage)
 
     @torch.no_grad()
-    def upscale_many(self, requests: list[RenderRequest], images: list[Image.Image],
-                     sampler: TiledSampler | None = None, progress: BatchProgress | None = None, vae_tile: int = 64,
-                     memmap_pixels: int | None = None, on_stage: Callable[[str], None] | None = None,
-                     fidelity: str = "backproject") -> list[AnySizeResult]:
+    def upscale_many(
+        self,
+        requests: list[RenderRequest],
+        images: list[Image.Image],
+        sampler: TiledSampler | None = None,
+        progress: BatchProgress | None = None,
+        vae_tile: int = 64,
+        memmap_pixels: int | None = None,
+        on_stage: Callable[[str], None] | None = None,
+        fidelity: str = "backproject",
+    ) -> list[AnySizeResult]:
         """Stage 2 alone on existing images (ASD-upscale): each image enlarged to cover its
         request's exact width x height, re-noised to `strength` and denoised with `sampler`
         (default FSTD) under the request's prompt, or, with an upscaler, denoised from noise with
@@ -373,21 +465,38 @@ class AnySizePipeline:
         renders = []
         for req in requests:
             cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
-            renders.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond,
-                                   nearest_bucket(req.width, req.height, self.buckets)))
-        results = self._stage2_many(renders, [im.convert("RGB") for im in images], sampler, report, vae_tile,
-                                    memmap_pixels, stage)
+            renders.append(
+                _Render(
+                    req,
+                    torch.Generator().manual_seed(req.seed),
+                    cond,
+                    uncond,
+                    nearest_bucket(req.width, req.height, self.buckets),
+                )
+            )
+        results = self._stage2_many(
+            renders, [im.convert("RGB") for im in images], sampler, report, vae_tile, memmap_pixels, stage
+        )
         for res, image in zip(results, images, strict=True):
             FIDELITY[fidelity](res.pixels, image)
         return results
 
-    def _stage2_many(self, renders: list[_Render], images: list[Image.Image], sampler: TiledSampler,
-                     report: Callable[[int, str], Callable | None], vae_tile: int, memmap_pixels: int,
-                     stage: Callable[[str], None]) -> list[AnySizeResult]:
+    def _stage2_many(
+        self,
+        renders: list[_Render],
+        images: list[Image.Image],
+        sampler: TiledSampler,
+        report: Callable[[int, str], Callable | None],
+        vae_tile: int,
+        memmap_pixels: int,
+        stage: Callable[[str], None],
+    ) -> list[AnySizeResult]:
         """FSTD: every request's image enlarged to its canvas, re-noised, denoised together, decoded."""
         stage("canvas")
-        jobs = [self._stage2_job(r, img, sampler, vae_tile, report(i, "fstd"), memmap_pixels)
-                for i, (r, img) in enumerate(zip(renders, images, strict=True))]
+        jobs = [
+            self._stage2_job(r, img, sampler, vae_tile, report(i, "fstd"), memmap_pixels)
+            for i, (r, img) in enumerate(zip(renders, images, strict=True))
+        ]
         del images
         stage("fstd")
         sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, sampler.tile_batch_size)
@@ -399,30 +508,65 @@ class AnySizePipeline:
         stage("done")
         return results
 
-    def _finish(self, r: _Render, job: TiledJob, sampler: TiledSampler, vae_tile: int, memmap_pixels: int
-                ) -> AnySizeResult:
+    def _finish(
+        self, r: _Render, job: TiledJob, sampler: TiledSampler, vae_tile: int, memmap_pixels: int
+    ) -> AnySizeResult:
         up, req = self.upscaler, r.req
         vae = up.vae if up else self.c.vae
         out = self._output_array(req.width, req.height, memmap_pixels)
-        final = tiled_decode(vae, job.latents, tile=vae_tile, out=out, crop=r.box, whole_below=self.vae_whole_below,
-                             release_heap=isinstance(out, np.memmap))
+        final = tiled_decode(
+            vae,
+            job.latents,
+            tile=vae_tile,
+            out=out,
+            crop=r.box,
+            whole_below=self.vae_whole_below,
+            release_heap=isinstance(out, np.memmap),
+        )
         f2 = up.vae_scale_factor if up else self.c.vae_scale_factor
         tile_px = (up.unet.config.sample_size if up else sampler.tile) * f2
         return AnySizeResult(
-            pixels=final, bucket=r.bucket, canvas=r.canvas, tile_px=tile_px,
-            seam_lines={"x": grid_lines(req.width, tile_px, r.box[0]), "y": grid_lines(req.height, tile_px, r.box[1])},
-            fstd_tiles=r.plan.tiles if r.plan else 0, unet_evals=r.unet_evals,
+            pixels=final,
+            bucket=r.bucket,
+            canvas=r.canvas,
+            tile_px=tile_px,
+            seam_lines={
+                "x": grid_lines(req.width, tile_px, r.box[0]),
+                "y": grid_lines(req.height, tile_px, r.box[1]),
+            },
+            fstd_tiles=r.plan.tiles if r.plan else 0,
+            unet_evals=r.unet_evals,
             piece_shapes="bucketed" if job.run_sizes else "exact",
         )
 
     @torch.no_grad()
-    def __call__(self, prompt: str, width: int, height: int, num_inference_steps: int = 20,
-                 guidance_scale: float = 5.0, strength: float = 0.6, seed: int = 0, sampler: TiledSampler | None = None,
-                 progress: PipelineProgress | None = None, noise_level: int = 20, vae_tile: int = 64,
-                 negative_prompt: str = "") -> AnySizeResult:
+    def __call__(
+        self,
+        prompt: str,
+        width: int,
+        height: int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        strength: float = 0.6,
+        seed: int = 0,
+        sampler: TiledSampler | None = None,
+        progress: PipelineProgress | None = None,
+        noise_level: int = 20,
+        vae_tile: int = 64,
+        negative_prompt: str = "",
+    ) -> AnySizeResult:
         """Render `prompt` at exactly `width` x `height` (one request of `generate_many`)."""
-        req = RenderRequest(prompt, width, height, seed, negative_prompt, num_inference_steps, guidance_scale,
-                            strength, noise_level)
+        req = RenderRequest(
+            prompt,
+            width,
+            height,
+            seed,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            strength,
+            noise_level,
+        )
         report = (lambda i, stage, s, n, d, t: progress(stage, s, n, d, t)) if progress else None
         return self.generate_many([req], sampler, report, vae_tile)[0]
 

@@ -59,8 +59,9 @@ class TiledSampler:
     size_multiple: int | None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> TiledSampler:
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> TiledSampler:
         """The method with its default settings at this tile (the one constructor shape the
         pipeline and the benches use); `salt`: a job-level salt for methods that draw offsets."""
         raise NotImplementedError
@@ -81,8 +82,9 @@ class TiledSampler:
             try:
                 values[k] = self.options[k](v)
             except ValueError:
-                raise ValueError(f"sampler {self.name}: option {k} must be {self.options[k].__name__}, "
-                                 f"got {v!r}") from None
+                raise ValueError(
+                    f"sampler {self.name}: option {k} must be {self.options[k].__name__}, got {v!r}"
+                ) from None
         return self._replace_options(values) if values else self
 
     def _replace_options(self, values: dict[str, Any]) -> TiledSampler:
@@ -99,16 +101,37 @@ class TiledSampler:
         recorded with every image it renders."""
         return "bucketed" if self.run_sizes else "exact"
 
-    def job(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, cond: torch.Tensor,
-            uncond: torch.Tensor | None, guidance_scale: float, generator: torch.Generator,
-            **kwargs: Any) -> tuple[TiledJob, BoxPlan]:
+    def job(
+        self,
+        latents: torch.Tensor,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance_scale: float,
+        generator: torch.Generator,
+        **kwargs: Any,
+    ) -> tuple[TiledJob, BoxPlan]:
         """One latent as a job of the shared loop (`sample_jobs`) with this sampler's boxes and
         geometry, and the plan that counts its tiles; `kwargs`: condition, unet_kwargs, progress."""
         _, _, height, width = latents.shape
         plan = self.boxes(height, width, generator)
-        job = TiledJob(latents, scheduler, timesteps, cond, uncond, guidance_scale, plan, generator, self.weighting,
-                       size_multiple=self.size_multiple or 1, run_sizes=self.run_sizes, partition=self.partition,
-                       covers_all=self.covers_all, **kwargs)
+        job = TiledJob(
+            latents,
+            scheduler,
+            timesteps,
+            cond,
+            uncond,
+            guidance_scale,
+            plan,
+            generator,
+            self.weighting,
+            size_multiple=self.size_multiple or 1,
+            run_sizes=self.run_sizes,
+            partition=self.partition,
+            covers_all=self.covers_all,
+            **kwargs,
+        )
         return job, plan
 
     def on_unet(self, unet: torch.nn.Module) -> TiledSampler:
@@ -116,8 +139,10 @@ class TiledSampler:
         m = unet_size_multiple(unet)
         size = self.size_multiple if self.size_multiple is not None else m
         if self.tile % m or size % m:
-            raise ValueError(f"{self.name}: tile {self.tile} and size_multiple {size} must be multiples of this "
-                             f"UNet's size multiple {m}")
+            raise ValueError(
+                f"{self.name}: tile {self.tile} and size_multiple {size} must be multiples of this "
+                f"UNet's size multiple {m}"
+            )
         return self if size == self.size_multiple else replace(self, size_multiple=size)  # type: ignore[type-var]
 
     def at_tile(self, tile: int, size_multiple: int | None) -> TiledSampler:
@@ -140,8 +165,13 @@ class FSTD(TiledSampler):
 
     name: ClassVar[str] = "fstd"
     weighting: ClassVar[str] = "gaussian"
-    options: ClassVar[dict[str, type]] = {"mode": str, "shift_range": int, "reset_every": int, "min_piece": int,
-                                          "offset_multiple": int}
+    options: ClassVar[dict[str, type]] = {
+        "mode": str,
+        "shift_range": int,
+        "reset_every": int,
+        "min_piece": int,
+        "offset_multiple": int,
+    }
     config: FSTDConfig = FSTDConfig()
 
     def _replace_options(self, values: dict[str, Any]) -> FSTD:
@@ -150,9 +180,12 @@ class FSTD(TiledSampler):
         return replace(self, config=replace(self.config, **values))
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> FSTD:
-        return cls(FSTDConfig(tile=tile, tile_batch_size=tile_batch_size, size_multiple=size_multiple, salt=salt))
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> FSTD:
+        return cls(
+            FSTDConfig(tile=tile, tile_batch_size=tile_batch_size, size_multiple=size_multiple, salt=salt)
+        )
 
     def with_pieces(self, pieces: str | None) -> FSTD:
         """The same sampler with its pieces grown `pieces` (None: from the UNet's device)."""
@@ -195,7 +228,9 @@ class FSTD(TiledSampler):
     def at_tile(self, tile: int, size_multiple: int | None) -> FSTD:
         c = self.config  # the shift range and the thin-piece limit scale with the tile
         shift = None if c.shift_range is None else c.shift_range * tile // c.tile
-        return replace(self, config=replace(c, tile=tile, size_multiple=size_multiple, shift_range=shift, min_piece=None))
+        return replace(
+            self, config=replace(c, tile=tile, size_multiple=size_multiple, shift_range=shift, min_piece=None)
+        )
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
         return BoxPlan(fstd_boxes(height, width, self.config, generator, []))
@@ -211,9 +246,12 @@ class Official(FSTD):
     config: FSTDConfig = FSTDConfig.official()
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> Official:
-        return cls(replace(FSTDConfig.official(tile, tile_batch_size), size_multiple=size_multiple, salt=salt))
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> Official:
+        return cls(
+            replace(FSTDConfig.official(tile, tile_batch_size), size_multiple=size_multiple, salt=salt)
+        )
 
 
 @dataclass(frozen=True)
@@ -227,8 +265,9 @@ class Naive(TiledSampler):
     size_multiple: int | None = None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> Naive:
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> Naive:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
@@ -253,8 +292,9 @@ class MultiDiffusion(TiledSampler):
             raise ValueError(f"{self.name}: stride must be in [1, tile={self.tile}], got {self.stride}")
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> MultiDiffusion:
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> MultiDiffusion:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
@@ -281,16 +321,18 @@ class Full(TiledSampler):
     size_multiple: int | None = None
 
     @classmethod
-    def make(cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-             salt: int | None = None) -> Full:
+    def make(
+        cls, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+    ) -> Full:
         return cls(tile, tile_batch_size, size_multiple)
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
         return BoxPlan(lambda step: [(0, 0, height, width)])
 
 
-SAMPLERS: dict[str, type[TiledSampler]] = {cls.name: cls for cls in (FSTD, Official, Naive, MultiDiffusion,
-                                                                      Mixture, Full)}
+SAMPLERS: dict[str, type[TiledSampler]] = {
+    cls.name: cls for cls in (FSTD, Official, Naive, MultiDiffusion, Mixture, Full)
+}
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 
@@ -307,8 +349,9 @@ def parse_sampler_options(text: str) -> dict[str, str]:
     return out
 
 
-def sampler_named(name: str, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None,
-                  salt: int | None = None) -> TiledSampler:
+def sampler_named(
+    name: str, tile: int, tile_batch_size: int = 8, size_multiple: int | None = None, salt: int | None = None
+) -> TiledSampler:
     """The sampler called `name` with its defaults at this tile; an unknown name says the known ones."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLER_NAMES)}")
@@ -316,9 +359,18 @@ def sampler_named(name: str, tile: int, tile_batch_size: int = 8, size_multiple:
 
 
 @torch.no_grad()
-def sample_with(sampler: TiledSampler, unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
-                timesteps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                guidance_scale: float = 1.0, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+def sample_with(
+    sampler: TiledSampler,
+    unet: torch.nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
     """Denoise one latent (1 x C x H x W) with `sampler` (put on the UNet's lattice) through the
     shared loop; `kwargs`: condition, unet_kwargs, progress (see `TiledJob`)."""
     if latents.shape[0] != 1:

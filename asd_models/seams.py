@@ -9,10 +9,15 @@ import numpy as np
 SEAM_PERIOD = 8  # the SD VAE's factor: the lattice seam scores compare tile lines with
 
 
-def seam_scores(image: np.ndarray, xs: list[int], ys: list[int], period: int = SEAM_PERIOD
-                ) -> tuple[float, float, float]:
+def seam_scores(
+    image: np.ndarray, xs: list[int], ys: list[int], period: int = SEAM_PERIOD
+) -> tuple[float, float, float]:
     """`seam_score` over both axes, vertical lines only, horizontal lines only."""
-    return (seam_score(image, xs, ys, period), seam_score(image, xs, [], period), seam_score(image, [], ys, period))
+    return (
+        seam_score(image, xs, ys, period),
+        seam_score(image, xs, [], period),
+        seam_score(image, [], ys, period),
+    )
 
 
 def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1) -> float:
@@ -30,7 +35,10 @@ def seam_score(image: np.ndarray, xs: list[int], ys: list[int], period: int = 1)
     gray = img.mean(axis=2) if img.ndim == 3 else img
     ratios, weights = [], []
     # per axis, since row and column gradients of one image can differ in scale
-    for grad, lines in ((np.abs(np.diff(gray, axis=1)).mean(axis=0), xs), (np.abs(np.diff(gray, axis=0)).mean(axis=1), ys)):
+    for grad, lines in (
+        (np.abs(np.diff(gray, axis=1)).mean(axis=0), xs),
+        (np.abs(np.diff(gray, axis=0)).mean(axis=1), ys),
+    ):
         n = grad.size + 1  # image side
         on = sorted({p for p in lines if 1 <= p < n})
         if not on:
@@ -91,7 +99,9 @@ HEATMAP_MAX_SIDE = 1024  # longest side of a seam heat-map
 HEATMAP_MAX_PIXELS = 64 << 20  # larger images get none (the gradient map would not fit comfortably)
 
 
-def seam_heatmap_rgb(image: np.ndarray, xs: list[int], ys: list[int], max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
+def seam_heatmap_rgb(
+    image: np.ndarray, xs: list[int], ys: list[int], max_side: int = HEATMAP_MAX_SIDE
+) -> np.ndarray:
     """The seam heat-map as an RGB picture (longest side at most `max_side`): `seam_heatmap`
     in the inferno colour map (4x the median gradient and above at full brightness), the tile
     lines `xs`/`ys` marked as cyan ticks on the borders, so the lines themselves stay visible."""

@@ -51,11 +51,16 @@ def tar_stream_samples(stream: Any, max_bytes: int, sample_max_bytes: int) -> It
             if not member.isreg():
                 _problem(sample, f"member {name} is not a regular file (a link or device); not read")
             elif member.size > max_bytes:
-                _problem(sample, f"member {name} is {member.size} bytes, over max_bytes {max_bytes}; not read")
+                _problem(
+                    sample, f"member {name} is {member.size} bytes, over max_bytes {max_bytes}; not read"
+                )
             elif sample.get("__over__") or sample["__bytes__"] + member.size > sample_max_bytes:
                 if not sample.get("__over__"):
-                    _problem(sample, f"sample {printable(key)}: its members total over sample_max_bytes "
-                                     f"{sample_max_bytes} at {name}; none kept")
+                    _problem(
+                        sample,
+                        f"sample {printable(key)}: its members total over sample_max_bytes "
+                        f"{sample_max_bytes} at {name}; none kept",
+                    )
                     for k in [k for k in sample if not k.startswith("__")]:
                         del sample[k]
                     sample["__over__"] = True

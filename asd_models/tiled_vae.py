@@ -81,7 +81,11 @@ def _with_session(vae: nn.Module, session: _StatsSession) -> nn.Module:
     norms = [(name, m) for name, m in twin.named_modules() if isinstance(m, nn.GroupNorm)]
     for index, (name, norm) in enumerate(norms):
         parent_name, _, attr = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, _StatsGroupNorm(norm, index, session))
+        setattr(
+            twin.get_submodule(parent_name) if parent_name else twin,
+            attr,
+            _StatsGroupNorm(norm, index, session),
+        )
     return twin
 
 
@@ -90,10 +94,18 @@ def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_PAD, estimate_size: int = 128,
-                 out: np.ndarray | None = None, crop: tuple[int, int, int, int] | None = None,
-                 progress: Callable[[int, int], None] | None = None, whole_below: int = 0,
-                 release_heap: bool = False) -> np.ndarray:
+def tiled_decode(
+    vae,
+    latents: torch.Tensor,
+    tile: int = 64,
+    pad: int = DECODER_PAD,
+    estimate_size: int = 128,
+    out: np.ndarray | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    whole_below: int = 0,
+    release_heap: bool = False,
+) -> np.ndarray:
     """Decode 1 x C x h x w (scaled) latents tile by tile into an H x W x 3 uint8 array.
 
     `out` may be a preallocated (e.g. memory-mapped) array: very large images go to disk
@@ -133,7 +145,9 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
         cy0, cy1 = max(py0, top), min(py0 + th * f, bottom)
         cx0, cx1 = max(px0, left), min(px0 + tw * f, right)
         if cy1 > cy0 and cx1 > cx0:
-            out[cy0 - top : cy1 - top, cx0 - left : cx1 - left] = core[cy0 - py0 : cy1 - py0, cx0 - px0 : cx1 - px0]
+            out[cy0 - top : cy1 - top, cx0 - left : cx1 - left] = core[
+                cy0 - py0 : cy1 - py0, cx0 - px0 : cx1 - px0
+            ]
         if release_heap and z.device.type == "cpu":
             release_free_heap()
         if progress:
@@ -142,9 +156,15 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, pad: int = DECODER_
 
 
 @torch.no_grad()
-def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: int = ENCODER_PAD,
-                 estimate_size: int = 1024, progress: Callable[[int, int], None] | None = None,
-                 whole_below: int = 0) -> torch.Tensor:
+def tiled_encode(
+    vae,
+    image: torch.Tensor | CoverCanvas,
+    tile: int = 512,
+    pad: int = ENCODER_PAD,
+    estimate_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+    whole_below: int = 0,
+) -> torch.Tensor:
     """Encode 1 x 3 x H x W in [-1, 1] tile by tile to scaled latents (posterior mean).
     H and W must be multiples of the VAE factor; images of at most `whole_below` latent
     pixels are encoded in one piece. `image` may be a `CoverCanvas`, whose pixels are made
@@ -164,8 +184,11 @@ def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: i
     scale = min(1.0, estimate_size / max(H, W))
     if scale < 1:
         sh, sw = max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f)
-        small = (image.resized(sh, sw).to(vae.dtype) if lazy  # type: ignore[union-attr]
-                 else F.interpolate(image, size=(sh, sw), mode="area"))
+        small = (
+            image.resized(sh, sw).to(vae.dtype)
+            if lazy  # type: ignore[union-attr]
+            else F.interpolate(image, size=(sh, sw), mode="area")
+        )
     else:  # the whole input is no larger than the estimate size: its statistics are exact
         small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
     session = _StatsSession()
@@ -180,7 +203,8 @@ def tiled_encode(vae, image: torch.Tensor | CoverCanvas, tile: int = 512, pad: i
         pixels = image.region(y0, y1, x0, x1).to(vae.dtype) if lazy else image[:, :, y0:y1, x0:x1]
         z = encoder.encode(pixels).latent_dist.mean
         latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
-            :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f]
+            :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f
+        ]
         if progress:
             progress(i + 1, len(boxes))
     return latents * vae.config.scaling_factor

@@ -63,8 +63,9 @@ def official_starts(length: int, tile: int, offset: int) -> list[int]:
     return sorted({min(k * tile + offset, length - tile) for k in range(n)})
 
 
-def grid_boxes(height: int, width: int, tile: int, dy: int = 0, dx: int = 0, mode: str = "cropped",
-               min_piece: int = 0) -> list[Box]:
+def grid_boxes(
+    height: int, width: int, tile: int, dy: int = 0, dx: int = 0, mode: str = "cropped", min_piece: int = 0
+) -> list[Box]:
     """Tile boxes of the grid shifted by (dy, dx).
 
     mode "cropped": edge tiles cropped to fit (a partition; no overlap, naive-tiling cost),
@@ -98,7 +99,9 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 def overlap_boxes(height: int, width: int, window: int, stride: int) -> list[Box]:
     th, tw = min(window, height), min(window, width)
-    return [(y, x, th, tw) for y in window_starts(height, th, stride) for x in window_starts(width, tw, stride)]
+    return [
+        (y, x, th, tw) for y in window_starts(height, th, stride) for x in window_starts(width, tw, stride)
+    ]
 
 
 @lru_cache(maxsize=64)
@@ -108,7 +111,7 @@ def gaussian_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor
     def axis(n: int) -> torch.Tensor:
         x = torch.arange(n, dtype=torch.float64)
         mid = (n - 1) / 2
-        return torch.exp(-((x - mid) / n) ** 2 / (2 * var))
+        return torch.exp(-(((x - mid) / n) ** 2) / (2 * var))
 
     return torch.outer(axis(height), axis(width)).float()
 

@@ -45,35 +45,70 @@ def _build_tiny_components(latent_size: int, vae_size: int) -> dict:
     tokenizer = build_tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1, projection_dim=32,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=32,
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8,
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=vae_size, layers_per_block=1,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=vae_size,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
 def save_components(components: dict, folder: str | Path) -> Path:
     """Save in the diffusers Stable Diffusion layout (safetensors only)."""
     pipe = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
@@ -90,19 +125,38 @@ def build_tiny_upscaler_components(seed: int = 0, latent_size: int = 32) -> dict
 
 def _build_tiny_upscaler(base: dict, latent_size: int) -> dict:
     unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=7, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8, num_class_embeds=1000,
+        sample_size=latent_size,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        num_class_embeds=1000,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=128, layers_per_block=1,
-        block_out_channels=(16, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=128,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         scaling_factor=0.08333,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "tokenizer": base["tokenizer"],
-            "scheduler": base["scheduler"], "low_res_scheduler": DDPMScheduler(num_train_timesteps=1000)}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": base["text_encoder"],
+        "tokenizer": base["tokenizer"],
+        "scheduler": base["scheduler"],
+        "low_res_scheduler": DDPMScheduler(num_train_timesteps=1000),
+    }
 
 
 def save_upscaler_components(components: dict, folder: str | Path) -> Path:
@@ -110,9 +164,13 @@ def save_upscaler_components(components: dict, folder: str | Path) -> Path:
     from diffusers import StableDiffusionUpscalePipeline
 
     pipe = StableDiffusionUpscalePipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], low_res_scheduler=components["low_res_scheduler"],
-        scheduler=components["scheduler"], max_noise_level=350,
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        low_res_scheduler=components["low_res_scheduler"],
+        scheduler=components["scheduler"],
+        max_noise_level=350,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)

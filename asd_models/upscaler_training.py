@@ -21,23 +21,43 @@ from asd_models.tiny_model import build_tiny_upscaler_components
 MAX_NOISE_LEVEL = 350  # as the released x4 upscaler's pipeline caps it
 
 
-def fit_tiny_upscaler(images: list[torch.Tensor], captions: list[str], vae_steps: int = 200, unet_steps: int = 300,
-                      crop: int = 64, batch_size: int = 8, learning_rate: float = 1e-3, seed: int = 0,
-                      on_step: Callable[[str, int, int, float], None] | None = None) -> dict:
+def fit_tiny_upscaler(
+    images: list[torch.Tensor],
+    captions: list[str],
+    vae_steps: int = 200,
+    unet_steps: int = 300,
+    crop: int = 64,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    on_step: Callable[[str, int, int, float], None] | None = None,
+) -> dict:
     """The tiny upscaler's components, fitted to `images` (each 1 x 3 x H x W in [-1, 1], at
     least `crop` pixels a side) with their `captions`. Returns the components dict that
     `tiny_model.save_upscaler_components` saves."""
     c = build_tiny_upscaler_components(seed)
-    fit_vae(c["vae"], images, vae_steps, batch_size=batch_size, crop=crop, seed=seed,
-            on_step=(lambda s, n, loss: on_step("vae", s, n, loss)) if on_step else None)
+    fit_vae(
+        c["vae"],
+        images,
+        vae_steps,
+        batch_size=batch_size,
+        crop=crop,
+        seed=seed,
+        on_step=(lambda s, n, loss: on_step("vae", s, n, loss)) if on_step else None,
+    )
     vae, unet, text, tok = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"]
     sched, low_sched = c["scheduler"], c["low_res_scheduler"]
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     crop = min([crop] + [min(img.shape[-2:]) for img in images])
     with torch.no_grad():
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            captions,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         embeddings = text(ids)[0]
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=learning_rate)
@@ -47,7 +67,7 @@ def fit_tiny_upscaler(images: list[torch.Tensor], captions: list[str], vae_steps
         for i in picks:
             _, _, h, w = images[i].shape
             y, x = rng.randint(0, h - crop), rng.randint(0, w - crop)
-            crops.append(images[i][:, :, y:y + crop, x:x + crop])
+            crops.append(images[i][:, :, y : y + crop, x : x + crop])
         high = torch.cat(crops)
         low = F.interpolate(high, scale_factor=0.25, mode="area")
         level = torch.randint(0, MAX_NOISE_LEVEL, (batch_size,), generator=gen)
@@ -57,9 +77,12 @@ def fit_tiny_upscaler(images: list[torch.Tensor], captions: list[str], vae_steps
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         noisy = sched.add_noise(latents, noise, t)
-        pred = unet(torch.cat([noisy, low], dim=1), t, encoder_hidden_states=embeddings[picks],
-                    class_labels=level).sample
-        target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        pred = unet(
+            torch.cat([noisy, low], dim=1), t, encoder_hidden_states=embeddings[picks], class_labels=level
+        ).sample
+        target = (
+            sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        )
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,8 +11,9 @@ import polars as pl
 from asd_models.buckets import Bucket, assign_buckets
 
 
-def bucket_frame(df: pl.DataFrame, buckets: list[Bucket], width: str = "original_width",
-                 height: str = "original_height") -> pl.DataFrame:
+def bucket_frame(
+    df: pl.DataFrame, buckets: list[Bucket], width: str = "original_width", height: str = "original_height"
+) -> pl.DataFrame:
     """Adds `bucket`, `width`, `height` and `aspect_error` for every row with a positive size
     (others get nulls)."""
     w = df[width].cast(pl.Float64)
@@ -42,8 +43,11 @@ def bucket_stats(df: pl.DataFrame) -> pl.DataFrame:
     out = (
         df.filter(pl.col("bucket").is_not_null())
         .group_by("bucket")
-        .agg(pl.len().alias("count"), pl.col("aspect_error").mean().alias("mean_aspect_error"),
-             pl.col("aspect_error").max().alias("max_aspect_error"))
+        .agg(
+            pl.len().alias("count"),
+            pl.col("aspect_error").mean().alias("mean_aspect_error"),
+            pl.col("aspect_error").max().alias("max_aspect_error"),
+        )
     )
     total = out["count"].sum() or 1
     return out.with_columns((pl.col("count") / total).alias("share")).sort("bucket")

@@ -56,16 +56,30 @@ def ingest_settings(square: bool):
     from tasks.ingest import IngestSettings
 
     if square:  # one square bucket: resize to cover, centre crop (how SD-style models are trained)
-        return IngestSettings(bucket_table="kohya", bucket_min_side=BASE, bucket_max_side=BASE,
-                              bucket_max_area=BASE * BASE, bucket_step=16, bucket_base=BASE)
+        return IngestSettings(
+            bucket_table="kohya",
+            bucket_min_side=BASE,
+            bucket_max_side=BASE,
+            bucket_max_area=BASE * BASE,
+            bucket_step=16,
+            bucket_base=BASE,
+        )
     return IngestSettings(bucket_table="asd", bucket_base=BASE, bucket_step=16)
 
 
 def train_settings(steps: int):
     from tasks.train import TrainSettings
 
-    return TrainSettings(steps=steps, batch_size=8, learning_rate=1e-3, warmup_steps=50, ema_decay=0.999,
-                         checkpoint_every=0, seed=0, cache_latents=True)
+    return TrainSettings(
+        steps=steps,
+        batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=50,
+        ema_decay=0.999,
+        checkpoint_every=0,
+        seed=0,
+        cache_latents=True,
+    )
 
 
 def prepare(store_url: str, train_images: int, steps: int, vae_steps: int) -> dict[str, str]:
@@ -82,8 +96,9 @@ def prepare(store_url: str, train_images: int, steps: int, vae_steps: int) -> di
     base = build_tiny_base(store_url, refs["data-arad"], "world-base", vae_steps=vae_steps)
     for scheme in ("arad", "square"):
         t0 = time.time()
-        refs[scheme] = train_to_store(store_url, refs[f"data-{scheme}"], base, f"world-{scheme}",
-                                      train_settings(steps)).model
+        refs[scheme] = train_to_store(
+            store_url, refs[f"data-{scheme}"], base, f"world-{scheme}", train_settings(steps)
+        ).model
         print(f"  {scheme}: {refs[scheme]} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return refs
 
@@ -96,7 +111,9 @@ def load_pipeline(store_url: str, model_ref: str):
     return AnySizePipeline(load_model_components(ArtifactStore(store_url), model_ref))
 
 
-def sample_images(pipe, prompts: list[str], width: int, height: int, steps: int, guidance: float, seed: int) -> list:
+def sample_images(
+    pipe, prompts: list[str], width: int, height: int, steps: int, guidance: float, seed: int
+) -> list:
     """Each prompt rendered at width x height by direct full-latent sampling (no tiling)."""
     import torch
     from diffusers import DDIMScheduler
@@ -110,8 +127,16 @@ def sample_images(pipe, prompts: list[str], width: int, height: int, steps: int,
         sched = DDIMScheduler.from_config(pipe.scheduler_config)
         sched.set_timesteps(steps)
         noise = torch.randn(1, 4, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
-        lat = sample_with(Full(), pipe.c.unet, sched, noise * sched.init_noise_sigma, sched.timesteps, cond, uncond,
-                          guidance)
+        lat = sample_with(
+            Full(),
+            pipe.c.unet,
+            sched,
+            noise * sched.init_noise_sigma,
+            sched.timesteps,
+            cond,
+            uncond,
+            guidance,
+        )
         out.append(pipe.decode_latents(lat))
     return out
 
@@ -123,8 +148,12 @@ def kid(real: list, fake: list, features) -> float:
     from asd_models.metrics import fid_kid
 
     def stack(images):
-        return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-                            for im in images])
+        return torch.stack(
+            [
+                torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                for im in images
+            ]
+        )
 
     return fid_kid(stack(real), stack(fake), features, seed=0, patch_size=0).kid_mean
 
@@ -163,36 +192,59 @@ def main() -> None:
         print(f"KID skipped: {exc}", file=sys.stderr)
     pipes = {scheme: load_pipeline(args.store, refs[scheme]) for scheme in ("arad", "square")}
     rows = []
-    print(f"\n{'model':7s} {'size':>7s} {'ratio':>5s} {'suns ok':>7s} {'extra suns':>10s} {'sun pos ok':>10s} "
-          f"{'horizon err':>11s} {'tree err':>8s} {'KID':>8s}")
+    print(
+        f"\n{'model':7s} {'size':>7s} {'ratio':>5s} {'suns ok':>7s} {'extra suns':>10s} {'sun pos ok':>10s} "
+        f"{'horizon err':>11s} {'tree err':>8s} {'KID':>8s}"
+    )
     for w, h in SIZES:
         real = [render(s, w, h, random.Random(1000 + i)) for i, s in enumerate(scenes)]
         for scheme in ("arad", "square"):
             images = sample_images(pipes[scheme], prompts, w, h, args.sample_steps, args.guidance, seed=7)
             errs = [layout_errors(s, score_image(im)) for s, im in zip(scenes, images, strict=True)]
             mean = {k: round(float(np.mean([e[k] for e in errs])), 4) for k in errs[0]}
-            row = {"model": scheme, "width": w, "height": h, "aspect": round(w / h, 3), **mean,
-                   "kid": round(kid(real, images, features), 5) if features else None, "n": len(images)}
+            row = {
+                "model": scheme,
+                "width": w,
+                "height": h,
+                "aspect": round(w / h, 3),
+                **mean,
+                "kid": round(kid(real, images, features), 5) if features else None,
+                "n": len(images),
+            }
             rows.append(row)
             ratio = f"{w // math.gcd(w, h)}:{h // math.gcd(w, h)}" if w != h else "1:1"
-            print(f"{scheme:7s} {w:>3d}x{h:<3d} {ratio:>5s} {row['sun_count_ok']:7.2f} {row['extra_suns']:10.2f} "
-                  f"{row['sun_thirds_ok']:10.2f} {row['horizon_error']:11.3f} {row['tree_count_error']:8.2f} "
-                  f"{row['kid'] if row['kid'] is not None else 'n/a':>8}", flush=True)
+            print(
+                f"{scheme:7s} {w:>3d}x{h:<3d} {ratio:>5s} {row['sun_count_ok']:7.2f} {row['extra_suns']:10.2f} "
+                f"{row['sun_thirds_ok']:10.2f} {row['horizon_error']:11.3f} {row['tree_count_error']:8.2f} "
+                f"{row['kid'] if row['kid'] is not None else 'n/a':>8}",
+                flush=True,
+            )
             grid = HERE / ".cache" / "composition" / f"samples-{scheme}-{w}x{h}.png"
             _contact_sheet(images[:8], grid)
     summary = {}
     for scheme in ("arad", "square"):
         off = [r for r in rows if r["model"] == scheme and r["width"] != r["height"]]
-        summary[scheme] = {k: round(float(np.mean([r[k] for r in off])), 4)
-                           for k in ("sun_count_ok", "extra_suns", "sun_thirds_ok", "horizon_error", "tree_count_error")}
+        summary[scheme] = {
+            k: round(float(np.mean([r[k] for r in off])), 4)
+            for k in ("sun_count_ok", "extra_suns", "sun_thirds_ok", "horizon_error", "tree_count_error")
+        }
         if all(r["kid"] is not None for r in off):
             summary[scheme]["kid"] = round(float(np.mean([r["kid"] for r in off])), 5)
     print("\noff-square sizes, mean:")
     for scheme, s in summary.items():
         print(f"  {scheme:7s} " + ", ".join(f"{k} {v}" for k, v in s.items()))
-    out = {"refs": refs, "train_images": args.train_images, "steps": args.steps, "vae_steps": args.vae_steps,
-           "prompts": prompts, "sample_steps": args.sample_steps, "guidance": args.guidance, "rows": rows,
-           "off_square_mean": summary, "seconds": round(time.time() - t0, 1)}
+    out = {
+        "refs": refs,
+        "train_images": args.train_images,
+        "steps": args.steps,
+        "vae_steps": args.vae_steps,
+        "prompts": prompts,
+        "sample_steps": args.sample_steps,
+        "guidance": args.guidance,
+        "rows": rows,
+        "off_square_mean": summary,
+        "seconds": round(time.time() - t0, 1),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json} (sample sheets under bench/.cache/composition/)")

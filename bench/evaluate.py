@@ -36,7 +36,12 @@ def _png(arr: np.ndarray) -> bytes:
 def _picture(seed: int, n: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:n, 0:n].astype(float)
-    field = 100 + 40 * np.sin(x / (9 + seed % 7)) * np.cos(y / 17) + 20 * np.sin((x + y) / 7) + rng.normal(0, 3, (n, n))
+    field = (
+        100
+        + 40 * np.sin(x / (9 + seed % 7)) * np.cos(y / 17)
+        + 20 * np.sin((x + y) / 7)
+        + rng.normal(0, 3, (n, n))
+    )
     return np.stack([field, field * 0.9 + 10, field * 0.8 + 20], axis=2)
 
 
@@ -64,8 +69,19 @@ def build(root: Path, n: int) -> tuple[str, str, str]:
         key = f"{i:06d}-256x256-bench"
         w.put_bytes(f"images/{key}.png", _png(arr))
         row = {f.name: None for f in GENERATIONS_MANIFEST}
-        row.update(key=key, row=i, prompt=f"picture {i}", width=256, height=256, seed=i, status="ok",
-                   image=f"images/{key}.png", seam_x=[128], seam_y=[], tile_px=128)
+        row.update(
+            key=key,
+            row=i,
+            prompt=f"picture {i}",
+            width=256,
+            height=256,
+            seed=i,
+            status="ok",
+            image=f"images/{key}.png",
+            seam_x=[128],
+            seam_y=[],
+            tile_px=128,
+        )
         rows.append(row)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=GENERATIONS_MANIFEST), buf)
@@ -86,33 +102,56 @@ def main() -> None:
     from tasks.evaluate import EvaluateSettings
 
     cores = len(os.sched_getaffinity(0))
-    configs = [("1 worker x 1 thread", 1, 1), (f"1 worker x {cores} threads", 1, cores),
-               (f"2 workers x {max(1, cores // 2)} thread(s)", 2, max(1, cores // 2))]
+    configs = [
+        ("1 worker x 1 thread", 1, 1),
+        (f"1 worker x {cores} threads", 1, cores),
+        (f"2 workers x {max(1, cores // 2)} thread(s)", 2, max(1, cores // 2)),
+    ]
     results = []
     with tempfile.TemporaryDirectory(prefix="asd-bench-eval-") as tmp, prefect_server():
         store_url, gen, data = build(Path(tmp), args.images)
         for label, workers, threads in configs:
-            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "ASD_TORCH_THREADS": str(threads)}
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                              env=env) as cluster:
-                settings = EvaluateSettings(sample=args.images, executor="dask", dask_address=cluster.scheduler_address,
-                                            workers=workers, batch_rows=16)
+            env = {
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "ASD_TORCH_THREADS": str(threads),
+            }
+            with LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+            ) as cluster:
+                settings = EvaluateSettings(
+                    sample=args.images,
+                    executor="dask",
+                    dask_address=cluster.scheduler_address,
+                    workers=workers,
+                    batch_rows=16,
+                )
                 t0 = time.perf_counter()
                 ref = evaluate_flow(gen, data, f"bench-{workers}-{threads}", settings, store_url, rerun=True)
                 seconds = time.perf_counter() - t0
             from artifact_store import ArtifactStore
 
             summary = ArtifactStore(store_url).record(ref)["summary"]
-            results.append({"config": label, "workers": workers, "threads": threads, "seconds": seconds,
-                            "images_per_s": args.images / seconds, "fid_patch": summary.get("fid_patch"),
-                            "kid_patch": summary.get("kid_patch")})
+            results.append(
+                {
+                    "config": label,
+                    "workers": workers,
+                    "threads": threads,
+                    "seconds": seconds,
+                    "images_per_s": args.images / seconds,
+                    "fid_patch": summary.get("fid_patch"),
+                    "kid_patch": summary.get("kid_patch"),
+                }
+            )
     base = results[0]["seconds"]
     print(f"\nevaluate, {args.images} generated 256x256 images (all in the sample), {cores} cores\n")
     print("| config | s | images/s | vs 1 worker x 1 thread | FID (patch) | KID (patch) |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['config']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | {base / r['seconds']:.2f}x | "
-              f"{r['fid_patch']:.4f} | {r['kid_patch']:.5f} |")
+        print(
+            f"| {r['config']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | {base / r['seconds']:.2f}x | "
+            f"{r['fid_patch']:.4f} | {r['kid_patch']:.5f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results, "images": args.images}, indent=2))

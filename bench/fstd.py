@@ -38,17 +38,28 @@ from asd_models.memory import peak_rss_mb
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 UNET_CONFIG = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
-    "attention_head_dim": 8, "norm_num_groups": 8,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
 }
 MEDIUM_UNET_CONFIG = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
     "block_out_channels": [64, 128, 256],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 256,
-    "attention_head_dim": 32, "norm_num_groups": 32,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 256,
+    "attention_head_dim": 32,
+    "norm_num_groups": 32,
 }
 TILE = 64  # latent pixels = 512 px
 SIZES_QUICK = [(1024, 1024), (2048, 1024)]
@@ -74,7 +85,10 @@ def smooth_latents(n: int, size: int, gen, max_freq: float = 3.0):
     x = torch.linspace(0, 1, size).view(1, 1, 1, size)
     out = torch.zeros(n, 4, size, size)
     for _ in range(4):
-        fy, fx = torch.rand(n, 4, 1, 1, generator=gen) * max_freq, torch.rand(n, 4, 1, 1, generator=gen) * max_freq
+        fy, fx = (
+            torch.rand(n, 4, 1, 1, generator=gen) * max_freq,
+            torch.rand(n, 4, 1, 1, generator=gen) * max_freq,
+        )
         ph = torch.rand(n, 4, 1, 1, generator=gen) * 6.283
         out += torch.sin(6.283 * (fy * y + fx * x) + ph) * (torch.rand(n, 4, 1, 1, generator=gen) + 0.3)
     return out / out.flatten(1).std(dim=1).view(n, 1, 1, 1)
@@ -116,8 +130,11 @@ def fit_denoiser(unet, make_batch, steps: int, seed: int, label: str, log_every:
         loss.backward()
         opt.step()
         if step % log_every == 0:
-            print(f"  training {label}: step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  training {label}: step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def unet_multiple(config: dict | None = None) -> int:
@@ -159,8 +176,15 @@ def worst_line(latents) -> float:
     return float(max(col.max() / np.median(col), row.max() / np.median(row)))
 
 
-def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, tile_batch_size: int,
-            warmup_steps: int = 3) -> dict:
+def run_one(
+    method: str,
+    width: int,
+    height: int,
+    steps: int,
+    unet_dir: str,
+    tile_batch_size: int,
+    warmup_steps: int = 3,
+) -> dict:
     """Worker: one method at one size; prints a JSON object."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -169,8 +193,14 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
 
     torch.set_num_threads(os.cpu_count() or 1)
     unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     H, W = height // 8, width // 8
     cond = torch.zeros(1, 77, unet.config.cross_attention_dim)
     latents = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(0))
@@ -180,8 +210,17 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
         sched.set_timesteps(n_steps)
         if method == "diffusers_panorama":
             return run_panorama(unet, sched, x, n_steps, width, height, cond)
-        out = sample_with(sampler, unet, sched, x, sched.timesteps, cond, None, 1.0,
-                          generator=torch.Generator().manual_seed(1))
+        out = sample_with(
+            sampler,
+            unet,
+            sched,
+            x,
+            sched.timesteps,
+            cond,
+            None,
+            1.0,
+            generator=torch.Generator().manual_seed(1),
+        )
         return out, sampler.evals_per_step(H, W)
 
     # untimed warm-up (every method alike): first calls at a new tile shape build kernels, which a
@@ -191,10 +230,16 @@ def run_one(method: str, width: int, height: int, steps: int, unet_dir: str, til
     out, evals = sample(latents, steps)
     seconds = time.perf_counter() - t0
     return {
-        "method": method, "width": width, "height": height, "steps": steps, "unet_evals_per_step": evals,
+        "method": method,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "unet_evals_per_step": evals,
         "piece_shapes": sampler.piece_shapes if sampler else "exact",
-        "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb(),
-        "seam_score": round(latent_seam_score(out, TILE), 4), "worst_line": round(worst_line(out), 3),
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "seam_score": round(latent_seam_score(out, TILE), 4),
+        "worst_line": round(worst_line(out), 3),
         "finite": bool(torch.isfinite(out).all()),
     }
 
@@ -206,15 +251,35 @@ def run_panorama(unet, sched, latents, steps: int, width: int, height: int, cond
     from asd_models.tiny_model import build_tiny_components
 
     tiny = build_tiny_components()
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    pipe = StableDiffusionPanoramaPipeline(vae=vae, text_encoder=tiny["text_encoder"], tokenizer=tiny["tokenizer"],
-                                           unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    pipe = StableDiffusionPanoramaPipeline(
+        vae=vae,
+        text_encoder=tiny["text_encoder"],
+        tokenizer=tiny["tokenizer"],
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     views = len(pipe.get_views(height, width))
-    out = pipe(prompt_embeds=cond, height=height, width=width, num_inference_steps=steps, guidance_scale=1.0,
-               latents=latents, output_type="latent", view_batch_size=8).images
+    out = pipe(
+        prompt_embeds=cond,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        latents=latents,
+        output_type="latent",
+        view_batch_size=8,
+    ).images
     return out, views
 
 
@@ -225,20 +290,40 @@ def _fmt(seam: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1024x1024 and 2048x1024 only")
-    ap.add_argument("--unet", choices=["small", "medium"], default="small",
-                    help="small: tiny trained UNet (seams, per-call cost); medium: compute-bound random 25M UNet (time)")
-    ap.add_argument("--json", default=None, help="default bench/results/fstd.json (fstd-medium.json for --unet medium)")
+    ap.add_argument(
+        "--unet",
+        choices=["small", "medium"],
+        default="small",
+        help="small: tiny trained UNet (seams, per-call cost); medium: compute-bound random 25M UNet (time)",
+    )
+    ap.add_argument(
+        "--json", default=None, help="default bench/results/fstd.json (fstd-medium.json for --unet medium)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10 small, 3 medium)")
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--tile-batch-size", type=int, default=8)
-    ap.add_argument("--panorama-max-pixels", type=int, default=None,
-                    help="skip diffusers' panorama above this size (its stride-8 cost explodes; default 2048x1024, "
-                    "1024x1024 for --unet medium)")
-    ap.add_argument("--full-max-pixels", type=int, default=2048 * 1024, help="skip full-latent sampling above this")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma-separated arms (default all: {','.join(METHODS)}); fstd and naive are always run")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds of every arm, interleaved; each arm's median time "
-                    "is reported (this machine is noisy: one round can be 50%% off)")
+    ap.add_argument(
+        "--panorama-max-pixels",
+        type=int,
+        default=None,
+        help="skip diffusers' panorama above this size (its stride-8 cost explodes; default 2048x1024, "
+        "1024x1024 for --unet medium)",
+    )
+    ap.add_argument(
+        "--full-max-pixels", type=int, default=2048 * 1024, help="skip full-latent sampling above this"
+    )
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated arms (default all: {','.join(METHODS)}); fstd and naive are always run",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every arm, interleaved; each arm's median time "
+        "is reported (this machine is noisy: one round can be 50%% off)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -256,9 +341,11 @@ def main() -> None:
         (_, unet_dir), config = trained_unet(args.train_steps), UNET_CONFIG
         trained = f"trained {args.train_steps} steps on smooth latents"
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
-    print(f"UNet ({args.unet}): {json.dumps(config)}, {trained}; tile {TILE} latent ({TILE * 8} px), FSTD cropped "
-          f"grid, offsets in steps of 2; overlap baselines stride {TILE // 2} (50%), panorama stride 8; "
-          f"{args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads")
+    print(
+        f"UNet ({args.unet}): {json.dumps(config)}, {trained}; tile {TILE} latent ({TILE * 8} px), FSTD cropped "
+        f"grid, offsets in steps of 2; overlap baselines stride {TILE // 2} (50%), panorama stride 8; "
+        f"{args.steps} DDIM steps, no CFG, {os.cpu_count()} CPU threads"
+    )
     methods = [m for m in METHODS if m in {"fstd", "naive", *args.methods.split(",")}]
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
@@ -271,17 +358,38 @@ def main() -> None:
     for round_no, (method, w, h, steps) in ((i, j) for i in range(args.repeat) for j in jobs):
         if method == "diffusers_panorama" and w * h > args.panorama_max_pixels:
             if round_no == 0:
-                skipped.append({"method": method, "width": w, "height": h, "reason": "stride-8 cost: hours on this CPU"})
+                skipped.append(
+                    {"method": method, "width": w, "height": h, "reason": "stride-8 cost: hours on this CPU"}
+                )
             continue
         if method == "full" and w * h > args.full_max_pixels:
             if round_no == 0:
-                skipped.append({"method": method, "width": w, "height": h, "reason": "attention over the whole "
-                                "latent does not fit in memory"})
+                skipped.append(
+                    {
+                        "method": method,
+                        "width": w,
+                        "height": h,
+                        "reason": "attention over the whole latent does not fit in memory",
+                    }
+                )
             continue
-        spec = json.dumps({"method": method, "width": w, "height": h, "steps": steps, "unet_dir": str(unet_dir),
-                           "tile_batch_size": args.tile_batch_size, "warmup_steps": 1 if medium else 3})
-        proc = subprocess.run([sys.executable, "-m", "bench.fstd", "--worker", spec], capture_output=True, text=True,
-                              cwd=HERE.parent)
+        spec = json.dumps(
+            {
+                "method": method,
+                "width": w,
+                "height": h,
+                "steps": steps,
+                "unet_dir": str(unet_dir),
+                "tile_batch_size": args.tile_batch_size,
+                "warmup_steps": 1 if medium else 3,
+            }
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.fstd", "--worker", spec],
+            capture_output=True,
+            text=True,
+            cwd=HERE.parent,
+        )
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"bench worker failed: {method} {w}x{h}")
@@ -289,8 +397,11 @@ def main() -> None:
         if medium:  # a random UNet's latent says nothing about seams
             r["seam_score"] = r["worst_line"] = None
         runs.setdefault((method, w, h, steps), []).append(r)
-        print(f"  round {round_no + 1}: {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} "
-              f"evals/step, {r['peak_rss_mb']:.0f} MB, seam {_fmt(r['seam_score'])}", flush=True)
+        print(
+            f"  round {round_no + 1}: {method:18s} {w}x{h}: {r['seconds']:.1f} s, {r['unet_evals_per_step']:.1f} "
+            f"evals/step, {r['peak_rss_mb']:.0f} MB, seam {_fmt(r['seam_score'])}",
+            flush=True,
+        )
     results = []
     for arm in runs.values():  # the median round of each arm (same pixels every round: a seeded sampler)
         arm.sort(key=lambda r: r["seconds"])
@@ -300,28 +411,44 @@ def main() -> None:
     for w, h in sizes:
         by = {r["method"]: r for r in results if (r["width"], r["height"], r["steps"]) == (w, h, args.steps)}
         f = by["fstd"]["seconds"]
-        s = {f"over_{m}": round(by[m]["seconds"] / f, 2) for m in ("multidiffusion", "mixture", "diffusers_panorama")
-             if m in by}
+        s = {
+            f"over_{m}": round(by[m]["seconds"] / f, 2)
+            for m in ("multidiffusion", "mixture", "diffusers_panorama")
+            if m in by
+        }
         s["time_over_naive"] = round(f / by["naive"]["seconds"], 3)
         if "fstd-bucketed" in by:
             s["bucketed_time_over_exact"] = round(by["fstd-bucketed"]["seconds"] / f, 3)
         if "full" in by and not medium:
             s["seam_over_full"] = round(by["fstd"]["seam_score"] / by["full"]["seam_score"], 3)
             if "fstd-bucketed" in by:
-                s["bucketed_seam_over_full"] = round(by["fstd-bucketed"]["seam_score"] / by["full"]["seam_score"], 3)
+                s["bucketed_seam_over_full"] = round(
+                    by["fstd-bucketed"]["seam_score"] / by["full"]["seam_score"], 3
+                )
         speedup[f"{w}x{h}"] = s
 
     print(f"\n{'method':18s} {'size':>10s} {'evals/step':>10s} {'seconds':>9s} {'peak MB':>8s} {'seam':>7s}")
     for r in results:
-        print(f"{r['method']:18s} {r['width']:>5d}x{r['height']:<5d}{r['unet_evals_per_step']:>9.1f} "
-              f"{r['seconds']:>9.2f} {r['peak_rss_mb']:>8.0f} {_fmt(r['seam_score']):>7s}")
+        print(
+            f"{r['method']:18s} {r['width']:>5d}x{r['height']:<5d}{r['unet_evals_per_step']:>9.1f} "
+            f"{r['seconds']:>9.2f} {r['peak_rss_mb']:>8.0f} {_fmt(r['seam_score']):>7s}"
+        )
     for s in skipped:
         print(f"{s['method']:18s} {s['width']:>5d}x{s['height']:<5d} skipped: {s['reason']}")
     print("\nspeedup (FSTD's speed over each; time_over_naive = FSTD time / naive time):")
     for size, s in speedup.items():
         print(f"  {size}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
-    out = {"unet": args.unet, "repeat": args.repeat, "unet_config": config, "train_steps": None if medium else args.train_steps, "tile": TILE, "steps": args.steps,
-           "results": results, "skipped": skipped, "speedup": speedup}
+    out = {
+        "unet": args.unet,
+        "repeat": args.repeat,
+        "unet_config": config,
+        "train_steps": None if medium else args.train_steps,
+        "tile": TILE,
+        "steps": args.steps,
+        "results": results,
+        "skipped": skipped,
+        "speedup": speedup,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.json}")

@@ -27,9 +27,18 @@ SIZES = [(128, 128), (136, 240), (135, 240)]  # latent (height, width)
 def _unet_config(channels: list[int], attention: list[bool]) -> dict:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
-    return {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": channels, "down_block_types": down, "up_block_types": up,
-            "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8}
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
 
 
 # name -> (UNet config, seed of the weights and data, highest frequency of the training fields)
@@ -56,8 +65,14 @@ def trained(name: str, train_steps: int):
         return UNet2DConditionModel.from_pretrained(folder).eval()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config)
-    fit_denoiser(unet, lambda gen: smooth_latents(8, 64, gen, max_freq), train_steps, seed=seed, label=name,
-                 log_every=100)
+    fit_denoiser(
+        unet,
+        lambda gen: smooth_latents(8, 64, gen, max_freq),
+        train_steps,
+        seed=seed,
+        label=name,
+        log_every=100,
+    )
     unet.save_pretrained(folder)
     return unet.eval()
 
@@ -92,16 +107,26 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", default=",".join(FAMILY))
-    ap.add_argument("--no-merge-ablation", action="store_true",
-                    help="also run FSTD with min_piece=0 (thin edge pieces kept), the column no-merge/full")
-    ap.add_argument("--offset-multiple", type=int, default=None,
-                    help="FSTD's offset step in latent px (default: the sampler's own, 2)")
+    ap.add_argument(
+        "--no-merge-ablation",
+        action="store_true",
+        help="also run FSTD with min_piece=0 (thin edge pieces kept), the column no-merge/full",
+    )
+    ap.add_argument(
+        "--offset-multiple",
+        type=int,
+        default=None,
+        help="FSTD's offset step in latent px (default: the sampler's own, 2)",
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    print(f"{'model':14s} {'latent':>8s} {'axis':>4s} {'full':>7s} {'fstd':>7s} {'naive':>7s} {'fstd/full':>9s} "
-          f"{'no-merge/full':>13s} {'naive/full':>10s} {'fstd s':>7s} {'naive s':>7s}", flush=True)
+    print(
+        f"{'model':14s} {'latent':>8s} {'axis':>4s} {'full':>7s} {'fstd':>7s} {'naive':>7s} {'fstd/full':>9s} "
+        f"{'no-merge/full':>13s} {'naive/full':>10s} {'fstd s':>7s} {'naive s':>7s}",
+        flush=True,
+    )
     for name in args.models.split(","):
         unet = trained(name, args.train_steps)
         cond = torch.zeros(1, 77, 32)
@@ -112,38 +137,82 @@ def main() -> None:
             for seed in seeds:
                 x = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(seed))
                 for method in scores:
-                    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                    sched = DDIMScheduler(
+                        beta_schedule="scaled_linear",
+                        beta_start=0.00085,
+                        beta_end=0.012,
+                        clip_sample=False,
+                        set_alpha_to_one=False,
+                        steps_offset=1,
+                    )
                     sched.set_timesteps(args.steps)
                     t0 = time.perf_counter()
-                    sampler = (FSTD(FSTDConfig(tile=TILE, min_piece=0 if method == "fstd_no_merge" else None,
-                                               offset_multiple=args.offset_multiple))
-                               if method.startswith("fstd") else {"full": Full(TILE), "naive": Naive(TILE)}[method])
-                    out = sample_with(sampler, unet, sched, x.clone(), sched.timesteps, cond,
-                                      generator=torch.Generator().manual_seed(100 + seed))
+                    sampler = (
+                        FSTD(
+                            FSTDConfig(
+                                tile=TILE,
+                                min_piece=0 if method == "fstd_no_merge" else None,
+                                offset_multiple=args.offset_multiple,
+                            )
+                        )
+                        if method.startswith("fstd")
+                        else {"full": Full(TILE), "naive": Naive(TILE)}[method]
+                    )
+                    out = sample_with(
+                        sampler,
+                        unet,
+                        sched,
+                        x.clone(),
+                        sched.timesteps,
+                        cond,
+                        generator=torch.Generator().manual_seed(100 + seed),
+                    )
                     seconds[method] += (time.perf_counter() - t0) / len(seeds)
                     for axis, v in axis_seams(out).items():
                         scores[method][axis].append(v)
             for axis in ("x", "y"):
                 mean = {m: sum(v[axis]) / len(v[axis]) for m, v in scores.items()}
-                r = {"model": name, "latent_h": h, "latent_w": w, "axis": axis, **{m: round(v, 4) for m, v in mean.items()},
-                     "fstd_over_full": round(mean["fstd"] / mean["full"], 4),
-                     "fstd_no_merge_over_full": (round(mean["fstd_no_merge"] / mean["full"], 4)
-                                                 if "fstd_no_merge" in mean else None),
-                     "naive_over_full": round(mean["naive"] / mean["full"], 4),
-                     "fstd_seconds": round(seconds["fstd"], 2), "naive_seconds": round(seconds["naive"], 2),
-                     "per_seed": {m: [round(s, 4) for s in v[axis]] for m, v in scores.items()}}
+                r = {
+                    "model": name,
+                    "latent_h": h,
+                    "latent_w": w,
+                    "axis": axis,
+                    **{m: round(v, 4) for m, v in mean.items()},
+                    "fstd_over_full": round(mean["fstd"] / mean["full"], 4),
+                    "fstd_no_merge_over_full": (
+                        round(mean["fstd_no_merge"] / mean["full"], 4) if "fstd_no_merge" in mean else None
+                    ),
+                    "naive_over_full": round(mean["naive"] / mean["full"], 4),
+                    "fstd_seconds": round(seconds["fstd"], 2),
+                    "naive_seconds": round(seconds["naive"], 2),
+                    "per_seed": {m: [round(s, 4) for s in v[axis]] for m, v in scores.items()},
+                }
                 rows.append(r)
-                print(f"{name:14s} {h:>4d}x{w:<3d} {axis:>4s} {r['full']:7.3f} {r['fstd']:7.3f} {r['naive']:7.3f} "
-                      f"{r['fstd_over_full']:9.3f} {_ratio(r['fstd_no_merge_over_full']):>13s} {r['naive_over_full']:10.3f} "
-                      f"{r['fstd_seconds']:7.2f} "
-                      f"{r['naive_seconds']:7.2f}", flush=True)
+                print(
+                    f"{name:14s} {h:>4d}x{w:<3d} {axis:>4s} {r['full']:7.3f} {r['fstd']:7.3f} {r['naive']:7.3f} "
+                    f"{r['fstd_over_full']:9.3f} {_ratio(r['fstd_no_merge_over_full']):>13s} {r['naive_over_full']:10.3f} "
+                    f"{r['fstd_seconds']:7.2f} "
+                    f"{r['naive_seconds']:7.2f}",
+                    flush=True,
+                )
     worst = max(rows, key=lambda r: r["fstd_over_full"])
-    print(f"worst FSTD / full: {worst['fstd_over_full']:.3f} ({worst['model']}, {worst['latent_h']}x{worst['latent_w']}, "
-          f"{worst['axis']}); target <= 1.05")
+    print(
+        f"worst FSTD / full: {worst['fstd_over_full']:.3f} ({worst['model']}, {worst['latent_h']}x{worst['latent_w']}, "
+        f"{worst['axis']}); target <= 1.05"
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"steps": args.steps, "seeds": seeds, "tile": TILE,
-                                           "train_steps": args.train_steps, "rows": rows}, indent=2))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "seeds": seeds,
+                "tile": TILE,
+                "train_steps": args.train_steps,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
 
 

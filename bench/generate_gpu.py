@@ -31,8 +31,16 @@ def build_pipeline(size: str, folder: Path, device: torch.device, dtype: torch.d
     from bench.train_gpu import components
 
     c = components(size)
-    save_components({"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer,
-                      "scheduler": c.scheduler}, folder)
+    save_components(
+        {
+            "unet": c.unet,
+            "vae": c.vae,
+            "text_encoder": c.text_encoder,
+            "tokenizer": c.tokenizer,
+            "scheduler": c.scheduler,
+        },
+        folder,
+    )
     del c
     return AnySizePipeline.from_pretrained(folder).to(device, dtype)
 
@@ -53,19 +61,27 @@ def run_one(pipe, reqs, steps: int, device: torch.device) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     evals = sum(r.unet_evals for r in results)
-    return {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / len(reqs), 3),
-            "unet_samples_per_s": round(evals / seconds, 1), "unet_evals": evals,
-            "fstd_tiles": sum(r.fstd_tiles for r in results), "tile_batch_size": sampler.tile_batch_size,
-            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if device.type == "cuda" else None,
-            "sizes_ok": all(r.image.size == (q.width, q.height) for r, q in zip(results, reqs, strict=True))}
+    return {
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(seconds / len(reqs), 3),
+        "unet_samples_per_s": round(evals / seconds, 1),
+        "unet_evals": evals,
+        "fstd_tiles": sum(r.fstd_tiles for r in results),
+        "tile_batch_size": sampler.tile_batch_size,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+        "sizes_ok": all(r.image.size == (q.width, q.height) for r, q in zip(results, reqs, strict=True)),
+    }
 
 
 def main() -> None:
     from asd_models.pipeline import RenderRequest, resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="sd21", help="sd21: SD-2.1-base-sized; tiny: a dry run")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="sd21", help="sd21: SD-2.1-base-sized; tiny: a dry run"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps per stage")
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -77,38 +93,68 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         pipe = build_pipeline(args.size, Path(tmp) / "model", device, dtype)
-        print(f"built and loaded {args.size} pipeline on {pipe.device} ({pipe.dtype}) in "
-              f"{time.perf_counter() - t0:.1f} s; UNet {sum(p.numel() for p in pipe.c.unet.parameters()) / 1e6:.0f} M")
+        print(
+            f"built and loaded {args.size} pipeline on {pipe.device} ({pipe.dtype}) in "
+            f"{time.perf_counter() - t0:.1f} s; UNet {sum(p.numel() for p in pipe.c.unet.parameters()) / 1e6:.0f} M"
+        )
         warm = SIZES[args.size][0]
-        run_one(pipe, [RenderRequest("warm-up", warm, warm, steps=2, guidance_scale=args.guidance)], 2, device)
+        run_one(
+            pipe, [RenderRequest("warm-up", warm, warm, steps=2, guidance_scale=args.guidance)], 2, device
+        )
         for side in SIZES[args.size]:
-            req = RenderRequest("a lighthouse at dusk", side, side, seed=1, steps=args.steps,
-                                guidance_scale=args.guidance)
+            req = RenderRequest(
+                "a lighthouse at dusk", side, side, seed=1, steps=args.steps, guidance_scale=args.guidance
+            )
             # first call: every new tile shape pays its one-time kernel selection; second: steady state
             cold = run_one(pipe, [req], args.steps, device)
-            row = {"config": f"{side}x{side}", **run_one(pipe, [req], args.steps, device),
-                   "cold_seconds": cold["seconds"]}
+            row = {
+                "config": f"{side}x{side}",
+                **run_one(pipe, [req], args.steps, device),
+                "cold_seconds": cold["seconds"],
+            }
             rows.append(row)
             print(row, flush=True)
         side = SIZES[args.size][0]
-        reqs = [RenderRequest(f"prompt {i}", side, side, seed=i, steps=args.steps, guidance_scale=args.guidance)
-                for i in range(4)]
+        reqs = [
+            RenderRequest(f"prompt {i}", side, side, seed=i, steps=args.steps, guidance_scale=args.guidance)
+            for i in range(4)
+        ]
         pipe.generate_many(reqs, pipe.default_sampler())  # warm the packed shapes too
         alone = [run_one(pipe, [r], args.steps, device) for r in reqs]
         packed = run_one(pipe, reqs, args.steps, device)
         alone_s = sum(a["seconds"] for a in alone)
-        rows.append({"config": f"4 x {side}^2 one at a time", "seconds": round(alone_s, 3),
-                     "seconds_per_image": round(alone_s / 4, 3)})
-        rows.append({"config": f"4 x {side}^2 packed", **packed, "speedup_vs_one_at_a_time": round(alone_s / packed["seconds"], 2)})
+        rows.append(
+            {
+                "config": f"4 x {side}^2 one at a time",
+                "seconds": round(alone_s, 3),
+                "seconds_per_image": round(alone_s / 4, 3),
+            }
+        )
+        rows.append(
+            {
+                "config": f"4 x {side}^2 packed",
+                **packed,
+                "speedup_vs_one_at_a_time": round(alone_s / packed["seconds"], 2),
+            }
+        )
         print(rows[-2], rows[-1], sep="\n", flush=True)
-    print("\n| config | s/image | first call s | UNet samples/s | peak GPU GB | tile batch |\n|---|---|---|---|---|---|")
+    print(
+        "\n| config | s/image | first call s | UNet samples/s | peak GPU GB | tile batch |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['config']} | {r['seconds_per_image']} | {r.get('cold_seconds', '')} | "
-              f"{r.get('unet_samples_per_s', '')} | {r.get('peak_gpu_memory_gb', '')} | {r.get('tile_batch_size', '')} |")
+        print(
+            f"| {r['config']} | {r['seconds_per_image']} | {r.get('cold_seconds', '')} | "
+            f"{r.get('unet_samples_per_s', '')} | {r.get('peak_gpu_memory_gb', '')} | {r.get('tile_batch_size', '')} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        info = {"device": str(device), "dtype": str(dtype), "size": args.size, "steps": args.steps,
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+        info = {
+            "device": str(device),
+            "dtype": str(dtype),
+            "size": args.size,
+            "steps": args.steps,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        }
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
 
 

@@ -59,8 +59,11 @@ def run_one(size: int, steps: int, model: str) -> dict:
             current.update(name=name, t0=time.perf_counter())
 
     base = current_rss_mb()
-    res = pipe.generate_many([RenderRequest("a gigapixel valley", size, size, seed=0, steps=steps)],
-                             on_stage=on_stage, memmap_pixels=64_000_000)[0]
+    res = pipe.generate_many(
+        [RenderRequest("a gigapixel valley", size, size, seed=0, steps=steps)],
+        on_stage=on_stage,
+        memmap_pixels=64_000_000,
+    )[0]
     with tempfile.TemporaryDirectory(prefix="asd-gigapixel-") as tmp:
         on_stage("encode")
         with open(Path(tmp) / "out.png", "wb") as f:
@@ -70,17 +73,27 @@ def run_one(size: int, steps: int, model: str) -> dict:
         on_stage("done")
         png_mb = (Path(tmp) / "out.png").stat().st_size / 2**20
         tiles = sum(1 for _ in (Path(tmp) / "dz" / "out_files").rglob("*.jpeg"))
-    return {"size": size, "steps": steps, "model_rss_mb": base, "stages": stages,
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
-            "output_array_mb": round(size * size * 3 / 2**20, 1), "memmapped": size * size > 64_000_000,
-            "png_mb": round(png_mb, 1), "dzi_tiles": tiles, "fstd_tiles": res.fstd_tiles,
-            "seconds": round(sum(s["seconds"] for s in stages.values()), 1)}
+    return {
+        "size": size,
+        "steps": steps,
+        "model_rss_mb": base,
+        "stages": stages,
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
+        "output_array_mb": round(size * size * 3 / 2**20, 1),
+        "memmapped": size * size > 64_000_000,
+        "png_mb": round(png_mb, 1),
+        "dzi_tiles": tiles,
+        "fstd_tiles": res.fstd_tiles,
+        "seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="4096,8192,16384", help="square output sides, pixels")
-    ap.add_argument("--steps", type=int, default=4, help="denoising steps (stage 2 runs strength 0.6 of them)")
+    ap.add_argument(
+        "--steps", type=int, default=4, help="denoising steps (stage 2 runs strength 0.6 of them)"
+    )
     ap.add_argument("--json", default="bench/results/gigapixel.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,29 +105,50 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         spec = json.dumps({"size": size, "steps": args.steps, "model": str(model)})
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "bench.gigapixel", "--worker", spec], capture_output=True,
-                              text=True, cwd=HERE.parent)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.gigapixel", "--worker", spec],
+            capture_output=True,
+            text=True,
+            cwd=HERE.parent,
+        )
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"bench worker failed at {size}x{size}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
-        _write(args.json, args.steps, results, None)  # after every size: a long run stopped early keeps its rows
-        print(f"  {size}x{size}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"({time.time() - t0:.0f} s with start-up)", flush=True)
-    print(f"\n{'size':>12s} " + " ".join(f"{s + ' s':>10s} {s + ' MB':>11s}" for s in STAGES)
-          + f" {'peak MB':>8s} {'array MB':>8s}")
+        _write(
+            args.json, args.steps, results, None
+        )  # after every size: a long run stopped early keeps its rows
+        print(
+            f"  {size}x{size}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"({time.time() - t0:.0f} s with start-up)",
+            flush=True,
+        )
+    print(
+        f"\n{'size':>12s} "
+        + " ".join(f"{s + ' s':>10s} {s + ' MB':>11s}" for s in STAGES)
+        + f" {'peak MB':>8s} {'array MB':>8s}"
+    )
     for r in results:
-        cells = " ".join(f"{r['stages'][s]['seconds']:>10.1f} {r['stages'][s]['peak_rss_mb']:>11.0f}" for s in STAGES)
-        print(f"{r['size']:>5d}x{r['size']:<6d} {cells} {r['peak_rss_mb']:>8.0f} {r['output_array_mb']:>8.0f}")
+        cells = " ".join(
+            f"{r['stages'][s]['seconds']:>10.1f} {r['stages'][s]['peak_rss_mb']:>11.0f}" for s in STAGES
+        )
+        print(
+            f"{r['size']:>5d}x{r['size']:<6d} {cells} {r['peak_rss_mb']:>8.0f} {r['output_array_mb']:>8.0f}"
+        )
     target = None
     by = {r["size"]: r for r in results}
     if 4096 in by and 16384 in by:
         limit = 1.5 * by[4096]["peak_rss_mb"] + by[16384]["output_array_mb"]
-        target = {"peak_16384_mb": by[16384]["peak_rss_mb"], "limit_mb": round(limit, 1),
-                  "met": by[16384]["peak_rss_mb"] <= limit}
-        print(f"\ntarget: peak RSS at 16384^2 {target['peak_16384_mb']:.0f} MB <= 1.5 x peak at 4096^2 + output "
-              f"array = {limit:.0f} MB: {'met' if target['met'] else 'NOT met'}")
+        target = {
+            "peak_16384_mb": by[16384]["peak_rss_mb"],
+            "limit_mb": round(limit, 1),
+            "met": by[16384]["peak_rss_mb"] <= limit,
+        }
+        print(
+            f"\ntarget: peak RSS at 16384^2 {target['peak_16384_mb']:.0f} MB <= 1.5 x peak at 4096^2 + output "
+            f"array = {limit:.0f} MB: {'met' if target['met'] else 'NOT met'}"
+        )
     _write(args.json, args.steps, results, target)
     print(f"wrote {args.json}")
 

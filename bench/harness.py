@@ -29,7 +29,11 @@ class S3Requests:
                 msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours some lines
                 for m in ("GET", "PUT", "HEAD", "POST", "DELETE"):
                     if f'"{m} ' in msg:
-                        key = "LIST" if m == "GET" and ("list-type" in msg or "?prefix" in msg or "&prefix" in msg) else m
+                        key = (
+                            "LIST"
+                            if m == "GET" and ("list-type" in msg or "?prefix" in msg or "&prefix" in msg)
+                            else m
+                        )
                         counts[key] = counts.get(key, 0) + 1
 
         self._handler = Count()

@@ -55,7 +55,9 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(suns, rng.choice(HORIZONS), rng.randint(0, 3))
 
 
-def render(scene: Scene, width: int, height: int, rng: random.Random | None = None, supersample: int = 4) -> Image.Image:
+def render(
+    scene: Scene, width: int, height: int, rng: random.Random | None = None, supersample: int = 4
+) -> Image.Image:
     """The scene at width x height (drawn `supersample` times larger, then reduced: smooth edges).
     `rng` jitters positions a little (None: none)."""
     jitter = rng is not None
@@ -116,7 +118,9 @@ def score_image(image: Image.Image) -> LayoutScore:
     ground, sun, tree = (cls == names.index(k) for k in ("ground", "sun", "tree"))
     suns = _blobs(sun, MIN_BLOB * np.pi * (SUN_RADIUS * short) ** 2)
     trees = _blobs(tree, MIN_BLOB * 0.5 * TREE_H * TREE_W * short**2)
-    horizon = float(100 * (ground.mean(axis=1) < 0.5).sum() / h)  # rows above the ground are mostly not ground
+    horizon = float(
+        100 * (ground.mean(axis=1) < 0.5).sum() / h
+    )  # rows above the ground are mostly not ground
     thirds = tuple(sorted({THIRDS[min(2, int(3 * x / w))] for _, x in suns}, key=THIRDS.index))
     return LayoutScore(len(suns), thirds, horizon, len(trees))
 

@@ -31,7 +31,9 @@ def write_json(path: str | None, data: Any) -> None:
 
 def child_arm(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """`python -m module args...` in a fresh process; its last stdout line is the arm's JSON."""
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     if out.returncode:
         raise SystemExit(f"{module} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -39,6 +39,7 @@ WDS_CHUNK_ROWS = 64  # --layout webdataset: images a tar (two writes a chunk: it
 
 # -- child steps: each in its own process, printing one JSON line --------------------------------
 
+
 def _stub_pipeline() -> None:
     """Replace the model with a stand-in renderer (a fixed picture; no UNet)."""
     import numpy as np
@@ -57,8 +58,12 @@ def _stub_pipeline() -> None:
             return None
 
         def generate_many(self, reqs: list[Any], sampler: Any, **k: Any) -> list[AnySizeResult]:
-            return [AnySizeResult(pixels.copy(), Bucket(SIDE, SIDE), (SIDE, SIDE), SIDE, {"x": [32], "y": []}, 1, 2)
-                    for _ in reqs]
+            return [
+                AnySizeResult(
+                    pixels.copy(), Bucket(SIDE, SIDE), (SIDE, SIDE), SIDE, {"x": [32], "y": []}, 1, 2
+                )
+                for _ in reqs
+            ]
 
     gen.cached_pipeline = lambda *a, **k: Stand()
 
@@ -87,8 +92,14 @@ def child_setup(store_url: str, n: int) -> dict[str, Any]:
     model = str(w.commit())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.parquet"
-        pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [SIDE] * n, "height": [SIDE] * n,
-                      "seed": list(range(n))}).write_parquet(path)
+        pl.DataFrame(
+            {
+                "prompt": [f"picture {i}" for i in range(n)],
+                "width": [SIDE] * n,
+                "height": [SIDE] * n,
+                "seed": list(range(n)),
+            }
+        ).write_parquet(path)
         prompts = store_prompts(store.url, prompt_table(path), "scale", "bench")
     return {"model": model, "prompts": prompts, **child_real(store_url)}
 
@@ -106,7 +117,9 @@ def child_real(store_url: str) -> dict[str, Any]:
             arr = (np.indices((SIDE, SIDE)).sum(0) * (i + 1) % 256).astype(np.uint8)
             Image.fromarray(np.stack([arr, arr.T, 255 - arr], 2)).save(real / f"r{i}.png")
             (real / f"r{i}.txt").write_text(f"real {i}")
-        return {"data": ingest(store_url, [str(real)], "real", IngestSettings(bucket_base=SIDE, bucket_step=16))}
+        return {
+            "data": ingest(store_url, [str(real)], "real", IngestSettings(bucket_base=SIDE, bucket_step=16))
+        }
 
 
 def child_evaluate(store_url: str, gen: str, data: str) -> dict[str, Any]:
@@ -116,8 +129,14 @@ def child_evaluate(store_url: str, gen: str, data: str) -> dict[str, Any]:
     from tasks.evaluate import EvaluateSettings
 
     t0 = time.perf_counter()
-    evaluate_flow(gen, data, "scale", EvaluateSettings(sample=200, patch_size=32, patches_per_image=1), store_url,
-                  rerun=True)  # measured afresh, never reused
+    evaluate_flow(
+        gen,
+        data,
+        "scale",
+        EvaluateSettings(sample=200, patch_size=32, patches_per_image=1),
+        store_url,
+        rerun=True,
+    )  # measured afresh, never reused
     return {"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb()}
 
 
@@ -143,7 +162,9 @@ def child_open(store_url: str, ref: str, rel: str, member: list[int] | None = No
 
     t0 = time.perf_counter()
     store = ArtifactStore(store_url)
-    data = store.read_range(ref, rel, member[0], member[0] + member[1]) if member else store.read_bytes(ref, rel)
+    data = (
+        store.read_range(ref, rel, member[0], member[0] + member[1]) if member else store.read_bytes(ref, rel)
+    )
     return {"seconds": time.perf_counter() - t0, "rss_mb": _rss_mb(), "bytes": len(data)}
 
 
@@ -159,8 +180,12 @@ def child_ls(store_url: str, name: str) -> dict[str, Any]:
     t_ls = time.perf_counter() - t0
     t0 = time.perf_counter()
     store.find_by_input_hash("generations", name, "no-such-hash")
-    return {"ls_seconds": t_ls, "lookup_seconds": time.perf_counter() - t0, "versions": len(versions),
-            "rss_mb": _rss_mb()}
+    return {
+        "ls_seconds": t_ls,
+        "lookup_seconds": time.perf_counter() - t0,
+        "versions": len(versions),
+        "rss_mb": _rss_mb(),
+    }
 
 
 def child_verify(store_url: str, ref: str, shallow: bool) -> dict[str, Any]:
@@ -200,21 +225,45 @@ def child_sizes(store_url: str, ref: str) -> dict[str, Any]:
     rec = store.record(ref)
     record_bytes = len(store.fs.cat_file(store.path(store.resolve(ref).prefix, COMMIT_RECORD)))
     lists = sum(p["size"] for p in rec.get("file_lists") or [])
-    return {"record_bytes": record_bytes, "manifest_bytes": rec["files"]["manifest.parquet"]["size"],
-            "file_list_bytes": lists, "files": rec.get("file_count", len(rec["files"]))}
+    return {
+        "record_bytes": record_bytes,
+        "manifest_bytes": rec["files"]["manifest.parquet"]["size"],
+        "file_list_bytes": lists,
+        "files": rec.get("file_count", len(rec["files"])),
+    }
 
 
-CHILDREN = {"evaluate": child_evaluate, "real": child_real, "setup": child_setup, "job": child_job, "open": child_open, "ls": child_ls, "verify": child_verify,
-            "gc": child_gc, "dashboard": child_dashboard, "sizes": child_sizes}
+CHILDREN = {
+    "evaluate": child_evaluate,
+    "real": child_real,
+    "setup": child_setup,
+    "job": child_job,
+    "open": child_open,
+    "ls": child_ls,
+    "verify": child_verify,
+    "gc": child_gc,
+    "dashboard": child_dashboard,
+    "sizes": child_sizes,
+}
 
 
 # -- the driver ---------------------------------------------------------------------------------
 
-def run_child(tree: Path, env: dict[str, str], step: str, *args: Any, expect_kill: bool = False) -> dict[str, Any]:
+
+def run_child(
+    tree: Path, env: dict[str, str], step: str, *args: Any, expect_kill: bool = False
+) -> dict[str, Any]:
     me = str(Path(__file__).resolve())  # this script, run with `tree`'s code first on the path
-    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); sys.argv = sys.argv[1:]; "
-           f"exec(compile(open({me!r}).read(), {me!r}, 'exec'), {{'__name__': '__main__', '__file__': {me!r}}})",
-           "bench.scale", "--child", step, *[json.dumps(a) for a in args]]
+    cmd = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(tree)!r}); sys.argv = sys.argv[1:]; "
+        f"exec(compile(open({me!r}).read(), {me!r}, 'exec'), {{'__name__': '__main__', '__file__': {me!r}}})",
+        "bench.scale",
+        "--child",
+        step,
+        *[json.dumps(a) for a in args],
+    ]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         # files, not pipes: a server the child started must not keep this process waiting
@@ -232,11 +281,24 @@ def run_child(tree: Path, env: dict[str, str], step: str, *args: Any, expect_kil
     return out
 
 
-def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: S3Requests | None, base_env: dict[str, str],
-               layout: str = "files", skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+def bench_tree(
+    label: str,
+    tree: Path,
+    n: int,
+    s3: bool,
+    requests: S3Requests | None,
+    base_env: dict[str, str],
+    layout: str = "files",
+    skip: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"asd-scale-{label}-{n}-"))
-    env = {**base_env, "PREFECT_HOME": str(tmp / "prefect"), "ASD_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **base_env,
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "ASD_CACHE": str(tmp / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     if s3:
         import boto3
 
@@ -247,8 +309,11 @@ def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: S3Requests | 
         url = f"s3://{bucket}/store"
     else:
         url = str(tmp / "store")
-    row: dict[str, Any] = {"code": label if layout == "files" else f"{label} ({layout})", "images": n,
-                           "store": "s3" if s3 else "folder"}
+    row: dict[str, Any] = {
+        "code": label if layout == "files" else f"{label} ({layout})",
+        "images": n,
+        "store": "s3" if s3 else "folder",
+    }
 
     def step(name: str, *args: Any, **kw: Any) -> dict[str, Any]:
         before = requests.snapshot() if requests else {}
@@ -273,7 +338,9 @@ def bench_tree(label: str, tree: Path, n: int, s3: bool, requests: S3Requests | 
         cols = [c for c in ("image", "shard", "shard_offset", "shard_size") if c in pf.schema_arrow.names]
         middle = pf.read(columns=cols).slice(n // 2, 1).to_pylist()[0]
     if middle.get("shard"):  # a member of a tar shard: one ranged read
-        row["open_image"] = step("open", url, ref, middle["shard"], [middle["shard_offset"], middle["shard_size"]])
+        row["open_image"] = step(
+            "open", url, ref, middle["shard"], [middle["shard_offset"], middle["shard_size"]]
+        )
     else:
         row["open_image"] = step("open", url, ref, middle["image"])
     row["ls"] = step("ls", url, "scale")
@@ -310,14 +377,24 @@ def fit(rows: list[dict[str, Any]], path: tuple[str, ...]) -> tuple[float, float
     return my - b * mx, b
 
 
-METRICS = [("job s", ("job", "seconds")), ("job RSS MB", ("job", "rss_mb")),
-           ("record KB", ("sizes", "record_bytes")), ("manifest KB", ("sizes", "manifest_bytes")),
-           ("open image s", ("open_image", "seconds")), ("open image RSS MB", ("open_image", "rss_mb")),
-           ("ls s", ("ls", "ls_seconds")), ("lookup s", ("ls", "lookup_seconds")),
-           ("verify s", ("verify", "seconds")), ("verify shallow s", ("verify_shallow", "seconds")),
-           ("gc s", ("gc", "seconds")), ("resume s", ("resume", "seconds")), ("dashboard s", ("dashboard", "seconds")),
-           ("dashboard RSS MB", ("dashboard", "rss_mb")), ("evaluate s", ("evaluate", "seconds")),
-           ("evaluate RSS MB", ("evaluate", "rss_mb"))]
+METRICS = [
+    ("job s", ("job", "seconds")),
+    ("job RSS MB", ("job", "rss_mb")),
+    ("record KB", ("sizes", "record_bytes")),
+    ("manifest KB", ("sizes", "manifest_bytes")),
+    ("open image s", ("open_image", "seconds")),
+    ("open image RSS MB", ("open_image", "rss_mb")),
+    ("ls s", ("ls", "ls_seconds")),
+    ("lookup s", ("ls", "lookup_seconds")),
+    ("verify s", ("verify", "seconds")),
+    ("verify shallow s", ("verify_shallow", "seconds")),
+    ("gc s", ("gc", "seconds")),
+    ("resume s", ("resume", "seconds")),
+    ("dashboard s", ("dashboard", "seconds")),
+    ("dashboard RSS MB", ("dashboard", "rss_mb")),
+    ("evaluate s", ("evaluate", "seconds")),
+    ("evaluate RSS MB", ("evaluate", "rss_mb")),
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -332,8 +409,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ["code", "store", "images", *[m for m, _ in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["code"], r["store"], str(r["images"]), *[get(r, p) for _, p in METRICS]])
-                     + " |")
+        lines.append(
+            "| "
+            + " | ".join([r["code"], r["store"], str(r["images"]), *[get(r, p) for _, p in METRICS]])
+            + " |"
+        )
     for label in sorted({r["code"] for r in rows}):
         for store in sorted({r["store"] for r in rows}):
             sub = [r for r in rows if r["code"] == label and r["store"] == store]
@@ -354,8 +434,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append("\nS3 requests by step:")
         for r in rows:
             if r["store"] == "s3":
-                reqs = {k: r[k].get("requests") for k in ("job", "open_image", "ls", "verify", "verify_shallow",
-                                                           "gc", "resume", "dashboard") if isinstance(r.get(k), dict)}
+                reqs = {
+                    k: r[k].get("requests")
+                    for k in (
+                        "job",
+                        "open_image",
+                        "ls",
+                        "verify",
+                        "verify_shallow",
+                        "gc",
+                        "resume",
+                        "dashboard",
+                    )
+                    if isinstance(r.get(k), dict)
+                }
                 lines.append(f"- {r['code']} {r['images']}: {json.dumps(reqs)}")
     return "\n".join(lines)
 
@@ -363,8 +455,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
-        step, args = sys.argv[i + 1], [json.loads(a) for a in sys.argv[i + 2:]]
-        if step in ("setup", "job", "evaluate", "real"):  # they run flows (the readers import no Prefect: their RSS is their own)
+        step, args = sys.argv[i + 1], [json.loads(a) for a in sys.argv[i + 2 :]]
+        if step in (
+            "setup",
+            "job",
+            "evaluate",
+            "real",
+        ):  # they run flows (the readers import no Prefect: their RSS is their own)
             from flows.server_guard import tie_temporary_server_to_this_process
 
             tie_temporary_server_to_this_process()  # Prefect's temporary server ends with this process
@@ -375,9 +472,15 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="on moto's S3 server, counting requests")
     ap.add_argument("--baseline", help="another checkout to run side by side (e.g. a git worktree)")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--layout", default="files", choices=["files", "webdataset", "both"],
-                    help="the new code's output layout (both: one row each); a baseline runs its own")
-    ap.add_argument("--skip", default="", help="steps to leave out, comma-separated (e.g. verify,resume at 1M)")
+    ap.add_argument(
+        "--layout",
+        default="files",
+        choices=["files", "webdataset", "both"],
+        help="the new code's output layout (both: one row each); a baseline runs its own",
+    )
+    ap.add_argument(
+        "--skip", default="", help="steps to leave out, comma-separated (e.g. verify,resume at 1M)"
+    )
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     env = dict(os.environ)
@@ -390,10 +493,23 @@ def main() -> None:
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
-        env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                   AWS_DEFAULT_REGION="us-east-1")
-        os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                "AWS_DEFAULT_REGION")})
+        env.update(
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        os.environ.update(
+            {
+                k: env[k]
+                for k in (
+                    "AWS_ENDPOINT_URL",
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_DEFAULT_REGION",
+                )
+            }
+        )
         requests = S3Requests()
     trees = [("new", ROOT)] + ([("base", Path(args.baseline).resolve())] if args.baseline else [])
     rows = []
@@ -401,7 +517,7 @@ def main() -> None:
     skip = frozenset(x for x in args.skip.split(",") if x)
     for n in sizes:
         for label, tree in trees:
-            for layout in (layouts if label == "new" else ["files"]):
+            for layout in layouts if label == "new" else ["files"]:
                 rows.append(bench_tree(label, tree, n, args.s3, requests, env, layout, skip))
     text = table(rows)
     print(text)

@@ -68,15 +68,30 @@ def main() -> None:
         ref = w.commit()
         commit_s = time.perf_counter() - t0
         record_kb = Path(store.path(ref.prefix, "_COMMITTED.json")).stat().st_size / 1024
-        opened = min((child_arm("bench.store_record", "--arm", tmp, "open") for _ in range(3)), key=lambda r: r["ms"])
-        listed = min((child_arm("bench.store_record", "--arm", tmp, "list") for _ in range(3)), key=lambda r: r["ms"])
-    result = {"files": args.files, "write_s": round(written, 1), "commit_s": round(commit_s, 2),
-              "record_kb": round(record_kb, 1), "open_ms": opened["ms"], "open_rss_mb": opened["rss_mb"],
-              "list_versions_ms": listed["ms"], "targets": TARGETS}
-    rows = [{"what": k, "value": result[k], "target": f"<= {v}", "ok": "yes" if result[k] <= v else "NO"}
-            for k, v in TARGETS.items()]
-    print(f"{args.files} files through put_bytes: written in {written:.1f} s, committed in {commit_s:.2f} s "
-          "(best of 3 fresh processes for the reads)")
+        opened = min(
+            (child_arm("bench.store_record", "--arm", tmp, "open") for _ in range(3)), key=lambda r: r["ms"]
+        )
+        listed = min(
+            (child_arm("bench.store_record", "--arm", tmp, "list") for _ in range(3)), key=lambda r: r["ms"]
+        )
+    result = {
+        "files": args.files,
+        "write_s": round(written, 1),
+        "commit_s": round(commit_s, 2),
+        "record_kb": round(record_kb, 1),
+        "open_ms": opened["ms"],
+        "open_rss_mb": opened["rss_mb"],
+        "list_versions_ms": listed["ms"],
+        "targets": TARGETS,
+    }
+    rows = [
+        {"what": k, "value": result[k], "target": f"<= {v}", "ok": "yes" if result[k] <= v else "NO"}
+        for k, v in TARGETS.items()
+    ]
+    print(
+        f"{args.files} files through put_bytes: written in {written:.1f} s, committed in {commit_s:.2f} s "
+        "(best of 3 fresh processes for the reads)"
+    )
     table(rows, {"measure": "{what}", "value": "{value}", "target": "{target}", "met": "{ok}"})
     write_json(args.json, result)
 

@@ -39,8 +39,11 @@ def fitted_vae(steps: int):
     if (folder / "config.json").is_file():
         return AutoencoderKL.from_pretrained(folder).eval()
     photos = materialize_demo_photos(CACHE / "photos")
-    images = [pil_to_tensor_m11(resize_cover_crop(Image.open(p).convert("RGB"), 256, 256)[0])
-              for p in sorted(photos.glob("*")) if p.suffix in (".png", ".jpg")]
+    images = [
+        pil_to_tensor_m11(resize_cover_crop(Image.open(p).convert("RGB"), 256, 256)[0])
+        for p in sorted(photos.glob("*"))
+        if p.suffix in (".png", ".jpg")
+    ]
     vae = build_tiny_components()["vae"]
     fit_vae(vae, images, steps, crop=64)
     vae.save_pretrained(folder)
@@ -88,7 +91,8 @@ def main() -> None:
         for y in range(0, h, t):
             for x in range(0, w, t):
                 per_tile[y * 8 : (y + t) * 8, x * 8 : (x + t) * 8] = to_u8(
-                    vae.decode(z[:, :, y : y + t, x : x + t] / vae.config.scaling_factor).sample)
+                    vae.decode(z[:, :, y : y + t, x : x + t] / vae.config.scaling_factor).sample
+                )
         images["per_tile"] = per_tile
         results.append({"method": "per_tile", "seconds": time.perf_counter() - t0})
 
@@ -111,13 +115,22 @@ def main() -> None:
         r["colour_error"] = round(float(np.abs(im - whole.astype(np.float64)).mean()), 3)
         r["mean_rgb_shift"] = [round(float(v), 2) for v in (im.mean(axis=(0, 1)) - whole.mean(axis=(0, 1)))]
         r["seconds"] = round(r["seconds"], 3)
-    print(f"tiny VAE (4 levels, fitted {args.vae_steps} steps), {args.size}x{args.size} hubble_deep_field, "
-          f"tile {t} latent ({t * 8} px)")
+    print(
+        f"tiny VAE (4 levels, fitted {args.vae_steps} steps), {args.size}x{args.size} hubble_deep_field, "
+        f"tile {t} latent ({t * 8} px)"
+    )
     print(f"{'method':26s} {'seconds':>8s} {'seam':>7s} {'colour err':>10s}  mean RGB shift")
     for r in results:
-        print(f"{r['method']:26s} {r['seconds']:>8.2f} {r['seam_score']:>7.3f} {r['colour_error']:>10.2f}  {r['mean_rgb_shift']}")
-    out = {"size": args.size, "tile": t, "vae_steps": args.vae_steps, "results": results,
-           "peak_rss_mb": peak_rss_mb()}
+        print(
+            f"{r['method']:26s} {r['seconds']:>8.2f} {r['seam_score']:>7.3f} {r['colour_error']:>10.2f}  {r['mean_rgb_shift']}"
+        )
+    out = {
+        "size": args.size,
+        "tile": t,
+        "vae_steps": args.vae_steps,
+        "results": results,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

@@ -41,7 +41,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-CONFIGS = ["in-memory", "stream", "stream, 2 workers", "stream, cached latents", "loader only", "loader only, 2 workers"]
+CONFIGS = [
+    "in-memory",
+    "stream",
+    "stream, 2 workers",
+    "stream, cached latents",
+    "loader only",
+    "loader only, 2 workers",
+]
 
 
 def dataset(n: int) -> tuple[str, str]:
@@ -60,11 +67,15 @@ def dataset(n: int) -> tuple[str, str]:
     rng = np.random.default_rng(0)
     for i in range(n):
         w, h = [(384, 384), (512, 288), (288, 512)][i % 3]
-        field = Image.fromarray(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        field = Image.fromarray(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)).resize(
+            (w, h), Image.Resampling.BICUBIC
+        )
         arr = np.asarray(field, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"b{i:04d}.jpg", quality=90)
         (folder / f"b{i:04d}.txt").write_text(f"a generated picture number {i}")
-    ref = ingest(store_url, [str(folder)], "bench", IngestSettings(bucket_base=128, bucket_step=16, workers=2))
+    ref = ingest(
+        store_url, [str(folder)], "bench", IngestSettings(bucket_base=128, bucket_step=16, workers=2)
+    )
     return store_url, ref
 
 
@@ -89,7 +100,11 @@ def child(config: str, steps: int, n: int) -> dict:
     workers = 2 if "2 workers" in config else 0
     bs, warm = 8, 5
     if config.startswith("loader only"):
-        it = iter(make_loader(buckets, StoreOpener(store_url, ref), LoaderConfig(batch_size=bs), num_workers=workers))
+        it = iter(
+            make_loader(
+                buckets, StoreOpener(store_url, ref), LoaderConfig(batch_size=bs), num_workers=workers
+            )
+        )
         for _ in range(warm):
             next(it)
         t0 = time.perf_counter()
@@ -100,8 +115,9 @@ def child(config: str, steps: int, n: int) -> dict:
         if not (base / "model_index.json").is_file():
             save_components(build_tiny_components(seed=0), base)
         c = load_components(base)
-        cfg = TrainSettings(steps=steps + warm, batch_size=bs, ema_decay=0.9999,
-                            cache_latents="cached" in config).train_config()
+        cfg = TrainSettings(
+            steps=steps + warm, batch_size=bs, ema_decay=0.9999, cache_latents="cached" in config
+        ).train_config()
         trainer = AradTrainer(c, cfg)
         if config == "in-memory":
             data = read_bucket_samples(store, ref)
@@ -110,12 +126,20 @@ def child(config: str, steps: int, n: int) -> dict:
 
             def batches():
                 for b, idx in bucket_batches({b: len(v) for b, v in caps.items()}, bs, 0):
-                    yield {"bucket": b, "pixels": pixels[b][idx], "captions": [caps[b][i] for i in idx],
-                           "keys": [f"{b}/{i}" for i in idx]}
+                    yield {
+                        "bucket": b,
+                        "pixels": pixels[b][idx],
+                        "captions": [caps[b][i] for i in idx],
+                        "keys": [f"{b}/{i}" for i in idx],
+                    }
 
             it = batches()
         else:
-            it = iter(make_loader(buckets, StoreOpener(store_url, ref), LoaderConfig(batch_size=bs), num_workers=workers))
+            it = iter(
+                make_loader(
+                    buckets, StoreOpener(store_url, ref), LoaderConfig(batch_size=bs), num_workers=workers
+                )
+            )
         counted = []
 
         def counting():
@@ -133,8 +157,14 @@ def child(config: str, steps: int, n: int) -> dict:
         seconds = time.perf_counter() - t0
         samples = sum(counted[done_warm:]) * world  # every rank draws as many
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"config": config, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-            "peak_rss_mb": rss, "processes": world}
+    return {
+        "config": config,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "peak_rss_mb": rss,
+        "processes": world,
+    }
 
 
 def main() -> None:
@@ -156,23 +186,39 @@ def main() -> None:
         return
     results = []
     for config in CONFIGS:
-        out = subprocess.run([sys.executable, "-m", "bench.train", "--child", config, "--steps", str(args.steps),
-                              "--images", str(args.images)], capture_output=True, text=True,
-                             env={**os.environ, "TQDM_DISABLE": "1"})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.train",
+                "--child",
+                config,
+                "--steps",
+                str(args.steps),
+                "--images",
+                str(args.images),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
         if out.returncode:
             raise SystemExit(f"{config} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = results[0]["samples_per_s"]
-    print(f"\nARAD training throughput, tiny model, batch 8, {args.steps} steps, {len(os.sched_getaffinity(0))} cores\n")
+    print(
+        f"\nARAD training throughput, tiny model, batch 8, {args.steps} steps, {len(os.sched_getaffinity(0))} cores\n"
+    )
     print("| config | samples | s | samples/s | vs in-memory | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['config']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | "
-              f"{r['samples_per_s'] / base:.2f}x | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['config']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | "
+            f"{r['samples_per_s'] / base:.2f}x | {r['peak_rss_mb']:.0f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results, "steps": args.steps}, indent=2))
-
 
 
 def data_parallel(args: argparse.Namespace) -> None:
@@ -184,21 +230,53 @@ def data_parallel(args: argparse.Namespace) -> None:
     share = max(1, cores // args.processes)
     runs = []
     for n, threads in ((1, cores), (1, share), (args.processes, share)):
-        launcher = [] if n == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-                                      "127.0.0.1", "--master_port", str(free_port())]
-        cmd = [sys.executable, *launcher, "-m", "bench.train", "--child", "stream", "--steps", str(args.steps),
-               "--images", str(args.images)]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, "TQDM_DISABLE": "1", "BENCH_TORCH_THREADS": str(threads)})
+        launcher = (
+            []
+            if n == 1
+            else [
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+            ]
+        )
+        cmd = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "bench.train",
+            "--child",
+            "stream",
+            "--steps",
+            str(args.steps),
+            "--images",
+            str(args.images),
+        ]
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1", "BENCH_TORCH_THREADS": str(threads)},
+        )
         if out.returncode:
             raise SystemExit(f"{n} process(es) failed:\n{out.stderr[-3000:]}")
         runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "threads": threads})
-    print(f"\nARAD data-parallel training, tiny model, batch 8 per process, {args.steps} steps, {cores} cores\n")
-    print("| processes | threads each | samples | s | samples/s | vs 1 process, all cores | vs 1 process, 1 share |")
+    print(
+        f"\nARAD data-parallel training, tiny model, batch 8 per process, {args.steps} steps, {cores} cores\n"
+    )
+    print(
+        "| processes | threads each | samples | s | samples/s | vs 1 process, all cores | vs 1 process, 1 share |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['processes']} | {r['threads']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | "
-              f"{r['samples_per_s'] / runs[0]['samples_per_s']:.2f}x | {r['samples_per_s'] / runs[1]['samples_per_s']:.2f}x |")
+        print(
+            f"| {r['processes']} | {r['threads']} | {r['samples']} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | "
+            f"{r['samples_per_s'] / runs[0]['samples_per_s']:.2f}x | {r['samples_per_s'] / runs[1]['samples_per_s']:.2f}x |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"data_parallel": runs, "steps": args.steps}, indent=2))
@@ -225,6 +303,7 @@ def bucket_batches(counts: dict[str, int], batch_size: int, seed: int) -> Iterat
             b = rng.choices(live, weights=[len(remaining[x]) for x in live])[0]
             batch, remaining[b] = remaining[b][:batch_size], remaining[b][batch_size:]
             yield b, batch
+
 
 if __name__ == "__main__":
     main()

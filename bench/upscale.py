@@ -99,8 +99,17 @@ def compare_methods(pipe, side: int, steps: int, methods: tuple[str, ...] = METH
         lines = lines or res.seam_lines  # FSTD's unshifted lattice: where naive tiles' borders are
         seam = seam_scores(res.pixels, lines["x"], lines["y"])[0]
         ssim, color = roundtrip(res.pixels, image)
-        out.append({"method": method, "seconds": seconds, "seam_score": seam, "roundtrip_ssim": ssim,
-                    "roundtrip_color_error": color, "size": f"{4 * side}x{4 * side}", "input": f"{side}x{side}"})
+        out.append(
+            {
+                "method": method,
+                "seconds": seconds,
+                "seam_score": seam,
+                "roundtrip_ssim": ssim,
+                "roundtrip_color_error": color,
+                "size": f"{4 * side}x{4 * side}",
+                "input": f"{side}x{side}",
+            }
+        )
         print(f"  {method}: {seconds:.1f} s, seam {seam:.3f}, SSIM {ssim:.3f}", file=sys.stderr, flush=True)
     full = next((r for r in out if r["method"] == "full"), None)
     fstd = next(r for r in out if r["method"] == "fstd")
@@ -115,10 +124,14 @@ def _scored(results, images, **fields) -> dict:
     from asd_models.fidelity import roundtrip
 
     scores = [roundtrip(r.pixels, im) for r, im in zip(results, images, strict=True)]
-    return {**fields, "images": len(images), "ssim_mean": float(np.mean([s for s, _ in scores])),
-            "ssim_min": float(np.min([s for s, _ in scores])),
-            "color_error_mean": float(np.mean([c for _, c in scores])),
-            "detail": float(np.mean([finer_detail(r.pixels, im) for r, im in zip(results, images, strict=True)]))}
+    return {
+        **fields,
+        "images": len(images),
+        "ssim_mean": float(np.mean([s for s, _ in scores])),
+        "ssim_min": float(np.min([s for s, _ in scores])),
+        "color_error_mean": float(np.mean([c for _, c in scores])),
+        "detail": float(np.mean([finer_detail(r.pixels, im) for r, im in zip(results, images, strict=True)])),
+    }
 
 
 def finer_detail(pixels: np.ndarray, image) -> float:
@@ -127,7 +140,11 @@ def finer_detail(pixels: np.ndarray, image) -> float:
     from PIL import Image
 
     h, w = pixels.shape[:2]
-    low = Image.fromarray(pixels).resize(image.size, Image.Resampling.BOX).resize((w, h), Image.Resampling.BICUBIC)
+    low = (
+        Image.fromarray(pixels)
+        .resize(image.size, Image.Resampling.BOX)
+        .resize((w, h), Image.Resampling.BICUBIC)
+    )
     return float(np.abs(pixels.astype(np.float32) - np.asarray(low, dtype=np.float32)).mean())
 
 
@@ -139,12 +156,32 @@ def strength_curve(pipe, steps: int) -> list[dict]:
     images = [centre_square(p, 256) if max(p.size) > 512 else p for p in photos()]
     out = []
     for strength in STRENGTHS:
-        reqs = [RenderRequest("a photo", 2 * im.width, 2 * im.height, seed=i, steps=steps, guidance_scale=4.0,
-                              strength=strength) for i, im in enumerate(images)]
+        reqs = [
+            RenderRequest(
+                "a photo",
+                2 * im.width,
+                2 * im.height,
+                seed=i,
+                steps=steps,
+                guidance_scale=4.0,
+                strength=strength,
+            )
+            for i, im in enumerate(images)
+        ]
         for fidelity in ("none", "backproject"):
-            out.append(_scored(pipe.upscale_many(reqs, images, fidelity=fidelity), images, strength=strength,
-                               fidelity=fidelity))
-            print(f"  strength {strength}, {fidelity}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
+            out.append(
+                _scored(
+                    pipe.upscale_many(reqs, images, fidelity=fidelity),
+                    images,
+                    strength=strength,
+                    fidelity=fidelity,
+                )
+            )
+            print(
+                f"  strength {strength}, {fidelity}: SSIM {out[-1]['ssim_mean']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
@@ -173,10 +210,23 @@ def x4_paths(model_dir: Path, side: int, steps: int) -> list[dict]:
 
     images = [centre_square(p, side) for p in photos()]
     upscaler = tiny_x4_upscaler()
-    pipes = {"img2img": AnySizePipeline.from_pretrained(model_dir),
-             "x4 upscaler": AnySizePipeline.from_pretrained(model_dir, upscaler=upscaler)}
-    reqs = [RenderRequest("a photo", 4 * side, 4 * side, seed=i, steps=steps, guidance_scale=4.0, strength=0.3,
-                          noise_level=20) for i in range(len(images))]
+    pipes = {
+        "img2img": AnySizePipeline.from_pretrained(model_dir),
+        "x4 upscaler": AnySizePipeline.from_pretrained(model_dir, upscaler=upscaler),
+    }
+    reqs = [
+        RenderRequest(
+            "a photo",
+            4 * side,
+            4 * side,
+            seed=i,
+            steps=steps,
+            guidance_scale=4.0,
+            strength=0.3,
+            noise_level=20,
+        )
+        for i in range(len(images))
+    ]
 
     class Plain:  # a result of bicubic enlargement
         def __init__(self, im):
@@ -187,8 +237,15 @@ def x4_paths(model_dir: Path, side: int, steps: int) -> list[dict]:
         for fidelity in ("none", "backproject"):
             t0 = time.perf_counter()
             results = pipe.upscale_many(reqs, images, fidelity=fidelity)
-            out.append(_scored(results, images, path=path, fidelity=fidelity,
-                               seconds=(time.perf_counter() - t0) / len(images)))
+            out.append(
+                _scored(
+                    results,
+                    images,
+                    path=path,
+                    fidelity=fidelity,
+                    seconds=(time.perf_counter() - t0) / len(images),
+                )
+            )
             print(f"  {path}, {fidelity}: SSIM {out[-1]['ssim_mean']:.3f}", file=sys.stderr, flush=True)
     return out
 
@@ -199,8 +256,11 @@ def _kill_when_half_done(proc: subprocess.Popen, n: int) -> int:
     from bench.harness import kill_tree
 
     def written() -> int:
-        return sum(1 for p in STORE.glob("upscales/kill-*/*/images/*.png")
-                   if not p.name.endswith(".seams.png") and p.stat().st_mtime > start)
+        return sum(
+            1
+            for p in STORE.glob("upscales/kill-*/*/images/*.png")
+            if not p.name.endswith(".seams.png") and p.stat().st_mtime > start
+        )
 
     start = time.time()
     while proc.poll() is None and written() < n // 2:
@@ -225,13 +285,39 @@ def kill_rerun(model: str, n: int, workers: int, steps: int) -> dict:
             x, y = int(rng.integers(0, max(1, im.width - w))), int(rng.integers(0, max(1, im.height - h)))
             im.crop((x, y, x + w, y + h)).save(folder / f"photo{i:03d}.png")
             (folder / f"photo{i:03d}.txt").write_text(f"a photo, part {i}")
-        args = [sys.executable, "-m", "flows.cli", "--store", str(STORE), "upscale", str(folder), "--model", model,
-                "--name", f"kill-{n}", "--steps", str(steps), "--executor", "dask", "--workers", str(workers),
-                "--partition-inputs", "4", "--seed", str(time.time_ns() % 1000)]  # a new job each bench run
+        args = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "--store",
+            str(STORE),
+            "upscale",
+            str(folder),
+            "--model",
+            model,
+            "--name",
+            f"kill-{n}",
+            "--steps",
+            str(steps),
+            "--executor",
+            "dask",
+            "--workers",
+            str(workers),
+            "--partition-inputs",
+            "4",
+            "--seed",
+            str(time.time_ns() % 1000),
+        ]  # a new job each bench run
         env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_HOME": str(Path(tmp) / "ph")}
         t0 = time.perf_counter()
-        first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         done_before = _kill_when_half_done(first, n)
         killed_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -247,12 +333,22 @@ def kill_rerun(model: str, n: int, workers: int, steps: int) -> dict:
         import polars as pl
 
         m = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
-        return {"photos": n, "workers": workers, "written_when_killed": done_before, "killed_after_s": killed_s,
-                "rerun_s": rerun_s, "resumed": summary["images_resumed"],
-                "rendered_by_rerun": summary["images_rendered_by_this_run"], "ok": summary["images_ok"],
-                "failed": summary["images_failed"], "keys_unique": m["key"].n_unique() == len(m),
-                "each_once": summary["images_resumed"] + summary["images_rendered_by_this_run"] == summary["images_ok"],
-                "verify_problems": len(store.verify(ref)), "ref": ref}
+        return {
+            "photos": n,
+            "workers": workers,
+            "written_when_killed": done_before,
+            "killed_after_s": killed_s,
+            "rerun_s": rerun_s,
+            "resumed": summary["images_resumed"],
+            "rendered_by_rerun": summary["images_rendered_by_this_run"],
+            "ok": summary["images_ok"],
+            "failed": summary["images_failed"],
+            "keys_unique": m["key"].n_unique() == len(m),
+            "each_once": summary["images_resumed"] + summary["images_rendered_by_this_run"]
+            == summary["images_ok"],
+            "verify_problems": len(store.verify(ref)),
+            "ref": ref,
+        }
 
 
 def main() -> None:
@@ -260,11 +356,20 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=512, help="input side (the output is 4x)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help="comma-separated, of " + ", ".join(METHODS) + " (full: one latent, slow on a CPU at 4096^2)")
-    ap.add_argument("--curve", action=argparse.BooleanOptionalAction, default=True,
-                    help="the round trip over strength (--no-curve: skip it)")
-    ap.add_argument("--x4-side", type=int, default=64, help="input side of the x4 paths' comparison (0: skip it)")
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated, of " + ", ".join(METHODS) + " (full: one latent, slow on a CPU at 4096^2)",
+    )
+    ap.add_argument(
+        "--curve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the round trip over strength (--no-curve: skip it)",
+    )
+    ap.add_argument(
+        "--x4-side", type=int, default=64, help="input side of the x4 paths' comparison (0: skip it)"
+    )
     ap.add_argument("--kill-rerun", type=int, default=0, help="photos of the kill-and-rerun job (0: skip it)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -284,26 +389,55 @@ def main() -> None:
         print("round trip over strength ...", file=sys.stderr, flush=True)
     curve = strength_curve(pipe, args.steps) if args.curve else []
     print(f"x4 paths, {args.x4_side}^2 -> {4 * args.x4_side}^2 ...", file=sys.stderr, flush=True)
-    x4 = x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps) if args.x4_side else []
+    x4 = (
+        x4_paths(local_model_dir(ArtifactStore(str(STORE)), model), args.x4_side, args.steps)
+        if args.x4_side
+        else []
+    )
     killed = kill_rerun(model, args.kill_rerun, args.workers, args.steps) if args.kill_rerun else None
     print(f"\nASD-upscale with {model} on {dev}, {args.steps} steps, strength 0.5, guidance 4\n")
-    table(methods, {"method": "{method}", "input -> output": "{input} -> {size}", "s": "{seconds:.1f}",
-                     "vs FSTD": "{time_vs_fstd:.2f}x", "seam score": "{seam_score:.3f}",
-                     "vs full latent": lambda r: f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-",
-                     "round-trip SSIM": "{roundtrip_ssim:.3f}", "colour error": "{roundtrip_color_error:.2f}"})
-    round_trip = {"SSIM mean": "{ssim_mean:.3f}", "SSIM min": "{ssim_min:.3f}",
-                  "colour error (0..255)": "{color_error_mean:.2f}", "detail": "{detail:.2f}"}
+    table(
+        methods,
+        {
+            "method": "{method}",
+            "input -> output": "{input} -> {size}",
+            "s": "{seconds:.1f}",
+            "vs FSTD": "{time_vs_fstd:.2f}x",
+            "seam score": "{seam_score:.3f}",
+            "vs full latent": lambda r: f"{r['seam_vs_full']:.2f}x" if r["seam_vs_full"] else "-",
+            "round-trip SSIM": "{roundtrip_ssim:.3f}",
+            "colour error": "{roundtrip_color_error:.2f}",
+        },
+    )
+    round_trip = {
+        "SSIM mean": "{ssim_mean:.3f}",
+        "SSIM min": "{ssim_min:.3f}",
+        "colour error (0..255)": "{color_error_mean:.2f}",
+        "detail": "{detail:.2f}",
+    }
     if curve:
-        print(f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
-              "own downscale enlarged again|, the detail above what the input holds)\n")
+        print(
+            f"\nround trip of the {curve[0]['images']} demo photos enlarged 2x with FSTD (detail: mean |output - its "
+            "own downscale enlarged again|, the detail above what the input holds)\n"
+        )
         table(curve, {"strength": "{strength}", "fidelity": "{fidelity}", **round_trip})
     if x4:
         print(f"\nx4 paths: the {x4[0]['images']} demo photos, {args.x4_side}^2 -> {4 * args.x4_side}^2\n")
         table(x4, {"path": "{path}", "fidelity": "{fidelity}", "s / image": "{seconds:.2f}", **round_trip})
     if killed:
         print(f"\nkill and rerun: {json.dumps({k: v for k, v in killed.items() if k != 'ref'})}")
-    write_json(args.json, {"model": model, "device": str(dev), "steps": args.steps, "methods": methods,
-                           "strength_curve": curve, "x4_paths": x4, "kill_rerun": killed})
+    write_json(
+        args.json,
+        {
+            "model": model,
+            "device": str(dev),
+            "steps": args.steps,
+            "methods": methods,
+            "strength_curve": curve,
+            "x4_paths": x4,
+            "kill_rerun": killed,
+        },
+    )
 
 
 if __name__ == "__main__":

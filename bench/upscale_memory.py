@@ -29,11 +29,19 @@ def arm(fidelity: str, side: int, scale: int, steps: int) -> dict:
     image = centre_square(photos()[0], side)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    res = pipe.upscale_many([RenderRequest("a photo", side * scale, side * scale, seed=0, steps=steps, strength=0.3)],
-                            [image], fidelity=fidelity)[0]
-    return {"fidelity": fidelity, "output": f"{side * scale}x{side * scale}", "seconds": time.perf_counter() - t0,
-            "memory_mapped": type(res.pixels).__name__ == "memmap", "peak_rss_mb_before": before,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = pipe.upscale_many(
+        [RenderRequest("a photo", side * scale, side * scale, seed=0, steps=steps, strength=0.3)],
+        [image],
+        fidelity=fidelity,
+    )[0]
+    return {
+        "fidelity": fidelity,
+        "output": f"{side * scale}x{side * scale}",
+        "seconds": time.perf_counter() - t0,
+        "memory_mapped": type(res.pixels).__name__ == "memmap",
+        "peak_rss_mb_before": before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -48,12 +56,35 @@ def main() -> None:
     if args.arm:
         print(json.dumps(arm(args.arm, args.side, args.scale, args.steps)))
         return
-    rows = [child_arm("bench.upscale_memory", "--arm", fidelity, "--side", str(args.side), "--scale", str(args.scale),
-                      "--steps", str(args.steps)) for fidelity in ARMS]
-    print(f"\none {args.side}^2 photo -> {args.side * args.scale}^2, {args.steps} steps, each arm in its own process\n")
-    table(rows, {"fidelity": "{fidelity}", "memory-mapped": "{memory_mapped}", "s": "{seconds:.1f}",
-                 "peak RSS MB": "{peak_rss_mb:.0f}", "vs none": lambda r: f"{r['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB"})
+    rows = [
+        child_arm(
+            "bench.upscale_memory",
+            "--arm",
+            fidelity,
+            "--side",
+            str(args.side),
+            "--scale",
+            str(args.scale),
+            "--steps",
+            str(args.steps),
+        )
+        for fidelity in ARMS
+    ]
+    print(
+        f"\none {args.side}^2 photo -> {args.side * args.scale}^2, {args.steps} steps, each arm in its own process\n"
+    )
+    table(
+        rows,
+        {
+            "fidelity": "{fidelity}",
+            "memory-mapped": "{memory_mapped}",
+            "s": "{seconds:.1f}",
+            "peak RSS MB": "{peak_rss_mb:.0f}",
+            "vs none": lambda r: f"{r['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB",
+        },
+    )
     write_json(args.json, rows)
+
 
 if __name__ == "__main__":
     main()

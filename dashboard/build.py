@@ -63,7 +63,10 @@ class _Site:
 
     def existing(self, rel_dir: str) -> set[str]:
         try:
-            return {p.rsplit("/", 1)[-1] for p in self.store.fs.ls(self.store.path(SITE_DIR, rel_dir), detail=False)}
+            return {
+                p.rsplit("/", 1)[-1]
+                for p in self.store.fs.ls(self.store.path(SITE_DIR, rel_dir), detail=False)
+            }
         except FileNotFoundError:
             return set()
 
@@ -84,14 +87,26 @@ def _read_state(store: ArtifactStore) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
-def _page_fingerprint(site: _Site, row: dict[str, Any], parents: dict[str, list[str]],
-                      children: dict[str, list[str]]) -> str:
+def _page_fingerprint(
+    site: _Site, row: dict[str, Any], parents: dict[str, list[str]], children: dict[str, list[str]]
+) -> str:
     """Everything a version page shows comes from these: its catalog row (versions are
     immutable), its lineage neighbours, the build's options and this code."""
     from artifact_store.writer import code_version
 
-    blob = json.dumps([row, sorted(parents.get(row["ref"], [])), sorted(children.get(row["ref"], [])),
-                       site.thumb_px, site.max_images, site.ui, code_version()], sort_keys=True, default=str)
+    blob = json.dumps(
+        [
+            row,
+            sorted(parents.get(row["ref"], [])),
+            sorted(children.get(row["ref"], [])),
+            site.thumb_px,
+            site.max_images,
+            site.ui,
+            code_version(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -100,7 +115,9 @@ def _catalog(store: ArtifactStore) -> pl.DataFrame:
     return df.sort("committed_at", descending=True) if df.height else df
 
 
-def _lineage_html(ref: str, parents: dict[str, list[str]], root: str, depth: int = 0, seen: set | None = None) -> str:
+def _lineage_html(
+    ref: str, parents: dict[str, list[str]], root: str, depth: int = 0, seen: set | None = None
+) -> str:
     seen = set() if seen is None else seen
     if ref in seen or depth > 20:
         return ""
@@ -133,7 +150,7 @@ def _zoom_page(site: _Site, ref: ArtifactRef, item: dict[str, Any]) -> str:
     rel = f"zoom/{ref.kind}/{ref.name}/{ref.version}/{item['key']}.html"
     if f"{item['key']}.html" not in site.existing(rel.rsplit("/", 1)[0]):
         up = "../" * 5  # zoom/<kind>/<name>/<version>/ -> the store root
-        files = f"{up}{ref.prefix}/{item['deep_zoom'][:-len('.dzi')]}_files"
+        files = f"{up}{ref.prefix}/{item['deep_zoom'][: -len('.dzi')]}_files"
         dz = read_dzi(site.store.read_bytes(ref, item["deep_zoom"]))
         title = f"{item['key']} ({item['width']}x{item['height']})"
         site.write(rel, viewer_page(title, dz, files, f"{up}{ref.prefix}/{VIEWER_ASSETS}").encode())
@@ -160,7 +177,9 @@ def _manifest_head(store: ArtifactStore, ref: ArtifactRef, n: int) -> tuple[list
     return head, total, ok
 
 
-def _full_image_link(site: _Site, ref: ArtifactRef, item: dict[str, Any], pic_dir: str, have: set[str]) -> str:
+def _full_image_link(
+    site: _Site, ref: ArtifactRef, item: dict[str, Any], pic_dir: str, have: set[str]
+) -> str:
     """Where a gallery card's full-size link goes: the image's own file; for one inside a tar shard
     (webdataset layout), a copy in the site when it is small (the server serves files, not members),
     else the tar."""
@@ -186,14 +205,17 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
         if item["status"] == "ok":
             thumb_name, heat_name = f"{item['key']}.png", f"{item['key']}.seams.png"
             if thumb_name not in have:
-                if item.get("deep_zoom"):  # a large output: the thumbnail from its pyramid, never the whole image
+                if item.get(
+                    "deep_zoom"
+                ):  # a large output: the thumbnail from its pyramid, never the whole image
                     t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
                 elif item["width"] * item["height"] > HEATMAP_MAX_PIXELS:  # no pyramid: decoded in strips
                     t, h = thumbnail_png(image_bytes(store, ref, item), site.thumb_px), None
                 else:
                     png = image_bytes(store, ref, item)
-                    t, h = figures.thumbnail_and_heatmap(png, item["seam_x"] or [], item["seam_y"] or [],
-                                                         site.thumb_px)
+                    t, h = figures.thumbnail_and_heatmap(
+                        png, item["seam_x"] or [], item["seam_y"] or [], site.thumb_px
+                    )
                 site.write(f"{pic_dir}/{thumb_name}", t)
                 if h is not None:
                     site.write(f"{pic_dir}/{heat_name}", h)
@@ -207,11 +229,16 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
         full = _full_image_link(site, ref, item, pic_dir, have) if item["image"] else ""
         viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
         cards.append(gallery_card(item, thumb or "", heat, full, viewer))
-    more = (f"<p class=muted>showing {len(shown)} of {n_rows} images (--max-images)</p>"
-            if n_rows > len(shown) else "")
-    return (f"<h2>Gallery</h2><p>{ok} rendered, {n_rows - ok} failed. Left: the image (click for full size); "
-            "right: its seam heat-map (bright = abrupt change; cyan ticks = the sampler's unshifted tile "
-            f"lines).</p>{more}<div class=gallery>{''.join(cards)}</div>")
+    more = (
+        f"<p class=muted>showing {len(shown)} of {n_rows} images (--max-images)</p>"
+        if n_rows > len(shown)
+        else ""
+    )
+    return (
+        f"<h2>Gallery</h2><p>{ok} rendered, {n_rows - ok} failed. Left: the image (click for full size); "
+        "right: its seam heat-map (bright = abrupt change; cyan ticks = the sampler's unshifted tile "
+        f"lines).</p>{more}<div class=gallery>{''.join(cards)}</div>"
+    )
 
 
 def _model_loss(site: _Site, ref: ArtifactRef) -> str:
@@ -230,26 +257,42 @@ def _evaluation_metrics(site: _Site, ref: ArtifactRef) -> str:
     with site.store.open(ref, "metrics.parquet") as f:  # one row per image too: only the summary is shown
         m = pl.scan_parquet(f).filter(~pl.col("metric").str.contains("/", literal=True)).collect()
         n_all = pq.ParquetFile(f).metadata.num_rows
-    rows = [[e(r["metric"]), "" if r["value"] is None else f"{r['value']:.4g}", e(r["status"]), e(r["detail"])]
-            for r in m.iter_rows(named=True)]
-    more = (f"<p class=muted>{n_all - m.height} per-image rows (seam_score/&lt;image&gt;) in metrics.parquet and "
-            "the report</p>" if n_all > m.height else "")
+    rows = [
+        [e(r["metric"]), "" if r["value"] is None else f"{r['value']:.4g}", e(r["status"]), e(r["detail"])]
+        for r in m.iter_rows(named=True)
+    ]
+    more = (
+        f"<p class=muted>{n_all - m.height} per-image rows (seam_score/&lt;image&gt;) in metrics.parquet and "
+        "the report</p>"
+        if n_all > m.height
+        else ""
+    )
     return "<h2>Metrics</h2>" + table(["metric", "value", "status", "detail"], rows) + more
 
 
-def _version_body(site: _Site, row: dict[str, Any], parents: dict[str, list[str]],
-                  children: dict[str, list[str]]) -> str:
+def _version_body(
+    site: _Site, row: dict[str, Any], parents: dict[str, list[str]], children: dict[str, list[str]]
+) -> str:
     ref = ArtifactRef.parse(row["ref"])
     run = row["flow_run_id"]
     run_cell = link(f"{site.ui.rstrip('/')}/runs/flow-run/{run}", run) if run and site.ui else e(run)
-    facts = table(["field", "value"], [
-        ["committed", e(row["committed_at"])], ["size", f"{row['size_bytes'] / 1e6:.2f} MB in {row['file_count']} files"],
-        ["flow run", run_cell], ["code version", e(row["code_version"])], ["location", f"<code>{e(row['uri'])}</code>"],
-        ["summary", metrics_text(row["metrics"], limit=20)],
-    ])
+    facts = table(
+        ["field", "value"],
+        [
+            ["committed", e(row["committed_at"])],
+            ["size", f"{row['size_bytes'] / 1e6:.2f} MB in {row['file_count']} files"],
+            ["flow run", run_cell],
+            ["code version", e(row["code_version"])],
+            ["location", f"<code>{e(row['uri'])}</code>"],
+            ["summary", metrics_text(row["metrics"], limit=20)],
+        ],
+    )
     used_by = "".join(f"<li>{_ref_link(c, PAGE_ROOT)}</li>" for c in children.get(row["ref"], []))
-    body = (facts + f"<h2>Lineage</h2><ul>{_lineage_html(row['ref'], parents, PAGE_ROOT)}</ul>"
-            + (f"<h2>Used by</h2><ul>{used_by}</ul>" if used_by else ""))
+    body = (
+        facts
+        + f"<h2>Lineage</h2><ul>{_lineage_html(row['ref'], parents, PAGE_ROOT)}</ul>"
+        + (f"<h2>Used by</h2><ul>{used_by}</ul>" if used_by else "")
+    )
     try:
         if ref.kind in ("generations", "upscales"):  # an upscale's manifest has every generation field
             body += _generations_gallery(site, ref)
@@ -297,8 +340,9 @@ def _trends(site: _Site, df: pl.DataFrame, parents: dict[str, list[str]]) -> str
     return "<h2>Metric trends</h2>" + ("".join(out) or "<p class=muted>no evaluations yet</p>")
 
 
-def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
-               prefect_ui: str | None = None) -> SiteBuild:
+def build_site(
+    store: ArtifactStore, thumb_px: int = 256, max_images: int = 200, prefect_ui: str | None = None
+) -> SiteBuild:
     """Build (or refresh) `_site/` of the store from its catalog."""
     site = _Site(store, thumb_px, max_images, prefect_ui)
     df = _catalog(store)
@@ -327,14 +371,27 @@ def build_site(store: ArtifactStore, thumb_px: int = 256, max_images: int = 200,
         sub = df.filter(pl.col("kind") == kind)
         if not sub.height:
             continue
-        rows = [[link(version_page(r["kind"], r["name"], r["version"]), r["ref"]), e(r["committed_at"]),
-                 f"{r['file_count']}", f"{r['size_bytes'] / 1e6:.1f} MB", metrics_text(r["metrics"])
-                 + _previews(site.previews.get(r["ref"], [])),
-                 "<br>".join(e(p) for p in r["parents"] or [])] for r in sub.iter_rows(named=True)]
-        sections.append(f"<h2 id='{kind}'>{e(kind)} ({sub.height})</h2>"
-                        + table(["version", "committed", "files", "size", "summary", "parents"], rows))
-    intro = (f"<p>Store <code>{e(store.display_url)}</code>: {df.height} committed versions. Built "
-             f"{datetime.now().astimezone().isoformat(timespec='seconds')}. The same catalog: "
-             "<code>_catalog/*/*/*.parquet</code> (polars / DuckDB).</p>")
-    site.write_page("index.html", "Any-Size-Diffusion store", intro + _trends(site, df, parents) + "".join(sections), "")
+        rows = [
+            [
+                link(version_page(r["kind"], r["name"], r["version"]), r["ref"]),
+                e(r["committed_at"]),
+                f"{r['file_count']}",
+                f"{r['size_bytes'] / 1e6:.1f} MB",
+                metrics_text(r["metrics"]) + _previews(site.previews.get(r["ref"], [])),
+                "<br>".join(e(p) for p in r["parents"] or []),
+            ]
+            for r in sub.iter_rows(named=True)
+        ]
+        sections.append(
+            f"<h2 id='{kind}'>{e(kind)} ({sub.height})</h2>"
+            + table(["version", "committed", "files", "size", "summary", "parents"], rows)
+        )
+    intro = (
+        f"<p>Store <code>{e(store.display_url)}</code>: {df.height} committed versions. Built "
+        f"{datetime.now().astimezone().isoformat(timespec='seconds')}. The same catalog: "
+        "<code>_catalog/*/*/*.parquet</code> (polars / DuckDB).</p>"
+    )
+    site.write_page(
+        "index.html", "Any-Size-Diffusion store", intro + _trends(site, df, parents) + "".join(sections), ""
+    )
     return SiteBuild(site.pages, site.made, site.reused, store.uri(SITE_DIR, "index.html"), site.unchanged)

@@ -36,7 +36,7 @@ def loss_curve(losses: list[float], title: str) -> bytes:
     if len(losses) >= 10:
         k = max(2, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.6, color="tab:blue", label=f"mean of {k}")
+        ax.plot(steps[k - 1 :], smooth, lw=1.6, color="tab:blue", label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("denoising loss")
     ax.set_title(title, fontsize=9)
@@ -66,7 +66,9 @@ def metric_trends(series: dict[str, list[tuple[datetime, float]]], title: str) -
     return _png(fig)
 
 
-def thumbnail_and_heatmap(png: bytes, seam_x: list[int], seam_y: list[int], px: int) -> tuple[bytes, bytes | None]:
+def thumbnail_and_heatmap(
+    png: bytes, seam_x: list[int], seam_y: list[int], px: int
+) -> tuple[bytes, bytes | None]:
     """A thumbnail (longest side `px`) and, below HEATMAP_MAX_PIXELS, the seam heat-map of the
     same size (`asd_models.seams.seam_heatmap_rgb`)."""
     with Image.open(io.BytesIO(png)) as im:

@@ -34,10 +34,12 @@ def e(value: Any) -> str:
 
 def page(title: str, body: str, root: str) -> str:
     """`root`: the relative path from this page to the site's root (with a trailing slash, or '')."""
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>"
-            f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
-            f"<p class=muted><a href='{root}index.html'>asd dashboard</a></p><h1>{e(title)}</h1>{body}"
-            f"{IMAGE_CHECK}</body></html>")
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>"
+        f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
+        f"<p class=muted><a href='{root}index.html'>asd dashboard</a></p><h1>{e(title)}</h1>{body}"
+        f"{IMAGE_CHECK}</body></html>"
+    )
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -67,14 +69,23 @@ def metrics_text(metrics: dict[str, float] | list[Any] | None, limit: int = 4) -
     return ", ".join(f"{e(k)}={v:.4g}" for k, v in items)
 
 
-def gallery_card(item: dict[str, Any], thumb: str, heat: str | None, full: str, viewer: str | None = None) -> str:
+def gallery_card(
+    item: dict[str, Any], thumb: str, heat: str | None, full: str, viewer: str | None = None
+) -> str:
     if item["status"] != "ok":
-        return (f"<div class=card><b>{e(item['width'])}x{e(item['height'])}</b> FAILED<br>{e(item['prompt'])}"
-                f"<br><span class=muted>{e(item['error'])}</span></div>")
-    heat_img = (f"<img src='{e(heat)}' alt='seam heat-map of {e(item['key'])}' title='seam heat-map'>"
-                if heat else "<span class=muted>(too large for a heat-map)</span>")
+        return (
+            f"<div class=card><b>{e(item['width'])}x{e(item['height'])}</b> FAILED<br>{e(item['prompt'])}"
+            f"<br><span class=muted>{e(item['error'])}</span></div>"
+        )
+    heat_img = (
+        f"<img src='{e(heat)}' alt='seam heat-map of {e(item['key'])}' title='seam heat-map'>"
+        if heat
+        else "<span class=muted>(too large for a heat-map)</span>"
+    )
     zoom = f"<br><a class=zoom href='{e(viewer)}'>open the zoomable viewer</a>" if viewer else ""
-    return (f"<div class=card><a href='{e(full)}'><img src='{e(thumb)}' alt='{e(item['key'])}'></a>{heat_img}"
-            f"<br><b>{e(item['width'])}x{e(item['height'])}</b> px (exact), seed {e(item['seed'])}, "
-            f"{e(round(item['seconds'] or 0, 1))} s, {e(item['unet_evals'])} UNet evals, {e(item['device'])}"
-            f"{zoom}<br>{e(item['prompt'])}<br><span class=muted>{e(item['key'])}</span></div>")
+    return (
+        f"<div class=card><a href='{e(full)}'><img src='{e(thumb)}' alt='{e(item['key'])}'></a>{heat_img}"
+        f"<br><b>{e(item['width'])}x{e(item['height'])}</b> px (exact), seed {e(item['seed'])}, "
+        f"{e(round(item['seconds'] or 0, 1))} s, {e(item['unet_evals'])} UNet evals, {e(item['device'])}"
+        f"{zoom}<br>{e(item['prompt'])}<br><span class=muted>{e(item['key'])}</span></div>"
+    )

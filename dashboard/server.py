@@ -32,19 +32,34 @@ from dashboard.build import SITE_DIR
 log = logging.getLogger("asd.dashboard")
 MAX_PATH = 2048  # characters of a request path; longer is a 414
 CHUNK = 256 << 10
-SITE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-               "img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'none'; "
-               "frame-ancestors 'none'")
+SITE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 STORED_POLICY = "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
-ACTIVE_TYPES = {"text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/xml",
-                "text/javascript", "application/javascript"}
+ACTIVE_TYPES = {
+    "text/html",
+    "image/svg+xml",
+    "application/xhtml+xml",
+    "text/xml",
+    "application/xml",
+    "text/javascript",
+    "application/javascript",
+}
 
 
 class _Found:
     """A file to send: its size, type, policy, and how to open it."""
 
     def __init__(self, size: int, ctype: str, policy: str, opener: Any, attachment: bool = False) -> None:
-        self.size, self.ctype, self.policy, self.open, self.attachment = size, ctype, policy, opener, attachment
+        self.size, self.ctype, self.policy, self.open, self.attachment = (
+            size,
+            ctype,
+            policy,
+            opener,
+            attachment,
+        )
 
 
 def _site_file(store: ArtifactStore, rel: str) -> _Found | None:
@@ -131,8 +146,12 @@ def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHand
             self._headers(HTTPStatus.OK, found.policy)
             if found.attachment:  # stored HTML/SVG: shown as text to save, never run here
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Disposition", f'attachment; filename="{posixpath.basename(path)[-100:]}"'
-                                 .encode("ascii", "replace").decode())
+                self.send_header(
+                    "Content-Disposition",
+                    f'attachment; filename="{posixpath.basename(path)[-100:]}"'.encode(
+                        "ascii", "replace"
+                    ).decode(),
+                )
             else:
                 self.send_header("Content-Type", found.ctype)
             self.send_header("Content-Length", str(found.size))
@@ -170,7 +189,9 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+    ) -> None:
         super().__init__(address, handler)
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -179,8 +200,10 @@ class DashboardServer(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):  # full: a short 503, then the socket is closed
             with contextlib.suppress(OSError):  # a client already gone needs no answer
                 request.settimeout(1)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
-                                b"Connection: close\r\n\r\n")
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -192,10 +215,17 @@ class DashboardServer(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)  # a client went away
+        log.debug(
+            "connection from %s ended with an error", client_address, exc_info=True
+        )  # a client went away
 
 
-def make_server(store: ArtifactStore, host: str = "127.0.0.1", port: int = 8000, *, max_connections: int = 64,
-                timeout_s: float = 20.0) -> DashboardServer:
+def make_server(
+    store: ArtifactStore,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    max_connections: int = 64,
+    timeout_s: float = 20.0,
+) -> DashboardServer:
     return DashboardServer((host, port), _handler(store, timeout_s), max_connections)
-

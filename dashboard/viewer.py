@@ -20,8 +20,10 @@ ASSETS_DIR = "viewer"  # in a generations version: viewer/openseadragon.min.js, 
 
 def vendor_files() -> dict[str, Path]:
     """Relative path in a version -> vendored file, for every viewer asset."""
-    files = {f"{ASSETS_DIR}/openseadragon.min.js": VENDOR / "openseadragon.min.js",
-             f"{ASSETS_DIR}/LICENSE.txt": VENDOR / "LICENSE.txt"}
+    files = {
+        f"{ASSETS_DIR}/openseadragon.min.js": VENDOR / "openseadragon.min.js",
+        f"{ASSETS_DIR}/LICENSE.txt": VENDOR / "LICENSE.txt",
+    }
     for png in sorted((VENDOR / "images").glob("*.png")):
         files[f"{ASSETS_DIR}/images/{png.name}"] = png
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -38,8 +40,13 @@ def viewer_page(title: str, deep_zoom: DeepZoom, files_url: str, assets_url: str
     """The page: `files_url` is the pyramid's `<name>_files/` folder and `assets_url` the viewer
     assets folder, both relative to the page."""
     options = {
-        "id": "viewer", "prefixUrl": assets_url.rstrip("/") + "/images/", "drawer": "canvas",
-        "showNavigator": True, "maxZoomPixelRatio": 4, "visibilityRatio": 0.5, "crossOriginPolicy": False,
+        "id": "viewer",
+        "prefixUrl": assets_url.rstrip("/") + "/images/",
+        "drawer": "canvas",
+        "showNavigator": True,
+        "maxZoomPixelRatio": 4,
+        "visibilityRatio": 0.5,
+        "crossOriginPolicy": False,
         "tileSources": deep_zoom.tile_source(files_url.rstrip("/") + "/"),
     }
     t = html.escape(title)
@@ -51,11 +58,19 @@ def viewer_page(title: str, deep_zoom: DeepZoom, files_url: str, assets_url: str
 #viewer{{width:100%;height:100%}}</style></head>
 <body><div id="bar">{t} &mdash; {deep_zoom.width}&times;{deep_zoom.height} px, {deep_zoom.levels} zoom levels
 (scroll or pinch to zoom, drag to pan)</div><div id="viewer"></div>
-<script src="{html.escape(assets_url.rstrip('/'))}/openseadragon.min.js"></script>
+<script src="{html.escape(assets_url.rstrip("/"))}/openseadragon.min.js"></script>
 <script>
 window.asdViewer = OpenSeadragon({_script_json(options)});
-window.asdDeepZoom = {_script_json({"width": deep_zoom.width, "height": deep_zoom.height,
-                                    "levels": deep_zoom.levels, "tile_size": deep_zoom.tile_size})};
+window.asdDeepZoom = {
+        _script_json(
+            {
+                "width": deep_zoom.width,
+                "height": deep_zoom.height,
+                "levels": deep_zoom.levels,
+                "tile_size": deep_zoom.tile_size,
+            }
+        )
+    };
 // what loaded (for monitoring and tests): tiles, the deepest level shown, tiles that failed
 window.asdTiles = {{loaded: 0, deepest: -1, failed: []}};
 asdViewer.addHandler("tile-loaded", function (e) {{

@@ -32,13 +32,17 @@ class StoreOpener:
 def dataset_buckets(store: ArtifactStore, dataset: ArtifactRef) -> dict[str, list[ShardRef]]:
     """Bucket name -> its shards (with sample counts), from `bucket_index.json`."""
     index = json.loads(store.read_bytes(dataset, "bucket_index.json"))
-    buckets = {b: [ShardRef(s["shard"], s["count"]) for s in info["shards"]] for b, info in index["buckets"].items()}
+    buckets = {
+        b: [ShardRef(s["shard"], s["count"]) for s in info["shards"]] for b, info in index["buckets"].items()
+    }
     if not any(s.count for shards in buckets.values() for s in shards):
         raise ValueError(f"dataset {dataset} has no successful samples to train on")
     return buckets
 
 
-def read_bucket_samples(store: ArtifactStore, dataset_ref: ArtifactRef | str) -> dict[str, list[tuple[Image.Image, str]]]:
+def read_bucket_samples(
+    store: ArtifactStore, dataset_ref: ArtifactRef | str
+) -> dict[str, list[tuple[Image.Image, str]]]:
     """All samples of a (small) dataset version in memory, per bucket: for fitting the tiny
     VAE. Training streams instead (`make_loader`); evaluation samples (`sample_images`)."""
     ref = store.resolve(dataset_ref)
@@ -52,7 +56,9 @@ def read_bucket_samples(store: ArtifactStore, dataset_ref: ArtifactRef | str) ->
     return out
 
 
-def sample_images(store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, seed: int) -> list[Image.Image]:
+def sample_images(
+    store: ArtifactStore, dataset_ref: ArtifactRef | str, n: int, seed: int
+) -> list[Image.Image]:
     """`sample_encoded`, decoded."""
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in sample_encoded(store, dataset_ref, n, seed)]
 

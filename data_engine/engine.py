@@ -168,7 +168,9 @@ class PartitionIngest:
         self.spec = config.sample
         self.shards = BucketShardWriter(writer, config.shard_max_samples, config.shard_max_bytes, stem)
         self.rows: list[dict[str, Any]] = []
-        self.seen: dict[bytes, str] = {}  # pixel digest -> key (within the partition; the merge does the rest)
+        self.seen: dict[
+            bytes, str
+        ] = {}  # pixel digest -> key (within the partition; the merge does the rest)
         self.keys: set[str] = set()
         self.previous: dict[str, deque[dict[str, Any]]] = {}  # fingerprint -> reusable rows
         self.samples: dict[str, dict[str, Any]] = {}  # their samples, by old key
@@ -212,8 +214,9 @@ class PartitionIngest:
         if not queue:
             return None
         row = queue.popleft()
-        if row["status"] == STATUS_OK and (row["key"] not in self.samples or
-                                           (row["key"] != key and self.spec.crop == "random")):
+        if row["status"] == STATUS_OK and (
+            row["key"] not in self.samples or (row["key"] != key and self.spec.crop == "random")
+        ):
             return None
         return row
 
@@ -229,7 +232,11 @@ class PartitionIngest:
         sample = self.samples.pop(row["key"])
         if key != row["key"]:
             meta = json.loads(sample.get("json", b"{}"))
-            sample = {**sample, "__key__": key, "json": json.dumps({**meta, "key": key}, default=str).encode()}
+            sample = {
+                **sample,
+                "__key__": key,
+                "json": json.dumps({**meta, "key": key}, default=str).encode(),
+            }
         shard = self.shards.write(row["bucket"], sample)
         self._emit({**row, "key": key, "shard": shard, "reused": True})
 
@@ -243,18 +250,27 @@ class PartitionIngest:
             return "", None
         return "", ("no caption found" if rec.caption is None else "empty caption")
 
-    def process(self, records: Iterable[SourceRecord], fetcher: Fetcher | None, threads: cf.Executor | None,
-                decoders: cf.Executor | None = None, decode_threads: int = 1) -> None:
+    def process(
+        self,
+        records: Iterable[SourceRecord],
+        fetcher: Fetcher | None,
+        threads: cf.Executor | None,
+        decoders: cf.Executor | None = None,
+        decode_threads: int = 1,
+    ) -> None:
         """Every record in order: its previous row where one stands for it, else downloaded
         (in `threads`), decoded (in `decoders`: PIL lets go of the GIL while it decodes and
         resizes) and written."""
+
         def prepare(rec: SourceRecord) -> tuple[SourceRecord, str, dict[str, Any] | None]:
             key = self._unique_key(rec.name, rec.fingerprint)
             return rec, key, self._take_previous(rec, key)
 
         prepared = map(prepare, records)
 
-        def fetch(item: tuple[SourceRecord, str, dict[str, Any] | None]) -> tuple[SourceRecord, str, dict[str, Any] | None]:
+        def fetch(
+            item: tuple[SourceRecord, str, dict[str, Any] | None],
+        ) -> tuple[SourceRecord, str, dict[str, Any] | None]:
             rec, _, old = item
             if old is None and rec.url and not rec.error and fetcher is not None:
                 try:
@@ -268,6 +284,7 @@ class PartitionIngest:
         else:
             submitted = (threads.submit(fetch, item) for item in prepared)
             fetched = (f.result() for f in windowed(submitted, 4 * self.config.fetch.concurrency))
+
         def decode(item: tuple[SourceRecord, str, dict[str, Any] | None]) -> tuple[Any, ...]:
             rec, key, old = item
             if old is not None or rec.error:
@@ -275,7 +292,12 @@ class PartitionIngest:
             payload = rec.data if rec.data is not None else rec.path
             rec.data = None
             job = (key, payload, self.spec)
-            return rec, key, old, process_sample(job) if decoders is None else decoders.submit(process_sample, job)
+            return (
+                rec,
+                key,
+                old,
+                process_sample(job) if decoders is None else decoders.submit(process_sample, job),
+            )
 
         for rec, key, old, result in windowed(map(decode, fetched), 4 * max(1, decode_threads)):
             if old is not None:
@@ -284,44 +306,109 @@ class PartitionIngest:
             self._finish(rec, key, result.result() if isinstance(result, cf.Future) else result)
 
     def _finish(self, rec: SourceRecord, key: str, result: dict[str, Any] | None) -> None:
-        caption, caption_error = self._caption(rec) if result is not None and result["ok"] else (rec.caption, None)
-        base = {"key": key, "source": rec.source, "caption": caption, "fingerprint": rec.fingerprint,
-                "reused": False}
+        caption, caption_error = (
+            self._caption(rec) if result is not None and result["ok"] else (rec.caption, None)
+        )
+        base = {
+            "key": key,
+            "source": rec.source,
+            "caption": caption,
+            "fingerprint": rec.fingerprint,
+            "reused": False,
+        }
         if result is None:
             self._emit(_row(**base, status=STATUS_FAILED, error=rec.error, failed_stage=rec.failed_stage))
             return
         if not result["ok"]:
-            self._emit(_row(**base, status=STATUS_FAILED, error=result["error"], failed_stage=result["failed_stage"]))
+            self._emit(
+                _row(**base, status=STATUS_FAILED, error=result["error"], failed_stage=result["failed_stage"])
+            )
             return
         if caption_error:
-            self._emit(_row(**base, status=STATUS_FAILED, error=caption_error, failed_stage=STAGE_CAPTION,
-                            original_width=result["original_width"], original_height=result["original_height"],
-                            sha256=result["sha256"]))
+            self._emit(
+                _row(
+                    **base,
+                    status=STATUS_FAILED,
+                    error=caption_error,
+                    failed_stage=STAGE_CAPTION,
+                    original_width=result["original_width"],
+                    original_height=result["original_height"],
+                    sha256=result["sha256"],
+                )
+            )
             return
         digest = bytes.fromhex(result["sha256"])
         if digest in self.seen:
-            self._emit(duplicate_row(_row(**base, original_width=result["original_width"],
-                                          original_height=result["original_height"], sha256=result["sha256"]),
-                                     self.seen[digest]))
+            self._emit(
+                duplicate_row(
+                    _row(
+                        **base,
+                        original_width=result["original_width"],
+                        original_height=result["original_height"],
+                        sha256=result["sha256"],
+                    ),
+                    self.seen[digest],
+                )
+            )
             return
         self.seen[digest] = key
-        geometry = {k: result[k] for k in ("original_width", "original_height", "bucket", "width", "height",
-                                            "aspect_error", "cover_width", "cover_height", "crop_left", "crop_top",
-                                            "crop_right", "crop_bottom")}
+        geometry = {
+            k: result[k]
+            for k in (
+                "original_width",
+                "original_height",
+                "bucket",
+                "width",
+                "height",
+                "aspect_error",
+                "cover_width",
+                "cover_height",
+                "crop_left",
+                "crop_top",
+                "crop_right",
+                "crop_bottom",
+            )
+        }
         meta = {"key": key, "source": rec.source, **geometry, **rec.meta}
-        shard = self.shards.write(result["bucket"], {
-            "__key__": key, "jpg": result["jpg"], "txt": caption.encode("utf-8", "replace"),
-            "json": json.dumps(meta, default=str).encode(),
-        })
-        self._emit(_row(**base, status=STATUS_OK, **geometry, sha256=result["sha256"], shard=shard,
-                        bytes=len(result["jpg"])))
+        shard = self.shards.write(
+            result["bucket"],
+            {
+                "__key__": key,
+                "jpg": result["jpg"],
+                "txt": caption.encode("utf-8", "replace"),
+                "json": json.dumps(meta, default=str).encode(),
+            },
+        )
+        self._emit(
+            _row(
+                **base,
+                status=STATUS_OK,
+                **geometry,
+                sha256=result["sha256"],
+                shard=shard,
+                bytes=len(result["jpg"]),
+            )
+        )
 
 
 def duplicate_row(row: dict[str, Any], first_key: str) -> dict[str, Any]:
     """`row` as the later copy of pixels first seen as `first_key` (no shard of its own)."""
-    keep = {"key", "source", "caption", "fingerprint", "reused", "original_width", "original_height", "sha256"}
-    return {**{k: (v if k in keep else None) for k, v in row.items()}, "status": STATUS_FAILED,
-            "failed_stage": STAGE_DUPLICATE, "error": f"duplicate pixels of {first_key}"}
+    keep = {
+        "key",
+        "source",
+        "caption",
+        "fingerprint",
+        "reused",
+        "original_width",
+        "original_height",
+        "sha256",
+    }
+    return {
+        **{k: (v if k in keep else None) for k, v in row.items()},
+        "status": STATUS_FAILED,
+        "failed_stage": STAGE_DUPLICATE,
+        "error": f"duplicate pixels of {first_key}",
+    }
 
 
 def manifest_rows(store: ArtifactStore, ref: str, start: int, stop: int) -> list[dict[str, Any]]:
@@ -334,7 +421,7 @@ def manifest_rows(store: ArtifactStore, ref: str, start: int, stop: int) -> list
             n = pf.metadata.row_group(g).num_rows
             if first < stop and first + n > start:
                 rows = pf.read_row_group(g).to_pylist()
-                out += rows[max(0, start - first):stop - first]
+                out += rows[max(0, start - first) : stop - first]
             first += n
     return out
 
@@ -375,12 +462,23 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
         run = PartitionIngest(writer, job.config, part.stem)
         if reuse is not None and reuse.rows:
             run.load_previous(store, reuse.ref, reuse.rows)
-        records = (partition_records(store, part) if part.plan is not None
-                   else shard_records(part.shard_url or "", part.shard_fp or "", job.config.source, job.storage_options))
-        threads = (cf.ThreadPoolExecutor(job.config.fetch.concurrency, thread_name_prefix="asd-fetch")
-                   if part.needs_download else None)
-        decoders = (cf.ThreadPoolExecutor(job.decode_threads, thread_name_prefix="asd-decode")
-                    if job.decode_threads > 1 else None)
+        records = (
+            partition_records(store, part)
+            if part.plan is not None
+            else shard_records(
+                part.shard_url or "", part.shard_fp or "", job.config.source, job.storage_options
+            )
+        )
+        threads = (
+            cf.ThreadPoolExecutor(job.config.fetch.concurrency, thread_name_prefix="asd-fetch")
+            if part.needs_download
+            else None
+        )
+        decoders = (
+            cf.ThreadPoolExecutor(job.decode_threads, thread_name_prefix="asd-decode")
+            if job.decode_threads > 1
+            else None
+        )
         fetcher = Fetcher(job.config.fetch, job.storage_options) if part.needs_download else None
         try:
             run.process(records, fetcher, threads, decoders, job.decode_threads)
@@ -390,8 +488,12 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
                 if pool:
                     pool.shutdown(cancel_futures=True)
         rows, shards, copied = run.rows, run.shards.shards, False
-    fragment = FragmentLog(store, job.pending, DATASET_MANIFEST).write("part", part.stem, rows, compression="zstd")
-    return PartitionResult(part.index, part.fingerprint, fragment, len(rows), dict(writer.files), shards, copied)
+    fragment = FragmentLog(store, job.pending, DATASET_MANIFEST).write(
+        "part", part.stem, rows, compression="zstd"
+    )
+    return PartitionResult(
+        part.index, part.fingerprint, fragment, len(rows), dict(writer.files), shards, copied
+    )
 
 
 # -- the plan of reuse (in the driver) --------------------------------------------------------
@@ -406,8 +508,9 @@ def has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
     return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
 
 
-def plan_reuse(store: ArtifactStore, dataset: str, options_hash: str, parts: list[Partition],
-               retry_failed: bool) -> tuple[ArtifactRef | None, dict[int, Reuse]]:
+def plan_reuse(
+    store: ArtifactStore, dataset: str, options_hash: str, parts: list[Partition], retry_failed: bool
+) -> tuple[ArtifactRef | None, dict[int, Reuse]]:
     """What each partition takes from the newest version made with the same output options:
     partitions it holds unchanged are copied whole (unless `retry_failed` and they have failed
     downloads, or the merge edited them); the rest take the rows of inputs still listed unchanged
@@ -438,12 +541,20 @@ def plan_reuse(store: ArtifactStore, dataset: str, options_hash: str, parts: lis
     return prev, plan
 
 
-def _reusable_rows(store: ArtifactStore, prev: ArtifactRef, changed: list[Partition],
-                   whole_rows: list[tuple[int, int]], retry_failed: bool) -> dict[int, list[dict[str, Any]]]:
+def _reusable_rows(
+    store: ArtifactStore,
+    prev: ArtifactRef,
+    changed: list[Partition],
+    whole_rows: list[tuple[int, int]],
+    retry_failed: bool,
+) -> dict[int, list[dict[str, Any]]]:
     """Rows of `prev` for the inputs of `changed` partitions, matched by fingerprint and
     occurrence, by partition index (one pass over a local copy of `prev`'s manifest)."""
-    current = pl.DataFrame(list(plan_fingerprints(store, changed)), schema={"_part": pl.Int64, "fingerprint": pl.String},
-                           orient="row")
+    current = pl.DataFrame(
+        list(plan_fingerprints(store, changed)),
+        schema={"_part": pl.Int64, "fingerprint": pl.String},
+        orient="row",
+    )
     current = current.with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
     with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
         with store.open(prev, "manifest.parquet") as src:
@@ -456,7 +567,9 @@ def _reusable_rows(store: ArtifactStore, prev: ArtifactRef, changed: list[Partit
             taken = taken | pl.col("_row").is_between(a, b, closed="left")
         drop = taken | pl.col("failed_stage").eq_missing(STAGE_DUPLICATE)
         if retry_failed:
-            drop = drop | (pl.col("status").eq_missing(STATUS_FAILED) & pl.col("failed_stage").eq_missing(STAGE_DOWNLOAD))
+            drop = drop | (
+                pl.col("status").eq_missing(STATUS_FAILED) & pl.col("failed_stage").eq_missing(STAGE_DOWNLOAD)
+            )
         df = df.filter(~drop).with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
         matched = df.join(current.lazy(), on=["fingerprint", "_rank"], how="inner").collect()
     out: dict[int, list[dict[str, Any]]] = {}

@@ -40,7 +40,13 @@ from artifact_store import redact
 URL_SCHEMES = ("http", "https", "s3", "file")  # every scheme a URL list may be allowed to use
 MAX_REDIRECTS = 5
 # A server may send images as octet-stream; these types say it sent a page or an error instead.
-NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml", "application/javascript")
+NOT_IMAGE_TYPES = (
+    "text/",
+    "application/json",
+    "application/xml",
+    "application/xhtml",
+    "application/javascript",
+)
 USER_AGENT = "any-size-diffusion-ingest/0.1 (+https://arxiv.org/abs/2308.16582)"
 
 
@@ -61,15 +67,15 @@ def redact_httpx_log() -> None:
 
 @dataclass(frozen=True)
 class FetchOptions:
-    timeout_s: float                  # per read; the whole request (headers included) gets 3x this
+    timeout_s: float  # per read; the whole request (headers included) gets 3x this
     retries: int
     backoff_s: float
-    max_bytes: int                    # on the wire and decoded
+    max_bytes: int  # on the wire and decoded
     concurrency: int
     per_host: int
     allow_schemes: tuple[str, ...]
     allow_private_addresses: bool
-    source_credentials: str | None    # None: s3:// entries anonymous; "env" or an AWS profile name
+    source_credentials: str | None  # None: s3:// entries anonymous; "env" or an AWS profile name
 
 
 class FetchError(Exception):
@@ -83,9 +89,14 @@ def address_refusal(ip_text: str) -> str | None:
     ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local (cloud metadata)"),
-                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
-                       ("is_private", "private"), ("is_reserved", "reserved")):
+    for attr, what in (
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local (cloud metadata)"),
+        ("is_multicast", "multicast"),
+        ("is_unspecified", "unspecified"),
+        ("is_private", "private"),
+        ("is_reserved", "reserved"),
+    ):
         if getattr(ip, attr):
             return what
     if not ip.is_global:
@@ -106,8 +117,11 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> str:
         for addr in addresses:
             why = address_refusal(addr)
             if why:
-                raise FetchError(f"refused: {host} resolves to a {why} address ({addr}); "
-                                 "pass --allow-private-addresses to fetch from such hosts", False)
+                raise FetchError(
+                    f"refused: {host} resolves to a {why} address ({addr}); "
+                    "pass --allow-private-addresses to fetch from such hosts",
+                    False,
+                )
     return addresses[0]
 
 
@@ -115,10 +129,13 @@ class _Decoder:
     """Content-encoding of one body, decoded in bounded steps (at most `limit` bytes out)."""
 
     def __init__(self, encoding: str, limit: int) -> None:
-        layers = [e.strip().lower() for e in encoding.split(",") if e.strip() and e.strip().lower() != "identity"]
+        layers = [
+            e.strip().lower() for e in encoding.split(",") if e.strip() and e.strip().lower() != "identity"
+        ]
         if len(layers) > 1:
-            raise FetchError(f"refused: {len(layers)} content-encoding layers ({encoding}); at most one is accepted",
-                             False)
+            raise FetchError(
+                f"refused: {len(layers)} content-encoding layers ({encoding}); at most one is accepted", False
+            )
         self.kind = layers[0] if layers else None
         if self.kind not in (None, "gzip", "x-gzip", "deflate"):
             raise FetchError(f"unsupported content-encoding {self.kind!r}", False)
@@ -146,7 +163,9 @@ class Fetcher:
         self.options = options
         self.storage_options = storage_options or {}
         self._lock = threading.Lock()
-        self._hosts: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(options.per_host))
+        self._hosts: dict[str, threading.Semaphore] = defaultdict(
+            lambda: threading.Semaphore(options.per_host)
+        )
         self.attempts = 0
 
     def _host(self, host: str) -> threading.Semaphore:
@@ -158,8 +177,11 @@ class Fetcher:
         if scheme not in self.options.allow_schemes:
             allowed = ", ".join(self.options.allow_schemes)
             if scheme in URL_SCHEMES:
-                raise FetchError(f"refused: scheme {scheme!r} is not allowed (allowed: {allowed}; widen with "
-                                 "--allow-schemes)", False)
+                raise FetchError(
+                    f"refused: scheme {scheme!r} is not allowed (allowed: {allowed}; widen with "
+                    "--allow-schemes)",
+                    False,
+                )
             raise FetchError(f"unsupported URL scheme {scheme or '(none)'!r} (allowed: {allowed})", False)
         return scheme
 
@@ -210,21 +232,26 @@ class Fetcher:
         pinned = parts._replace(netloc=f"{pinned_host}:{port}").geturl()
         host_header = host if parts.port is None else f"{host}:{parts.port}"
         auth = (parts.username or "", parts.password or "") if parts.username else None
-        client = httpx.Client(timeout=httpx.Timeout(self.options.timeout_s), follow_redirects=False,
-                              headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate, identity"})
+        client = httpx.Client(
+            timeout=httpx.Timeout(self.options.timeout_s),
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate, identity"},
+        )
         timer = threading.Timer(max(0.0, deadline - time.monotonic()), client.close)
         timer.daemon = True
         timer.start()
         try:
-            with client.stream("GET", pinned, headers={"Host": host_header}, auth=auth,
-                               extensions={"sni_hostname": host}) as resp:
+            with client.stream(
+                "GET", pinned, headers={"Host": host_header}, auth=auth, extensions={"sni_hostname": host}
+            ) as resp:
                 return self._read_response(resp, deadline)
         except FetchError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a reason; every transport error is data
             if time.monotonic() >= deadline:
-                raise FetchError(f"too slow: not done after {self.options.timeout_s * 3:g} s "
-                                 "(headers included)", True) from exc
+                raise FetchError(
+                    f"too slow: not done after {self.options.timeout_s * 3:g} s (headers included)", True
+                ) from exc
             raise self._transport_error(exc) from exc
         finally:
             timer.cancel()

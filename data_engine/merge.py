@@ -45,16 +45,21 @@ from data_engine.shards import rewrite_shard, wids_indexes
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_OK
 
 
-def _fragment(store: ArtifactStore, pending: PendingVersion, result: PartitionResult,
-              columns: list[str] | None = None) -> Any:
+def _fragment(
+    store: ArtifactStore, pending: PendingVersion, result: PartitionResult, columns: list[str] | None = None
+) -> Any:
     return FragmentLog(store, pending, DATASET_MANIFEST).read(result.fragment.path, result.fragment, columns)
 
 
-def _edits(store: ArtifactStore, pending: PendingVersion, results: list[PartitionResult]
-           ) -> tuple[dict[int, dict[str, Any]], dict[str, tuple[set[str], dict[str, str]]]]:
+def _edits(
+    store: ArtifactStore, pending: PendingVersion, results: list[PartitionResult]
+) -> tuple[dict[int, dict[str, Any]], dict[str, tuple[set[str], dict[str, str]]]]:
     """Row edits by global row number, and shard edits (keys to drop, keys to rename) by shard."""
-    frames = bounded_map(lambda r: pl.from_arrow(_fragment(store, pending, r, ["key", "status", "sha256", "shard"])),
-                         results, store.io_workers)
+    frames = bounded_map(
+        lambda r: pl.from_arrow(_fragment(store, pending, r, ["key", "status", "sha256", "shard"])),
+        results,
+        store.io_workers,
+    )
     df = pl.concat(list(frames), how="vertical_relaxed").with_row_index("_g")
     rows: dict[int, dict[str, Any]] = {}
     shards: dict[str, tuple[set[str], dict[str, str]]] = defaultdict(lambda: (set(), {}))
@@ -74,11 +79,16 @@ def _edits(store: ArtifactStore, pending: PendingVersion, results: list[Partitio
             rows[g] = {"key": new}
             if status == STATUS_OK:
                 shards[shard][1][key] = new
-        df = df.join(renamed.select("_g", "_key"), on="_g", how="left").with_columns(
-            pl.coalesce("_key", "key").alias("key")).sort("_g")
+        df = (
+            df.join(renamed.select("_g", "_key"), on="_g", how="left")
+            .with_columns(pl.coalesce("_key", "key").alias("key"))
+            .sort("_g")
+        )
     ok = df.filter(pl.col("status") == STATUS_OK)
     firsts = ok.group_by("sha256").agg(pl.col("_g").min().alias("_first"))
-    firsts = firsts.join(ok.select(pl.col("_g").alias("_first"), pl.col("key").alias("_first_key")), on="_first")
+    firsts = firsts.join(
+        ok.select(pl.col("_g").alias("_first"), pl.col("key").alias("_first_key")), on="_first"
+    )
     dups = ok.join(firsts, on="sha256").filter(pl.col("_g") != pl.col("_first"))
     for g, key, first_key, shard in dups.select("_g", "key", "_first_key", "shard").iter_rows():
         rows[g] = {**rows.get(g, {}), "_duplicate_of": first_key}
@@ -89,8 +99,14 @@ def _edits(store: ArtifactStore, pending: PendingVersion, results: list[Partitio
     return rows, dict(shards)
 
 
-def merge_partitions(store: ArtifactStore, writer: VersionWriter, pending: PendingVersion,
-                     results: list[PartitionResult], dataset: str, config: IngestConfig) -> dict[str, Any]:
+def merge_partitions(
+    store: ArtifactStore,
+    writer: VersionWriter,
+    pending: PendingVersion,
+    results: list[PartitionResult],
+    dataset: str,
+    config: IngestConfig,
+) -> dict[str, Any]:
     """The dataset version's manifest, indexes and partition list from `results` (written into
     `writer`, not committed); returns the bucket index (with `_first_failures`)."""
     results = sorted(results, key=lambda r: r.index)
@@ -127,23 +143,45 @@ def merge_partitions(store: ArtifactStore, writer: VersionWriter, pending: Pendi
                 if kept:
                     shards[bucket] = kept
                     by_bucket[bucket] += kept
-            partitions.append({"fingerprint": r.fingerprint, "rows": [start, g], "shards": shards,
-                               "download_failures": download_failures, "edited": edited})
+            partitions.append(
+                {
+                    "fingerprint": r.fingerprint,
+                    "rows": [start, g],
+                    "shards": shards,
+                    "download_failures": download_failures,
+                    "edited": edited,
+                }
+            )
         manifest.close()
     for rel, data in wids_indexes(dataset, by_bucket).items():
         writer.put_bytes(rel, data)
-    writer.put_bytes(PARTITIONS_FILE, json.dumps({"partition_inputs": config.partition_inputs,
-                                                  "partitions": partitions}).encode())
+    writer.put_bytes(
+        PARTITIONS_FILE,
+        json.dumps({"partition_inputs": config.partition_inputs, "partitions": partitions}).encode(),
+    )
     buckets = {}
     for b in sorted(by_bucket):
         n = sum(s["count"] for s in by_bucket[b])
-        buckets[b] = {"width": Bucket.parse(b).width, "height": Bucket.parse(b).height, "count": n,
-                      "mean_aspect_error": stats.aspect_error_sum[b] / n if n else None,
-                      "shards": by_bucket[b], "wids_index": f"buckets/{b}/wids-index.json"}
-    index = {"dataset": dataset, "buckets": buckets, "table": [b.name for b in config.buckets],
-             "total_ok": stats.ok, "total_failed": stats.failed, "reused": stats.reused,
-             "failed_by_stage": dict(sorted(stats.failed_by_stage.items())), "wids_index": "wids-index.json",
-             "partitions": len(results), "partitions_copied": sum(r.copied for r in results)}
+        buckets[b] = {
+            "width": Bucket.parse(b).width,
+            "height": Bucket.parse(b).height,
+            "count": n,
+            "mean_aspect_error": stats.aspect_error_sum[b] / n if n else None,
+            "shards": by_bucket[b],
+            "wids_index": f"buckets/{b}/wids-index.json",
+        }
+    index = {
+        "dataset": dataset,
+        "buckets": buckets,
+        "table": [b.name for b in config.buckets],
+        "total_ok": stats.ok,
+        "total_failed": stats.failed,
+        "reused": stats.reused,
+        "failed_by_stage": dict(sorted(stats.failed_by_stage.items())),
+        "wids_index": "wids-index.json",
+        "partitions": len(results),
+        "partitions_copied": sum(r.copied for r in results),
+    }
     writer.put_bytes("bucket_index.json", json.dumps(index, indent=2).encode())
     index["_first_failures"] = stats.first_failures
     return index

@@ -35,7 +35,9 @@ PLAN_FIELDS = ("source", "name", "caption", "fingerprint", "path", "url", "error
 # bytes, not strings: a listing's names are whatever the file system holds (surrogates included)
 PLAN = pa.schema([(f, pa.binary()) for f in (*PLAN_FIELDS, "meta")])
 MIN_FRACTION, MAX_FACTOR = 2, 2  # a partition holds target/2 .. 2*target records
-GROUPS_PER_PLAN_FILE = 256  # partitions a plan file holds (the planner's memory stays flat in the number of inputs)
+GROUPS_PER_PLAN_FILE = (
+    256  # partitions a plan file holds (the planner's memory stays flat in the number of inputs)
+)
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,16 @@ def _dec(data: bytes | None) -> str | None:
 
 
 def _plan_table(records: list[SourceRecord]) -> pa.Table:
-    return pa.Table.from_pylist([
-        {**{f: _enc(getattr(r, f)) for f in PLAN_FIELDS},
-         "meta": _enc(json.dumps(r.meta, default=str)) if r.meta else None}
-        for r in records], schema=PLAN)
+    return pa.Table.from_pylist(
+        [
+            {
+                **{f: _enc(getattr(r, f)) for f in PLAN_FIELDS},
+                "meta": _enc(json.dumps(r.meta, default=str)) if r.meta else None,
+            }
+            for r in records
+        ],
+        schema=PLAN,
+    )
 
 
 class _Fingerprints:
@@ -131,8 +139,16 @@ def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, pr
         shard_fps = getattr(src, "shard_fingerprints", None)
         if src.units() is not None and shard_fps is not None:
             for url, shard_fp in shard_fps().items():
-                out.append(Partition(len(out), fingerprint([shard_fp]), None, src.needs_download,
-                                     shard_url=url, shard_fp=shard_fp))
+                out.append(
+                    Partition(
+                        len(out),
+                        fingerprint([shard_fp]),
+                        None,
+                        src.needs_download,
+                        shard_url=url,
+                        shard_fp=shard_fp,
+                    )
+                )
             continue
         writer = None
         try:
@@ -140,12 +156,22 @@ def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, pr
                 if n % GROUPS_PER_PLAN_FILE == 0:  # a new file: a writer's footer grows with its row groups
                     if writer is not None:
                         writer.close()
-                    plan = store.path(prefix, FRAGMENT_DIR, f"plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet")
+                    plan = store.path(
+                        prefix, FRAGMENT_DIR, f"plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet"
+                    )
                     store.ensure_parent(plan)
                     writer = _PlanFile(store, plan)
                 writer.write(_plan_table(records))
-                out.append(Partition(len(out), fingerprint(r.fingerprint for r in records), len(records),
-                                     src.needs_download, plan=plan, group=n % GROUPS_PER_PLAN_FILE))
+                out.append(
+                    Partition(
+                        len(out),
+                        fingerprint(r.fingerprint for r in records),
+                        len(records),
+                        src.needs_download,
+                        plan=plan,
+                        group=n % GROUPS_PER_PLAN_FILE,
+                    )
+                )
         finally:
             if writer is not None:
                 writer.close()
@@ -157,8 +183,13 @@ def partition_records(store: ArtifactStore, part: Partition) -> list[SourceRecor
     assert part.plan is not None and part.group is not None
     with store.fs.open(part.plan, "rb") as f:
         rows = pq.ParquetFile(f).read_row_group(part.group).to_pylist()
-    return [SourceRecord(**{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]
-                         meta=json.loads(r["meta"]) if r["meta"] else {}) for r in rows]
+    return [
+        SourceRecord(
+            **{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]
+            meta=json.loads(r["meta"]) if r["meta"] else {},
+        )
+        for r in rows
+    ]
 
 
 def plan_fingerprints(store: ArtifactStore, parts: list[Partition]) -> Iterator[tuple[int, str]]:
@@ -170,4 +201,3 @@ def plan_fingerprints(store: ArtifactStore, parts: list[Partition]) -> Iterator[
             fps = pq.ParquetFile(f).read_row_group(part.group, columns=["fingerprint"]).column(0).to_pylist()
         for fp in fps:
             yield part.index, _dec(fp) or ""
-

@@ -37,7 +37,9 @@ class PromptFileError(ValueError):
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise PromptFileError(f"prompt file {path}: unknown format {path.suffix!r} (use .parquet, .csv or .jsonl)")
+        raise PromptFileError(
+            f"prompt file {path}: unknown format {path.suffix!r} (use .parquet, .csv or .jsonl)"
+        )
     if not path.is_file():
         raise PromptFileError(f"prompt file {path}: no such file")
     try:
@@ -51,8 +53,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 value = json.loads(line.decode("utf-8"))
-                rows.append(value if isinstance(value, dict) else {"__error__": f"a JSON {type(value).__name__}, "
-                                                                                 "not an object"})
+                rows.append(
+                    value
+                    if isinstance(value, dict)
+                    else {"__error__": f"a JSON {type(value).__name__}, not an object"}
+                )
             except UnicodeDecodeError:
                 rows.append({"__error__": "not UTF-8 text"})
             except ValueError as exc:
@@ -99,8 +104,10 @@ def prompt_table(path: str | Path) -> pa.Table:
     columns = {k for r in rows for k in r}
     missing = [c for c in REQUIRED if c not in columns]
     if missing and "__error__" not in columns:
-        raise PromptFileError(f"prompt file {path}: missing column(s) {', '.join(missing)} "
-                              f"(has {', '.join(sorted(columns)) or 'none'})")
+        raise PromptFileError(
+            f"prompt file {path}: missing column(s) {', '.join(missing)} "
+            f"(has {', '.join(sorted(columns)) or 'none'})"
+        )
     return validate_rows(rows, f"prompt file {path}")
 
 

@@ -21,17 +21,20 @@ from asd_models.buckets import Bucket, aspect_error, nearest_bucket
 from asd_models.images import cover_size, resize_cover_crop
 
 # Failure stages recorded in the manifest's `failed_stage`.
-STAGE_SOURCE = "source"      # the listing itself: missing file, path outside the source, no url
-STAGE_CAPTION = "caption"    # no caption / empty caption under the reject policy
+STAGE_SOURCE = "source"  # the listing itself: missing file, path outside the source, no url
+STAGE_CAPTION = "caption"  # no caption / empty caption under the reject policy
 STAGE_DOWNLOAD = "download"  # network or object-store read (retried by --retry-failed)
-STAGE_READ = "read"          # a local file that could not be read
-STAGE_DECODE = "decode"      # not an image, truncated, corrupt
+STAGE_READ = "read"  # a local file that could not be read
+STAGE_DECODE = "decode"  # not an image, truncated, corrupt
 STAGE_VALIDATE = "validate"  # decoded fine but outside the limits (size, pixels, aspect)
 STAGE_DUPLICATE = "duplicate"
 
 ORIENTATION_TAG = 0x0112
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-            "bilinear": Image.Resampling.BILINEAR}
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+}
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -90,7 +93,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None = None) -> tuple[Image.Image, int, int]:
+def decode(
+    data: bytes, spec: SampleSpec, buckets: list[Bucket] | None = None
+) -> tuple[Image.Image, int, int]:
     """Decode once and fully (every scan; `verify` alone misses truncation), apply EXIF
     orientation, convert to RGB. Returns (image, original width, original height) upright.
     With `spec.draft`, a JPEG is decoded at the smallest 1/2^k scale that still covers the
@@ -111,7 +116,10 @@ def decode(data: bytes, spec: SampleSpec, buckets: list[Bucket] | None = None) -
         if w <= 0 or h <= 0:
             raise Rejected(STAGE_DECODE, f"image header says {w}x{h}")
         if w * h > spec.max_pixels:
-            raise Rejected(STAGE_VALIDATE, f"too many pixels: {w}x{h} = {w * h} > {spec.max_pixels} (decompression-bomb guard)")
+            raise Rejected(
+                STAGE_VALIDATE,
+                f"too many pixels: {w}x{h} = {w * h} > {spec.max_pixels} (decompression-bomb guard)",
+            )
         try:
             # a JPEG's EXIF sits in its header; any other format's may follow the pixel data, so
             # its orientation is read only after the one full decode (a read before would decode
@@ -142,7 +150,9 @@ def check_size(w: int, h: int, spec: SampleSpec) -> None:
         raise Rejected(STAGE_VALIDATE, f"too small: {w}x{h}, shorter side under {spec.min_side}")
     ratio = max(w / h, h / w)
     if ratio > spec.max_aspect:
-        raise Rejected(STAGE_VALIDATE, f"extreme aspect ratio: {w}x{h} is {ratio:.2f}:1 > {spec.max_aspect:g}:1")
+        raise Rejected(
+            STAGE_VALIDATE, f"extreme aspect ratio: {w}x{h} is {ratio:.2f}:1 > {spec.max_aspect:g}:1"
+        )
 
 
 def read_capped(path: str, max_bytes: int) -> bytes:
@@ -185,9 +195,19 @@ def process_sample(job: tuple[str, bytes | str, SampleSpec]) -> dict[str, Any]:
     # crop box in the resized-to-cover image; the cover size lets a trainer map it back
     cw, ch = cover_size(img.width, img.height, bucket.width, bucket.height)
     return {
-        "ok": True, "jpg": buf.getvalue(), "original_width": ow, "original_height": oh,
-        "bucket": bucket.name, "width": bucket.width, "height": bucket.height,
-        "crop_left": box[0], "crop_top": box[1], "crop_right": box[2], "crop_bottom": box[3],
-        "cover_width": cw, "cover_height": ch, "sha256": digest,
+        "ok": True,
+        "jpg": buf.getvalue(),
+        "original_width": ow,
+        "original_height": oh,
+        "bucket": bucket.name,
+        "width": bucket.width,
+        "height": bucket.height,
+        "crop_left": box[0],
+        "crop_top": box[1],
+        "crop_right": box[2],
+        "crop_bottom": box[3],
+        "cover_width": cw,
+        "cover_height": ch,
+        "sha256": digest,
         "aspect_error": aspect_error(ow, oh, bucket),
     }

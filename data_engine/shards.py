@@ -95,11 +95,17 @@ class BucketShardWriter:
 def wids_indexes(name: str, shards: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
     """wids index files of bucket -> shards (relative URLs, resolved against the index's own
     location): one for the whole dataset and one per bucket."""
+
     def doc(label: str, listed: list[dict[str, Any]], prefix: str) -> bytes:
-        return json.dumps({
-            "__kind__": WIDS_KIND, "wids_version": 1, "name": label,
-            "shardlist": [{"url": s["shard"][len(prefix):], "nsamples": s["count"]} for s in listed],
-        }, indent=1).encode()
+        return json.dumps(
+            {
+                "__kind__": WIDS_KIND,
+                "wids_version": 1,
+                "name": label,
+                "shardlist": [{"url": s["shard"][len(prefix) :], "nsamples": s["count"]} for s in listed],
+            },
+            indent=1,
+        ).encode()
 
     out = {}
     every = [s for b in sorted(shards) for s in shards[b]]
@@ -114,8 +120,11 @@ def rewrite_shard(writer: VersionWriter, rel: str, data: Any, drop: set[str], re
     """Shard `rel` of `writer`'s version written again from `data` (its stream) without the
     samples of `drop` and with keys renamed by `rename`; returns the samples it keeps (0: the
     shard is gone). Byte-identical to a shard written with those samples in the first place."""
-    kept = [sample_members(s) for s in tar_stream_samples(data, STORED_MAX_BYTES, STORED_MAX_BYTES)
-            if s["__key__"] not in drop]
+    kept = [
+        sample_members(s)
+        for s in tar_stream_samples(data, STORED_MAX_BYTES, STORED_MAX_BYTES)
+        if s["__key__"] not in drop
+    ]
     writer.discard(rel)
     if not kept:
         return 0

@@ -74,9 +74,9 @@ class SourceRecord:
     name: str
     caption: str | None
     fingerprint: str
-    path: str | None = None      # a local file the worker reads
-    url: str | None = None       # to download
-    data: bytes | None = None    # already read (a shard sample)
+    path: str | None = None  # a local file the worker reads
+    url: str | None = None  # to download
+    data: bytes | None = None  # already read (a shard sample)
     error: str | None = None
     failed_stage: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +94,9 @@ class Source(Protocol):
     kind: ClassVar[str]
     needs_download: ClassVar[bool]
 
-    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None: ...
+    def __init__(
+        self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None
+    ) -> None: ...
     def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]: ...
     def fingerprint(self) -> str: ...
     def units(self) -> set[str] | None: ...
@@ -107,7 +109,9 @@ class FolderSource:
     kind: ClassVar[str] = "folder"
     needs_download: ClassVar[bool] = False
 
-    def __init__(self, spec: str | Path, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, spec: str | Path, options: SourceOptions, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.root = Path(str(spec).removeprefix("file://")).expanduser().resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"ingest source {spec}: not a folder")
@@ -135,15 +139,29 @@ class FolderSource:
                 broken.append((rel, "metadata file is a link to outside the source folder; not read"))
                 continue
             try:
-                df = read_jsonl_lenient(meta, self.bad_lines) if rel.endswith(".jsonl") else read_table(str(meta))
+                df = (
+                    read_jsonl_lenient(meta, self.bad_lines)
+                    if rel.endswith(".jsonl")
+                    else read_table(str(meta))
+                )
             except Exception as exc:  # noqa: BLE001
-                broken.append((rel, f"metadata file unreadable as a table ({type(exc).__name__}: {exc}); "
-                                    "its captions are not used"))
+                broken.append(
+                    (
+                        rel,
+                        f"metadata file unreadable as a table ({type(exc).__name__}: {exc}); "
+                        "its captions are not used",
+                    )
+                )
                 continue
             text_col = next((c for c in ("text", *CAPTION_COLUMNS) if c in df.columns), None)
             if "file_name" not in df.columns or text_col is None:
-                broken.append((rel, f"metadata file must have the columns file_name and text (diffusers ImageFolder "
-                                    f"convention); it has {df.columns}; its captions are not used"))
+                broken.append(
+                    (
+                        rel,
+                        f"metadata file must have the columns file_name and text (diffusers ImageFolder "
+                        f"convention); it has {df.columns}; its captions are not used",
+                    )
+                )
                 continue
             for fn, text in df.select("file_name", text_col).iter_rows():
                 if fn is not None:
@@ -200,29 +218,67 @@ class FolderSource:
             caption, error = (captions[rel], None) if rel in captions else self._sidecar(path)
             out.append(self._record(rel, path, caption, error=error))
         for rel in links_out:
-            out.append(SourceRecord(source=printable(str(self.root / rel)), name=posixpath.basename(rel), caption=None,
-                                    fingerprint=_sha1("link-out", self.root, rel),
-                                    error="folder link to outside the source folder; not followed "
-                                    "(--follow-links-outside allows it)", failed_stage=STAGE_SOURCE))
+            out.append(
+                SourceRecord(
+                    source=printable(str(self.root / rel)),
+                    name=posixpath.basename(rel),
+                    caption=None,
+                    fingerprint=_sha1("link-out", self.root, rel),
+                    error="folder link to outside the source folder; not followed "
+                    "(--follow-links-outside allows it)",
+                    failed_stage=STAGE_SOURCE,
+                )
+            )
         for rel, error in broken_meta:
-            out.append(SourceRecord(source=printable(str(self.root / rel)), name=posixpath.basename(rel), caption=None,
-                                    fingerprint=_sha1("bad-metadata", self.root, rel, error), error=error,
-                                    failed_stage=STAGE_SOURCE))
+            out.append(
+                SourceRecord(
+                    source=printable(str(self.root / rel)),
+                    name=posixpath.basename(rel),
+                    caption=None,
+                    fingerprint=_sha1("bad-metadata", self.root, rel, error),
+                    error=error,
+                    failed_stage=STAGE_SOURCE,
+                )
+            )
         for where, error in unreadable:
-            out.append(SourceRecord(source=printable(where), name=posixpath.basename(where) or "folder", caption=None,
-                                    fingerprint=_sha1("unreadable", where, error), error=error,
-                                    failed_stage=STAGE_SOURCE))
+            out.append(
+                SourceRecord(
+                    source=printable(where),
+                    name=posixpath.basename(where) or "folder",
+                    caption=None,
+                    fingerprint=_sha1("unreadable", where, error),
+                    error=error,
+                    failed_stage=STAGE_SOURCE,
+                )
+            )
         for lineno, error in self.bad_lines:
-            out.append(SourceRecord(source=printable(error.split(" line ", 1)[0]) + f":{lineno}", name=f"metadata-line{lineno}",
-                                    caption=None, fingerprint=_sha1("bad-line", self.root, lineno, error),
-                                    error=error, failed_stage=STAGE_SOURCE))
+            out.append(
+                SourceRecord(
+                    source=printable(error.split(" line ", 1)[0]) + f":{lineno}",
+                    name=f"metadata-line{lineno}",
+                    caption=None,
+                    fingerprint=_sha1("bad-line", self.root, lineno, error),
+                    error=error,
+                    failed_stage=STAGE_SOURCE,
+                )
+            )
         for rel in sorted(set(captions) - present):
             inside = not (rel.startswith("../") or rel == ".." or posixpath.isabs(rel))
-            error = ("listed in metadata but missing" if inside
-                     else "listed in metadata with a path outside the source folder")
-            out.append(SourceRecord(source=printable(str(self.root / rel) if inside else rel), name=posixpath.basename(rel),
-                                    caption=captions[rel], fingerprint=_sha1("missing", self.root, rel),
-                                    error=error, failed_stage=STAGE_SOURCE))
+            error = (
+                "listed in metadata but missing"
+                if inside
+                else "listed in metadata with a path outside the source folder"
+            )
+            out.append(
+                SourceRecord(
+                    source=printable(str(self.root / rel) if inside else rel),
+                    name=posixpath.basename(rel),
+                    caption=captions[rel],
+                    fingerprint=_sha1("missing", self.root, rel),
+                    error=error,
+                    failed_stage=STAGE_SOURCE,
+                )
+            )
         return out
 
     def _sidecar(self, path: Path) -> tuple[str | None, str | None]:
@@ -262,8 +318,12 @@ class FolderSource:
         except OSError as exc:
             stat, error = None, error or f"cannot stat (a broken link?): {exc.strerror or exc}"
         return SourceRecord(
-            source=printable(str(path)), name=printable(posixpath.basename(rel)), caption=caption,
-            fingerprint=_sha1("file", path, stat, caption), path=str(path), error=error,
+            source=printable(str(path)),
+            name=printable(posixpath.basename(rel)),
+            caption=caption,
+            fingerprint=_sha1("file", path, stat, caption),
+            path=str(path),
+            error=error,
             failed_stage=STAGE_SOURCE if error else None,
         )
 
@@ -272,6 +332,7 @@ class FolderSource:
 
     def fingerprint(self) -> str:
         return _sha1("folder", self.root, *(r.fingerprint for r in self.records()))
+
 
 def read_jsonl_lenient(path: Path, bad_lines: list[tuple[int, str]]) -> pl.DataFrame:
     """metadata.jsonl line by line: a broken line becomes a recorded failure, not the end."""
@@ -288,8 +349,11 @@ def read_jsonl_lenient(path: Path, bad_lines: list[tuple[int, str]]) -> pl.DataF
                 bad_lines.append((lineno, f"{path} line {lineno} is not a JSON object: {exc}"))
                 continue
             rows.append({k: None if v is None else str(v) for k, v in row.items()})
-    return pl.DataFrame(rows, schema={k: pl.String for r in rows for k in r}) if rows else pl.DataFrame(
-        {"file_name": [], "text": []}, schema={"file_name": pl.String, "text": pl.String})
+    return (
+        pl.DataFrame(rows, schema={k: pl.String for r in rows for k in r})
+        if rows
+        else pl.DataFrame({"file_name": [], "text": []}, schema={"file_name": pl.String, "text": pl.String})
+    )
 
 
 def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.DataFrame:
@@ -301,10 +365,17 @@ def read_table(path: str, storage_options: dict[str, Any] | None = None) -> pl.D
     if low.endswith(".parquet"):
         return pl.read_parquet(io.BytesIO(data))
     if low.endswith(".csv"):
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, truncate_ragged_lines=True, encoding="utf8-lossy")
+        return pl.read_csv(
+            io.BytesIO(data), infer_schema_length=0, truncate_ragged_lines=True, encoding="utf8-lossy"
+        )
     if low.endswith(".tsv"):
-        return pl.read_csv(io.BytesIO(data), separator="\t", infer_schema_length=0, truncate_ragged_lines=True,
-                           encoding="utf8-lossy")
+        return pl.read_csv(
+            io.BytesIO(data),
+            separator="\t",
+            infer_schema_length=0,
+            truncate_ragged_lines=True,
+            encoding="utf8-lossy",
+        )
     if low.endswith(".jsonl"):
         return pl.read_ndjson(io.BytesIO(data))
     if low.endswith(".json"):
@@ -322,7 +393,9 @@ class UrlListSource:
     kind: ClassVar[str] = "url-list"
     needs_download: ClassVar[bool] = True
 
-    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.path = spec
         self.table = UrlTable(spec, options.url_col, options.caption_col, storage_options)
         self._fingerprint: str | None = None
@@ -337,24 +410,35 @@ class UrlListSource:
     def fingerprint(self) -> str:
         """The list's bytes and the columns read (streamed: not the rows in memory)."""
         if self._fingerprint is None:
-            self._fingerprint = _sha1("url-list", self.table.content_sha256(), self.table.url_col,
-                                      self.table.caption_col)
+            self._fingerprint = _sha1(
+                "url-list", self.table.content_sha256(), self.table.url_col, self.table.caption_col
+            )
         return self._fingerprint
 
     def units(self) -> None:
         return None
 
 
-def url_record(list_name: str, i: int, url: str | None, caption: str | None, error: str | None = None) -> SourceRecord:
+def url_record(
+    list_name: str, i: int, url: str | None, caption: str | None, error: str | None = None
+) -> SourceRecord:
     """Row `i` of a URL list as an input."""
     url = "" if url is None else url.strip()
     fp = _sha1("url", url, caption)
     if error or not url:
-        return SourceRecord(source=f"{list_name}#row{i}", name=f"row{i}", caption=caption, fingerprint=fp,
-                            error=error or "empty URL", failed_stage=STAGE_SOURCE)
+        return SourceRecord(
+            source=f"{list_name}#row{i}",
+            name=f"row{i}",
+            caption=caption,
+            fingerprint=fp,
+            error=error or "empty URL",
+            failed_stage=STAGE_SOURCE,
+        )
     name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) or f"row{i}"
     shown = redact_url(url)  # what the manifest, the shard metadata and the logs may hold
-    return SourceRecord(source=shown, name=name, caption=caption, fingerprint=fp, url=url, meta={"url": shown, "row": i})
+    return SourceRecord(
+        source=shown, name=name, caption=caption, fingerprint=fp, url=url, meta={"url": shown, "row": i}
+    )
 
 
 class ShardSource:
@@ -364,7 +448,9 @@ class ShardSource:
     kind: ClassVar[str] = "shards"
     needs_download: ClassVar[bool] = False
 
-    def __init__(self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, spec: str, options: SourceOptions, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.spec = spec
         self.options = options
         self.storage_options = storage_options if spec.startswith("s3://") else {}
@@ -390,7 +476,11 @@ class ShardSource:
                 try:
                     fs, _, (path,) = fsspec.get_fs_token_paths(url, storage_options=self.storage_options)
                     info = fs.info(path)
-                    ident = (info.get("size"), info.get("ETag") or info.get("etag"), info.get("mtime") or info.get("LastModified"))
+                    ident = (
+                        info.get("size"),
+                        info.get("ETag") or info.get("etag"),
+                        info.get("mtime") or info.get("LastModified"),
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported when the shard is read
                     ident = ("unlisted", type(exc).__name__)
                 self._fps[url] = _sha1("shard", url, ident)
@@ -413,8 +503,9 @@ class ShardSource:
         return shard_records(url, shard_fp, self.options, self.storage_options)
 
 
-def shard_records(url: str, shard_fp: str, options: SourceOptions,
-                  storage_options: dict[str, Any] | None) -> Iterator[SourceRecord]:
+def shard_records(
+    url: str, shard_fp: str, options: SourceOptions, storage_options: dict[str, Any] | None
+) -> Iterator[SourceRecord]:
     """Every sample of one shard file as an input (what a shard partition's task reads)."""
     n = 0
     try:
@@ -423,10 +514,14 @@ def shard_records(url: str, shard_fp: str, options: SourceOptions,
                 n += 1
                 yield _shard_sample(url, shard_fp, sample)
     except Exception as exc:  # noqa: BLE001 - a broken shard is one failed row, the rest goes on
-        yield SourceRecord(source=redact_url(url), name=posixpath.basename(url), caption=None,
-                           fingerprint=f"{shard_fp}#__shard_error__", error=(
-                               f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
-                           failed_stage=STAGE_DOWNLOAD)
+        yield SourceRecord(
+            source=redact_url(url),
+            name=posixpath.basename(url),
+            caption=None,
+            fingerprint=f"{shard_fp}#__shard_error__",
+            error=(f"shard unreadable after {n} samples: {type(exc).__name__}: {exc}"),
+            failed_stage=STAGE_DOWNLOAD,
+        )
 
 
 def _shard_sample(url: str, shard_fp: str, sample: dict[str, Any]) -> SourceRecord:
@@ -440,24 +535,52 @@ def _shard_sample(url: str, shard_fp: str, sample: dict[str, Any]) -> SourceReco
         try:
             src = json.loads(fields["json"])
             if isinstance(src, dict):
-                meta["source_json"] = {k: src[k] for k in ("url", "key", "width", "height", "status") if k in src}
+                meta["source_json"] = {
+                    k: src[k] for k in ("url", "key", "width", "height", "status") if k in src
+                }
         except (ValueError, UnicodeDecodeError):
             meta["source_json"] = "unparseable"
     source = f"{redact_url(url)}#{key}"
     fp = f"{shard_fp}#{_sha1(key)}"
     problems = sample.get("__problems__") or []
     if sample.get("__over__"):
-        return SourceRecord(source=source, name=posixpath.basename(key), caption=None, fingerprint=fp,
-                            error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
+        return SourceRecord(
+            source=source,
+            name=posixpath.basename(key),
+            caption=None,
+            fingerprint=fp,
+            error="; ".join(problems),
+            failed_stage=STAGE_VALIDATE,
+            meta=meta,
+        )
     if img_key is None:
         if problems:
-            return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                                error="; ".join(problems), failed_stage=STAGE_VALIDATE, meta=meta)
-        return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                            error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
-                            failed_stage=STAGE_SOURCE, meta=meta)
-    return SourceRecord(source=source, name=posixpath.basename(key), caption=caption, fingerprint=fp,
-                        data=fields[img_key], meta=meta)
+            return SourceRecord(
+                source=source,
+                name=posixpath.basename(key),
+                caption=caption,
+                fingerprint=fp,
+                error="; ".join(problems),
+                failed_stage=STAGE_VALIDATE,
+                meta=meta,
+            )
+        return SourceRecord(
+            source=source,
+            name=posixpath.basename(key),
+            caption=caption,
+            fingerprint=fp,
+            error=f"sample has no image member (has {', '.join(sorted(fields)) or 'nothing'})",
+            failed_stage=STAGE_SOURCE,
+            meta=meta,
+        )
+    return SourceRecord(
+        source=source,
+        name=posixpath.basename(key),
+        caption=caption,
+        fingerprint=fp,
+        data=fields[img_key],
+        meta=meta,
+    )
 
 
 SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (FolderSource, UrlListSource, ShardSource)}
@@ -482,8 +605,10 @@ def source_kind(spec: str) -> tuple[str, str]:
         if any(n.endswith(SHARD_EXTS) for n in names) and not any(n.endswith(IMAGE_EXTS) for n in names):
             return ShardSource.kind, str(local.resolve())
         return FolderSource.kind, str(local)
-    raise ValueError(f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "
-                     f"or a URL list ({', '.join(LIST_EXTS)})")
+    raise ValueError(
+        f"ingest source {spec}: not a folder, a .tar / {{a..b}} shard pattern, "
+        f"or a URL list ({', '.join(LIST_EXTS)})"
+    )
 
 
 def open_source(spec: str, storage_options: dict[str, Any] | None, options: SourceOptions) -> Source:

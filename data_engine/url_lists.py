@@ -48,8 +48,13 @@ class UrlTable:
     """One URL list: its columns (checked when opened, from the header alone) and its rows,
     streamed."""
 
-    def __init__(self, path: str, url_col: str | None, caption_col: str | None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        url_col: str | None,
+        caption_col: str | None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.path, self.storage_options = path, storage_options
         self.format = next((ext for ext in LIST_EXTS if path.lower().endswith(ext)), None)
         if self.format is None:
@@ -57,8 +62,10 @@ class UrlTable:
         columns = self._columns()
         self.url_col = url_col or next((c for c in URL_COLUMNS if c in columns), None)
         if self.url_col not in columns:
-            raise ValueError(f"URL list {path}: no URL column (looked for {url_col or ', '.join(URL_COLUMNS)}; "
-                             f"it has {columns})")
+            raise ValueError(
+                f"URL list {path}: no URL column (looked for {url_col or ', '.join(URL_COLUMNS)}; "
+                f"it has {columns})"
+            )
         self.caption_col = caption_col or next((c for c in CAPTION_COLUMNS if c in columns), None)
         if caption_col and caption_col not in columns:
             raise ValueError(f"URL list {path}: no caption column {caption_col!r} (it has {columns})")
@@ -95,7 +102,7 @@ class UrlTable:
         if isinstance(doc, list):  # records
             cols: dict[str, list[Any]] = {}
             for i, rec in enumerate(doc):
-                for k, v in (rec.items() if isinstance(rec, dict) else ()):
+                for k, v in rec.items() if isinstance(rec, dict) else ():
                     cols.setdefault(k, [None] * i).append(v)
                 for v in cols.values():
                     if len(v) < i + 1:
@@ -111,7 +118,9 @@ class UrlTable:
         with _open(self.path, self.storage_options) as f:
             if self.format == ".parquet":
                 cols = [self.url_col] + ([self.caption_col] if self.caption_col else [])
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=cols, use_threads=False):
+                for batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=BATCH_ROWS, columns=cols, use_threads=False
+                ):
                     yield self._pairs(batch)
             elif self.format in (".csv", ".tsv"):
                 yield from self._csv(f)
@@ -121,9 +130,11 @@ class UrlTable:
                 doc = self._json_document(f.read())
                 urls = doc.get(self.url_col, [])
                 caps = doc.get(self.caption_col, []) if self.caption_col else []
-                rows = [(_text(u), _text(caps[i]) if i < len(caps) else None, None) for i, u in enumerate(urls)]
+                rows = [
+                    (_text(u), _text(caps[i]) if i < len(caps) else None, None) for i, u in enumerate(urls)
+                ]
                 for a in range(0, len(rows), BATCH_ROWS):
-                    yield rows[a:a + BATCH_ROWS]
+                    yield rows[a : a + BATCH_ROWS]
 
     def _pairs(self, batch: pa.RecordBatch) -> list[Row]:
         urls = batch.column(0).to_pylist()
@@ -135,19 +146,26 @@ class UrlTable:
         ragged: list[str] = []
 
         def bad_row(row: Any) -> str:
-            ragged.append(f"line {row.number}: {row.actual_columns} fields where the header has {row.expected_columns}")
+            ragged.append(
+                f"line {row.number}: {row.actual_columns} fields where the header has {row.expected_columns}"
+            )
             return "skip"
 
         reader = None
         try:
             header = self._columns()
             reader = pacsv.open_csv(
-                f, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
-                parse_options=pacsv.ParseOptions(delimiter=self._delimiter, newlines_in_values=True,
-                                                 invalid_row_handler=bad_row),
+                f,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=self._delimiter, newlines_in_values=True, invalid_row_handler=bad_row
+                ),
                 convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.binary() for c in header}, strings_can_be_null=True,
-                    include_columns=[self.url_col] + ([self.caption_col] if self.caption_col else [])))
+                    column_types={c: pa.binary() for c in header},
+                    strings_can_be_null=True,
+                    include_columns=[self.url_col] + ([self.caption_col] if self.caption_col else []),
+                ),
+            )
         except pa.ArrowInvalid as exc:
             if "Empty CSV file" in str(exc):
                 return
@@ -172,8 +190,13 @@ class UrlTable:
                     rec = json.loads(line)
                     if not isinstance(rec, dict):
                         raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-                    rows.append((_text(rec.get(self.url_col)),
-                                 _text(rec.get(self.caption_col)) if self.caption_col else None, None))
+                    rows.append(
+                        (
+                            _text(rec.get(self.url_col)),
+                            _text(rec.get(self.caption_col)) if self.caption_col else None,
+                            None,
+                        )
+                    )
                 except ValueError as exc:
                     rows.append((None, None, f"line {lineno} is not a JSON object: {exc}"[:300]))
             if len(rows) >= BATCH_ROWS:

@@ -22,22 +22,42 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASD_", frozen=True, extra="ignore")
 
     store: str | None = Field(None, description="the store URL when none is given (default: ./asd-store)")
-    store_block: str | None = Field(None, description="a Prefect JSON block holding s3fs options for the store")
-    s3_retries: int = Field(8, ge=0, description="S3 request attempts (botocore adaptive retries and s3fs backoff)")
+    store_block: str | None = Field(
+        None, description="a Prefect JSON block holding s3fs options for the store"
+    )
+    s3_retries: int = Field(
+        8, ge=0, description="S3 request attempts (botocore adaptive retries and s3fs backoff)"
+    )
     cache: Path = Field(Path.home() / ".cache" / "asd", description="local cache of model versions")
-    site_url: str | None = Field(None, description="where the store's _site/ is served (links in the Prefect UI)")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads in a worker process (set for "
-                                      "Dask workers by the executor)")
-    gpu_by_worker_name: bool = Field(False, description="set by a local Dask cluster this pipeline starts for its "
-                                     "workers: each sees every GPU and renders on cuda:<worker name mod GPUs>")
-    executor: Literal["threads", "dask"] | None = Field(None, description="the generate stage's executor when its "
-                                                        "settings leave it unset")
-    dask_address: str | None = Field(None, description="the generate stage's Dask scheduler when its settings "
-                                     "leave it unset")
-    lease_s: float = Field(120.0, gt=0, description="a resumable job's lease on its pending version lasts this long "
-                           "without a heartbeat (renewed every third of it)")
-    lease_wait_s: float = Field(0.0, ge=0, description="how long a second run of a job waits for the run holding "
-                                "its lease (then reuses its commit); 0: refuse at once, naming the holder")
+    site_url: str | None = Field(
+        None, description="where the store's _site/ is served (links in the Prefect UI)"
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads in a worker process (set for Dask workers by the executor)"
+    )
+    gpu_by_worker_name: bool = Field(
+        False,
+        description="set by a local Dask cluster this pipeline starts for its "
+        "workers: each sees every GPU and renders on cuda:<worker name mod GPUs>",
+    )
+    executor: Literal["threads", "dask"] | None = Field(
+        None, description="the generate stage's executor when its settings leave it unset"
+    )
+    dask_address: str | None = Field(
+        None, description="the generate stage's Dask scheduler when its settings leave it unset"
+    )
+    lease_s: float = Field(
+        120.0,
+        gt=0,
+        description="a resumable job's lease on its pending version lasts this long "
+        "without a heartbeat (renewed every third of it)",
+    )
+    lease_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="how long a second run of a job waits for the run holding "
+        "its lease (then reuses its commit); 0: refuse at once, naming the holder",
+    )
 
 
 def runtime() -> RuntimeSettings:

@@ -54,14 +54,19 @@ class FanOutSettings(StageSettings):
     this process, or Dask worker processes (a local cluster, or an existing scheduler)."""
 
     executor: Literal["threads", "dask"] = execution(
-        "threads", description="tasks in threads of this process, or on Dask worker processes (left at threads, "
-        "$ASD_EXECUTOR decides)")
+        "threads",
+        description="tasks in threads of this process, or on Dask worker processes (left at threads, "
+        "$ASD_EXECUTOR decides)",
+    )
     workers: int = execution(1, ge=1, description="threads, or Dask worker processes of a local cluster")
     dask_address: str | None = execution(
-        None, description="an existing Dask scheduler, e.g. tcp://host:8786 (unset: $ASD_DASK_ADDRESS, else a "
-        "local cluster of `workers` processes)")
-    torch_threads: int | None = execution(None, ge=1, description="CPU threads of torch in each Dask worker "
-                                          "(default: cores / workers)")
+        None,
+        description="an existing Dask scheduler, e.g. tcp://host:8786 (unset: $ASD_DASK_ADDRESS, else a "
+        "local cluster of `workers` processes)",
+    )
+    torch_threads: int | None = execution(
+        None, ge=1, description="CPU threads of torch in each Dask worker (default: cores / workers)"
+    )
 
 
 class PromptSpec(BaseModel):
@@ -94,7 +99,9 @@ class PromptSpec(BaseModel):
         except UnicodeEncodeError:
             raise ValueError("not valid Unicode text (an unpaired surrogate)") from None
         value = unicodedata.normalize("NFC", value)
-        if info.field_name == "prompt" and not "".join(c for c in value if unicodedata.category(c) not in INVISIBLE):
+        if info.field_name == "prompt" and not "".join(
+            c for c in value if unicodedata.category(c) not in INVISIBLE
+        ):
             raise ValueError("empty: only whitespace or invisible characters")
         return value
 

@@ -22,8 +22,17 @@ from flows.stages import (
 )
 
 SERVED_NAME = "served"
-SERVED_FLOWS = (asd_pipeline, ingest_flow, train_flow, train_processes_flow, prompts_flow, generate_flow, upscale_flow,
-                evaluate_flow, backfill_flow)
+SERVED_FLOWS = (
+    asd_pipeline,
+    ingest_flow,
+    train_flow,
+    train_processes_flow,
+    prompts_flow,
+    generate_flow,
+    upscale_flow,
+    evaluate_flow,
+    backfill_flow,
+)
 
 
 def main() -> None:

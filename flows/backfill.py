@@ -26,8 +26,9 @@ from tasks.registry import STAGES
 
 # flow name -> (the parameter naming its output, the output's kind), from the stages' own
 # declarations; the whole pipeline's output is its evaluation
-OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {e.stage.flow: (e.stage.output_param, e.stage.kind)
-                                                        for e in STAGES.values()}
+OUTPUTS = {"asd-pipeline": ("name", Evaluate.kind)} | {
+    e.stage.flow: (e.stage.output_param, e.stage.kind) for e in STAGES.values()
+}
 # the parameter that takes a prompt manifest (for prompt-version partitions)
 PROMPTS_PARAM = {"asd-pipeline": "prompts", Generate.flow: Generate.prompts_param}
 MAX_RETRY_KEYS = 50
@@ -79,14 +80,23 @@ def _fill(value: Any, fields: dict[str, str]) -> Any:
     return value
 
 
-def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[str, Any], store: ArtifactStore,
-                    dates: DateRange | None = None, prompts_versions: list[str] | None = None,
-                    name: str | None = None, max_partitions: int = MAX_PARTITIONS) -> list[Partition]:
+def plan_partitions(
+    flow_name: str,
+    defaults: dict[str, Any],
+    parameters: dict[str, Any],
+    store: ArtifactStore,
+    dates: DateRange | None = None,
+    prompts_versions: list[str] | None = None,
+    name: str | None = None,
+    max_partitions: int = MAX_PARTITIONS,
+) -> list[Partition]:
     """Each partition's parameters: the deployment's defaults, overridden by `parameters` with
     {partition}/{date} filled in, the output named `<name>-<partition>`, and for prompt-version
     partitions the pinned manifest in the flow's prompts parameter."""
     if flow_name not in OUTPUTS:
-        raise BackfillError(f"cannot backfill {flow_name!r}: its output is not known (one of {', '.join(OUTPUTS)})")
+        raise BackfillError(
+            f"cannot backfill {flow_name!r}: its output is not known (one of {', '.join(OUTPUTS)})"
+        )
     if (dates is None) == (not prompts_versions):
         raise BackfillError("give exactly one of a date range or a list of prompt-manifest versions")
     out_param, kind = OUTPUTS[flow_name]
@@ -107,8 +117,10 @@ def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[s
             slug = f"{ref.name}-{ref.version}"
             labels.append((str(ref), {"partition": slug}, {param: str(ref)}))
     if len(labels) > max_partitions:
-        raise BackfillError(f"{len(labels)} partitions asked for (at most {max_partitions} without a larger "
-                            f"--max-partitions): a 10-year --dates range is {len(labels)} runs; narrow it or raise the cap")
+        raise BackfillError(
+            f"{len(labels)} partitions asked for (at most {max_partitions} without a larger "
+            f"--max-partitions): a 10-year --dates range is {len(labels)} runs; narrow it or raise the cap"
+        )
     plans, seen = [], set()
     for label, fields, pinned in labels:
         if label in seen:
@@ -116,8 +128,10 @@ def plan_partitions(flow_name: str, defaults: dict[str, Any], parameters: dict[s
         seen.add(label)
         out_name = f"{base}-{fields['partition']}"
         if len(out_name) > 128:  # cut, two partitions could share a name and the second be skipped as done
-            raise BackfillError(f"partition {label}: its output name {out_name[:40]}... is {len(out_name)} characters "
-                                "(at most 128): give a shorter --name")
+            raise BackfillError(
+                f"partition {label}: its output name {out_name[:40]}... is {len(out_name)} characters "
+                "(at most 128): give a shorter --name"
+            )
         check_name(out_name)
         params = {**defaults, **_fill(parameters, fields), **pinned, out_param: out_name}
         plans.append(Partition(label, params, ArtifactRef(kind, out_name, "latest")))
@@ -130,7 +144,9 @@ def _attempt_key(client: Any, base_key: str) -> str:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 
     keys = [base_key] + [f"{base_key}:retry-{i}" for i in range(1, MAX_RETRY_KEYS)]
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=keys)))
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=keys))
+    )
     by_key = {r.idempotency_key: r for r in runs}
     for i, key in enumerate(keys):
         run = by_key.get(key)
@@ -143,24 +159,46 @@ def _attempt_key(client: Any, base_key: str) -> str:
     return keys[-1]
 
 
-def _launch(deployment: str, part: Partition, key: str, scheduled_time: datetime, poll_s: float) -> dict[str, Any]:
+def _launch(
+    deployment: str, part: Partition, key: str, scheduled_time: datetime, poll_s: float
+) -> dict[str, Any]:
     from prefect.deployments import run_deployment
 
     t0 = time.monotonic()
-    run = run_deployment(deployment, parameters=part.parameters, scheduled_time=scheduled_time,
-                         idempotency_key=key, tags=["backfill"], poll_interval=poll_s, timeout=None)
+    run = run_deployment(
+        deployment,
+        parameters=part.parameters,
+        scheduled_time=scheduled_time,
+        idempotency_key=key,
+        tags=["backfill"],
+        poll_interval=poll_s,
+        timeout=None,
+    )
     state = run.state.type.value if run.state else "UNKNOWN"
-    return {"partition": part.label, "output": f"{part.output.kind}/{part.output.name}", "status": state,
-            "flow_run": run.name, "flow_run_id": str(run.id), "seconds": round(time.monotonic() - t0, 1),
-            "idempotency_key": key}
+    return {
+        "partition": part.label,
+        "output": f"{part.output.kind}/{part.output.name}",
+        "status": state,
+        "flow_run": run.name,
+        "flow_run_id": str(run.id),
+        "seconds": round(time.monotonic() - t0, 1),
+        "idempotency_key": key,
+    }
 
 
 @flow(name="asd-backfill", log_prints=True)
-def backfill_flow(deployment: str, dates: DateRange | None = None, prompts_versions: list[str] | None = None,
-                  parameters: dict[str, Any] | None = None, name: str | None = None, max_concurrency: int = 2,
-                  max_partitions: int = MAX_PARTITIONS,
-                  store_url: str | None = None, scheduled_time: datetime | None = None,
-                  poll_interval_s: float = 5.0) -> list[dict[str, Any]]:
+def backfill_flow(
+    deployment: str,
+    dates: DateRange | None = None,
+    prompts_versions: list[str] | None = None,
+    parameters: dict[str, Any] | None = None,
+    name: str | None = None,
+    max_concurrency: int = 2,
+    max_partitions: int = MAX_PARTITIONS,
+    store_url: str | None = None,
+    scheduled_time: datetime | None = None,
+    poll_interval_s: float = 5.0,
+) -> list[dict[str, Any]]:
     """Run `deployment` ('flow/deployment') once per partition: each date of `dates`, or each
     version in `prompts_versions`. `parameters` override the deployment's defaults ({partition}
     and {date} are filled in per partition); outputs are named `<name>-<partition>`. Partitions
@@ -175,24 +213,50 @@ def backfill_flow(deployment: str, dates: DateRange | None = None, prompts_versi
         dep = client.read_deployment_by_name(deployment)
         env = (dep.job_variables or {}).get("env") or {}
         store = ArtifactStore(store_url or env.get("ASD_STORE"))
-        plans = plan_partitions(deployment.split("/", 1)[0], dict(dep.parameters or {}), parameters or {}, store,
-                                dates, prompts_versions, name, max_partitions)
+        plans = plan_partitions(
+            deployment.split("/", 1)[0],
+            dict(dep.parameters or {}),
+            parameters or {},
+            store,
+            dates,
+            prompts_versions,
+            name,
+            max_partitions,
+        )
         todo, rows = [], []
         for part in plans:
             done = store.list_versions(part.output.kind, part.output.name)
             if done:
-                rows.append({"partition": part.label, "output": str(done[-1]), "status": "SKIPPED (committed)",
-                             "flow_run": None, "flow_run_id": None, "seconds": 0.0, "idempotency_key": None})
+                rows.append(
+                    {
+                        "partition": part.label,
+                        "output": str(done[-1]),
+                        "status": "SKIPPED (committed)",
+                        "flow_run": None,
+                        "flow_run_id": None,
+                        "seconds": 0.0,
+                        "idempotency_key": None,
+                    }
+                )
             else:
                 base_key = f"asd-backfill:{deployment}:{part.label}:{params_hash(part.parameters)[:16]}"
                 todo.append((part, _attempt_key(client, base_key)))
-    logger.info("backfill of %s: %d partition(s), %d already committed, %d to run (at most %d at a time) on store %s",
-                deployment, len(plans), len(plans) - len(todo), len(todo), max_concurrency, store.display_url)
+    logger.info(
+        "backfill of %s: %d partition(s), %d already committed, %d to run (at most %d at a time) on store %s",
+        deployment,
+        len(plans),
+        len(plans) - len(todo),
+        len(todo),
+        max_concurrency,
+        store.display_url,
+    )
     when = scheduled_time or datetime.now(UTC)
     with ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="backfill") as pool:
         # each thread gets a copy of this run's context, so every deployment run is a child of it
-        futures = [pool.submit(contextvars.copy_context().run, _launch, deployment, part, key, when, poll_interval_s)
-                   for part, key in todo]
+        futures = [
+            pool.submit(contextvars.copy_context().run, _launch, deployment, part, key, when, poll_interval_s)
+            for part, key in todo
+        ]
         rows += [f.result() for f in futures]
     ui = PREFECT_UI_URL.value()
     for r in rows:
@@ -200,6 +264,8 @@ def backfill_flow(deployment: str, dates: DateRange | None = None, prompts_versi
     publish_table("backfill-summary", rows, f"backfill of {deployment}: one row per partition")
     failed = [r for r in rows if r["status"] in FINAL_FAILED or r["status"] == "UNKNOWN"]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} partitions failed: "
-                           + ", ".join(f"{r['partition']} ({r['status']})" for r in failed))
+        raise RuntimeError(
+            f"{len(failed)} of {len(rows)} partitions failed: "
+            + ", ".join(f"{r['partition']} ({r['status']})" for r in failed)
+        )
     return rows

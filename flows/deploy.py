@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-DEFINITIONS = Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"  # the file, not a module: read, not imported
+DEFINITIONS = (
+    Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"
+)  # the file, not a module: read, not imported
 STORE_ENV = "ASD_STORE"  # RuntimeSettings.store of every run of a deployment, set in its job variables
 
 
@@ -35,7 +37,9 @@ class DeploymentSpec:
     concurrency_limit: int | None = None
     tags: tuple[str, ...] = ()
     job_variables: dict[str, Any] = field(default_factory=dict)
-    work_queue: str | None = None  # a queue of the pool (a worker started with --work-queue takes only its runs)
+    work_queue: str | None = (
+        None  # a queue of the pool (a worker started with --work-queue takes only its runs)
+    )
 
     def load_flow(self) -> Any:
         """The flow object behind the entrypoint, imported from the installed package."""
@@ -44,8 +48,10 @@ class DeploymentSpec:
         try:
             return import_object(self.entrypoint)
         except (ImportError, AttributeError, ValueError) as exc:
-            raise DeployError(f"deployment {self.name!r}: entrypoint {self.entrypoint!r} does not import from "
-                              f"this environment ({exc}); install the package here (pip install -e .)") from exc
+            raise DeployError(
+                f"deployment {self.name!r}: entrypoint {self.entrypoint!r} does not import from "
+                f"this environment ({exc}); install the package here (pip install -e .)"
+            ) from exc
 
     @property
     def full_name(self) -> str:
@@ -68,8 +74,10 @@ def load_specs(path: str | Path = DEFINITIONS) -> list[DeploymentSpec]:
         where = f"{path.name}, deployment {d.get('name') or i}"
         entrypoint = d.get("entrypoint") or ""
         if not entrypoint or ".py" in entrypoint or ":" in entrypoint:
-            raise DeployError(f"{where}: entrypoint {entrypoint!r} must be a module path (flows.stages.ingest_flow), "
-                              "so workers run the installed package and no code location is needed")
+            raise DeployError(
+                f"{where}: entrypoint {entrypoint!r} must be a module path (flows.stages.ingest_flow), "
+                "so workers run the installed package and no code location is needed"
+            )
         pool = (d.get("work_pool") or {}).get("name")
         if not pool:
             raise DeployError(f"{where}: no work_pool.name")
@@ -78,13 +86,20 @@ def load_specs(path: str | Path = DEFINITIONS) -> list[DeploymentSpec]:
         if (d["name"], entrypoint) in seen:
             raise DeployError(f"{where}: defined twice")
         seen.add((d["name"], entrypoint))
-        specs.append(DeploymentSpec(
-            name=d["name"], entrypoint=entrypoint, work_pool=pool, parameters=d.get("parameters") or {},
-            schedules=tuple(d.get("schedules") or ()), description=d.get("description"),
-            concurrency_limit=d.get("concurrency_limit"), tags=tuple(d.get("tags") or ()),
-            job_variables=dict((d.get("work_pool") or {}).get("job_variables") or {}),
-            work_queue=(d.get("work_pool") or {}).get("work_queue_name"),
-        ))
+        specs.append(
+            DeploymentSpec(
+                name=d["name"],
+                entrypoint=entrypoint,
+                work_pool=pool,
+                parameters=d.get("parameters") or {},
+                schedules=tuple(d.get("schedules") or ()),
+                description=d.get("description"),
+                concurrency_limit=d.get("concurrency_limit"),
+                tags=tuple(d.get("tags") or ()),
+                job_variables=dict((d.get("work_pool") or {}).get("job_variables") or {}),
+                work_queue=(d.get("work_pool") or {}).get("work_queue_name"),
+            )
+        )
     return specs
 
 
@@ -96,13 +111,17 @@ def check_api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise DeployError("no Prefect server to deploy to: set PREFECT_API_URL (after `prefect server start`: "
-                          "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api)")
+        raise DeployError(
+            "no Prefect server to deploy to: set PREFECT_API_URL (after `prefect server start`: "
+            "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
     with get_client(sync_client=True) as client:
         failure = client.api_healthcheck()
     if failure is not None:
-        raise DeployError(f"the Prefect server at {url} does not answer ({' '.join(str(failure).split())}); "
-                          "is `prefect server start` running? It takes about 20 s to come up")
+        raise DeployError(
+            f"the Prefect server at {url} does not answer ({' '.join(str(failure).split())}); "
+            "is `prefect server start` running? It takes about 20 s to come up"
+        )
     return url
 
 
@@ -114,11 +133,15 @@ def deployment_store(store: str | None, env: dict[str, str]) -> str:
 
     raw = store or env.get(STORE_ENV)
     if not raw:
-        raise DeployError("no store for the deployments: pass --store URL (a local folder or s3://bucket/prefix) "
-                          "or set ASD_STORE")
+        raise DeployError(
+            "no store for the deployments: pass --store URL (a local folder or s3://bucket/prefix) "
+            "or set ASD_STORE"
+        )
     if redact_url(raw) != raw:
-        raise DeployError(f"the store URL {redact_url(raw)} carries credentials; give them to the workers through "
-                          "AWS_* variables or a Prefect block ($ASD_STORE_BLOCK), not in the URL")
+        raise DeployError(
+            f"the store URL {redact_url(raw)} carries credentials; give them to the workers through "
+            "AWS_* variables or a Prefect block ($ASD_STORE_BLOCK), not in the URL"
+        )
     return ArtifactStore(raw).url
 
 
@@ -153,8 +176,9 @@ def _schedules(spec: DeploymentSpec) -> list[Any]:
     return out
 
 
-def deploy_all(store: str | None, env: dict[str, str], path: str | Path = DEFINITIONS,
-               only: list[str] | None = None) -> list[tuple[str, str, str]]:
+def deploy_all(
+    store: str | None, env: dict[str, str], path: str | Path = DEFINITIONS, only: list[str] | None = None
+) -> list[tuple[str, str, str]]:
     """Register the deployments (all, or those whose name or flow/name is in `only`).
     Returns (flow/deployment, work pool, id) of each."""
     from prefect.types.entrypoint import EntrypointType
@@ -175,8 +199,10 @@ def deploy_all(store: str | None, env: dict[str, str], path: str | Path = DEFINI
         try:
             flows[spec.name].validate_parameters(spec.parameters)
         except Exception as exc:  # noqa: BLE001 - Prefect's ParameterTypeError / pydantic errors
-            raise DeployError(f"deployment {spec.name!r}: its parameters do not fit the flow: "
-                              f"{' '.join(str(exc).split())[:400]}") from exc
+            raise DeployError(
+                f"deployment {spec.name!r}: its parameters do not fit the flow: "
+                f"{' '.join(str(exc).split())[:400]}"
+            ) from exc
     ensure_work_pools([s.work_pool for s in specs])
     version = code_version()
     done = []
@@ -184,9 +210,16 @@ def deploy_all(store: str | None, env: dict[str, str], path: str | Path = DEFINI
         job_vars = dict(spec.job_variables)
         job_vars["env"] = {**job_vars.get("env", {}), STORE_ENV: store_url}
         deployment = flows[spec.name].to_deployment(
-            name=spec.name, schedules=_schedules(spec), parameters=spec.parameters, description=spec.description,
-            concurrency_limit=spec.concurrency_limit, tags=list(spec.tags), version=version,
-            job_variables=job_vars, entrypoint_type=EntrypointType.MODULE_PATH, work_queue_name=spec.work_queue,
+            name=spec.name,
+            schedules=_schedules(spec),
+            parameters=spec.parameters,
+            description=spec.description,
+            concurrency_limit=spec.concurrency_limit,
+            tags=list(spec.tags),
+            version=version,
+            job_variables=job_vars,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            work_queue_name=spec.work_queue,
         )
         try:
             deployment_id = deployment.apply(work_pool_name=spec.work_pool)

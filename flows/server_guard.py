@@ -55,9 +55,14 @@ def tie_temporary_server_to_this_process() -> None:
         original(self, *args, **kwargs)
         proc = getattr(self, "server_process", None)
         if not was_running and proc is not None and proc.poll() is None:
-            subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(proc.pid)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             close_fds=True, start_new_session=True)
+            subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(proc.pid)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+            )
 
     start._asd_guarded = True  # type: ignore[attr-defined]
     SubprocessASGIServer.start = start

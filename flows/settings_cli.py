@@ -19,10 +19,16 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
-                           aliases: dict[str, list[str]] | None = None, title: str | None = None) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    aliases: dict[str, list[str]] | None = None,
+    title: str | None = None,
+) -> None:
     """Add one flag per field of `model` to `parser`, in a group named after the stage."""
-    group = parser.add_argument_group(title or f"settings ({model.__name__}: {(model.__doc__ or '').strip().splitlines()[0]})")
+    group = parser.add_argument_group(
+        title or f"settings ({model.__name__}: {(model.__doc__ or '').strip().splitlines()[0]})"
+    )
     for name, field in model.model_fields.items():
         flags = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
         kind, optional = _base_type(field.annotation)
@@ -32,13 +38,22 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseMode
             text += f" (default: {default})"
         text = text.replace("%", "%%")  # argparse formats help with %: a literal one must be doubled
         if kind is bool:
-            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         elif typing.get_origin(kind) is Literal:
-            group.add_argument(*flags, dest=name, choices=[str(c) for c in typing.get_args(kind)], default=None,
-                               help=text)
+            group.add_argument(
+                *flags, dest=name, choices=[str(c) for c in typing.get_args(kind)], default=None, help=text
+            )
         else:
-            group.add_argument(*flags, dest=name, type=_parser_of(kind, name, optional), default=None,
-                               metavar=name.upper(), help=text)
+            group.add_argument(
+                *flags,
+                dest=name,
+                type=_parser_of(kind, name, optional),
+                default=None,
+                metavar=name.upper(),
+                help=text,
+            )
 
 
 def _parser_of(kind: Any, name: str, optional: bool):
@@ -50,14 +65,17 @@ def _parser_of(kind: Any, name: str, optional: bool):
         try:
             return convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {convert.__name__ if convert is not str else 'text'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {convert.__name__ if convert is not str else 'text'}, got {text!r}"
+            ) from None
 
     parse.__name__ = name
     return parse
 
 
-def settings_from_args(model: type[BaseModel], args: argparse.Namespace, base: BaseModel | None = None) -> BaseModel:
+def settings_from_args(
+    model: type[BaseModel], args: argparse.Namespace, base: BaseModel | None = None
+) -> BaseModel:
     """The settings given on the command line, over `base` (or the model's defaults)."""
     given = {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
     start = base.model_dump() if base is not None else {}
@@ -87,5 +105,8 @@ def describe_validation_error(exc: ValidationError, flags: bool = True) -> str:
         loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
         where = ("--" + loc.replace("_", "-")) if flags and loc else (loc or exc.title)
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" + (f" (got {err['input']!r})" if loc and not isinstance(err.get("input"), dict) else ""))
+        parts.append(
+            f"{where}: {msg}"
+            + (f" (got {err['input']!r})" if loc and not isinstance(err.get("input"), dict) else "")
+        )
     return "; ".join(parts)

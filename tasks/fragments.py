@@ -58,8 +58,9 @@ def fragment_log(store: ArtifactStore, pending: PendingVersion) -> FragmentLog:
     return FragmentLog(store, pending, GENERATION_FRAGMENT)
 
 
-def write_fragment(store: ArtifactStore, pending: PendingVersion, start: int, stop: int,
-                   entries: list[dict[str, Any]]) -> FragmentRef:
+def write_fragment(
+    store: ArtifactStore, pending: PendingVersion, start: int, stop: int, entries: list[dict[str, Any]]
+) -> FragmentRef:
     """The chunk's fragment, written atomically (rows in row order)."""
     rows = sorted(entries, key=lambda e: e["row"])
     f = fragment_log(store, pending).write("rows", rows_id(start, stop), rows)
@@ -85,21 +86,31 @@ class FragmentRead:
         return FragmentRef(rel, start, stop, len(self.keys), self.sha256, self.size)
 
 
-def read_fragment(store: ArtifactStore, pending: PendingVersion, rel: str
-                  ) -> tuple[list[dict[str, Any]], FragmentRead] | None:
+def read_fragment(
+    store: ArtifactStore, pending: PendingVersion, rel: str
+) -> tuple[list[dict[str, Any]], FragmentRead] | None:
     """A fragment's entries and what it is; None (and a warning naming it) when it does not read."""
     frags = fragment_log(store, pending)
     try:
         data = frags.read_bytes(rel)
         entries = pq.read_table(io.BytesIO(data), schema=GENERATION_FRAGMENT).to_pylist()
     except (FragmentDamaged, OSError, ValueError, pa.ArrowException) as exc:
-        log.warning("%s of %s does not read (%s: %s); its images are rendered again", rel, pending.ref,
-                    type(exc).__name__, exc)
+        log.warning(
+            "%s of %s does not read (%s: %s); its images are rendered again",
+            rel,
+            pending.ref,
+            type(exc).__name__,
+            exc,
+        )
         return None
-    return entries, FragmentRead(frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data))
+    return entries, FragmentRead(
+        frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data)
+    )
 
 
-def not_trusted(store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]) -> str | None:
+def not_trusted(
+    store: ArtifactStore, pending: PendingVersion, key: str, files: list[dict[str, Any]]
+) -> str | None:
     """Why a finished image's own files cannot be taken as they are (None: they can)."""
     if not files:
         return "it lists no files"
@@ -117,9 +128,14 @@ def _tars_of(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {f["path"]: f for e in entries for f in e.get("files") or [] if TAR_NAME.fullmatch(f["path"])}
 
 
-def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: dict[tuple[int, int], str],
-                     keys: dict[int, str], start: int, stop: int
-                     ) -> tuple[dict[int, dict[str, Any]], dict[str, FragmentRead]]:
+def finished_entries(
+    store: ArtifactStore,
+    pending: PendingVersion,
+    fragments: dict[tuple[int, int], str],
+    keys: dict[int, str],
+    start: int,
+    stop: int,
+) -> tuple[dict[int, dict[str, Any]], dict[str, FragmentRead]]:
     """Entries of the shard's rows (`keys`: manifest row -> image key; [start, stop) its range in
     the prompts table) that a previous run finished and that check out, keyed by row: from any
     fragment overlapping the range (a rerun may chunk differently), each read once; and what
@@ -161,7 +177,9 @@ def finished_entries(store: ArtifactStore, pending: PendingVersion, fragments: d
         tar_verdicts.update(pool.map(check_tar, tars.values()))
         for row, why in pool.map(check, candidates.values()):
             if why:
-                log.warning("image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why)
+                log.warning(
+                    "image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why
+                )
             else:
                 taken[row] = candidates[row][0]
     return taken, read
@@ -183,10 +201,12 @@ def _fragment_rows(store: ArtifactStore, pending: PendingVersion, ref: FragmentR
     return fragment_log(store, pending).read(ref.path, written).to_pylist()
 
 
-def iter_rows(store: ArtifactStore, pending: PendingVersion, refs: list[FragmentRef],
-              invalid: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def iter_rows(
+    store: ArtifactStore, pending: PendingVersion, refs: list[FragmentRef], invalid: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
     """Every manifest row in row order: the fragments' (read one at a time) merged with the
     invalid prompt rows."""
+
     def fragment_stream() -> Iterator[dict[str, Any]]:
         for ref in sorted(refs, key=lambda r: r.start):
             yield from _fragment_rows(store, pending, ref)
@@ -194,8 +214,14 @@ def iter_rows(store: ArtifactStore, pending: PendingVersion, refs: list[Fragment
     yield from heapq.merge(fragment_stream(), sorted(invalid, key=lambda r: r["row"]), key=lambda r: r["row"])
 
 
-def compact(store: ArtifactStore, pending: PendingVersion, writer: Any, refs: list[FragmentRef],
-            invalid: list[dict[str, Any]], batch_rows: int = 8192) -> Compacted:
+def compact(
+    store: ArtifactStore,
+    pending: PendingVersion,
+    writer: Any,
+    refs: list[FragmentRef],
+    invalid: list[dict[str, Any]],
+    batch_rows: int = 8192,
+) -> Compacted:
     """Stream the fragments into `manifest.parquet` and the version's file list (the writer's),
     checking each fragment against its reference and that no image appears twice."""
     out = Compacted()
@@ -206,17 +232,34 @@ def compact(store: ArtifactStore, pending: PendingVersion, writer: Any, refs: li
         with pq.ParquetWriter(path, GENERATIONS_MANIFEST) as pw:
             batch: list[dict[str, Any]] = []
             for row in iter_rows(store, pending, refs, invalid):
-                if row["row"] <= last_row:  # rows come in order: a repeat is an image listed twice (no set kept)
-                    raise RuntimeError(f"{pending.ref}: image {row['key']} (row {row['row']}) appears twice in the "
-                                       "manifest")
+                if (
+                    row["row"] <= last_row
+                ):  # rows come in order: a repeat is an image listed twice (no set kept)
+                    raise RuntimeError(
+                        f"{pending.ref}: image {row['key']} (row {row['row']}) appears twice in the manifest"
+                    )
                 last_row = row["row"]
                 files = row.pop("files", None) or []
-                writer.add_files({f["path"]: {k: v for k, v in (("sha256", f["sha256"]), ("size", f["size"]),
-                                                                 ("version_id", f.get("version_id"))) if v is not None}
-                                  for f in files}, row=row["row"])
+                writer.add_files(
+                    {
+                        f["path"]: {
+                            k: v
+                            for k, v in (
+                                ("sha256", f["sha256"]),
+                                ("size", f["size"]),
+                                ("version_id", f.get("version_id")),
+                            )
+                            if v is not None
+                        }
+                        for f in files
+                    },
+                    row=row["row"],
+                )
                 if row["status"] == STATUS_OK:
                     out.ok += 1
-                    heapq.heappush(out.slowest, (row["seconds"] or 0.0, row["row"], {k: row[k] for k in names}))
+                    heapq.heappush(
+                        out.slowest, (row["seconds"] or 0.0, row["row"], {k: row[k] for k in names})
+                    )
                     if len(out.slowest) > 10:
                         heapq.heappop(out.slowest)
                 else:

@@ -64,27 +64,48 @@ MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pix
 class GenerateSettings(RenderSettings):
     """FSTD generation: how every prompt of a job is rendered."""
 
-    shard_size: int | None = execution(None, ge=1, description="prompts per generation task (default: about 4 "
-                                       "tasks per worker, equal in pixels x steps, at most 1000 rows each)")
-    chunk_rows: int = execution(32, ge=1, le=4096, description="prompt rows per durability point: a chunk's "
-                                "fragment is written once its images are (a killed worker loses at most one chunk)")
-    max_job_pixels: int = execution(MAX_JOB_PIXELS, ge=1, description="a job of more output pixels than this is "
-                                    "refused before anything is written (raise it for a larger job)")
+    shard_size: int | None = execution(
+        None,
+        ge=1,
+        description="prompts per generation task (default: about 4 "
+        "tasks per worker, equal in pixels x steps, at most 1000 rows each)",
+    )
+    chunk_rows: int = execution(
+        32,
+        ge=1,
+        le=4096,
+        description="prompt rows per durability point: a chunk's "
+        "fragment is written once its images are (a killed worker loses at most one chunk)",
+    )
+    max_job_pixels: int = execution(
+        MAX_JOB_PIXELS,
+        ge=1,
+        description="a job of more output pixels than this is "
+        "refused before anything is written (raise it for a larger job)",
+    )
     retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
     layout: Literal["files", "webdataset"] = output(
-        "files", description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
+        "files",
+        description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
         "each chunk's images, seam heat-maps and JSON in one tar shard `shards/rows-<first>-<last>.tar` (two writes a "
-        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files")
+        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files",
+    )
 
     def render_request(self, row: dict[str, Any]) -> RenderRequest:
         """A prompt row as the pipeline's request (the row's own steps, guidance and strength win)."""
         from asd_models.pipeline import RenderRequest
 
-        return RenderRequest(row["prompt"], row["width"], row["height"], row["seed"], row["negative_prompt"] or "",
-                             row["steps"] or self.steps,
-                             self.guidance_scale if row["guidance_scale"] is None else row["guidance_scale"],
-                             row["strength"] or self.strength, self.noise_level)
-
+        return RenderRequest(
+            row["prompt"],
+            row["width"],
+            row["height"],
+            row["seed"],
+            row["negative_prompt"] or "",
+            row["steps"] or self.steps,
+            self.guidance_scale if row["guidance_scale"] is None else row["guidance_scale"],
+            row["strength"] or self.strength,
+            self.noise_level,
+        )
 
 
 @dataclass(frozen=True)
@@ -130,10 +151,22 @@ class _Chunk:
 
 def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
     """Hash of what decides an image's pixels: model version, prompt row, render settings."""
-    fields = {k: row[k] for k in ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale",
-                                  "strength")}
-    blob = json.dumps({"model": model, "row": fields, "settings": settings.identity()}, sort_keys=True,
-                      default=str)
+    fields = {
+        k: row[k]
+        for k in (
+            "prompt",
+            "negative_prompt",
+            "width",
+            "height",
+            "seed",
+            "steps",
+            "guidance_scale",
+            "strength",
+        )
+    }
+    blob = json.dumps(
+        {"model": model, "row": fields, "settings": settings.identity()}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -143,9 +176,16 @@ def image_key(row: dict[str, Any], identity: str) -> str:
 
 def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {f.name: None for f in GENERATIONS_MANIFEST}
-    out.update(key=f"{row['row']:06d}-invalid", row=row["row"], prompt=row.get("prompt"), width=row.get("width"),
-               height=row.get("height"), seed=row.get("seed"), status=STATUS_FAILED,
-               error=f"prompt row {row['row']}: {row['error']}")
+    out.update(
+        key=f"{row['row']:06d}-invalid",
+        row=row["row"],
+        prompt=row.get("prompt"),
+        width=row.get("width"),
+        height=row.get("height"),
+        seed=row.get("seed"),
+        status=STATUS_FAILED,
+        error=f"prompt row {row['row']}: {row['error']}",
+    )
     return out
 
 
@@ -155,8 +195,14 @@ def _prompt_table(store_url: str, prompts_ref: str) -> pa.Table:
     return read_prompts(ArtifactStore(store_url), prompts_ref)
 
 
-def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stored: Callable[[dict, dict], None],
-                 writer: Any, worker: str) -> Callable[[], None]:
+def _render_pack(
+    pipe: Any,
+    pack: list[dict[str, Any]],
+    job: GenerationJob,
+    stored: Callable[[dict, dict], None],
+    writer: Any,
+    worker: str,
+) -> Callable[[], None]:
     """Render one pack on the device; the host work that follows (PNG encode, seam heat-map,
     uploads) is returned as a function, for the shard to run while the device renders the next;
     `stored(row, entry)` is called as each image is written."""
@@ -184,7 +230,9 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stor
     def store() -> None:
         try:
             for r, res in zip(pack, results, strict=True):
-                entry = _store_image(r, res, error, seconds, peak, pack_peak, pipe.device, job, writer, worker)
+                entry = _store_image(
+                    r, res, error, seconds, peak, pack_peak, pipe.device, job, writer, worker
+                )
                 stored(r, entry)
         finally:
             window.__exit__(None, None, None)
@@ -192,30 +240,60 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: GenerationJob, stor
     return store
 
 
-def _store_image(r: dict[str, Any], res: Any, error: str | None, seconds: float, peak: float,
-                 pack_peak: Callable[[], float], device: Any, job: GenerationJob, writer: Any,
-                 worker: str) -> dict[str, Any]:
+def _store_image(
+    r: dict[str, Any],
+    res: Any,
+    error: str | None,
+    seconds: float,
+    peak: float,
+    pack_peak: Callable[[], float],
+    device: Any,
+    job: GenerationJob,
+    writer: Any,
+    worker: str,
+) -> dict[str, Any]:
     """One rendered image into the pending version (its file and heat-map, or its members waiting
     for the chunk's tar in the webdataset layout); its fragment entry (manifest row plus the
     files it wrote)."""
     s = job.settings
     row = {f.name: None for f in GENERATIONS_MANIFEST}
-    row.update(key=r["key"], row=r["row"], prompt=r["prompt"], width=r["width"], height=r["height"], seed=r["seed"],
-               seconds=seconds, peak_memory_mb=peak, device=str(device), worker=worker, files=[])
+    row.update(
+        key=r["key"],
+        row=r["row"],
+        prompt=r["prompt"],
+        width=r["width"],
+        height=r["height"],
+        seed=r["seed"],
+        seconds=seconds,
+        peak_memory_mb=peak,
+        device=str(device),
+        worker=worker,
+        files=[],
+    )
     if res is None or res.size != (r["width"], r["height"]):
         row.update(status=STATUS_FAILED, error=error or f"pipeline returned {res.size}")
         run_logger().error("%s failed: %s", r["key"], row["error"])
         return row
     h, w, _ = res.pixels.shape
-    if s.layout == "webdataset" and w * h <= s.large_image_pixels:  # into the chunk's tar, when it is complete
+    if (
+        s.layout == "webdataset" and w * h <= s.large_image_pixels
+    ):  # into the chunk's tar, when it is complete
         row["_members"] = tar_members(row, r["key"], res)
     else:
         store_rendered(writer, row, r["key"], res, s)
     row["peak_rss_mb"] = pack_peak()  # the pack's peak, encoding and pyramid included
     if device.type != "cuda":
         row["peak_memory_mb"] = row["peak_rss_mb"]
-    run_logger().debug("%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)", r["key"], r["width"], r["height"], seconds,
-                       res.unet_evals, row["device"], row["image_format"])
+    run_logger().debug(
+        "%s %dx%d ok in %.1f s (%d UNet evals, %s, %s)",
+        r["key"],
+        r["width"],
+        r["height"],
+        seconds,
+        res.unet_evals,
+        row["device"],
+        row["image_format"],
+    )
     return row
 
 
@@ -226,8 +304,13 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
     (their fragment reads and their files check out) are taken as they are."""
     logger = run_logger()
     store = ArtifactStore(job.store_url)
-    rows = [{**r, "index": start + i} for i, r in enumerate(
-        _prompt_table(job.store_url, job.prompts).slice(start, stop - start).to_pylist()) if r["error"] is None]
+    rows = [
+        {**r, "index": start + i}
+        for i, r in enumerate(
+            _prompt_table(job.store_url, job.prompts).slice(start, stop - start).to_pylist()
+        )
+        if r["error"] is None
+    ]
     worker = f"{socket.gethostname()}:{os.getpid()}"
     out = ShardResult(worker=worker)
     for r in rows:  # "index": position in the prompts table (chunks cut there); "row": the prompt file's row
@@ -276,8 +359,9 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
 
     if todo:
         loads = model_loads()
-        pipe = cached_pipeline(job.store_url, job.model, job.settings.upscaler, job.settings.device,
-                               job.settings.dtype)
+        pipe = cached_pipeline(
+            job.store_url, job.model, job.settings.upscaler, job.settings.device, job.settings.dtype
+        )
         out.model_loads = model_loads() - loads
         out.device_kind = pipe.device.type
         writer = store.writer(job.pending)
@@ -292,8 +376,16 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
                 storing = host.submit(store_pack)
             if storing is not None:
                 storing.result()
-    logger.info("shard rows %d-%d on %s: %d rendered, %d already done, %d failed, %d fragment(s)", start, stop,
-                worker, out.rendered, out.ok - out.rendered, out.failed, len(out.fragments))
+    logger.info(
+        "shard rows %d-%d on %s: %d rendered, %d already done, %d failed, %d fragment(s)",
+        start,
+        stop,
+        worker,
+        out.rendered,
+        out.ok - out.rendered,
+        out.failed,
+        len(out.fragments),
+    )
     return out
 
 
@@ -308,7 +400,6 @@ def adopt_shards(job: GenerationJob, writer: Any, results: list[ShardResult]) ->
     if done.has_viewer:
         add_viewer_assets(writer)
     return done
-
 
 
 @flow(name="asd-generate-shards", log_prints=True)
@@ -335,8 +426,17 @@ def render_shards_flow(job: GenerationJob, ranges: list[tuple[int, int]]) -> lis
             eta = elapsed / rendered * (total - done) if rendered else float("nan")
             progress.update(min(done, progress.total))
             progress.note(f"{evals / max(elapsed, 1e-9):.1f} UNet evals/s, ETA {eta:.0f} s")
-            logger.info("shard %d/%d done on %s: %d ok (%d rendered now), %d failed; %d/%d rows in all", len(results),
-                        len(ranges), out.worker, out.ok, out.rendered, out.failed, done, total)
+            logger.info(
+                "shard %d/%d done on %s: %d ok (%d rendered now), %d failed; %d/%d rows in all",
+                len(results),
+                len(ranges),
+                out.worker,
+                out.ok,
+                out.rendered,
+                out.failed,
+                done,
+                total,
+            )
     return [results[i] for i in range(len(ranges))]
 
 
@@ -357,22 +457,34 @@ class Generate(Stage):
 
     def resolve(self, store: ArtifactStore) -> Inputs:
         model = str(store.resolve(self.model_ref))
-        prompts = str(store.resolve(self.prompts_ref if self.prompts_ref.startswith("prompts/")
-                                    else f"prompts/{self.prompts_ref}"))
+        prompts = str(
+            store.resolve(
+                self.prompts_ref if self.prompts_ref.startswith("prompts/") else f"prompts/{self.prompts_ref}"
+            )
+        )
         refs = {"model": model, "prompts": prompts}
-        if self.settings.upscaler and self.settings.upscaler.startswith("models/"):  # a stored upscaler: a parent too
+        if self.settings.upscaler and self.settings.upscaler.startswith(
+            "models/"
+        ):  # a stored upscaler: a parent too
             refs["upscaler"] = str(store.resolve(self.settings.upscaler))
         settings = self.pinned(refs)
         plan = plan_job(store, model, read_prompts(store, prompts), settings)
         plan.check()  # before any version is started
-        return Inputs(reads=[model, prompts], parents=list(refs.values()), refs=refs,
-                      identity={**refs, "settings": settings.identity()}, extra={"plan": plan})
+        return Inputs(
+            reads=[model, prompts],
+            parents=list(refs.values()),
+            refs=refs,
+            identity={**refs, "settings": settings.identity()},
+            extra={"plan": plan},
+        )
 
     def pinned(self, refs: dict[str, str]) -> GenerateSettings:
         """The settings the shard tasks get: a stored upscaler pinned to its version, and where
         the settings keep the default executor (threads) or Dask address (none), the run's
         environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read here, where the run starts."""
-        return with_run_environment(self.settings, {"upscaler": refs["upscaler"]} if "upscaler" in refs else None)
+        return with_run_environment(
+            self.settings, {"upscaler": refs["upscaler"]} if "upscaler" in refs else None
+        )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]
@@ -382,8 +494,14 @@ class Generate(Stage):
         for line in plan.lines():
             run.logger.info("plan: %s", line)
         job = GenerationJob(run.store.url, model, prompts, run.pending, s)
-        run.logger.info("rendering %d images of %s with %s (%s executor) into %s", plan.images, prompts, model,
-                        s.executor, run.pending.ref)
+        run.logger.info(
+            "rendering %d images of %s with %s (%s executor) into %s",
+            plan.images,
+            prompts,
+            model,
+            s.executor,
+            run.pending.ref,
+        )
         ranges = plan.shard_ranges(s.shard_size, s.workers)
         results = render_shards_flow.with_options(task_runner=task_runner_for(s))(job, ranges)
         done = adopt_shards(job, run.writer, results)
@@ -391,17 +509,32 @@ class Generate(Stage):
         evals = sum(o.rendered_evals for o in results)
         seconds = sum(o.rendered_seconds for o in results)
         kinds = {o.device_kind for o in results if o.rendered}
-        rate = {RATE_METRIC.format(kinds.pop()): evals / seconds} if evals and seconds and len(kinds) == 1 else {}
+        rate = (
+            {RATE_METRIC.format(kinds.pop()): evals / seconds}
+            if evals and seconds and len(kinds) == 1
+            else {}
+        )
         loads: dict[str, int] = {}
         for o in results:
             loads[o.worker] = loads.get(o.worker, 0) + o.model_loads
-        return Built(params={"prompts": prompts, **s.model_dump()},
-                     summary={"images_ok": done.ok, "images_failed": done.failed,
-                              "images_rendered_by_this_run": rendered, "images_resumed": done.ok - rendered,
-                              "model_loads_by_worker": loads, "unet_evals_planned": plan.unet_evals,
-                              "output_pixels": plan.pixels, **rate},
-                     extra={"head": done.head, "slowest": [r for _, _, r in sorted(done.slowest, reverse=True)],
-                            "rows": done.ok + done.failed})
+        return Built(
+            params={"prompts": prompts, **s.model_dump()},
+            summary={
+                "images_ok": done.ok,
+                "images_failed": done.failed,
+                "images_rendered_by_this_run": rendered,
+                "images_resumed": done.ok - rendered,
+                "model_loads_by_worker": loads,
+                "unet_evals_planned": plan.unet_evals,
+                "output_pixels": plan.pixels,
+                **rate,
+            },
+            extra={
+                "head": done.head,
+                "slowest": [r for _, _, r in sorted(done.slowest, reverse=True)],
+                "rows": done.ok + done.failed,
+            },
+        )
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
         if built is None:
@@ -409,11 +542,19 @@ class Generate(Stage):
         gen = store.resolve(ref)
 
         def shown(r: dict[str, Any]) -> dict[str, Any]:
-            return {"key": r["key"], "prompt": r["prompt"][:80] if r["prompt"] else None,
-                    "size": f"{r['width']}x{r['height']}", "status": r["status"], "seconds": round(r["seconds"] or 0, 2),
-                    "unet_evals": r["unet_evals"], "uri": image_uri(store, gen, r) if r["image"] else r["error"]}
+            return {
+                "key": r["key"],
+                "prompt": r["prompt"][:80] if r["prompt"] else None,
+                "size": f"{r['width']}x{r['height']}",
+                "status": r["status"],
+                "seconds": round(r["seconds"] or 0, 2),
+                "unet_evals": r["unet_evals"],
+                "uri": image_uri(store, gen, r) if r["image"] else r["error"],
+            }
 
         head, n = built.extra["head"], built.extra["rows"]
         more = f" (the first {len(head)} of {n} images; all: manifest.parquet)" if n > len(head) else ""
         publish_table("generations", [shown(r) for r in head], f"generations {ref}{more}")
-        publish_table("slowest-images", [shown(r) for r in built.extra["slowest"]], f"the slowest images of {ref}")
+        publish_table(
+            "slowest-images", [shown(r) for r in built.extra["slowest"]], f"the slowest images of {ref}"
+        )

@@ -44,13 +44,26 @@ class ModelGeometry:
     def of(cls, store: ArtifactStore, model_ref: str) -> ModelGeometry:
         unet = json.loads(store.read_bytes(model_ref, "unet/config.json"))
         vae = json.loads(store.read_bytes(model_ref, "vae/config.json"))
-        return cls(int(unet["sample_size"]), 2 ** (len(vae["block_out_channels"]) - 1),
-                   2 ** (len(unet["block_out_channels"]) - 1))
+        return cls(
+            int(unet["sample_size"]),
+            2 ** (len(vae["block_out_channels"]) - 1),
+            2 ** (len(unet["block_out_channels"]) - 1),
+        )
 
 
 @lru_cache(maxsize=4096)
-def image_unet_evals(geo: ModelGeometry, sampler: str, tile: int | None, salt: int, width: int, height: int,
-                     steps: int, strength: float, cfg: bool, options: str = "") -> int:
+def image_unet_evals(
+    geo: ModelGeometry,
+    sampler: str,
+    tile: int | None,
+    salt: int,
+    width: int,
+    height: int,
+    steps: int,
+    strength: float,
+    cfg: bool,
+    options: str = "",
+) -> int:
     """UNet evaluations of one image: stage 1 (one bucket, every step) plus stage 2 (the
     sampler's boxes, with its `options`, over the canvas latent, for the steps strength leaves),
     x2 with guidance."""
@@ -62,7 +75,8 @@ def image_unet_evals(geo: ModelGeometry, sampler: str, tile: int | None, salt: i
     lat_w, lat_h = -(-width // m) * m // f, -(-height // m) * m // f
     stage2_steps = steps - img2img_start(steps, strength)
     s = sampler_named(sampler, tile or geo.sample_size, 8, geo.unet_multiple, salt).with_options(
-        **parse_sampler_options(options))
+        **parse_sampler_options(options)
+    )
     stage2 = s.evals_per_step(lat_h, lat_w, stage2_steps) * stage2_steps
     return int(round((stage1 + stage2) * (2 if cfg else 1)))
 
@@ -91,23 +105,31 @@ class JobPlan:
 
     def lines(self) -> list[str]:
         w, h = self.largest
-        out = [f"images: {self.images:,} to render ({self.failed_rows:,} prompt rows invalid)",
-               f"output pixels: {self.pixels:,} ({self.pixels / 1e9:.2f} gigapixels; largest {w}x{h}); "
-               f"max_job_pixels {self.max_job_pixels:,}",
-               f"UNet evaluations (tiles, both stages, guidance counted): {self.unet_evals:,}"]
+        out = [
+            f"images: {self.images:,} to render ({self.failed_rows:,} prompt rows invalid)",
+            f"output pixels: {self.pixels:,} ({self.pixels / 1e9:.2f} gigapixels; largest {w}x{h}); "
+            f"max_job_pixels {self.max_job_pixels:,}",
+            f"UNet evaluations (tiles, both stages, guidance counted): {self.unet_evals:,}",
+        ]
         if self.rate:
-            out.append(f"estimated time: {_duration(self.seconds or 0)} on {self.workers} {self.device} worker(s) "
-                       f"at {self.rate:.1f} UNet evals/s each (measured by {self.rate_from})")
+            out.append(
+                f"estimated time: {_duration(self.seconds or 0)} on {self.workers} {self.device} worker(s) "
+                f"at {self.rate:.1f} UNet evals/s each (measured by {self.rate_from})"
+            )
         else:
-            out.append(f"estimated time: unknown (no generations version of this model rendered on {self.device} "
-                       f"in the store yet)")
+            out.append(
+                f"estimated time: unknown (no generations version of this model rendered on {self.device} "
+                f"in the store yet)"
+            )
         if self.pixels > self.max_job_pixels:
             out.append(self.refusal())
         return out
 
     def refusal(self) -> str:
-        return (f"refused: {self.pixels:,} output pixels is over max_job_pixels {self.max_job_pixels:,}; "
-                f"raise it (--max-job-pixels N) to run a job this large")
+        return (
+            f"refused: {self.pixels:,} output pixels is over max_job_pixels {self.max_job_pixels:,}; "
+            f"raise it (--max-job-pixels N) to run a job this large"
+        )
 
     def check(self) -> None:
         if self.pixels > self.max_job_pixels:
@@ -157,8 +179,10 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
     (a `tasks.generate.GenerateSettings`)."""
     geo = ModelGeometry.of(store, model_ref)
     buckets = asd_buckets(base=geo.sample_size * geo.vae_scale_factor, step=geo.pixel_multiple)
-    cols = {c: table.column(c).to_pylist() for c in ("width", "height", "steps", "guidance_scale", "strength",
-                                                       "error")}
+    cols = {
+        c: table.column(c).to_pylist()
+        for c in ("width", "height", "steps", "guidance_scale", "strength", "error")
+    }
     pixels = evals = images = 0
     largest = (0, 0)
     row_evals = np.zeros(table.num_rows, dtype=np.int64)
@@ -170,13 +194,31 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
         pixels += w * h
         largest = max(largest, (w, h), key=lambda s: s[0] * s[1])
         guidance = settings.guidance_scale if g is None else g
-        row_evals[i] = image_unet_evals(geo, settings.sampler, settings.tile, settings.offset_salt, w, h,
-                                        st or settings.steps, sg or settings.strength, guidance != 1.0,
-                                        settings.sampler_options)
+        row_evals[i] = image_unet_evals(
+            geo,
+            settings.sampler,
+            settings.tile,
+            settings.offset_salt,
+            w,
+            h,
+            st or settings.steps,
+            sg or settings.strength,
+            guidance != 1.0,
+            settings.sampler_options,
+        )
         evals += int(row_evals[i])
     kind = device_kind(settings.device)
-    plan = JobPlan(images, table.num_rows - images, pixels, largest, evals, kind, settings.workers,
-                   settings.max_job_pixels, row_evals=row_evals)
+    plan = JobPlan(
+        images,
+        table.num_rows - images,
+        pixels,
+        largest,
+        evals,
+        kind,
+        settings.workers,
+        settings.max_job_pixels,
+        row_evals=row_evals,
+    )
     found = measured_rate(store, model_ref, kind)
     if found:
         plan.rate, plan.rate_from = found
@@ -202,11 +244,17 @@ def plan_shards(costs: list[int], shard_size: int | None, workers: int) -> list[
         ranges, start, acc, remaining = [], 0, 0, sum(weights)
         for i, c in enumerate(weights):
             left = n - len(ranges)  # shards still to make, the open one included
-            if i > start and left > 1 and (acc + c / 2 > remaining / left  # this row would overfill the share
-                                           or n_rows - i < left  # every shard left needs a row
-                                           or i - start >= MAX_SHARD_ROWS):
+            if (
+                i > start
+                and left > 1
+                and (
+                    acc + c / 2 > remaining / left  # this row would overfill the share
+                    or n_rows - i < left  # every shard left needs a row
+                    or i - start >= MAX_SHARD_ROWS
+                )
+            ):
                 ranges.append((start, i))
                 start, remaining, acc = i, remaining - acc, 0
             acc += c
         ranges.append((start, n_rows))
-    return sorted(ranges, key=lambda r: -sum(costs[r[0]:r[1]]))
+    return sorted(ranges, key=lambda r: -sum(costs[r[0] : r[1]]))

@@ -53,8 +53,9 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
     target = cache_root() / "models" / ref.name / ref.version
     with _cache_lock(target):
         if (target / "model_index.json").is_file() and not cached_copy_intact(store, ref, target):
-            run_logger().warning("cached copy of %s at %s differs from its commit record: downloading again",
-                                 ref, target)
+            run_logger().warning(
+                "cached copy of %s at %s differs from its commit record: downloading again", ref, target
+            )
             shutil.rmtree(target)
         if not (target / "model_index.json").is_file():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".dl-"))
@@ -71,7 +72,10 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
 
 
 def _stats(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> dict[str, list[int]]:
-    return {rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns] for rel, _ in store.iter_files(ref)}
+    return {
+        rel: [(folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns]
+        for rel, _ in store.iter_files(ref)
+    }
 
 
 def cached_copy_intact(store: ArtifactStore, ref: ArtifactRef, folder: Path) -> bool:
@@ -113,7 +117,9 @@ def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
     return load_components(resolve_base_model(store, base))
 
 
-_LOAD_LOCK = threading.Lock()  # diffusers loads through process-global meta-device patching: one load at a time
+_LOAD_LOCK = (
+    threading.Lock()
+)  # diffusers loads through process-global meta-device patching: one load at a time
 _LOADS = [0]
 
 
@@ -122,8 +128,9 @@ def model_loads() -> int:
     return _LOADS[0]
 
 
-def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, device: str = "auto",
-                    dtype: str = "auto") -> AnySizePipeline:
+def cached_pipeline(
+    store_url: str, ref: str, upscaler: str | None = None, device: str = "auto", dtype: str = "auto"
+) -> AnySizePipeline:
     """Load a pipeline once per worker process, model version, upscaler, device and dtype
     (threads that ask at once wait for the one load; two concurrent `from_pretrained` calls
     corrupt each other)."""
@@ -132,7 +139,9 @@ def cached_pipeline(store_url: str, ref: str, upscaler: str | None = None, devic
 
 
 @lru_cache(maxsize=4)
-def _load_pipeline(store_url: str, ref: str, upscaler: str | None, device: str, dtype: str) -> AnySizePipeline:
+def _load_pipeline(
+    store_url: str, ref: str, upscaler: str | None, device: str, dtype: str
+) -> AnySizePipeline:
     from asd_models.pipeline import resolve_device, resolve_dtype
 
     if threads := runtime().torch_threads:  # set for Dask workers (they start with 1)

@@ -41,14 +41,23 @@ def rendered_fields(res: Any) -> dict[str, Any]:
     """The manifest fields every rendered image has (an `AnySizeResult`), whichever layout stores
     it; its seam scores where it is small enough to score where the pixels are (evaluate then
     reads only its sample)."""
-    fields = {"status": STATUS_OK, "bucket": res.bucket.name, "canvas_width": res.canvas[0],
-              "canvas_height": res.canvas[1], "tile_px": res.tile_px, "fstd_tiles": res.fstd_tiles,
-              "seam_x": res.seam_lines["x"], "seam_y": res.seam_lines["y"], "unet_evals": res.unet_evals,
-              "piece_shapes": res.piece_shapes}
+    fields = {
+        "status": STATUS_OK,
+        "bucket": res.bucket.name,
+        "canvas_width": res.canvas[0],
+        "canvas_height": res.canvas[1],
+        "tile_px": res.tile_px,
+        "fstd_tiles": res.fstd_tiles,
+        "seam_x": res.seam_lines["x"],
+        "seam_y": res.seam_lines["y"],
+        "unet_evals": res.unet_evals,
+        "piece_shapes": res.piece_shapes,
+    }
     h, w, _ = res.pixels.shape
     if w * h <= HEATMAP_MAX_PIXELS:
         fields["seam_score"], fields["seam_score_x"], fields["seam_score_y"] = seam_scores(
-            res.pixels, res.seam_lines["x"], res.seam_lines["y"])
+            res.pixels, res.seam_lines["x"], res.seam_lines["y"]
+        )
     return fields
 
 
@@ -63,7 +72,9 @@ def write_image(writer: Any, key: str, pixels: np.ndarray, settings: Any) -> tup
         return rel, "png", {}
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="asd-large-") as tmp:
-        if settings.large_image_format == "tiff":  # libvips seeks while writing a TIFF: a local file, then streamed
+        if (
+            settings.large_image_format == "tiff"
+        ):  # libvips seeks while writing a TIFF: a local file, then streamed
             rel, fmt = f"images/{key}.tif", "tiff"
             write_tiff(pixels, Path(tmp) / "image.tif")
             writer.put_file(rel, Path(tmp) / "image.tif")
@@ -85,8 +96,10 @@ def write_image(writer: Any, key: str, pixels: np.ndarray, settings: Any) -> tup
 
 def file_entries(files: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Files as a fragment lists them (path, sha256, size, S3 VersionId), in path order."""
-    return [{"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
-            for k, m in sorted(files.items())]
+    return [
+        {"path": k, "sha256": m["sha256"], "size": m["size"], "version_id": m.get("version_id")}
+        for k, m in sorted(files.items())
+    ]
 
 
 def store_rendered(writer: Any, row: dict[str, Any], key: str, res: Any, settings: Any) -> dict[str, Any]:
@@ -95,9 +108,13 @@ def store_rendered(writer: Any, row: dict[str, Any], key: str, res: Any, setting
     and viewer, and `files` (what a fragment lists for it). Returns `row`."""
     rel, fmt, extra = write_image(writer, key, res.pixels, settings)
     files = {rel: writer.files[rel], **extra}
-    row.update(rendered_fields(res), image=rel, image_format=fmt,
-               deep_zoom=f"images/{key}.dzi" if f"images/{key}.dzi" in extra else None,
-               viewer=f"images/{key}.html" if f"images/{key}.html" in extra else None)
+    row.update(
+        rendered_fields(res),
+        image=rel,
+        image_format=fmt,
+        deep_zoom=f"images/{key}.dzi" if f"images/{key}.dzi" in extra else None,
+        viewer=f"images/{key}.html" if f"images/{key}.html" in extra else None,
+    )
     heat = seam_heatmap_png(res.pixels, row["seam_x"], row["seam_y"])
     if heat is not None:  # beside the image: where its tile lines are and how they look
         files[f"images/{key}.seams.png"] = writer.put_bytes(f"images/{key}.seams.png", heat)

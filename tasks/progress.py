@@ -47,8 +47,9 @@ class Progress:
     """Context manager: `update(done)` with an absolute count; `note(text)` sets the postfix, which
     the UI artifact shows as its description. `key`: the artifact key (default: from the label)."""
 
-    def __init__(self, label: str, total: int, unit: str = "it", min_interval_s: float = 2.0,
-                 key: str | None = None) -> None:
+    def __init__(
+        self, label: str, total: int, unit: str = "it", min_interval_s: float = 2.0, key: str | None = None
+    ) -> None:
         self.label, self.total, self.unit = label, max(1, total), unit
         self.key = key or re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:60] or "progress"
         self.min_interval_s = min_interval_s
@@ -60,13 +61,22 @@ class Progress:
         self.postfix = ""
 
     def __enter__(self) -> Progress:
-        self.bar = tqdm(total=self.total, desc=self.label, unit=self.unit, file=sys.stderr,
-                        dynamic_ncols=True, leave=False, disable=None)
+        self.bar = tqdm(
+            total=self.total,
+            desc=self.label,
+            unit=self.unit,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+            disable=None,
+        )
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
             try:
-                self.artifact_id = create_progress_artifact(progress=0.0, key=self.key, description=self.label)
+                self.artifact_id = create_progress_artifact(
+                    progress=0.0, key=self.key, description=self.label
+                )
             except Exception as exc:  # noqa: BLE001 - the UI artifact is optional, the work is not
                 run_logger().warning("no progress artifact for %s: %s", self.label, exc)
                 self.artifact_id = None
@@ -77,15 +87,22 @@ class Progress:
         self.done = done
         if done / self.total >= self._next_log:  # a log line every 10%, for logs and the Prefect UI
             self._next_log = (int(10 * done / self.total) + 1) / 10
-            _log(f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%) {self.postfix}")
+            _log(
+                f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%) {self.postfix}"
+            )
         now = time.monotonic()
-        if self.artifact_id is not None and (now - self._last_push >= self.min_interval_s or done >= self.total):
+        if self.artifact_id is not None and (
+            now - self._last_push >= self.min_interval_s or done >= self.total
+        ):
             from prefect.artifacts import update_progress_artifact
 
             self._last_push = now
             try:
-                update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total,
-                                         description=f"{self.label}: {done}/{self.total} {self.unit} {self.postfix}")
+                update_progress_artifact(
+                    self.artifact_id,
+                    progress=100.0 * done / self.total,
+                    description=f"{self.label}: {done}/{self.total} {self.unit} {self.postfix}",
+                )
             except Exception as exc:  # noqa: BLE001
                 run_logger().warning("progress artifact of %s stopped updating: %s", self.label, exc)
                 self.artifact_id = None

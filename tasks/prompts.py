@@ -34,7 +34,9 @@ class Prompts(Stage):
         pq.write_table(self.table, buf)
         run.writer.put_bytes(PROMPTS_FILE, buf.getvalue())
         bad = sum(e is not None for e in self.table.column("error").to_pylist())
-        return Built(params={"source": self.source}, summary={"rows": self.table.num_rows, "invalid_rows": bad})
+        return Built(
+            params={"source": self.source}, summary={"rows": self.table.num_rows, "invalid_rows": bad}
+        )
 
 
 def store_prompts(store_url: str | None, table: pa.Table, name: str, source: str) -> str:

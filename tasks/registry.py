@@ -22,10 +22,13 @@ class StageEntry:
     settings: type[StageSettings]
 
 
-STAGES: dict[str, StageEntry] = {e.command: e for e in (
-    StageEntry("ingest", Ingest, IngestSettings),
-    StageEntry("train", Arad, TrainSettings),
-    StageEntry("generate", Generate, GenerateSettings),
-    StageEntry("upscale", Upscale, UpscaleSettings),
-    StageEntry("evaluate", Evaluate, EvaluateSettings),
-)}
+STAGES: dict[str, StageEntry] = {
+    e.command: e
+    for e in (
+        StageEntry("ingest", Ingest, IngestSettings),
+        StageEntry("train", Arad, TrainSettings),
+        StageEntry("generate", Generate, GenerateSettings),
+        StageEntry("upscale", Upscale, UpscaleSettings),
+        StageEntry("evaluate", Evaluate, EvaluateSettings),
+    )
+}

@@ -24,59 +24,103 @@ class RenderSettings(FanOutSettings):
     guidance_scale: float = output(5.0, ge=0, le=100, description="classifier-free guidance scale")
     strength: float = output(0.6, gt=0, le=1, description="how much stage 2 re-noises the enlarged image")
     sampler: Literal[SAMPLER_NAMES] = output(  # type: ignore[valid-type]
-        "fstd", description="stage 2's tiled sampler (asd_models.samplers): fstd (ours), official (the ASD code's "
-        "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)")
-    tile: int | None = output(None, ge=1, description="stage 2's tile in latent pixels (default: the UNet's "
-                              "sample size; an upscaler uses its own)")
+        "fstd",
+        description="stage 2's tiled sampler (asd_models.samplers): fstd (ours), official (the ASD code's "
+        "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)",
+    )
+    tile: int | None = output(
+        None,
+        ge=1,
+        description="stage 2's tile in latent pixels (default: the UNet's "
+        "sample size; an upscaler uses its own)",
+    )
     sampler_options: str = output(
-        "", description="the sampler's own knobs, k=v separated by commas: fstd: mode (cropped, edge-tile, official), "
+        "",
+        description="the sampler's own knobs, k=v separated by commas: fstd: mode (cropped, edge-tile, official), "
         "shift_range, reset_every, min_piece, offset_multiple; multidiffusion and mixture: stride (all in latent "
-        "pixels); e.g. 'stride=16'")
-    offset_salt: int = output(0, ge=0, le=2**62, description="salt of FSTD's per-step grid offsets, shared by every "
-                              "image of the job (so a pack shares its UNet input shapes)")
+        "pixels); e.g. 'stride=16'",
+    )
+    offset_salt: int = output(
+        0,
+        ge=0,
+        le=2**62,
+        description="salt of FSTD's per-step grid offsets, shared by every "
+        "image of the job (so a pack shares its UNet input shapes)",
+    )
     pieces: Literal["auto", "exact", "bucketed"] = output(
-        "auto", description="how FSTD's cropped pieces grow before the UNet runs them: exact (to the UNet's size "
+        "auto",
+        description="how FSTD's cropped pieces grow before the UNet runs them: exact (to the UNet's size "
         "multiple: the least area), bucketed (to half a tile, a tile or 5/4 of one: at most 3 x 3 shapes a job, for "
-        "CUDA graphs and compiled kernels); auto: bucketed on CUDA, exact elsewhere. Recorded per image")
-    tile_batch_size: int | None = execution(None, ge=1, description="tiles per UNet call (default: the sampler's own)")
+        "CUDA graphs and compiled kernels); auto: bucketed on CUDA, exact elsewhere. Recorded per image",
+    )
+    tile_batch_size: int | None = execution(
+        None, ge=1, description="tiles per UNet call (default: the sampler's own)"
+    )
     upscaler: str | None = output(
-        None, description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
+        None,
+        description="stage 2 with an SD-x4-upscaler-style model (local folder, cached hub id or "
         "models/NAME@VERSION) instead of img2img with the same model",
     )
     noise_level: int = output(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
-    device: str = execution("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-                            description="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = output("auto", description="auto: fp16 on a GPU, fp32 on the CPU")
-    pack: bool = execution(True, description="images of a shard advance together, their tiles sharing UNet calls")
-    pack_max_pixels: int = execution(16 << 20, ge=4096, le=MAX_PACK_PIXELS, description="output pixels rendered "
-                                     "together at most (a larger image renders alone)")
+    device: str = execution(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (a GPU when there is one), cpu, cuda or cuda:N",
+    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = output(
+        "auto", description="auto: fp16 on a GPU, fp32 on the CPU"
+    )
+    pack: bool = execution(
+        True, description="images of a shard advance together, their tiles sharing UNet calls"
+    )
+    pack_max_pixels: int = execution(
+        16 << 20,
+        ge=4096,
+        le=MAX_PACK_PIXELS,
+        description="output pixels rendered together at most (a larger image renders alone)",
+    )
     large_image_pixels: int = output(
-        64_000_000, ge=1, description="outputs above this many pixels are decoded into a memory-mapped file and "
-        "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid")
+        64_000_000,
+        ge=1,
+        description="outputs above this many pixels are decoded into a memory-mapped file and "
+        "written to the store as they are encoded (never held twice in memory), with a Deep Zoom pyramid",
+    )
     large_image_format: Literal["png", "tiff"] = output(
-        "png", description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
-        "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)")
-    deep_zoom: bool = output(True, description="a DZI pyramid and a zoomable viewer page beside each large output")
+        "png",
+        description="file of a large output: png (streamed; S3: a multipart upload) or tiff (tiled 256 px, "
+        "deflate, pyramidal, BigTIFF past 3.5 GB; written to a local temporary file, then streamed up)",
+    )
+    deep_zoom: bool = output(
+        True, description="a DZI pyramid and a zoomable viewer page beside each large output"
+    )
 
     def sampler_on(self, pipe: Any) -> Any:
         """Stage 2's sampler on `pipe` (an `AnySizePipeline`) as these settings ask for it."""
-        sampler = pipe.default_sampler(self.sampler, self.tile, self.tile_batch_size, self.offset_salt,
-                                       None if self.pieces == "auto" else self.pieces)
+        sampler = pipe.default_sampler(
+            self.sampler,
+            self.tile,
+            self.tile_batch_size,
+            self.offset_salt,
+            None if self.pieces == "auto" else self.pieces,
+        )
         return sampler.with_options(**parse_sampler_options(self.sampler_options))
 
     @model_validator(mode="after")
     def _sampler_options_known(self) -> RenderSettings:
         """Options the sampler does not have, or values it refuses, fail here, before any work."""
-        sampler_named(self.sampler, self.tile or 64).with_options(**parse_sampler_options(self.sampler_options))
+        sampler_named(self.sampler, self.tile or 64).with_options(
+            **parse_sampler_options(self.sampler_options)
+        )
         return self
 
     @model_validator(mode="after")
     def _tile_with_upscaler(self) -> RenderSettings:
         if self.upscaler and self.tile is not None:
-            raise ValueError("tile: an upscaler's stage 2 runs at that model's own sample size; leave tile unset "
-                             "with upscaler")
+            raise ValueError(
+                "tile: an upscaler's stage 2 runs at that model's own sample size; leave tile unset "
+                "with upscaler"
+            )
         return self
-
 
 
 def packs(rows: list[dict[str, Any]], settings: RenderSettings) -> list[list[dict[str, Any]]]:

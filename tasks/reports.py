@@ -40,7 +40,9 @@ def refresh_dashboard(store_url: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the dashboard is a view; the committed work stands
         run_logger().warning("the dashboard was not rebuilt: %s", exc)
         return None
-    run_logger().info("dashboard: %d pages (%d new pictures) at %s", built.pages, built.pictures_made, built.index)
+    run_logger().info(
+        "dashboard: %d pages (%d new pictures) at %s", built.pages, built.pictures_made, built.index
+    )
     return built.index
 
 
@@ -48,8 +50,14 @@ def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
     import polars as pl
     import pyarrow.parquet as pq
 
-    lines = ["# Any-Size-Diffusion pipeline run", "", f"Store: `{store.display_url}`", "",
-             "| stage | committed version |", "|---|---|"]
+    lines = [
+        "# Any-Size-Diffusion pipeline run",
+        "",
+        f"Store: `{store.display_url}`",
+        "",
+        "| stage | committed version |",
+        "|---|---|",
+    ]
     lines += [f"| {stage} | `{ref}` |" for stage, ref in refs.items()]
     if "generations" in refs:
         gen = store.resolve(refs["generations"])
@@ -60,21 +68,32 @@ def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
             head = next(pf.iter_batches(batch_size=SUMMARY_IMAGES), None)
             head_rows = head.to_pylist() if head is not None else []
         ok, failed = summary.get("images_ok", 0), summary.get("images_failed", 0)
-        lines += ["", f"## Images ({ok} rendered, {failed} failed)", "",
-                  "| size | seconds | image |", "|---|---:|---|"]
+        lines += [
+            "",
+            f"## Images ({ok} rendered, {failed} failed)",
+            "",
+            "| size | seconds | image |",
+            "|---|---:|---|",
+        ]
         for r in head_rows:
             where = image_uri(store, gen, r) if r["image"] else f"failed: {r['error']}"
             lines.append(f"| {r['width']}x{r['height']} | {r['seconds'] or 0:.1f} | `{where}` |")
         if n_rows > SUMMARY_IMAGES:
-            lines += ["", f"(the first {SUMMARY_IMAGES} of {n_rows}; all of them: the `generations` table "
-                      "artifact, the gallery, `manifest.parquet`)"]
+            lines += [
+                "",
+                f"(the first {SUMMARY_IMAGES} of {n_rows}; all of them: the `generations` table "
+                "artifact, the gallery, `manifest.parquet`)",
+            ]
     if "evaluation" in refs:
         metrics = pl.read_parquet(io.BytesIO(store.read_bytes(refs["evaluation"], "metrics.parquet")))
         lines += ["", "## Metrics", "", "| metric | value | status |", "|---|---:|---|"]
         for r in metrics.filter(~pl.col("metric").str.contains("/")).iter_rows(named=True):
             value = "" if r["value"] is None else f"{r['value']:.4g}"
             lines.append(f"| {r['metric']} | {value} | {r['status']} |")
-        lines += ["", "Details of each metric: the `evaluation-report` artifact and `report.md` of the evaluation."]
+        lines += [
+            "",
+            "Details of each metric: the `evaluation-report` artifact and `report.md` of the evaluation.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -93,8 +112,13 @@ def publish_pipeline_summary(store: ArtifactStore, refs: dict[str, str]) -> None
     if "generations" in refs:
         gen = store.resolve(refs["generations"])
         links.append(("images-link", browsable(store, store.uri(gen.prefix, "images")), f"images of {gen}"))
-        links.append(("gallery-link", site_link(store, version_page(gen.kind, gen.name, gen.version)),
-                      f"gallery of {gen} in the store's dashboard"))
+        links.append(
+            (
+                "gallery-link",
+                site_link(store, version_page(gen.kind, gen.name, gen.version)),
+                f"gallery of {gen} in the store's dashboard",
+            )
+        )
     links.append(("dashboard-link", site_link(store, "index.html"), "the store's dashboard"))
     for key, link, text in links:
         try:

@@ -9,7 +9,9 @@ from artifact_store import ArtifactStore
 from tasks.runtime import current_flow_run_id
 
 
-def record_run(store_url: str, flow: str, reads: list[str], writes: list[str], params: dict[str, Any]) -> str | None:
+def record_run(
+    store_url: str, flow: str, reads: list[str], writes: list[str], params: dict[str, Any]
+) -> str | None:
     """Add what a stage read and wrote to its flow run's record (a flow that runs two stages,
     as training's tiny base and fine-tuning, lists both; `params` are the last stage's)."""
     run_id = current_flow_run_id()
@@ -21,7 +23,13 @@ def record_run(store_url: str, flow: str, reads: list[str], writes: list[str], p
     def merged(key: str, new: list[str]) -> list[str]:
         return list(dict.fromkeys([*before.get(key, []), *new]))
 
-    return store.write_run_record(run_id, {
-        "flow": flow, "reads": merged("reads", reads), "writes": merged("writes", writes), "params": params,
-        "finished_at": datetime.now(UTC).isoformat(),
-    })
+    return store.write_run_record(
+        run_id,
+        {
+            "flow": flow,
+            "reads": merged("reads", reads),
+            "writes": merged("writes", writes),
+            "params": params,
+            "finished_at": datetime.now(UTC).isoformat(),
+        },
+    )

@@ -56,6 +56,8 @@ def open_store(store_url: str | None) -> ArtifactStore:
     deployment never falls back to ./asd-store (a folder relative to wherever its worker runs):
     with no URL and no $ASD_STORE it stops with a message saying how to give one."""
     if store_url is None and not runtime().store and current_deployment_id():
-        raise StoreError("this deployment run has no store: register the deployment with `asd deploy --store URL` "
-                         "(it sets ASD_STORE for its runs), start the worker with ASD_STORE set, or pass store_url")
+        raise StoreError(
+            "this deployment run has no store: register the deployment with `asd deploy --store URL` "
+            "(it sets ASD_STORE for its runs), start the worker with ASD_STORE set, or pass store_url"
+        )
     return ArtifactStore(store_url)

@@ -127,13 +127,20 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
         if isinstance(found, PendingVersion):  # one run writes it at a time: wait, take over, or refuse
             env = runtime()
             pending = found
-            lease = leases.acquire(store, pending, lease_s=env.lease_s, wait_s=env.lease_wait_s,
-                                   flow_run_id=current_flow_run_id(),
-                                   committed=lambda: store.has_commit_record(pending.ref))
+            lease = leases.acquire(
+                store,
+                pending,
+                lease_s=env.lease_s,
+                wait_s=env.lease_wait_s,
+                flow_run_id=current_flow_run_id(),
+                committed=lambda: store.has_commit_record(pending.ref),
+            )
             if lease is None:  # the run we waited for committed it
                 found = pending.ref
     else:
-        found = store.reuse_or_new(stage.kind, name, input_hash, rerun, keep=lambda ref: stage.keep(store, ref))
+        found = store.reuse_or_new(
+            stage.kind, name, input_hash, rerun, keep=lambda ref: stage.keep(store, ref)
+        )
     if isinstance(found, ArtifactRef):
         logger.info("%s already made from the same inputs: reusing it", found)
         stage.publish(store, str(found), None)
@@ -142,11 +149,18 @@ def run_stage(stage: Stage, name: str, store_url: str | None = None, rerun: bool
     run = StageRun(store, found, store.writer(found), logger, rerun)
     with lease if lease is not None else contextlib.nullcontext():  # renewed while the job writes
         run.writer.lease = lease
-        built = build_task(stage, run, inputs) if stage.builds_in_task and in_prefect_run() else stage.build(run, inputs)
+        built = (
+            build_task(stage, run, inputs)
+            if stage.builds_in_task and in_prefect_run()
+            else stage.build(run, inputs)
+        )
         if not built.commit:
             return StageResult("", reused=False, built=built)
-        ref = str(commit_in_run(run.writer, parents=inputs.parents + built.parents, params=built.params,
-                                summary=built.summary))
+        ref = str(
+            commit_in_run(
+                run.writer, parents=inputs.parents + built.parents, params=built.params, summary=built.summary
+            )
+        )
     logger.info("committed %s", ref)
     stage.publish(store, ref, built)
     record_run(store.url, stage.flow, inputs.reads, [ref], built.params)

@@ -54,7 +54,9 @@ class TrainSettings(StageSettings):
     shuffle_buffer: int = output(256, ge=1, description="encoded samples held per bucket for shuffling")
     leftover: Literal["keep", "drop"] = output("keep", description="a bucket's last partial batch per epoch")
     num_workers: int = output(0, ge=0, description="data-loader processes (changes the data order)")
-    checkpoint_every: int = execution(500, ge=0, description="a resumable checkpoint in the store every N steps (0: none)")
+    checkpoint_every: int = execution(
+        500, ge=0, description="a resumable checkpoint in the store every N steps (0: none)"
+    )
     seed: int = output(0, ge=0, le=SEED_MAX, description="seed of weights, noise, timesteps and data order")
 
     def train_config(self) -> TrainConfig:
@@ -71,7 +73,9 @@ def _save_loss_plot(losses: list[float], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(losses, lw=0.6, alpha=0.5, label="loss")
     k = max(1, len(losses) // 30)
-    smooth = [sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1]) for i in range(len(losses))
+    ]
     ax.plot(smooth, lw=1.5, label=f"mean of {k + 1}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -97,8 +101,17 @@ class TinyBase(Stage):
 
     def resolve(self, store: ArtifactStore) -> Inputs:
         dataset = str(store.resolve(self.dataset_ref))
-        return Inputs(reads=[dataset], parents=[dataset], refs={"dataset": dataset},
-                      identity={"dataset": dataset, "vae_steps": self.vae_steps, "seed": self.seed, "kind": "tiny-base"})
+        return Inputs(
+            reads=[dataset],
+            parents=[dataset],
+            refs={"dataset": dataset},
+            identity={
+                "dataset": dataset,
+                "vae_steps": self.vae_steps,
+                "seed": self.seed,
+                "kind": "tiny-base",
+            },
+        )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         samples = read_bucket_samples(run.store, run.store.resolve(inputs.refs["dataset"]))
@@ -107,26 +120,43 @@ class TinyBase(Stage):
             save_components(build_tiny_components(seed=self.seed), Path(tmp) / "init")
             c = load_components(Path(tmp) / "init")  # the same path real checkpoints take
             with Progress("fit tiny VAE", total=self.vae_steps, unit="step") as progress:
+
                 def on_step(step: int, total: int, loss: float) -> None:
                     progress.update(step + 1)
                     progress.note(f"loss {loss:.3f}")
 
                 losses = fit_vae(c.vae, images, self.vae_steps, seed=self.seed, on_step=on_step)
             out = Path(tmp) / "model"
-            save_components({"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder,
-                             "tokenizer": c.tokenizer, "scheduler": c.scheduler}, out)
+            save_components(
+                {
+                    "unet": c.unet,
+                    "vae": c.vae,
+                    "text_encoder": c.text_encoder,
+                    "tokenizer": c.tokenizer,
+                    "scheduler": c.scheduler,
+                },
+                out,
+            )
             _save_loss_plot(losses, "tiny VAE reconstruction loss", out / "vae_loss.png")
             (out / "training_log.json").write_text(json.dumps({"vae_loss": losses}))
             run.writer.put_dir(out)
-        run.logger.info("tiny VAE loss %s", f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not fitted")
-        return Built(params={"vae_steps": self.vae_steps, "seed": self.seed, "builder": "asd_models.tiny_model"},
-                     summary={"vae_loss_first": losses[0] if losses else None,
-                              "vae_loss_last": losses[-1] if losses else None, "images": len(images),
-                              "untrained_unet": True})
+        run.logger.info(
+            "tiny VAE loss %s", f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not fitted"
+        )
+        return Built(
+            params={"vae_steps": self.vae_steps, "seed": self.seed, "builder": "asd_models.tiny_model"},
+            summary={
+                "vae_loss_first": losses[0] if losses else None,
+                "vae_loss_last": losses[-1] if losses else None,
+                "images": len(images),
+                "untrained_unet": True,
+            },
+        )
 
 
-def build_tiny_base(store_url: str | None, dataset_ref: str, name: str, vae_steps: int, seed: int = 0,
-                    rerun: bool = False) -> str:
+def build_tiny_base(
+    store_url: str | None, dataset_ref: str, name: str, vae_steps: int, seed: int = 0, rerun: bool = False
+) -> str:
     """The tiny base model `models/<name>` for a dataset (reused when built from the same inputs)."""
     return run_stage(TinyBase(dataset_ref, vae_steps, seed), name, store_url, rerun).ref
 
@@ -158,8 +188,14 @@ def training_identity(dataset: str, base: str, cfg: TrainConfig, processes: int 
 def loss_table(losses: list[float], lrs: list[float], total: int) -> list[dict[str, Any]]:
     """The loss curve as at most ~20 rows (mean per block of steps)."""
     k = max(1, total // 20)
-    return [{"step": i + len(losses[i : i + k]), "loss": round(sum(losses[i : i + k]) / len(losses[i : i + k]), 5),
-             "lr": f"{lrs[min(i + k, len(lrs)) - 1]:.3g}"} for i in range(0, len(losses), k)]
+    return [
+        {
+            "step": i + len(losses[i : i + k]),
+            "loss": round(sum(losses[i : i + k]) / len(losses[i : i + k]), 5),
+            "lr": f"{lrs[min(i + k, len(lrs)) - 1]:.3g}",
+        }
+        for i in range(0, len(losses), k)
+    ]
 
 
 @dataclass
@@ -193,8 +229,10 @@ def _resume(t: _Training, logger: Any) -> ArtifactRef | None:
     ckpt = t.store.find_by_input_hash("checkpoints", t.model_name, t.train_id)
     if ckpt is None:
         _refuse_other_world_size(t)
-        logger.warning("--resume: no checkpoint of %s for this dataset, base model and config; starting at step 0",
-                       t.model_name)
+        logger.warning(
+            "--resume: no checkpoint of %s for this dataset, base model and config; starting at step 0",
+            t.model_name,
+        )
         return None
     with tempfile.TemporaryDirectory() as tmp:
         t.trainer.load_checkpoint(t.store.download(ckpt, tmp))
@@ -214,9 +252,11 @@ def _refuse_other_world_size(t: _Training) -> None:
     for ref in reversed(t.store.list_versions("checkpoints", t.model_name)):
         params = t.store.record(ref).get("params") or {}
         if params.get("training") == _same_training(t) and params.get("world_size", 1) != world:
-            raise CheckpointMismatch(f"--resume: {ref} was written by a run of {params.get('world_size', 1)} "
-                                     f"process(es); this run has {world}: resume with the same number of processes, "
-                                     "or train without --resume")
+            raise CheckpointMismatch(
+                f"--resume: {ref} was written by a run of {params.get('world_size', 1)} "
+                f"process(es); this run has {world}: resume with the same number of processes, "
+                "or train without --resume"
+            )
 
 
 def _save_checkpoint(t: _Training, step: int, logger: Any) -> None:
@@ -224,21 +264,43 @@ def _save_checkpoint(t: _Training, step: int, logger: Any) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = t.trainer.save_checkpoint(Path(tmp) / "ckpt")
-        writer = t.store.writer(PendingVersion(ArtifactRef("checkpoints", t.model_name, new_version_id()), t.train_id))
+        writer = t.store.writer(
+            PendingVersion(ArtifactRef("checkpoints", t.model_name, new_version_id()), t.train_id)
+        )
         writer.put_dir(folder)
-        ref = commit_in_run(writer, parents=t.parents, params={"base_model": t.base, **t.cfg.__dict__,
-                                                               "world_size": t.trainer.accelerator.num_processes,
-                                                               "training": _same_training(t)},
-                            summary={"step": step, "loss_last": t.trainer.losses[-1]})
+        ref = commit_in_run(
+            writer,
+            parents=t.parents,
+            params={
+                "base_model": t.base,
+                **t.cfg.__dict__,
+                "world_size": t.trainer.accelerator.num_processes,
+                "training": _same_training(t),
+            },
+            summary={"step": step, "loss_last": t.trainer.losses[-1]},
+        )
     logger.info("checkpoint %s at step %d", ref, step)
 
 
-def _run_steps(t: _Training, buckets: dict, checkpoint_every: int, stop_after: int | None, logger: Any) -> None:
+def _run_steps(
+    t: _Training, buckets: dict, checkpoint_every: int, stop_after: int | None, logger: Any
+) -> None:
     cfg, trainer, acc = t.cfg, t.trainer, t.trainer.accelerator
-    loader_cfg = LoaderConfig(batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                              leftover=cfg.leftover, rank=acc.process_index, world_size=acc.num_processes)
-    loader = make_loader(buckets, StoreOpener(t.store.url, str(t.dataset)), loader_cfg, cfg.num_workers,
-                         start_batch=trainer.batches_consumed)
+    loader_cfg = LoaderConfig(
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        leftover=cfg.leftover,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
+    loader = make_loader(
+        buckets,
+        StoreOpener(t.store.url, str(t.dataset)),
+        loader_cfg,
+        cfg.num_workers,
+        start_batch=trainer.batches_consumed,
+    )
     # The loss lives in one UI artifact key: this progress artifact (loss in its description),
     # then the final loss table under the same key.
     with Progress("ARAD fine-tuning", total=cfg.steps, unit="step", key=LOSS_ARTIFACT) as progress:
@@ -248,8 +310,13 @@ def _run_steps(t: _Training, buckets: dict, checkpoint_every: int, stop_after: i
             progress.update(step + 1)
             progress.note(f"loss {loss:.3f}")
 
-        trainer.train(iter(loader), until_step=stop_after, on_step=on_step,
-                      on_checkpoint=lambda step: _save_checkpoint(t, step, logger), checkpoint_every=checkpoint_every)
+        trainer.train(
+            iter(loader),
+            until_step=stop_after,
+            on_step=on_step,
+            on_checkpoint=lambda step: _save_checkpoint(t, step, logger),
+            checkpoint_every=checkpoint_every,
+        )
 
 
 def _write_model(t: _Training, writer: Any, counts: dict[str, int], resumed_from: ArtifactRef | None) -> None:
@@ -257,15 +324,30 @@ def _write_model(t: _Training, writer: Any, counts: dict[str, int], resumed_from
     trainer, cfg, losses = t.trainer, t.cfg, t.trainer.losses
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        save_components({"unet": trainer.final_unet(), "vae": t.components.vae.float(),
-                         "text_encoder": t.components.text_encoder.float(), "tokenizer": t.components.tokenizer,
-                         "scheduler": t.components.scheduler}, out)
+        save_components(
+            {
+                "unet": trainer.final_unet(),
+                "vae": t.components.vae.float(),
+                "text_encoder": t.components.text_encoder.float(),
+                "tokenizer": t.components.tokenizer,
+                "scheduler": t.components.scheduler,
+            },
+            out,
+        )
         _save_loss_plot(losses, "ARAD denoising loss", out / "loss.png")
-        (out / "training_log.json").write_text(json.dumps({
-            "loss": losses, "lr": trainer.lrs, "buckets": counts,
-            "resumed_from": str(resumed_from) if resumed_from else None, "leftover_policy": cfg.leftover,
-            "ema": cfg.ema_decay > 0, "mixed_precision": trainer.accelerator.mixed_precision,
-        }))
+        (out / "training_log.json").write_text(
+            json.dumps(
+                {
+                    "loss": losses,
+                    "lr": trainer.lrs,
+                    "buckets": counts,
+                    "resumed_from": str(resumed_from) if resumed_from else None,
+                    "leftover_policy": cfg.leftover,
+                    "ema": cfg.ema_decay > 0,
+                    "mixed_precision": trainer.accelerator.mixed_precision,
+                }
+            )
+        )
         (out / "buckets.json").write_text(json.dumps(sorted(counts)))
         writer.put_dir(out)
 
@@ -291,51 +373,93 @@ class Arad(Stage):
 
     def resolve(self, store: ArtifactStore) -> Inputs:
         dataset = str(store.resolve(self.dataset_ref))
-        base = str(store.resolve(self.base_model)) if self.base_model.startswith("models/") else self.base_model
+        base = (
+            str(store.resolve(self.base_model)) if self.base_model.startswith("models/") else self.base_model
+        )
         refs = {"dataset": dataset, "base": base}
-        return Inputs(reads=[dataset] + ([base] if base.startswith("models/") else []),
-                      parents=[dataset] + ([base] if base.startswith("models/") else []), refs=refs,
-                      identity=training_identity(dataset, base, self.settings.train_config(), world_size()))
+        return Inputs(
+            reads=[dataset] + ([base] if base.startswith("models/") else []),
+            parents=[dataset] + ([base] if base.startswith("models/") else []),
+            refs=refs,
+            identity=training_identity(dataset, base, self.settings.train_config(), world_size()),
+        )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         store, logger, cfg = run.store, run.logger, self.settings.train_config()
         dataset, base, name = store.resolve(inputs.refs["dataset"]), inputs.refs["base"], run.pending.ref.name
         components = load_model_components(store, base)
         buckets = dataset_buckets(store, dataset)
-        t = _Training(store, dataset, base, name, cfg, run.pending.input_hash or "", components,
-                      AradTrainer(components, cfg))
+        t = _Training(
+            store,
+            dataset,
+            base,
+            name,
+            cfg,
+            run.pending.input_hash or "",
+            components,
+            AradTrainer(components, cfg),
+        )
         resumed_from = _resume(t, logger) if self.resume else None
         counts = {b: sum(s.count for s in v) for b, v in buckets.items()}
-        logger.info("ARAD fine-tuning %s on %s for %d steps (batch %d x %d accumulation, %s, leftover=%s)", base,
-                    counts, cfg.steps, cfg.batch_size, cfg.grad_accum, t.trainer.accelerator.mixed_precision,
-                    cfg.leftover)
+        logger.info(
+            "ARAD fine-tuning %s on %s for %d steps (batch %d x %d accumulation, %s, leftover=%s)",
+            base,
+            counts,
+            cfg.steps,
+            cfg.batch_size,
+            cfg.grad_accum,
+            t.trainer.accelerator.mixed_precision,
+            cfg.leftover,
+        )
         _run_steps(t, buckets, self.settings.checkpoint_every, self.stop_after, logger)
         t.trainer.accelerator.wait_for_everyone()
         outcome = {"resumed_from": str(resumed_from) if resumed_from else None, "step": t.trainer.step}
         if not t.trainer.accelerator.is_main_process:  # under `accelerate launch` only rank 0 commits
             return Built({}, {}, extra=outcome, commit=False)
         if t.trainer.step < cfg.steps:
-            logger.info("stopped at step %d of %d (stop_after); no model committed", t.trainer.step, cfg.steps)
+            logger.info(
+                "stopped at step %d of %d (stop_after); no model committed", t.trainer.step, cfg.steps
+            )
             return Built({}, {}, extra=outcome, commit=False)
         _write_model(t, run.writer, counts, resumed_from)
         losses, k = t.trainer.losses, max(1, len(t.trainer.losses) // 10)
         return Built(
-            params={"base_model": base, **cfg.__dict__, "checkpoint_every": self.settings.checkpoint_every,
-                    "world_size": world_size()},
-            summary={"loss_first10pct_mean": sum(losses[:k]) / k, "loss_last10pct_mean": sum(losses[-k:]) / k,
-                     "steps": cfg.steps, "buckets": sorted(counts), "weights": "ema" if cfg.ema_decay > 0 else "raw"},
+            params={
+                "base_model": base,
+                **cfg.__dict__,
+                "checkpoint_every": self.settings.checkpoint_every,
+                "world_size": world_size(),
+            },
+            summary={
+                "loss_first10pct_mean": sum(losses[:k]) / k,
+                "loss_last10pct_mean": sum(losses[-k:]) / k,
+                "steps": cfg.steps,
+                "buckets": sorted(counts),
+                "weights": "ema" if cfg.ema_decay > 0 else "raw",
+            },
             parents=[str(resumed_from)] if resumed_from else [],
-            extra={**outcome, "loss_table": loss_table(losses, t.trainer.lrs, cfg.steps)})
+            extra={**outcome, "loss_table": loss_table(losses, t.trainer.lrs, cfg.steps)},
+        )
 
     def publish(self, store: ArtifactStore, ref: str, built: Built | None) -> None:
         if built is not None:
             publish_table(LOSS_ARTIFACT, built.extra["loss_table"], f"ARAD loss of {ref}")
 
 
-def train_to_store(store_url: str | None, dataset_ref: str, base_model: str, model_name: str, settings: TrainSettings,
-                   rerun: bool = False, resume: bool = False, stop_after: int | None = None) -> TrainOutcome:
+def train_to_store(
+    store_url: str | None,
+    dataset_ref: str,
+    base_model: str,
+    model_name: str,
+    settings: TrainSettings,
+    rerun: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> TrainOutcome:
     """Run the ARAD stage (see `Arad`): what it committed, resumed from, and reached."""
-    result = run_stage(Arad(dataset_ref, base_model, settings, resume, stop_after), model_name, store_url, rerun)
+    result = run_stage(
+        Arad(dataset_ref, base_model, settings, resume, stop_after), model_name, store_url, rerun
+    )
     if result.built is None:  # reused as it was
         return TrainOutcome(result.ref, None, settings.steps)
     return TrainOutcome(result.ref, result.built.extra["resumed_from"], result.built.extra["step"])

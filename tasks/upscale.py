@@ -67,23 +67,44 @@ STAGE_RENDER = "render"
 class UpscaleSettings(RenderSettings, SourceSettings):
     """ASD-upscale: existing images enlarged to an exact size by FSTD's stage 2."""
 
-    scale: float | None = output(None, gt=1, le=256, description="enlarge every image by this factor (the default, "
-                                 "2, when neither size nor long_side is given)")
-    size: str | None = output(None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$",
-                              description="every output exactly WxH (the input resized to cover it, then cropped)")
-    long_side: int | None = output(None, ge=MIN_SIDE, le=MAX_SIDE, description="every output's longer side, the "
-                                   "aspect ratio kept")
-    prompt: str = output("", description="prompt of an image without a caption of its own (a sidecar .txt, a URL "
-                         "list's caption column, a shard's .txt); with --same-prompt, of every image")
+    scale: float | None = output(
+        None,
+        gt=1,
+        le=256,
+        description="enlarge every image by this factor (the default, "
+        "2, when neither size nor long_side is given)",
+    )
+    size: str | None = output(
+        None,
+        pattern=r"^[1-9][0-9]*x[1-9][0-9]*$",
+        description="every output exactly WxH (the input resized to cover it, then cropped)",
+    )
+    long_side: int | None = output(
+        None, ge=MIN_SIDE, le=MAX_SIDE, description="every output's longer side, the aspect ratio kept"
+    )
+    prompt: str = output(
+        "",
+        description="prompt of an image without a caption of its own (a sidecar .txt, a URL "
+        "list's caption column, a shard's .txt); with --same-prompt, of every image",
+    )
     same_prompt: bool = output(False, description="use `prompt` for every image, not the images' captions")
     seed: int = output(0, ge=0, le=SEED_MAX, description="seed of every image's noise")
-    strength: float = output(0.3, gt=0, le=1, description="how far the enlarged image is re-noised: low keeps the "
-                             "picture, high lets the model redraw it")
+    strength: float = output(
+        0.3,
+        gt=0,
+        le=1,
+        description="how far the enlarged image is re-noised: low keeps the "
+        "picture, high lets the model redraw it",
+    )
     fidelity: Literal[FIDELITY_NAMES] = output(  # type: ignore[valid-type]
-        "backproject", description="how an output is made to keep its input: backproject (its downscale is made "
+        "backproject",
+        description="how an output is made to keep its input: backproject (its downscale is made "
         "the input: structure and colour from the input, only finer detail from the model) or none (the model's "
-        "output as it is)")
-    partition_inputs: int = execution(8, ge=1, description="images a task takes (on average; rendered together)")
+        "output as it is)",
+    )
+    partition_inputs: int = execution(
+        8, ge=1, description="images a task takes (on average; rendered together)"
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> UpscaleSettings:
@@ -112,9 +133,18 @@ class UpscaleSettings(RenderSettings, SourceSettings):
 
     def sample_spec(self) -> SampleSpec:
         """The decoder's limits (the data stage's decode: caps, EXIF orientation, RGB)."""
-        return SampleSpec(buckets=(), min_side=1, max_pixels=self.max_pixels, max_aspect=float("inf"),
-                          crop="center", seed=0, jpeg_quality=95, draft=False, max_bytes=self.max_bytes,
-                          resample="bicubic")
+        return SampleSpec(
+            buckets=(),
+            min_side=1,
+            max_pixels=self.max_pixels,
+            max_aspect=float("inf"),
+            crop="center",
+            seed=0,
+            jpeg_quality=95,
+            draft=False,
+            max_bytes=self.max_bytes,
+            resample="bicubic",
+        )
 
 
 @dataclass(frozen=True)
@@ -144,8 +174,11 @@ class PartitionDone:
 
 
 def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) -> str:
-    ident = hashlib.sha256(f"{job.model}|{rec.fingerprint}|{width}x{height}|{job.settings.identity()}".encode(
-        "utf-8", "surrogatepass")).hexdigest()
+    ident = hashlib.sha256(
+        f"{job.model}|{rec.fingerprint}|{width}x{height}|{job.settings.identity()}".encode(
+            "utf-8", "surrogatepass"
+        )
+    ).hexdigest()
     return f"{n:06d}-{width}x{height}-{ident[:12]}"
 
 
@@ -155,7 +188,9 @@ def _row(**values: Any) -> dict[str, Any]:
     return row
 
 
-def _load(rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fetcher | None) -> tuple[Any, str]:
+def _load(
+    rec: SourceRecord, job: UpscaleJob, store: ArtifactStore, fetcher: Fetcher | None
+) -> tuple[Any, str]:
     """(upright RGB image, sha256 of the input's bytes); Rejected with the stage that failed."""
     st = job.settings
     if rec.error:
@@ -187,7 +222,9 @@ def _read_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str
     return _log(store, job).read(rel).to_pylist()
 
 
-def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] | None) -> dict[int, dict[str, Any]]:
+def _finished(
+    store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] | None
+) -> dict[int, dict[str, Any]]:
     """This partition's images a previous run finished (`done`: the positions with a fragment;
     None: the partition's compacted fragment): their row reads, it is ok, and its files re-hash
     (anything else is rendered again, with a warning naming it)."""
@@ -217,8 +254,9 @@ def _finished(store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] |
     return out
 
 
-def _compact(store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, dict[str, Any]],
-             written: set[int]) -> None:
+def _compact(
+    store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, dict[str, Any]], written: set[int]
+) -> None:
     """The partition's rows into its one fragment (written whole first), then its inputs'
     fragments removed (a kill in between leaves both: the compacted one is read)."""
     log = _log(store, job)
@@ -248,8 +286,9 @@ class _Rows:
 
     def fail(self, n: int, row: dict[str, Any]) -> None:
         row["status"] = STATUS_FAILED
-        run_logger().warning("input %d of partition %d (%s) failed: %s", n, self.part.index, row["source"],
-                             row["error"])
+        run_logger().warning(
+            "input %d of partition %d (%s) failed: %s", n, self.part.index, row["source"], row["error"]
+        )
         self.write(n, row)
         self.out.failed += 1
 
@@ -263,8 +302,13 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
     store, st = ArtifactStore(job.store_url), job.settings
     worker = f"{socket.gethostname()}:{os.getpid()}"
     taken = _finished(store, job, part.stem, done) if done is None or done else {}
-    records = (partition_records(store, part) if part.plan is not None
-               else shard_records(part.shard_url or "", part.shard_fp or "", st.source_options(), job.storage_options))
+    records = (
+        partition_records(store, part)
+        if part.plan is not None
+        else shard_records(
+            part.shard_url or "", part.shard_fp or "", st.source_options(), job.storage_options
+        )
+    )
     fetcher = Fetcher(st.fetch_options(), job.storage_options) if part.needs_download else None
     out = PartitionDone(part.index, part.stem, 0, worker=worker)
     rows = _Rows(store, job, part, out)
@@ -275,10 +319,18 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
             rows.rows[n] = taken[n]
             out.ok += 1
             out.resumed += 1
-            out.large = out.large or taken[n]["viewer"] is not None  # its viewer's assets go in, resumed or not
+            out.large = (
+                out.large or taken[n]["viewer"] is not None
+            )  # its viewer's assets go in, resumed or not
             continue
-        base = {"source": rec.source, "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt
-                else st.prompt, "seed": st.seed, "strength": st.strength, "steps": st.steps, "worker": worker}
+        base = {
+            "source": rec.source,
+            "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt else st.prompt,
+            "seed": st.seed,
+            "strength": st.strength,
+            "steps": st.steps,
+            "worker": worker,
+        }
         try:
             image, digest = _load(rec, job, store, fetcher)
         except Rejected as exc:
@@ -287,12 +339,33 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
         try:
             width, height = st.target(*image.size)
         except ValueError as exc:
-            rows.fail(n, _row(key=f"{n:06d}-failed", **base, error=str(exc), failed_stage=STAGE_TARGET,
-                              input_width=image.width, input_height=image.height, input_sha256=digest))
+            rows.fail(
+                n,
+                _row(
+                    key=f"{n:06d}-failed",
+                    **base,
+                    error=str(exc),
+                    failed_stage=STAGE_TARGET,
+                    input_width=image.width,
+                    input_height=image.height,
+                    input_sha256=digest,
+                ),
+            )
             continue
         key = _key(job, rec, width, height, n)
-        todo.append({**base, "n": n, "key": key, "width": width, "height": height, "image_obj": image,
-                     "input_sha256": digest, "input_width": image.width, "input_height": image.height})
+        todo.append(
+            {
+                **base,
+                "n": n,
+                "key": key,
+                "width": width,
+                "height": height,
+                "image_obj": image,
+                "input_sha256": digest,
+                "input_width": image.width,
+                "input_height": image.height,
+            }
+        )
     if todo:
         pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype)
         writer = store.writer(job.pending)
@@ -300,8 +373,15 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
             _render_pack(pipe, pack, job, writer, rows)
     if rows.written or done:  # else the compacted fragment a previous run wrote holds exactly these rows
         _compact(store, job, part.stem, rows.rows, rows.written | (done or set()))
-    run_logger().info("partition %d on %s: %d inputs, %d rendered, %d already done, %d failed", part.index, worker,
-                      out.inputs, out.rendered, out.resumed, out.failed)
+    run_logger().info(
+        "partition %d on %s: %d inputs, %d rendered, %d already done, %d failed",
+        part.index,
+        worker,
+        out.inputs,
+        out.rendered,
+        out.resumed,
+        out.failed,
+    )
     return out
 
 
@@ -309,13 +389,33 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer:
     from asd_models.pipeline import RenderRequest
 
     st = job.settings
-    reqs = [RenderRequest(r["prompt"] or "", r["width"], r["height"], r["seed"], "", st.steps, st.guidance_scale,
-                          st.strength, st.noise_level) for r in pack]
+    reqs = [
+        RenderRequest(
+            r["prompt"] or "",
+            r["width"],
+            r["height"],
+            r["seed"],
+            "",
+            st.steps,
+            st.guidance_scale,
+            st.strength,
+            st.noise_level,
+        )
+        for r in pack
+    ]
     sampler = st.sampler_on(pipe)
     t0 = time.perf_counter()
     try:
-        results, error = pipe.upscale_many(reqs, [r["image_obj"] for r in pack], sampler,
-                                           memmap_pixels=st.large_image_pixels, fidelity=st.fidelity), None
+        results, error = (
+            pipe.upscale_many(
+                reqs,
+                [r["image_obj"] for r in pack],
+                sampler,
+                memmap_pixels=st.large_image_pixels,
+                fidelity=st.fidelity,
+            ),
+            None,
+        )
     except (ValueError, RuntimeError) as exc:
         results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"
     seconds = (time.perf_counter() - t0) / len(pack)
@@ -323,7 +423,11 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer:
         original = r.pop("image_obj")
         row = _row(**{k: v for k, v in r.items() if k != "n"}, seconds=seconds, device=str(pipe.device))
         if res is None or res.size != (r["width"], r["height"]):
-            row.update(status=STATUS_FAILED, failed_stage=STAGE_RENDER, error=error or f"pipeline returned {res.size}")
+            row.update(
+                status=STATUS_FAILED,
+                failed_stage=STAGE_RENDER,
+                error=error or f"pipeline returned {res.size}",
+            )
             rows.fail(r["n"], row)
             continue
         store_rendered(writer, row, r["key"], res, st)
@@ -354,12 +458,17 @@ def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDo
     flight."""
     logger = get_run_logger()
     store = ArtifactStore(job.store_url)
-    parts = plan_partitions([src for src, _ in stage.opened(store)], job.settings.partition_inputs, store,
-                            job.pending.ref.prefix)
+    parts = plan_partitions(
+        [src for src, _ in stage.opened(store)], job.settings.partition_inputs, store, job.pending.ref.prefix
+    )
     finished = _listed_fragments(store, job.pending)
-    logger.info("%d partitions of %s; from an earlier run: %d finished, %d inputs of others", len(parts),
-                [redact_url(s) for s in stage.sources], sum(v is None for v in finished.values()),
-                sum(len(v) for v in finished.values() if v is not None))
+    logger.info(
+        "%d partitions of %s; from an earlier run: %d finished, %d inputs of others",
+        len(parts),
+        [redact_url(s) for s in stage.sources],
+        sum(v is None for v in finished.values()),
+        sum(len(v) for v in finished.values() if v is not None),
+    )
     results: dict[int, PartitionDone] = {}
     known, seen = sum(p.inputs or 0 for p in parts), 0
     submit = lambda part: upscale_partition.submit(job, part, finished.get(part.stem, set()))  # noqa: E731
@@ -386,24 +495,30 @@ class Upscale(Stage):
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ValueError("upscale needs at least one source (folder, URL list, shards, or a datasets/, "
-                             "generations/ or upscales/ version)")
-        object.__setattr__(self, "sources", tuple(str(demo_photos_folder()) if s == DEMO_SOURCE else s
-                                                  for s in self.sources))
+            raise ValueError(
+                "upscale needs at least one source (folder, URL list, shards, or a datasets/, "
+                "generations/ or upscales/ version)"
+            )
+        object.__setattr__(
+            self, "sources", tuple(str(demo_photos_folder()) if s == DEMO_SOURCE else s for s in self.sources)
+        )
 
     def _open(self, store: ArtifactStore, spec: str) -> tuple[Source, str | None]:
         """A source's reader, and the version it pins when it is a dataset of the store."""
         kind = spec.split("/", 1)[0]
         if kind == "datasets":
             ref = store.resolve(spec)
-            return ShardSource(store.uri(ref.prefix, "buckets"), self.settings.source_options(),
-                               s3_storage_options()), str(ref)
+            return ShardSource(
+                store.uri(ref.prefix, "buckets"), self.settings.source_options(), s3_storage_options()
+            ), str(ref)
         if kind in IMAGE_KINDS:
             source = VersionImages(store, spec)
             return source, str(source.ref)
         if kind in ("models", "prompts", "evaluations", "checkpoints"):
-            raise ValueError(f"upscale source {spec}: a {kind} version is not an image source (use "
-                             "datasets/, generations/ or upscales/NAME@VERSION, a folder, a URL list or shards)")
+            raise ValueError(
+                f"upscale source {spec}: a {kind} version is not an image source (use "
+                "datasets/, generations/ or upscales/NAME@VERSION, a folder, a URL list or shards)"
+            )
         return open_source(spec, s3_storage_options(), self.settings.source_options()), None
 
     def opened(self, store: ArtifactStore) -> list[tuple[Source, str | None]]:
@@ -413,47 +528,69 @@ class Upscale(Stage):
         return self.__dict__["_opened"]
 
     def resolve(self, store: ArtifactStore) -> Inputs:
-        model = str(store.resolve(self.model_ref if self.model_ref.startswith("models/")
-                                  else f"models/{self.model_ref}"))
+        model = str(
+            store.resolve(
+                self.model_ref if self.model_ref.startswith("models/") else f"models/{self.model_ref}"
+            )
+        )
         opened = self.opened(store)
         pinned = [ref for _, ref in opened if ref]
         refs = {"model": model}
         if self.settings.upscaler and self.settings.upscaler.startswith("models/"):
             refs["upscaler"] = str(store.resolve(self.settings.upscaler))
-        return Inputs(reads=[model, *[ref or redact_url(spec) for spec, (_, ref) in zip(self.sources, opened,
-                                                                                         strict=True)]],
-                      parents=[*refs.values(), *pinned], refs=refs,
-                      identity={**refs, "sources": [src.fingerprint() for src, _ in opened],
-                                "settings": self.settings.identity()})
+        return Inputs(
+            reads=[
+                model,
+                *[ref or redact_url(spec) for spec, (_, ref) in zip(self.sources, opened, strict=True)],
+            ],
+            parents=[*refs.values(), *pinned],
+            refs=refs,
+            identity={
+                **refs,
+                "sources": [src.fingerprint() for src, _ in opened],
+                "settings": self.settings.identity(),
+            },
+        )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
-        st = with_run_environment(self.settings, {"upscaler": inputs.refs["upscaler"]} if "upscaler" in inputs.refs
-                                  else None)
+        st = with_run_environment(
+            self.settings, {"upscaler": inputs.refs["upscaler"]} if "upscaler" in inputs.refs else None
+        )
         job = UpscaleJob(run.store.url, inputs.refs["model"], run.pending, st, s3_storage_options())
         results = upscale_partitions_flow.with_options(task_runner=task_runner_for(st))(self, job)
         counts = _merge(run, job, results)
-        return Built(params={"sources": [redact_url(s) for s in self.sources], "model": job.model, **st.model_dump()},
-                     summary=counts)
+        return Built(
+            params={"sources": [redact_url(s) for s in self.sources], "model": job.model, **st.model_dump()},
+            summary=counts,
+        )
 
 
 def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict[str, Any]:
     """Every input's fragment, in input order, into `manifest.parquet`; their files into the record."""
     store, writer = run.store, run.writer
-    counts = {"images_ok": 0, "images_failed": 0, "images_rendered_by_this_run": sum(r.rendered for r in results),
-              "images_resumed": sum(r.resumed for r in results)}
+    counts = {
+        "images_ok": 0,
+        "images_failed": 0,
+        "images_rendered_by_this_run": sum(r.rendered for r in results),
+        "images_resumed": sum(r.resumed for r in results),
+    }
     ssim: list[float] = []
     with writer.open("manifest.parquet") as stream, pq.ParquetWriter(stream, UPSCALES_MANIFEST) as manifest:
         row_no = 0
-        partitions = bounded_map(lambda r: _read_rows(store, job, fragment_path("part", r.stem)), results,
-                                 store.io_workers)
+        partitions = bounded_map(
+            lambda r: _read_rows(store, job, fragment_path("part", r.stem)), results, store.io_workers
+        )
         for r, got_rows in zip(results, partitions, strict=True):
             if len(got_rows) != r.inputs:
-                raise RuntimeError(f"partition {r.index} ({r.stem}) has {len(got_rows)} rows for {r.inputs} inputs")
+                raise RuntimeError(
+                    f"partition {r.index} ({r.stem}) has {len(got_rows)} rows for {r.inputs} inputs"
+                )
             rows = []
             for got in got_rows:
                 files = got.pop("files")
-                writer.add_files({f["path"]: {k: v for k, v in f.items() if k != "path" and v is not None}
-                                  for f in files})
+                writer.add_files(
+                    {f["path"]: {k: v for k, v in f.items() if k != "path" and v is not None} for f in files}
+                )
                 got["row"] = row_no
                 row_no += 1
                 counts["images_ok" if got["status"] == STATUS_OK else "images_failed"] += 1
@@ -466,14 +603,27 @@ def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict
         add_viewer_assets(writer)
     if ssim:
         counts["roundtrip_ssim_mean"] = float(np.mean(ssim))
-    run.logger.info("%s: %d upscaled (%d by this run, %d resumed), %d failed", run.pending.ref, counts["images_ok"],
-                    counts["images_rendered_by_this_run"], counts["images_resumed"], counts["images_failed"])
+    run.logger.info(
+        "%s: %d upscaled (%d by this run, %d resumed), %d failed",
+        run.pending.ref,
+        counts["images_ok"],
+        counts["images_rendered_by_this_run"],
+        counts["images_resumed"],
+        counts["images_failed"],
+    )
     return counts
 
 
-def upscale(store_url: str | None, sources: list[str], model_ref: str, name: str,
-            settings: UpscaleSettings | None = None, rerun: bool = False) -> str:
+def upscale(
+    store_url: str | None,
+    sources: list[str],
+    model_ref: str,
+    name: str,
+    settings: UpscaleSettings | None = None,
+    rerun: bool = False,
+) -> str:
     """`sources` enlarged by `model_ref` into a new version of `upscales/<name>` (or the committed
     one made from identical inputs, unless `rerun`)."""
-    return run_stage(Upscale(tuple(sources), model_ref, settings or UpscaleSettings()), name, store_url, rerun).ref
-
+    return run_stage(
+        Upscale(tuple(sources), model_ref, settings or UpscaleSettings()), name, store_url, rerun
+    ).ref

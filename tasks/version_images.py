@@ -39,8 +39,10 @@ class VersionImages:
         self.store = store
         self.ref = store.resolve(spec)
         if self.ref.kind not in IMAGE_KINDS:
-            raise ValueError(f"{spec}: a {self.ref.kind} version holds no images to upscale "
-                             f"(use {' or '.join(k + '/NAME@VERSION' for k in IMAGE_KINDS)})")
+            raise ValueError(
+                f"{spec}: a {self.ref.kind} version holds no images to upscale "
+                f"(use {' or '.join(k + '/NAME@VERSION' for k in IMAGE_KINDS)})"
+            )
 
     def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
         ref = str(self.ref)
@@ -55,13 +57,27 @@ class VersionImages:
                         continue  # a failed row of the version has no image
                     try:
                         meta = _located(ref, row)
-                    except (StoreError, TypeError, ValueError) as exc:  # a manifest edited by hand, or hostile
-                        yield SourceRecord(source=f"{ref}#row{n}", name=f"row{n}", caption=None,
-                                           fingerprint=f"{ref}#row{n}", error=f"manifest row {n}: {exc}",
-                                           failed_stage=STAGE_SOURCE)
+                    except (
+                        StoreError,
+                        TypeError,
+                        ValueError,
+                    ) as exc:  # a manifest edited by hand, or hostile
+                        yield SourceRecord(
+                            source=f"{ref}#row{n}",
+                            name=f"row{n}",
+                            caption=None,
+                            fingerprint=f"{ref}#row{n}",
+                            error=f"manifest row {n}: {exc}",
+                            failed_stage=STAGE_SOURCE,
+                        )
                         continue
-                    yield SourceRecord(source=f"{ref}/{row['image']}", name=posixpath.basename(row["image"]),
-                                       caption=row.get("prompt"), fingerprint=f"{ref}/{row['image']}", meta=meta)
+                    yield SourceRecord(
+                        source=f"{ref}/{row['image']}",
+                        name=posixpath.basename(row["image"]),
+                        caption=row.get("prompt"),
+                        fingerprint=f"{ref}/{row['image']}",
+                        meta=meta,
+                    )
 
     def fingerprint(self) -> str:
         return str(self.ref)
@@ -88,20 +104,29 @@ def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: in
     try:
         if meta.get("shard"):
             if meta["size"] > max_bytes:
-                raise Rejected(STAGE_VALIDATE, f"image too large: {meta['size']} bytes, over max_bytes {max_bytes}")
+                raise Rejected(
+                    STAGE_VALIDATE, f"image too large: {meta['size']} bytes, over max_bytes {max_bytes}"
+                )
             data = store.read_range(ref, meta["shard"], meta["offset"], meta["offset"] + meta["size"])
             if len(data) != meta["size"]:
-                raise Rejected(STAGE_READ, f"{image} in {meta['shard']} of {ref}: {len(data)} bytes where "
-                               f"{meta['size']} are recorded")
+                raise Rejected(
+                    STAGE_READ,
+                    f"{image} in {meta['shard']} of {ref}: {len(data)} bytes where "
+                    f"{meta['size']} are recorded",
+                )
             return data
         recorded = store.file_meta(ref, image)
         if recorded is None:
             raise Rejected(STAGE_READ, f"{image} is not a recorded file of {ref}")
         if recorded["size"] > max_bytes:
-            raise Rejected(STAGE_VALIDATE, f"image too large: {recorded['size']} bytes, over max_bytes {max_bytes}")
+            raise Rejected(
+                STAGE_VALIDATE, f"image too large: {recorded['size']} bytes, over max_bytes {max_bytes}"
+            )
         data = store.read_bytes(ref, image)
     except (OSError, StoreError) as exc:
         raise Rejected(STAGE_READ, f"{image} of {ref} cannot be read: {exc}") from exc
     if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
-        raise Rejected(STAGE_READ, f"{image} of {ref} does not match its recorded sha256 (changed after the commit)")
+        raise Rejected(
+            STAGE_READ, f"{image} of {ref} does not match its recorded sha256 (changed after the commit)"
+        )
     return data

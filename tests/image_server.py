@@ -72,7 +72,9 @@ class ImageServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, ctype: str, body: bytes, length: int | None = None) -> None:
+    def _send(
+        self, h: BaseHTTPRequestHandler, status: int, ctype: str, body: bytes, length: int | None = None
+    ) -> None:
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body) if length is None else length))

@@ -18,12 +18,14 @@ from flows.backfill import BackfillError, DateRange, plan_partitions
 
 
 def test_bad_prompt_text_and_booleans_are_failed_rows_and_the_rest_render(tmp_path):
-    lines = ['{"prompt": "\\ud800 broken", "width": 64, "height": 64}',  # valid JSON, not valid Unicode
-             '{"prompt": "   \\t ", "width": 64, "height": 64}',
-             '{"prompt": "\\u200b\\u200d\\ufeff", "width": 64, "height": 64}',  # zero-width only
-             '{"prompt": "a cat", "width": true, "height": 64}',
-             '{"prompt": "a cat", "width": 64, "height": 64, "steps": false}',
-             '{"prompt": "Cafe\\u0301 at dusk", "width": 64, "height": 64}']
+    lines = [
+        '{"prompt": "\\ud800 broken", "width": 64, "height": 64}',  # valid JSON, not valid Unicode
+        '{"prompt": "   \\t ", "width": 64, "height": 64}',
+        '{"prompt": "\\u200b\\u200d\\ufeff", "width": 64, "height": 64}',  # zero-width only
+        '{"prompt": "a cat", "width": true, "height": 64}',
+        '{"prompt": "a cat", "width": 64, "height": 64, "steps": false}',
+        '{"prompt": "Cafe\\u0301 at dusk", "width": 64, "height": 64}',
+    ]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
     table = prompt_table(path)
@@ -38,8 +40,10 @@ def test_bad_prompt_text_and_booleans_are_failed_rows_and_the_rest_render(tmp_pa
 
 def test_an_empty_prompt_file_is_one_clear_error(tmp_path):
     path = tmp_path / "empty.parquet"
-    pl.DataFrame({"prompt": [], "width": [], "height": []},
-                 schema={"prompt": pl.String, "width": pl.Int64, "height": pl.Int64}).write_parquet(path)
+    pl.DataFrame(
+        {"prompt": [], "width": [], "height": []},
+        schema={"prompt": pl.String, "width": pl.Int64, "height": pl.Int64},
+    ).write_parquet(path)
     with pytest.raises(PromptFileError, match="no rows"):
         prompt_table(path)
 
@@ -47,10 +51,20 @@ def test_an_empty_prompt_file_is_one_clear_error(tmp_path):
 def test_backfill_refuses_names_it_would_have_to_cut(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     with pytest.raises(BackfillError, match="at most 128"):
-        plan_partitions("asd-ingest", {"dataset": "d" * 120, "source": "/d"}, {}, store,
-                        dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)))
-    parts = plan_partitions("asd-ingest", {"dataset": "d" * 117, "source": "/d"}, {}, store,
-                            dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)))
+        plan_partitions(
+            "asd-ingest",
+            {"dataset": "d" * 120, "source": "/d"},
+            {},
+            store,
+            dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)),
+        )
+    parts = plan_partitions(
+        "asd-ingest",
+        {"dataset": "d" * 117, "source": "/d"},
+        {},
+        store,
+        dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 3)),
+    )
     assert len({p.output.name for p in parts}) == 3  # 128 characters each, all different
 
 
@@ -104,7 +118,21 @@ def test_a_huge_backfill_is_refused_before_any_run(tmp_path, capsys):
     ten_years = DateRange(start=date(2016, 1, 1), end=date(2025, 12, 31))
     with pytest.raises(BackfillError, match="3653 partitions"):
         plan_partitions("asd-ingest", {"dataset": "d", "source": "/d"}, {}, store, dates=ten_years)
-    assert len(plan_partitions("asd-ingest", {"dataset": "d", "source": "/d"}, {}, store, dates=ten_years,
-                               max_partitions=4000)) == 3653
-    assert main(["--store", store.url, "backfill", "asd-ingest/ingest", "--dates", "2016-01-01..2025-12-31"]) == 2
+    assert (
+        len(
+            plan_partitions(
+                "asd-ingest",
+                {"dataset": "d", "source": "/d"},
+                {},
+                store,
+                dates=ten_years,
+                max_partitions=4000,
+            )
+        )
+        == 3653
+    )
+    assert (
+        main(["--store", store.url, "backfill", "asd-ingest/ingest", "--dates", "2016-01-01..2025-12-31"])
+        == 2
+    )
     assert "3653 partitions, more than --max-partitions 100" in capsys.readouterr().err

@@ -43,19 +43,54 @@ def test_every_setting_has_a_flag_with_its_help_and_choices(stage):
 
 
 def test_generate_flags_become_settings():
-    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "a cat", "--size", "640x360",
-                                      "--steps", "3", "--tile-batch-size", "4", "--tile", "16", "--guidance-scale",
-                                      "2.5", "--workers", "2"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "a cat",
+            "--size",
+            "640x360",
+            "--steps",
+            "3",
+            "--tile-batch-size",
+            "4",
+            "--tile",
+            "16",
+            "--guidance-scale",
+            "2.5",
+            "--workers",
+            "2",
+        ]
+    )
     assert settings_from_args(GenerateSettings, args) == GenerateSettings(
-        steps=3, tile_batch_size=4, tile=16, guidance_scale=2.5, workers=2)
-    args = build_parser().parse_args(["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "32",
-                                      "--clip-model", "/models/clip", "--seam-period", "4"])
-    assert settings_from_args(EvaluateSettings, args) == EvaluateSettings(patch_size=32, clip_model="/models/clip",
-                                                                          seam_period=4)
+        steps=3, tile_batch_size=4, tile=16, guidance_scale=2.5, workers=2
+    )
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--generations",
+            "g",
+            "--dataset",
+            "d",
+            "--patch-size",
+            "32",
+            "--clip-model",
+            "/models/clip",
+            "--seam-period",
+            "4",
+        ]
+    )
+    assert settings_from_args(EvaluateSettings, args) == EvaluateSettings(
+        patch_size=32, clip_model="/models/clip", seam_period=4
+    )
 
 
 def test_ingest_cross_field_check_sees_the_given_step():
-    args = build_parser().parse_args(["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "8"])
+    args = build_parser().parse_args(
+        ["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "8"]
+    )
     assert settings_from_args(IngestSettings, args).bucket_base == 120
 
 
@@ -65,25 +100,46 @@ def _bad_csv(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["generate", "--model", "m", "--prompt", "x", "--size", "0x0"], "--size 0x0: width"),
-    (["generate", "--model", "m", "--prompt", "x", "--size", "abc"], "--size 'abc': expected WIDTHxHEIGHT"),
-    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--steps", "0"], "--steps"),
-    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--guidance-scale", "lots"], "guidance"),
-    (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--seed", str(2**70)], "--seed"),
-    (["generate", "--model", "m"], "give --prompts FILE"),
-    (["generate", "--model", "m", "--prompts", "{tmp}/nocol.csv"], "missing column(s) prompt"),
-    (["generate", "--model", "m", "--prompts", "{tmp}/none.parquet"], "no such file"),
-    (["generate", "--model", "m", "--prompts", "{tmp}/p.xlsx"], "unknown format"),
-    (["generate", "--model", "bad name", "--prompt", "x", "--size", "64x64"], "bad artifact name 'bad name'"),
-    (["generate", "--model", "m", "--name", "bad\n", "--prompt", "x", "--size", "64x64"], "bad artifact name"),
-    (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "4"], "--patch-size"),
-    (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "big"], "--patch-size: expected int, got 'big'"),
-    (["ingest", "x", "--dataset", "d", "--crop", "diagonal"], "invalid choice: 'diagonal'"),
-    (["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "64"], "multiple of bucket_step"),
-    (["train", "--dataset", "d", "--model", "bad name"], "bad artifact name"),
-    (["store", "gc", "--grace", "soon"], "--grace 'soon'"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["generate", "--model", "m", "--prompt", "x", "--size", "0x0"], "--size 0x0: width"),
+        (
+            ["generate", "--model", "m", "--prompt", "x", "--size", "abc"],
+            "--size 'abc': expected WIDTHxHEIGHT",
+        ),
+        (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--steps", "0"], "--steps"),
+        (
+            ["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--guidance-scale", "lots"],
+            "guidance",
+        ),
+        (["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--seed", str(2**70)], "--seed"),
+        (["generate", "--model", "m"], "give --prompts FILE"),
+        (["generate", "--model", "m", "--prompts", "{tmp}/nocol.csv"], "missing column(s) prompt"),
+        (["generate", "--model", "m", "--prompts", "{tmp}/none.parquet"], "no such file"),
+        (["generate", "--model", "m", "--prompts", "{tmp}/p.xlsx"], "unknown format"),
+        (
+            ["generate", "--model", "bad name", "--prompt", "x", "--size", "64x64"],
+            "bad artifact name 'bad name'",
+        ),
+        (
+            ["generate", "--model", "m", "--name", "bad\n", "--prompt", "x", "--size", "64x64"],
+            "bad artifact name",
+        ),
+        (["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "4"], "--patch-size"),
+        (
+            ["evaluate", "--generations", "g", "--dataset", "d", "--patch-size", "big"],
+            "--patch-size: expected int, got 'big'",
+        ),
+        (["ingest", "x", "--dataset", "d", "--crop", "diagonal"], "invalid choice: 'diagonal'"),
+        (
+            ["ingest", "x", "--dataset", "d", "--bucket-base", "120", "--bucket-step", "64"],
+            "multiple of bucket_step",
+        ),
+        (["train", "--dataset", "d", "--model", "bad name"], "bad artifact name"),
+        (["store", "gc", "--grace", "soon"], "--grace 'soon'"),
+    ],
+)
 def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):
     folder = _bad_csv(tmp_path)
     argv = [a.replace("{tmp}", str(folder)) for a in argv]
@@ -114,13 +170,37 @@ def stored_model_and_data(tmp_path_factory, commit_tiny_model):
 def test_cli_generate_then_evaluate(stored_model_and_data, prefect_harness, capsys, tmp_path):
     store_url, ds = stored_model_and_data
     prompts = tmp_path / "p.jsonl"
-    prompts.write_bytes(b'{"prompt": "a red cat", "width": 200, "height": 96, "seed": 1}\n'
-                        b'{"prompt": "too big", "width": 20000, "height": 96}\n'
-                        b'{"prompt": "caf\xe9", "width": 96, "height": 96}\n'
-                        b'{"prompt": "a blue dog", "width": 96, "height": 160, "seed": 2}\n'
-                        b'{"prompt": "huge seed", "width": 96, "height": 96, "seed": 1180591620717411303424}\n')
-    assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "cli", "--prompts", str(prompts),
-                 "--steps", "2", "--tile-batch-size", "3", "--shard-size", "1", "--workers", "2"]) == 0
+    prompts.write_bytes(
+        b'{"prompt": "a red cat", "width": 200, "height": 96, "seed": 1}\n'
+        b'{"prompt": "too big", "width": 20000, "height": 96}\n'
+        b'{"prompt": "caf\xe9", "width": 96, "height": 96}\n'
+        b'{"prompt": "a blue dog", "width": 96, "height": 160, "seed": 2}\n'
+        b'{"prompt": "huge seed", "width": 96, "height": 96, "seed": 1180591620717411303424}\n'
+    )
+    assert (
+        main(
+            [
+                "--store",
+                store_url,
+                "generate",
+                "--model",
+                "tiny",
+                "--name",
+                "cli",
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "2",
+                "--tile-batch-size",
+                "3",
+                "--shard-size",
+                "1",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     gen = captured.out.strip().splitlines()[-1]
     assert "prompt row 2 will not be rendered: width" in captured.err
@@ -128,16 +208,40 @@ def test_cli_generate_then_evaluate(stored_model_and_data, prefect_harness, caps
     rec = store.record(gen)
     assert rec["params"]["tile_batch_size"] == 3 and rec["params"]["steps"] == 2
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(gen, "manifest.parquet")))
-    assert manifest["status"].to_list() == ["ok", "failed", "failed", "ok", "failed"], manifest["error"].to_list()
+    assert manifest["status"].to_list() == ["ok", "failed", "failed", "ok", "failed"], manifest[
+        "error"
+    ].to_list()
     errors = manifest["error"].to_list()
     assert "row 2: width" in errors[1] and "not UTF-8" in errors[2] and "row 5: seed" in errors[4]
     manifest = manifest.filter(pl.col("status") == "ok")
     assert sorted(zip(manifest["width"], manifest["height"], strict=True)) == [(96, 160), (200, 96)]
     for r in manifest.iter_rows(named=True):
         assert Image.open(io.BytesIO(store.read_bytes(gen, r["image"]))).size == (r["width"], r["height"])
-        assert r["fstd_tiles"] > 0 and r["unet_evals"] > r["fstd_tiles"] and r["device"] == "cpu" and r["worker"]
-    assert main(["--store", store_url, "evaluate", "--generations", gen, "--dataset", ds, "--name", "cli",
-                 "--patch-size", "32", "--patches-per-image", "2", "--clip-model", str(tmp_path / "no-clip")]) == 0
+        assert (
+            r["fstd_tiles"] > 0 and r["unet_evals"] > r["fstd_tiles"] and r["device"] == "cpu" and r["worker"]
+        )
+    assert (
+        main(
+            [
+                "--store",
+                store_url,
+                "evaluate",
+                "--generations",
+                gen,
+                "--dataset",
+                ds,
+                "--name",
+                "cli",
+                "--patch-size",
+                "32",
+                "--patches-per-image",
+                "2",
+                "--clip-model",
+                str(tmp_path / "no-clip"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     ev = out.strip().splitlines()[0]
     assert store.record(ev)["params"]["patch_size"] == 32
@@ -146,8 +250,23 @@ def test_cli_generate_then_evaluate(stored_model_and_data, prefect_harness, caps
     assert clip["status"] == "skipped" and "no-clip" in clip["detail"]
 
 
-@pytest.mark.parametrize("argv", [[], ["demo"], ["ingest"], ["train"], ["generate"], ["evaluate"], ["store"],
-                                  ["store", "gc"], ["deploy"], ["backfill"], ["dashboard"], ["dashboard", "build"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["demo"],
+        ["ingest"],
+        ["train"],
+        ["generate"],
+        ["evaluate"],
+        ["store"],
+        ["store", "gc"],
+        ["deploy"],
+        ["backfill"],
+        ["dashboard"],
+        ["dashboard", "build"],
+    ],
+)
 def test_every_help_page_renders(argv, capsys):
     """Help text comes from the settings' descriptions: a literal % (as in '50%-overlap') must not
     break argparse's formatting."""

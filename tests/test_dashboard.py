@@ -31,18 +31,38 @@ def _png(arr: np.ndarray) -> bytes:
 def _smooth_image(w: int, h: int, seam_at: int | None = None) -> np.ndarray:
     x = np.linspace(0, 1, w)[None, :, None]
     y = np.linspace(0, 1, h)[:, None, None]
-    img = (np.concatenate([x * np.ones((h, 1, 1)), y * np.ones((1, w, 1)), 0.5 * np.ones((h, w, 1))], 2) * 200)
+    img = np.concatenate([x * np.ones((h, 1, 1)), y * np.ones((1, w, 1)), 0.5 * np.ones((h, w, 1))], 2) * 200
     if seam_at is not None:
         img[:, seam_at:] += 40  # a hard vertical edge: what a visible tile seam looks like
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _manifest_row(i: int, w: int, h: int, seam_x: list[int], status: str = "ok", prompt: str = "a cat") -> dict:
-    return {"key": f"{i:06d}-{w}x{h}-abc", "row": i, "prompt": prompt, "width": w, "height": h, "seed": i,
-            "status": status, "error": None if status == "ok" else "bad size",
-            "image": f"images/{i:06d}-{w}x{h}-abc.png" if status == "ok" else None, "bucket": "128x128",
-            "canvas_width": w, "canvas_height": h, "tile_px": 64, "fstd_tiles": 4, "seam_x": seam_x, "seam_y": [],
-            "seconds": 1.5, "unet_evals": 10, "peak_memory_mb": 100.0, "device": "cpu", "worker": "host:1"}
+def _manifest_row(
+    i: int, w: int, h: int, seam_x: list[int], status: str = "ok", prompt: str = "a cat"
+) -> dict:
+    return {
+        "key": f"{i:06d}-{w}x{h}-abc",
+        "row": i,
+        "prompt": prompt,
+        "width": w,
+        "height": h,
+        "seed": i,
+        "status": status,
+        "error": None if status == "ok" else "bad size",
+        "image": f"images/{i:06d}-{w}x{h}-abc.png" if status == "ok" else None,
+        "bucket": "128x128",
+        "canvas_width": w,
+        "canvas_height": h,
+        "tile_px": 64,
+        "fstd_tiles": 4,
+        "seam_x": seam_x,
+        "seam_y": [],
+        "seconds": 1.5,
+        "unet_evals": 10,
+        "peak_memory_mb": 100.0,
+        "device": "cpu",
+        "worker": "host:1",
+    }
 
 
 @pytest.fixture
@@ -63,8 +83,12 @@ def populated_store(tmp_path):
     for kid in (0.3, 0.2):
         w = store.new_version("evaluations", "e1")
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([{"metric": "kid_patch", "value": kid, "status": "ok", "detail": HOSTILE}],
-                                            schema=METRICS), buf)
+        pq.write_table(
+            pa.Table.from_pylist(
+                [{"metric": "kid_patch", "value": kid, "status": "ok", "detail": HOSTILE}], schema=METRICS
+            ),
+            buf,
+        )
         w.put_bytes("metrics.parquet", buf.getvalue())
         w.commit(parents=[gen], params={}, summary={"kid_patch": kid, "seam_score": 1.1})
     return store, model, gen
@@ -82,11 +106,25 @@ def test_site_lists_versions_with_lineage_gallery_and_trends(populated_store):
     assert "<script>alert" not in page and "&lt;script&gt;" in page  # hostile prompt escaped
     assert f"models/m1@{model.version}" in page  # lineage links the model
     assert "../../../../generations/g1/" in page  # the full image, relative to the store root
-    thumb = Image.open(io.BytesIO(store.fs.cat_file(store.path(
-        "_site", "img", "generations", "g1", gen.version, "000000-200x120-abc.png"))))
+    thumb = Image.open(
+        io.BytesIO(
+            store.fs.cat_file(
+                store.path("_site", "img", "generations", "g1", gen.version, "000000-200x120-abc.png")
+            )
+        )
+    )
     assert max(thumb.size) == 64
-    heat = np.asarray(Image.open(io.BytesIO(store.fs.cat_file(store.path(
-        "_site", "img", "generations", "g1", gen.version, "000000-200x120-abc.seams.png")))).convert("L"))
+    heat = np.asarray(
+        Image.open(
+            io.BytesIO(
+                store.fs.cat_file(
+                    store.path(
+                        "_site", "img", "generations", "g1", gen.version, "000000-200x120-abc.seams.png"
+                    )
+                )
+            )
+        ).convert("L")
+    )
     assert heat.shape == (38, 64)
     col = 32  # the seam at x=100 of 200 lands in column 32 of 64: the brightest column of the heat-map
     assert heat[5:-5, col].mean() > 2 * np.median(heat[5:-5, :])
@@ -96,15 +134,24 @@ def test_site_lists_versions_with_lineage_gallery_and_trends(populated_store):
     assert (again.pages, again.pages_unchanged, again.pictures_reused) == (1, 4, 0)
     w = store.new_version("evaluations", "e2")  # a new child of the generations version: its page changes
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([{"metric": "kid_patch", "value": 0.1, "status": "ok", "detail": ""}],
-                                        schema=METRICS), buf)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"metric": "kid_patch", "value": 0.1, "status": "ok", "detail": ""}], schema=METRICS
+        ),
+        buf,
+    )
     w.put_bytes("metrics.parquet", buf.getvalue())
     w.commit(parents=[gen], params={}, summary={"kid_patch": 0.1})
     third = build_site(store, thumb_px=64)  # pictures of immutable versions are made once
     assert (third.pages, third.pages_unchanged, third.pictures_reused) == (3, 3, 1)
     assert third.pictures_made == again.pictures_made  # the index's trend charts only
-    assert "e2@" in store.fs.cat_file(store.path("_site", "v", "generations", "g1", f"{gen.version}.html")).decode()
-    assert "000000-200x120-abc.png" in store.fs.cat_file(store.path("_site", "index.html")).decode()  # previews kept
+    assert (
+        "e2@"
+        in store.fs.cat_file(store.path("_site", "v", "generations", "g1", f"{gen.version}.html")).decode()
+    )
+    assert (
+        "000000-200x120-abc.png" in store.fs.cat_file(store.path("_site", "index.html")).decode()
+    )  # previews kept
 
 
 def test_server_serves_the_store_and_nothing_outside(populated_store, tmp_path):
@@ -120,7 +167,9 @@ def test_server_serves_the_store_and_nothing_outside(populated_store, tmp_path):
         with urllib.request.urlopen(f"{base}/") as r:  # redirected to the index, so its relative links work
             assert r.status == 200 and b"Any-Size-Diffusion store" in r.read()
             assert r.url.endswith("/_site/index.html")
-        with urllib.request.urlopen(f"{base}/generations/g1/{gen.version}/images/000000-200x120-abc.png") as r:
+        with urllib.request.urlopen(
+            f"{base}/generations/g1/{gen.version}/images/000000-200x120-abc.png"
+        ) as r:
             assert r.headers["Content-Type"] == "image/png"
         for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/link-out.txt", "/_sitex", "//etc/passwd"):
             with pytest.raises(urllib.error.HTTPError) as exc:

@@ -59,9 +59,15 @@ def test_only_the_site_and_committed_recorded_files_are_served(served):
     assert _get(f"{base}/_site")[0] == 200  # redirected to the index
     status, headers, _ = _get(f"{base}/{ref.prefix}/big.bin", "HEAD")
     assert status == 200 and headers["Content-Length"] == str(64 << 20)
-    for hidden in (f"/{pending.ref.prefix}/images/a.png", f"/{pending.ref.prefix}/_PENDING.json",
-                   f"/{ref.prefix}/_COMMIT.json", "/runs/run-1.json", "/_catalog/generations/g1/"
-                   f"{ref.version}.parquet", f"/{ref.prefix}/", f"/{ref.prefix}/images/nope.png"):
+    for hidden in (
+        f"/{pending.ref.prefix}/images/a.png",
+        f"/{pending.ref.prefix}/_PENDING.json",
+        f"/{ref.prefix}/_COMMIT.json",
+        "/runs/run-1.json",
+        f"/_catalog/generations/g1/{ref.version}.parquet",
+        f"/{ref.prefix}/",
+        f"/{ref.prefix}/images/nope.png",
+    ):
         assert _get(base + hidden)[0] == 404, hidden
 
 
@@ -100,7 +106,9 @@ def test_overlong_paths_are_414_and_the_server_keeps_serving(served, caplog):
     _, ref, _, start = served
     base, _ = start()
     assert _get(base + "/" + "a" * 5000)[0] == 414
-    assert _get(f"{base}/{ref.prefix}/" + "b" * 1500 + "/" + "c" * 300)[0] == 404  # a name too long for the disk
+    assert (
+        _get(f"{base}/{ref.prefix}/" + "b" * 1500 + "/" + "c" * 300)[0] == 404
+    )  # a name too long for the disk
     assert _get(f"{base}/_site/index.html")[0] == 200
     assert "Traceback" not in caplog.text
 

@@ -38,11 +38,15 @@ def test_deploy_refuses_unclear_setups(tmp_path, monkeypatch):
         deployment_store("s3://AKIAEXAMPLE:s3cr3t@bucket/x", {})
     assert deployment_store("rel/store", {}) == str((tmp_path.cwd() / "rel/store").resolve())
     bad = tmp_path / "prefect.yaml"
-    bad.write_text("deployments:\n  - name: x\n    entrypoint: flows/stages.py:ingest_flow\n    work_pool: {name: cpu}\n"
-                   "    schedules: []\n")
+    bad.write_text(
+        "deployments:\n  - name: x\n    entrypoint: flows/stages.py:ingest_flow\n    work_pool: {name: cpu}\n"
+        "    schedules: []\n"
+    )
     with pytest.raises(DeployError, match="module path"):
         load_specs(bad)
-    bad.write_text("deployments:\n  - name: x\n    entrypoint: flows.stages.ingest_flow\n    work_pool: {name: cpu}\n")
+    bad.write_text(
+        "deployments:\n  - name: x\n    entrypoint: flows.stages.ingest_flow\n    work_pool: {name: cpu}\n"
+    )
     with pytest.raises(DeployError, match="schedules"):
         load_specs(bad)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
@@ -77,15 +81,31 @@ def test_partitions_by_date_and_by_prompt_version(tmp_path):
     from tasks.prompts import store_prompts
 
     store = ArtifactStore(str(tmp_path / "store"))
-    parts = plan_partitions("asd-ingest", {"dataset": "photos", "source": "/d"}, {"source": "/data/{date}/x"}, store,
-                            dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 5), step_days=2))
+    parts = plan_partitions(
+        "asd-ingest",
+        {"dataset": "photos", "source": "/d"},
+        {"source": "/data/{date}/x"},
+        store,
+        dates=DateRange(start=date(2026, 11, 1), end=date(2026, 11, 5), step_days=2),
+    )
     assert [p.label for p in parts] == ["2026-11-01", "2026-11-03", "2026-11-05"]
     assert parts[1].parameters == {"dataset": "photos-2026-11-03", "source": "/data/2026-11-03/x"}
     assert str(parts[1].output) == "datasets/photos-2026-11-03@latest"
-    v1, v2 = (store.resolve(store_prompts(store.url, validate_rows([{"prompt": p, "width": 64, "height": 64}], "test"),
-                                          "daily", "test")) for p in ("a cat", "a dog"))
-    parts = plan_partitions("asd-generate", {"generations": "daily", "prompts_ref": "x"}, {}, store,
-                            prompts_versions=[str(v1), "daily@" + v2.version])
+    v1, v2 = (
+        store.resolve(
+            store_prompts(
+                store.url, validate_rows([{"prompt": p, "width": 64, "height": 64}], "test"), "daily", "test"
+            )
+        )
+        for p in ("a cat", "a dog")
+    )
+    parts = plan_partitions(
+        "asd-generate",
+        {"generations": "daily", "prompts_ref": "x"},
+        {},
+        store,
+        prompts_versions=[str(v1), "daily@" + v2.version],
+    )
     assert [p.parameters["prompts_ref"] for p in parts] == [str(v1), str(v2)]
     assert parts[0].parameters["generations"] == f"daily-daily-{v1.version}"
     with pytest.raises(BackfillError, match="exactly one"):
@@ -98,7 +118,9 @@ def test_partitions_by_date_and_by_prompt_version(tmp_path):
         DateRange(start=date(2026, 11, 2), end=date(2026, 11, 1))
 
 
-def test_failed_partition_gets_a_new_idempotency_key_and_committed_ones_are_skipped(prefect_harness, tmp_path):
+def test_failed_partition_gets_a_new_idempotency_key_and_committed_ones_are_skipped(
+    prefect_harness, tmp_path
+):
     from prefect import get_client
     from prefect.states import Completed, Failed
 
@@ -120,14 +142,17 @@ def test_failed_partition_gets_a_new_idempotency_key_and_committed_ones_are_skip
     assert [r["status"] for r in rows] == ["SKIPPED (committed)"] * 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["backfill", "nodeployment", "--dates", "2026-11-01..2026-11-02"], "expected FLOW/DEPLOYMENT"),
-    (["backfill", "a/b", "--dates", "2026-11-05..2026-11-02"], "ends (2026-11-02) before it starts"),
-    (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02/0"], "--dates"),
-    (["backfill", "a/b", "--dates", "2026-11-01"], "expected START..END"),
-    (["backfill", "a/b"], "exactly one of --dates or --prompts-versions"),
-    (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02", "--param", "oops"], "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["backfill", "nodeployment", "--dates", "2026-11-01..2026-11-02"], "expected FLOW/DEPLOYMENT"),
+        (["backfill", "a/b", "--dates", "2026-11-05..2026-11-02"], "ends (2026-11-02) before it starts"),
+        (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02/0"], "--dates"),
+        (["backfill", "a/b", "--dates", "2026-11-01"], "expected START..END"),
+        (["backfill", "a/b"], "exactly one of --dates or --prompts-versions"),
+        (["backfill", "a/b", "--dates", "2026-11-01..2026-11-02", "--param", "oops"], "expected KEY=VALUE"),
+    ],
+)
 def test_backfill_flags_are_checked_before_the_server_is_asked(argv, message, capsys, monkeypatch):
     from flows.cli import main
 

@@ -51,8 +51,19 @@ def versions(tmp_path_factory):
         rel = f"images/{key}.png"
         w.put_bytes(rel, _png(arr))
         row = {f.name: None for f in GENERATIONS_MANIFEST}
-        row.update(key=key, row=i, prompt=f"picture {i}", width=128, height=128, seed=i, status="ok", image=rel,
-                   seam_x=[64], seam_y=[], tile_px=64)
+        row.update(
+            key=key,
+            row=i,
+            prompt=f"picture {i}",
+            width=128,
+            height=128,
+            seed=i,
+            status="ok",
+            image=rel,
+            seam_x=[64],
+            seam_y=[],
+            tile_px=64,
+        )
         if i < N // 2:
             row.update(seam_score=1.5 + i, seam_score_x=1.5 + i, seam_score_y=float("nan"))
         rows.append(row)
@@ -77,14 +88,24 @@ def test_two_dask_workers_give_the_metrics_of_one_thread(versions, prefect_harne
     common = {"sample": 10, "patch_size": 48, "patches_per_image": 2, "batch_rows": 3}
     one = _metrics(store_url, evaluate_flow(gen, data, "one", EvaluateSettings(**common), store_url))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        two = _metrics(store_url, evaluate_flow(gen, data, "two", EvaluateSettings(
-            **common, executor="dask", dask_address=cluster.scheduler_address), store_url))
+        two = _metrics(
+            store_url,
+            evaluate_flow(
+                gen,
+                data,
+                "two",
+                EvaluateSettings(**common, executor="dask", dask_address=cluster.scheduler_address),
+                store_url,
+            ),
+        )
     assert one.keys() == two.keys()
     assert one["fid_patch"] is not None and one["kid_patch"] is not None  # real Inception features, offline
     assert two["fid_patch"] == pytest.approx(one["fid_patch"], rel=1e-4, abs=1e-3)
     assert two["kid_patch"] == pytest.approx(one["kid_patch"], rel=1e-4, abs=1e-5)
     seams = {k: v for k, v in one.items() if k.startswith("seam_score/")}
     assert seams == {k: v for k, v in two.items() if k.startswith("seam_score/")}
-    assert len(seams) == N and seams["seam_score/000003-128x128-abc"] == 4.5  # stored by its shard task: read, not recomputed
+    assert (
+        len(seams) == N and seams["seam_score/000003-128x128-abc"] == 4.5
+    )  # stored by its shard task: read, not recomputed
     scored = [seams[f"seam_score/{i:06d}-128x128-abc"] for i in range(N // 2, N)]  # no stored score: decoded
     assert all(s > 2 for s in scored[1::2]) and all(s < 1.5 for s in scored[0::2])

@@ -31,16 +31,22 @@ def test_each_local_worker_gets_its_gpu_and_the_runs_environment(prefect_harness
 
             from tasks.executors import worker_device
 
-            return {"device": worker_device("auto", gpus=2), "cuda": worker_device("cuda", gpus=3),
-                    "threads": os.environ.get("OMP_NUM_THREADS"), "torch": os.environ.get("ASD_TORCH_THREADS"),
-                    "api": os.environ.get("PREFECT_API_URL")}
+            return {
+                "device": worker_device("auto", gpus=2),
+                "cuda": worker_device("cuda", gpus=3),
+                "threads": os.environ.get("OMP_NUM_THREADS"),
+                "torch": os.environ.get("ASD_TORCH_THREADS"),
+                "api": os.environ.get("PREFECT_API_URL"),
+            }
 
         workers = list(client.scheduler_info()["workers"])
         seen = {w: client.submit(given, workers=[w], pure=False).result() for w in workers}
     assert sorted(v["device"] for v in seen.values()) == ["cuda:0", "cuda:1"]  # one GPU each, not both cuda:0
     assert sorted(v["cuda"] for v in seen.values()) == ["cuda:0", "cuda:1"]
     assert all(v["threads"] == "1" and v["torch"] == "1" for v in seen.values())
-    assert all(v["api"].rstrip("/") == PREFECT_API_URL.value().rstrip("/") for v in seen.values())  # this run's API
+    assert all(
+        v["api"].rstrip("/") == PREFECT_API_URL.value().rstrip("/") for v in seen.values()
+    )  # this run's API
 
 
 def test_eight_fake_gpus_each_get_one_worker_in_both_cluster_layouts():
@@ -90,8 +96,9 @@ def test_the_fan_out_window_follows_the_clusters_real_workers(prefect_harness):
     def square(x: int) -> int:
         return x * x
 
-    with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
         settings = GenerateSettings(executor="dask", dask_address=cluster.scheduler_address)
         assert settings.workers == 1
 

@@ -21,11 +21,14 @@ def _picture(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.stack([g, 255 - g, (g * 0.5 + 60)], axis=2).clip(0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize(("size", "canvas", "box"), [
-    ((90, 60), (256, 192), (28, 36, 228, 156)),   # the same aspect (2.22x), a 64-px multiple's margin
-    ((90, 60), (192, 128), (16, 4, 176, 124)),    # a wider output: the image's top and bottom cut
-    ((50, 80), (128, 128), (12, 0, 116, 128)),    # a taller image in a wider box
-])
+@pytest.mark.parametrize(
+    ("size", "canvas", "box"),
+    [
+        ((90, 60), (256, 192), (28, 36, 228, 156)),  # the same aspect (2.22x), a 64-px multiple's margin
+        ((90, 60), (192, 128), (16, 4, 176, 124)),  # a wider output: the image's top and bottom cut
+        ((50, 80), (128, 128), (12, 0, 116, 128)),  # a taller image in a wider box
+    ],
+)
 def test_canvas_box_shows_the_image_as_cover_crop_and_mirrors_past_its_edges(size, canvas, box):
     img = _picture(*size)
     c = CoverCanvas(pil_to_tensor_m11(img), *canvas, box=box)
@@ -37,8 +40,8 @@ def test_canvas_box_shows_the_image_as_cover_crop_and_mirrors_past_its_edges(siz
     # left of the box, where the image ends, its mirror image: pixel box-1-j is pixel box+j
     k = max((x1 - x0) / size[0], (y1 - y0) / size[1])
     if abs(size[0] * k - (x1 - x0)) < 1 and x0 >= 6:
-        left = whole[:, :, y0:y1, x0 - 6:x0].flip(-1)
-        assert (left - whole[:, :, y0:y1, x0:x0 + 6]).abs().mean() < 0.03
+        left = whole[:, :, y0:y1, x0 - 6 : x0].flip(-1)
+        assert (left - whole[:, :, y0:y1, x0 : x0 + 6]).abs().mean() < 0.03
     assert torch.equal(c.region(10, 40, 20, 90), whole[:, :, 10:40, 20:90])
 
 
@@ -61,15 +64,23 @@ def test_input_view_is_the_part_an_output_shows():
     assert input_view(img, 400, 400).size == (200, 200)
 
 
-def _enlarged_with_detail(small: Image.Image, width: int, height: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _enlarged_with_detail(
+    small: Image.Image, width: int, height: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """What a model might make of `small`: enlarged, blurred, its colours shifted, with fine
     texture added. Returns the output and the texture (finer than `small` can hold)."""
     rng = np.random.default_rng(seed)
     big = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-    blurred = np.asarray(Image.fromarray(big.astype(np.uint8)).resize((width // 4, height // 4)).resize(
-        (width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    blurred = np.asarray(
+        Image.fromarray(big.astype(np.uint8))
+        .resize((width // 4, height // 4))
+        .resize((width, height), Image.Resampling.BILINEAR),
+        dtype=np.float32,
+    )
     yy, xx = np.mgrid[:height, :width]
-    texture = 12 * np.sin(xx * 2.6 + rng.uniform(0, 6)) * np.sin(yy * 2.3)  # ~0.4 cycles/px: above the input's
+    texture = (
+        12 * np.sin(xx * 2.6 + rng.uniform(0, 6)) * np.sin(yy * 2.3)
+    )  # ~0.4 cycles/px: above the input's
     out = blurred * 0.9 + np.array([20, -15, 10]) + texture[..., None]
     return np.clip(out, 0, 255).astype(np.uint8), texture
 
@@ -83,8 +94,11 @@ def test_back_projection_makes_the_downscale_the_input_and_keeps_finer_detail():
     ssim, color = roundtrip(fixed, small)
     assert ssim > 0.98 and color < 0.5
     high = fixed.astype(np.float32).mean(2) - np.asarray(
-        Image.fromarray(fixed).resize((80, 60), Image.Resampling.BOX).resize((160, 120), Image.Resampling.BICUBIC),
-        dtype=np.float32).mean(2)
+        Image.fromarray(fixed)
+        .resize((80, 60), Image.Resampling.BOX)
+        .resize((160, 120), Image.Resampling.BICUBIC),
+        dtype=np.float32,
+    ).mean(2)
     assert np.corrcoef(high[8:-8, 8:-8].ravel(), texture[8:-8, 8:-8].ravel())[0, 1] > 0.8  # the detail stays
     assert FIDELITY["none"](out, small) is out
 
@@ -137,10 +151,16 @@ def test_enlarged_bands_join_without_a_trace():
 
     small = torch.rand(1, 1, 30, 40, generator=torch.Generator().manual_seed(0))
     whole = enlarged_rows(small, 400, 300, 0, 300)
-    assert np.array_equal(whole, np.concatenate([enlarged_rows(small, 400, 300, 0, 113),
-                                                 enlarged_rows(small, 400, 300, 113, 300)]))
-    assert np.abs(whole - torch.nn.functional.interpolate(small, size=(300, 400), mode="bicubic")[0, 0].numpy()
-                  ).max() < 1e-4
+    assert np.array_equal(
+        whole,
+        np.concatenate([enlarged_rows(small, 400, 300, 0, 113), enlarged_rows(small, 400, 300, 113, 300)]),
+    )
+    assert (
+        np.abs(
+            whole - torch.nn.functional.interpolate(small, size=(300, 400), mode="bicubic")[0, 0].numpy()
+        ).max()
+        < 1e-4
+    )
 
 
 def test_back_projection_refuses_to_shrink():

@@ -24,7 +24,9 @@ def _listed_version(store: ArtifactStore, n: int):
         for suffix in ("png", "seams.png"):
             rel = f"images/{row:06d}-64x64-abc.{suffix}"
             w.add_files({rel: w.put_bytes(rel, f"{row}.{suffix}".encode())}, row=row)
-    w.files = {k: v for k, v in w.files.items() if not k.startswith("images/")}  # as the commit task adopts them
+    w.files = {
+        k: v for k, v in w.files.items() if not k.startswith("images/")
+    }  # as the commit task adopts them
     w.put_bytes("manifest.parquet", b"rows")
     return w.commit(summary={"images_ok": n})
 
@@ -34,21 +36,31 @@ def test_the_record_stays_small_and_one_lookup_reads_one_row_group(store_url, mo
     store = ArtifactStore(store_url)
     ref = _listed_version(store, 100)
     rec = store.record(ref)
-    assert rec["file_count"] == 200 + 2 and set(rec["files"]) == {"manifest.parquet", "_files/part-00000.parquet"}
+    assert rec["file_count"] == 200 + 2 and set(rec["files"]) == {
+        "manifest.parquet",
+        "_files/part-00000.parquet",
+    }
     assert rec["file_lists"][0]["rows"] == [0, 99] and rec["file_lists"][0]["count"] == 200
     assert len(store.fs.cat_file(store.path(ref.prefix, COMMIT_RECORD))) < 4096
 
     reads = []
     real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: reads.append(i) or real(self, i, **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: reads.append(i) or real(self, i, **kw)
+    )
     fresh = ArtifactStore(store_url)
     assert fresh.read_bytes(ref, "images/000057-64x64-abc.seams.png") == b"57.seams.png"
     reads.clear()
     meta = fresh.file_meta(ref, "images/000005-64x64-abc.png")
     assert meta["size"] == len(b"5.png") and len(reads) == 1  # one row group, whatever the list's length
-    assert fresh.file_meta(ref, "images/000006-64x64-abc.png")["size"] == len(b"6.png") and len(reads) == 1  # kept
+    assert (
+        fresh.file_meta(ref, "images/000006-64x64-abc.png")["size"] == len(b"6.png") and len(reads) == 1
+    )  # kept
     assert fresh.file_meta(ref, "images/000057-64x64-abc.txt") is None
-    assert fresh.locate(fresh.uri(ref.prefix, "images/000003-64x64-abc.png")) == (ref, "images/000003-64x64-abc.png")
+    assert fresh.locate(fresh.uri(ref.prefix, "images/000003-64x64-abc.png")) == (
+        ref,
+        "images/000003-64x64-abc.png",
+    )
 
     assert len(dict(fresh.iter_files(ref))) == 202
     assert fresh.verify(ref) == [] and fresh.verify(ref, shallow=True) == []

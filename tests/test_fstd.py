@@ -44,19 +44,33 @@ def test_first_step_never_shifted_where_a_strip_would_be_uncovered():
     assert any(step_offset(0, FSTDConfig(tile=16), g) != (0, 0) for _ in range(10))
 
 
-@pytest.mark.parametrize("method", ["fstd", "fstd-edge", "official", "naive", "multidiffusion", "mixture", "full"])
+@pytest.mark.parametrize(
+    "method", ["fstd", "fstd-edge", "official", "naive", "multidiffusion", "mixture", "full"]
+)
 def test_every_sampler_shapes_determinism_no_nan(components, method):
     from asd_models.samplers import FSTD, sample_with, sampler_named
 
-    sampler = (FSTD(FSTDConfig(tile=8, mode="edge-tile", size_multiple=2, tile_batch_size=5)) if method == "fstd-edge"
-               else sampler_named(method, 8, 5))
+    sampler = (
+        FSTD(FSTDConfig(tile=8, mode="edge-tile", size_multiple=2, tile_batch_size=5))
+        if method == "fstd-edge"
+        else sampler_named(method, 8, 5)
+    )
 
     def run():
         sched = DDIMScheduler.from_config(components.scheduler.config)
         sched.set_timesteps(4)
         x = torch.randn(1, 4, 20, 38, generator=torch.Generator().manual_seed(3))
-        return sample_with(sampler, components.unet, sched, x, sched.timesteps, torch.ones(1, 77, 32),
-                           torch.zeros(1, 77, 32), 2.0, generator=torch.Generator().manual_seed(4))
+        return sample_with(
+            sampler,
+            components.unet,
+            sched,
+            x,
+            sched.timesteps,
+            torch.ones(1, 77, 32),
+            torch.zeros(1, 77, 32),
+            2.0,
+            generator=torch.Generator().manual_seed(4),
+        )
 
     a, b = run(), run()
     assert a.shape == (1, 4, 20, 38)
@@ -84,13 +98,23 @@ def test_official_scheme_fills_the_uncovered_strip_with_the_previous_prediction(
             return SimpleNamespace(prev_sample=eps)
 
     def fused(previous):
-        job = TiledJob(torch.randn(1, 4, 16, 24), EpsAsSample(), torch.tensor([500]), torch.zeros(1, 77, 32), None,
-                       1.0, lambda i: boxes, previous=previous)
+        job = TiledJob(
+            torch.randn(1, 4, 16, 24),
+            EpsAsSample(),
+            torch.tensor([500]),
+            torch.zeros(1, 77, 32),
+            None,
+            1.0,
+            lambda i: boxes,
+            previous=previous,
+        )
         return sample_jobs(components.unet, [job], 4)[0].latents
 
     previous = torch.full((1, 4, 16, 24), 7.0)
     eps = fused(previous)
-    assert torch.equal(eps[:, :, :3], previous[:, :, :3]) and torch.equal(eps[:, :, :, :5], previous[:, :, :, :5])
+    assert torch.equal(eps[:, :, :3], previous[:, :, :3]) and torch.equal(
+        eps[:, :, :, :5], previous[:, :, :, :5]
+    )
     assert not torch.equal(eps[:, :, 3:, 5:], previous[:, :, 3:, 5:])
     with pytest.raises(RuntimeError, match="uncovered"):
         fused(None)
@@ -107,7 +131,11 @@ def test_cropped_grid_is_a_partition_with_naive_cost():
     assert sum(h * w for _, _, h, w in boxes) == 128 * 128
     assert len(grid_boxes(128, 128, 64)) == 4
     # what FSTD runs: the unshifted grid's 4 tiles, or 9 cropped pieces once the grid is shifted
-    assert len(grid_boxes(128, 128, 64, 0, 0, "cropped", 16)) + len(grid_boxes(128, 128, 64, 16, 40, "cropped", 16)) == 13
+    assert (
+        len(grid_boxes(128, 128, 64, 0, 0, "cropped", 16))
+        + len(grid_boxes(128, 128, 64, 16, 40, "cropped", 16))
+        == 13
+    )
 
 
 def test_thin_edge_pieces_join_their_neighbour_and_the_grid_stays_a_partition():
@@ -131,8 +159,17 @@ def test_same_seed_same_latents_and_state_not_kept_between_calls(components):
 
     def run(seed: int):
         x = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(seed))
-        return sample_with(FSTD(FSTDConfig(tile=16, tile_batch_size=3)), components.unet, sched, x, sched.timesteps,
-                           cond, cond * 0, 3.0, torch.Generator().manual_seed(seed))
+        return sample_with(
+            FSTD(FSTDConfig(tile=16, tile_batch_size=3)),
+            components.unet,
+            sched,
+            x,
+            sched.timesteps,
+            cond,
+            cond * 0,
+            3.0,
+            torch.Generator().manual_seed(seed),
+        )
 
     a, b = run(1), run(1)
     assert torch.equal(a, b)
@@ -146,7 +183,9 @@ def test_one_tile_equals_plain_full_latent_sampling(components):
     sched.set_timesteps(4)
     cond, unc = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ours = sample_with(FSTD(FSTDConfig(tile=16)), components.unet, sched, x.clone(), sched.timesteps, cond, unc, 2.0)
+    ours = sample_with(
+        FSTD(FSTDConfig(tile=16)), components.unet, sched, x.clone(), sched.timesteps, cond, unc, 2.0
+    )
     ref = x.clone()
     with torch.no_grad():
         for t in sched.timesteps:
@@ -159,7 +198,9 @@ def test_one_tile_equals_plain_full_latent_sampling(components):
 @pytest.mark.parametrize("size", [(1000, 300), (333, 777), (64, 64), (130, 70)])
 def test_pipeline_returns_exactly_the_requested_size(tiny_model_dir, size):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
-    res = pipe("a cat", *size, num_inference_steps=3, seed=0, sampler=FSTD(FSTDConfig(tile=16, tile_batch_size=16)))
+    res = pipe(
+        "a cat", *size, num_inference_steps=3, seed=0, sampler=FSTD(FSTDConfig(tile=16, tile_batch_size=16))
+    )
     assert res.image.size == size
     cw, ch = res.canvas
     assert cw >= size[0] and ch >= size[1] and cw % 16 == 0 and ch % 16 == 0
@@ -173,7 +214,9 @@ def test_upscaler_stage_gives_exact_sizes(tiny_model_dir, tmp_path):
     up = save_upscaler_components(build_tiny_upscaler_components(), tmp_path / "x4")
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir, upscaler=up)
     for size in [(1000, 300), (333, 777)]:
-        res = pipe("a cat", *size, num_inference_steps=2, seed=0, sampler=FSTD(FSTDConfig(tile=16, size_multiple=2)))
+        res = pipe(
+            "a cat", *size, num_inference_steps=2, seed=0, sampler=FSTD(FSTDConfig(tile=16, size_multiple=2))
+        )
         assert res.image.size == size
         assert res.canvas[0] % 8 == 0 and res.tile_px == 32 * 4
         assert np.isfinite(np.asarray(res.image, dtype=float)).all()
@@ -197,8 +240,11 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     trims = []  # the decode of a memory-mapped output gives its freed heap back (release_heap)
     monkeypatch.setattr(tiled_vae, "release_free_heap", lambda: trims.append(1) or True)
     stages = []
-    res = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTD(FSTDConfig(tile=16, size_multiple=2)),
-                             on_stage=stages.append)[0]
+    res = pipe.generate_many(
+        [RenderRequest("a cat", 600, 400, steps=1)],
+        FSTD(FSTDConfig(tile=16, size_multiple=2)),
+        on_stage=stages.append,
+    )[0]
     assert stages == ["arad", "canvas", "fstd", "decode", "done"]
     assert res.size == (600, 400) and res.image.size == (600, 400)
     assert isinstance(made[0], np.memmap) and made[0].shape == (400, 600, 3)
@@ -207,10 +253,15 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     assert trims, "the large output's decode did not trim the heap"
     trims.clear()
     # the threshold can also be given per call (the generate task passes its large_image_pixels)
-    small = pipe.generate_many([RenderRequest("a cat", 600, 400, steps=1)], FSTD(FSTDConfig(tile=16, size_multiple=2)),
-                               memmap_pixels=10**9)[0]
+    small = pipe.generate_many(
+        [RenderRequest("a cat", 600, 400, steps=1)],
+        FSTD(FSTDConfig(tile=16, size_multiple=2)),
+        memmap_pixels=10**9,
+    )[0]
     assert len(made) == 2 and not isinstance(made[1], np.memmap) and not trims
-    assert np.abs(small.pixels.astype(int) - res.pixels.astype(int)).mean() < 12  # canvas made per tile: same picture
+    assert (
+        np.abs(small.pixels.astype(int) - res.pixels.astype(int)).mean() < 12
+    )  # canvas made per tile: same picture
 
 
 def test_pipeline_rejects_bad_sizes_and_strength(tiny_model_dir):
@@ -230,7 +281,9 @@ def test_missing_model_folder_names_what_was_expected(tmp_path):
 
 
 def test_uncached_hub_id_is_named_and_never_downloaded():
-    with pytest.raises(ModelNotFoundError, match="'someone/not-a-cached-model' is not in the local Hugging Face cache"):
+    with pytest.raises(
+        ModelNotFoundError, match="'someone/not-a-cached-model' is not in the local Hugging Face cache"
+    ):
         load_components("someone/not-a-cached-model")
 
 

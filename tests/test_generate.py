@@ -21,8 +21,11 @@ from artifact_store import ArtifactStore
 from asd_models.pipeline import AnySizePipeline, RenderRequest
 from tasks.generate import GenerateSettings
 
-REQUESTS = [RenderRequest("a red cat", 128, 128, seed=1, steps=3), RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
-            RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8)]
+REQUESTS = [
+    RenderRequest("a red cat", 128, 128, seed=1, steps=3),
+    RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
+    RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8),
+]
 
 
 def _count_unet_calls(unet):
@@ -68,14 +71,26 @@ def test_device_and_dtype_are_resolved_and_reported(tiny_model_dir):
 
 def _prompt_file(path: Path, n: int) -> Path:
     sizes = [(96, 96), (160, 96), (96, 160), (128, 128)]
-    pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [sizes[i % 4][0] for i in range(n)],
-                  "height": [sizes[i % 4][1] for i in range(n)], "seed": list(range(n))}).write_parquet(path)
+    pl.DataFrame(
+        {
+            "prompt": [f"picture {i}" for i in range(n)],
+            "width": [sizes[i % 4][0] for i in range(n)],
+            "height": [sizes[i % 4][1] for i in range(n)],
+            "seed": list(range(n)),
+        }
+    ).write_parquet(path)
     return path
 
 
 def _asd(store_url, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store_url, *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
 
 
 def _manifest(store_url, ref):
@@ -85,9 +100,22 @@ def _manifest(store_url, ref):
 @pytest.mark.slow
 def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
     prompts = _prompt_file(tmp_path / "p.parquet", 6)
-    common = ["generate", "--model", "tiny", "--name", "resume", "--prompts", str(prompts), "--steps", "2",
-              "--shard-size", "2"]
-    killed = _asd(stored_model, *common, env={"ASD_FAULT_AT": "after-image-2", "PREFECT_HOME": str(tmp_path / "ph")})
+    common = [
+        "generate",
+        "--model",
+        "tiny",
+        "--name",
+        "resume",
+        "--prompts",
+        str(prompts),
+        "--steps",
+        "2",
+        "--shard-size",
+        "2",
+    ]
+    killed = _asd(
+        stored_model, *common, env={"ASD_FAULT_AT": "after-image-2", "PREFECT_HOME": str(tmp_path / "ph")}
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = ArtifactStore(stored_model)
     assert store.list_versions("generations", "resume") == []  # nothing half-committed is visible
@@ -95,7 +123,11 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ref = done.stdout.strip().splitlines()[-1]
     summary = store.record(ref)["summary"]
-    assert summary["images_ok"] == 6 and summary["images_resumed"] == 2 and summary["images_rendered_by_this_run"] == 4
+    assert (
+        summary["images_ok"] == 6
+        and summary["images_resumed"] == 2
+        and summary["images_rendered_by_this_run"] == 4
+    )
     manifest = _manifest(stored_model, ref)
     assert manifest["key"].n_unique() == 6 and manifest["status"].to_list() == ["ok"] * 6
     assert manifest["piece_shapes"].to_list() == ["exact"] * 6  # the CPU's choice, recorded with each image
@@ -107,8 +139,9 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(stored_model, tmp_path, prefect_harness,
-                                                                     monkeypatch):
+def test_dask_workers_load_the_model_once_and_survive_a_lost_worker(
+    stored_model, tmp_path, prefect_harness, monkeypatch
+):
     from data_engine.prompts import prompt_table
     from flows.stages import generate_flow
     from tasks.prompts import store_prompts
@@ -158,9 +191,13 @@ def test_a_pack_shares_its_unet_shapes_and_calls_per_step_do_not_grow(tiny_model
     assert len(four) <= len(one), (len(four), len(one))
     assert sum(c[0] for c in four) == 4 * sum(c[0] for c in one)  # the same pieces, batched together
     if pieces == "bucketed":
-        mixed = stage2_calls([RenderRequest("a", 512, 384, steps=6, strength=1.0),
-                              RenderRequest("b", 328, 696, steps=6, strength=1.0),
-                              RenderRequest("c", 1000, 200, steps=6, strength=1.0)])
+        mixed = stage2_calls(
+            [
+                RenderRequest("a", 512, 384, steps=6, strength=1.0),
+                RenderRequest("b", 328, 696, steps=6, strength=1.0),
+                RenderRequest("c", 1000, 200, steps=6, strength=1.0),
+            ]
+        )
         assert len({c[1:] for c in mixed}) <= 9, sorted({c[1:] for c in mixed})
 
 
@@ -178,7 +215,11 @@ def test_shards_are_planned_from_the_job():
     assert loads == sorted(loads, reverse=True)  # largest first
     assert max(loads) <= max(max(costs), 2 * sum(costs) / len(ranges))  # no shard much over its share
     assert sorted(plan_shards([1] * 10, 4, workers=8)) == [(0, 4), (4, 8), (8, 10)]
-    assert sorted(plan_shards([1] * 3, None, workers=4)) == [(0, 1), (1, 2), (2, 3)]  # one row each, no empty shard
+    assert sorted(plan_shards([1] * 3, None, workers=4)) == [
+        (0, 1),
+        (1, 2),
+        (2, 3),
+    ]  # one row each, no empty shard
     big = plan_shards([1] * 5000, None, workers=1)
     assert max(b - a for a, b in big) <= MAX_SHARD_ROWS and sum(b - a for a, b in big) == 5000
     assert plan_shards([], None, workers=2) == []

@@ -23,8 +23,15 @@ def test_asd_table_has_nine_ratios_around_the_base_area():
     assert Bucket(512, 512) in buckets
 
 
-@pytest.mark.parametrize("size,expected", [((1000, 1000), (512, 512)), ((1920, 1080), (704, 384)),
-                                           ((1080, 1920), (384, 704)), ((600, 400), (640, 448))])
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((1000, 1000), (512, 512)),
+        ((1920, 1080), (704, 384)),
+        ((1080, 1920), (384, 704)),
+        ((600, 400), (640, 448)),
+    ],
+)
 def test_nearest_bucket_by_log_aspect(size, expected):
     b = nearest_bucket(*size, asd_buckets(512, 64))
     assert (b.width, b.height) == expected
@@ -44,7 +51,9 @@ def test_resize_cover_crop_never_stretches():
     assert box == (128, 0, 256, 128)  # resized to 384x128, centre crop
 
 
-@pytest.mark.parametrize("length,tile,offset", [(64, 16, 0), (64, 16, 5), (70, 16, 3), (10, 16, 4), (17, 16, 15)])
+@pytest.mark.parametrize(
+    "length,tile,offset", [(64, 16, 0), (64, 16, 5), (70, 16, 3), (10, 16, 4), (17, 16, 15)]
+)
 def test_tiles_cover_every_position_with_one_shape(length, tile, offset):
     starts = tile_starts(length, tile, offset)
     t = min(tile, length)
@@ -128,11 +137,14 @@ def test_vectorised_bucketing_matches_the_scalar_rule():
     h = rng.integers(1, 5000, 20000)
     for table in (asd_buckets(512, 64), kohya_buckets()):
         df = bucket_frame(pl.DataFrame({"original_width": w, "original_height": h}), table)
-        for wi, hi, name, err in df.head(3000).select("original_width", "original_height", "bucket", "aspect_error").iter_rows():
+        for wi, hi, name, err in (
+            df.head(3000).select("original_width", "original_height", "bucket", "aspect_error").iter_rows()
+        ):
             b = nearest_bucket(wi, hi, table)
             assert b.name == name and abs(err - abs(math.log(wi / hi) - b.log_aspect)) < 1e-12
-    df = bucket_frame(pl.DataFrame({"original_width": [100, 0, None], "original_height": [100, 5, 7]}),
-                      asd_buckets())
+    df = bucket_frame(
+        pl.DataFrame({"original_width": [100, 0, None], "original_height": [100, 5, 7]}), asd_buckets()
+    )
     assert df["bucket"].to_list() == ["512x512", None, None]
     stats = bucket_stats(df)
     assert stats["count"].to_list() == [1] and stats["share"].to_list() == [1.0]
@@ -147,4 +159,7 @@ def test_random_crop_is_reproducible_and_inside():
     boxes = {resize_cover_crop(img, 128, 128, random.Random(f"0:{k}"))[1] for k in range(20)}
     assert len(boxes) > 5
     assert all(0 <= b[0] and b[2] <= 384 and b[2] - b[0] == 128 and b[1] == 0 for b in boxes)
-    assert resize_cover_crop(img, 128, 128, random.Random("0:a"))[1] == resize_cover_crop(img, 128, 128, random.Random("0:a"))[1]
+    assert (
+        resize_cover_crop(img, 128, 128, random.Random("0:a"))[1]
+        == resize_cover_crop(img, 128, 128, random.Random("0:a"))[1]
+    )

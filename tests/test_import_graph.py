@@ -61,7 +61,10 @@ def test_every_import_points_down():
 def test_no_circles_inside_a_package(package):
     modules = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in project_files(package)}
     modules = {m.removesuffix(".__init__"): p for p, m in modules.items()}
-    edges = {m: {i for _, i in imports(p) if i in modules and i != m and not i == package} for m, p in modules.items()}
+    edges = {
+        m: {i for _, i in imports(p) if i in modules and i != m and not i == package}
+        for m, p in modules.items()
+    }
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for nxt in edges[start] - seen:
@@ -80,8 +83,12 @@ def stage_settings() -> list[type[StageSettings]]:
     import tasks.ingest
     import tasks.train
 
-    return [tasks.ingest.IngestSettings, tasks.train.TrainSettings, tasks.generate.GenerateSettings,
-            tasks.evaluate.EvaluateSettings]
+    return [
+        tasks.ingest.IngestSettings,
+        tasks.train.TrainSettings,
+        tasks.generate.GenerateSettings,
+        tasks.evaluate.EvaluateSettings,
+    ]
 
 
 @pytest.mark.parametrize("model", stage_settings(), ids=lambda m: m.__name__)
@@ -108,7 +115,10 @@ def test_the_layout_page_names_every_module():
             sections[current] += line
     for package in BELOW:
         names = [p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py"]
-        names += [f"{p.name}/" for p in (ROOT / package).iterdir() if p.is_dir() and p.name != "__pycache__"
-                  and not p.name.endswith(".egg-info")]
+        names += [
+            f"{p.name}/"
+            for p in (ROOT / package).iterdir()
+            if p.is_dir() and p.name != "__pycache__" and not p.name.endswith(".egg-info")
+        ]
         missing = [n for n in names if n not in sections.get(package, "")]
         assert not missing, f"docs/architecture.md: {package}/ does not name {missing}"

@@ -40,8 +40,13 @@ def photo_folder(folder, sizes, ext="png", prefix="p", caption="photo"):
 
 def ingest(tmp_path, sources, dataset="d", store_url=None, **opts):
     store_url = store_url or str(tmp_path / "store")
-    ref = ingest_ref(store_url, [str(s) for s in sources], dataset, {**SMALL, **opts},
-                          rerun=opts.pop("rerun", False) if "rerun" in opts else False)
+    ref = ingest_ref(
+        store_url,
+        [str(s) for s in sources],
+        dataset,
+        {**SMALL, **opts},
+        rerun=opts.pop("rerun", False) if "rerun" in opts else False,
+    )
     store = ArtifactStore(store_url)
     ref = store.resolve(ref)
     df = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
@@ -119,11 +124,17 @@ def make_messy_folder(root):
 
 
 EXPECTED_FAILURES = {  # stem -> (stage, words in the error)
-    "truncated": ("decode", "truncated"), "tiny": ("validate", "too small"),
-    "strip": ("validate", "extreme aspect"), "empty_caption": ("caption", "empty caption"),
-    "dup_of_dup": ("duplicate", "duplicate pixels of dup-"), "not_an_image": ("decode", "not an image"),
-    "zero": ("decode", "empty file"), "DS_Store": ("decode", "not an image"), "no_caption": ("caption", "no caption"),
-    "orphan": ("source", "caption file without an image"), "gone": ("source", "listed in metadata but missing"),
+    "truncated": ("decode", "truncated"),
+    "tiny": ("validate", "too small"),
+    "strip": ("validate", "extreme aspect"),
+    "empty_caption": ("caption", "empty caption"),
+    "dup_of_dup": ("duplicate", "duplicate pixels of dup-"),
+    "not_an_image": ("decode", "not an image"),
+    "zero": ("decode", "empty file"),
+    "DS_Store": ("decode", "not an image"),
+    "no_caption": ("caption", "no caption"),
+    "orphan": ("source", "caption file without an image"),
+    "gone": ("source", "listed in metadata but missing"),
     "outside": ("source", "outside the source folder"),
 }
 
@@ -132,8 +143,12 @@ def test_folder_every_input_one_row_and_shards_match(tmp_path):
     folder = make_messy_folder(tmp_path / "in")
     df, index, ref, store = ingest(tmp_path, [folder])
     assert len(df) == 22 and df["key"].n_unique() == len(df)
-    failed = {stem(k): (s, e) for k, s, e in df.filter(pl.col("status") == "failed")
-              .select("key", "failed_stage", "error").iter_rows()}
+    failed = {
+        stem(k): (s, e)
+        for k, s, e in df.filter(pl.col("status") == "failed")
+        .select("key", "failed_stage", "error")
+        .iter_rows()
+    }
     assert set(failed) == set(EXPECTED_FAILURES)
     for k, (stage, words) in EXPECTED_FAILURES.items():
         assert failed[k][0] == stage and words in failed[k][1].lower(), (k, failed[k])
@@ -148,8 +163,10 @@ def test_folder_every_input_one_row_and_shards_match(tmp_path):
     assert sum(b["count"] for b in index["buckets"].values()) == 10
     for bucket, entry in index["buckets"].items():  # |log aspect(image) - log aspect(bucket)|, by hand
         rows = ok.filter(pl.col("bucket") == bucket)
-        want = [abs(math.log(r["original_width"] / r["original_height"]) - math.log(r["width"] / r["height"]))
-                for r in rows.iter_rows(named=True)]
+        want = [
+            abs(math.log(r["original_width"] / r["original_height"]) - math.log(r["width"] / r["height"]))
+            for r in rows.iter_rows(named=True)
+        ]
         assert rows["aspect_error"].to_list() == pytest.approx(want)
         assert entry["mean_aspect_error"] == pytest.approx(sum(want) / len(want))
     assert store.verify(ref) == []
@@ -173,7 +190,9 @@ def test_buckets_crop_box_and_exif_orientation(tmp_path):
     assert by["rotated"]["width"] < by["rotated"]["height"]
     assert by["square"]["bucket"] == "512x512"
     for r in by.values():
-        assert r["crop_right"] - r["crop_left"] == r["width"] and r["crop_bottom"] - r["crop_top"] == r["height"]
+        assert (
+            r["crop_right"] - r["crop_left"] == r["width"] and r["crop_bottom"] - r["crop_top"] == r["height"]
+        )
         assert r["crop_right"] <= r["cover_width"] and r["crop_bottom"] <= r["cover_height"]
 
 
@@ -217,18 +236,40 @@ def test_url_list_over_http_every_failure_has_its_reason(tmp_path):
             (local.as_uri(), "a file:// URL"),
             ((tmp_path / "nope.jpg").as_uri(), "a missing file"),
         ]
-        pl.DataFrame({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}).write_parquet(tmp_path / "urls.parquet")
-        df, index, ref, store = ingest(tmp_path, [tmp_path / "urls.parquet"], timeout_s=0.5, retries=2,
-                                       backoff_s=0.05, allow_private_addresses=True, allow_schemes="http,https,file")
+        pl.DataFrame({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}).write_parquet(
+            tmp_path / "urls.parquet"
+        )
+        df, index, ref, store = ingest(
+            tmp_path,
+            [tmp_path / "urls.parquet"],
+            timeout_s=0.5,
+            retries=2,
+            backoff_s=0.05,
+            allow_private_addresses=True,
+            allow_schemes="http,https,file",
+        )
         hits = dict(srv.hits)
     assert len(df) == len(rows)
     by = {r["caption"]: r for r in df.iter_rows(named=True)}
-    for cap in ("a good one", "a tall one", "served as octet-stream", "503 twice, then fine", "a file:// URL"):
+    for cap in (
+        "a good one",
+        "a tall one",
+        "served as octet-stream",
+        "503 twice, then fine",
+        "a file:// URL",
+    ):
         assert by[cap]["status"] == "ok", by[cap]
     assert by["a tall one"]["height"] > by["a tall one"]["width"]
-    expect = {"404": "HTTP 404", "slow": "timed out", "cut short": "connection dropped", "a web page": "wrong content type 'text/html'",
-              "always 500": "HTTP 500", "no url": "empty URL", "unsupported": "unsupported URL scheme 'ftp'",
-              "a missing file": "not found"}
+    expect = {
+        "404": "HTTP 404",
+        "slow": "timed out",
+        "cut short": "connection dropped",
+        "a web page": "wrong content type 'text/html'",
+        "always 500": "HTTP 500",
+        "no url": "empty URL",
+        "unsupported": "unsupported URL scheme 'ftp'",
+        "a missing file": "not found",
+    }
     for cap, words in expect.items():
         assert by[cap]["status"] == "failed" and words in by[cap]["error"], by[cap]
     assert by["cut short"]["failed_stage"] == "download"
@@ -241,8 +282,14 @@ def test_per_host_limit_is_respected(tmp_path):
     with ImageServer() as srv:
         urls = [f"{srv.url}/img/{i}.jpg?delay=0.3" for i in range(10)]
         (tmp_path / "urls.txt").write_text("\n".join(urls))
-        df, _, _, _ = ingest(tmp_path, [tmp_path / "urls.txt"], per_host=2, download_concurrency=8,
-                             empty_caption="keep", allow_private_addresses=True)
+        df, _, _, _ = ingest(
+            tmp_path,
+            [tmp_path / "urls.txt"],
+            per_host=2,
+            download_concurrency=8,
+            empty_caption="keep",
+            allow_private_addresses=True,
+        )
         assert srv.max_active == 2
     assert df["status"].to_list() == ["ok"] * 10
 
@@ -251,8 +298,10 @@ def _img2dataset_shard(path, start, n, bad=()):
     with tarfile.open(path, "w") as tar:
         for i in range(start, start + n):
             key = f"{i:09d}"
-            members = {"txt": f"caption {i}".encode(), "json": json.dumps({"url": f"http://x/{i}", "key": key,
-                                                                            "status": "success"}).encode()}
+            members = {
+                "txt": f"caption {i}".encode(),
+                "json": json.dumps({"url": f"http://x/{i}", "key": key, "status": "success"}).encode(),
+            }
             if i not in bad:
                 members["jpg"] = jpeg_bytes(160 + 10 * i, 120, i)
             for ext, data in members.items():
@@ -271,7 +320,9 @@ def test_existing_shards_local_pattern_and_folder(tmp_path):
     df, index, ref, store = ingest(tmp_path, [pattern])
     assert len(df) == 7
     bad = df.filter(pl.col("status") == "failed")
-    assert bad.height == 1 and "no image member" in bad["error"][0] and bad["source"][0].endswith("#000000002")
+    assert (
+        bad.height == 1 and "no image member" in bad["error"][0] and bad["source"][0].endswith("#000000002")
+    )
     samples = read_shards(store, ref, index)
     assert sorted(s["txt"] for s in samples.values()) == sorted(f"caption {i}" for i in (0, 1, 3, 4, 5, 6))
     assert all(s["json"]["source_json"]["status"] == "success" for s in samples.values())
@@ -287,15 +338,25 @@ def test_existing_shards_local_pattern_and_folder(tmp_path):
 def test_s3_sources_url_list_and_shards(tmp_path, s3_bucket, s3_server):
     import boto3
 
-    bucket = s3_bucket[len("s3://"):].split("/")[0]
+    bucket = s3_bucket[len("s3://") :].split("/")[0]
     client = boto3.client("s3", endpoint_url=s3_server)
     client.put_object(Bucket=bucket, Key="raw/a.jpg", Body=jpeg_bytes(240, 160, 1))
     _img2dataset_shard(tmp_path / "00000.tar", 0, 3)
     client.put_object(Bucket=bucket, Key="shards/00000.tar", Body=(tmp_path / "00000.tar").read_bytes())
-    pl.DataFrame({"url": [f"s3://{bucket}/raw/a.jpg", f"s3://{bucket}/raw/missing.jpg"],
-                  "text": ["from s3", "not there"]}).write_csv(tmp_path / "list.csv")
-    df, index, ref, store = ingest(tmp_path, [tmp_path / "list.csv", f"s3://{bucket}/shards/{{00000..00000}}.tar"],
-                                   store_url=s3_bucket, retries=0, allow_schemes="s3", source_credentials="env")
+    pl.DataFrame(
+        {
+            "url": [f"s3://{bucket}/raw/a.jpg", f"s3://{bucket}/raw/missing.jpg"],
+            "text": ["from s3", "not there"],
+        }
+    ).write_csv(tmp_path / "list.csv")
+    df, index, ref, store = ingest(
+        tmp_path,
+        [tmp_path / "list.csv", f"s3://{bucket}/shards/{{00000..00000}}.tar"],
+        store_url=s3_bucket,
+        retries=0,
+        allow_schemes="s3",
+        source_credentials="env",
+    )
     by = {r["caption"]: r for r in df.iter_rows(named=True)}
     assert by["from s3"]["status"] == "ok" and "not found" in by["not there"]["error"], by["from s3"]["error"]
     assert df.filter(pl.col("status") == "ok").height == 4
@@ -327,13 +388,26 @@ def test_incremental_reuse_and_retry_failed(tmp_path):
         assert d1.filter(pl.col("caption") == "flaky")["failed_stage"].to_list() == ["download"]
         _, _, same, _ = ingest(tmp_path, src, dataset="web", retries=0, allow_private_addresses=True)
         assert same == r1 and srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 1
-        ref = ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0, "allow_private_addresses": True},
-                              retry_failed=True)
+        ref = ingest_ref(
+            str(tmp_path / "store"),
+            [str(s) for s in src],
+            "web",
+            {**SMALL, "retries": 0, "allow_private_addresses": True},
+            retry_failed=True,
+        )
         d2 = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
         assert d2["status"].to_list() == ["ok", "ok"]
         assert srv.hits["/img/1.jpg"] == 1 and srv.hits["/flaky/b.jpg"] == 2  # only the failed row again
-        assert ingest_ref(str(tmp_path / "store"), [str(s) for s in src], "web", {**SMALL, "retries": 0, "allow_private_addresses": True},
-                               retry_failed=True) == ref  # nothing left to retry
+        assert (
+            ingest_ref(
+                str(tmp_path / "store"),
+                [str(s) for s in src],
+                "web",
+                {**SMALL, "retries": 0, "allow_private_addresses": True},
+                retry_failed=True,
+            )
+            == ref
+        )  # nothing left to retry
 
 
 def test_worker_processes_give_the_same_dataset(tmp_path):
@@ -342,8 +416,9 @@ def test_worker_processes_give_the_same_dataset(tmp_path):
     two, _, r2, _ = ingest(tmp_path, [folder], dataset="two", workers=2)
     assert one.drop("reused").equals(two.drop("reused"))
     rec1, rec2 = store.record(r1)["files"], store.record(r2)["files"]
-    assert {k: v["sha256"] for k, v in rec1.items() if k.endswith(".tar")} == \
-           {k: v["sha256"] for k, v in rec2.items() if k.endswith(".tar")}
+    assert {k: v["sha256"] for k, v in rec1.items() if k.endswith(".tar")} == {
+        k: v["sha256"] for k, v in rec2.items() if k.endswith(".tar")
+    }
 
 
 def test_shard_limits_and_wids_index(tmp_path):
@@ -361,7 +436,9 @@ def test_shard_limits_and_wids_index(tmp_path):
         assert ds[0][".txt"].startswith("square")
 
 
-@pytest.mark.parametrize("raw", ["../../etc/passwd", "a/b\\c", "x\x00y\n", "...", "é日本", "..", ".hidden.png", ""])
+@pytest.mark.parametrize(
+    "raw", ["../../etc/passwd", "a/b\\c", "x\x00y\n", "...", "é日本", "..", ".hidden.png", ""]
+)
 def test_keys_are_sanitized(raw):
     key = sample_key(raw, "fingerprint")
     assert all(c.isalnum() or c in "-_" for c in key) and key.isascii()
@@ -375,8 +452,11 @@ def test_metadata_in_subfolders_and_unusable_metadata(tmp_path):
     root = tmp_path / "in"
     photo_folder(root / "train", [(200, 200), (240, 200)], caption="unused sidecar")
     (root / "train" / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "p0.png", "text": "from train metadata"}) + "\n"
-        + json.dumps({"file_name": "../top.png", "text": "one level up"}) + "\n")
+        json.dumps({"file_name": "p0.png", "text": "from train metadata"})
+        + "\n"
+        + json.dumps({"file_name": "../top.png", "text": "one level up"})
+        + "\n"
+    )
     _photo(220, 220, 7).save(root / "top.png")
     photo_folder(root / "val", [(200, 260)], prefix="v", caption="sidecar")
     (root / "val" / "metadata.csv").write_text("image,caption\nv0.png,x\n")
@@ -408,9 +488,18 @@ def test_hostile_listing_names_and_broken_metadata_lines(tmp_path):
     _photo(200, 200, 1).save(raw.decode("utf-8", "surrogateescape"))
     _photo(220, 200, 2).save(folder / "good.png")
     (folder / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "good.png", "text": "fine"}) + "\n{not json\n[1, 2]\n"
-        + json.dumps({"file_name": "caf\udce9 \x01.png".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                      "text": "accent"}) + "\n")
+        json.dumps({"file_name": "good.png", "text": "fine"})
+        + "\n{not json\n[1, 2]\n"
+        + json.dumps(
+            {
+                "file_name": "caf\udce9 \x01.png".encode("utf-8", "surrogateescape").decode(
+                    "utf-8", "replace"
+                ),
+                "text": "accent",
+            }
+        )
+        + "\n"
+    )
     df, index, ref, store = ingest(tmp_path, [folder])
     assert len(df) == 5  # two images, two bad lines, and the metadata row whose name cannot match
     assert df.filter(pl.col("error").str.contains("not a JSON object")).height == 2

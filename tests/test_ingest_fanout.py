@@ -22,7 +22,18 @@ from tests.ingest_helpers import ingest_ref
 from tests.test_ingest import _img2dataset_shard
 
 SMALL = {"bucket_base": 64, "bucket_step": 16, "min_side": 32}
-ROW = ["key", "source", "status", "failed_stage", "error", "bucket", "sha256", "caption", "crop_left", "crop_top"]
+ROW = [
+    "key",
+    "source",
+    "status",
+    "failed_stage",
+    "error",
+    "bucket",
+    "sha256",
+    "caption",
+    "crop_left",
+    "crop_top",
+]
 
 
 def _folder(root, n=10):
@@ -40,11 +51,18 @@ def _sources(tmp_path, srv):
     folder = _folder(tmp_path / "photos")
     urls = [f"{srv.url}/img/{i}.jpg?w={96 + 16 * i}&h=80" for i in range(4)]
     urls += [urls[1], f"{srv.url}/missing.jpg"]  # the same URL twice, and a 404
-    pl.DataFrame({"url": urls, "caption": [f"web {i}" for i in range(len(urls))]}).write_csv(tmp_path / "urls.csv")
+    pl.DataFrame({"url": urls, "caption": [f"web {i}" for i in range(len(urls))]}).write_csv(
+        tmp_path / "urls.csv"
+    )
     (tmp_path / "shards").mkdir()
     _img2dataset_shard(tmp_path / "shards" / "00000.tar", 0, 3, bad={1})
     _img2dataset_shard(tmp_path / "shards" / "00001.tar", 3, 2)
-    return [str(folder), str(tmp_path / "urls.csv"), str(tmp_path / "shards" / "{00000..00001}.tar"), str(folder)]
+    return [
+        str(folder),
+        str(tmp_path / "urls.csv"),
+        str(tmp_path / "shards" / "{00000..00001}.tar"),
+        str(folder),
+    ]
 
 
 def _dataset(store_url, ref):
@@ -85,18 +103,33 @@ def test_partitions_on_dask_workers_equal_one_thread_and_one_partition(tmp_path,
         common = {**SMALL, "allow_private_addresses": True, "retries": 0}
         whole = ingest_ref(store_url, sources, "whole", {**common, "partition_inputs": 1000})
         one = ingest_ref(store_url, sources, "one", {**common, "partition_inputs": 2})
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-            two = ingest_ref(store_url, sources, "two", {**common, "partition_inputs": 2, "executor": "dask",
-                                                         "dask_address": cluster.scheduler_address})
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
+            two = ingest_ref(
+                store_url,
+                sources,
+                "two",
+                {
+                    **common,
+                    "partition_inputs": 2,
+                    "executor": "dask",
+                    "dask_address": cluster.scheduler_address,
+                },
+            )
     d_whole, i_whole, _, s_whole = _dataset(store_url, whole)
     d_one, i_one, tars_one, s_one = _dataset(store_url, one)
     d_two, i_two, tars_two, s_two = _dataset(store_url, two)
-    assert i_one["partitions"] > 6 and i_whole["partitions"] == 5  # a listing each (the folder twice), a shard file each
+    assert (
+        i_one["partitions"] > 6 and i_whole["partitions"] == 5
+    )  # a listing each (the folder twice), a shard file each
     # threads and Dask workers: the same rows and byte-identical shards
     assert d_one.equals(d_two) and tars_one == tars_two
     # one partition or many: the same rows, buckets and pixels (shards are cut per partition)
     assert d_whole.select(ROW).equals(d_one.select(ROW))
-    assert {b: v["count"] for b, v in i_whole["buckets"].items()} == {b: v["count"] for b, v in i_one["buckets"].items()}
+    assert {b: v["count"] for b, v in i_whole["buckets"].items()} == {
+        b: v["count"] for b, v in i_one["buckets"].items()
+    }
     for df, samples in ((d_whole, s_whole), (d_one, s_one), (d_two, s_two)):
         dups = _check_consistent(df, samples)
         # two copies in the folder, the folder's second listing (10), the same URL twice (another caption)
@@ -128,12 +161,19 @@ def test_reingest_copies_unchanged_partitions_and_equals_a_fresh_ingest(tmp_path
     _check_consistent(d2, s2)
     new_parts = json.loads(store.read_bytes(second, "partitions.json"))["partitions"]
     kept = {p["fingerprint"] for p in parts} & {p["fingerprint"] for p in new_parts}
-    assert len(new_parts) - 3 <= len(kept) < len(new_parts)  # one changed partition (two at a moved cut), one tampered
+    assert (
+        len(new_parts) - 3 <= len(kept) < len(new_parts)
+    )  # one changed partition (two at a moved cut), one tampered
     # every unchanged partition is copied whole, but the tampered one and those the merge edited
     # (a copy of pixels another partition holds was taken out of their shards; where the cuts
     # fall depends on the folder's path, so which partitions those are does too)
     edited = {p["fingerprint"] for p in parts if p["edited"]}
-    assert not parts[0]["edited"] and parts[0]["fingerprint"] in kept  # the tampered one would have been copied
+    assert (
+        not parts[0]["edited"] and parts[0]["fingerprint"] in kept
+    )  # the tampered one would have been copied
     assert store.record(second)["summary"]["partitions_copied"] == len(kept - edited) - 1
-    assert d2["reused"].sum() >= 24 - 4 * 4 - 4 and not d2.filter(pl.col("source").str.ends_with("img10b.png"))["reused"][0]
+    assert (
+        d2["reused"].sum() >= 24 - 4 * 4 - 4
+        and not d2.filter(pl.col("source").str.ends_with("img10b.png"))["reused"][0]
+    )
     assert str(store.resolve(first)) in store.record(second)["parents"]

@@ -13,11 +13,13 @@ from flows.cli import main as asd_main
 from tasks.generate import GenerateSettings
 from tasks.job_plan import JobTooLarge, plan_job
 
-ROWS = [{"prompt": "a", "width": 96, "height": 96, "seed": 0},
-        {"prompt": "b", "width": 300, "height": 100, "seed": 1, "strength": 0.9, "guidance_scale": 1.0},
-        {"prompt": "c", "width": 96, "height": 250, "seed": 2},
-        {"prompt": "d", "width": 512, "height": 64, "seed": 3, "strength": 0.3, "steps": 3},
-        {"prompt": "e", "width": 10, "height": 10, "seed": 4}]  # invalid: under the minimum side
+ROWS = [
+    {"prompt": "a", "width": 96, "height": 96, "seed": 0},
+    {"prompt": "b", "width": 300, "height": 100, "seed": 1, "strength": 0.9, "guidance_scale": 1.0},
+    {"prompt": "c", "width": 96, "height": 250, "seed": 2},
+    {"prompt": "d", "width": 512, "height": 64, "seed": 3, "strength": 0.3, "steps": 3},
+    {"prompt": "e", "width": 10, "height": 10, "seed": 4},
+]  # invalid: under the minimum side
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,10 @@ def test_the_plan_counts_the_unet_evaluations_the_pipeline_makes(planned_store, 
     assert plan.pixels == 96 * 96 + 300 * 100 + 96 * 250 + 512 * 64 and plan.largest == (512, 64)
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
     good = [r for r in table.to_pylist() if r["error"] is None]
-    results = pipe.generate_many([settings.render_request(r) for r in good],
-                                 pipe.default_sampler(sampler, None, None, settings.offset_salt))
+    results = pipe.generate_many(
+        [settings.render_request(r) for r in good],
+        pipe.default_sampler(sampler, None, None, settings.offset_salt),
+    )
     assert plan.unet_evals == sum(r.unet_evals for r in results)
 
 
@@ -46,13 +50,31 @@ def test_a_job_over_max_job_pixels_is_refused_before_anything_is_written(planned
     url, model = planned_store
     store = ArtifactStore(url)
     before = store.list_artifacts()
-    args = ["--store", url, "generate", "--model", model, "--name", "huge", "--prompt", "x", "--size", "16384x16384",
-            "--size", "8192x8192"]
+    args = [
+        "--store",
+        url,
+        "generate",
+        "--model",
+        model,
+        "--name",
+        "huge",
+        "--prompt",
+        "x",
+        "--size",
+        "16384x16384",
+        "--size",
+        "8192x8192",
+    ]
     assert asd_main([*args, "--max-job-pixels", "100000000"]) == 2
     err = capsys.readouterr().err
-    assert "refused: 335,544,320 output pixels is over max_job_pixels 100,000,000" in err and "--max-job-pixels" in err
+    assert (
+        "refused: 335,544,320 output pixels is over max_job_pixels 100,000,000" in err
+        and "--max-job-pixels" in err
+    )
     assert store.list_artifacts() == before  # not even the prompts were stored
-    assert asd_main([*args, "--dry-run"]) == 0  # the default (64 gigapixels) takes it: the plan, nothing rendered
+    assert (
+        asd_main([*args, "--dry-run"]) == 0
+    )  # the default (64 gigapixels) takes it: the plan, nothing rendered
     out = capsys.readouterr().out
     assert "images: 2 to render" in out and "largest 16384x16384" in out and "UNet evaluations" in out
     assert store.list_artifacts() == before

@@ -20,7 +20,9 @@ from tests.browser import Browser, chromium_path
 
 
 def _pattern(h: int, w: int, path: Path | None = None) -> np.ndarray:
-    out = np.memmap(path, dtype=np.uint8, mode="w+", shape=(h, w, 3)) if path else np.empty((h, w, 3), np.uint8)
+    out = (
+        np.memmap(path, dtype=np.uint8, mode="w+", shape=(h, w, 3)) if path else np.empty((h, w, 3), np.uint8)
+    )
     y, x = np.mgrid[0:h, 0:w]
     out[..., 0] = (x * 255 // max(1, w - 1)).astype(np.uint8)
     out[..., 1] = (y * 255 // max(1, h - 1)).astype(np.uint8)
@@ -39,7 +41,9 @@ def test_png_tiff_and_pyramid_come_from_a_memmap_unchanged(tmp_path):
 
     with tifffile.TiffFile(tmp_path / "o.tif") as tif:
         page = tif.series[0].levels[0].pages[0]
-        assert page.is_tiled and page.tilewidth == 256 and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert (
+            page.is_tiled and page.tilewidth == 256 and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        )
         assert len(tif.series[0].levels) >= 2  # pyramidal
         assert np.array_equal(tif.series[0].levels[0].asarray(), pixels)
 
@@ -76,13 +80,50 @@ def large_generation(tmp_path_factory, commit_tiny_model, prefect_harness):
     store_url = str(root / "store")
     commit_tiny_model(store_url)
     prompts = root / "p.jsonl"
-    prompts.write_text('{"prompt": "a wide valley", "width": 640, "height": 480, "seed": 1}\n'
-                       '{"prompt": "a small cat", "width": 96, "height": 96, "seed": 2}\n')
-    assert main(["--store", store_url, "generate", "--model", "tiny", "--name", "big", "--prompts", str(prompts),
-                 "--steps", "2", "--large-image-pixels", "100000"]) == 0
-    tiff = main(["--store", store_url, "generate", "--model", "tiny", "--name", "big-tiff", "--prompts",
-                 str(prompts), "--steps", "2", "--large-image-pixels", "100000", "--large-image-format", "tiff",
-                 "--no-deep-zoom"])
+    prompts.write_text(
+        '{"prompt": "a wide valley", "width": 640, "height": 480, "seed": 1}\n'
+        '{"prompt": "a small cat", "width": 96, "height": 96, "seed": 2}\n'
+    )
+    assert (
+        main(
+            [
+                "--store",
+                store_url,
+                "generate",
+                "--model",
+                "tiny",
+                "--name",
+                "big",
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "2",
+                "--large-image-pixels",
+                "100000",
+            ]
+        )
+        == 0
+    )
+    tiff = main(
+        [
+            "--store",
+            store_url,
+            "generate",
+            "--model",
+            "tiny",
+            "--name",
+            "big-tiff",
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "2",
+            "--large-image-pixels",
+            "100000",
+            "--large-image-format",
+            "tiff",
+            "--no-deep-zoom",
+        ]
+    )
     assert tiff == 0
     store = ArtifactStore(store_url)
     return store, store.resolve("generations/big@latest"), store.resolve("generations/big-tiff@latest")
@@ -105,14 +146,20 @@ def test_large_outputs_are_streamed_with_a_pyramid_and_a_viewer(large_generation
     assert "viewer/openseadragon.min.js" in files and "viewer/images/zoomin_rest.png" in files
     dz = read_dzi(store.read_bytes(ref, big["deep_zoom"]))
     assert (dz.width, dz.height) == (640, 480)
-    assert f"images/{big['key']}_files/{dz.levels - 1}/2_1.jpeg" in files  # every pyramid tile is in the record
+    assert (
+        f"images/{big['key']}_files/{dz.levels - 1}/2_1.jpeg" in files
+    )  # every pyramid tile is in the record
     assert store.verify(ref) == []
     page = store.read_bytes(ref, big["viewer"]).decode()
     assert "../viewer/openseadragon.min.js" in page and f'"Url": "{big["key"]}_files/"' in page
     assert "http" not in page.replace("http://schemas.microsoft.com/deepzoom/2008", "")  # no CDN, no network
 
     big_t, small_t = _manifest(store, tiff_ref)
-    assert (big_t["image_format"], big_t["image"], big_t["deep_zoom"]) == ("tiff", f"images/{big_t['key']}.tif", None)
+    assert (big_t["image_format"], big_t["image"], big_t["deep_zoom"]) == (
+        "tiff",
+        f"images/{big_t['key']}.tif",
+        None,
+    )
     with Image.open(io.BytesIO(store.read_bytes(tiff_ref, big_t["image"]))) as im:
         assert im.size == (640, 480)
     assert "viewer/openseadragon.min.js" not in store.record(tiff_ref)["files"]
@@ -134,15 +181,32 @@ def test_dashboard_thumbnails_large_outputs_from_their_pyramid_and_links_the_vie
 def _zoom_in_and_check(browser: Browser, url: str, shot: Path) -> dict:
     """Open the viewer, zoom to its maximum, wait for the deepest level; what loaded, what failed,
     and how much the screenshot varies (a blank canvas does not)."""
-    browser.open(url, "window.asdViewer && asdViewer.world.getItemCount() > 0 && "
-                 "asdViewer.world.getItemAt(0).getFullyLoaded()", timeout_s=60)
+    browser.open(
+        url,
+        "window.asdViewer && asdViewer.world.getItemCount() > 0 && "
+        "asdViewer.world.getItemAt(0).getFullyLoaded()",
+        timeout_s=60,
+    )
     levels = browser.evaluate("asdDeepZoom.levels")
-    browser.evaluate("asdViewer.viewport.zoomTo(asdViewer.viewport.getMaxZoom(), null, true);"
-                     "asdViewer.viewport.panTo(new OpenSeadragon.Point(0.7, 0.4), true); true")
-    browser.wait(f"asdTiles.deepest === {levels - 1} && asdViewer.world.getItemAt(0).getFullyLoaded()", timeout_s=60)
-    stats = browser.evaluate("({failed: asdTiles.failed, loaded: asdTiles.loaded, deepest: asdTiles.deepest})")
-    shown = np.asarray(Image.open(browser.screenshot(shot)).convert("RGB"), dtype=float)[:-40]  # above the caption bar
-    return {**stats, "levels": levels, "std": float(shown.std()), "zoom": browser.evaluate("asdViewer.viewport.getZoom()")}
+    browser.evaluate(
+        "asdViewer.viewport.zoomTo(asdViewer.viewport.getMaxZoom(), null, true);"
+        "asdViewer.viewport.panTo(new OpenSeadragon.Point(0.7, 0.4), true); true"
+    )
+    browser.wait(
+        f"asdTiles.deepest === {levels - 1} && asdViewer.world.getItemAt(0).getFullyLoaded()", timeout_s=60
+    )
+    stats = browser.evaluate(
+        "({failed: asdTiles.failed, loaded: asdTiles.loaded, deepest: asdTiles.deepest})"
+    )
+    shown = np.asarray(Image.open(browser.screenshot(shot)).convert("RGB"), dtype=float)[
+        :-40
+    ]  # above the caption bar
+    return {
+        **stats,
+        "levels": levels,
+        "std": float(shown.std()),
+        "zoom": browser.evaluate("asdViewer.viewport.getZoom()"),
+    }
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="needs the chromium Debian package")
@@ -164,13 +228,17 @@ def test_viewer_zooms_to_full_resolution_in_chromium(large_generation, tmp_path)
             stats = _zoom_in_and_check(browser, url, tmp_path / "http.png")
             assert stats["failed"] == [] and stats["deepest"] == stats["levels"] - 1, stats
             assert stats["std"] > 10, stats  # the canvas shows the picture, not a blank
-            statuses = browser.evaluate("performance.getEntriesByType('resource')"
-                                        ".filter(e => e.name.includes('_files/')).map(e => e.responseStatus)")
+            statuses = browser.evaluate(
+                "performance.getEntriesByType('resource')"
+                ".filter(e => e.name.includes('_files/')).map(e => e.responseStatus)"
+            )
             assert statuses and set(statuses) == {200}, statuses
             # the same page straight from the store folder (file://): tiles load as plain images
             local = Path(store.path(ref.prefix, big["viewer"])).resolve().as_uri()
             stats = _zoom_in_and_check(browser, local, tmp_path / "file.png")
-            assert stats["failed"] == [] and stats["deepest"] == stats["levels"] - 1 and stats["std"] > 10, stats
+            assert stats["failed"] == [] and stats["deepest"] == stats["levels"] - 1 and stats["std"] > 10, (
+                stats
+            )
     finally:
         server.shutdown()
         server.server_close()
@@ -199,8 +267,10 @@ def test_a_large_png_goes_to_s3_as_a_multipart_upload_while_it_is_encoded(s3_buc
         write_png_stream(pixels, f)
     ref = w.commit()
     assert store.verify(ref) == []
-    bucket, _, prefix = s3_bucket[len("s3://"):].partition("/")
-    head = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket=bucket, Key=f"{prefix}/{ref.prefix}/images/big.png")
+    bucket, _, prefix = s3_bucket[len("s3://") :].partition("/")
+    head = boto3.client("s3", endpoint_url=s3_server).head_object(
+        Bucket=bucket, Key=f"{prefix}/{ref.prefix}/images/big.png"
+    )
     assert head["ContentLength"] > 16 << 20 and head["ETag"].strip('"').endswith("-2")  # two parts
     with Image.open(io.BytesIO(store.read_bytes(ref, "images/big.png"))) as im:
         assert np.array_equal(np.asarray(im), pixels)

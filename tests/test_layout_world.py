@@ -36,7 +36,9 @@ def test_scorer_catches_a_duplicated_sun_a_wrong_horizon_and_a_missing_tree():
     scene = Scene(("left",), 60, 2)
     img = render(scene, 240, 80)
     r = SUN_RADIUS * 80
-    ImageDraw.Draw(img).ellipse([200 - r, 10 - r / 2, 200 + r, 10 + r * 1.5], fill=PALETTE["sun"])  # a second sun
+    ImageDraw.Draw(img).ellipse(
+        [200 - r, 10 - r / 2, 200 + r, 10 + r * 1.5], fill=PALETTE["sun"]
+    )  # a second sun
     errors = layout_errors(scene, score_image(img))
     assert errors["extra_suns"] == 1 and errors["sun_count_ok"] == 0 and errors["sun_thirds_ok"] == 0
 
@@ -48,10 +50,15 @@ def test_scorer_catches_a_duplicated_sun_a_wrong_horizon_and_a_missing_tree():
 
 def test_captions_state_the_layout_and_fit_the_tokenizer():
     assert Scene(("left",), 70, 3).caption == "one red sun top left, horizon at 70%, three trees"
-    assert Scene(("centre", "right"), 40, 0).caption == "two red suns top centre and right, horizon at 40%, no trees"
+    assert (
+        Scene(("centre", "right"), 40, 0).caption
+        == "two red suns top centre and right, horizon at 40%, no trees"
+    )
     assert Scene(("right",), 50, 1).caption.endswith("one tree")
     rng = random.Random(0)
-    assert max(len(random_scene(rng).caption) for _ in range(500)) <= 75  # the tiny tokenizer: a token a character
+    assert (
+        max(len(random_scene(rng).caption) for _ in range(500)) <= 75
+    )  # the tiny tokenizer: a token a character
 
 
 def test_the_world_is_a_dataset_the_pipeline_ingests_into_aspect_buckets_or_one_square(tmp_path):

@@ -42,11 +42,21 @@ def test_a_second_run_is_refused_naming_the_holder_then_reuses_its_commit(store_
         w.lease = first
         w.put_bytes("a.txt", b"a")
         committed = []
-        assert leases.acquire(store, pending, lease_s=60, wait_s=5,
-                              committed=lambda: committed.append(1) or len(committed) > 2) is None
+        assert (
+            leases.acquire(
+                store,
+                pending,
+                lease_s=60,
+                wait_s=5,
+                committed=lambda: committed.append(1) or len(committed) > 2,
+            )
+            is None
+        )
         w.commit()
     listed = store.fs.find(store.path(pending.ref.prefix))
-    assert not [p for p in listed if "_LEASES" in p or "_PENDING" in p]  # nothing of the pending state survives
+    assert not [
+        p for p in listed if "_LEASES" in p or "_PENDING" in p
+    ]  # nothing of the pending state survives
 
 
 def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_commit(store_url, monkeypatch):
@@ -68,7 +78,9 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_commit(store_u
 def test_a_holder_whose_process_is_gone_is_taken_over_at_once(store_url):
     store = ArtifactStore(store_url)
     pending = store.resume_or_new("generations", "g", "h")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     lease = leases.acquire(store, pending, lease_s=600)
     lease.owner["pid"] = int(gone.stdout)  # as a SIGKILLed run leaves it: fresh heartbeat, no process
     lease.renew()
@@ -94,16 +106,28 @@ def test_lease_files_are_not_version_files(tmp_path):
 
 # --- end to end: real `asd generate` processes ------------------------------------------------------
 
+
 def _prompts(path: Path, n: int) -> Path:
-    pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [96] * n, "height": [96] * n,
-                  "seed": list(range(n))}).write_parquet(path)
+    pl.DataFrame(
+        {
+            "prompt": [f"picture {i}" for i in range(n)],
+            "width": [96] * n,
+            "height": [96] * n,
+            "seed": list(range(n)),
+        }
+    ).write_parquet(path)
     return path
 
 
 def _asd(store_url: str, *args: str, env: dict | None = None, wait: bool = True):
     cmd = [sys.executable, "-m", "flows.cli", "--store", store_url, *args]
-    kw = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-              cwd=Path(__file__).parent.parent)
+    kw = dict(
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).parent.parent,
+    )
     return subprocess.run(cmd, timeout=300, **kw) if wait else subprocess.Popen(cmd, **kw)
 
 
@@ -120,12 +144,26 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
     commit_tiny_model(store_url)
     store = ArtifactStore(store_url)
     env = {"PREFECT_HOME": str(tmp_path / "ph")}
-    job = ["generate", "--model", "tiny", "--name", "owned", "--prompts", str(_prompts(tmp_path / "p.parquet", 6)),
-           "--steps", "2", "--shard-size", "3"]
+    job = [
+        "generate",
+        "--model",
+        "tiny",
+        "--name",
+        "owned",
+        "--prompts",
+        str(_prompts(tmp_path / "p.parquet", 6)),
+        "--steps",
+        "2",
+        "--shard-size",
+        "3",
+    ]
     killed = _asd(store_url, *job, env={**env, "ASD_FAULT_AT": "after-image-3"})  # one chunk durable
     assert killed.returncode == -9, killed.stderr[-3000:]
-    (version,) = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path("generations", "owned"))
-                  if "LATEST" not in p]
+    (version,) = [
+        p.rstrip("/").rsplit("/", 1)[-1]
+        for p in store.fs.ls(store.path("generations", "owned"))
+        if "LATEST" not in p
+    ]
     pending = PendingVersion(ArtifactRef("generations", "owned", version), "")
     (rel,) = list_fragments(store, pending).values()
     entries = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(pending.ref.prefix, rel)))).to_pylist()
@@ -134,8 +172,14 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
     store.fs.pipe_file(store.path(pending.ref.prefix, entries[0]["image"]), b"\x89PNG not the rendered image")
     evil = b"<script>alert(document.cookie)</script>"
     store.fs.pipe_file(store.path(pending.ref.prefix, "images/evil.html"), evil)
-    entries[1]["files"].append({"path": "images/evil.html", "sha256": hashlib.sha256(evil).hexdigest(),
-                                "size": len(evil), "version_id": None})
+    entries[1]["files"].append(
+        {
+            "path": "images/evil.html",
+            "sha256": hashlib.sha256(evil).hexdigest(),
+            "size": len(evil),
+            "version_id": None,
+        }
+    )
     write_fragment(store, pending, 0, 3, entries)
 
     hold = tmp_path / "release"
@@ -145,7 +189,9 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
         assert ArtifactStore(store_url).gc(grace_s=0, delete=True) == []  # gc leaves the leased version alone
         refused = _asd(store_url, *job, env=env)
         assert refused.returncode != 0 and refused.stdout.strip() == ""
-        assert "is being written by" in refused.stderr and "flow run" in refused.stderr, refused.stderr[-2000:]
+        assert "is being written by" in refused.stderr and "flow run" in refused.stderr, refused.stderr[
+            -2000:
+        ]
         waiter = _asd(store_url, *job, env={**env, "ASD_LEASE_WAIT_S": "240"}, wait=False)
         time.sleep(1)
         hold.touch()

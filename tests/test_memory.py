@@ -18,8 +18,9 @@ def _run(code: str) -> dict:
     # glibc's defaults: importing Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in this process's
     # environment, and any MALLOC_* tunable switches off the dynamic mmap threshold these tests rely on
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -11,8 +11,11 @@ from asd_models.pipeline import AnySizePipeline, RenderRequest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-REQUESTS = [RenderRequest("a red cat", 128, 128, seed=1, steps=3), RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
-            RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8)]
+REQUESTS = [
+    RenderRequest("a red cat", 128, 128, seed=1, steps=3),
+    RenderRequest("a blue dog", 128, 128, seed=2, steps=3),
+    RenderRequest("a green hill", 200, 96, seed=3, steps=4, strength=0.8),
+]
 
 
 def _diff(a, b) -> float:
@@ -48,7 +51,9 @@ def test_concurrent_large_decodes_on_one_gpu_pipeline_match_sequential_ones(tiny
     from asd_models.tiled_vae import tiled_decode
 
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cuda", torch.float16)
-    latents = [torch.randn(1, 4, 40, 64, generator=torch.Generator().manual_seed(s)).cuda() * (1 + s) for s in (0, 1)]
+    latents = [
+        torch.randn(1, 4, 40, 64, generator=torch.Generator().manual_seed(s)).cuda() * (1 + s) for s in (0, 1)
+    ]
     alone = [tiled_decode(pipe.c.vae, z, tile=8) for z in latents]
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda z: tiled_decode(pipe.c.vae, z, tile=8), latents))

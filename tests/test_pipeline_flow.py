@@ -23,10 +23,14 @@ SIZES = [(1000, 300), (333, 777), (200, 200)]
 
 
 def run_pipeline(store_url: str, photos) -> tuple:
-    prompts = [PromptSpec(prompt="a red motorcycle parked in a garage", width=w, height=h, seed=i)
-               for i, (w, h) in enumerate(SIZES)]
+    prompts = [
+        PromptSpec(prompt="a red motorcycle parked in a garage", width=w, height=h, seed=i)
+        for i, (w, h) in enumerate(SIZES)
+    ]
     refs = asd_pipeline(
-        source=str(photos), prompts=prompts, name="t",
+        source=str(photos),
+        prompts=prompts,
+        name="t",
         ingest=IngestSettings(bucket_base=128, bucket_step=16),
         train=TrainSettings(base_model="tiny", vae_steps=10, steps=10, batch_size=4),
         generate=GenerateSettings(steps=4, shard_size=2),

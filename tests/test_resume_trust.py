@@ -20,10 +20,23 @@ def _finished_chunk(store: ArtifactStore, pending: PendingVersion) -> list[dict]
     writer = store.writer(pending)
     entries = []
     for row, key in KEYS.items():
-        files = [{"path": f"images/{key}.png", **writer.put_bytes(f"images/{key}.png", b"\x89PNG pixels %d" % row)},
-                 {"path": f"images/{key}.seams.png", **writer.put_bytes(f"images/{key}.seams.png", b"heat")}]
-        entries.append({"key": key, "row": row, "prompt": "a cat", "status": "ok", "image": f"images/{key}.png",
-                        "files": files})
+        files = [
+            {
+                "path": f"images/{key}.png",
+                **writer.put_bytes(f"images/{key}.png", b"\x89PNG pixels %d" % row),
+            },
+            {"path": f"images/{key}.seams.png", **writer.put_bytes(f"images/{key}.seams.png", b"heat")},
+        ]
+        entries.append(
+            {
+                "key": key,
+                "row": row,
+                "prompt": "a cat",
+                "status": "ok",
+                "image": f"images/{key}.png",
+                "files": files,
+            }
+        )
     write_fragment(store, pending, 0, 32, entries)
     return entries
 
@@ -46,8 +59,9 @@ def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
 
     evil = b"<script>alert(1)</script>"  # an injected page, listed with its correct hash
     _write(store, pending, "images/evil.html", evil)
-    entries[1]["files"].append({"path": "images/evil.html", "sha256": hashlib.sha256(evil).hexdigest(),
-                                "size": len(evil)})
+    entries[1]["files"].append(
+        {"path": "images/evil.html", "sha256": hashlib.sha256(evil).hexdigest(), "size": len(evil)}
+    )
     write_fragment(store, pending, 0, 32, entries)
     assert _taken(store, pending) == {1}
     assert "not a file of this image" in caplog.text
@@ -58,7 +72,9 @@ def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
     assert _taken(store, pending) == {2}
 
     rel = fragment_path("rows", rows_id(0, 32))
-    _write(store, pending, rel, store.fs.cat_file(store.path(pending.ref.prefix, rel))[:40])  # cut by a full disk
+    _write(
+        store, pending, rel, store.fs.cat_file(store.path(pending.ref.prefix, rel))[:40]
+    )  # cut by a full disk
     assert _taken(store, pending) == set()
     assert f"{rel} of {pending.ref} does not read" in caplog.text
 

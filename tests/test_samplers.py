@@ -37,13 +37,19 @@ def covered_once(boxes, h, w) -> bool:
 def test_window_sets_by_hand():
     steps, plan = boxes_of(Naive(tile=8), 20, 38)
     rows, cols = [(0, 8), (8, 8), (16, 4)], [(0, 8), (8, 8), (16, 8), (24, 8), (32, 6)]
-    assert all(s == [(y, x, h, w) for y, h in rows for x, w in cols] for s in steps)  # the same grid every step
+    assert all(
+        s == [(y, x, h, w) for y, h in rows for x, w in cols] for s in steps
+    )  # the same grid every step
     assert plan.tiles == 6 * 15
     steps, _ = boxes_of(MultiDiffusion(tile=8), 20, 38)  # stride 4 (50%), last window clamped to the edge
     assert steps[0] == [(y, x, 8, 8) for y in (0, 4, 8, 12) for x in (0, 4, 8, 12, 16, 20, 24, 28, 30)]
     assert all(s == steps[0] for s in steps)
-    assert boxes_of(MultiDiffusion(tile=8, stride=8), 16, 16)[0][0] == [(0, 0, 8, 8), (0, 8, 8, 8), (8, 0, 8, 8),
-                                                                        (8, 8, 8, 8)]
+    assert boxes_of(MultiDiffusion(tile=8, stride=8), 16, 16)[0][0] == [
+        (0, 0, 8, 8),
+        (0, 8, 8, 8),
+        (8, 0, 8, 8),
+        (8, 8, 8, 8),
+    ]
     assert boxes_of(Mixture(tile=8), 20, 38)[0] == boxes_of(MultiDiffusion(tile=8), 20, 38)[0]
     assert boxes_of(Full(), 20, 38)[0][3] == [(0, 0, 20, 38)]
     official, _ = boxes_of(Official.make(8), 20, 38)
@@ -94,8 +100,16 @@ class EpsAsSample:
 
 def fused_row(sampler, width: int) -> list[float]:
     plan = sampler.boxes(8, width, torch.Generator().manual_seed(0))
-    job = TiledJob(torch.zeros(1, 1, 8, width), EpsAsSample(), torch.tensor([1]), torch.zeros(1, 1, 1), None, 1.0,
-                   plan, weighting=sampler.weighting)
+    job = TiledJob(
+        torch.zeros(1, 1, 8, width),
+        EpsAsSample(),
+        torch.tensor([1]),
+        torch.zeros(1, 1, 1),
+        None,
+        1.0,
+        plan,
+        weighting=sampler.weighting,
+    )
     return sample_jobs(PositionUNet(), [job], 4)[0].latents[0, 0, 0].tolist()
 
 
@@ -118,8 +132,9 @@ def test_the_table_is_what_the_cli_offers():
     assert set(GenerateSettings.model_fields["sampler"].annotation.__args__) == set(SAMPLER_NAMES)
     for name in SAMPLER_NAMES:
         assert sampler_named(name, 16).name == name
-        args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--size", "64x64",
-                                          "--sampler", name])
+        args = build_parser().parse_args(
+            ["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--sampler", name]
+        )
         assert args.sampler == name
     with pytest.raises(ValueError, match="unknown sampler 'nope': expected one of fstd, official"):
         sampler_named("nope", 16)
@@ -130,8 +145,9 @@ def test_pipeline_renders_with_any_sampler(tiny_model_dir):
 
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
     for name in ("naive", "multidiffusion"):
-        res = pipe.generate_many([RenderRequest("a cat", 200, 120, steps=2, strength=1.0)],
-                                 pipe.default_sampler(name, tile=8))[0]
+        res = pipe.generate_many(
+            [RenderRequest("a cat", 200, 120, steps=2, strength=1.0)], pipe.default_sampler(name, tile=8)
+        )[0]
         assert res.size == (200, 120)
         h, w = res.canvas[1] // 8, res.canvas[0] // 8
         assert res.fstd_tiles == 2 * len(pipe.default_sampler(name, tile=8).boxes(h, w, torch.Generator())(0))
@@ -145,7 +161,9 @@ def test_sampler_options_reach_the_boxes_and_refuse_what_a_method_lacks():
     md = sampler_named("multidiffusion", 8).with_options(**parse_sampler_options("stride=8"))
     assert boxes_of(md, 16, 16)[0][0] == [(0, 0, 8, 8), (0, 8, 8, 8), (8, 0, 8, 8), (8, 8, 8, 8)]
     edge = sampler_named("fstd", 8, size_multiple=2).with_options(mode="edge-tile")
-    assert all(b[2:] == (8, 8) for s in boxes_of(edge, 20, 38)[0] for b in s)  # full tiles, overlapping at the edge
+    assert all(
+        b[2:] == (8, 8) for s in boxes_of(edge, 20, 38)[0] for b in s
+    )  # full tiles, overlapping at the edge
     assert sampler_named("fstd", 8).with_options(mode="official").config.shift_first_step is False
     with pytest.raises(ValueError, match="has no option 'stride'"):
         sampler_named("fstd", 8).with_options(stride="4")
@@ -160,9 +178,15 @@ def test_piece_shapes_follow_the_device_unless_asked():
     default); exact pieces run no more area than the latent."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
-                                cross_attention_dim=8, norm_num_groups=4)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D",) * 2,
+        cross_attention_dim=8,
+        norm_num_groups=4,
+    )
     cpu = FSTD.make(16).on_unet(unet)
     assert cpu.piece_shapes == "exact" and cpu.run_sizes == ()
     bucketed = FSTD.make(16).with_pieces("bucketed").on_unet(unet)

@@ -14,8 +14,9 @@ def test_seam_summary_names_the_axis_and_the_worst_image():
     lines = grid_lines(256, 64)
     for p in lines:
         seamed[:, p:] += 20  # vertical seams only
-    generated = pl.DataFrame({"key": ["clean", "seamed"], "seam_x": [lines, lines], "seam_y": [lines, lines],
-                              "tile_px": [64, 64]})
+    generated = pl.DataFrame(
+        {"key": ["clean", "seamed"], "seam_x": [lines, lines], "seam_y": [lines, lines], "tile_px": [64, 64]}
+    )
     rows = {r["metric"]: r for r in seam_rows(generated, [clean, seamed], period=8)}
     assert rows["seam_score_x"]["value"] > 1.3 > rows["seam_score_y"]["value"]
     assert rows["seam_score_max"]["value"] == rows["seam_score/seamed"]["value"]

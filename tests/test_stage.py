@@ -52,8 +52,12 @@ def test_each_flow_takes_the_parameter_its_stage_names():
     from tasks.ingest import Ingest
     from tasks.train import Arad
 
-    for flow, stage in ((ingest_flow, Ingest), (train_flow, Arad), (generate_flow, Generate),
-                        (evaluate_flow, Evaluate)):
+    for flow, stage in (
+        (ingest_flow, Ingest),
+        (train_flow, Arad),
+        (generate_flow, Generate),
+        (evaluate_flow, Evaluate),
+    ):
         params = inspect.signature(flow.fn).parameters
         assert stage.output_param in params, (flow.name, stage.output_param)
         assert flow.name == stage.flow
@@ -68,19 +72,35 @@ def test_the_environment_is_read_in_one_typed_place(monkeypatch):
 
     root = Path(__file__).resolve().parent.parent
     readers = []
-    for pkg in ("asd_models", "artifact_store", "data_engine", "dashboard", "tasks", "flows", "deployments",
-                "data_manifests"):
+    for pkg in (
+        "asd_models",
+        "artifact_store",
+        "data_engine",
+        "dashboard",
+        "tasks",
+        "flows",
+        "deployments",
+        "data_manifests",
+    ):
         for path in (root / pkg).rglob("*.py"):
             if path.relative_to(root).as_posix() in ("artifact_store/faults.py", "data_manifests/runtime.py"):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                args = (node.args[:1] if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr in ("get", "getenv") else
-                        [node.slice] if isinstance(node, ast.Subscript) else [])
+                args = (
+                    node.args[:1]
+                    if isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("get", "getenv")
+                    else [node.slice]
+                    if isinstance(node, ast.Subscript)
+                    else []
+                )
                 text = ast.unparse(node)
                 if ("environ" in text or "getenv" in text) and any(
-                        (isinstance(a, ast.Constant) and str(a.value).startswith("ASD_"))
-                        or (isinstance(a, ast.Name) and a.id.endswith("_ENV")) for a in args):
+                    (isinstance(a, ast.Constant) and str(a.value).startswith("ASD_"))
+                    or (isinstance(a, ast.Name) and a.id.endswith("_ENV"))
+                    for a in args
+                ):
                     readers.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not readers, f"ASD_* read outside data_manifests/runtime.py: {readers}"
 
@@ -93,5 +113,7 @@ def test_the_environment_is_read_in_one_typed_place(monkeypatch):
     assert runtime().s3_retries == 3
     job = Generate("models/m@v", "prompts/p@v", GenerateSettings())
     assert job.pinned({}).executor == "dask" and job.pinned({}).dask_address == "tcp://10.0.0.1:8786"
-    mine = Generate("models/m@v", "prompts/p@v", GenerateSettings(executor="dask", dask_address="tcp://127.0.0.1:1"))
+    mine = Generate(
+        "models/m@v", "prompts/p@v", GenerateSettings(executor="dask", dask_address="tcp://127.0.0.1:1")
+    )
     assert mine.pinned({}).dask_address == "tcp://127.0.0.1:1"  # the job's own choice wins

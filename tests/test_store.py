@@ -184,8 +184,10 @@ def test_file_paths_cannot_escape_the_version(tmp_path, bad):
         w.put_bytes(bad, b"x")
 
 
-@pytest.mark.parametrize("bad", ["datasets", "nokind/x@latest", "datasets/x@notaversion", "datasets/../x@latest",
-                                 "datasets/a b@latest"])
+@pytest.mark.parametrize(
+    "bad",
+    ["datasets", "nokind/x@latest", "datasets/x@notaversion", "datasets/../x@latest", "datasets/a b@latest"],
+)
 def test_bad_references_are_rejected_with_a_message(bad):
     with pytest.raises(InvalidReference, match="bad|unknown"):
         ArtifactRef.parse(bad)
@@ -258,8 +260,11 @@ def test_a_version_is_exactly_its_record(tmp_path, caplog):
         ref = w.commit()
     assert not stray.exists() and "a/stray.bin" in caplog.text  # removed, and said so
     stray.write_bytes(b"put there after the commit")
-    for read in (lambda: store.read_bytes(ref, "a/stray.bin"), lambda: store.open(ref, "a/stray.bin"),
-                 lambda: store.read_range(ref, "a/stray.bin", 0, 2)):
+    for read in (
+        lambda: store.read_bytes(ref, "a/stray.bin"),
+        lambda: store.open(ref, "a/stray.bin"),
+        lambda: store.read_range(ref, "a/stray.bin", 0, 2),
+    ):
         with pytest.raises(FileNotListed, match="does not list 'a/stray.bin'"):
             read()
     with pytest.raises(StoreError, match="not inside"):
@@ -291,7 +296,9 @@ def test_many_files_through_the_public_writer_keep_the_record_small(tmp_path):
     assert len(rec["files"]) < 10 and rec["file_count"] == n + len(rec["files"])
     assert len(json.dumps(rec)) < 8_000
     fresh = ArtifactStore(str(tmp_path / "s"))
-    assert fresh.read_bytes(ref, "f/000007.txt") == b"7" and fresh.read_bytes(ref, f"f/{n - 1:06d}.txt") == \
-        str(n - 1).encode()
+    assert (
+        fresh.read_bytes(ref, "f/000007.txt") == b"7"
+        and fresh.read_bytes(ref, f"f/{n - 1:06d}.txt") == str(n - 1).encode()
+    )
     assert sum(1 for _ in fresh.iter_files(ref)) == n + len(rec["files"])
     assert fresh.verify(ref, shallow=True) == []

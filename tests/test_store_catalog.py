@@ -55,7 +55,7 @@ def test_s3_reads_are_pinned_to_the_committed_version(s3_bucket, s3_server):
     store, _, mref, _ = _chain(s3_bucket)
     meta = store.record(mref)["files"]["unet/diffusion_pytorch_model.safetensors"]
     assert meta["version_id"]
-    bucket, _, prefix = s3_bucket[len("s3://"):].partition("/")
+    bucket, _, prefix = s3_bucket[len("s3://") :].partition("/")
     key = f"{prefix}/{mref.prefix}/unet/diffusion_pytorch_model.safetensors"
     boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key=key, Body=b"evil")
     fresh = ArtifactStore(s3_bucket)

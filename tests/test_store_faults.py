@@ -14,8 +14,14 @@ import pytest
 from artifact_store import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ["during-upload", "between-files", "before-commit-record", "during-commit-record", "before-catalog",
-          "before-latest"]
+PHASES = [
+    "during-upload",
+    "between-files",
+    "before-commit-record",
+    "during-commit-record",
+    "before-catalog",
+    "before-latest",
+]
 COMMITTED_BEFORE_DEATH = {"before-catalog", "before-latest"}
 
 WRITER = """
@@ -37,8 +43,9 @@ def _first_version(url: str):
 
 def _run_killed_writer(url: str, phase: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ASD_FAULT_AT": phase, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", WRITER, url], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", WRITER, url], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def _check_reader_view(url: str, first, phase: str, object_store: bool = False) -> None:
@@ -76,8 +83,11 @@ def test_killed_writer_local(tmp_path, phase):
     proc = _run_killed_writer(url, phase)
     assert proc.returncode == -9, proc.stderr[-2000:]
     if phase == "during-upload":  # a file is whole or absent: the half-written one has a temporary name
-        new = [p.name for p in (tmp_path / "store" / "models" / "m").rglob("*")
-               if p.is_file() and first.version not in str(p) and p.name != "LATEST"]
+        new = [
+            p.name
+            for p in (tmp_path / "store" / "models" / "m").rglob("*")
+            if p.is_file() and first.version not in str(p) and p.name != "LATEST"
+        ]
         assert new and all(n.startswith("a.bin.") and n.endswith(".tmp") for n in new), new
     _check_reader_view(url, first, phase)
 

@@ -25,7 +25,7 @@ def test_s3_commit_verify_and_latest(s3_bucket, s3_server):
     assert store.file_uri(ref, "manifest.parquet").startswith("s3://")
 
     # one flipped byte, written straight to the bucket, is caught
-    bucket, _, prefix = s3_bucket[len("s3://"):].partition("/")
+    bucket, _, prefix = s3_bucket[len("s3://") :].partition("/")
     key = f"{prefix}/{ref.prefix}/manifest.parquet"
     boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key=key, Body=b"p" * 999 + b"q")
     ArtifactStore(s3_bucket).fs.invalidate_cache()
@@ -55,7 +55,9 @@ def test_s3_cold_open_of_one_file_of_a_large_version_is_four_gets(s3_bucket, mon
 
     monkeypatch.setattr(fl, "GROUP_ROWS", 8)
     monkeypatch.setattr(fl, "PART_ROWS", 32)
-    monkeypatch.setattr("artifact_store.backend.MATCH_WINDOW", 4)  # the commit's and verify's listing matched in a window
+    monkeypatch.setattr(
+        "artifact_store.backend.MATCH_WINDOW", 4
+    )  # the commit's and verify's listing matched in a window
     store = ArtifactStore(s3_bucket)
     w = store.new_version("generations", "big")
     for row in range(80):
@@ -77,10 +79,15 @@ def test_s3_cold_open_of_one_file_of_a_large_version_is_four_gets(s3_bucket, mon
         assert requests.since(before, requests.snapshot()) == {"GET": 4}
         fl._GROUPS.clear()
         before = requests.snapshot()
-        assert ArtifactStore(s3_bucket).read_range(ref, "shards/rows-000080-000081.tar", 6, 18) == b"member bytes"
+        assert (
+            ArtifactStore(s3_bucket).read_range(ref, "shards/rows-000080-000081.tar", 6, 18)
+            == b"member bytes"
+        )
         assert requests.since(before, requests.snapshot()) == {"GET": 4}
     finally:
         requests.close()
     assert store.verify(ref, shallow=True) == []  # one streamed listing against the parts
     store.fs.rm_file(store.path(ref.prefix, "images/000070-64x64-abc.png"))
-    assert ArtifactStore(s3_bucket).verify(ref, shallow=True) == [f"{ref}: images/000070-64x64-abc.png: missing"]
+    assert ArtifactStore(s3_bucket).verify(ref, shallow=True) == [
+        f"{ref}: images/000070-64x64-abc.png: missing"
+    ]

@@ -40,7 +40,9 @@ def test_shared_groupnorm_statistics_match_whole_image_decode(vae):
     for y in (0, 8):
         for x in (0, 8):
             t = vae.decode(z[:, :, y : y + 8, x : x + 8] / vae.config.scaling_factor).sample[0]
-            per_tile[y * 8 : y * 8 + 64, x * 8 : x * 8 + 64] = ((t.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+            per_tile[y * 8 : y * 8 + 64, x * 8 : x * 8 + 64] = (
+                ((t.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+            )
     err_ours = np.abs(ours - whole).mean()
     err_naive = np.abs(per_tile - whole).mean()
     assert err_ours < 0.5 * err_naive
@@ -55,7 +57,7 @@ def test_encode_matches_untiled_within_tolerance(vae):
     assert z.shape == ref.shape == (1, 4, 12, 16)
     assert (z - ref).abs().mean() < 0.25 * ref.abs().mean()
     with pytest.raises(ValueError, match="multiples of 8"):
-        tiled_encode(vae, img[:, :, :, :130 - 5])
+        tiled_encode(vae, img[:, :, :, : 130 - 5])
 
 
 @torch.no_grad()
@@ -77,7 +79,9 @@ def test_encode_of_a_lazy_canvas_equals_encode_of_the_same_pixels_made_whole(vae
     src = Image.fromarray((np.random.default_rng(3).random((24, 40, 3)) * 255).astype(np.uint8))
     canvas = CoverCanvas(pil_to_tensor_m11(src), 200, 96)  # cover 200x120, centre crop 96 rows
     whole = canvas.region(0, 96, 0, 200)
-    assert whole.shape == (1, 3, 96, 200) and torch.equal(canvas.region(10, 50, 33, 120), whole[:, :, 10:50, 33:120])
+    assert whole.shape == (1, 3, 96, 200) and torch.equal(
+        canvas.region(10, 50, 33, 120), whole[:, :, 10:50, 33:120]
+    )
     ref = pil_to_tensor_m11(resize_cover_crop(src, 200, 96, resample=Image.Resampling.BICUBIC)[0])
     assert (whole - ref).abs().mean() < 0.05  # bicubic either way (kernels differ slightly)
     lazy = tiled_encode(vae, canvas, tile=32, pad=16, estimate_size=256)  # statistics from the whole canvas
@@ -108,8 +112,12 @@ def test_concurrent_calls_on_one_vae_give_the_pixels_of_sequential_ones(vae):
     VAE's modules are never patched."""
     from concurrent.futures import ThreadPoolExecutor
 
-    latents = [torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(s)) * (1 + 2 * s) for s in (0, 1)]
-    images = [torch.rand(1, 3, 192, 320, generator=torch.Generator().manual_seed(s)) * (2 - s) - 1 for s in (0, 1)]
+    latents = [
+        torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(s)) * (1 + 2 * s) for s in (0, 1)
+    ]
+    images = [
+        torch.rand(1, 3, 192, 320, generator=torch.Generator().manual_seed(s)) * (2 - s) - 1 for s in (0, 1)
+    ]
 
     def work(i: int) -> tuple[np.ndarray, torch.Tensor]:
         return tiled_decode(vae, latents[i], tile=8), tiled_encode(vae, images[i], tile=64, estimate_size=96)

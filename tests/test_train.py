@@ -41,8 +41,12 @@ def dataset(tmp_path_factory):
     """A store with a 3-bucket dataset of 20 images (7/7/6), 2 samples per shard."""
     root = tmp_path_factory.mktemp("arad")
     store_url = str(root / "store")
-    ref = ingest_ref(store_url, [str(_folder(root / "in", 20))], "d",
-                          {"bucket_base": 64, "bucket_step": 16, "shard_max_samples": 2})
+    ref = ingest_ref(
+        store_url,
+        [str(_folder(root / "in", 20))],
+        "d",
+        {"bucket_base": 64, "bucket_step": 16, "shard_max_samples": 2},
+    )
     return store_url, ref
 
 
@@ -114,7 +118,9 @@ def test_drawing_is_proportional_to_remaining_samples():
         def _take(self, plan, n, rng):
             return [{"__key__": "x"}] * n
 
-    first = Counter(next(iter(Fake(buckets, never, LoaderConfig(batch_size=5, seed=s)))).bucket for s in range(2000))
+    first = Counter(
+        next(iter(Fake(buckets, never, LoaderConfig(batch_size=5, seed=s)))).bucket for s in range(2000)
+    )
     assert 0.71 < first["A"] / 2000 < 0.79
 
 
@@ -125,7 +131,9 @@ def test_data_loader_workers_are_deterministic_and_resume_mid_stream(dataset):
     cfg = LoaderConfig(batch_size=3, seed=2)
 
     def keys(workers, start=0, n=9):
-        it = iter(make_loader(buckets, StoreOpener(store_url, ref), cfg, num_workers=workers, start_batch=start))
+        it = iter(
+            make_loader(buckets, StoreOpener(store_url, ref), cfg, num_workers=workers, start_batch=start)
+        )
         return [tuple(next(it)["keys"]) for _ in range(n)]
 
     two = keys(2)
@@ -133,18 +141,30 @@ def test_data_loader_workers_are_deterministic_and_resume_mid_stream(dataset):
     assert keys(2, start=4, n=5) == two[4:]
     assert keys(0, start=3, n=6) == keys(0)[3:]
     batch = next(iter(make_loader(buckets, StoreOpener(store_url, ref), cfg)))
-    assert batch["pixels"].shape[1:] in {torch.Size([3, 64, 64]), torch.Size([3, 48, 80]), torch.Size([3, 80, 48])}
+    assert batch["pixels"].shape[1:] in {
+        torch.Size([3, 64, 64]),
+        torch.Size([3, 48, 80]),
+        torch.Size([3, 80, 48]),
+    }
     assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
 
 
-CFG = {"steps": 8, "batch_size": 3, "grad_accum": 2, "learning_rate": 1e-3, "ema_decay": 0.99, "warmup_steps": 2,
-       "checkpoint_every": 0}
+CFG = {
+    "steps": 8,
+    "batch_size": 3,
+    "grad_accum": 2,
+    "learning_rate": 1e-3,
+    "ema_decay": 0.99,
+    "warmup_steps": 2,
+    "checkpoint_every": 0,
+}
 
 
 def arad_to_store(store_url, ref, base, name, cfg, checkpoint_every=0, **kw):
     """Train with `TrainSettings(**cfg)`; the outcome (model ref, resumed checkpoint, step)."""
-    return train_to_store(store_url, ref, base, name, TrainSettings(**{**cfg, "checkpoint_every": checkpoint_every}),
-                          **kw)
+    return train_to_store(
+        store_url, ref, base, name, TrainSettings(**{**cfg, "checkpoint_every": checkpoint_every}), **kw
+    )
 
 
 def _log(store_url, ref):
@@ -167,7 +187,10 @@ def test_resume_continues_the_uninterrupted_loss_sequence(dataset, tiny_model_di
     a = store.read_bytes(full, "unet/diffusion_pytorch_model.safetensors")
     b = store.read_bytes(resumed, "unet/diffusion_pytorch_model.safetensors")
     assert a == b
-    assert str(ckpts[0]) in store.record(resumed)["parents"] and str(store.resolve(ref)) in store.record(resumed)["parents"]
+    assert (
+        str(ckpts[0]) in store.record(resumed)["parents"]
+        and str(store.resolve(ref)) in store.record(resumed)["parents"]
+    )
     # another config is another training: its checkpoints are not used
     other = {**CFG, "learning_rate": 5e-4}
     fresh = arad_to_store(store_url, ref, str(tiny_model_dir), "cut", other, resume=True, stop_after=1)
@@ -178,7 +201,9 @@ def test_result_loads_in_stable_diffusion_pipeline(dataset, tiny_model_dir, tmp_
     from diffusers import StableDiffusionPipeline
 
     store_url, ref = dataset
-    model = arad_to_store(store_url, ref, str(tiny_model_dir), "sd", {**CFG, "steps": 2, "cache_latents": True}).model
+    model = arad_to_store(
+        store_url, ref, str(tiny_model_dir), "sd", {**CFG, "steps": 2, "cache_latents": True}
+    ).model
     folder = ArtifactStore(store_url).download(model, tmp_path / "m")
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     img = pipe("image number 1", height=64, width=64, num_inference_steps=2, output_type="np").images[0]
@@ -210,17 +235,36 @@ def test_missing_base_checkpoint_names_what_was_looked_for(dataset, tmp_path):
 
 def _asd(store, *args):
     env = {**os.environ, "TQDM_DISABLE": "1", "ASD_STORE": store}
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
 def test_cli_train_killed_mid_run_resumes_to_the_same_losses(tmp_path, prefect_harness):
     """`asd train` SIGKILLed after its first checkpoint, then `--resume`: the same loss sequence."""
     store_url = str(tmp_path / "store")
-    ds = ingest_ref(store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16})
-    common = ["train", "--dataset", ds, "--vae-steps", "5", "--steps", "40", "--batch-size", "2",
-              "--checkpoint-every", "5"]
+    ds = ingest_ref(
+        store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16}
+    )
+    common = [
+        "train",
+        "--dataset",
+        ds,
+        "--vae-steps",
+        "5",
+        "--steps",
+        "40",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "5",
+    ]
     full = _asd(store_url, *common, "--model", "full")
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
@@ -251,12 +295,20 @@ def test_training_keeps_one_loss_artifact_key_in_the_ui(dataset, tiny_model_dir,
     from flows.stages import train_flow
 
     store_url, ref = dataset
-    state = train_flow(ref, "ui", TrainSettings(**{**CFG, "base_model": str(tiny_model_dir), "checkpoint_every": 3}),
-                       store_url, return_state=True)
+    state = train_flow(
+        ref,
+        "ui",
+        TrainSettings(**{**CFG, "base_model": str(tiny_model_dir), "checkpoint_every": 3}),
+        store_url,
+        return_state=True,
+    )
     assert state.is_completed()
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
     loss = sorted((a for a in arts if a.key == "arad-loss"), key=lambda a: a.created)
     assert [a.type for a in loss] == ["progress", "table"]
     assert len(ArtifactStore(store_url).list_versions("checkpoints", "ui")) == 2  # the checkpoints did happen

@@ -24,10 +24,29 @@ ROOT = Path(__file__).resolve().parent.parent
 def _launch(store_url: str, processes: int, *args: str) -> subprocess.Popen:
     """`asd train` under torchrun (a process group of its own, so a kill takes every rank)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "ASD_STORE": store_url, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "flows.cli", *args]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "flows.cli",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _log(store_url: str, ref: str) -> dict:
@@ -37,9 +56,22 @@ def _log(store_url: str, ref: str) -> dict:
 @pytest.mark.slow
 def test_two_process_training_resumes_after_sigkill_to_the_same_losses(tmp_path):
     store_url = str(tmp_path / "store")
-    ds = ingest_ref(store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16})
-    common = ["train", "--dataset", ds, "--vae-steps", "5", "--steps", "60", "--batch-size", "2",
-              "--checkpoint-every", "4"]
+    ds = ingest_ref(
+        store_url, [str(_folder(tmp_path / "in", 12))], "d", {"bucket_base": 64, "bucket_step": 16}
+    )
+    common = [
+        "train",
+        "--dataset",
+        ds,
+        "--vae-steps",
+        "5",
+        "--steps",
+        "60",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "4",
+    ]
     store = ArtifactStore(store_url)
 
     full = _launch(store_url, 2, *common, "--model", "full")
@@ -55,8 +87,9 @@ def test_two_process_training_resumes_after_sigkill_to_the_same_losses(tmp_path)
     cut = _launch(store_url, 2, *common, "--model", "cut")
     deadline = time.monotonic() + 900
     while not store.list_versions("checkpoints", "cut"):
-        assert cut.poll() is None and time.monotonic() < deadline, (cut.stdout.read() if cut.poll() is not None
-                                                                    else "no checkpoint in time")[-4000:]
+        assert cut.poll() is None and time.monotonic() < deadline, (
+            cut.stdout.read() if cut.poll() is not None else "no checkpoint in time"
+        )[-4000:]
         time.sleep(0.02)
     kill_tree(cut)
     assert not store.list_versions("models", "cut")
@@ -81,8 +114,11 @@ def test_settings_round_trip_through_the_command_line():
 
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, TrainSettings)
-    for settings in (TrainSettings(), TrainSettings(steps=7, cache_latents=True, learning_rate=3e-4, ema_decay=0.99),
-                     TrainSettings(base_model="/models/sd-2-1", checkpoint_every=0)):
+    for settings in (
+        TrainSettings(),
+        TrainSettings(steps=7, cache_latents=True, learning_rate=3e-4, ema_decay=0.99),
+        TrainSettings(base_model="/models/sd-2-1", checkpoint_every=0),
+    ):
         assert settings_from_args(TrainSettings, parser.parse_args(settings_to_args(settings))) == settings
 
 
@@ -94,9 +130,16 @@ def test_the_launch_flow_trains_on_two_processes_from_a_flow_run(tmp_path, prefe
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     store_url = str(tmp_path / "store")
-    ds = ingest_ref(store_url, [str(_folder(tmp_path / "in", 8))], "d", {"bucket_base": 64, "bucket_step": 16})
-    ref = train_processes_flow(ds, "pair", TrainSettings(vae_steps=3, steps=6, batch_size=2, checkpoint_every=0),
-                               store_url, processes=2)
+    ds = ingest_ref(
+        store_url, [str(_folder(tmp_path / "in", 8))], "d", {"bucket_base": 64, "bucket_step": 16}
+    )
+    ref = train_processes_flow(
+        ds,
+        "pair",
+        TrainSettings(vae_steps=3, steps=6, batch_size=2, checkpoint_every=0),
+        store_url,
+        processes=2,
+    )
     store = ArtifactStore(store_url)
     assert ref == str(store.resolve("models/pair@latest")) and len(store.list_versions("models", "pair")) == 1
     assert store.record(ref)["params"]["world_size"] == 2 and len(_log(store_url, ref)["loss"]) == 6

@@ -42,8 +42,17 @@ def _photo(path: Path, seed: int = 0, size=(160, 120)) -> Path:
 
 
 def _options(**kw) -> FetchOptions:
-    base = dict(timeout_s=2.0, retries=0, backoff_s=0.0, max_bytes=1 << 20, concurrency=4, per_host=4,
-                allow_schemes=("http", "https"), allow_private_addresses=False, source_credentials=None)
+    base = dict(
+        timeout_s=2.0,
+        retries=0,
+        backoff_s=0.0,
+        max_bytes=1 << 20,
+        concurrency=4,
+        per_host=4,
+        allow_schemes=("http", "https"),
+        allow_private_addresses=False,
+        source_credentials=None,
+    )
     return FetchOptions(**{**base, **kw})
 
 
@@ -80,7 +89,8 @@ def test_links_out_of_a_folder_are_failed_rows_and_read_nothing(tmp_path, monkey
     assert "over caption_max_bytes" in by["big.png"]["error"] and "not UTF-8" in by["latin.png"]["error"]
     everything = df.write_csv() + "".join(
         (tmp_path / "store").joinpath(p).read_bytes().decode("latin-1")
-        for p in [str(x.relative_to(tmp_path / "store")) for x in (tmp_path / "store").rglob("*.tar")])
+        for p in [str(x.relative_to(tmp_path / "store")) for x in (tmp_path / "store").rglob("*.tar")]
+    )
     assert "s3cr3t-value" not in everything and "root:" not in everything and "from outside" not in everything
 
 
@@ -118,17 +128,29 @@ def test_cached_model_copy_is_checked_against_its_record(tmp_path, tiny_model_di
     (folder / "model_index.json").write_text('{"tampered": true}')
     again = local_model_dir(store, ref)
     assert json.loads((again / "model_index.json").read_text()) == json.loads(
-        (Path(tiny_model_dir) / "model_index.json").read_text())
+        (Path(tiny_model_dir) / "model_index.json").read_text()
+    )
 
 
 # 3. URL lists reach only public http(s) by default ------------------------------------------------
 def test_schemes_and_private_addresses_are_refused_by_default(tmp_path):
     with ImageServer() as srv:
-        rows = [f"{srv.url}/img/1.jpg", f"http://localhost:{srv.url.rsplit(':', 1)[1]}/img/2.jpg",
-                "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.jpg", "http://10.1.2.3/x.jpg",
-                "file:///etc/passwd", (tmp_path / "no-such-file.jpg").as_uri(), "s3://bucket/key.jpg"]
-        pl.DataFrame({"url": rows, "caption": [f"c{i}" for i in range(len(rows))]}).write_parquet(tmp_path / "u.parquet")
-        ref = ingest_ref(str(tmp_path / "store"), [str(tmp_path / "u.parquet")], "web", {**SMALL, "retries": 0})
+        rows = [
+            f"{srv.url}/img/1.jpg",
+            f"http://localhost:{srv.url.rsplit(':', 1)[1]}/img/2.jpg",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/x.jpg",
+            "http://10.1.2.3/x.jpg",
+            "file:///etc/passwd",
+            (tmp_path / "no-such-file.jpg").as_uri(),
+            "s3://bucket/key.jpg",
+        ]
+        pl.DataFrame({"url": rows, "caption": [f"c{i}" for i in range(len(rows))]}).write_parquet(
+            tmp_path / "u.parquet"
+        )
+        ref = ingest_ref(
+            str(tmp_path / "store"), [str(tmp_path / "u.parquet")], "web", {**SMALL, "retries": 0}
+        )
         assert sum(srv.hits.values()) == 0  # nothing reached the loopback server
     df = _manifest(str(tmp_path / "store"), ref)
     errors = df["error"].to_list()
@@ -145,7 +167,11 @@ def test_every_redirect_hop_is_checked(tmp_path, monkeypatch):
     with ImageServer() as srv:
         f = Fetcher(_options())
         assert f.fetch(f"{srv.url}/redirect?to=/img/3.jpg")[:2] == b"\xff\xd8"  # a public hop to a public hop
-        for target in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.2:1/x", "file:///etc/passwd"):
+        for target in (
+            "http://169.254.169.254/latest/meta-data/",
+            "http://127.0.0.2:1/x",
+            "file:///etc/passwd",
+        ):
             with pytest.raises(FetchError, match="refused"):
                 f.fetch(f"{srv.url}/redirect?to={target}")
 
@@ -153,14 +179,21 @@ def test_every_redirect_hop_is_checked(tmp_path, monkeypatch):
 def test_s3_entries_are_read_anonymously_unless_credentials_are_named(tmp_path, s3_bucket, s3_server):
     import boto3
 
-    bucket = s3_bucket[len("s3://"):].split("/")[0]
-    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key="private/a.jpg", Body=jpeg_bytes(200, 150, 1))
+    bucket = s3_bucket[len("s3://") :].split("/")[0]
+    boto3.client("s3", endpoint_url=s3_server).put_object(
+        Bucket=bucket, Key="private/a.jpg", Body=jpeg_bytes(200, 150, 1)
+    )
     pl.DataFrame({"url": [f"s3://{bucket}/private/a.jpg"], "caption": ["x"]}).write_csv(tmp_path / "l.csv")
-    anon = ingest_ref(str(tmp_path / "s1"), [str(tmp_path / "l.csv")], "d", {**SMALL, "allow_schemes": "s3",
-                                                                              "retries": 0})
+    anon = ingest_ref(
+        str(tmp_path / "s1"), [str(tmp_path / "l.csv")], "d", {**SMALL, "allow_schemes": "s3", "retries": 0}
+    )
     assert "permission denied" in _manifest(str(tmp_path / "s1"), anon)["error"][0]
-    named = ingest_ref(str(tmp_path / "s2"), [str(tmp_path / "l.csv")], "d", {**SMALL, "allow_schemes": "s3",
-                                                                               "source_credentials": "env"})
+    named = ingest_ref(
+        str(tmp_path / "s2"),
+        [str(tmp_path / "l.csv")],
+        "d",
+        {**SMALL, "allow_schemes": "s3", "source_credentials": "env"},
+    )
     assert _manifest(str(tmp_path / "s2"), named)["status"].to_list() == ["ok"]
 
 
@@ -171,7 +204,9 @@ def test_compression_layers_bombs_and_trickled_headers(tmp_path):
         with pytest.raises(FetchError, match="2 content-encoding layers"):
             f.fetch(f"{srv.url}/gzip2.jpg")
         with pytest.raises(FetchError, match="over max_bytes .* once decoded"):  # 64 MiB of zeros in ~64 KB
-            Fetcher(_options(allow_private_addresses=True, timeout_s=10)).fetch(f"{srv.url}/gzipbomb.jpg?mb=64")
+            Fetcher(_options(allow_private_addresses=True, timeout_s=10)).fetch(
+                f"{srv.url}/gzipbomb.jpg?mb=64"
+            )
         t0 = time.monotonic()
         with pytest.raises(FetchError, match="too slow|timed out"):
             f.fetch(f"{srv.url}/trickle?every=0.1")
@@ -207,7 +242,6 @@ def test_oversized_tar_members_are_refused_before_reading(tmp_path):
     assert "over max_bytes" in df["error"][1] and "not a regular file" in df["error"][2]
 
 
-
 def test_one_samples_members_together_are_capped_through_the_gzip_layer(tmp_path):
     """20 members of 800 KB under one key (a 64 KB .tar.gz): each is under max_bytes, together
     they are over sample_max_bytes, so the sample is one failed row holding none of them, and the
@@ -218,18 +252,28 @@ def test_one_samples_members_together_are_capped_through_the_gzip_layer(tmp_path
     with tarfile.open(path, "w:gz") as tar:
         members = [("000.jpg", jpeg_bytes(160, 120, 1)), ("000.txt", b"a cat")]
         members += [(f"001.{i:02d}.bin", b"\0" * (800 << 10)) for i in range(20)]
-        members += [("001.jpg", jpeg_bytes(160, 120, 2)), ("002.jpg", jpeg_bytes(160, 120, 3)), ("002.txt", b"a dog")]
+        members += [
+            ("001.jpg", jpeg_bytes(160, 120, 2)),
+            ("002.jpg", jpeg_bytes(160, 120, 3)),
+            ("002.txt", b"a dog"),
+        ]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert path.stat().st_size < 1 << 17
     with open(path, "rb") as f:  # what the reader holds: never more than the cap of one sample
-        held = [sum(len(v) for k, v in s.items() if not k.startswith("__")) for s in
-                tar_stream_samples(f, 1 << 20, 2 << 20)]
+        held = [
+            sum(len(v) for k, v in s.items() if not k.startswith("__"))
+            for s in tar_stream_samples(f, 1 << 20, 2 << 20)
+        ]
     assert max(held) <= 2 << 20 and held[1] == 0
-    ref = ingest_ref(str(tmp_path / "store"), [str(path)], "d",
-                     {**SMALL, "max_bytes": 1 << 20, "sample_max_bytes": 2 << 20})
+    ref = ingest_ref(
+        str(tmp_path / "store"),
+        [str(path)],
+        "d",
+        {**SMALL, "max_bytes": 1 << 20, "sample_max_bytes": 2 << 20},
+    )
     df = _manifest(str(tmp_path / "store"), ref).sort("source")
     assert df["status"].to_list() == ["ok", "failed", "ok"]
     assert "total over sample_max_bytes 2097152" in df["error"][1] and "none kept" in df["error"][1]
@@ -239,17 +283,26 @@ def test_one_samples_members_together_are_capped_through_the_gzip_layer(tmp_path
 def test_url_credentials_and_signatures_are_redacted(tmp_path, caplog):
     with ImageServer() as srv:
         host = srv.url.split("://", 1)[1]
-        urls = [f"http://alice:hunter2@{host}/img/1.jpg",
-                f"{srv.url}/img/2.jpg?X-Amz-Signature=deadbeefcafe&X-Amz-Credential=AKIAXYZ&w=200",
-                f"{srv.url}/missing.jpg?token=tok3n-secret"]
+        urls = [
+            f"http://alice:hunter2@{host}/img/1.jpg",
+            f"{srv.url}/img/2.jpg?X-Amz-Signature=deadbeefcafe&X-Amz-Credential=AKIAXYZ&w=200",
+            f"{srv.url}/missing.jpg?token=tok3n-secret",
+        ]
         pl.DataFrame({"url": urls, "caption": ["a", "b", "c"]}).write_parquet(tmp_path / "u.parquet")
         with caplog.at_level(logging.INFO):
-            ref = ingest_ref(str(tmp_path / "store"), [str(tmp_path / "u.parquet")], "d",
-                             {**SMALL, "allow_private_addresses": True, "retries": 0})
+            ref = ingest_ref(
+                str(tmp_path / "store"),
+                [str(tmp_path / "u.parquet")],
+                "d",
+                {**SMALL, "allow_private_addresses": True, "retries": 0},
+            )
     df = _manifest(str(tmp_path / "store"), ref)
     assert df["status"].to_list()[:2] == ["ok", "ok"]
-    everything = df.write_csv() + caplog.text + "".join(
-        p.read_bytes().decode("latin-1") for p in (tmp_path / "store").rglob("*") if p.is_file())
+    everything = (
+        df.write_csv()
+        + caplog.text
+        + "".join(p.read_bytes().decode("latin-1") for p in (tmp_path / "store").rglob("*") if p.is_file())
+    )
     for secret in ("hunter2", "deadbeefcafe", "AKIAXYZ", "tok3n-secret"):
         assert secret not in everything, secret
 
@@ -274,7 +327,10 @@ def test_png_damaged_mid_stream_is_a_decode_failure(tmp_path):
     ref = ingest_ref(str(tmp_path / "store"), [str(folder)], "d", SMALL)
     by = {r["caption"]: r for r in _manifest(str(tmp_path / "store"), ref).iter_rows(named=True)}
     assert by["fine"]["status"] == "ok"
-    assert by["damaged in the middle"]["status"] == "failed" and by["damaged in the middle"]["failed_stage"] == "decode"
+    assert (
+        by["damaged in the middle"]["status"] == "failed"
+        and by["damaged in the middle"]["failed_stage"] == "decode"
+    )
 
 
 # 8. everything is validated before any work -------------------------------------------------------------
@@ -313,11 +369,21 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_sigterm_stops_asd_and_its_temporary_server(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "ASD_CACHE": str(tmp_path / "cache"),
-           "PREFECT_API_URL": "", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "ASD_CACHE": str(tmp_path / "cache"),
+        "PREFECT_API_URL": "",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("PREFECT_API_URL")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--store", str(tmp_path / "store"), "demo", "--quick"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--store", str(tmp_path / "store"), "demo", "--quick"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
+    )
     deadline = time.monotonic() + 120
     server: list[int] = []
     while time.monotonic() < deadline and not server:
@@ -329,7 +395,11 @@ def test_sigterm_stops_asd_and_its_temporary_server(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     time.sleep(2)
-    alive = [p for p in server if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    alive = [
+        p
+        for p in server
+        if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
+    ]
     assert alive == [], proc.stdout.read().decode()[-2000:]
     assert proc.returncode != 0
 
@@ -351,7 +421,9 @@ def test_access_key_id_equal_to_bucket_name_still_works(tmp_path, s3_server, mon
     assert store.url == "s3://asd/store" and store.verify(ref) == []
 
 
-def test_cache_tampering_of_the_same_size_is_found_and_processes_share_one_download(tmp_path, commit_tiny_model):
+def test_cache_tampering_of_the_same_size_is_found_and_processes_share_one_download(
+    tmp_path, commit_tiny_model
+):
     """A cached file edited in place (same size) is hashed again and replaced; three processes
     filling the cache at once download the version once and all get the intact copy."""
     import subprocess
@@ -371,8 +443,10 @@ store.download = lambda *a, **k: downloads.append(1) or real(*a, **k)
 folder = mc.local_model_dir(store, {ref!r})
 print(json.dumps({{"folder": str(folder), "downloads": len(downloads)}}))
 """
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert len({r["folder"] for r in results}) == 1 and sum(r["downloads"] for r in results) == 1
     folder = Path(results[0]["folder"])

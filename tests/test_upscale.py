@@ -45,8 +45,9 @@ def test_upscale_folder_exact_sizes_failed_rows_and_lineage(stored_model, tmp_pa
     from tasks.upscale import UpscaleSettings
 
     folder = _photos(tmp_path / "in")
-    ref = upscale_flow([str(folder)], "models/tiny", "x2", UpscaleSettings(steps=2, partition_inputs=2),
-                       stored_model)
+    ref = upscale_flow(
+        [str(folder)], "models/tiny", "x2", UpscaleSettings(steps=2, partition_inputs=2), stored_model
+    )
     store = ArtifactStore(stored_model)
     m = _manifest(stored_model, ref)
     assert len(m) == 6 and m["row"].to_list() == list(range(6))
@@ -80,30 +81,49 @@ def test_generations_and_upscales_versions_are_sources(stored_model, tmp_path, p
     from tasks.upscale import UpscaleSettings
 
     store = ArtifactStore(stored_model)
-    prompts = prompts_flow([PromptSpec(prompt=f"scene {i}", width=64 + 32 * i, height=64, seed=i) for i in range(3)],
-                           "few", stored_model)
-    gen = generate_flow("models/tiny", prompts, "wds", GenerateSettings(steps=2, layout="webdataset"), stored_model)
-    first = upscale_flow([str(_photos(tmp_path / "in", n=2))], "models/tiny", "once", UpscaleSettings(steps=2),
-                         stored_model)
+    prompts = prompts_flow(
+        [PromptSpec(prompt=f"scene {i}", width=64 + 32 * i, height=64, seed=i) for i in range(3)],
+        "few",
+        stored_model,
+    )
+    gen = generate_flow(
+        "models/tiny", prompts, "wds", GenerateSettings(steps=2, layout="webdataset"), stored_model
+    )
+    first = upscale_flow(
+        [str(_photos(tmp_path / "in", n=2))], "models/tiny", "once", UpscaleSettings(steps=2), stored_model
+    )
     tampered = _manifest(stored_model, first).filter(pl.col("status") == "ok")["image"][0]
     path = Path(store.path(store.resolve(first).prefix, tampered))
     path.write_bytes(path.read_bytes()[:-40] + b"\0" * 40)
     made = _manifest(stored_model, gen)
-    hostile = made.head(2).with_columns(  # a manifest edited after its commit: a path out of the store, a bad member
-        image=pl.Series(["../../../../etc/passwd", made["image"][1]]), shard_offset=pl.Series([None, -5]))
+    hostile = made.head(
+        2
+    ).with_columns(  # a manifest edited after its commit: a path out of the store, a bad member
+        image=pl.Series(["../../../../etc/passwd", made["image"][1]]), shard_offset=pl.Series([None, -5])
+    )
     pl.concat([made, hostile]).write_parquet(store.path(store.resolve(gen).prefix, "manifest.parquet"))
-    ref = upscale_flow([gen, first], "models/tiny", "again", UpscaleSettings(steps=2, scale=1.5), stored_model)
+    ref = upscale_flow(
+        [gen, first], "models/tiny", "again", UpscaleSettings(steps=2, scale=1.5), stored_model
+    )
     m = _manifest(stored_model, ref)
     assert len(m) == 3 + 2 + 2
-    assert all("manifest row" in e and ("unsafe file path" in e or "not a member" in e)
-               for e in m.slice(3, 2)["error"].to_list()), m.slice(3, 2)["error"].to_list()
+    assert all(
+        "manifest row" in e and ("unsafe file path" in e or "not a member" in e)
+        for e in m.slice(3, 2)["error"].to_list()
+    ), m.slice(3, 2)["error"].to_list()
     for r, g in zip(m.head(3).iter_rows(named=True), made.iter_rows(named=True), strict=True):
-        assert r["status"] == "ok" and r["prompt"] == g["prompt"] and r["source"] == f"{store.resolve(gen)}/{g['image']}"
+        assert (
+            r["status"] == "ok"
+            and r["prompt"] == g["prompt"]
+            and r["source"] == f"{store.resolve(gen)}/{g['image']}"
+        )
         assert (r["input_width"], r["width"]) == (g["width"], round(1.5 * g["width"]))
         assert r["input_sha256"] == hashlib.sha256(image_bytes(store, gen, g)).hexdigest()
     bad = m.filter(pl.col("source").str.ends_with(tampered)).row(0, named=True)
     assert bad["status"] == "failed" and "does not match its recorded sha256" in bad["error"]
-    assert m.filter(pl.col("status") == "ok").height == 4 and m.filter(pl.col("status") == "failed").height == 3
+    assert (
+        m.filter(pl.col("status") == "ok").height == 4 and m.filter(pl.col("status") == "failed").height == 3
+    )
     assert {str(store.resolve(gen)), str(store.resolve(first))} <= set(store.record(ref)["parents"])
     with pytest.raises(ValueError, match="not an image source"):
         upscale_flow([prompts], "models/tiny", "no", UpscaleSettings(steps=2), stored_model)
@@ -124,22 +144,43 @@ def test_upscale_target_rules():
 
 
 def _asd(store_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store_url, *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
 def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
     folder = _photos(tmp_path / "in", n=6)
-    common = ["upscale", str(folder), "--model", "tiny", "--name", "resume", "--steps", "2", "--partition-inputs",
-              "2", "--workers", "2"]
+    common = [
+        "upscale",
+        str(folder),
+        "--model",
+        "tiny",
+        "--name",
+        "resume",
+        "--steps",
+        "2",
+        "--partition-inputs",
+        "2",
+        "--workers",
+        "2",
+    ]
     ph = {"PREFECT_HOME": str(tmp_path / "ph")}
     killed = _asd(stored_model, *common, env={"ASD_FAULT_AT": "after-upscale-3", **ph})
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = ArtifactStore(stored_model)
     assert store.list_versions("upscales", "resume") == []
-    frags = [p for p in Path(stored_model).glob("upscales/resume/*/_fragments/*-*.parquet")
-             if not p.name.startswith("plan-")]
+    frags = [
+        p
+        for p in Path(stored_model).glob("upscales/resume/*/_fragments/*-*.parquet")
+        if not p.name.startswith("plan-")
+    ]
     # three images' rows: each in its own fragment, or with its finished partition's rows in one
     assert sum(pl.read_parquet(p).filter(pl.col("status") == "ok").height for p in frags) == 3
     done = _asd(stored_model, *common, env=ph)
@@ -153,15 +194,44 @@ def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
     again = _asd(stored_model, *common, env=ph)
     assert again.stdout.strip().splitlines()[-2] == ref  # the same job is reused, nothing rendered
 
-    data = _asd(stored_model, "ingest", str(folder), "--dataset", "inputs", "--bucket-base", "64", "--bucket-step",
-                "16", env=ph)
+    data = _asd(
+        stored_model,
+        "ingest",
+        str(folder),
+        "--dataset",
+        "inputs",
+        "--bucket-base",
+        "64",
+        "--bucket-step",
+        "16",
+        env=ph,
+    )
     assert data.returncode == 0, data.stderr[-2000:]
-    scored = _asd(stored_model, "evaluate", "--generations", ref, "--dataset", "inputs", "--name", "up",
-                  "--sample", "4", "--patch-size", "32", env=ph)
+    scored = _asd(
+        stored_model,
+        "evaluate",
+        "--generations",
+        ref,
+        "--dataset",
+        "inputs",
+        "--name",
+        "up",
+        "--sample",
+        "4",
+        "--patch-size",
+        "32",
+        env=ph,
+    )
     assert scored.returncode == 0, scored.stderr[-3000:]
-    metrics = {r["metric"]: r for r in pl.read_parquet(io.BytesIO(store.read_bytes(
-        "evaluations/up@latest", "metrics.parquet"))).iter_rows(named=True)}
-    assert metrics["roundtrip_ssim"]["value"] == pytest.approx(m["roundtrip_ssim"].mean())  # in the evaluation too
+    metrics = {
+        r["metric"]: r
+        for r in pl.read_parquet(
+            io.BytesIO(store.read_bytes("evaluations/up@latest", "metrics.parquet"))
+        ).iter_rows(named=True)
+    }
+    assert metrics["roundtrip_ssim"]["value"] == pytest.approx(
+        m["roundtrip_ssim"].mean()
+    )  # in the evaluation too
 
 
 def test_tiny_x4_upscaler_fitted_in_code_runs_the_upscaler_path(tiny_model_dir, tmp_path):
@@ -175,11 +245,18 @@ def test_tiny_x4_upscaler_fitted_in_code_runs_the_upscaler_path(tiny_model_dir, 
 
     photos = [Image.open(p) for p in sorted(_photos(tmp_path / "in", n=3).glob("p*.png"))]
     losses: list[float] = []
-    components = fit_tiny_upscaler([pil_to_tensor_m11(im) for im in photos], ["a picture"] * 3, vae_steps=30,
-                                   unet_steps=40, batch_size=4,
-                                   on_step=lambda part, s, n, loss: losses.append(loss) if part == "unet" else None)
+    components = fit_tiny_upscaler(
+        [pil_to_tensor_m11(im) for im in photos],
+        ["a picture"] * 3,
+        vae_steps=30,
+        unet_steps=40,
+        batch_size=4,
+        on_step=lambda part, s, n, loss: losses.append(loss) if part == "unet" else None,
+    )
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
-    pipe = AnySizePipeline.from_pretrained(tiny_model_dir, upscaler=save_upscaler_components(components, tmp_path / "x4"))
+    pipe = AnySizePipeline.from_pretrained(
+        tiny_model_dir, upscaler=save_upscaler_components(components, tmp_path / "x4")
+    )
     small = photos[0].convert("RGB").resize((32, 24))
     result = pipe.upscale_many([RenderRequest("a picture", 128, 96, steps=3, noise_level=20)], [small])[0]
     assert result.size == (128, 96)

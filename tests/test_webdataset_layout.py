@@ -25,14 +25,26 @@ from artifact_store.members import TarPacker, image_bytes, image_uri
 
 def _prompts(path: Path, n: int) -> Path:
     sizes = [(96, 96), (160, 96), (96, 160)]
-    pl.DataFrame({"prompt": [f"picture {i}" for i in range(n)], "width": [sizes[i % 3][0] for i in range(n)],
-                  "height": [sizes[i % 3][1] for i in range(n)], "seed": list(range(n))}).write_parquet(path)
+    pl.DataFrame(
+        {
+            "prompt": [f"picture {i}" for i in range(n)],
+            "width": [sizes[i % 3][0] for i in range(n)],
+            "height": [sizes[i % 3][1] for i in range(n)],
+            "seed": list(range(n)),
+        }
+    ).write_parquet(path)
     return path
 
 
 def _asd(store_url: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store_url, *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, cwd=Path(__file__).parent.parent, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=Path(__file__).parent.parent,
+        timeout=600,
+    )
 
 
 def test_tar_packer_offsets_point_at_each_members_bytes():
@@ -42,7 +54,7 @@ def test_tar_packer_offsets_point_at_each_members_bytes():
     blob = packer.finish().read()
     for name, data in members.items():
         off, size = at[name]
-        assert blob[off:off + size] == data and size == len(data)
+        assert blob[off : off + size] == data and size == len(data)
     again = TarPacker()
     for name, data in members.items():
         again.add(name, data)
@@ -52,8 +64,23 @@ def test_tar_packer_offsets_point_at_each_members_bytes():
 @pytest.mark.slow
 def test_webdataset_layout_job_killed_and_resumed(stored_model, tmp_path):
     prompts = _prompts(tmp_path / "p.parquet", 7)
-    common = ["generate", "--model", "tiny", "--name", "wds", "--prompts", str(prompts), "--steps", "2",
-              "--shard-size", "7", "--chunk-rows", "3", "--layout", "webdataset"]
+    common = [
+        "generate",
+        "--model",
+        "tiny",
+        "--name",
+        "wds",
+        "--prompts",
+        str(prompts),
+        "--steps",
+        "2",
+        "--shard-size",
+        "7",
+        "--chunk-rows",
+        "3",
+        "--layout",
+        "webdataset",
+    ]
     env = {"PREFECT_HOME": str(tmp_path / "ph")}
     killed = _asd(stored_model, *common, env={**env, "ASD_FAULT_AT": "after-image-5"})
     assert killed.returncode == -9, killed.stderr[-2000:]  # chunk [0, 3) durable, chunk [3, 6) not
@@ -63,12 +90,20 @@ def test_webdataset_layout_job_killed_and_resumed(stored_model, tmp_path):
     store = ArtifactStore(stored_model)
     ref = store.resolve(ref)
     summary = store.record(ref)["summary"]
-    assert summary["images_ok"] == 7 and summary["images_resumed"] == 3 and summary["images_rendered_by_this_run"] == 4
+    assert (
+        summary["images_ok"] == 7
+        and summary["images_resumed"] == 3
+        and summary["images_rendered_by_this_run"] == 4
+    )
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
     assert manifest["status"].to_list() == ["ok"] * 7 and manifest["key"].n_unique() == 7
     files = dict(store.iter_files(ref))
     tars = sorted(f for f in files if f.startswith("shards/"))
-    assert tars == ["shards/rows-000001-000003.tar", "shards/rows-000004-000006.tar", "shards/rows-000007-000007.tar"]
+    assert tars == [
+        "shards/rows-000001-000003.tar",
+        "shards/rows-000004-000006.tar",
+        "shards/rows-000007-000007.tar",
+    ]
     assert not [f for f in files if f.startswith("images/")]  # no object per image
     assert store.verify(ref) == [] and store.verify(ref, shallow=True) == []
 
@@ -84,4 +119,6 @@ def test_webdataset_layout_job_killed_and_resumed(stored_model, tmp_path):
         png = image_bytes(store, ref, r)  # one ranged read of its tar
         assert png == s["png"] and Image.open(io.BytesIO(png)).size == (r["width"], r["height"])
         assert image_uri(store, ref, r).endswith(f"{r['shard']}#{r['key']}.png")
-        assert r["seam_score"] is not None and np.isfinite(r["seam_score"]) or not (r["seam_x"] or r["seam_y"])
+        assert (
+            r["seam_score"] is not None and np.isfinite(r["seam_score"]) or not (r["seam_x"] or r["seam_y"])
+        )

@@ -49,7 +49,11 @@ def settings() -> str:
         out.append(f"## asd {command}: `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
         out.append("| flag | default | role | what it sets |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
-            role = (field.json_schema_extra or {}).get("role", "") if isinstance(field.json_schema_extra, dict) else ""
+            role = (
+                (field.json_schema_extra or {}).get("role", "")
+                if isinstance(field.json_schema_extra, dict)
+                else ""
+            )
             text = (field.description or "").replace("|", "\\|").replace("\n", " ")
             out.append(f"| `--{name.replace('_', '-')}` | {_default(field)} | {role} | {text} |")
         out.append("")
@@ -71,8 +75,11 @@ def environment() -> str:
 
 def _schema_comments(source: str) -> dict[str, list[tuple[str, str, str]]]:
     """Schema name -> (field, type, comment) from data_manifests/schemas.py, comments included."""
-    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     out: dict[str, list[tuple[str, str, str]]] = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
@@ -110,8 +117,13 @@ def samplers() -> str:
     return "\n".join(rows) + "\n"
 
 
-GENERATORS = {"cli": cli, "settings": settings, "environment": environment, "schemas": schemas,
-              "samplers": samplers}
+GENERATORS = {
+    "cli": cli,
+    "settings": settings,
+    "environment": environment,
+    "schemas": schemas,
+    "samplers": samplers,
+}
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:

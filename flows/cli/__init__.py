@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_parser(sub)
     for parser in _all_subparsers(p):
         # `asd deploy --store URL` as well as `asd --store URL deploy`; SUPPRESS keeps the global one
-        parser.add_argument("--store", default=argparse.SUPPRESS, help="artifact store URL (as `asd --store`)")
+        parser.add_argument(
+            "--store", default=argparse.SUPPRESS, help="artifact store URL (as `asd --store`)"
+        )
     return p
 
 
@@ -69,12 +71,22 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     # CorruptRecord (a StoreError) is caught before these, in main(): it exits 1, not 2
     from flows.deploy import DeployError
 
-    return (UserError, StoreError, ValidationError, ModelNotFoundError, BotoCoreError, ClientError, DeployError,
-            BackfillError, CheckpointMismatch)
+    return (
+        UserError,
+        StoreError,
+        ValidationError,
+        ModelNotFoundError,
+        BotoCoreError,
+        ClientError,
+        DeployError,
+        BackfillError,
+        CheckpointMismatch,
+    )
 
 
 def _stop_on_sigterm() -> None:
     """SIGTERM ends `asd` like Ctrl-C: cleanup runs (Prefect's temporary server is stopped)."""
+
     def handler(signum: int, frame) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -103,4 +115,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asd: interrupted", file=sys.stderr)
         return 130
-

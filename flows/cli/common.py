@@ -11,10 +11,8 @@ from pathlib import Path
 USER_ERROR = 2
 
 
-
 class UserError(Exception):
     """A mistake in what the user gave: printed as one line, exit code 2."""
-
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,10 +20,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        print(f"asd: {message}" + (f" ({sub}; see `{self.prog} --help`)" if sub else " (see `asd --help`)"),
-              file=sys.stderr)
+        print(
+            f"asd: {message}" + (f" ({sub}; see `{self.prog} --help`)" if sub else " (see `asd --help`)"),
+            file=sys.stderr,
+        )
         raise SystemExit(USER_ERROR)
-
 
 
 def ref_arg(text: str, kind: str) -> str:
@@ -37,13 +36,13 @@ def ref_arg(text: str, kind: str) -> str:
     return ref
 
 
-
 def local_or_url(spec: str) -> str:
     """Local paths become absolute (flows may run elsewhere); URLs and patterns stay as given."""
     if "://" in spec:
         return spec
-    return str(Path(spec).expanduser().resolve()) if "{" not in spec else str(Path(spec).expanduser().absolute())
-
+    return (
+        str(Path(spec).expanduser().resolve()) if "{" not in spec else str(Path(spec).expanduser().absolute())
+    )
 
 
 def checked_sources(specs: list[str], source_options, store=None) -> list[str]:

@@ -30,8 +30,12 @@ def demo_settings(quick: bool) -> dict:
 
     wanted = "quick" if quick else "nightly"
     spec = next(s for s in load_specs() if s.name == wanted and s.entrypoint.endswith("asd_pipeline"))
-    models = {"ingest": IngestSettings, "train": TrainSettings, "generate": GenerateSettings,
-              "evaluate": EvaluateSettings}
+    models = {
+        "ingest": IngestSettings,
+        "train": TrainSettings,
+        "generate": GenerateSettings,
+        "evaluate": EvaluateSettings,
+    }
     return {stage: model(**spec.parameters.get(stage, {})) for stage, model in models.items()}
 
 
@@ -48,10 +52,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         folder = materialize_demo_photos(Path(tmp) / "photos")
         prompts = [PromptSpec(**p) for p in demo_prompts()]
         if args.quick:
-            prompts = [PromptSpec(prompt=p.prompt, width=p.width // 4 + 64, height=p.height // 4 + 64, seed=p.seed)
-                       for p in prompts[:3]]
-        refs = asd_pipeline(source=str(folder), prompts=prompts, name=args.name, **demo_settings(args.quick),
-                            store_url=store.url, rerun=args.rerun)
+            prompts = [
+                PromptSpec(prompt=p.prompt, width=p.width // 4 + 64, height=p.height // 4 + 64, seed=p.seed)
+                for p in prompts[:3]
+            ]
+        refs = asd_pipeline(
+            source=str(folder),
+            prompts=prompts,
+            name=args.name,
+            **demo_settings(args.quick),
+            store_url=store.url,
+            rerun=args.rerun,
+        )
     print("\nCommitted versions (the evaluation and everything it descends from):")
     stages = {v: k for k, v in refs.model_dump().items()}
     for rec in store.lineage(refs.evaluation):
@@ -69,4 +81,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         print("\n(--quick: the model is barely trained; these numbers mean nothing.)")
     return 0
-

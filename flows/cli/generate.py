@@ -16,14 +16,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="render prompts at any size with FSTD")
     g.add_argument("--model", required=True, help="NAME, NAME@VERSION or models/NAME@VERSION")
     g.add_argument("--name", default="generations", help="name of the generations artifact to write")
-    g.add_argument("--prompts", help="Parquet/CSV/JSONL with prompt, width, height (optional: negative_prompt, "
-                   "seed, steps, guidance_scale, strength), or a stored prompts/NAME@VERSION")
+    g.add_argument(
+        "--prompts",
+        help="Parquet/CSV/JSONL with prompt, width, height (optional: negative_prompt, "
+        "seed, steps, guidance_scale, strength), or a stored prompts/NAME@VERSION",
+    )
     g.add_argument("--prompt", help="one prompt, rendered at every --size")
     g.add_argument("--size", action="append", help="WIDTHxHEIGHT, repeatable (with --prompt)")
     g.add_argument("--seed", type=int, default=0, help="seed of --prompt (default: 0)")
     g.add_argument("--rerun", action="store_true", help="render again even if this exact job is committed")
-    g.add_argument("--dry-run", action="store_true", help="print the job's plan (images, pixels, UNet evaluations, "
-                   "estimated time) and render nothing")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the job's plan (images, pixels, UNet evaluations, estimated time) and render nothing",
+    )
     add_settings_arguments(g, GenerateSettings)
     g.set_defaults(func=cmd_generate)
 
@@ -53,8 +59,11 @@ def prompts_from_args(args: argparse.Namespace):
             table = prompt_table(args.prompts)
         except PromptFileError as exc:
             raise UserError(str(exc)) from None
-        bad = [(r, e) for r, e in zip(table.column("row").to_pylist(), table.column("error").to_pylist(),
-                                      strict=True) if e]
+        bad = [
+            (r, e)
+            for r, e in zip(table.column("row").to_pylist(), table.column("error").to_pylist(), strict=True)
+            if e
+        ]
         for row, error in bad[:10]:
             print(f"asd generate: prompt row {row} will not be rendered: {error}", file=sys.stderr)
         return table
@@ -67,8 +76,11 @@ def prompts_from_args(args: argparse.Namespace):
             rows.append(PromptSpec(prompt=args.prompt, width=w, height=h, seed=args.seed).model_dump())
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise UserError(f"--size {s}: {err['loc'][0]} {err['msg']}" if err["loc"][0] in ("width", "height")
-                            else f"--{err['loc'][0]}: {err['msg']}") from None
+            raise UserError(
+                f"--size {s}: {err['loc'][0]} {err['msg']}"
+                if err["loc"][0] in ("width", "height")
+                else f"--{err['loc'][0]}: {err['msg']}"
+            ) from None
     return validate_rows(rows, "--prompt")
 
 
@@ -97,4 +109,3 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = store_prompts(store.url, prompts, args.name, args.prompts or "--prompt")
     print(generate_flow(model, prompts, args.name, settings, store.url, args.rerun))
     return 0
-

@@ -11,7 +11,8 @@ from tasks.ingest import IngestSettings
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser(
-        "ingest", help="ingest folders, URL lists and WebDataset/img2dataset shards into a bucketed dataset",
+        "ingest",
+        help="ingest folders, URL lists and WebDataset/img2dataset shards into a bucketed dataset",
         description="SOURCE: a folder of images with captions (sidecar .txt/.caption or metadata.jsonl/csv/"
         "parquet), a URL list (.parquet/.csv/.tsv/.jsonl/.txt with url and caption columns; http(s)://, "
         "s3://, file:// URLs) or shards (a .tar, a {00000..00009}.tar pattern, a folder of .tar, local or s3://).",
@@ -19,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("source", nargs="+")
     i.add_argument("--dataset", required=True)
     i.add_argument("--rerun", action="store_true", help="process everything again (no reuse)")
-    i.add_argument("--retry-failed", action="store_true", help="download again the rows whose download failed")
+    i.add_argument(
+        "--retry-failed", action="store_true", help="download again the rows whose download failed"
+    )
     add_settings_arguments(i, IngestSettings)
     i.set_defaults(func=cmd_ingest)
 
@@ -41,8 +44,9 @@ def _print_ingest_summary(ref: str, store_url: str | None) -> None:
 
     summary = ArtifactStore(store_url).record(ref).get("summary", {})
     print(ref)
-    print(f"  {summary.get('samples_ok', 0)} ok, {summary.get('samples_failed', 0)} failed "
-          f"{summary.get('failed_by_stage') or ''}, {summary.get('reused', 0)} reused from the previous version")
+    print(
+        f"  {summary.get('samples_ok', 0)} ok, {summary.get('samples_failed', 0)} failed "
+        f"{summary.get('failed_by_stage') or ''}, {summary.get('reused', 0)} reused from the previous version"
+    )
     for bucket, n in (summary.get("buckets") or {}).items():
         print(f"  {bucket:>10s}: {n}")
-

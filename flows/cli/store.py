@@ -27,8 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cat.add_argument("--output", help="write the whole catalog to this Parquet file")
     v = ssub.add_parser("verify", help="re-hash files and check commit records; exit 1 on any damage")
     v.add_argument("refs", nargs="*", help="references (default: every committed version)")
-    v.add_argument("--shallow", action="store_true", help="read no file: one listing per version checks every "
-                   "recorded file is there with its size and was not written after the commit record")
+    v.add_argument(
+        "--shallow",
+        action="store_true",
+        help="read no file: one listing per version checks every "
+        "recorded file is there with its size and was not written after the commit record",
+    )
     s.set_defaults(func=cmd_store)
 
 
@@ -53,7 +57,9 @@ def store_show(store, args: argparse.Namespace) -> int:
     files = dict(store.iter_files(args.ref)) if args.files else rec["files"]
     shown["files"] = files if args.files else {k: v["size"] for k, v in files.items()}
     if rec.get("file_lists") and not args.files:
-        shown["files"]["..."] = f"{rec['file_count'] - len(files)} more in the file lists (--files lists them all)"
+        shown["files"]["..."] = (
+            f"{rec['file_count'] - len(files)} more in the file lists (--files lists them all)"
+        )
     print(json.dumps(shown, indent=2, default=str))
     print("\nLineage:")
     _print_lineage(store, str(store.resolve(args.ref)), full=args.lineage)
@@ -64,10 +70,15 @@ def store_lineage(store, args: argparse.Namespace) -> int:
     ref, rel = store.locate(args.file)
     rec = store.record(ref)
     meta = store.file_meta(ref, rel)
-    print(f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
-          + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "") + ")")
-    print(f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "
-          f"code {rec.get('code_version')}")
+    print(
+        f"{args.file}\n  is {rel} of {ref} (sha256 {meta['sha256']}, {meta['size']} bytes"
+        + (f", S3 VersionId {meta['version_id']}" if meta.get("version_id") else "")
+        + ")"
+    )
+    print(
+        f"  committed {rec['committed_at']} by flow run {rec.get('flow_run_id') or '-'}, "
+        f"code {rec.get('code_version')}"
+    )
     print("\nMade from:")
     _print_lineage(store, str(ref), full=True)
     return 0
@@ -92,7 +103,9 @@ def store_catalog(store, args: argparse.Namespace) -> int:
         pq.write_table(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}")
         return 0
-    df = pl.from_arrow(table).select("ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id")
+    df = pl.from_arrow(table).select(
+        "ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id"
+    )
     with pl.Config(tbl_rows=200, fmt_str_lengths=70, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
         print(df)
     print(f"catalog: {store.uri('_catalog')}/*/*/*.parquet ({table.num_rows} versions)")
@@ -116,8 +129,14 @@ def store_verify(store, args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-STORE_COMMANDS = {"ls": store_ls, "show": store_show, "lineage": store_lineage, "gc": store_gc,
-                  "catalog": store_catalog, "verify": store_verify}
+STORE_COMMANDS = {
+    "ls": store_ls,
+    "show": store_show,
+    "lineage": store_lineage,
+    "gc": store_gc,
+    "catalog": store_catalog,
+    "verify": store_verify,
+}
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -148,4 +167,3 @@ def _print_lineage(store, ref: str, full: bool) -> None:
         source = (rec.get("params") or {}).get("source")
         if source and not rec.get("parents"):
             print(f"{pad}  source: {source}")
-
