@@ -5,6 +5,7 @@ or an existing scheduler by address), chosen per run from a stage's settings (`e
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -161,23 +162,19 @@ def task_runner_for(settings: Any):
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
     keep_worker_heap()
-    if uses_gpu(settings):
-        try:
-            import dask_cuda  # noqa: F401
-        except ImportError:
-            pass  # below: a LocalCluster whose workers take their GPU by name (worker_device)
-        else:
-            env = worker_environment(settings, gpu_by_name=False)
-            through_nannies(env)
-            return DaskTaskRunner(
-                cluster_class="dask_cuda.LocalCUDACluster",  # pins one GPU per worker
-                cluster_kwargs={
-                    "threads_per_worker": 1,
-                    "resources": {"GPU": 1},
-                    "env": env,
-                    "dashboard_address": None,
-                },
-            )
+    # without dask-cuda: a LocalCluster (below) whose workers take their GPU by name (worker_device)
+    if uses_gpu(settings) and importlib.util.find_spec("dask_cuda") is not None:
+        env = worker_environment(settings, gpu_by_name=False)
+        through_nannies(env)
+        return DaskTaskRunner(
+            cluster_class="dask_cuda.LocalCUDACluster",  # pins one GPU per worker
+            cluster_kwargs={
+                "threads_per_worker": 1,
+                "resources": {"GPU": 1},
+                "env": env,
+                "dashboard_address": None,
+            },
+        )
     env = worker_environment(settings, gpu_by_name=True)
     kwargs = {
         "n_workers": settings.workers,
