@@ -8,6 +8,8 @@ refuses a job over `max_job_pixels` before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -174,18 +176,44 @@ def measured_rate(store: ArtifactStore, model_ref: str, kind: str) -> tuple[floa
     return None
 
 
+PLAN_COLUMNS = ("width", "height", "steps", "guidance_scale", "strength", "error")
+_PLANNED: dict[
+    str, JobPlan
+] = {}  # the last plans of this process: the CLI's check and the stage's resolve share one
+_PLANS_KEPT = 2
+
+
 def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: Any) -> JobPlan:
     """The plan of rendering `table` (a validated prompt table) with `model_ref` and `settings`
-    (a `tasks.generate.GenerateSettings`)."""
+    (a `tasks.generate.GenerateSettings`), made once per process for the same job: `asd generate`
+    plans before it starts the flow (to refuse a job too large in one line), and the flow's stage
+    finds that plan instead of costing every row again (the prompts stored in between are the
+    same rows: the key hashes the planned columns themselves)."""
+    # the planned columns' values (their bytes differ with chunking, metadata and what lies under nulls)
+    cols = {c: table.column(c).to_pylist() for c in PLAN_COLUMNS}
+    digest = hashlib.sha256(json.dumps(list(cols.values())).encode())
+    key = json.dumps(
+        [store.url, model_ref, digest.hexdigest(), settings.model_dump(mode="json")], sort_keys=True
+    )
+    if key not in _PLANNED:
+        while len(_PLANNED) >= _PLANS_KEPT:
+            _PLANNED.pop(next(iter(_PLANNED)))
+        _PLANNED[key] = _costed(store, model_ref, cols, settings)
+    plan = dataclasses.replace(_PLANNED[key])  # the rows' costs once; the measured rate as it is now
+    found = measured_rate(store, model_ref, plan.device)
+    if found:
+        plan.rate, plan.rate_from = found
+    return plan
+
+
+def _costed(store: ArtifactStore, model_ref: str, cols: dict[str, list[Any]], settings: Any) -> JobPlan:
+    """Every row of the job costed (no measured rate: that is read at each plan)."""
     geo = ModelGeometry.of(store, model_ref)
     buckets = asd_buckets(base=geo.sample_size * geo.vae_scale_factor, step=geo.pixel_multiple)
-    cols = {
-        c: table.column(c).to_pylist()
-        for c in ("width", "height", "steps", "guidance_scale", "strength", "error")
-    }
     pixels = evals = images = 0
     largest = (0, 0)
-    row_evals = np.zeros(table.num_rows, dtype=np.int64)
+    rows = len(cols["width"])
+    row_evals = np.zeros(rows, dtype=np.int64)
     for i, (w, h, st, g, sg, err) in enumerate(zip(*cols.values(), strict=True)):
         if err is not None:
             continue
@@ -210,7 +238,7 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
     kind = device_kind(settings.device)
     plan = JobPlan(
         images,
-        table.num_rows - images,
+        rows - images,
         pixels,
         largest,
         evals,
@@ -219,9 +247,6 @@ def plan_job(store: ArtifactStore, model_ref: str, table: pa.Table, settings: An
         settings.max_job_pixels,
         row_evals=row_evals,
     )
-    found = measured_rate(store, model_ref, kind)
-    if found:
-        plan.rate, plan.rate_from = found
     return plan
 
 

@@ -108,3 +108,22 @@ def test_a_measured_rate_of_the_same_model_and_device_gives_an_estimate(planned_
     assert plan.rate == 10.0 and plan.rate_from == str(ref)
     assert plan.seconds == pytest.approx(plan.unet_evals / 20)
     assert f"measured by {ref}" in "\n".join(plan.lines())
+
+
+def test_a_job_is_planned_once_when_the_cli_then_the_stage_ask(planned_store):
+    """`asd generate` plans the job before it starts the flow; the stage's resolve plans it from the
+    stored prompts: the same rows and settings are costed once (the same per-row costs, not
+    computed again), while other settings or other rows are costed afresh."""
+    from data_engine.prompts import read_prompts
+    from tasks.prompts import store_prompts
+
+    url, model = planned_store
+    store = ArtifactStore(url)
+    table = validate_rows(ROWS, "test")
+    settings = GenerateSettings(steps=4)
+    first = plan_job(store, model, table, settings)
+    stored = store_prompts(url, table, "plan-once", "test")
+    again = plan_job(store, model, read_prompts(store, stored), settings)
+    assert again.row_evals is first.row_evals and again.unet_evals == first.unet_evals
+    assert plan_job(store, model, table, GenerateSettings(steps=5)).row_evals is not first.row_evals
+    assert plan_job(store, model, validate_rows(ROWS[:3], "test"), settings).images == 3
