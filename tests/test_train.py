@@ -314,22 +314,46 @@ def test_training_keeps_one_loss_artifact_key_in_the_ui(dataset, tiny_model_dir,
     assert len(ArtifactStore(store_url).list_versions("checkpoints", "ui")) == 2  # the checkpoints did happen
 
 
+_RNG_ROUND_TRIP = """
+import json, random, sys
+import torch
+from asd_models.arad_training import AradTrainer
+from asd_models.loading import load_components
+from tasks.train import TrainSettings
+
+model, folder, cfg = sys.argv[1], sys.argv[2], TrainSettings(**json.loads(sys.argv[3])).train_config()
+trainer = AradTrainer(load_components(model), cfg)
+torch.randint(0, 10, (1,), generator=trainer.generator)  # the trainer's own stream moves on
+saved = trainer.save_checkpoint(folder)
+expected = torch.randint(0, 2**30, (4,), generator=trainer.generator).tolist()
+torch.manual_seed(1234)
+random.seed(99)
+torch_state, py_state = torch.get_rng_state(), random.getstate()
+restored = AradTrainer(load_components(model), cfg)
+restored.load_checkpoint(saved)
+print(json.dumps({
+    "torch_rng_untouched": bool(torch.equal(torch.get_rng_state(), torch_state)),
+    "python_rng_untouched": random.getstate() == py_state,
+    "stream_restored": torch.randint(0, 2**30, (4,), generator=restored.generator).tolist() == expected,
+}))
+"""
+
+
 def test_a_checkpoint_round_trip_leaves_the_global_rngs_alone(tiny_model_dir, tmp_path):
     """Library code never changes the process's global RNGs: the trainer's draws come from its
-    own generator, which is what a checkpoint saves and restores."""
-    import random
-
-    from asd_models.arad_training import AradTrainer
-    from asd_models.loading import load_components
-
-    trainer = AradTrainer(load_components(tiny_model_dir), TrainSettings(**CFG).train_config())
-    torch.randint(0, 10, (1,), generator=trainer.generator)  # the trainer's own stream moves on
-    folder = trainer.save_checkpoint(tmp_path / "ckpt")
-    expected = torch.randint(0, 2**30, (4,), generator=trainer.generator).tolist()
-    torch.manual_seed(1234)
-    random.seed(99)
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
-    restored = AradTrainer(load_components(tiny_model_dir), TrainSettings(**CFG).train_config())
-    restored.load_checkpoint(folder)
-    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
-    assert torch.randint(0, 2**30, (4,), generator=restored.generator).tolist() == expected
+    own generator, which is what a checkpoint saves and restores. It runs in a fresh interpreter:
+    threads that earlier tests left in this one (Prefect's, Dask's) may draw from `random` at
+    any moment, which is theirs to do and would make this check flaky."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RNG_ROUND_TRIP, str(tiny_model_dir), str(tmp_path / "ckpt"), json.dumps(CFG)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "torch_rng_untouched": True,
+        "python_rng_untouched": True,
+        "stream_restored": True,
+    }
