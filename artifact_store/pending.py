@@ -1,8 +1,9 @@
-"""A pending (uncommitted) version's files by their path in the version: what the stages write
-into a version before its commit and read back (fragments, plan files, shards a merge rewrites).
-Paths are checked (no `..`, no absolute paths) and composed here, so nothing outside the store
-touches its file system; on a local disk a path through a link is refused, since whatever the
-pipeline wrote may have been replaced by someone sharing the store."""
+"""A folder of the store by paths inside it: a pending (uncommitted) version's files, what the
+stages write into a version before its commit and read back (fragments, plan files, shards a
+merge rewrites), and the dashboard's built site (`_site/`). Paths are checked (no `..`, no
+absolute paths) and composed here, so nothing outside the store touches its file system; on a
+local disk a path through a link is refused, since whatever the pipeline wrote may have been
+replaced by someone sharing the store."""
 
 from __future__ import annotations
 
@@ -13,22 +14,29 @@ from artifact_store.paths import check_relpath
 from artifact_store.refs import FileNotListed, PendingVersion
 
 
-class PendingFiles:
-    """The files of one pending version (`store.pending_files(pending)`)."""
+class StoreFolder:
+    """The files under one folder of the store (`prefix`), by their path in it; `label` names
+    the folder in errors."""
 
-    def __init__(self, store: Any, pending: PendingVersion) -> None:
-        self.store, self.pending = store, pending
+    def __init__(self, store: Any, prefix: str, label: str) -> None:
+        self.store, self.prefix, self.label = store, prefix, label
 
     def path(self, rel: str) -> str:
         """The store path of `rel` (checked; a link on a local disk is refused)."""
-        path = self.store.path(
-            self.pending.ref.prefix, check_relpath(rel, str(self.pending.ref), store_state=True)
-        )
+        path = self.store.path(self.prefix, check_relpath(rel, self.label, store_state=True))
         if self.store.is_local and os.path.lexists(path) and os.path.realpath(path) != os.path.abspath(path):
             raise FileNotListed(
-                f"{rel} in {self.pending.ref} is (or lies under) a link, not a file this job wrote"
+                f"{rel} in {self.label} is (or lies under) a link, not a file the pipeline wrote"
             )
         return path
+
+    def size_of(self, rel: str) -> int | None:
+        """The size of the file at `rel`; None when there is none (or a folder is there)."""
+        try:
+            info = self.store.fs.info(self.path(rel))
+        except FileNotFoundError:
+            return None
+        return int(info["size"]) if info.get("type") == "file" else None
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         if "w" in mode:
@@ -62,3 +70,11 @@ class PendingFiles:
 
     def sha256_of(self, rel: str, expected_size: int | None = None) -> tuple[str, int]:
         return self.store.sha256_of(self.path(rel), expected_size)
+
+
+class PendingFiles(StoreFolder):
+    """The files of one pending version (`store.pending_files(pending)`)."""
+
+    def __init__(self, store: Any, pending: PendingVersion) -> None:
+        super().__init__(store, pending.ref.prefix, str(pending.ref))
+        self.pending = pending

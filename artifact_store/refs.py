@@ -14,6 +14,7 @@ COMMIT_RECORD = "_COMMITTED.json"
 PENDING_MARKER = "_PENDING.json"  # in an uncommitted version that a rerun of the same inputs resumes
 LEASE_DIR = "_LEASES"  # in a pending version: who writes it now (artifact_store.leases)
 FRAGMENT_DIR = "_fragments"  # in a pending generation: one Parquet fragment per finished chunk of rows
+SITE_DIR = "_site"  # at the store root: the dashboard built from the catalog (dashboard.build)
 CATALOG_DIR = "_catalog"
 LATEST_POINTER = "LATEST"
 KINDS = ("datasets", "models", "checkpoints", "prompts", "generations", "upscales", "evaluations")

@@ -18,12 +18,13 @@ from artifact_store.backend import DEFAULT_STORE, StoreBackend, store_url_from_e
 from artifact_store.lineage import Lineage
 from artifact_store.maintenance import Maintenance
 from artifact_store.paths import check_relpath
-from artifact_store.pending import PendingFiles
+from artifact_store.pending import PendingFiles, StoreFolder
 from artifact_store.reading import VersionReading
 from artifact_store.refs import (
     COMMIT_RECORD,
     KINDS,
     PENDING_MARKER,
+    SITE_DIR,
     VERSION_RE,
     ArtifactRef,
     CorruptRecord,
@@ -129,6 +130,10 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
         """A pending version's files by their path in the version (`artifact_store.pending`)."""
         return PendingFiles(self, pending)
 
+    def site_files(self) -> StoreFolder:
+        """The dashboard's built site (`_site/`), by paths inside it."""
+        return StoreFolder(self, SITE_DIR, f"the dashboard site ({SITE_DIR}/)")
+
     def writer(self, pending: PendingVersion) -> VersionWriter:
         """A writer of a pending version (each task that writes part of it opens its own)."""
         return VersionWriter.for_pending(self, pending)
@@ -213,6 +218,12 @@ class ArtifactStore(VersionReading, Maintenance, Lineage, StoreBackend):
         if rec is None:
             raise VersionNotFound(f"{ref} has no commit record in {self.display_url}")
         return rec
+
+    def record_size(self, ref: ArtifactRef | str) -> int:
+        """Bytes of a committed version's record as stored (what every open of it reads)."""
+        ref = self.resolve(ref)
+        self.record(ref)
+        return int(self.fs.size(self.path(ref.prefix, COMMIT_RECORD)))
 
     def resolve(self, ref: ArtifactRef | str) -> ArtifactRef:
         """Turn `kind/name@latest` into the committed version it names; check others exist.

@@ -14,10 +14,8 @@ device, up to float precision. Every call builds its own schedulers.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,80 +24,24 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
+from asd_models.devices import auto_tile_batch_size, vae_upcast_dtype
 from asd_models.fidelity import FIDELITY
 from asd_models.fstd import TiledJob, img2img_start, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
+from asd_models.large_images import output_array
 from asd_models.loading import SDComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
+from asd_models.render_request import (
+    MAX_SIDE,
+    MIN_SIDE,
+    AnySizeResult,
+    BatchProgress,
+    PipelineProgress,
+    RenderRequest,
+)
 from asd_models.samplers import FSTD, BoxPlan, TiledSampler, sampler_named
 from asd_models.seams import grid_lines
 from asd_models.tiled_vae import tiled_decode, tiled_encode
-
-MIN_SIDE, MAX_SIDE = 64, 16384
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# image index, stage name, step, total steps, tiles done in this step, tiles in this step
-BatchProgress = Callable[[int, str, int, int, int, int], None]
-# stage name, step, total steps, tiles done in this step, tiles in this step
-PipelineProgress = Callable[[str, int, int, int, int], None]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on a GPU, fp32 on the CPU; else fp32 / fp16 / bf16."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    """One image to render."""
-
-    prompt: str
-    width: int
-    height: int
-    seed: int = 0
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 5.0
-    strength: float = 0.6  # how far stage 2 re-noises the enlarged image (img2img path)
-    noise_level: int = 20  # noise on the low-res condition (upscaler path)
-
-
-@dataclass
-class AnySizeResult:
-    pixels: np.ndarray  # height x width x 3 uint8 (memory-mapped for outputs over the memmap threshold)
-    bucket: Bucket
-    canvas: tuple[int, int]  # (width, height) in pixels that stage 2 denoised
-    tile_px: int
-    seam_lines: dict[str, list[int]] = field(default_factory=dict)  # unshifted grid lines, final coords
-    fstd_tiles: int = 0  # tiles FSTD ran through the UNet over all stage-2 steps
-    unet_evals: int = 0  # UNet samples evaluated for this image, both stages (guidance counts twice)
-    piece_shapes: str = (
-        "exact"  # how stage 2's pieces grew before the UNet ran them (asd_models.fstd.PIECE_SHAPES)
-    )
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels.shape[1], self.pixels.shape[0]
-
-    @property
-    def image(self) -> Image.Image:
-        """The pixels as a PIL image: a copy (PIL keeps RGB as 4 bytes a pixel), so not for
-        outputs too large to hold twice; write those from `pixels` (`asd_models.large_images`)."""
-        return Image.fromarray(np.asarray(self.pixels))
 
 
 @dataclass
@@ -192,7 +134,7 @@ class AnySizePipeline:
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
             move(
                 c.vae,
-                _vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
+                vae_upcast_dtype(torch.device(device) if device is not None else c.vae.device)
                 if upcast
                 else dtype,
             )
@@ -246,14 +188,13 @@ class AnySizePipeline:
         x = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         return tensor_m11_to_pil(x.float())
 
-    @staticmethod
-    def _output_array(width: int, height: int, memmap_pixels: int) -> np.ndarray:
-        if width * height <= memmap_pixels:
-            return np.zeros((height, width, 3), dtype=np.uint8)
-        handle = tempfile.NamedTemporaryFile(prefix="asd-output-", suffix=".u8", delete=False)
-        handle.close()
-        out = np.memmap(handle.name, dtype=np.uint8, mode="w+", shape=(height, width, 3))
-        os.unlink(handle.name)  # the mapping keeps the pages; the disk space goes with the last reference
+    def _renders(self, requests: list[RenderRequest]) -> list[_Render]:
+        """Each request's prompts encoded, its generator seeded, its bucket chosen."""
+        out = []
+        for req in requests:
+            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
+            bucket = nearest_bucket(req.width, req.height, self.buckets)
+            out.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond, bucket))
         return out
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -408,18 +349,7 @@ class AnySizePipeline:
 
         # 1. prompts, and ARAD: each request at its nearest bucket, all sampled together
         stage("arad")
-        renders = []
-        for req in requests:
-            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
-            renders.append(
-                _Render(
-                    req,
-                    torch.Generator().manual_seed(req.seed),
-                    cond,
-                    uncond,
-                    nearest_bucket(req.width, req.height, self.buckets),
-                )
-            )
+        renders = self._renders(requests)
         jobs = sample_jobs(
             self.c.unet,
             [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
@@ -462,18 +392,7 @@ class AnySizePipeline:
         def report(i: int, stage: str) -> Callable | None:
             return (lambda s, n, d, t: progress(i, stage, s, n, d, t)) if progress else None
 
-        renders = []
-        for req in requests:
-            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
-            renders.append(
-                _Render(
-                    req,
-                    torch.Generator().manual_seed(req.seed),
-                    cond,
-                    uncond,
-                    nearest_bucket(req.width, req.height, self.buckets),
-                )
-            )
+        renders = self._renders(requests)
         results = self._stage2_many(
             renders, [im.convert("RGB") for im in images], sampler, report, vae_tile, memmap_pixels, stage
         )
@@ -513,7 +432,7 @@ class AnySizePipeline:
     ) -> AnySizeResult:
         up, req = self.upscaler, r.req
         vae = up.vae if up else self.c.vae
-        out = self._output_array(req.width, req.height, memmap_pixels)
+        out = output_array(req.width, req.height, memmap_pixels)
         final = tiled_decode(
             vae,
             job.latents,
@@ -569,19 +488,3 @@ class AnySizePipeline:
         )
         report = (lambda i, stage, s, n, d, t: progress(stage, s, n, d, t)) if progress else None
         return self.generate_many([req], sampler, report, vae_tile)[0]
-
-
-def _vae_upcast_dtype(device: torch.device) -> torch.dtype:
-    """The VAE's dtype when fp16 would overflow: bf16 on a GPU that has it, else fp32."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def auto_tile_batch_size(device: torch.device, tile: int, dtype: torch.dtype) -> int | None:
-    """Tiles per UNet call from free GPU memory (None on the CPU: the sampler's default).
-    Budget: half the free memory, about 160 MB of activations per fp16 sample of a 64x64 latent
-    for an SD-2.1-sized UNet (twice in fp32), guidance doubling the samples."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    per_tile = 2 * 160e6 * (tile / 64) ** 2 * (2 if dtype == torch.float32 else 1)
-    return int(max(1, min(64, 0.5 * free // per_tile)))

@@ -76,7 +76,8 @@ def run_one(pipe, reqs, steps: int, device: torch.device) -> dict:
 
 
 def main() -> None:
-    from asd_models.pipeline import RenderRequest, resolve_device
+    from asd_models.devices import resolve_device
+    from asd_models.pipeline import RenderRequest
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(

@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from asd_models.pipeline import AnySizePipeline, RenderRequest, resolve_device
+from asd_models.devices import resolve_device
+from asd_models.pipeline import AnySizePipeline, RenderRequest
 from bench.generate_gpu import build_pipeline
 
 CASES = {  # name -> (side, images); quick runs the first three

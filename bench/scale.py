@@ -47,7 +47,7 @@ def _stub_pipeline() -> None:
 
     import tasks.generate as gen
     from asd_models.buckets import Bucket
-    from asd_models.pipeline import AnySizeResult
+    from asd_models.render_request import AnySizeResult
 
     pixels = (np.indices((SIDE, SIDE)).sum(0) % 256).astype(np.uint8)[..., None].repeat(3, 2)
 
@@ -219,11 +219,10 @@ def child_dashboard(store_url: str) -> dict[str, Any]:
 
 def child_sizes(store_url: str, ref: str) -> dict[str, Any]:
     from artifact_store import ArtifactStore
-    from artifact_store.refs import COMMIT_RECORD
 
     store = ArtifactStore(store_url)
     rec = store.record(ref)
-    record_bytes = len(store.fs.cat_file(store.path(store.resolve(ref).prefix, COMMIT_RECORD)))
+    record_bytes = store.record_size(ref)
     lists = sum(p["size"] for p in rec.get("file_lists") or [])
     return {
         "record_bytes": record_bytes,

@@ -15,7 +15,6 @@ import json
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 from bench.report import child_arm, table, write_json
 
@@ -67,7 +66,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ref = w.commit()
         commit_s = time.perf_counter() - t0
-        record_kb = Path(store.path(ref.prefix, "_COMMITTED.json")).stat().st_size / 1024
+        record_kb = store.record_size(ref) / 1024
         opened = min(
             (child_arm("bench.store_record", "--arm", tmp, "open") for _ in range(3)), key=lambda r: r["ms"]
         )

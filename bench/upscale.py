@@ -376,7 +376,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from artifact_store import ArtifactStore
-    from asd_models.pipeline import AnySizePipeline, resolve_device, resolve_dtype
+    from asd_models.devices import resolve_device, resolve_dtype
+    from asd_models.pipeline import AnySizePipeline
     from tasks.model_cache import local_model_dir
 
     model = trained_model()

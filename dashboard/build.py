@@ -22,7 +22,7 @@ from PIL import Image
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from artifact_store.members import image_bytes
-from artifact_store.refs import KINDS
+from artifact_store.refs import KINDS, SITE_DIR
 from asd_models.large_images import read_dzi, thumbnail_png
 from asd_models.seams import HEATMAP_MAX_PIXELS
 from dashboard import figures
@@ -30,7 +30,6 @@ from dashboard.pages import e, gallery_card, link, metric_pairs, metrics_text, p
 from dashboard.viewer import ASSETS_DIR as VIEWER_ASSETS
 from dashboard.viewer import viewer_page
 
-SITE_DIR = "_site"
 TREND_METRICS = ("fid_patch", "kid_patch", "seam_score", "clip_score")
 PAGE_ROOT = "../../../"  # from v/<kind>/<name>/<version>.html back to the site root
 STORE_ROOT = "../../../../"  # ... and to the store root
@@ -55,23 +54,18 @@ class SiteBuild:
 class _Site:
     def __init__(self, store: ArtifactStore, thumb_px: int, max_images: int, prefect_ui: str | None) -> None:
         self.store, self.thumb_px, self.max_images, self.ui = store, thumb_px, max_images, prefect_ui
+        self.files = store.site_files()
         self.pages = self.made = self.reused = self.unchanged = 0
         self.previews: dict[str, list[str]] = {}  # generations ref -> its first thumbnails (for the index)
 
     def write(self, rel: str, data: bytes) -> None:
-        self.store.write_atomic(self.store.path(SITE_DIR, rel), data)
+        self.files.write_atomic(rel, data)
 
     def existing(self, rel_dir: str) -> set[str]:
-        try:
-            return {
-                p.rsplit("/", 1)[-1]
-                for p in self.store.fs.ls(self.store.path(SITE_DIR, rel_dir), detail=False)
-            }
-        except FileNotFoundError:
-            return set()
+        return set(self.files.ls(rel_dir))
 
     def page_exists(self, rel: str) -> bool:
-        return self.store.fs.exists(self.store.path(SITE_DIR, rel))
+        return self.files.exists(rel)
 
     def write_page(self, rel: str, title: str, body: str, root: str) -> None:
         self.write(rel, page(title, body, root).encode())
@@ -81,8 +75,8 @@ class _Site:
 def _read_state(store: ArtifactStore) -> dict[str, Any]:
     """What the last build made each version page from (nothing, when unreadable: all rebuilt)."""
     try:
-        state = json.loads(store.fs.cat_file(store.path(SITE_DIR, BUILD_STATE)))
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        state = json.loads(store.site_files().read(BUILD_STATE))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError, StoreError):
         return {}
     return state if isinstance(state, dict) else {}
 

@@ -25,9 +25,7 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from artifact_store import ArtifactStore, StoreError
-from artifact_store.paths import check_relpath, local_target
-from artifact_store.refs import KINDS, VERSION_RE, ArtifactRef
-from dashboard.build import SITE_DIR
+from artifact_store.refs import KINDS, SITE_DIR, VERSION_RE, ArtifactRef
 
 log = logging.getLogger("asd.dashboard")
 MAX_PATH = 2048  # characters of a request path; longer is a 414
@@ -66,18 +64,13 @@ def _site_file(store: ArtifactStore, rel: str) -> _Found | None:
     """A file of the built site (`_site/...`; a folder means its index.html)."""
     if rel == SITE_DIR or rel.endswith("/"):
         rel = rel.rstrip("/") + "/index.html"
-    rel = check_relpath(rel, "request")
+    inside = rel.split("/", 1)[1]
     ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
-    if store.is_local:  # a link inside the store that points outside it is refused too
-        path = local_target(store.root, rel, "request")
-        if not path.is_file():
-            return None
-        return _Found(path.stat().st_size, ctype, SITE_POLICY, lambda: open(path, "rb"))
-    path = store.path(rel)
-    info = store.fs.info(path)
-    if info.get("type") != "file":
+    site = store.site_files()  # a path outside it, or through a link, is refused (a 404)
+    size = site.size_of(inside)
+    if size is None:
         return None
-    return _Found(int(info["size"]), ctype, SITE_POLICY, lambda: store.fs.open(path, "rb"))
+    return _Found(size, ctype, SITE_POLICY, lambda: site.open(inside, "rb"))
 
 
 def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:

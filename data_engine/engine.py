@@ -24,31 +24,33 @@ import json
 import logging
 import re
 import tarfile
-import tempfile
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, VersionWriter
+from artifact_store import ArtifactStore, PendingVersion, VersionWriter
 from artifact_store.fragment_log import Fragment, FragmentLog
 from artifact_store.windows import windowed
 from asd_models.buckets import Bucket
 from asd_models.shard_reader import STORED_MAX_BYTES, sample_members, tar_stream_samples
 from data_engine.fetch import Fetcher, FetchError, FetchOptions
-from data_engine.partitions import Partition, partition_records, plan_fingerprints
+from data_engine.partitions import Partition, partition_records
+from data_engine.reuse import (
+    Reuse,
+    copy_whole,
+)
 from data_engine.samples import STAGE_CAPTION, STAGE_DOWNLOAD, STAGE_DUPLICATE, SampleSpec, process_sample
+from data_engine.shard_source import shard_records
 from data_engine.shards import BucketShardWriter
-from data_engine.sources import SourceOptions, SourceRecord, shard_records
+from data_engine.source_records import SourceOptions, SourceRecord
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_FAILED, STATUS_OK
 
 MANIFEST_BATCH = 2000
 LOG_FIRST_FAILURES = 20
-PARTITIONS_FILE = "partitions.json"  # what the next ingest reuses: each partition's rows and shards
 log = logging.getLogger("asd.data_engine")
 
 
@@ -123,16 +125,6 @@ class IngestStats:
             self.failed_by_stage[row["failed_stage"]] += 1
             if len(self.first_failures) < LOG_FIRST_FAILURES:
                 self.first_failures.append((row["key"], row["source"], row["error"]))
-
-
-@dataclass(frozen=True)
-class Reuse:
-    """What a partition takes from the previous version: all of it (`whole`: that version's
-    partition entry) or some of its rows (`rows`, reused input by input)."""
-
-    ref: str
-    whole: dict[str, Any] | None = None
-    rows: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -411,51 +403,11 @@ def duplicate_row(row: dict[str, Any], first_key: str) -> dict[str, Any]:
     }
 
 
-def manifest_rows(store: ArtifactStore, ref: str, start: int, stop: int) -> list[dict[str, Any]]:
-    """Rows [start, stop) of a version's manifest, reading only the row groups that hold them."""
-    out: list[dict[str, Any]] = []
-    with store.open(ref, "manifest.parquet") as f:
-        pf = pq.ParquetFile(f)
-        first = 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if first < stop and first + n > start:
-                rows = pf.read_row_group(g).to_pylist()
-                out += rows[max(0, start - first) : stop - first]
-            first += n
-    return out
-
-
-def _copy_whole(store: ArtifactStore, writer: VersionWriter, reuse: Reuse) -> list[dict[str, Any]] | None:
-    """The previous version's partition copied: its shards (each re-hashed against that
-    version's record while copied) and its rows. None when a shard does not check out (what
-    was copied is discarded; the caller builds the partition afresh)."""
-    entry = reuse.whole
-    assert entry is not None
-    copied: list[str] = []
-    for rel in (s["shard"] for shards in entry["shards"].values() for s in shards):
-        expected = store.file_meta(reuse.ref, rel)
-        try:
-            with store.open(reuse.ref, rel) as src, writer.open(rel) as dst:
-                while block := src.read(8 << 20):
-                    dst.write(block)
-            copied.append(rel)
-            if expected is None or writer.files[rel]["sha256"] != expected["sha256"]:
-                raise ValueError("it does not match its recorded sha256")
-        except (OSError, ValueError) as exc:
-            log.warning("%s/%s cannot be reused (%s); its partition is ingested again", reuse.ref, rel, exc)
-            for done in copied:
-                writer.discard(done)
-            return None
-    a, b = entry["rows"]
-    return [{**row, "reused": True} for row in manifest_rows(store, reuse.ref, a, b)]
-
-
 def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) -> PartitionResult:
     """The task body: one partition into its shards and fragment (see the module doc)."""
     store = ArtifactStore(job.store_url)
     writer = VersionWriter.for_pending(store, job.pending)
-    rows = _copy_whole(store, writer, reuse) if reuse is not None and reuse.whole is not None else None
+    rows = copy_whole(store, writer, reuse) if reuse is not None and reuse.whole is not None else None
     if rows is not None:
         shards, copied = reuse.whole["shards"], True  # type: ignore[union-attr]
     else:
@@ -463,7 +415,7 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
         if reuse is not None and reuse.rows:
             run.load_previous(store, reuse.ref, reuse.rows)
         records = (
-            partition_records(store, part)
+            partition_records(store.pending_files(job.pending), part)
             if part.plan is not None
             else shard_records(
                 part.shard_url or "", part.shard_fp or "", job.config.source, job.storage_options
@@ -494,85 +446,3 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
     return PartitionResult(
         part.index, part.fingerprint, fragment, len(rows), dict(writer.files), shards, copied
     )
-
-
-# -- the plan of reuse (in the driver) --------------------------------------------------------
-def latest_with_options(store: ArtifactStore, dataset: str, options_hash: str) -> ArtifactRef | None:
-    for ref in reversed(store.list_versions("datasets", dataset)):
-        if store.record(ref).get("params", {}).get("output_hash") == options_hash:
-            return ref
-    return None
-
-
-def has_download_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
-    return bool(store.record(ref).get("summary", {}).get("failed_by_stage", {}).get(STAGE_DOWNLOAD))
-
-
-def plan_reuse(
-    store: ArtifactStore, dataset: str, options_hash: str, parts: list[Partition], retry_failed: bool
-) -> tuple[ArtifactRef | None, dict[int, Reuse]]:
-    """What each partition takes from the newest version made with the same output options:
-    partitions it holds unchanged are copied whole (unless `retry_failed` and they have failed
-    downloads, or the merge edited them); the rest take the rows of inputs still listed unchanged
-    (as many times as listed now), except failed downloads being retried and duplicates (which
-    the merge decides again)."""
-    prev = latest_with_options(store, dataset, options_hash)
-    if prev is None:
-        return None, {}
-    try:
-        entries = json.loads(store.read_bytes(prev, PARTITIONS_FILE))["partitions"]
-    except FileNotFoundError:
-        log.info("%s predates partitioned ingest: nothing of it is reused", prev)
-        return prev, {}
-    by_fp = {e["fingerprint"]: e for e in entries}
-    plan: dict[int, Reuse] = {}
-    whole_rows: list[tuple[int, int]] = []
-    changed: list[Partition] = []
-    for part in parts:
-        e = by_fp.get(part.fingerprint)
-        if e is not None and not e.get("edited") and not (retry_failed and e.get("download_failures")):
-            plan[part.index] = Reuse(str(prev), whole=e)
-            whole_rows.append(tuple(e["rows"]))
-        elif part.plan is not None:
-            changed.append(part)
-    if changed:
-        for index, rows in _reusable_rows(store, prev, changed, whole_rows, retry_failed).items():
-            plan[index] = Reuse(str(prev), rows=tuple(rows))
-    return prev, plan
-
-
-def _reusable_rows(
-    store: ArtifactStore,
-    prev: ArtifactRef,
-    changed: list[Partition],
-    whole_rows: list[tuple[int, int]],
-    retry_failed: bool,
-) -> dict[int, list[dict[str, Any]]]:
-    """Rows of `prev` for the inputs of `changed` partitions, matched by fingerprint and
-    occurrence, by partition index (one pass over a local copy of `prev`'s manifest)."""
-    current = pl.DataFrame(
-        list(plan_fingerprints(store, changed)),
-        schema={"_part": pl.Int64, "fingerprint": pl.String},
-        orient="row",
-    )
-    current = current.with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
-    with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
-        with store.open(prev, "manifest.parquet") as src:
-            while block := src.read(8 << 20):
-                tmp.write(block)
-        tmp.flush()
-        df = pl.scan_parquet(tmp.name).with_row_index("_row")
-        taken = pl.lit(False)
-        for a, b in whole_rows:
-            taken = taken | pl.col("_row").is_between(a, b, closed="left")
-        drop = taken | pl.col("failed_stage").eq_missing(STAGE_DUPLICATE)
-        if retry_failed:
-            drop = drop | (
-                pl.col("status").eq_missing(STATUS_FAILED) & pl.col("failed_stage").eq_missing(STAGE_DOWNLOAD)
-            )
-        df = df.filter(~drop).with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
-        matched = df.join(current.lazy(), on=["fingerprint", "_rank"], how="inner").collect()
-    out: dict[int, list[dict[str, Any]]] = {}
-    for row in matched.drop("_row", "_rank").iter_rows(named=True):
-        out.setdefault(row.pop("_part"), []).append(row)
-    return out

@@ -33,13 +33,13 @@ from artifact_store.fragment_log import FragmentLog
 from artifact_store.windows import bounded_map
 from asd_models.buckets import Bucket
 from data_engine.engine import (
-    PARTITIONS_FILE,
     IngestConfig,
     IngestStats,
     ManifestWriter,
     PartitionResult,
     duplicate_row,
 )
+from data_engine.reuse import PARTITIONS_FILE
 from data_engine.samples import STAGE_DOWNLOAD
 from data_engine.shards import rewrite_shard, wids_indexes
 from data_manifests.schemas import DATASET_MANIFEST, STATUS_OK

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_store import ArtifactStore
+from artifact_store.pending import PendingFiles
 from artifact_store.refs import FRAGMENT_DIR
 from data_engine.sources import Source, SourceRecord
 
@@ -49,7 +49,7 @@ class Partition:
     fingerprint: str
     inputs: int | None
     needs_download: bool
-    plan: str | None = None  # path of the plan file in the store
+    plan: str | None = None  # the plan file's path in the pending version
     group: int | None = None
     shard_url: str | None = None
     shard_fp: str | None = None
@@ -118,8 +118,8 @@ class _Fingerprints:
 class _PlanFile:
     """One plan file being written (one row group a partition)."""
 
-    def __init__(self, store: ArtifactStore, path: str) -> None:
-        self.raw = store.fs.open(path, "wb")
+    def __init__(self, files: PendingFiles, rel: str) -> None:
+        self.raw = files.open(rel, "wb")
         self.writer = pq.ParquetWriter(self.raw, PLAN, compression="zstd", write_statistics=False)
 
     def write(self, table: pa.Table) -> None:
@@ -130,9 +130,9 @@ class _PlanFile:
         self.raw.close()
 
 
-def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, prefix: str) -> list[Partition]:
+def plan_partitions(sources: list[Source], target: int, files: PendingFiles) -> list[Partition]:
     """Every input of `sources` in partitions (in input order); record sources' records go to
-    plan files under `prefix` (a pending version's), streamed: memory holds one partition."""
+    plan files in the pending version of `files`, streamed: memory holds one partition."""
     fingerprint = _Fingerprints()
     out: list[Partition] = []
     for i, src in enumerate(sources):
@@ -156,11 +156,8 @@ def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, pr
                 if n % GROUPS_PER_PLAN_FILE == 0:  # a new file: a writer's footer grows with its row groups
                     if writer is not None:
                         writer.close()
-                    plan = store.path(
-                        prefix, FRAGMENT_DIR, f"plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet"
-                    )
-                    store.ensure_parent(plan)
-                    writer = _PlanFile(store, plan)
+                    plan = f"{FRAGMENT_DIR}/plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet"
+                    writer = _PlanFile(files, plan)
                 writer.write(_plan_table(records))
                 out.append(
                     Partition(
@@ -178,10 +175,10 @@ def plan_partitions(sources: list[Source], target: int, store: ArtifactStore, pr
     return out
 
 
-def partition_records(store: ArtifactStore, part: Partition) -> list[SourceRecord]:
+def partition_records(files: PendingFiles, part: Partition) -> list[SourceRecord]:
     """A plan partition's records (its row group of the plan file)."""
     assert part.plan is not None and part.group is not None
-    with store.fs.open(part.plan, "rb") as f:
+    with files.open(part.plan, "rb") as f:
         rows = pq.ParquetFile(f).read_row_group(part.group).to_pylist()
     return [
         SourceRecord(
@@ -192,12 +189,12 @@ def partition_records(store: ArtifactStore, part: Partition) -> list[SourceRecor
     ]
 
 
-def plan_fingerprints(store: ArtifactStore, parts: list[Partition]) -> Iterator[tuple[int, str]]:
+def plan_fingerprints(files: PendingFiles, parts: list[Partition]) -> Iterator[tuple[int, str]]:
     """(partition index, record fingerprint) of plan partitions, streamed group by group."""
     for part in parts:
         if part.plan is None:
             continue
-        with store.fs.open(part.plan, "rb") as f:
+        with files.open(part.plan, "rb") as f:
             fps = pq.ParquetFile(f).read_row_group(part.group, columns=["fingerprint"]).column(0).to_pylist()
         for fp in fps:
             yield part.index, _dec(fp) or ""

@@ -14,127 +14,50 @@ counts, never rows: its memory and Prefect's work do not grow with the number of
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from artifact_store import ArtifactStore, PendingVersion
+from artifact_store import ArtifactStore
 from artifact_store.faults import counted_point
 from artifact_store.members import image_uri
 from asd_models.memory import peak_rss_window
 from data_engine.prompts import read_prompts
 from data_manifests.schemas import GENERATIONS_MANIFEST, STATUS_FAILED, STATUS_OK
-from data_manifests.settings import execution, output
 from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.fragments import (
     Compacted,
-    FragmentRef,
     chunk_ranges,
     compact,
     finished_entries,
     list_fragments,
     write_fragment,
 )
+from tasks.generate_settings import (
+    GenerateSettings,
+    GenerationJob,
+    ShardResult,
+    image_identity,
+    image_key,
+    invalid_row,
+)
 from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
 from tasks.outputs import add_viewer_assets, store_rendered, tar_members, write_shard_tar
 from tasks.progress import Progress, publish_table
-from tasks.render import RenderSettings, packs, peak_memory_mb
+from tasks.render import packs, peak_memory_mb
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun
-
-if TYPE_CHECKING:
-    from asd_models.pipeline import RenderRequest
-
-MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)
-
-
-class GenerateSettings(RenderSettings):
-    """FSTD generation: how every prompt of a job is rendered."""
-
-    shard_size: int | None = execution(
-        None,
-        ge=1,
-        description="prompts per generation task (default: about 4 "
-        "tasks per worker, equal in pixels x steps, at most 1000 rows each)",
-    )
-    chunk_rows: int = execution(
-        32,
-        ge=1,
-        le=4096,
-        description="prompt rows per durability point: a chunk's "
-        "fragment is written once its images are (a killed worker loses at most one chunk)",
-    )
-    max_job_pixels: int = execution(
-        MAX_JOB_PIXELS,
-        ge=1,
-        description="a job of more output pixels than this is "
-        "refused before anything is written (raise it for a larger job)",
-    )
-    retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
-    layout: Literal["files", "webdataset"] = output(
-        "files",
-        description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
-        "each chunk's images, seam heat-maps and JSON in one tar shard `shards/rows-<first>-<last>.tar` (two writes a "
-        "chunk instead of two an image: for jobs of millions); outputs over large_image_pixels stay separate files",
-    )
-
-    def render_request(self, row: dict[str, Any]) -> RenderRequest:
-        """A prompt row as the pipeline's request (the row's own steps, guidance and strength win)."""
-        from asd_models.pipeline import RenderRequest
-
-        return RenderRequest(
-            row["prompt"],
-            row["width"],
-            row["height"],
-            row["seed"],
-            row["negative_prompt"] or "",
-            row["steps"] or self.steps,
-            self.guidance_scale if row["guidance_scale"] is None else row["guidance_scale"],
-            row["strength"] or self.strength,
-            self.noise_level,
-        )
-
-
-@dataclass(frozen=True)
-class GenerationJob:
-    """Everything a shard task needs, small and picklable (no prompt text: tasks read their
-    rows from the stored prompts artifact, so a 100k-prompt job fits Prefect's parameter cap)."""
-
-    store_url: str
-    model: str  # resolved models/NAME@VERSION
-    prompts: str  # resolved prompts/NAME@VERSION
-    pending: PendingVersion
-    settings: GenerateSettings
-
-
-@dataclass
-class ShardResult:
-    """What one shard task tells the flow (a few hundred bytes whatever its size): the fragments
-    that hold its rows, counts, the UNet evaluations and device seconds of what it rendered now,
-    and where it ran."""
-
-    fragments: list[FragmentRef] = field(default_factory=list)
-    ok: int = 0
-    failed: int = 0
-    rendered: int = 0
-    rendered_evals: int = 0
-    rendered_seconds: float = 0.0
-    device_kind: str = ""  # cuda or cpu, where it rendered
-    worker: str = ""
-    model_loads: int = 0
 
 
 @dataclass
@@ -147,46 +70,6 @@ class _Chunk:
     entries: list[dict[str, Any]]
     left: int
     tar: bool = False
-
-
-def image_identity(model: str, row: dict[str, Any], settings: GenerateSettings) -> str:
-    """Hash of what decides an image's pixels: model version, prompt row, render settings."""
-    fields = {
-        k: row[k]
-        for k in (
-            "prompt",
-            "negative_prompt",
-            "width",
-            "height",
-            "seed",
-            "steps",
-            "guidance_scale",
-            "strength",
-        )
-    }
-    blob = json.dumps(
-        {"model": model, "row": fields, "settings": settings.identity()}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def image_key(row: dict[str, Any], identity: str) -> str:
-    return f"{row['row']:06d}-{row['width']}x{row['height']}-{identity[:12]}"
-
-
-def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
-    out = {f.name: None for f in GENERATIONS_MANIFEST}
-    out.update(
-        key=f"{row['row']:06d}-invalid",
-        row=row["row"],
-        prompt=row.get("prompt"),
-        width=row.get("width"),
-        height=row.get("height"),
-        seed=row.get("seed"),
-        status=STATUS_FAILED,
-        error=f"prompt row {row['row']}: {row['error']}",
-    )
-    return out
 
 
 @lru_cache(maxsize=2)

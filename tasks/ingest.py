@@ -22,14 +22,12 @@ from data_engine.engine import (
     IngestConfig,
     PartitionJob,
     PartitionResult,
-    Reuse,
-    has_download_failures,
     ingest_partition,
-    plan_reuse,
 )
 from data_engine.fetch import URL_SCHEMES, FetchOptions
 from data_engine.merge import merge_partitions
 from data_engine.partitions import Partition, plan_partitions
+from data_engine.reuse import Reuse, has_download_failures, plan_reuse
 from data_engine.samples import SampleSpec
 from data_engine.sources import Source, SourceOptions, open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
@@ -324,15 +322,13 @@ def partitions_flow(
     most a few per worker in flight; returns their results and the version reused from."""
     logger = get_run_logger()
     store = ArtifactStore(job.store_url)
-    parts = plan_partitions(stage.opened, job.config.partition_inputs, store, job.pending.ref.prefix)
+    parts = plan_partitions(stage.opened, job.config.partition_inputs, store.pending_files(job.pending))
     if (
         executor == "threads" and 0 < len(parts) < workers
     ):  # fewer partitions than threads: they decode in threads
         job = dataclasses.replace(job, decode_threads=max(1, workers // len(parts)))
     previous, reuse = (
-        (None, {})
-        if rerun
-        else plan_reuse(store, job.pending.ref.name, stage.options_hash, parts, stage.retry_failed)
+        (None, {}) if rerun else plan_reuse(store, job.pending, stage.options_hash, parts, stage.retry_failed)
     )
     whole = sum(1 for r in reuse.values() if r.whole is not None)
     logger.info(

@@ -142,7 +142,7 @@ def cached_pipeline(
 def _load_pipeline(
     store_url: str, ref: str, upscaler: str | None, device: str, dtype: str
 ) -> AnySizePipeline:
-    from asd_models.pipeline import resolve_device, resolve_dtype
+    from asd_models.devices import resolve_device, resolve_dtype
 
     if threads := runtime().torch_threads:  # set for Dask workers (they start with 1)
         import torch

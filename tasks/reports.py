@@ -9,7 +9,8 @@ from prefect import task
 
 from artifact_store import ArtifactStore
 from artifact_store.members import image_uri
-from dashboard.build import SITE_DIR, build_site, version_page
+from artifact_store.refs import SITE_DIR
+from dashboard.build import build_site, version_page
 from data_manifests.runtime import runtime
 from tasks.progress import publish_markdown
 from tasks.runtime import in_prefect_run, run_logger

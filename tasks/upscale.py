@@ -28,149 +28,48 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import model_validator
 
-from artifact_store import ArtifactStore, PendingVersion, redact_url, s3_storage_options
+from artifact_store import ArtifactStore, redact_url, s3_storage_options
 from artifact_store.faults import counted_point
-from artifact_store.fragment_log import FragmentDamaged, FragmentLog, fragment_path, img_id
+from artifact_store.fragment_log import fragment_path
 from artifact_store.windows import bounded_map
-from asd_models.fidelity import FIDELITY_NAMES, roundtrip
+from asd_models.fidelity import roundtrip
 from data_engine.fetch import Fetcher, FetchError
 from data_engine.partitions import Partition, partition_records, plan_partitions
-from data_engine.samples import STAGE_DECODE, STAGE_DOWNLOAD, Rejected, SampleSpec, decode, read_capped
-from data_engine.sources import ShardSource, Source, SourceRecord, open_source, shard_records
+from data_engine.samples import STAGE_DECODE, STAGE_DOWNLOAD, Rejected, decode, read_capped
+from data_engine.shard_source import ShardSource, shard_records
+from data_engine.source_records import Source, SourceRecord
+from data_engine.sources import open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.schemas import STATUS_FAILED, STATUS_OK, UPSCALE_FRAGMENT, UPSCALES_MANIFEST
-from data_manifests.settings import SEED_MAX, execution, output
 from tasks.executors import fan_out, task_runner_for, with_run_environment
-from tasks.fragments import not_trusted
-from tasks.ingest import SourceSettings
 from tasks.outputs import add_viewer_assets, store_rendered
 from tasks.progress import Progress
-from tasks.render import RenderSettings, packs
+from tasks.render import packs
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
+from tasks.upscale_rows import (
+    PartitionRows,
+    _read_rows,
+    compact_rows,
+    finished_rows,
+    listed_fragments,
+)
+from tasks.upscale_settings import (
+    STAGE_RENDER,
+    STAGE_TARGET,
+    PartitionDone,
+    UpscaleJob,
+    UpscaleSettings,
+)
 from tasks.version_images import IMAGE_KINDS, VersionImages, read_version_image
-
-MIN_SIDE, MAX_SIDE = 64, 16384
-STAGE_TARGET = "target"
-STAGE_RENDER = "render"
-
-
-class UpscaleSettings(RenderSettings, SourceSettings):
-    """ASD-upscale: existing images enlarged to an exact size by FSTD's stage 2."""
-
-    scale: float | None = output(
-        None,
-        gt=1,
-        le=256,
-        description="enlarge every image by this factor (the default, "
-        "2, when neither size nor long_side is given)",
-    )
-    size: str | None = output(
-        None,
-        pattern=r"^[1-9][0-9]*x[1-9][0-9]*$",
-        description="every output exactly WxH (the input resized to cover it, then cropped)",
-    )
-    long_side: int | None = output(
-        None, ge=MIN_SIDE, le=MAX_SIDE, description="every output's longer side, the aspect ratio kept"
-    )
-    prompt: str = output(
-        "",
-        description="prompt of an image without a caption of its own (a sidecar .txt, a URL "
-        "list's caption column, a shard's .txt); with --same-prompt, of every image",
-    )
-    same_prompt: bool = output(False, description="use `prompt` for every image, not the images' captions")
-    seed: int = output(0, ge=0, le=SEED_MAX, description="seed of every image's noise")
-    strength: float = output(
-        0.3,
-        gt=0,
-        le=1,
-        description="how far the enlarged image is re-noised: low keeps the "
-        "picture, high lets the model redraw it",
-    )
-    fidelity: Literal[FIDELITY_NAMES] = output(  # type: ignore[valid-type]
-        "backproject",
-        description="how an output is made to keep its input: backproject (its downscale is made "
-        "the input: structure and colour from the input, only finer detail from the model) or none (the model's "
-        "output as it is)",
-    )
-    partition_inputs: int = execution(
-        8, ge=1, description="images a task takes (on average; rendered together)"
-    )
-
-    @model_validator(mode="after")
-    def _one_target(self) -> UpscaleSettings:
-        given = [n for n in ("scale", "size", "long_side") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of scale, size and long_side, not {' and '.join(given)}")
-        if self.size and not all(MIN_SIDE <= int(v) <= MAX_SIDE for v in self.size.split("x")):
-            raise ValueError(f"size {self.size}: each side must be {MIN_SIDE}..{MAX_SIDE} pixels")
-        return self
-
-    def target(self, width: int, height: int) -> tuple[int, int]:
-        """The output size of an input of `width` x `height` (ValueError: not an upscale here)."""
-        if self.size:
-            w, h = (int(v) for v in self.size.split("x"))
-        elif self.long_side:
-            f = self.long_side / max(width, height)
-            w, h = max(1, round(width * f)), max(1, round(height * f))
-        else:
-            f = self.scale or 2.0
-            w, h = round(width * f), round(height * f)
-        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
-            raise ValueError(f"target {w}x{h} is outside {MIN_SIDE}..{MAX_SIDE} pixels a side")
-        if w < width or h < height:
-            raise ValueError(f"target {w}x{h} is smaller than the input {width}x{height}: not an upscale")
-        return w, h
-
-    def sample_spec(self) -> SampleSpec:
-        """The decoder's limits (the data stage's decode: caps, EXIF orientation, RGB)."""
-        return SampleSpec(
-            buckets=(),
-            min_side=1,
-            max_pixels=self.max_pixels,
-            max_aspect=float("inf"),
-            crop="center",
-            seed=0,
-            jpeg_quality=95,
-            draft=False,
-            max_bytes=self.max_bytes,
-            resample="bicubic",
-        )
-
-
-@dataclass(frozen=True)
-class UpscaleJob:
-    """What every partition task of one upscale job shares (small, picklable)."""
-
-    store_url: str
-    model: str  # resolved models/NAME@VERSION
-    pending: PendingVersion
-    settings: UpscaleSettings
-    storage_options: dict[str, Any] | None = None
-
-
-@dataclass
-class PartitionDone:
-    """What a partition task tells the flow: its inputs, and what became of them."""
-
-    index: int
-    stem: str
-    inputs: int
-    ok: int = 0
-    failed: int = 0
-    rendered: int = 0
-    resumed: int = 0
-    worker: str = ""
-    large: bool = False  # a large output with a viewer page: the viewer's assets go into the version once
 
 
 def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) -> str:
@@ -214,85 +113,6 @@ def _load(
     return image, hashlib.sha256(data).hexdigest()
 
 
-def _log(store: ArtifactStore, job: UpscaleJob) -> FragmentLog:
-    return FragmentLog(store, job.pending, UPSCALE_FRAGMENT)
-
-
-def _read_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str, Any]]:
-    return _log(store, job).read(rel).to_pylist()
-
-
-def _finished(
-    store: ArtifactStore, job: UpscaleJob, stem: str, done: set[int] | None
-) -> dict[int, dict[str, Any]]:
-    """This partition's images a previous run finished (`done`: the positions with a fragment;
-    None: the partition's compacted fragment): their row reads, it is ok, and its files re-hash
-    (anything else is rendered again, with a warning naming it)."""
-    rows: dict[int, dict[str, Any]] = {}
-    if done is None:
-        rel = fragment_path("part", stem)
-        try:
-            rows = dict(enumerate(_read_rows(store, job, rel)))
-        except FragmentDamaged as exc:
-            run_logger().warning("%s; its images are rendered again", exc)
-    else:
-        for n in sorted(done):
-            rel = fragment_path("img", img_id(stem, n))
-            try:
-                rows[n] = _read_rows(store, job, rel)[0]
-            except (FragmentDamaged, IndexError) as exc:
-                run_logger().warning("%s; its image is rendered again", exc)
-    out = {}
-    for n, row in rows.items():
-        if row["status"] != STATUS_OK:
-            continue
-        why = not_trusted(store, job.pending, row["key"], row["files"])
-        if why:
-            run_logger().warning("%s cannot be taken as it is (%s); rendered again", row["key"], why)
-            continue
-        out[n] = row
-    return out
-
-
-def _compact(
-    store: ArtifactStore, job: UpscaleJob, stem: str, rows: dict[int, dict[str, Any]], written: set[int]
-) -> None:
-    """The partition's rows into its one fragment (written whole first), then its inputs'
-    fragments removed (a kill in between leaves both: the compacted one is read)."""
-    log = _log(store, job)
-    log.write("part", stem, [rows[n] for n in sorted(rows)])
-    for n in sorted(written):
-        rel = fragment_path("img", img_id(stem, n))
-        if not log.remove(rel):  # removed already (by a run killed after its own compaction)
-            run_logger().debug("%s was removed already", rel)
-
-
-@dataclass
-class _Rows:
-    """A partition task's rows as they are decided: each written as its input's fragment at once,
-    all compacted into the partition's fragment at the end."""
-
-    store: ArtifactStore
-    job: UpscaleJob
-    part: Partition
-    out: PartitionDone
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    written: set[int] = field(default_factory=set)
-
-    def write(self, n: int, row: dict[str, Any]) -> None:
-        self.rows[n] = row
-        self.written.add(n)
-        _log(self.store, self.job).write("img", img_id(self.part.stem, n), [row])
-
-    def fail(self, n: int, row: dict[str, Any]) -> None:
-        row["status"] = STATUS_FAILED
-        run_logger().warning(
-            "input %d of partition %d (%s) failed: %s", n, self.part.index, row["source"], row["error"]
-        )
-        self.write(n, row)
-        self.out.failed += 1
-
-
 @task(name="upscale-partition", task_run_name="upscale-{part.index}", cache_policy=NO_CACHE)
 def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -> PartitionDone:
     """Upscale one partition's inputs (see the module doc); `done`: the positions whose
@@ -301,9 +121,9 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
 
     store, st = ArtifactStore(job.store_url), job.settings
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    taken = _finished(store, job, part.stem, done) if done is None or done else {}
+    taken = finished_rows(store, job, part.stem, done) if done is None or done else {}
     records = (
-        partition_records(store, part)
+        partition_records(store.pending_files(job.pending), part)
         if part.plan is not None
         else shard_records(
             part.shard_url or "", part.shard_fp or "", st.source_options(), job.storage_options
@@ -311,7 +131,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
     )
     fetcher = Fetcher(st.fetch_options(), job.storage_options) if part.needs_download else None
     out = PartitionDone(part.index, part.stem, 0, worker=worker)
-    rows = _Rows(store, job, part, out)
+    rows = PartitionRows(store, job, part, out)
     todo: list[dict[str, Any]] = []
     for n, rec in enumerate(records):
         out.inputs += 1
@@ -372,7 +192,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
         for pack in packs(todo, st):
             _render_pack(pipe, pack, job, writer, rows)
     if rows.written or done:  # else the compacted fragment a previous run wrote holds exactly these rows
-        _compact(store, job, part.stem, rows.rows, rows.written | (done or set()))
+        compact_rows(store, job, part.stem, rows.rows, rows.written | (done or set()))
     run_logger().info(
         "partition %d on %s: %d inputs, %d rendered, %d already done, %d failed",
         part.index,
@@ -385,7 +205,9 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
     return out
 
 
-def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer: Any, rows: _Rows) -> None:
+def _render_pack(
+    pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer: Any, rows: PartitionRows
+) -> None:
     from asd_models.pipeline import RenderRequest
 
     st = job.settings
@@ -440,17 +262,6 @@ def _render_pack(pipe: Any, pack: list[dict[str, Any]], job: UpscaleJob, writer:
         counted_point("after-upscale")  # tests: a process killed after its N-th image
 
 
-def _listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str, set[int] | None]:
-    """Positions with a fragment, by partition stem; None for a partition with its compacted
-    fragment (one listing of the pending version)."""
-    found = FragmentLog(store, pending, UPSCALE_FRAGMENT).listing()
-    out: dict[str, set[int] | None] = {}
-    for fid in found["img"]:
-        stem, _, n = fid.rpartition("-")
-        out.setdefault(stem, set()).add(int(n))  # type: ignore[union-attr]
-    return {**out, **dict.fromkeys(found["part"])}
-
-
 @flow(name="asd-upscale-partitions", log_prints=True, validate_parameters=False)
 def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDone]:
     """The fan-out: the inputs planned into partitions (plan files in the pending version), the
@@ -459,9 +270,11 @@ def upscale_partitions_flow(stage: Upscale, job: UpscaleJob) -> list[PartitionDo
     logger = get_run_logger()
     store = ArtifactStore(job.store_url)
     parts = plan_partitions(
-        [src for src, _ in stage.opened(store)], job.settings.partition_inputs, store, job.pending.ref.prefix
+        [src for src, _ in stage.opened(store)],
+        job.settings.partition_inputs,
+        store.pending_files(job.pending),
     )
-    finished = _listed_fragments(store, job.pending)
+    finished = listed_fragments(store, job.pending)
     logger.info(
         "%d partitions of %s; from an earlier run: %d finished, %d inputs of others",
         len(parts),

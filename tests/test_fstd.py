@@ -233,8 +233,12 @@ def test_very_large_outputs_decode_into_a_file(tiny_model_dir, monkeypatch):
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir)
     monkeypatch.setattr(pipe, "memmap_pixels", 100_000)
     made = []
-    real = pipe._output_array
-    monkeypatch.setattr(pipe, "_output_array", lambda w, h, m: made.append(real(w, h, m)) or made[-1])
+    import asd_models.pipeline as pipeline_module
+
+    real = pipeline_module.output_array
+    monkeypatch.setattr(
+        pipeline_module, "output_array", lambda w, h, m: made.append(real(w, h, m)) or made[-1]
+    )
     import asd_models.tiled_vae as tiled_vae
 
     trims = []  # the decode of a memory-mapped output gives its freed heap back (release_heap)

@@ -56,7 +56,7 @@ def test_packed_images_match_one_at_a_time_with_fewer_unet_calls(tiny_model_dir)
 
 
 def test_device_and_dtype_are_resolved_and_reported(tiny_model_dir):
-    from asd_models.pipeline import resolve_device, resolve_dtype
+    from asd_models.devices import resolve_device, resolve_dtype
 
     pipe = AnySizePipeline.from_pretrained(tiny_model_dir).to("cpu", torch.float32)
     assert pipe.device.type == "cpu" and pipe.dtype == torch.float32

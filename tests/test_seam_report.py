@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from asd_models.seams import grid_lines
-from tasks.evaluate import metrics_markdown, seam_rows
+from tasks.evaluate_report import metrics_markdown, seam_rows
 from tests.helpers import smooth_image
 
 
