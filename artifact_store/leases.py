@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asd.store")
 POLL_S = 2.0
+CLOCK_SKEW_S = 300.0  # a heartbeat this far in the future is a clock gone wrong or a forged file
 
 
 class LeaseHeld(StoreError):
@@ -83,16 +85,23 @@ def _process_gone(owner: dict[str, Any]) -> bool:
 
 
 def live_holder(lease: dict[str, Any] | None, lease_s: float | None = None) -> dict[str, Any] | None:
-    """The lease's owner if the lease is live, else None."""
-    if not lease or lease.get("released"):
+    """The lease's owner if the lease is live, else None. A lease file is store data anyone
+    sharing the store may have written: a heartbeat that is not a finite time, or lies more than
+    `CLOCK_SKEW_S` in the future, is expired, and its time-to-live is at most `lease_s` (this
+    run's configured one) whatever the file claims, so no file can hold a job forever."""
+    if not isinstance(lease, dict) or lease.get("released"):
         return None
-    owner = lease.get("owner") or {}
+    owner = lease.get("owner") if isinstance(lease.get("owner"), dict) else {}
     try:
-        age = _now() - float(lease["heartbeat"])
-        ttl = float(lease_s if lease_s is not None else lease["lease_s"])
-    except (KeyError, TypeError, ValueError):
+        heartbeat = float(lease["heartbeat"])
+        claimed = float(lease.get("lease_s", lease_s if lease_s is not None else 0.0))
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
-    if age > ttl or _process_gone(owner):
+    if not (math.isfinite(heartbeat) and math.isfinite(claimed)) or claimed <= 0:
+        return None
+    ttl = min(claimed, lease_s) if lease_s is not None else claimed
+    age = _now() - heartbeat
+    if age > ttl or age < -CLOCK_SKEW_S or _process_gone(owner):
         return None
     return {**owner, "heartbeat_age_s": round(age, 1)}
 
@@ -210,7 +219,7 @@ def acquire(
     while True:
         epochs = lease_epochs(store, pending)
         newest = epochs[-1] if epochs else 0
-        holder = live_holder(read_lease(store, pending, newest)) if newest else None
+        holder = live_holder(read_lease(store, pending, newest), lease_s) if newest else None
         if holder is None:
             lease = Lease(store, pending, newest + 1, owner, lease_s)
             try:
@@ -227,7 +236,8 @@ def acquire(
         if _now() >= deadline:
             raise LeaseHeld(
                 f"{pending.ref} is being written by {holder_text(holder)}; this run did nothing. Wait for "
-                f"it (ASD_LEASE_WAIT_S=seconds waits, then reuses its commit), or run again after its "
-                f"lease expires ({lease_s:.0f} s without a heartbeat)"
+                f"it (ASD_LEASE_WAIT_S=seconds waits, then reuses its commit), run again after its "
+                f"lease expires ({lease_s:.0f} s without a heartbeat), or, if you know that run is gone, "
+                f"delete its lease file {lease_path(store, pending, newest)} and run again to take over"
             )
         time.sleep(min(POLL_S, max(0.05, deadline - _now())))

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from asd_models.families.base import Conditioning, whole
+
 StepLog = Callable[[int, int, float], None]  # step, total, loss
 
 
@@ -163,19 +165,14 @@ class AradTrainer:
             )
         self.num_train_timesteps = sched.num_train_timesteps
         with torch.no_grad():
-            self.empty_embed = self._encode_text([""])[0]
+            self.empty_cond = self._encode_text([""])
 
     # -- one micro-batch ------------------------------------------------------------------
     @torch.no_grad()
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.c.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.c.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.c.text_encoder(tok.input_ids.to(self.accelerator.device))[0]
+    def _encode_text(self, captions: list[str]) -> Conditioning:
+        """The captions' conditioning, as the model's family makes it (on the training device)."""
+        cond = self.c.family.encode_prompts(self.c, captions)
+        return {k: v.to(self.accelerator.device) for k, v in cond.items()}
 
     @torch.no_grad()
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -196,16 +193,18 @@ class AradTrainer:
         device = self.accelerator.device
         x0 = self._latents(batch)
         n = x0.shape[0]
-        text = self._encode_text(batch["captions"]).clone()
-        drop = torch.rand(n, generator=self.generator) < self.config.caption_dropout
-        text[drop.to(device)] = self.empty_embed
+        cond = {k: v.clone() for k, v in self._encode_text(batch["captions"]).items()}
+        drop = (torch.rand(n, generator=self.generator) < self.config.caption_dropout).to(device)
+        for k, v in cond.items():  # a dropped caption is the empty prompt's conditioning, every part
+            v[drop] = self.empty_cond[k][0]
+        cond = {k: v.to(self.weight_dtype) if v.is_floating_point() else v for k, v in cond.items()}
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator).to(device)
         sched = self.c.scheduler
         noisy = sched.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
         with self.accelerator.autocast():
-            pred = self.unet(noisy, t, encoder_hidden_states=text.to(self.weight_dtype)).sample
+            pred = self.c.family.predict(self.c, self.unet, noisy, t, cond, whole(noisy))
         return F.mse_loss(pred.float(), target.float())
 
     # -- the loop -------------------------------------------------------------------------

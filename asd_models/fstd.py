@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from asd_models.families.base import Conditioning, UNetCall, as_denoiser, cat_conditioning
 from asd_models.memory import release_free_heap
 from asd_models.tiling import Box, gaussian_weights, grid_boxes, uniform_weights
 
@@ -189,8 +190,8 @@ class TiledJob:
     latents: torch.Tensor  # 1 x C x H x W
     scheduler: Any  # its own instance, `set_timesteps` already called: schedulers hold state
     timesteps: torch.Tensor
-    cond: torch.Tensor  # 1 x L x D
-    uncond: torch.Tensor | None
+    cond: Conditioning  # the family's conditioning of the prompt (a bare tensor: SD's text states)
+    uncond: Conditioning | None
     guidance_scale: float
     boxes_for_step: Callable[[int], list[Box]]
     generator: torch.Generator | None = None
@@ -207,6 +208,12 @@ class TiledJob:
     unet_tiles: int = 0  # tiles run through the UNet so far (x2 with guidance)
     boxes_this_step: int = 0  # progress within the current step
     tiles_done: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cond, torch.Tensor):
+            self.cond = {"text": self.cond}
+        if isinstance(self.uncond, torch.Tensor):
+            self.uncond = {"text": self.uncond}
 
     @property
     def done(self) -> bool:
@@ -245,7 +252,7 @@ def _run_box(
 
 
 @torch.no_grad()
-def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: int = 8) -> list[TiledJob]:
+def sample_jobs(model: Any, jobs: list[TiledJob], tile_batch_size: int = 8) -> list[TiledJob]:
     """Denoise every job to its last timestep. Each round, every unfinished job takes one step:
     its pieces are cut and grown to their run shapes, pieces of one run shape from all jobs go
     through the UNet in batches of `tile_batch_size` (each with its own timestep, text and
@@ -253,8 +260,10 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
     straight into place when its boxes partition the latent; else weighted, positions no box
     covered taking the job's previous prediction), and each job takes one step of its own
     scheduler. No step waits for the device: timesteps and weights live on it, and coverage is
-    known from the geometry. One job gives the same result as sampling it alone."""
-    dtype = next(unet.parameters()).dtype
+    known from the geometry. One job gives the same result as sampling it alone. `model`: a
+    family's `Denoiser` (each piece told its place in the whole latent), or a bare UNet."""
+    denoiser = as_denoiser(model)
+    dtype = denoiser.dtype
     device_times = {id(j): j.timesteps.to(j.latents.device) for j in jobs}  # once, not per UNet call
     while active := [j for j in jobs if not j.done]:
         tiles_by_shape: dict[tuple[int, int, int], list[_Tile]] = defaultdict(list)
@@ -270,11 +279,11 @@ def sample_jobs(unet: torch.nn.Module, jobs: list[TiledJob], tile_batch_size: in
             for box in boxes:
                 ry, rx, rh, rw = _run_box(box, H, W, j.size_multiple, j.run_sizes)
                 tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t_dev))
-            acc[id(j)] = _Fusion(unet.config.out_channels, H, W, latent_in.device, weighted=not j.partition)
+            acc[id(j)] = _Fusion(denoiser.out_channels, H, W, latent_in.device, weighted=not j.partition)
             j.boxes_this_step, j.tiles_done = len(boxes), 0
         for (_c, rh, rw), group in tiles_by_shape.items():
             for i in range(0, len(group), tile_batch_size):
-                _predict_batch(unet, group[i : i + tile_batch_size], rh, rw, dtype, acc)
+                _predict_batch(denoiser, group[i : i + tile_batch_size], rh, rw, dtype, acc)
         for j in active:
             eps = j.previous = acc[id(j)].noise(j.previous, j.partition or j.covers_all)
             t = j.timesteps[j.step]
@@ -332,27 +341,29 @@ def _weights(weighting: str, h: int, w: int, device: torch.device) -> torch.Tens
 
 
 def _predict_batch(
-    unet: torch.nn.Module, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype, acc: dict[int, _Fusion]
+    denoiser: UNetCall, batch: list[_Tile], rh: int, rw: int, dtype: torch.dtype, acc: dict[int, _Fusion]
 ) -> None:
-    """One UNet call over pieces of one run shape (from any jobs); fuse each into its job.
-    Guidance is combined for the whole batch in one operation."""
-    inputs, texts, times, extras, scales = [], [], [], defaultdict(list), []
+    """One denoiser call over pieces of one run shape (from any jobs), each told its place in
+    its whole latent; fuse each into its job. Guidance is combined for the whole batch in one
+    operation."""
+    inputs, conds, places, times, extras, scales = [], [], [], [], defaultdict(list), []
     cfg = all(tile.job.use_cfg for tile in batch)
     for tile in batch:
         j = tile.job
         crop = tile.latent_in[:, :, tile.ry : tile.ry + rh, tile.rx : tile.rx + rw]
         copies = 2 if j.use_cfg else 1
         inputs += [crop] * copies
-        texts += [j.uncond, j.cond] if j.use_cfg else [j.cond]
+        conds += [j.uncond, j.cond] if j.use_cfg else [j.cond]
+        places += [(tile.ry, tile.rx, rh, rw, *tile.latent_in.shape[-2:])] * copies
         times += [tile.t.reshape(1)] * copies
         scales.append(j.guidance_scale)
         for k, v in (j.unet_kwargs or {}).items():
             extras[k] += [v.reshape(-1)[:1]] * copies
     device = batch[0].latent_in.device
     model_in = torch.cat(inputs).to(dtype)
-    text = torch.cat([x.to(device=device, dtype=dtype) for x in texts])
+    cond = cat_conditioning(conds, device, dtype)
     kwargs = {k: torch.cat(v).to(device) for k, v in extras.items()}
-    eps = unet(model_in, torch.cat(times), encoder_hidden_states=text, **kwargs).sample.float()
+    eps = denoiser(model_in, torch.cat(times), cond, places, **kwargs).float()
     if cfg:  # pairs (uncond, cond) -> uncond + g * (cond - uncond), every tile at once
         pairs = eps.unflatten(0, (len(batch), 2))
         g = torch.tensor(scales, dtype=eps.dtype).to(device, non_blocking=True).view(-1, 1, 1, 1)

@@ -1,65 +1,35 @@
-"""Load Stable-Diffusion-style components from a local folder or the local HF cache."""
+"""Load a model's components from a local diffusers folder or the local HF cache, through its
+family (`asd_models.families`): the folder's `model_index.json` names it. Weights load from
+safetensors only: a pickled checkpoint is never unpickled."""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import DDPMScheduler
 
-SUBFOLDERS = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "tokenizer": None,
-    "scheduler": "scheduler_config.json",
-}
+from asd_models.families import family_of_folder, family_of_index, pipeline_extra
+from asd_models.families.base import ModelComponents, ModelFamily, ModelNotFoundError
+
+__all__ = ["ModelComponents", "ModelNotFoundError", "load_components", "load_upscaler_components"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A model folder or model id that cannot be loaded offline, with what was expected."""
+def _cached_family(model_id: str) -> ModelFamily | None:
+    """The family of a hub id's pipeline config in the local HF cache (None: not cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model_id, "model_index.json")
+    if not isinstance(found, str):
+        return None
+    try:
+        return family_of_index(json.loads(Path(found).read_text()), model_id)
+    except ValueError:
+        return None
 
 
-@dataclass
-class SDComponents:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: Any
-    source: str
-    low_res_scheduler: Any = None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def unet_multiple(self) -> int:
-        """Latent sizes must be multiples of this for the UNet's down/up-sampling."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-
-def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"model folder {folder} does not exist")
-    missing = [
-        f"{sub}/{cfg}" if cfg else f"{sub}/"
-        for sub, cfg in SUBFOLDERS.items()
-        if not ((folder / sub / cfg).is_file() if cfg else (folder / sub).is_dir())
-    ]
-    if missing:
-        raise ModelNotFoundError(
-            f"model folder {folder} lacks {', '.join(missing)}: expected a diffusers Stable Diffusion "
-            "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. a local "
-            "download of stabilityai/stable-diffusion-2-1-base"
-        )
-
-
-def load_upscaler_components(source: str | Path) -> SDComponents:
+def load_upscaler_components(source: str | Path) -> ModelComponents:
     """An SD-x4-upscaler-style model (StableDiffusionUpscalePipeline layout): the usual
     components plus `low_res_scheduler`, which noises the low-res condition image."""
     c = load_components(source)
@@ -80,7 +50,7 @@ def load_upscaler_components(source: str | Path) -> SDComponents:
     return c
 
 
-def load_components(source: str | Path) -> SDComponents:
+def load_components(source: str | Path) -> ModelComponents:
     """Load from a local diffusers folder, or a hub model id already in the local HF cache.
 
     Never downloads: a model that is not on disk raises ModelNotFoundError naming what was
@@ -92,20 +62,27 @@ def load_components(source: str | Path) -> SDComponents:
         path.exists() or src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1
     )
     if looks_like_path:
-        _check_folder(path)
-        base, kw = str(path), {}
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model folder {path} does not exist")
+        family = family_of_folder(path)
+        family.check_folder(path)
+        base, kw, extra = str(path), {}, pipeline_extra(path)
     else:
-        base, kw = src, {"local_files_only": True}
+        family, base, kw, extra = _cached_family(src), src, {"local_files_only": True}, {}
     try:
-        return SDComponents(
-            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw),
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
-            scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
-            source=src,
-        )
+        if family is None:
+            raise OSError(f"no model_index.json of {src} in the cache")
+        c = family.load(base, kw, src)
+        c.extra.update(extra)
+        return c
     except OSError as exc:
+        if "safetensors" in str(exc).lower() or _pickled_only(path if looks_like_path else None):
+            raise ModelNotFoundError(
+                f"{src} holds its weights as pickles (.bin/.ckpt/.pt), which this pipeline never "
+                "unpickles (loading one runs whatever code it holds): convert it to safetensors "
+                "where you trust it (diffusers: `pipe = DiffusionPipeline.from_pretrained(folder); "
+                "pipe.save_pretrained(out, safe_serialization=True)`), then use `out`"
+            ) from exc
         if looks_like_path:
             raise ModelNotFoundError(f"cannot load the model in {path}: {exc}") from exc
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
@@ -114,3 +91,11 @@ def load_components(source: str | Path) -> SDComponents:
             f"downloads at run time: download it first (`hf download {src}`) or pass a local folder "
             "in diffusers layout"
         ) from exc
+
+
+def _pickled_only(folder: Path | None) -> bool:
+    """Whether a folder's weights are pickles with no safetensors beside them."""
+    if folder is None or not folder.is_dir():
+        return False
+    pickles = [p for ext in ("*.bin", "*.ckpt", "*.pt", "*.pth") for p in folder.glob(f"*/{ext}")]
+    return bool(pickles) and not any(folder.glob("*/*.safetensors"))

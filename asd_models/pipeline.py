@@ -25,11 +25,12 @@ from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
 from asd_models.devices import auto_tile_batch_size, vae_upcast_dtype
+from asd_models.families.base import Conditioning, Denoiser
 from asd_models.fidelity import FIDELITY
 from asd_models.fstd import TiledJob, img2img_start, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
 from asd_models.large_images import output_array
-from asd_models.loading import SDComponents, load_components, load_upscaler_components
+from asd_models.loading import ModelComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
 from asd_models.render_request import (
     MAX_SIDE,
@@ -50,8 +51,8 @@ class _Render:
 
     req: RenderRequest
     generator: torch.Generator
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: Conditioning
+    uncond: Conditioning
     bucket: Bucket
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     canvas: tuple[int, int] = (0, 0)
@@ -72,9 +73,9 @@ class AnySizePipeline:
 
     def __init__(
         self,
-        components: SDComponents,
+        components: ModelComponents,
         buckets: list[Bucket] | None = None,
-        upscaler: SDComponents | None = None,
+        upscaler: ModelComponents | None = None,
     ) -> None:
         self.c = components
         self.upscaler = upscaler
@@ -84,12 +85,12 @@ class AnySizePipeline:
             DDIMScheduler.from_config(upscaler.scheduler.config).config if upscaler is not None else None
         )
         self.buckets = buckets or asd_buckets(
-            base=components.unet.config.sample_size * components.vae_scale_factor,
+            base=components.native_latent * components.vae_scale_factor,
             step=components.vae_scale_factor * components.unet_multiple,
         )
         for c in (components, upscaler):
             if c is not None:
-                for m in (c.unet, c.vae, c.text_encoder):
+                for m in c.modules():
                     m.eval().requires_grad_(False)
 
     @classmethod
@@ -129,7 +130,7 @@ class AnySizePipeline:
         for c in (self.c, self.upscaler):
             if c is None:
                 continue
-            for m in (c.unet, c.text_encoder):
+            for m in (c.unet, *c.text_encoders()):
                 move(m, dtype)
             upcast = dtype == torch.float16 and bool(getattr(c.vae.config, "force_upcast", False))
             move(
@@ -158,7 +159,7 @@ class AnySizePipeline:
         same-size images shares its UNet input shapes and an image is the same alone or packed).
         `pieces`: how cropped pieces grow (`asd_models.fstd.PIECE_SHAPES`; None: the cheaper on
         the UNet's device, exact on a CPU, bucketed on CUDA)."""
-        tile = tile or self.c.unet.config.sample_size
+        tile = tile or self.c.native_latent
         batch = tile_batch_size or auto_tile_batch_size(self.device, tile, self.dtype) or 8
         return sampler_named(name, tile, batch, self.c.unet_multiple, salt).with_pieces(pieces)
 
@@ -168,19 +169,11 @@ class AnySizePipeline:
 
     @torch.no_grad()
     def encode_prompt(
-        self, prompt: str, negative_prompt: str = "", c: SDComponents | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, prompt: str, negative_prompt: str = "", c: ModelComponents | None = None
+    ) -> tuple[Conditioning, Conditioning]:
+        """The prompt's and the negative prompt's conditioning, as the model's family makes it."""
         c = c or self.c
-        tok = c.tokenizer
-        ids = tok(
-            [prompt, negative_prompt],
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(c.text_encoder.device)
-        emb = c.text_encoder(ids)[0]
-        return emb[:1], emb[1:]
+        return c.family.encode_prompts(c, [prompt]), c.family.negative(c, negative_prompt)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> Image.Image:
@@ -351,7 +344,7 @@ class AnySizePipeline:
         stage("arad")
         renders = self._renders(requests)
         jobs = sample_jobs(
-            self.c.unet,
+            Denoiser(self.c),
             [self._stage1_job(r, report(i, "arad")) for i, r in enumerate(renders)],
             sampler.tile_batch_size,
         )
@@ -418,7 +411,7 @@ class AnySizePipeline:
         ]
         del images
         stage("fstd")
-        sample_jobs(self.upscaler.unet if self.upscaler else self.c.unet, jobs, sampler.tile_batch_size)
+        sample_jobs(Denoiser(self.upscaler or self.c), jobs, sampler.tile_batch_size)
         stage("decode")
         results = []
         for r, job in zip(renders, jobs, strict=True):

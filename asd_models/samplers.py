@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from asd_models.families.base import Conditioning
 from asd_models.fstd import FSTDConfig, TiledJob, fstd_boxes, sample_jobs, unet_size_multiple
 from asd_models.tiling import Box, grid_boxes, overlap_boxes
 
@@ -106,8 +107,8 @@ class TiledSampler:
         latents: torch.Tensor,
         scheduler: Any,
         timesteps: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
+        cond: Conditioning | torch.Tensor,
+        uncond: Conditioning | torch.Tensor | None,
         guidance_scale: float,
         generator: torch.Generator,
         **kwargs: Any,
@@ -365,8 +366,8 @@ def sample_with(
     scheduler: Any,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None = None,
+    cond: Conditioning | torch.Tensor,
+    uncond: Conditioning | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     **kwargs: Any,

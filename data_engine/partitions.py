@@ -51,6 +51,7 @@ class Partition:
     needs_download: bool
     plan: str | None = None  # the plan file's path in the pending version
     group: int | None = None
+    plan_digest: str | None = None  # sha256 of the row group's rows, as the driver planned them
     shard_url: str | None = None
     shard_fp: str | None = None
 
@@ -115,6 +116,20 @@ class _Fingerprints:
         return fp if n == 1 else hashlib.sha1(f"{fp}:{n}".encode()).hexdigest()
 
 
+class PlanChanged(ValueError):
+    """A plan row group that is not what the driver planned (edited or damaged in the store)."""
+
+
+def group_digest(table: pa.Table) -> str:
+    """sha256 of a plan row group's rows: every field's bytes, length-prefixed, in order (the
+    same for the table written and the row group read back)."""
+    h = hashlib.sha256()
+    for column in (*PLAN_FIELDS, "meta"):
+        for value in table.column(column).to_pylist():
+            h.update(b"\xff" if value is None else len(value).to_bytes(8, "little") + value)
+    return h.hexdigest()
+
+
 class _PlanFile:
     """One plan file being written (one row group a partition)."""
 
@@ -122,8 +137,10 @@ class _PlanFile:
         self.raw = files.open(rel, "wb")
         self.writer = pq.ParquetWriter(self.raw, PLAN, compression="zstd", write_statistics=False)
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table) -> str:
+        """Write one partition's rows as a row group; their digest."""
         self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+        return group_digest(table)
 
     def close(self) -> None:
         self.writer.close()
@@ -158,7 +175,7 @@ def plan_partitions(sources: list[Source], target: int, files: PendingFiles) -> 
                         writer.close()
                     plan = f"{FRAGMENT_DIR}/plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet"
                     writer = _PlanFile(files, plan)
-                writer.write(_plan_table(records))
+                digest = writer.write(_plan_table(records))
                 out.append(
                     Partition(
                         len(out),
@@ -167,6 +184,7 @@ def plan_partitions(sources: list[Source], target: int, files: PendingFiles) -> 
                         src.needs_download,
                         plan=plan,
                         group=n % GROUPS_PER_PLAN_FILE,
+                        plan_digest=digest,
                     )
                 )
         finally:
@@ -176,10 +194,23 @@ def plan_partitions(sources: list[Source], target: int, files: PendingFiles) -> 
 
 
 def partition_records(files: PendingFiles, part: Partition) -> list[SourceRecord]:
-    """A plan partition's records (its row group of the plan file)."""
+    """A plan partition's records (its row group of the plan file), checked against the digest
+    the driver recorded when it planned them: PlanChanged when they differ (the plan lives in the
+    pending version, which anyone sharing the store can write)."""
     assert part.plan is not None and part.group is not None
     with files.open(part.plan, "rb") as f:
-        rows = pq.ParquetFile(f).read_row_group(part.group).to_pylist()
+        try:
+            table = pq.ParquetFile(f).read_row_group(part.group, columns=[*PLAN_FIELDS, "meta"])
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise PlanChanged(
+                f"{part.plan} (row group {part.group}) of {files.label} does not read: {exc}"
+            ) from exc
+    if table.schema != PLAN or (part.plan_digest is not None and group_digest(table) != part.plan_digest):
+        raise PlanChanged(
+            f"{part.plan} (row group {part.group}) of {files.label} is not what this job planned: "
+            "it changed in the store after the plan was written; run the job again"
+        )
+    rows = table.to_pylist()
     return [
         SourceRecord(
             **{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]
@@ -194,7 +225,5 @@ def plan_fingerprints(files: PendingFiles, parts: list[Partition]) -> Iterator[t
     for part in parts:
         if part.plan is None:
             continue
-        with files.open(part.plan, "rb") as f:
-            fps = pq.ParquetFile(f).read_row_group(part.group, columns=["fingerprint"]).column(0).to_pylist()
-        for fp in fps:
-            yield part.index, _dec(fp) or ""
+        for record in partition_records(files, part):  # checked against the planned digest
+            yield part.index, record.fingerprint or ""

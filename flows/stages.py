@@ -15,6 +15,7 @@ from data_manifests.settings import PromptSpec
 from tasks.evaluate import Evaluate, EvaluateSettings
 from tasks.generate import Generate, GenerateSettings
 from tasks.ingest import Ingest, IngestSettings
+from tasks.model_import import ModelImport
 from tasks.prompts import Prompts
 from tasks.runtime import open_store
 from tasks.stage import run_stage
@@ -56,7 +57,7 @@ def train_flow(
     if base == "tiny":
         with rank_zero_first():  # several processes: rank 0 builds it, the others then reuse that version
             base = run_stage(
-                TinyBase(dataset_ref, settings.vae_steps, settings.seed),
+                TinyBase(dataset_ref, settings.vae_steps, settings.seed, settings.tiny_family),
                 f"{model}-tiny-base",
                 store_url,
                 rerun and os.environ.get("RANK", "0") == "0",
@@ -196,3 +197,11 @@ def evaluate_flow(
     """FID/KID/CLIP/seam scores of a generations version -> `evaluations/<evaluation>`."""
     check_name(evaluation)
     return run_stage(Evaluate(generations_ref, dataset_ref, settings), evaluation, store_url, rerun).ref
+
+
+@flow(name="asd-model-import", log_prints=True)
+def model_import_flow(source: str, name: str, store_url: str | None = None, rerun: bool = False) -> str:
+    """A diffusers model folder, or a hub id in the local HF cache -> `models/<name>` (the same
+    bytes again reuse the version)."""
+    check_name(name)
+    return run_stage(ModelImport(source), name, store_url, rerun).ref

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
-from asd_models.loading import SDComponents, load_components
+from asd_models.loading import ModelComponents, load_components
 from asd_models.pipeline import AnySizePipeline
 from data_manifests.runtime import runtime
 from tasks.executors import worker_device
@@ -113,7 +113,7 @@ def resolve_base_model(store: ArtifactStore, base: str) -> Path | str:
     return base
 
 
-def load_model_components(store: ArtifactStore, base: str) -> SDComponents:
+def load_model_components(store: ArtifactStore, base: str) -> ModelComponents:
     return load_components(resolve_base_model(store, base))
 
 

@@ -9,16 +9,16 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id, params_hash
 from asd_models.arad_loader import LoaderConfig, make_loader
 from asd_models.arad_training import AradTrainer, CheckpointMismatch, TrainConfig, fit_vae
+from asd_models.families import save_tiny
 from asd_models.images import pil_to_tensor_m11
-from asd_models.loading import SDComponents, load_components
-from asd_models.tiny_model import build_tiny_components, save_components
+from asd_models.loading import ModelComponents, load_components
 from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
 from data_manifests.settings import SEED_MAX, StageSettings, execution, output
 from tasks.model_cache import load_model_components
@@ -38,6 +38,9 @@ class TrainSettings(StageSettings):
         "a local diffusers folder, or a hub id already in the local HF cache",
     )
     vae_steps: int = output(400, ge=0, description="VAE fitting steps for the tiny base model")
+    tiny_family: Literal["sd", "sdxl"] = output(
+        "sd", description="the model family of the tiny base model built in code (base_model 'tiny')"
+    )
     steps: int = output(1000, ge=1, description="optimizer steps")
     batch_size: int = output(8, ge=1, description="samples per micro-batch (per process)")
     grad_accum: int = output(1, ge=1, description="micro-batches per optimizer step")
@@ -88,9 +91,10 @@ def _save_loss_plot(losses: list[float], title: str, path: Path) -> None:
 
 @dataclass(frozen=True)
 class TinyBase(Stage):
-    """A tiny SD-shaped base model, built in code, saved and loaded back through
-    `from_pretrained`, with its VAE fitted to the dataset's images (a random VAE decodes every
-    latent to noise). Its UNet is untrained: ARAD fine-tuning starts from it."""
+    """A tiny base model of `family` (`asd_models.families.TINY`), built in code, saved by its
+    diffusers pipeline and loaded back through `from_pretrained`, with its VAE fitted to the
+    dataset's images (a random VAE decodes every latent to noise). Its UNet is untrained: ARAD
+    fine-tuning starts from it."""
 
     flow: ClassVar[str] = "asd-train"
     output_param: ClassVar[str] = "model"  # named <model>-tiny-base by the train flow
@@ -98,6 +102,7 @@ class TinyBase(Stage):
     dataset_ref: str
     vae_steps: int
     seed: int = 0
+    family: str = "sd"
 
     def resolve(self, store: ArtifactStore) -> Inputs:
         dataset = str(store.resolve(self.dataset_ref))
@@ -110,6 +115,7 @@ class TinyBase(Stage):
                 "vae_steps": self.vae_steps,
                 "seed": self.seed,
                 "kind": "tiny-base",
+                **({"family": self.family} if self.family != "sd" else {}),
             },
         )
 
@@ -117,7 +123,7 @@ class TinyBase(Stage):
         samples = read_bucket_samples(run.store, run.store.resolve(inputs.refs["dataset"]))
         images = [pil_to_tensor_m11(img) for items in samples.values() for img, _ in items]
         with tempfile.TemporaryDirectory() as tmp:
-            save_components(build_tiny_components(seed=self.seed), Path(tmp) / "init")
+            save_tiny(self.family, Path(tmp) / "init", seed=self.seed)
             c = load_components(Path(tmp) / "init")  # the same path real checkpoints take
             with Progress("fit tiny VAE", total=self.vae_steps, unit="step") as progress:
 
@@ -126,17 +132,7 @@ class TinyBase(Stage):
                     progress.note(f"loss {loss:.3f}")
 
                 losses = fit_vae(c.vae, images, self.vae_steps, seed=self.seed, on_step=on_step)
-            out = Path(tmp) / "model"
-            save_components(
-                {
-                    "unet": c.unet,
-                    "vae": c.vae,
-                    "text_encoder": c.text_encoder,
-                    "tokenizer": c.tokenizer,
-                    "scheduler": c.scheduler,
-                },
-                out,
-            )
+            out = c.family.save(c, Path(tmp) / "model")
             _save_loss_plot(losses, "tiny VAE reconstruction loss", out / "vae_loss.png")
             (out / "training_log.json").write_text(json.dumps({"vae_loss": losses}))
             run.writer.put_dir(out)
@@ -144,7 +140,12 @@ class TinyBase(Stage):
             "tiny VAE loss %s", f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "not fitted"
         )
         return Built(
-            params={"vae_steps": self.vae_steps, "seed": self.seed, "builder": "asd_models.tiny_model"},
+            params={
+                "vae_steps": self.vae_steps,
+                "seed": self.seed,
+                "family": self.family,
+                "builder": "asd_models.families.TINY",
+            },
             summary={
                 "vae_loss_first": losses[0] if losses else None,
                 "vae_loss_last": losses[-1] if losses else None,
@@ -216,7 +217,7 @@ class _Training:
     model_name: str
     cfg: TrainConfig
     train_id: str
-    components: SDComponents
+    components: ModelComponents
     trainer: AradTrainer
 
     @property
@@ -324,16 +325,16 @@ def _write_model(t: _Training, writer: Any, counts: dict[str, int], resumed_from
     trainer, cfg, losses = t.trainer, t.cfg, t.trainer.losses
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        save_components(
-            {
-                "unet": trainer.final_unet(),
-                "vae": t.components.vae.float(),
-                "text_encoder": t.components.text_encoder.float(),
-                "tokenizer": t.components.tokenizer,
-                "scheduler": t.components.scheduler,
-            },
-            out,
+        c = t.components
+        encoder_2 = c.text_encoder_2.float() if c.text_encoder_2 is not None else None
+        final = replace(
+            c,
+            unet=trainer.final_unet(),
+            vae=c.vae.float(),
+            text_encoder=c.text_encoder.float(),
+            text_encoder_2=encoder_2,
         )
+        c.family.save(final, out)  # in the layout of the base model's family
         _save_loss_plot(losses, "ARAD denoising loss", out / "loss.png")
         (out / "training_log.json").write_text(
             json.dumps(

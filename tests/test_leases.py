@@ -215,3 +215,42 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
     assert summary["images_ok"] == 6 and summary["images_resumed"] == 1  # both tampered images rendered again
     manifest = pl.read_parquet(io.BytesIO(store.read_bytes(ref, "manifest.parquet")))
     assert manifest["status"].to_list() == ["ok"] * 6
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"heartbeat": "inf"},
+        {"heartbeat": "nan"},
+        {"heartbeat": 1e300},  # far in the future
+        {"heartbeat": "soon"},
+        {"lease_s": 1e12},  # a time-to-live no run is configured with
+        {"lease_s": "inf"},
+        {"owner": "not a table"},
+    ],
+    ids=["inf", "nan", "future", "text", "huge-ttl", "inf-ttl", "owner"],
+)
+def test_a_forged_lease_file_blocks_no_job(tmp_path, forged):
+    """A lease file is store data: a heartbeat that is not a finite time or lies in the future,
+    or a time-to-live over this run's configured one, is expired (taken over at once)."""
+    import json
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    pending = store.resume_or_new("generations", "g", "h")
+    record = {
+        "owner": {"host": "elsewhere", "pid": 1, "flow_run_id": "someone", "token": "t"},
+        "heartbeat": time.time() - 120,  # two minutes old: expired for a 60 s lease, live for a forged TTL
+        "lease_s": 60,
+        **forged,
+    }
+    store.write_once(leases.lease_path(store, pending, 1), json.dumps(record).encode())
+    lease = leases.acquire(store, pending, lease_s=60)
+    assert lease.epoch == 2
+
+
+def test_a_live_lease_says_how_to_take_over(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    pending = store.resume_or_new("generations", "g", "h")
+    leases.acquire(store, pending, lease_s=60, flow_run_id="run-a")
+    with pytest.raises(LeaseHeld, match=r"delete its lease file .*_LEASES.* and run again to take over"):
+        leases.acquire(store, pending, lease_s=60)

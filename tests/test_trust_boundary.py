@@ -458,3 +458,35 @@ print(json.dumps({{"folder": str(folder), "downloads": len(downloads)}}))
     assert json.loads(again.stdout.strip().splitlines()[-1])["downloads"] == 1  # found, fetched again
     rel = weights.relative_to(folder).as_posix()
     assert weights.read_bytes() == ArtifactStore(store_url).read_bytes(ref, rel)
+
+
+def test_a_plan_edited_in_the_store_is_refused_by_its_task(tmp_path):
+    """Plan files live in the pending version, which anyone sharing the store can write: a task
+    reads its row group only if it is what the driver planned (a digest per partition)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from artifact_store import ArtifactStore
+    from data_engine.partitions import PLAN, PlanChanged, partition_records, plan_partitions
+    from data_engine.sources import open_source
+    from tasks.ingest import IngestSettings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"p{i}.png")
+    store = ArtifactStore(str(tmp_path / "store"))
+    files = store.pending_files(store.resume_or_new("datasets", "d", "h"))
+    parts = plan_partitions([open_source(str(folder), None, IngestSettings().source_options())], 4, files)
+    assert [r.name for p in parts for r in partition_records(files, p)] == [f"p{i}.png" for i in range(6)]
+    plan = parts[0].plan
+    with files.open(plan, "rb") as f:
+        table = pq.read_table(f)
+    forged = table.set_column(
+        PLAN.get_field_index("path"), "path", pa.array([b"/etc/passwd"] * table.num_rows, pa.binary())
+    )
+    buf = pa.BufferOutputStream()
+    pq.write_table(forged, buf, row_group_size=max(1, parts[0].inputs or 1))
+    files.write_atomic(plan, buf.getvalue().to_pybytes())
+    with pytest.raises(PlanChanged, match="is not what this job planned"):
+        partition_records(files, parts[0])

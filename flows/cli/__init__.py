@@ -37,9 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="asd", description="Any-Size-Diffusion pipeline (Prefect 3)")
     p.add_argument("--store", default=None, help="artifact store URL (default: $ASD_STORE or ./asd-store)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
-    from flows.cli import backfill, dashboard, demo, deploy, evaluate, generate, ingest, store, train, upscale
+    from flows.cli import (
+        backfill,
+        dashboard,
+        demo,
+        deploy,
+        evaluate,
+        generate,
+        ingest,
+        model,
+        store,
+        train,
+        upscale,
+    )
 
-    for command in (demo, ingest, train, generate, upscale, evaluate, store, deploy, backfill, dashboard):
+    for command in (
+        demo,
+        ingest,
+        model,
+        train,
+        generate,
+        upscale,
+        evaluate,
+        store,
+        deploy,
+        backfill,
+        dashboard,
+    ):
         command.add_parser(sub)
     for parser in _all_subparsers(p):
         # `asd deploy --store URL` as well as `asd --store URL deploy`; SUPPRESS keeps the global one

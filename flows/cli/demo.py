@@ -7,6 +7,7 @@ import io
 import tempfile
 from pathlib import Path
 
+from asd_models.families import TINY
 from data_manifests.settings import PromptSpec
 from flows.cli.common import print_metrics
 from tasks.evaluate import EvaluateSettings
@@ -20,6 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--name", default="demo")
     d.add_argument("--quick", action="store_true", help="tiny training and small sizes (smoke test)")
     d.add_argument("--rerun", action="store_true", help="redo stages even if finished work exists")
+    d.add_argument(
+        "--family",
+        choices=sorted(TINY),
+        default="sd",
+        help="the model family of the tiny model built in code and trained (default sd)",
+    )
     d.set_defaults(func=cmd_demo)
 
 
@@ -37,6 +44,10 @@ def demo_settings(quick: bool) -> dict:
         "evaluate": EvaluateSettings,
     }
     return {stage: model(**spec.parameters.get(stage, {})) for stage, model in models.items()}
+
+
+def _with_family(settings: dict, family: str) -> dict:
+    return {**settings, "train": settings["train"].model_copy(update={"tiny_family": family})}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -60,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             source=str(folder),
             prompts=prompts,
             name=args.name,
-            **demo_settings(args.quick),
+            **_with_family(demo_settings(args.quick), args.family),
             store_url=store.url,
             rerun=args.rerun,
         )
