@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 
 from asd_models.families import family_of_folder, family_of_index, pipeline_extra
 from asd_models.families.base import ModelComponents, ModelFamily, ModelNotFoundError
+from asd_models.model_files import CONVERT_HINT, not_cached
 
 __all__ = ["ModelComponents", "ModelNotFoundError", "load_components", "load_upscaler_components"]
 
@@ -79,18 +80,11 @@ def load_components(source: str | Path) -> ModelComponents:
         if "safetensors" in str(exc).lower() or _pickled_only(path if looks_like_path else None):
             raise ModelNotFoundError(
                 f"{src} holds its weights as pickles (.bin/.ckpt/.pt), which this pipeline never "
-                "unpickles (loading one runs whatever code it holds): convert it to safetensors "
-                "where you trust it (diffusers: `pipe = DiffusionPipeline.from_pretrained(folder); "
-                "pipe.save_pretrained(out, safe_serialization=True)`), then use `out`"
+                f"unpickles (loading one runs whatever code it holds): {CONVERT_HINT}"
             ) from exc
         if looks_like_path:
             raise ModelNotFoundError(f"cannot load the model in {path}: {exc}") from exc
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise ModelNotFoundError(
-            f"model {src!r} is not in the local Hugging Face cache ({cache}) and this pipeline never "
-            f"downloads at run time: download it first (`hf download {src}`) or pass a local folder "
-            "in diffusers layout"
-        ) from exc
+        raise not_cached(src) from exc
 
 
 def _pickled_only(folder: Path | None) -> bool:

@@ -115,9 +115,14 @@ def cached_snapshot(model_id: str) -> Path:
     try:
         return Path(snapshot_download(model_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise ModelNotFoundError(
-            f"model {model_id!r} is not in the local Hugging Face cache ({cache}) and this pipeline "
-            f"never downloads at run time: download it first (`hf download {model_id}`) or import a "
-            "local folder in diffusers layout"
-        ) from exc
+        raise not_cached(model_id) from exc
+
+
+def not_cached(model_id: str) -> ModelNotFoundError:
+    """The error for a hub id that is not in the local cache: where the cache is, how to fill it."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return ModelNotFoundError(
+        f"model {model_id!r} is not in the local Hugging Face cache ({cache}) and this pipeline never "
+        f"downloads at run time: download it first (`hf download {model_id}`) or use a local folder "
+        "in diffusers layout"
+    )

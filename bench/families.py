@@ -6,7 +6,7 @@ trains), then sampled through the family's own call (`asd_models.families`: ever
 told its place) with full-latent sampling, FSTD, naive tiles and MultiDiffusion at a
 1024^2-class and a 2048x1024-class latent.
 
-    python -m bench.families [--quick] [--json PATH] [--steps 10] [--train-steps 300] [--repeat 1]
+    python -m bench.families [--quick] [--json PATH] [--steps 10] [--train-steps 150] [--repeat 1]
 
 Seam score: mean |gradient| of the final latent across the unshifted tile-grid lines over the
 median across the other lines (1.0 = seamless); tile 64 latent. The SDXL ablation samples FSTD
@@ -26,7 +26,15 @@ import sys
 import time
 from dataclasses import replace
 
-from bench.fstd import CACHE, TILE, UNET_CONFIG, bench_sampler, latent_seam_score, smooth_latents
+from bench.fstd import (
+    CACHE,
+    TILE,
+    UNET_CONFIG,
+    bench_sampler,
+    latent_seam_score,
+    smooth_latents,
+    trained_unet,
+)
 from bench.report import table, write_json
 
 SIZES = [(128, 128), (128, 256)]  # latent (height, width): 1024^2- and 2048x1024-class at 8 px a latent
@@ -76,6 +84,8 @@ def trained(family: str, steps: int):
 
     from asd_models.families.base import whole
 
+    if family == "sd":  # the SD-shaped bench UNet of bench.fstd, trained the same way: one cache
+        return trained_unet(steps)[0]
     unet, config = family_unet(family)
     key = hashlib.sha256(json.dumps([config, steps, "families-1"]).encode()).hexdigest()[:12]
     folder = CACHE / f"family-{family}-{key}"
@@ -158,12 +168,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer training steps, the 2048x1024 class only")
     ap.add_argument("--json", default="bench/results/families.json")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    ap.add_argument("--train-steps", type=int, default=None, help="default 300 (100 with --quick)")
+    ap.add_argument(
+        "--train-steps", type=int, default=None, help="default 150 (as bench.fstd; 50 with --quick)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every arm; the median time is kept")
     ap.add_argument("--families", default="sd,sdxl")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    train_steps = args.train_steps or (100 if args.quick else 300)
+    train_steps = args.train_steps or (50 if args.quick else 150)
     sizes = SIZES[1:] if args.quick else SIZES
     rows = []
     for family in args.families.split(","):

@@ -8,11 +8,14 @@ methods and nothing else, so adding a family is its own module and a row in `FAM
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+WEIGHTLESS = ("tokenizer", "tokenizer_2", "scheduler")  # components with no weights to load
 
 # A piece's place, in latent pixels: its top and left in the whole latent, its height and
 # width, and the whole latent's height and width. Stage 1 and training run whole latents:
@@ -79,10 +82,22 @@ class ModelFamily:
     name: ClassVar[str]
     description: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s it takes
-    folders: ClassVar[dict[str, str | None]]  # subfolder -> the config file it must hold (None: any)
     example: ClassVar[str]  # a real model of the family, named in errors
+    classes: ClassVar[dict[str, tuple[str, str]]]  # component -> (module, class) it loads with
 
     # -- folders ---------------------------------------------------------------------------
+    @property
+    def folders(self) -> dict[str, str | None]:
+        """Each component's subfolder and the config file it must hold (None: a tokenizer's files)."""
+        return {
+            sub: None
+            if sub.startswith("tokenizer")
+            else "scheduler_config.json"
+            if sub == "scheduler"
+            else "config.json"
+            for sub in self.classes
+        }
+
     def check_folder(self, folder: Path) -> None:
         """ModelNotFoundError naming every component the folder lacks."""
         if not folder.is_dir():
@@ -100,7 +115,18 @@ class ModelFamily:
             )
 
     def load(self, base: str, kw: dict[str, Any], source: str) -> ModelComponents:
-        raise NotImplementedError
+        """Every component of `classes` from its subfolder (weights from safetensors only)."""
+        parts = {}
+        for sub, (module, name) in self.classes.items():
+            cls = getattr(importlib.import_module(module), name)
+            weights = {"use_safetensors": True} if sub not in WEIGHTLESS else {}
+            parts[sub] = cls.from_pretrained(base, subfolder=sub, **kw, **weights)
+        c = ModelComponents(**parts, source=source, family=self)
+        self.check_loaded(c)
+        return c
+
+    def check_loaded(self, c: ModelComponents) -> None:
+        """What the folder's configs must say beyond their classes (ValueError naming it)."""
 
     def save(self, c: ModelComponents, folder: Path) -> Path:
         raise NotImplementedError

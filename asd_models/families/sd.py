@@ -25,29 +25,14 @@ class StableDiffusion(ModelFamily):
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionUpscalePipeline",
     )
-    folders: ClassVar[dict[str, str | None]] = {
-        "unet": "config.json",
-        "vae": "config.json",
-        "text_encoder": "config.json",
-        "tokenizer": None,
-        "scheduler": "scheduler_config.json",
-    }
     example: ClassVar[str] = "stabilityai/stable-diffusion-2-1-base"
-
-    def load(self, base: str, kw: dict[str, Any], source: str) -> ModelComponents:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        weights = {**kw, "use_safetensors": True}
-        return ModelComponents(
-            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
-            scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
-            source=source,
-            family=self,
-        )
+    classes: ClassVar[dict[str, tuple[str, str]]] = {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "scheduler": ("diffusers", "DDPMScheduler"),
+    }
 
     def save(self, c: ModelComponents, folder: Path) -> Path:
         from diffusers import StableDiffusionPipeline

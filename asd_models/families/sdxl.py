@@ -30,46 +30,28 @@ class StableDiffusionXL(ModelFamily):
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
     )
-    folders: ClassVar[dict[str, str | None]] = {
-        "unet": "config.json",
-        "vae": "config.json",
-        "text_encoder": "config.json",
-        "text_encoder_2": "config.json",
-        "tokenizer": None,
-        "tokenizer_2": None,
-        "scheduler": "scheduler_config.json",
-    }
     example: ClassVar[str] = "stabilityai/stable-diffusion-xl-base-1.0"
+    classes: ClassVar[dict[str, tuple[str, str]]] = {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "scheduler": ("diffusers", "DDPMScheduler"),
+    }
     tile_crops: Literal["offset", "constant"] = "offset"
 
     def __post_init__(self) -> None:
         if self.tile_crops not in TILE_CROPS:
             raise ValueError(f"tile_crops {self.tile_crops!r}: expected one of {', '.join(TILE_CROPS)}")
 
-    def load(self, base: str, kw: dict[str, Any], source: str) -> ModelComponents:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        weights = {**kw, "use_safetensors": True}
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
-        if unet.config.addition_embed_type != "text_time":
+    def check_loaded(self, c: ModelComponents) -> None:
+        if c.unet.config.addition_embed_type != "text_time":
             raise ValueError(
-                f"{source}: an SDXL pipeline whose UNet has addition_embed_type "
-                f"{unet.config.addition_embed_type!r}, not 'text_time' (the added time ids)"
+                f"{c.source}: an SDXL pipeline whose UNet has addition_embed_type "
+                f"{c.unet.config.addition_embed_type!r}, not 'text_time' (the added time ids)"
             )
-        return ModelComponents(
-            unet=unet,
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                base, subfolder="text_encoder_2", **weights
-            ),
-            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
-            tokenizer_2=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw),
-            scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
-            source=source,
-            family=self,
-        )
 
     def save(self, c: ModelComponents, folder: Path) -> Path:
         from diffusers import StableDiffusionXLPipeline
