@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from artifact_store import file_lists
 from artifact_store.backend import modified
 from artifact_store.paths import check_relpath, local_target
-from artifact_store.refs import COMMIT_RECORD, ArtifactRef, CorruptRecord, FileNotListed, StoreError
+from artifact_store.refs import (
+    COMMIT_RECORD,
+    ArtifactRef,
+    CorruptFile,
+    CorruptRecord,
+    FileNotListed,
+    StoreError,
+)
 from artifact_store.windows import bounded_map
 
 if TYPE_CHECKING:
@@ -98,6 +105,18 @@ class VersionReading:
         """A committed file's bytes (only a file its record lists)."""
         _, meta, path = self.listed(ref, relpath)
         return self.cat(path, size=meta["size"], versioned=True)
+
+    def read_checked(self, ref: ArtifactRef | str, relpath: str) -> bytes:
+        """A committed file's bytes, re-hashed against the sha256 its record gives (what a reader
+        acts on: manifests, indexes); CorruptFile when they differ."""
+        ref, meta, path = self.listed(ref, relpath)
+        data = self.cat(path, size=meta["size"], versioned=True)
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise CorruptFile(
+                f"{relpath} of {ref} does not match its recorded sha256 (changed after the commit); "
+                f"`asd store verify {ref}` lists what else changed"
+            )
+        return data
 
     def read_range(self, ref: ArtifactRef | str, relpath: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a committed file (one ranged request: a member of a tar shard),

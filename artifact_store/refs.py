@@ -38,6 +38,10 @@ class InvalidReference(StoreError):
     """A reference, name or path that the store does not accept."""
 
 
+class CorruptFile(StoreError):
+    """A committed file whose bytes are not the ones its commit record lists."""
+
+
 class CorruptRecord(StoreError):
     """A commit record exists but cannot be read: an error, never 'absent'."""
 

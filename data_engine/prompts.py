@@ -112,5 +112,5 @@ def prompt_table(path: str | Path) -> pa.Table:
 
 
 def read_prompts(store: ArtifactStore, ref: ArtifactRef | str) -> pa.Table:
-    """The PROMPTS table of a committed prompts version."""
-    return pq.read_table(io.BytesIO(store.read_bytes(ref, PROMPTS_FILE)), schema=PROMPTS)
+    """The PROMPTS table of a committed prompts version (checked against its recorded sha256)."""
+    return pq.read_table(io.BytesIO(store.read_checked(ref, PROMPTS_FILE)), schema=PROMPTS)

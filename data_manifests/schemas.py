@@ -80,6 +80,7 @@ GENERATIONS_MANIFEST = pa.schema(
         ("shard", pa.string()),  # layout webdataset: the tar holding the image (member `image`), else null
         ("shard_offset", pa.int64()),  # the image member's data offset in that tar
         ("shard_size", pa.int64()),  # and its size in bytes
+        ("shard_sha256", pa.string()),  # and the sha256 of its bytes (a reader checks the member alone)
         (
             "seam_score",
             pa.float64(),

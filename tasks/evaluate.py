@@ -168,7 +168,7 @@ def score_real(job: EvalJob, items: list[tuple[int, bytes]]) -> BatchScores:
 
 def _ok_rows(store: ArtifactStore, gen: str) -> Iterator[dict[str, Any]]:
     """The manifest's ok rows, streamed (the columns scoring needs; older manifests have fewer)."""
-    with store.open(gen, "manifest.parquet") as f:
+    with io.BytesIO(store.read_checked(gen, "manifest.parquet")) as f:  # the rows scored: as committed
         pf = pq.ParquetFile(f)
         cols = [
             c
@@ -213,7 +213,7 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
     (a local Parquet file): memory does not grow with the number of images."""
     logger = get_run_logger()
     store, st = ArtifactStore(job.store_url), job.settings
-    with store.open(job.gen, "manifest.parquet") as f:
+    with io.BytesIO(store.read_checked(job.gen, "manifest.parquet")) as f:
         n_ok = pc.sum(pc.equal(pq.read_table(f, columns=["status"]).column("status"), STATUS_OK)).as_py() or 0
     sampled = set(
         np.random.default_rng(st.seed).choice(n_ok, size=min(st.sample, n_ok), replace=False).tolist()

@@ -6,6 +6,7 @@ imports the dashboard's viewer."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -154,6 +155,7 @@ def write_shard_tar(writer: Any, entries: list[dict[str, Any]]) -> None:
             at = packer.add(name, data)
             if name == e["image"]:
                 e["shard"], (e["shard_offset"], e["shard_size"]) = rel, at
+                e["shard_sha256"] = hashlib.sha256(data).hexdigest()
     with writer.open(rel) as f:
         tar = packer.finish()
         while block := tar.read(8 << 20):

@@ -12,6 +12,7 @@ as is a shard member of another size than recorded (a shard's own sha256 is `asd
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from data_engine.sources import SourceRecord
 from data_manifests.schemas import STATUS_OK
 
 IMAGE_KINDS = ("generations", "upscales")
-_COLUMNS = ("image", "prompt", "status", "shard", "shard_offset", "shard_size")
+_COLUMNS = ("image", "prompt", "status", "shard", "shard_offset", "shard_size", "shard_sha256")
 _BATCH_ROWS = 4096
 
 
@@ -46,7 +47,8 @@ class VersionImages:
 
     def records(self, skip_units: set[str] | None = None) -> Iterator[SourceRecord]:
         ref = str(self.ref)
-        with self.store.open(self.ref, "manifest.parquet") as f:
+        # checked against the record before a row of it is used (small: the rows, not the images)
+        with io.BytesIO(self.store.read_checked(self.ref, "manifest.parquet")) as f:
             manifest = pq.ParquetFile(f)
             names = set(manifest.schema_arrow.names)
             n = -1
@@ -94,7 +96,21 @@ def _located(ref: str, row: dict[str, Any]) -> dict[str, Any]:
         if offset < 0 or size <= 0:
             raise ValueError(f"shard offset {offset} and size {size} are not a member's")
         meta.update(shard=check_relpath(row["shard"], ref), offset=offset, size=size)
+        if row.get("shard_sha256"):
+            meta["sha256"] = str(row["shard_sha256"])
     return meta
+
+
+_INTACT: dict[tuple[str, str], bool] = {}  # (version, shard) -> re-hashed against the record, once a process
+
+
+def _shard_intact(store: ArtifactStore, ref: str, shard: str) -> bool:
+    """Whether a whole tar shard re-hashes to its recorded sha256 (once per process and shard)."""
+    key = (ref, shard)
+    if key not in _INTACT:
+        recorded = store.file_meta(ref, shard) or {}
+        _INTACT[key] = hashlib.sha256(store.read_bytes(ref, shard)).hexdigest() == recorded.get("sha256")
+    return _INTACT[key]
 
 
 def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: int) -> bytes:
@@ -113,6 +129,18 @@ def read_version_image(store: ArtifactStore, meta: dict[str, Any], max_bytes: in
                     STAGE_READ,
                     f"{image} in {meta['shard']} of {ref}: {len(data)} bytes where "
                     f"{meta['size']} are recorded",
+                )
+            if "sha256" in meta:  # the member's own digest, recorded at write
+                if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                    raise Rejected(
+                        STAGE_READ,
+                        f"{image} in {meta['shard']} of {ref} does not match its recorded sha256 "
+                        "(changed after the commit)",
+                    )
+            elif not _shard_intact(store, ref, meta["shard"]):  # a version from before member digests
+                raise Rejected(
+                    STAGE_READ,
+                    f"{meta['shard']} of {ref} does not match its recorded sha256 (changed after the commit)",
                 )
             return data
         recorded = store.file_meta(ref, image)

@@ -490,3 +490,26 @@ def test_a_plan_edited_in_the_store_is_refused_by_its_task(tmp_path):
     files.write_atomic(plan, buf.getvalue().to_pybytes())
     with pytest.raises(PlanChanged, match="is not what this job planned"):
         partition_records(files, parts[0])
+
+
+def test_a_committed_metadata_file_is_checked_against_its_record_before_use(tmp_path):
+    """Manifests and prompt tables are acted on: their bytes are re-hashed against the commit
+    record first (same size, other bytes included), and a prompts version edited after its
+    commit is refused by what reads it."""
+    from artifact_store import ArtifactStore
+    from artifact_store.refs import CorruptFile
+    from data_engine.prompts import read_prompts, validate_rows
+    from tasks.prompts import store_prompts
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    rows = validate_rows([{"prompt": "a cat", "width": 64, "height": 64}], "test")
+    ref = store_prompts(store.url, rows, "p", "test")
+    assert read_prompts(store, ref).num_rows == 1
+    path = tmp_path / "store" / store.resolve(ref).prefix / "prompts.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        CorruptFile, match=r"prompts.parquet of prompts/p@.* does not match its recorded sha256"
+    ):
+        read_prompts(store, ref)
