@@ -8,9 +8,10 @@ are a 404, as is any path that leaves the store or names a folder.
 It is built for a shared store that strangers may write into: files are streamed in chunks
 (HEAD reads none), every connection has a socket timeout, at most `max_connections` are served
 at once (the next get a 503 and are closed), every response carries `nosniff` and a
-content-security policy, HTML/SVG/XML stored in versions is sent as an attachment in a sandbox
-(never run on the dashboard's origin; the site's own zoom pages show large outputs), and an
-overlong path is a 414."""
+content-security policy, HTML/SVG/XML and scripts stored in versions are sent as attachments in
+a sandbox (never run on the dashboard's origin; the site's own zoom pages show large outputs),
+the viewer's script a version lists is sent from this package (a version's copy, edited or not,
+never runs), and an overlong path is a 414."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from artifact_store import ArtifactStore, StoreError
 from artifact_store.refs import KINDS, SITE_DIR, VERSION_RE, ArtifactRef
+from dashboard.viewer import vendor_files
 
 log = logging.getLogger("asd.dashboard")
 MAX_PATH = 2048  # characters of a request path; longer is a 414
@@ -83,8 +85,17 @@ def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
         return None
     _, meta, _ = store.listed(ref, rel)  # FileNotListed (a 404): unlisted, or a link on a local store
     ctype = mimetypes.guess_type(rel)[0] or "application/octet-stream"
-    active = ctype in ACTIVE_TYPES and not ctype.endswith("javascript")  # scripts never run from a download
-    return _Found(int(meta["size"]), ctype, STORED_POLICY, lambda: store.open(ref, rel), attachment=active)
+    vendored = vendor_files().get(rel)
+    if vendored is not None:  # the viewer's own assets: from this package, whatever the version's copy says
+        return _Found(vendored.stat().st_size, ctype, STORED_POLICY, lambda: open(vendored, "rb"))
+    # anything else a version holds that a browser would run (scripts included) is a download
+    return _Found(
+        int(meta["size"]),
+        ctype,
+        STORED_POLICY,
+        lambda: store.open(ref, rel),
+        attachment=ctype in ACTIVE_TYPES,
+    )
 
 
 def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHandler]:
@@ -137,7 +148,7 @@ def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHand
                 self._error(HTTPStatus.NOT_FOUND)
                 return
             self._headers(HTTPStatus.OK, found.policy)
-            if found.attachment:  # stored HTML/SVG: shown as text to save, never run here
+            if found.attachment:  # stored HTML/SVG/scripts: shown as text to save, never run here
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header(
                     "Content-Disposition",

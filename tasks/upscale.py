@@ -113,6 +113,39 @@ def _load(
     return image, hashlib.sha256(data).hexdigest()
 
 
+def _prompt(rec: SourceRecord, st: UpscaleSettings) -> str:
+    """An input's prompt: its caption, unless it has none or `same_prompt` is set."""
+    return rec.caption if (rec.caption or "").strip() and not st.same_prompt else st.prompt
+
+
+def _not_this_jobs(row: dict[str, Any], rec: SourceRecord, n: int, job: UpscaleJob) -> str | None:
+    """Why a resumed row is not what this job would have written for input `n` (None: it is).
+    A fragment lives in the pending version, which anyone sharing the store can write: its row is
+    taken only if the fields the job decides (source, prompt, seed, strength, steps, the target
+    size from the input's size, and the key from all of them) are the job's own."""
+    st = job.settings
+    prompt = rec.caption if (rec.caption or "").strip() and not st.same_prompt else st.prompt
+    expected = {
+        "source": rec.source,
+        "prompt": prompt,
+        "seed": st.seed,
+        "strength": st.strength,
+        "steps": st.steps,
+    }
+    wrong = sorted(k for k, v in expected.items() if row.get(k) != v)
+    if wrong:
+        return f"its fragment's {', '.join(wrong)} are not this job's"
+    try:
+        width, height = st.target(int(row["input_width"]), int(row["input_height"]))
+    except (KeyError, TypeError, ValueError):
+        return "its fragment's input size is not an image's"
+    if (row.get("width"), row.get("height")) != (width, height) or row.get("key") != _key(
+        job, rec, width, height, n
+    ):
+        return "its fragment's size or key is not this job's"
+    return None
+
+
 @task(name="upscale-partition", task_run_name="upscale-{part.index}", cache_policy=NO_CACHE)
 def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -> PartitionDone:
     """Upscale one partition's inputs (see the module doc); `done`: the positions whose
@@ -135,6 +168,10 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
     todo: list[dict[str, Any]] = []
     for n, rec in enumerate(records):
         out.inputs += 1
+        why = _not_this_jobs(taken[n], rec, n, job) if n in taken else None
+        if why:
+            run_logger().warning("input %d of partition %d: %s; rendered again", n, part.index, why)
+            del taken[n]
         if n in taken:
             rows.rows[n] = taken[n]
             out.ok += 1
@@ -145,7 +182,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
             continue
         base = {
             "source": rec.source,
-            "prompt": rec.caption if (rec.caption or "").strip() and not st.same_prompt else st.prompt,
+            "prompt": _prompt(rec, st),
             "seed": st.seed,
             "strength": st.strength,
             "steps": st.steps,

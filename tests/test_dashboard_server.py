@@ -131,3 +131,31 @@ def test_slow_clients_time_out_and_surplus_connections_get_503(served):
         s.close()
     time.sleep(0.2)
     assert _get(f"{base}/_site/index.html")[0] == 200  # slots free again
+
+
+def test_a_versions_scripts_never_run_and_the_viewer_script_comes_from_the_package(tmp_path):
+    """A version's copy of the viewer's script, edited in the store at the same size, is not what
+    the server sends (the package's is); any other script a version holds is a download."""
+    from dashboard.viewer import vendor_files
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    w = store.new_version("generations", "g")
+    rel, vendored = next((r, p) for r, p in vendor_files().items() if r.endswith(".js"))
+    w.put_file(rel, vendored)
+    w.put_bytes("images/x.js", b"alert(document.domain)")
+    ref = w.commit(parents=[], params={}, summary={})
+    stored = tmp_path / "store" / ref.prefix / rel
+    stored.write_bytes(b"/" * stored.stat().st_size)  # same size, other bytes
+    server = make_server(store, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        status, headers, body = _get(f"{base}/{ref.prefix}/{rel}")
+        assert status == 200 and body == vendored.read_bytes()
+        assert "javascript" in headers["Content-Type"] and "Content-Disposition" not in headers
+        status, headers, body = _get(f"{base}/{ref.prefix}/images/x.js")
+        assert status == 200 and headers["Content-Disposition"].startswith("attachment"), headers
+        assert headers["Content-Type"].startswith("text/plain"), headers
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -191,12 +193,23 @@ def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
     ]
     # three images' rows: each in its own fragment, or with its finished partition's rows in one
     assert sum(pl.read_parquet(p).filter(pl.col("status") == "ok").height for p in frags) == 3
+    # someone sharing the store edits one finished row (its prompt): that image is not taken as done
+    forged = next(p for p in frags if pl.read_parquet(p).filter(pl.col("status") == "ok").height)
+    table = pq.read_table(forged)
+    prompts = table.column("prompt").to_pylist()
+    at = table.column("status").to_pylist().index("ok")
+    prompts[at] = "a forged prompt"
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts)), forged
+    )
     done = _asd(stored_model, *common, env=ph)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "prompt are not this job's; rendered again" in done.stderr + done.stdout
     ref = done.stdout.strip().splitlines()[-2]
     summary = store.record(ref)["summary"]
     assert summary["images_ok"] == 6 and summary["images_failed"] == 2
-    assert summary["images_resumed"] == 3 and summary["images_rendered_by_this_run"] == 3
+    assert summary["images_resumed"] == 2 and summary["images_rendered_by_this_run"] == 4
+    assert "a forged prompt" not in _manifest(stored_model, ref)["prompt"].to_list()
     m = _manifest(stored_model, ref)
     assert m.filter(pl.col("status") == "ok")["key"].n_unique() == 6 and store.verify(ref) == []
     again = _asd(stored_model, *common, env=ph)
