@@ -57,10 +57,10 @@ from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 from tasks.upscale_rows import (
     PartitionRows,
-    _read_rows,
     compact_rows,
     finished_rows,
     listed_fragments,
+    read_fragment_rows,
 )
 from tasks.upscale_settings import (
     STAGE_RENDER,
@@ -428,7 +428,7 @@ def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict
     with writer.open("manifest.parquet") as stream, pq.ParquetWriter(stream, UPSCALES_MANIFEST) as manifest:
         row_no = 0
         partitions = bounded_map(
-            lambda r: _read_rows(store, job, fragment_path("part", r.stem)), results, store.io_workers
+            lambda r: read_fragment_rows(store, job, fragment_path("part", r.stem)), results, store.io_workers
         )
         for r, got_rows in zip(results, partitions, strict=True):
             if len(got_rows) != r.inputs:

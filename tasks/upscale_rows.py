@@ -23,7 +23,8 @@ def fragment_log(store: ArtifactStore, job: UpscaleJob) -> FragmentLog:
     return FragmentLog(store, job.pending, UPSCALE_FRAGMENT)
 
 
-def _read_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str, Any]]:
+def read_fragment_rows(store: ArtifactStore, job: UpscaleJob, rel: str) -> list[dict[str, Any]]:
+    """A fragment's rows (FragmentDamaged when it does not read as one)."""
     return fragment_log(store, job).read(rel).to_pylist()
 
 
@@ -37,14 +38,14 @@ def finished_rows(
     if done is None:
         rel = fragment_path("part", stem)
         try:
-            rows = dict(enumerate(_read_rows(store, job, rel)))
+            rows = dict(enumerate(read_fragment_rows(store, job, rel)))
         except FragmentDamaged as exc:
             run_logger().warning("%s; its images are rendered again", exc)
     else:
         for n in sorted(done):
             rel = fragment_path("img", img_id(stem, n))
             try:
-                rows[n] = _read_rows(store, job, rel)[0]
+                rows[n] = read_fragment_rows(store, job, rel)[0]
             except (FragmentDamaged, IndexError) as exc:
                 run_logger().warning("%s; its image is rendered again", exc)
     out = {}
