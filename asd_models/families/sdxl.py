@@ -120,49 +120,31 @@ def build_tiny_sdxl(seed: int = 0, latent_size: int = 16) -> ModelComponents:
     """A tiny SDXL-shaped model (two text encoders, the second with a projection, a UNet with
     the added time ids), randomly initialised from `seed` without touching the global RNG."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from asd_models.tiny_model import MAX_TOKENS, build_tiny_components, build_tiny_tokenizer
+    from asd_models.tiny_model import build_tiny_components, build_tiny_tokenizer
 
-    base = build_tiny_components(seed, latent_size)
+    base = build_tiny_components(seed, latent_size)  # the SD tiny model's shapes, made SDXL-shaped
+    encoder_config = base["text_encoder"].config
+    hidden, time_dim = encoder_config.hidden_size, 8
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        tokenizer = build_tiny_tokenizer()
-        encoder_config = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": MAX_TOKENS,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-            "projection_dim": 32,
-        }
-        time_dim = 8
         unet = UNet2DConditionModel(
-            sample_size=latent_size,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,  # both encoders' hidden states side by side
-            attention_head_dim=8,
-            norm_num_groups=8,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=32 + 6 * time_dim,  # pooled + six time ids
+            **{
+                **{k: v for k, v in base["unet"].config.items() if not k.startswith("_")},
+                "cross_attention_dim": 2 * hidden,  # both encoders' hidden states side by side
+                "use_linear_projection": True,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": time_dim,
+                "projection_class_embeddings_input_dim": encoder_config.projection_dim + 6 * time_dim,
+            }
         )
         return ModelComponents(
             unet=unet,
             vae=base["vae"],
-            text_encoder=CLIPTextModel(CLIPTextConfig(**encoder_config)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**encoder_config)),
-            tokenizer=tokenizer,
+            text_encoder=CLIPTextModel(encoder_config),
+            text_encoder_2=CLIPTextModelWithProjection(encoder_config),
+            tokenizer=build_tiny_tokenizer(),
             tokenizer_2=build_tiny_tokenizer(),
             scheduler=base["scheduler"],
             source="tiny-sdxl",
