@@ -91,7 +91,8 @@ def live_holder(lease: dict[str, Any] | None, lease_s: float | None = None) -> d
     run's configured one) whatever the file claims, so no file can hold a job forever."""
     if not isinstance(lease, dict) or lease.get("released"):
         return None
-    owner = lease.get("owner") if isinstance(lease.get("owner"), dict) else {}
+    claimed_owner = lease.get("owner")
+    owner: dict[str, Any] = claimed_owner if isinstance(claimed_owner, dict) else {}
     try:
         heartbeat = float(lease["heartbeat"])
         claimed = float(lease.get("lease_s", lease_s if lease_s is not None else 0.0))

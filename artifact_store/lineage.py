@@ -17,10 +17,12 @@ from artifact_store.refs import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from artifact_store.host import StoreHost
+else:
+    StoreHost = object
 
 
-class Lineage:
+class Lineage(StoreHost):
     """Locating files and walking parents (a part of `ArtifactStore`)."""
 
     def locate(self, file_or_uri: str) -> tuple[ArtifactRef, str]:

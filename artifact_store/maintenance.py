@@ -23,13 +23,15 @@ from artifact_store.refs import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from artifact_store.host import StoreHost
+else:
+    StoreHost = object
 
 
 log = logging.getLogger("asd.store")
 
 
-class Maintenance:
+class Maintenance(StoreHost):
     """Leftovers and the catalog (a part of `ArtifactStore`)."""
 
     def uncommitted(self, grace_s: float = 24 * 3600) -> list[str]:

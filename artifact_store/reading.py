@@ -25,7 +25,9 @@ from artifact_store.refs import (
 from artifact_store.windows import bounded_map
 
 if TYPE_CHECKING:
-    pass
+    from artifact_store.host import StoreHost
+else:
+    StoreHost = object
 
 IO_WORKERS = 32  # requests in flight for verify and download on an object store
 LOCAL_WORKERS = (
@@ -33,7 +35,7 @@ LOCAL_WORKERS = (
 )
 
 
-class VersionReading:
+class VersionReading(StoreHost):
     """Files of committed versions (a part of `ArtifactStore`)."""
 
     @property

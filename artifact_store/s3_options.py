@@ -1,10 +1,10 @@
-"""s3fs options of the store: endpoint from the AWS environment or a Prefect JSON block,
+"""s3fs options of the store: endpoint from the AWS environment or a Prefect Secret block,
 retries with backoff, version-aware reads."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from artifact_store.refs import StoreError
 from data_manifests.runtime import runtime
@@ -17,7 +17,7 @@ def s3_retries() -> int:
 
 
 def s3_storage_options() -> dict[str, Any]:
-    """s3fs options: endpoint from the AWS environment (or a Prefect JSON block named by
+    """s3fs options: endpoint from the AWS environment (or a Prefect Secret block named by
     $ASD_STORE_BLOCK holding s3fs options), retries with backoff, version-aware reads."""
     opts: dict[str, Any] = {
         "version_aware": False,
@@ -35,15 +35,17 @@ def s3_storage_options() -> dict[str, Any]:
     block = runtime().store_block
     if block:
         # the one place the store touches Prefect: an optional credentials block
-        from prefect.blocks.system import JSON
+        # (a Secret block: Prefect 3 removed the JSON block, and these are credentials)
+        from prefect.blocks.system import Secret
 
         try:
-            value = JSON.load(block).value
+            # called from sync code, Prefect's sync-or-async `load` returns the block itself
+            value = cast("Secret[Any]", Secret.load(block)).get()
         except Exception as exc:  # noqa: BLE001 - re-raised with the block name only, never its value
             raise StoreError(
-                f"cannot load the Prefect JSON block {block!r} named by ${STORE_BLOCK_ENV}"
+                f"cannot load the Prefect Secret block {block!r} named by ${STORE_BLOCK_ENV}"
             ) from exc
         if not isinstance(value, dict):
-            raise StoreError(f"Prefect JSON block {block!r} must hold an object of s3fs options")
+            raise StoreError(f"Prefect Secret block {block!r} must hold a JSON object of s3fs options")
         opts.update(value)
     return opts

@@ -132,7 +132,7 @@ class BucketBatchStream:
     def _take(self, plan: _BucketPlan, n: int, rng: random.Random) -> list[dict[str, Any]]:
         if plan.stream is None and not plan.exhausted:
             plan.stream = self._samples(plan)
-        out = []
+        out: list[dict[str, Any]] = []
         while len(out) < n:
             while len(plan.buffer) < self.config.shuffle_buffer and plan.stream is not None:
                 nxt = next(plan.stream, None)

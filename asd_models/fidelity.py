@@ -129,6 +129,8 @@ def roundtrip(pixels: np.ndarray, original: Any) -> tuple[float, float]:
         torch.from_numpy(a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[None, None]
         for a in (back, orig)
     ]
-    score = float(ssim(grey[0], grey[1], data_range=255.0))
+    value = ssim(grey[0], grey[1], data_range=255.0)
+    assert isinstance(value, torch.Tensor)  # one image pair: one value, not (map, value)
+    score = float(value)
     color = float(np.abs(back.reshape(-1, 3).mean(0) - orig.reshape(-1, 3).mean(0)).mean())
     return score, color

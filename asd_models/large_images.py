@@ -96,6 +96,9 @@ def write_tiff(pixels: np.ndarray, path: str | Path) -> None:
     )
 
 
+DZI_FORMATS = frozenset({"jpeg", "jpg", "png", "webp"})  # tile suffixes a pyramid may name
+
+
 @dataclass(frozen=True)
 class DeepZoom:
     """What a viewer needs of a DZI pyramid (the `.dzi` file's contents)."""
@@ -126,15 +129,29 @@ class DeepZoom:
 
 
 def read_dzi(text: str | bytes) -> DeepZoom:
-    root = ET.fromstring(text)
-    size = next(el for el in root if el.tag.endswith("Size"))
-    return DeepZoom(
-        int(size.get("Width")),
-        int(size.get("Height")),
-        int(root.get("TileSize")),
-        int(root.get("Overlap")),
-        root.get("Format"),
-    )
+    """A `.dzi` file's fields. It is read back from the store, so it is checked: positive
+    sizes, a tile format that is a plain image suffix (it becomes part of tile paths);
+    anything else is a `ValueError` naming the field."""
+    try:
+        root = ET.fromstring(text)
+        size = next(el for el in root if el.tag.endswith("Size"))
+    except (ET.ParseError, StopIteration) as exc:
+        raise ValueError(f"not a Deep Zoom descriptor (.dzi): {str(exc) or 'no <Size> element'}") from exc
+    fields = {
+        "Width": size.get("Width"),
+        "Height": size.get("Height"),
+        "TileSize": root.get("TileSize"),
+        "Overlap": root.get("Overlap"),
+    }
+    numbers: dict[str, int] = {}
+    for key, raw in fields.items():
+        if raw is None or not raw.isdigit() or (key != "Overlap" and int(raw) <= 0):
+            raise ValueError(f"Deep Zoom descriptor: {key}={raw!r} is not a positive integer")
+        numbers[key] = int(raw)
+    fmt = root.get("Format")
+    if fmt not in DZI_FORMATS:
+        raise ValueError(f"Deep Zoom descriptor: Format={fmt!r} is not one of {sorted(DZI_FORMATS)}")
+    return DeepZoom(numbers["Width"], numbers["Height"], numbers["TileSize"], numbers["Overlap"], fmt)
 
 
 def write_deep_zoom(

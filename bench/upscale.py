@@ -83,7 +83,11 @@ def centre_square(image, side: int):
     return resize_cover_crop(image, side, side)[0]
 
 
-def compare_methods(pipe, side: int, steps: int, methods: tuple[str, ...] = METHODS) -> list[dict]:
+def compare_methods(
+    pipe, side: int, steps: int, methods: tuple[str, ...] = METHODS, pictures: dict | None = None
+) -> list[dict]:
+    """Each method on the same photo; `pictures` (if given) gets each method's pixels by name
+    and FSTD's unshifted tile lines under "lines"."""
     from asd_models.fidelity import roundtrip
     from asd_models.pipeline import RenderRequest
     from asd_models.seams import seam_scores
@@ -98,6 +102,8 @@ def compare_methods(pipe, side: int, steps: int, methods: tuple[str, ...] = METH
         seconds = time.perf_counter() - t0
         lines = lines or res.seam_lines  # FSTD's unshifted lattice: where naive tiles' borders are
         seam = seam_scores(res.pixels, lines["x"], lines["y"])[0]
+        if pictures is not None:
+            pictures[method], pictures["lines"] = res.pixels, lines
         ssim, color = roundtrip(res.pixels, image)
         out.append(
             {
@@ -117,6 +123,38 @@ def compare_methods(pipe, side: int, steps: int, methods: tuple[str, ...] = METH
         r["seam_vs_full"] = r["seam_score"] / full["seam_score"] if full else None
         r["time_vs_fstd"] = r["seconds"] / fstd["seconds"]
     return out
+
+
+def method_sheet(pictures: dict, rows: list[dict], path: Path, cell: int = 320) -> None:
+    """The comparison as one picture for the docs: per method (a column) the whole output, its
+    seam heat-map (bright = an abrupt change; cyan ticks = FSTD's unshifted tile lines, where
+    naive tiles have their borders) and a 1:1 crop around a crossing of those lines."""
+    from PIL import Image, ImageDraw
+
+    from asd_models.seams import seam_heatmap_rgb
+
+    lines = pictures["lines"]
+    methods = [r for r in rows if r["method"] in pictures]
+    label_h = 34
+    sheet = Image.new("RGB", (cell * len(methods), label_h + 3 * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, r in enumerate(methods):
+        px = pictures[r["method"]]
+        h, w, _ = px.shape
+        whole = Image.fromarray(px).resize((cell, round(cell * h / w)), Image.Resampling.LANCZOS)
+        heat = Image.fromarray(seam_heatmap_rgb(px, lines["x"], lines["y"], max_side=cell))
+        cx = min(lines["x"], key=lambda x: abs(x - w // 2)) if lines["x"] else w // 2
+        cy = min(lines["y"], key=lambda y: abs(y - h // 2)) if lines["y"] else h // 2
+        x0, y0 = max(0, min(w - cell, cx - cell // 2)), max(0, min(h - cell, cy - cell // 2))
+        crop = Image.fromarray(px[y0 : y0 + cell, x0 : x0 + cell])
+        x = col * cell
+        versus = f", {r['seam_vs_full']:.2f}x full" if r.get("seam_vs_full") else ""
+        draw.text((x + 6, 4), r["method"], fill="black")
+        draw.text((x + 6, 18), f"seam {r['seam_score']:.2f}{versus}", fill="black")
+        for row, im in enumerate((whole, heat, crop)):
+            sheet.paste(im, (x, label_h + row * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=88) if path.suffix == ".jpg" else sheet.save(path)
 
 
 def _scored(results, images, **fields) -> dict:
@@ -373,6 +411,11 @@ def main() -> None:
     ap.add_argument("--kill-rerun", type=int, default=0, help="photos of the kill-and-rerun job (0: skip it)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--pictures",
+        default=None,
+        help="write the methods' comparison as one picture here (.jpg or .png): output, seam heat-map, 1:1 crop",
+    )
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from artifact_store import ArtifactStore
@@ -385,7 +428,13 @@ def main() -> None:
     dev = resolve_device(args.device)
     pipe.to(dev, resolve_dtype("auto", dev))
     print(f"methods, {args.side}^2 -> {4 * args.side}^2 on {dev} ...", file=sys.stderr, flush=True)
-    methods = compare_methods(pipe, args.side, args.steps, tuple(m.strip() for m in args.methods.split(",")))
+    pictures: dict | None = {} if args.pictures else None
+    methods = compare_methods(
+        pipe, args.side, args.steps, tuple(m.strip() for m in args.methods.split(",")), pictures
+    )
+    if args.pictures and pictures:
+        method_sheet(pictures, methods, Path(args.pictures))
+        print(f"pictures: {args.pictures}", file=sys.stderr, flush=True)
     if args.curve:
         print("round trip over strength ...", file=sys.stderr, flush=True)
     curve = strength_curve(pipe, args.steps) if args.curve else []

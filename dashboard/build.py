@@ -105,7 +105,7 @@ def _page_fingerprint(
 
 
 def _catalog(store: ArtifactStore) -> pl.DataFrame:
-    df = pl.from_arrow(store.catalog(rebuild=True))  # rows a killed writer missed are added first
+    df = pl.DataFrame(store.catalog(rebuild=True))  # rows a killed writer missed are added first
     return df.sort("committed_at", descending=True) if df.height else df
 
 

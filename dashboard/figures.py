@@ -71,8 +71,8 @@ def thumbnail_and_heatmap(
 ) -> tuple[bytes, bytes | None]:
     """A thumbnail (longest side `px`) and, below HEATMAP_MAX_PIXELS, the seam heat-map of the
     same size (`asd_models.seams.seam_heatmap_rgb`)."""
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("RGB")
+    with Image.open(io.BytesIO(png)) as opened:
+        im = opened.convert("RGB")
         w, h = im.size
         scale = min(1.0, px / max(w, h))
         thumb = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)

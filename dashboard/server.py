@@ -16,6 +16,7 @@ never runs), and an overlong path is a 414."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import mimetypes
 import posixpath
@@ -176,7 +177,7 @@ def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHand
     return StoreFiles
 
 
-def _copy(src: IO[bytes], dst: IO[bytes], size: int) -> None:
+def _copy(src: IO[bytes], dst: IO[bytes] | io.BufferedIOBase, size: int) -> None:
     """Stream `size` bytes in chunks (never the whole file in memory)."""
     left = size
     while left > 0:

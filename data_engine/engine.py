@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import tarfile
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +111,7 @@ class IngestStats:
     failed: int = 0
     reused: int = 0
     failed_by_stage: Counter = dataclasses.field(default_factory=Counter)
-    aspect_error_sum: Counter = dataclasses.field(default_factory=Counter)
+    aspect_error_sum: defaultdict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
     first_failures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
     def count(self, row: dict[str, Any]) -> None:
@@ -184,7 +184,7 @@ class PartitionIngest:
         """Rows of the previous version to take for the inputs they describe (by fingerprint, in
         order), and the samples of the good ones, streamed from its shards (a sample that does
         not read leaves its input to be processed again)."""
-        self.previous: dict[str, deque[dict[str, Any]]] = {}
+        self.previous = {}
         by_shard: dict[str, set[str]] = {}
         for row in rows:
             self.previous.setdefault(row["fingerprint"], deque()).append(row)
@@ -282,6 +282,8 @@ class PartitionIngest:
             if old is not None or rec.error:
                 return rec, key, old, None
             payload = rec.data if rec.data is not None else rec.path
+            if payload is None:  # a source's bug, not the input's: it named nothing to read
+                raise ValueError(f"input {rec.source!r} has neither data nor a path to read")
             rec.data = None
             job = (key, payload, self.spec)
             return (
@@ -298,6 +300,7 @@ class PartitionIngest:
             self._finish(rec, key, result.result() if isinstance(result, cf.Future) else result)
 
     def _finish(self, rec: SourceRecord, key: str, result: dict[str, Any] | None) -> None:
+        caption: str | None
         caption, caption_error = (
             self._caption(rec) if result is not None and result["ok"] else (rec.caption, None)
         )
@@ -367,7 +370,7 @@ class PartitionIngest:
             {
                 "__key__": key,
                 "jpg": result["jpg"],
-                "txt": caption.encode("utf-8", "replace"),
+                "txt": (caption or "").encode("utf-8", "replace"),
                 "json": json.dumps(meta, default=str).encode(),
             },
         )
@@ -407,9 +410,10 @@ def ingest_partition(job: PartitionJob, part: Partition, reuse: Reuse | None) ->
     """The task body: one partition into its shards and fragment (see the module doc)."""
     store = ArtifactStore(job.store_url)
     writer = VersionWriter.for_pending(store, job.pending)
-    rows = copy_whole(store, writer, reuse) if reuse is not None and reuse.whole is not None else None
-    if rows is not None:
-        shards, copied = reuse.whole["shards"], True  # type: ignore[union-attr]
+    whole = reuse.whole if reuse is not None else None
+    rows = copy_whole(store, writer, reuse) if reuse is not None and whole is not None else None
+    if rows is not None and whole is not None:
+        shards, copied = whole["shards"], True
     else:
         run = PartitionIngest(writer, job.config, part.stem)
         if reuse is not None and reuse.rows:

@@ -56,7 +56,7 @@ def _edits(
 ) -> tuple[dict[int, dict[str, Any]], dict[str, tuple[set[str], dict[str, str]]]]:
     """Row edits by global row number, and shard edits (keys to drop, keys to rename) by shard."""
     frames = bounded_map(
-        lambda r: pl.from_arrow(_fragment(store, pending, r, ["key", "status", "sha256", "shard"])),
+        lambda r: pl.DataFrame(_fragment(store, pending, r, ["key", "status", "sha256", "shard"])),
         results,
         store.io_workers,
     )
@@ -153,8 +153,8 @@ def merge_partitions(
                 }
             )
         manifest.close()
-    for rel, data in wids_indexes(dataset, by_bucket).items():
-        writer.put_bytes(rel, data)
+    for rel, wids in wids_indexes(dataset, by_bucket).items():
+        writer.put_bytes(rel, wids)
     writer.put_bytes(
         PARTITIONS_FILE,
         json.dumps({"partition_inputs": config.partition_inputs, "partitions": partitions}).encode(),

@@ -175,6 +175,7 @@ def plan_partitions(sources: list[Source], target: int, files: PendingFiles) -> 
                         writer.close()
                     plan = f"{FRAGMENT_DIR}/plan-{i:04d}-{n // GROUPS_PER_PLAN_FILE:06d}.parquet"
                     writer = _PlanFile(files, plan)
+                assert writer is not None  # made at n == 0
                 digest = writer.write(_plan_table(records))
                 out.append(
                     Partition(
@@ -213,7 +214,7 @@ def partition_records(files: PendingFiles, part: Partition) -> list[SourceRecord
     rows = table.to_pylist()
     return [
         SourceRecord(
-            **{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]
+            **{f: _dec(r[f]) for f in PLAN_FIELDS},  # type: ignore[arg-type]  # fields checked by name against PLAN_FIELDS
             meta=json.loads(r["meta"]) if r["meta"] else {},
         )
         for r in rows

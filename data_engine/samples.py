@@ -137,8 +137,8 @@ def decode(
                 swap = _orientation(im) in (5, 6, 7, 8)
                 ow, oh = (h, w) if swap else (w, h)
                 check_size(ow, oh, spec)
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb(im), ow, oh
+            upright = ImageOps.exif_transpose(im) or im
+            return to_rgb(upright), ow, oh
         except Rejected:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated, corrupt, unsupported mode

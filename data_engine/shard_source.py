@@ -58,7 +58,7 @@ class ShardSource:
                 try:
                     fs, _, (path,) = fsspec.get_fs_token_paths(url, storage_options=self.storage_options)
                     info = fs.info(path)
-                    ident = (
+                    ident: tuple[Any, ...] = (
                         info.get("size"),
                         info.get("ETag") or info.get("etag"),
                         info.get("mtime") or info.get("LastModified"),
@@ -91,7 +91,7 @@ def shard_records(
     """Every sample of one shard file as an input (what a shard partition's task reads)."""
     n = 0
     try:
-        with fsspec.open(url, "rb", **(storage_options if url.startswith("s3://") else {})) as stream:
+        with fsspec.open(url, "rb", **((storage_options or {}) if url.startswith("s3://") else {})) as stream:
             for sample in tar_stream_samples(stream, options.max_bytes, options.sample_max_bytes):
                 n += 1
                 yield shard_sample(url, shard_fp, sample)

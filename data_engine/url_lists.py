@@ -128,9 +128,9 @@ class UrlTable:
                 yield from self._lines(f)
             else:
                 doc = self._json_document(f.read())
-                urls = doc.get(self.url_col, [])
+                urls = doc.get(self.url_col, []) if self.url_col else []
                 caps = doc.get(self.caption_col, []) if self.caption_col else []
-                rows = [
+                rows: list[Row] = [
                     (_text(u), _text(caps[i]) if i < len(caps) else None, None) for i, u in enumerate(urls)
                 ]
                 for a in range(0, len(rows), BATCH_ROWS):

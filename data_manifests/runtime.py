@@ -23,7 +23,7 @@ class RuntimeSettings(BaseSettings):
 
     store: str | None = Field(None, description="the store URL when none is given (default: ./asd-store)")
     store_block: str | None = Field(
-        None, description="a Prefect JSON block holding s3fs options for the store"
+        None, description="a Prefect Secret block holding a JSON object of s3fs options for the store"
     )
     s3_retries: int = Field(
         8, ge=0, description="S3 request attempts (botocore adaptive retries and s3fs backoff)"

@@ -42,7 +42,8 @@ class StageSettings(BaseModel):
     @classmethod
     def role(cls, name: str) -> str | None:
         extra = cls.model_fields[name].json_schema_extra
-        return extra.get("role") if isinstance(extra, dict) else None  # type: ignore[return-value]
+        role = extra.get("role") if isinstance(extra, dict) else None
+        return role if isinstance(role, str) else None
 
     def identity(self) -> dict[str, Any]:
         """The fields that change the output, with their values."""

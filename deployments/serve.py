@@ -7,7 +7,10 @@ The store comes from $ASD_STORE of this process (made absolute)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
 
 from flows.backfill import backfill_flow
 from flows.pipeline_flow import asd_pipeline
@@ -36,7 +39,8 @@ SERVED_FLOWS = (
 
 
 def main() -> None:
-    serve(*(f.to_deployment(name=SERVED_NAME) for f in SERVED_FLOWS))
+    # called from sync code, Prefect's sync-or-async `to_deployment` returns the deployment itself
+    serve(*(cast(RunnerDeployment, f.to_deployment(name=SERVED_NAME)) for f in SERVED_FLOWS))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
@@ -23,6 +23,9 @@ from tasks.evaluate import Evaluate
 from tasks.generate import Generate
 from tasks.progress import publish_table
 from tasks.registry import STAGES
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 # flow name -> (the parameter naming its output, the output's kind), from the stages' own
 # declarations; the whole pipeline's output is its evaluation
@@ -165,14 +168,18 @@ def _launch(
     from prefect.deployments import run_deployment
 
     t0 = time.monotonic()
-    run = run_deployment(
-        deployment,
-        parameters=part.parameters,
-        scheduled_time=scheduled_time,
-        idempotency_key=key,
-        tags=["backfill"],
-        poll_interval=poll_s,
-        timeout=None,
+    # called from sync code, Prefect's sync-or-async `run_deployment` returns the run itself
+    run = cast(
+        "FlowRun",
+        run_deployment(
+            deployment,
+            parameters=part.parameters,
+            scheduled_time=scheduled_time,
+            idempotency_key=key,
+            tags=["backfill"],
+            poll_interval=poll_s,
+            timeout=None,
+        ),
     )
     state = run.state.type.value if run.state else "UNKNOWN"
     return {

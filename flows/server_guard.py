@@ -64,5 +64,5 @@ def tie_temporary_server_to_this_process() -> None:
                 start_new_session=True,
             )
 
-    start._asd_guarded = True  # type: ignore[attr-defined]
-    SubprocessASGIServer.start = start
+    start._asd_guarded = True  # type: ignore[attr-defined]  # a marker on a function object
+    setattr(SubprocessASGIServer, "start", start)  # noqa: B010 - patching a method: mypy refuses `=`

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -73,9 +73,12 @@ def _parser_of(kind: Any, name: str, optional: bool):
     return parse
 
 
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
 def settings_from_args(
-    model: type[BaseModel], args: argparse.Namespace, base: BaseModel | None = None
-) -> BaseModel:
+    model: type[SettingsT], args: argparse.Namespace, base: BaseModel | None = None
+) -> SettingsT:
     """The settings given on the command line, over `base` (or the model's defaults)."""
     given = {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
     start = base.model_dump() if base is not None else {}

@@ -256,7 +256,9 @@ def score_flow(job: EvalJob, per_image_path: str) -> Scored:
         missing["clip"] = missing["clip"] or out.clip_missing
 
     with Progress("evaluate images", total=max(1, len(sampled)), unit="img") as progress:
-        work = [(score_generated, fake, b) for b in batched(to_decode(), st.batch_rows)]
+        work: list[tuple[Any, dict[int, torch.Tensor], list[Any]]] = [
+            (score_generated, fake, b) for b in batched(to_decode(), st.batch_rows)
+        ]
         reals = sample_encoded(store, job.data, st.sample, st.seed)
         work += [(score_real, real, b) for b in batched(iter(enumerate(reals)), st.batch_rows)]
         del reals

@@ -22,9 +22,12 @@ from data_manifests.schemas import STATUS_OK
 class PatchSampling(Protocol):
     """What the distribution rows name of how patches were sampled (`EvaluateSettings` has it)."""
 
-    patch_size: int
-    seed: int
-    sample: int
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def sample(self) -> int: ...
 
 
 SKIPPED = "skipped"

@@ -67,7 +67,7 @@ def fan_out(
                 if item is _END:
                     exhausted = True
                 else:
-                    running[submit(item)] = item  # type: ignore[arg-type]
+                    running[submit(item)] = item
         if not running:
             return
         finished = next(as_completed(list(running)))

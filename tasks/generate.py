@@ -139,7 +139,7 @@ def _store_image(
     for the chunk's tar in the webdataset layout); its fragment entry (manifest row plus the
     files it wrote)."""
     s = job.settings
-    row = {f.name: None for f in GENERATIONS_MANIFEST}
+    row: dict[str, Any] = {f.name: None for f in GENERATIONS_MANIFEST}
     row.update(
         key=r["key"],
         row=r["row"],

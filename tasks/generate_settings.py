@@ -125,7 +125,7 @@ def image_key(row: dict[str, Any], identity: str) -> str:
 
 
 def invalid_row(row: dict[str, Any]) -> dict[str, Any]:
-    out = {f.name: None for f in GENERATIONS_MANIFEST}
+    out: dict[str, Any] = {f.name: None for f in GENERATIONS_MANIFEST}
     out.update(
         key=f"{row['row']:06d}-invalid",
         row=row["row"],

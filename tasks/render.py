@@ -23,7 +23,7 @@ class RenderSettings(FanOutSettings):
     steps: int = output(20, ge=1, le=1000, description="denoising steps (stage 1 and stage 2)")
     guidance_scale: float = output(5.0, ge=0, le=100, description="classifier-free guidance scale")
     strength: float = output(0.6, gt=0, le=1, description="how much stage 2 re-noises the enlarged image")
-    sampler: Literal[SAMPLER_NAMES] = output(  # type: ignore[valid-type]
+    sampler: Literal[SAMPLER_NAMES] = output(  # type: ignore[valid-type]  # Literal of the plug-in table's names
         "fstd",
         description="stage 2's tiled sampler (asd_models.samplers): fstd (ours), official (the ASD code's "
         "scheme), naive tiles, multidiffusion / mixture (50%-overlap windows), full (no tiles)",

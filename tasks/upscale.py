@@ -82,7 +82,7 @@ def _key(job: UpscaleJob, rec: SourceRecord, width: int, height: int, n: int) ->
 
 
 def _row(**values: Any) -> dict[str, Any]:
-    row = {f.name: None for f in UPSCALE_FRAGMENT}
+    row: dict[str, Any] = {f.name: None for f in UPSCALE_FRAGMENT}
     row.update(files=[], **values)
     return row
 
@@ -115,7 +115,7 @@ def _load(
 
 def _prompt(rec: SourceRecord, st: UpscaleSettings) -> str:
     """An input's prompt: its caption, unless it has none or `same_prompt` is set."""
-    return rec.caption if (rec.caption or "").strip() and not st.same_prompt else st.prompt
+    return rec.caption if rec.caption and rec.caption.strip() and not st.same_prompt else st.prompt
 
 
 def _not_this_jobs(row: dict[str, Any], rec: SourceRecord, n: int, job: UpscaleJob) -> str | None:
@@ -418,7 +418,7 @@ class Upscale(Stage):
 def _merge(run: StageRun, job: UpscaleJob, results: list[PartitionDone]) -> dict[str, Any]:
     """Every input's fragment, in input order, into `manifest.parquet`; their files into the record."""
     store, writer = run.store, run.writer
-    counts = {
+    counts: dict[str, Any] = {
         "images_ok": 0,
         "images_failed": 0,
         "images_rendered_by_this_run": sum(r.rendered for r in results),

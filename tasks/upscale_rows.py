@@ -103,8 +103,9 @@ def listed_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[str,
     """Positions with a fragment, by partition stem; None for a partition with its compacted
     fragment (one listing of the pending version)."""
     found = FragmentLog(store, pending, UPSCALE_FRAGMENT).listing()
-    out: dict[str, set[int] | None] = {}
+    images: dict[str, set[int]] = {}
     for fid in found["img"]:
         stem, _, n = fid.rpartition("-")
-        out.setdefault(stem, set()).add(int(n))  # type: ignore[union-attr]
-    return {**out, **dict.fromkeys(found["part"])}
+        images.setdefault(stem, set()).add(int(n))
+    out: dict[str, set[int] | None] = {**images, **dict.fromkeys(found["part"])}
+    return out

@@ -56,7 +56,7 @@ class UpscaleSettings(RenderSettings, SourceSettings):
         description="how far the enlarged image is re-noised: low keeps the "
         "picture, high lets the model redraw it",
     )
-    fidelity: Literal[FIDELITY_NAMES] = output(  # type: ignore[valid-type]
+    fidelity: Literal[FIDELITY_NAMES] = output(  # type: ignore[valid-type]  # Literal of the plug-in table's names
         "backproject",
         description="how an output is made to keep its input: backproject (its downscale is made "
         "the input: structure and colour from the input, only finer detail from the model) or none (the model's "

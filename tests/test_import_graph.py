@@ -122,3 +122,16 @@ def test_the_layout_page_names_every_module():
         ]
         missing = [n for n in names if n not in sections.get(package, "")]
         assert not missing, f"docs/architecture.md: {package}/ does not name {missing}"
+
+
+def test_every_bench_has_its_page():
+    """Each runnable bench has a page in docs/benchmarks/ whose head is generated from the bench's
+    own code (its docstring and flags) and which the site's navigation lists."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    benches = [p.stem for p in (ROOT / "bench").glob("*.py") if "__main__" in p.read_text()]
+    assert len(benches) >= 15
+    for name in benches:
+        page = ROOT / "docs" / "benchmarks" / f"{name}.md"
+        assert page.is_file(), f"bench/{name}.py has no page docs/benchmarks/{name}.md"
+        assert f"<!-- asd:bench:{name} -->" in page.read_text(), f"{page} lacks its generated head"
+        assert f"benchmarks/{name}.md" in nav, f"mkdocs.yml's nav does not list {page.name}"

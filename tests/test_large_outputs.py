@@ -5,6 +5,7 @@ to full resolution in a real headless Chromium, from the dashboard server and fr
 from __future__ import annotations
 
 import io
+import re
 import threading
 import urllib.request
 from pathlib import Path
@@ -274,3 +275,21 @@ def test_a_large_png_goes_to_s3_as_a_multipart_upload_while_it_is_encoded(s3_buc
     assert head["ContentLength"] > 16 << 20 and head["ETag"].strip('"').endswith("-2")  # two parts
     with Image.open(io.BytesIO(store.read_bytes(ref, "images/big.png"))) as im:
         assert np.array_equal(np.asarray(im), pixels)
+
+
+@pytest.mark.parametrize(
+    "dzi, problem",
+    [
+        (b"<Image/>", "no <Size>"),
+        (b"not xml", "not a Deep Zoom"),
+        (b'<Image TileSize="254" Overlap="1" Format="jpeg"><Size Width="-3" Height="9"/></Image>', "Width"),
+        (b'<Image Overlap="1" Format="jpeg"><Size Width="3" Height="9"/></Image>', "TileSize=None"),
+        (
+            b'<Image TileSize="254" Overlap="1" Format="../../x"><Size Width="3" Height="9"/></Image>',
+            "Format",
+        ),
+    ],
+)
+def test_a_forged_dzi_is_refused_naming_the_field(dzi, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        read_dzi(dzi)

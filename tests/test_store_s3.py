@@ -91,3 +91,29 @@ def test_s3_cold_open_of_one_file_of_a_large_version_is_four_gets(s3_bucket, mon
     assert ArtifactStore(s3_bucket).verify(ref, shallow=True) == [
         f"{ref}: images/000070-64x64-abc.png: missing"
     ]
+
+
+def test_s3_credentials_from_a_prefect_secret_block(prefect_harness, monkeypatch):
+    """$ASD_STORE_BLOCK names a Prefect Secret block holding a JSON object of s3fs options;
+    they are merged into the store's options. A block holding anything else is refused by
+    name, without its value in the message."""
+    from prefect.blocks.system import Secret
+
+    from artifact_store.refs import StoreError
+    from artifact_store.s3_options import s3_storage_options
+
+    Secret(value={"key": "AKIAEXAMPLE", "secret": "s3cr3t"}).save("asd-store-test", overwrite=True)
+    monkeypatch.setenv("ASD_STORE_BLOCK", "asd-store-test")
+    opts = s3_storage_options()
+    assert opts["key"] == "AKIAEXAMPLE" and opts["secret"] == "s3cr3t"
+    assert opts["config_kwargs"], "the store's own options stay"
+
+    Secret(value="not-an-object").save("asd-store-bad", overwrite=True)
+    monkeypatch.setenv("ASD_STORE_BLOCK", "asd-store-bad")
+    with pytest.raises(StoreError, match="asd-store-bad.*JSON object") as err:
+        s3_storage_options()
+    assert "not-an-object" not in str(err.value)
+
+    monkeypatch.setenv("ASD_STORE_BLOCK", "no-such-block")
+    with pytest.raises(StoreError, match="cannot load the Prefect Secret block 'no-such-block'"):
+        s3_storage_options()

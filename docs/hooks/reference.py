@@ -7,6 +7,8 @@ A page holds a marker comment and gets the generated Markdown in its place:
     <!-- asd:environment -->  every ASD_* variable (data_manifests/runtime.py)
     <!-- asd:schemas -->      every Arrow schema of data_manifests/schemas.py, with its comments
     <!-- asd:samplers -->     the named samplers and their own options
+    <!-- asd:bench:NAME -->   what bench/NAME.py measures and how to run it (its docstring)
+                              and its flags (its --help)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-MARKER = re.compile(r"<!-- asd:([a-z]+) -->")
+MARKER = re.compile(r"<!-- asd:([a-z]+)(?::([a-z_]+))? -->")
 
 
 def cli() -> str:
@@ -117,6 +119,44 @@ def samplers() -> str:
     return "\n".join(rows) + "\n"
 
 
+def bench(name: str) -> str:
+    """A bench's page head: its module docstring and its flags, read from bench/NAME.py."""
+    path = ROOT / "bench" / f"{name}.py"
+    if not path.is_file():
+        raise ValueError(f"no bench named {name!r}: {path} does not exist")
+    tree = ast.parse(path.read_text())
+    doc = ast.get_docstring(tree) or ""
+    out = [f"*From `bench/{name}.py`*:\n\n```text\n{doc.strip()}\n```\n"]
+    flags = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and str(node.args[0].value).startswith("--")
+    ]
+    if flags:
+        out.append("| flag | default | what it sets |\n|---|---|---|")
+        for node in flags:
+            kw = {k.arg: k.value for k in node.keywords}
+            default = ast.unparse(kw["default"]) if "default" in kw else ""
+            helptext = kw.get("help")
+            text = helptext.value if isinstance(helptext, ast.Constant) else ""
+            if (
+                "action" in kw
+                and isinstance(kw["action"], ast.Constant)
+                and kw["action"].value == "store_true"
+            ):
+                default = "off"
+            out.append(
+                f"| `{node.args[0].value}` | {default and f'`{default}`'} | {str(text).replace('|', '/').replace('%%', '%')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 GENERATORS = {
     "cli": cli,
     "settings": settings,
@@ -128,7 +168,9 @@ GENERATORS = {
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     def fill(m: re.Match[str]) -> str:
-        if m.group(1) not in GENERATORS:
+        if m.group(1) == "bench" and m.group(2):
+            return bench(m.group(2))
+        if m.group(1) not in GENERATORS or m.group(2):
             raise ValueError(f"unknown reference marker {m.group(0)}: expected one of {sorted(GENERATORS)}")
         return GENERATORS[m.group(1)]()
 

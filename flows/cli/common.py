@@ -18,7 +18,7 @@ class UserError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose mistakes are one line (`asd: ...`) and exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> None:  # type: ignore[override]  # argparse's returns NoReturn; this one exits too
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         print(
             f"asd: {message}" + (f" ({sub}; see `{self.prog} --help`)" if sub else " (see `asd --help`)"),

@@ -43,7 +43,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboard.server import make_server
 
     server = make_server(store, args.host, args.port)
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]
     print(
         f"serving the dashboard of {store.display_url} at http://{host}:{port}/_site/index.html (Ctrl-C stops)",
         flush=True,

@@ -62,13 +62,14 @@ def cmd_model(args: argparse.Namespace) -> int:
         if not found:
             print(f"(no models in {store.display_url}: `asd model import` or `asd train` makes one)")
         return 0
-    ref = ref_arg(args.ref, "models")
-    rec = store.record(ref)
-    if not str(store.resolve(ref)).startswith("models/"):
+    given = ref_arg(args.ref, "models")
+    rec = store.record(given)
+    ref = store.resolve(given)
+    if not str(ref).startswith("models/"):
         raise UserError(f"{ref} is not a model")
     params = rec.get("params") or {}
     shown = {
-        "ref": str(store.resolve(ref)),
+        "ref": str(ref),
         "family": _family(rec),
         "made": _made_by(rec),
         "committed_at": rec.get("committed_at"),

@@ -103,7 +103,7 @@ def store_catalog(store, args: argparse.Namespace) -> int:
         pq.write_table(table, args.output)
         print(f"wrote {table.num_rows} rows to {args.output}")
         return 0
-    df = pl.from_arrow(table).select(
+    df = pl.DataFrame(table).select(
         "ref", "committed_at", "size_bytes", "file_count", "parents", "flow_run_id"
     )
     with pl.Config(tbl_rows=200, fmt_str_lengths=70, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
