@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from asd_models.families.base import Conditioning, whole
+from asd_models.latent_scale import to_latents
 
 StepLog = Callable[[int, int, float], None]  # step, total, loss
 
@@ -157,13 +158,7 @@ class AradTrainer:
         self.losses: list[float] = []
         self.lrs: list[float] = []
         self.latent_cache: dict[str, torch.Tensor] = {}
-        sched = components.scheduler.config
-        self.prediction_type = sched.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)"
-            )
-        self.num_train_timesteps = sched.num_train_timesteps
+        components.family.check_training(components)
         with torch.no_grad():
             self.empty_cond = self._encode_text([""])
 
@@ -183,7 +178,7 @@ class AradTrainer:
             return torch.stack([self.latent_cache[k] for k in keys]).to(self.accelerator.device)
         pixels = batch["pixels"].to(self.accelerator.device, dtype=self.weight_dtype)
         # the posterior mean: deterministic, so cached and uncached training see the same latents
-        z = self.c.vae.encode(pixels).latent_dist.mean.float() * self.c.vae.config.scaling_factor
+        z = to_latents(self.c.vae, self.c.vae.encode(pixels).latent_dist.mean.float())
         if self.config.cache_latents:
             for k, zi in zip(keys, z.cpu(), strict=True):
                 self.latent_cache[k] = zi
@@ -199,10 +194,7 @@ class AradTrainer:
             v[drop] = self.empty_cond[k][0]
         cond = {k: v.to(self.weight_dtype) if v.is_floating_point() else v for k, v in cond.items()}
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
-        t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator).to(device)
-        sched = self.c.scheduler
-        noisy = sched.add_noise(x0, noise, t)
-        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        noisy, t, target = self.c.family.training_example(self.c, x0, noise, self.generator)
         with self.accelerator.autocast():
             pred = self.c.family.predict(self.c, self.unet, noisy, t, cond, whole(noisy))
         return F.mse_loss(pred.float(), target.float())
@@ -232,7 +224,7 @@ class AradTrainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach().float().item())
-            self.lrs.append(self.lr_scheduler.get_last_lr()[0])
+            self.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.step(acc.unwrap_model(self.unet).parameters())
@@ -279,7 +271,8 @@ class AradTrainer:
         unet = self.accelerator.unwrap_model(self.unet)
         _save_tensors(folder / "unet.safetensors", unet.state_dict())
         opt_state = self.optimizer.state_dict()
-        tensors, per_param = {}, {}
+        tensors: dict[str, torch.Tensor] = {}
+        per_param: dict[str, dict[str, Any]] = {}
         for idx, st in opt_state["state"].items():
             per_param[str(idx)] = {}
             for k, v in st.items():
@@ -352,13 +345,18 @@ class AradTrainer:
                 {**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]}
             )
         rng = _load_tensors(folder / "rng.safetensors")
-        self.generator.set_state(rng.get(f"generator.{self.accelerator.process_index}", rng.get("generator")))
+        state_of_this_process = rng.get(f"generator.{self.accelerator.process_index}", rng.get("generator"))
+        if state_of_this_process is None:
+            raise CheckpointMismatch(
+                f"checkpoint {folder} holds no random state for process {self.accelerator.process_index}"
+            )
+        self.generator.set_state(state_of_this_process)
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         self.losses, self.lrs = list(state["losses"]), list(state["lrs"])
 
 
 def fit_vae(
-    vae: torch.nn.Module,
+    vae: Any,  # a diffusers AutoencoderKL (its encode/decode are not typed)
     images: list[torch.Tensor],
     steps: int,
     batch_size: int = 8,
@@ -388,11 +386,11 @@ def fit_vae(
             if rng.random() < 0.5:
                 patch = patch.flip(-1)
             batch.append(patch)
-        x = torch.cat(batch)
+        pixels = torch.cat(batch)
         # Decode the posterior mean (as the pipeline does); the KL term keeps latents bounded.
-        post = vae.encode(x).latent_dist
+        post = vae.encode(pixels).latent_dist
         rec = vae.decode(post.mean).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        loss = F.l1_loss(rec, pixels) + F.mse_loss(rec, pixels) + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -403,5 +401,8 @@ def fit_vae(
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(img).latent_dist.mean.flatten() for img in images])
+    if getattr(vae.config, "shift_factor", None) is not None:  # a VAE with a shift centres its latents too
+        vae.register_to_config(shift_factor=float(z.mean()))
+        z = z - z.mean()
     vae.register_to_config(scaling_factor=float(1.0 / z.std().clamp_min(1e-6)))
     return losses

@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from asd_models.families.base import Conditioning, UNetCall, as_denoiser, cat_conditioning
+from asd_models.families.base import (
+    Conditioning,
+    Place,
+    UNetCall,
+    as_conditioning,
+    as_denoiser,
+    cat_conditioning,
+)
 from asd_models.memory import release_free_heap
 from asd_models.tiling import Box, gaussian_weights, grid_boxes, uniform_weights
 
@@ -150,8 +157,12 @@ def img2img_start(steps: int, strength: float) -> int:
     return min(int(round(steps * (1 - strength))), steps - 1)
 
 
-def unet_size_multiple(unet: torch.nn.Module) -> int:
-    """Latent sizes a UNet takes are multiples of this: 2 ** (its down-sampling levels)."""
+def unet_size_multiple(unet: Any) -> int:  # a diffusers model: its `config` is not typed
+    """Latent sizes a UNet takes are multiples of this: 2 ** (its down-sampling levels); a
+    transformer's, its patch size."""
+    patch = getattr(unet.config, "patch_size", None)
+    if patch is not None:  # a transformer: one token covers a patch of latent pixels
+        return int(patch)
     n = getattr(unet, "num_upsamplers", None)
     if n is None:
         n = len(unet.config.block_out_channels) - 1
@@ -209,11 +220,9 @@ class TiledJob:
     boxes_this_step: int = 0  # progress within the current step
     tiles_done: int = 0
 
-    def __post_init__(self) -> None:
-        if isinstance(self.cond, torch.Tensor):
-            self.cond = {"text": self.cond}
-        if isinstance(self.uncond, torch.Tensor):
-            self.uncond = {"text": self.uncond}
+    def __post_init__(self) -> None:  # a bare tensor given as either is SD's text states
+        self.cond = as_conditioning(self.cond)
+        self.uncond = None if self.uncond is None else as_conditioning(self.uncond)
 
     @property
     def done(self) -> bool:
@@ -270,7 +279,9 @@ def sample_jobs(model: Any, jobs: list[TiledJob], tile_batch_size: int = 8) -> l
         acc: dict[int, _Fusion] = {}
         for j in active:
             t = j.timesteps[j.step]
-            latent_in = j.scheduler.scale_model_input(j.latents, t)
+            # a flow-matching scheduler's input is the latent itself (it has no scale_model_input)
+            scale = getattr(j.scheduler, "scale_model_input", None)
+            latent_in = scale(j.latents, t) if scale is not None else j.latents
             if j.condition is not None:
                 latent_in = torch.cat([latent_in, j.condition.to(latent_in)], dim=1)
             _, _, H, W = latent_in.shape
@@ -346,15 +357,21 @@ def _predict_batch(
     """One denoiser call over pieces of one run shape (from any jobs), each told its place in
     its whole latent; fuse each into its job. Guidance is combined for the whole batch in one
     operation."""
-    inputs, conds, places, times, extras, scales = [], [], [], [], defaultdict(list), []
+    inputs: list[torch.Tensor] = []
+    conds: list[Conditioning] = []
+    places: list[Place] = []
+    times: list[torch.Tensor] = []
+    extras: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+    scales: list[float] = []
     cfg = all(tile.job.use_cfg for tile in batch)
     for tile in batch:
         j = tile.job
         crop = tile.latent_in[:, :, tile.ry : tile.ry + rh, tile.rx : tile.rx + rw]
         copies = 2 if j.use_cfg else 1
         inputs += [crop] * copies
-        conds += [j.uncond, j.cond] if j.use_cfg else [j.cond]
-        places += [(tile.ry, tile.rx, rh, rw, *tile.latent_in.shape[-2:])] * copies
+        conds += [j.uncond, j.cond] if j.uncond is not None and j.use_cfg else [j.cond]
+        H, W = tile.latent_in.shape[-2:]
+        places += [(tile.ry, tile.rx, rh, rw, H, W)] * copies
         times += [tile.t.reshape(1)] * copies
         scales.append(j.guidance_scale)
         for k, v in (j.unet_kwargs or {}).items():
@@ -398,6 +415,6 @@ def fstd_boxes(
     def boxes_for_step(i: int) -> list[Box]:
         dy, dx = step_offset(i, config, generator)
         offsets.append((dy, dx))
-        return grid_boxes(height, width, config.tile, dy, dx, config.mode, config.min_piece)
+        return grid_boxes(height, width, config.tile, dy, dx, config.mode, config.min_piece or 0)
 
     return boxes_for_step

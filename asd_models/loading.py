@@ -65,14 +65,16 @@ def load_components(source: str | Path) -> ModelComponents:
     if looks_like_path:
         if not path.is_dir():
             raise ModelNotFoundError(f"model folder {path} does not exist")
-        family = family_of_folder(path)
-        family.check_folder(path)
+        of_folder = family_of_folder(path)
+        of_folder.check_folder(path)
+        found: ModelFamily | None = of_folder
         base, kw, extra = str(path), {}, pipeline_extra(path)
     else:
-        family, base, kw, extra = _cached_family(src), src, {"local_files_only": True}, {}
+        found, base, kw, extra = _cached_family(src), src, {"local_files_only": True}, {}
     try:
-        if family is None:
+        if found is None:
             raise OSError(f"no model_index.json of {src} in the cache")
+        family = found
         c = family.load(base, kw, src)
         c.extra.update(extra)
         return c

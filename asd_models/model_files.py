@@ -78,6 +78,8 @@ def model_files(folder: Path, links_within: Path | None = None) -> ModelFiles:
         files["model_index.json"] = folder / "model_index.json"
     configs = {}
     for sub, config in family.folders.items():
+        if sub in family.optional and not (folder / sub).is_dir():
+            continue  # a component the family may leave out (SD3 without T5)
         found = sorted(p for p in (folder / sub).rglob("*") if p.is_file())
         outside = [p for p in found if not p.resolve().is_relative_to(within)]
         if outside:

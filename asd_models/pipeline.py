@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from asd_models.buckets import Bucket, asd_buckets, nearest_bucket
@@ -30,6 +29,7 @@ from asd_models.fidelity import FIDELITY
 from asd_models.fstd import TiledJob, img2img_start, sample_jobs
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
 from asd_models.large_images import output_array
+from asd_models.latent_scale import from_latents
 from asd_models.loading import ModelComponents, load_components, load_upscaler_components
 from asd_models.memory import release_free_heap
 from asd_models.render_request import (
@@ -52,7 +52,8 @@ class _Render:
     req: RenderRequest
     generator: torch.Generator
     cond: Conditioning
-    uncond: Conditioning
+    uncond: Conditioning | None
+    guidance_scale: float  # classifier-free guidance (1.0: none)
     bucket: Bucket
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     canvas: tuple[int, int] = (0, 0)
@@ -78,12 +79,7 @@ class AnySizePipeline:
         upscaler: ModelComponents | None = None,
     ) -> None:
         self.c = components
-        self.upscaler = upscaler
-        # scheduler configs only: every call builds its own schedulers (they hold per-run state)
-        self.scheduler_config = DDIMScheduler.from_config(components.scheduler.config).config
-        self.upscale_scheduler_config = (
-            DDIMScheduler.from_config(upscaler.scheduler.config).config if upscaler is not None else None
-        )
+        self.upscaler = upscaler  # every call builds its own schedulers (they hold per-run state)
         self.buckets = buckets or asd_buckets(
             base=components.native_latent * components.vae_scale_factor,
             step=components.vae_scale_factor * components.unet_multiple,
@@ -169,25 +165,35 @@ class AnySizePipeline:
 
     @torch.no_grad()
     def encode_prompt(
-        self, prompt: str, negative_prompt: str = "", c: ModelComponents | None = None
-    ) -> tuple[Conditioning, Conditioning]:
-        """The prompt's and the negative prompt's conditioning, as the model's family makes it."""
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        c: ModelComponents | None = None,
+        guidance_scale: float = 5.0,
+    ) -> tuple[Conditioning, Conditioning | None, float]:
+        """The prompt's and the negative prompt's conditioning and the classifier-free guidance
+        scale, as the model's family guides (a guidance-distilled model takes the scale as an
+        input instead: no unconditional branch, scale 1)."""
         c = c or self.c
-        return c.family.encode_prompts(c, [prompt]), c.family.negative(c, negative_prompt)
+        return c.family.guided(
+            c, c.family.encode_prompts(c, [prompt]), c.family.negative(c, negative_prompt), guidance_scale
+        )
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> Image.Image:
         vae = self.c.vae
-        x = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        x = vae.decode(from_latents(vae, latents)).sample
         return tensor_m11_to_pil(x.float())
 
     def _renders(self, requests: list[RenderRequest]) -> list[_Render]:
         """Each request's prompts encoded, its generator seeded, its bucket chosen."""
         out = []
         for req in requests:
-            cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt)
+            cond, uncond, scale = self.encode_prompt(
+                req.prompt, req.negative_prompt, guidance_scale=req.guidance_scale
+            )
             bucket = nearest_bucket(req.width, req.height, self.buckets)
-            out.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond, bucket))
+            out.append(_Render(req, torch.Generator().manual_seed(req.seed), cond, uncond, scale, bucket))
         return out
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -206,11 +212,10 @@ class AnySizePipeline:
     def _stage1_job(self, r: _Render, progress: Callable | None) -> TiledJob:
         """ARAD: the bucket nearest the requested ratio, sampled whole (one box per step)."""
         f = self.c.vae_scale_factor
-        shape = (1, self.c.unet.config.in_channels, r.bucket.height // f, r.bucket.width // f)
-        latents = self._noise(shape, r.generator)
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(r.req.steps)
-        latents = latents * scheduler.init_noise_sigma
+        shape = (1, self.c.vae.config.latent_channels, r.bucket.height // f, r.bucket.width // f)
+        family = self.c.family
+        scheduler = family.sampling_scheduler(self.c, r.req.steps, shape[2:])
+        latents = family.start_latents(scheduler, self._noise(shape, r.generator))
         whole = [(0, 0, shape[2], shape[3])]
         return TiledJob(
             latents,
@@ -218,7 +223,7 @@ class AnySizePipeline:
             scheduler.timesteps,
             r.cond,
             r.uncond,
-            r.req.guidance_scale,
+            r.guidance_scale,
             lambda i: whole,
             r.generator,
             "uniform",
@@ -247,46 +252,51 @@ class AnySizePipeline:
             (ch - req.height) // 2 + req.height,
         )
         if up is not None:
-            return self._upscaler_job(r, image, sampler, progress)
+            return self._upscaler_job(up, r, image, sampler, progress)
         # the box (what is kept) shows the image exactly; the margin up to the canvas continues it
-        canvas: torch.Tensor | CoverCanvas = CoverCanvas(
+        cover = CoverCanvas(
             pil_to_tensor_m11(shrunk_for(image, cw, ch, r.box)).to(self.device), cw, ch, r.box
         )
-        if cw * ch <= memmap_pixels:  # else enlarged tile by tile as the encoder asks for it: never whole
-            canvas = canvas.whole()
+        # a large canvas is enlarged tile by tile as the encoder asks for it: never whole
+        canvas = cover.whole() if cw * ch <= memmap_pixels else cover
         x0 = tiled_encode(
             self.c.vae, canvas, tile=vae_tile * self.c.vae_scale_factor, whole_below=self.vae_whole_below
         )
         if isinstance(canvas, CoverCanvas) and x0.device.type == "cpu":  # once, not per tile: each costs
             release_free_heap()  # time, and the decode's peak, not the encode's, is the job's
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(req.steps)
+        family = self.c.family
+        scheduler = family.sampling_scheduler(self.c, req.steps, (x0.shape[2], x0.shape[3]))
         timesteps = scheduler.timesteps[img2img_start(req.steps, req.strength) :]
         noise = self._noise(tuple(x0.shape), r.generator)
-        latents = scheduler.add_noise(x0, noise, timesteps[:1])
+        latents = family.noised(scheduler, x0, noise, timesteps[:1])
         job, r.plan = sampler.job(
             latents,
             scheduler,
             timesteps,
             r.cond,
             r.uncond,
-            req.guidance_scale,
+            r.guidance_scale,
             r.generator,
             progress=progress,
         )
         return job
 
-    def upscaler_sampler(self, sampler: TiledSampler) -> TiledSampler:
+    @staticmethod
+    def upscaler_sampler(up: ModelComponents, sampler: TiledSampler) -> TiledSampler:
         """Stage 2's sampler at the upscaler UNet's own tile and lattice."""
-        up = self.upscaler
         return sampler.at_tile(up.unet.config.sample_size, up.unet_multiple).on_unet(up.unet)
 
     def _upscaler_job(
-        self, r: _Render, image: Image.Image, sampler: TiledSampler, progress: Callable | None
+        self,
+        up: ModelComponents,
+        r: _Render,
+        image: Image.Image,
+        sampler: TiledSampler,
+        progress: Callable | None,
     ) -> TiledJob:
         """SD-x4-upscaler stage 2: the low-res image (noised to `noise_level`) is concatenated to
         the latent; FSTD denoises from pure noise at the upscaler's latent size."""
-        up, req = self.upscaler, r.req
+        req = r.req
         f = up.vae_scale_factor
         cw, ch = r.canvas
         low_t = CoverCanvas(
@@ -294,18 +304,17 @@ class AnySizePipeline:
         ).whole()
         level = torch.tensor([req.noise_level], dtype=torch.long)
         low_t = up.low_res_scheduler.add_noise(low_t, torch.randn(low_t.shape, generator=r.generator), level)
-        cond, uncond = self.encode_prompt(req.prompt, req.negative_prompt, up)
-        scheduler = DDIMScheduler.from_config(self.upscale_scheduler_config)
-        scheduler.set_timesteps(req.steps)
-        latents = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
-        latents = latents * scheduler.init_noise_sigma
-        job, r.plan = self.upscaler_sampler(sampler).job(
+        cond, uncond, scale = self.encode_prompt(req.prompt, req.negative_prompt, up, req.guidance_scale)
+        scheduler = up.family.sampling_scheduler(up, req.steps, (ch // f, cw // f))
+        noise = self._noise((1, up.vae.config.latent_channels, ch // f, cw // f), r.generator)
+        latents = up.family.start_latents(scheduler, noise)
+        job, r.plan = self.upscaler_sampler(up, sampler).job(
             latents,
             scheduler,
             scheduler.timesteps,
             cond,
             uncond,
-            req.guidance_scale,
+            scale,
             r.generator,
             condition=low_t.to(self.device),
             unet_kwargs={"class_labels": level.to(self.device)},

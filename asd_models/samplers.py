@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from asd_models.families.base import Conditioning
+from asd_models.families.base import Conditioning, as_conditioning
 from asd_models.fstd import FSTDConfig, TiledJob, fstd_boxes, sample_jobs, unet_size_multiple
 from asd_models.tiling import Box, grid_boxes, overlap_boxes
 
@@ -89,7 +89,7 @@ class TiledSampler:
         return self._replace_options(values) if values else self
 
     def _replace_options(self, values: dict[str, Any]) -> TiledSampler:
-        return replace(self, **values)  # type: ignore[type-var]
+        return replace(self, **values)  # type: ignore[type-var]  # replace() on a dataclass subclass typed as the base
 
     def with_pieces(self, pieces: str | None) -> TiledSampler:
         """The same sampler with its cropped pieces grown `pieces` (`asd_models.fstd.PIECE_SHAPES`;
@@ -121,8 +121,8 @@ class TiledSampler:
             latents,
             scheduler,
             timesteps,
-            cond,
-            uncond,
+            as_conditioning(cond),
+            None if uncond is None else as_conditioning(uncond),
             guidance_scale,
             plan,
             generator,
@@ -144,11 +144,11 @@ class TiledSampler:
                 f"{self.name}: tile {self.tile} and size_multiple {size} must be multiples of this "
                 f"UNet's size multiple {m}"
             )
-        return self if size == self.size_multiple else replace(self, size_multiple=size)  # type: ignore[type-var]
+        return self if size == self.size_multiple else replace(self, size_multiple=size)  # type: ignore[type-var]  # replace() on a dataclass subclass typed as the base
 
     def at_tile(self, tile: int, size_multiple: int | None) -> TiledSampler:
         """The same method at another tile (stage 2 with an upscaler runs at its UNet's size)."""
-        return replace(self, tile=tile, size_multiple=size_multiple)  # type: ignore[type-var]
+        return replace(self, tile=tile, size_multiple=size_multiple)  # type: ignore[type-var]  # replace() on a dataclass subclass typed as the base
 
     def boxes(self, height: int, width: int, generator: torch.Generator) -> BoxPlan:
         """The boxes of each step for a height x width latent (randomness from `generator`)."""
@@ -193,11 +193,11 @@ class FSTD(TiledSampler):
         return replace(self, config=replace(self.config, pieces=pieces))
 
     @property
-    def partition(self) -> bool:  # type: ignore[override]
+    def partition(self) -> bool:  # type: ignore[override]  # a field of the base, derived here from config
         return self.config.mode == "cropped"
 
     @property
-    def covers_all(self) -> bool:  # type: ignore[override]
+    def covers_all(self) -> bool:  # type: ignore[override]  # a field of the base, derived here from config
         return self.config.mode != "official"
 
     @property
@@ -211,15 +211,15 @@ class FSTD(TiledSampler):
         return tuple(sorted({-(-s // m) * m for s in (t // 2, t, t + t // 4)}))
 
     @property
-    def tile(self) -> int:  # type: ignore[override]
+    def tile(self) -> int:  # type: ignore[override]  # a field of the base, derived here from config
         return self.config.tile
 
     @property
-    def tile_batch_size(self) -> int:  # type: ignore[override]
+    def tile_batch_size(self) -> int:  # type: ignore[override]  # a field of the base, derived here from config
         return self.config.tile_batch_size
 
     @property
-    def size_multiple(self) -> int | None:  # type: ignore[override]
+    def size_multiple(self) -> int | None:  # type: ignore[override]  # a field of the base, derived here from config
         return self.config.size_multiple
 
     def on_unet(self, unet: torch.nn.Module) -> FSTD:

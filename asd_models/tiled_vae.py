@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asd_models.images import CoverCanvas
+from asd_models.latent_scale import from_latents, to_latents
 from asd_models.memory import release_free_heap
 
 DECODER_PAD = 11  # latent pixels
@@ -73,7 +75,10 @@ class _StatsGroupNorm(nn.Module):
         return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
 
 
-def _with_session(vae: nn.Module, session: _StatsSession) -> nn.Module:
+VaeT = TypeVar("VaeT", bound=nn.Module)
+
+
+def _with_session(vae: VaeT, session: _StatsSession) -> VaeT:
     """A structural copy of `vae` (parameters and buffers shared, not copied) whose GroupNorms
     take their statistics from `session`: the VAE itself is never patched."""
     shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}
@@ -118,7 +123,7 @@ def tiled_decode(
     lower peak for 5-13 % more time a tile, for the outputs where memory is what counts.
     """
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    z = (latents / vae.config.scaling_factor).to(vae.dtype)
+    z = from_latents(vae, latents)
     _, _, h, w = z.shape
     whole = h * w <= whole_below
     decoder = vae
@@ -170,41 +175,52 @@ def tiled_encode(
     pixels are encoded in one piece. `image` may be a `CoverCanvas`, whose pixels are made
     tile by tile (the whole image never exists)."""
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    lazy = isinstance(image, CoverCanvas)
-    if not lazy:
-        image = image.to(vae.dtype)
+    region: Callable[[int, int, int, int], torch.Tensor]
+    shrunk: Callable[[int, int], torch.Tensor]
+    if isinstance(image, CoverCanvas):
+        canvas = image
+
+        def region(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            return canvas.region(y0, y1, x0, x1).to(vae.dtype)
+
+        def shrunk(sh: int, sw: int) -> torch.Tensor:
+            return canvas.resized(sh, sw).to(vae.dtype)
+
+        device = canvas.source.device
+    else:
+        pixels_in = image.to(vae.dtype)
+
+        def region(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            return pixels_in[:, :, y0:y1, x0:x1]
+
+        def shrunk(sh: int, sw: int) -> torch.Tensor:
+            return F.interpolate(pixels_in, size=(sh, sw), mode="area")
+
+        device = pixels_in.device
     _, _, H, W = image.shape
     if H % f or W % f:
         raise ValueError(f"tiled_encode needs sides that are multiples of {f}, got {W}x{H}")
     if (H // f) * (W // f) <= whole_below:
-        whole = image.region(0, H, 0, W).to(vae.dtype) if lazy else image
-        return vae.encode(whole).latent_dist.mean.float() * vae.config.scaling_factor
+        return to_latents(vae, vae.encode(region(0, H, 0, W)).latent_dist.mean.float())
     tile = max(f, tile // f * f)
     pad = -(-pad // f) * f
     scale = min(1.0, estimate_size / max(H, W))
     if scale < 1:
-        sh, sw = max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f)
-        small = (
-            image.resized(sh, sw).to(vae.dtype)
-            if lazy  # type: ignore[union-attr]
-            else F.interpolate(image, size=(sh, sw), mode="area")
-        )
+        small = shrunk(max(f, round(H * scale / f) * f), max(f, round(W * scale / f) * f))
     else:  # the whole input is no larger than the estimate size: its statistics are exact
-        small = image.region(0, H, 0, W).to(vae.dtype) if lazy else image  # type: ignore[union-attr]
+        small = region(0, H, 0, W)
     session = _StatsSession()
     encoder = _with_session(vae, session)
     encoder.encode(small)
     session.applying()
-    device = image.source.device if lazy else image.device  # type: ignore[union-attr]
     latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=device)
     boxes = [(y, th, x, tw) for y, th in _tiles(H, tile) for x, tw in _tiles(W, tile)]
     for i, (y, th, x, tw) in enumerate(boxes):
         y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
-        pixels = image.region(y0, y1, x0, x1).to(vae.dtype) if lazy else image[:, :, y0:y1, x0:x1]
-        z = encoder.encode(pixels).latent_dist.mean
+        z = encoder.encode(region(y0, y1, x0, x1)).latent_dist.mean
         latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
             :, :, (y - y0) // f : (y - y0 + th) // f, (x - x0) // f : (x - x0 + tw) // f
         ]
         if progress:
             progress(i + 1, len(boxes))
-    return latents * vae.config.scaling_factor
+    return to_latents(vae, latents)

@@ -116,26 +116,26 @@ def sample_images(
 ) -> list:
     """Each prompt rendered at width x height by direct full-latent sampling (no tiling)."""
     import torch
-    from diffusers import DDIMScheduler
 
+    from asd_models.families.base import Denoiser
     from asd_models.samplers import Full, sample_with
 
-    f = pipe.c.vae_scale_factor
+    c, f = pipe.c, pipe.c.vae_scale_factor
+    shape = (1, c.vae.config.latent_channels, height // f, width // f)
     out = []
     for i, prompt in enumerate(prompts):
-        cond, uncond = pipe.encode_prompt(prompt)
-        sched = DDIMScheduler.from_config(pipe.scheduler_config)
-        sched.set_timesteps(steps)
-        noise = torch.randn(1, 4, height // f, width // f, generator=torch.Generator().manual_seed(seed + i))
+        cond, uncond, scale = pipe.encode_prompt(prompt, guidance_scale=guidance)
+        sched = c.family.sampling_scheduler(c, steps, shape[2:])
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
         lat = sample_with(
             Full(),
-            pipe.c.unet,
+            Denoiser(c),
             sched,
-            noise * sched.init_noise_sigma,
+            c.family.start_latents(sched, noise),
             sched.timesteps,
             cond,
             uncond,
-            guidance,
+            scale,
         )
         out.append(pipe.decode_latents(lat))
     return out

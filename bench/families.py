@@ -1,17 +1,18 @@
-"""FSTD on every model family, side by side: each family's UNet shape (the SD-shaped bench UNet
-of `bench.fstd`, and the same UNet made SDXL-shaped: pooled text and the six added time ids),
-trained briefly on smooth synthetic latents with its family's own conditioning (SDXL: random
-64x64 crops of 128x128 fields, with their original size, crop offset and target size, as SDXL
-trains), then sampled through the family's own call (`asd_models.families`: every FSTD piece
-told its place) with full-latent sampling, FSTD, naive tiles and MultiDiffusion at a
-1024^2-class and a 2048x1024-class latent.
+"""FSTD on every model family, side by side: each family's denoiser shape (the SD-shaped bench
+UNet of `bench.fstd`; the same UNet made SDXL-shaped: pooled text and the six added time ids; a
+small SD3-shaped MMDiT with learned positions, trained with flow matching), trained briefly on
+smooth synthetic latents with its family's own conditioning and objective (SDXL and SD3: random
+64x64 crops of 128x128 fields, told where they were cut: crop ids, position embeddings), then
+sampled through the family's own call and schedule (`asd_models.families`: every FSTD piece told
+its place) with full-latent sampling, FSTD, naive tiles and MultiDiffusion at a 1024^2-class and
+a 2048x1024-class latent.
 
     python -m bench.families [--quick] [--json PATH] [--steps 10] [--train-steps 150] [--repeat 1]
 
 Seam score: mean |gradient| of the final latent across the unshifted tile-grid lines over the
-median across the other lines (1.0 = seamless); tile 64 latent. The SDXL ablation samples FSTD
-with every piece's crop ids at its offset in the whole image ("offset", the default) and with
-each piece as an uncropped picture of its own size ("constant"). Targets (issue "The models
+median across the other lines (1.0 = seamless); tile 64 latent. The ablations sample FSTD with
+each piece told its place in the whole image (the default) and as a picture of its own size:
+SDXL's crop ids ("offset" against "constant"), SD3's positions ("global" against "local"). Targets (issue "The models
 users already have"): FSTD seam <= 1.05x the full latent's, naive clearly worse; FSTD >= 2x
 faster than MultiDiffusion at 2048x1024. --quick: fewer training steps and one size.
 """
@@ -40,11 +41,28 @@ from bench.report import table, write_json
 SIZES = [(128, 128), (128, 256)]  # latent (height, width): 1024^2- and 2048x1024-class at 8 px a latent
 METHODS = ["full", "fstd", "naive", "multidiffusion"]
 TIME_DIM = 8
+# each family's tile-conditioning ablation: (the family's field, the value against its default)
+ABLATIONS = {"sdxl": ("tile_crops", "constant"), "sd3": ("tile_positions", "local")}
+SD3_CONFIG = {
+    "sample_size": 64,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 128,
+}
 
 
 def family_unet(family: str):
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+    if family == "sd3":
+        return SD3Transformer2DModel(**SD3_CONFIG), dict(SD3_CONFIG)
     config = dict(UNET_CONFIG)
     if family == "sdxl":
         config.update(
@@ -65,12 +83,19 @@ def components(family: str, unet):
     from asd_models.tiny_model import build_tiny_components
 
     tiny = build_tiny_components()
-    return ModelComponents(unet, tiny["vae"], None, None, tiny["scheduler"], "bench", family_named(family))
+    scheduler = tiny["scheduler"]
+    if family == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return ModelComponents(unet, tiny["vae"], None, None, scheduler, "bench", family_named(family))
 
 
 def conditioning(family: str, n: int, unet):
     import torch
 
+    if family == "sd3":
+        return {"text": torch.zeros(n, 77, 32), "pooled": torch.zeros(n, 32)}
     cond = {"text": torch.zeros(n, 77, unet.config.cross_attention_dim)}
     if family == "sdxl":
         cond["pooled"] = torch.zeros(n, 32)
@@ -80,7 +105,6 @@ def conditioning(family: str, n: int, unet):
 def trained(family: str, steps: int):
     """The family's bench UNet trained on smooth latents (cached under bench/.cache)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from asd_models.families.base import whole
 
@@ -90,16 +114,15 @@ def trained(family: str, steps: int):
     key = hashlib.sha256(json.dumps([config, steps, "families-1"]).encode()).hexdigest()[:12]
     folder = CACHE / f"family-{family}-{key}"
     if (folder / "config.json").is_file():
-        return UNet2DConditionModel.from_pretrained(folder).eval()
+        return type(unet).from_pretrained(folder).eval()
     torch.manual_seed(0)
     unet, _ = family_unet(family)
     c = components(family, unet)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     for step in range(steps):
-        if family == "sdxl":  # random 64x64 crops of 128x128 fields, placed where they were cut
+        if family in ABLATIONS:  # random 64x64 crops of 128x128 fields, placed where they were cut
             fields = smooth_latents(8, 128, gen)
             offs = torch.randint(0, 65, (8, 2), generator=gen).tolist()
             x0 = torch.stack([f[:, y : y + 64, x : x + 64] for f, (y, x) in zip(fields, offs, strict=True)])
@@ -108,11 +131,9 @@ def trained(family: str, steps: int):
             x0 = smooth_latents(8, 64, gen)
             places = whole(x0)
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (8,), generator=gen)
-        pred = c.family.predict(
-            c, unet, sched.add_noise(x0, noise, t), t, conditioning(family, 8, unet), places
-        )
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        noisy, t, target = c.family.training_example(c, x0, noise, gen)  # the family's objective
+        pred = c.family.predict(c, unet, noisy, t, conditioning(family, 8, unet), places)
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -126,26 +147,22 @@ def trained(family: str, steps: int):
     return unet.eval()
 
 
-def sample(family: str, unet, method: str, h: int, w: int, steps: int, tile_crops: str = "offset"):
+def sample(family: str, unet, method: str, h: int, w: int, steps: int, ablated: bool = False):
+    """One arm: the family's own schedule for the whole latent, FSTD or a baseline; `ablated`:
+    the family's tile conditioning set to its ablation (`ABLATIONS`)."""
     import torch
-    from diffusers import DDIMScheduler
 
     from asd_models.families.base import Denoiser
     from asd_models.fstd import sample_jobs
 
     c = components(family, unet)
-    if family == "sdxl":
-        c.family = replace(c.family, tile_crops=tile_crops)
-    sched = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
+    if ablated:
+        field, value = ABLATIONS[family]
+        c.family = replace(c.family, **{field: value})
+    sched = c.family.sampling_scheduler(c, steps, (h, w))
+    latents = c.family.start_latents(
+        sched, torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
     )
-    sched.set_timesteps(steps)
-    latents = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
     sampler = bench_sampler(method, 8, unet)
     job, _ = sampler.job(
         latents,
@@ -172,7 +189,7 @@ def main() -> None:
         "--train-steps", type=int, default=None, help="default 150 (as bench.fstd; 50 with --quick)"
     )
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every arm; the median time is kept")
-    ap.add_argument("--families", default="sd,sdxl")
+    ap.add_argument("--families", default="sd,sdxl,sd3")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_steps = args.train_steps or (50 if args.quick else 150)
@@ -180,19 +197,21 @@ def main() -> None:
     rows = []
     for family in args.families.split(","):
         unet = trained(family, train_steps)
-        arms = [(m, "offset") for m in METHODS] + ([("fstd", "constant")] if family == "sdxl" else [])
+        arms = [(m, False) for m in METHODS] + ([("fstd", True)] if family in ABLATIONS else [])
         for h, w in sizes:
-            for method, crops in arms:
+            for method, ablated in arms:
                 times, out = [], None
-                sample(family, unet, method, h, w, 1, crops)  # untimed: first calls at a shape build kernels
+                sample(
+                    family, unet, method, h, w, 1, ablated
+                )  # untimed: first calls at a shape build kernels
                 for _ in range(args.repeat):
-                    out, seconds = sample(family, unet, method, h, w, args.steps, crops)
+                    out, seconds = sample(family, unet, method, h, w, args.steps, ablated)
                     times.append(seconds)
                 times.sort()
                 rows.append(
                     {
                         "family": family,
-                        "method": method if crops == "offset" else f"{method} (crops constant)",
+                        "method": f"{method} ({'='.join(ABLATIONS[family])})" if ablated else method,
                         "latent": f"{h}x{w}",
                         "pixels": f"{w * 8}x{h * 8}",
                         "seconds": round(times[len(times) // 2], 2),
@@ -210,7 +229,7 @@ def main() -> None:
         r["seam_over_full"] = round(r["seam"] / same["full"]["seam"], 3)
         r["md_over_this"] = round(same["multidiffusion"]["seconds"] / r["seconds"], 2)
     print(
-        f"\nbench.families: tile {TILE} latent, {args.steps} DDIM steps, no CFG, UNets trained "
+        f"\nbench.families: tile {TILE} latent, {args.steps} steps (DDIM; SD3: flow-matching Euler), no CFG, denoisers trained "
         f"{train_steps} steps on smooth latents, {os.cpu_count()} CPU threads\n"
     )
     table(

@@ -44,12 +44,21 @@ class ModelGeometry:
 
     @classmethod
     def of(cls, store: ArtifactStore, model_ref: str) -> ModelGeometry:
-        unet = json.loads(store.read_bytes(model_ref, "unet/config.json"))
+        """From the stored model's configs, as its family reads them (no weight loaded)."""
+        from asd_models.families import family_of_index
+        from asd_models.families.sd import StableDiffusion
+
+        family = (
+            family_of_index(json.loads(store.read_bytes(model_ref, "model_index.json")), model_ref)
+            if store.file_meta(model_ref, "model_index.json") is not None
+            else StableDiffusion()
+        )
+        denoiser = json.loads(store.read_bytes(model_ref, f"{family.denoiser}/config.json"))
         vae = json.loads(store.read_bytes(model_ref, "vae/config.json"))
         return cls(
-            int(unet["sample_size"]),
+            family.native_latent(denoiser),
             2 ** (len(vae["block_out_channels"]) - 1),
-            2 ** (len(unet["block_out_channels"]) - 1),
+            family.latent_multiple(denoiser),
         )
 
 
@@ -164,7 +173,7 @@ def measured_rate(store: ArtifactStore, model_ref: str, kind: str) -> tuple[floa
     """The newest measured rate of this model version on this kind of device (catalog rows)."""
     import polars as pl
 
-    cat = pl.from_arrow(store.catalog())
+    cat = pl.DataFrame(store.catalog())
     if cat.height == 0:
         return None
     metric = RATE_METRIC.format(kind)

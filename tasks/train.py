@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from artifact_store import ArtifactRef, ArtifactStore, PendingVersion, new_version_id, params_hash
 from asd_models.arad_loader import LoaderConfig, make_loader
 from asd_models.arad_training import AradTrainer, CheckpointMismatch, TrainConfig, fit_vae
-from asd_models.families import save_tiny
+from asd_models.families import FAMILY_NAMES, save_tiny
 from asd_models.images import pil_to_tensor_m11
 from asd_models.loading import ModelComponents, load_components
 from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
@@ -38,7 +38,7 @@ class TrainSettings(StageSettings):
         "a local diffusers folder, or a hub id already in the local HF cache",
     )
     vae_steps: int = output(400, ge=0, description="VAE fitting steps for the tiny base model")
-    tiny_family: Literal["sd", "sdxl"] = output(
+    tiny_family: Literal[FAMILY_NAMES] = output(  # type: ignore[valid-type]  # Literal of the plug-in table's names
         "sd", description="the model family of the tiny base model built in code (base_model 'tiny')"
     )
     steps: int = output(1000, ge=1, description="optimizer steps")

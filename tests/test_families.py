@@ -103,6 +103,137 @@ def test_every_sdxl_piece_is_told_its_global_place(tiny_dirs, tile_crops):
         assert len({(r[2], r[3]) for r in got}) == len(boxes)  # no two pieces claim one place
 
 
+class EchoPositions(torch.nn.Module):
+    """A stand-in SD3 transformer around the tiny model's own patch embedding with its
+    projection zeroed, so what the embedding returns for a piece is the piece's positions."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        import copy
+
+        self.config = SimpleNamespace(out_channels=16, sample_size=8, patch_size=2)
+        self.pos_embed = copy.deepcopy(transformer.pos_embed)
+        torch.nn.init.zeros_(self.pos_embed.proj.weight)
+        torch.nn.init.zeros_(self.pos_embed.proj.bias)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict):
+        self.seen += list(self.pos_embed(hidden_states))
+        return (torch.zeros_like(hidden_states),)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_every_sd3_piece_gets_the_positions_of_its_place(tiny_dirs, mode):
+    """Each FSTD piece's position embeddings are the window at its place of the embeddings SD3's
+    own pipeline gives the whole latent ("global"), or a whole image's of the piece's size
+    ("local", the ablation); a whole latent is the model's own, untouched."""
+    from dataclasses import replace
+
+    from asd_models.families.sd3 import place_aware
+    from asd_models.fstd import FSTDConfig, TiledJob, sample_jobs
+    from asd_models.samplers import FSTD
+
+    c = load_components(tiny_dirs["sd3"])
+    c.family = replace(c.family, tile_positions=mode)
+    echo = EchoPositions(c.unet)
+    place_aware(echo)
+    H, W = 24, 40
+    boxes = FSTD(FSTDConfig(tile=8, size_multiple=2)).boxes(H, W, torch.Generator().manual_seed(0))(0)
+    cond = {"text": torch.zeros(1, 77 + 256, 64), "pooled": torch.zeros(1, 64)}
+
+    class Identity:
+        def step(self, eps, t, latents, generator=None):
+            return SimpleNamespace(prev_sample=latents)
+
+    job = TiledJob(
+        torch.zeros(1, 16, H, W), Identity(), torch.tensor([1.0]), cond, None, 1.0, lambda i: boxes
+    )
+    sample_jobs(Denoiser(c, echo), [job], 64)
+    assert len(echo.seen) == len(boxes)
+    embed = echo.pos_embed
+    whole = embed.cropped_pos_embed(H, W).reshape(H // 2, W // 2, -1)
+    for y, x, h, w in boxes:
+        if mode == "global":
+            want = whole[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2].reshape(-1, whole.shape[-1])
+        else:
+            want = embed.cropped_pos_embed(h, w)[0]
+        assert any(got.shape == want.shape and torch.equal(got, want) for got in echo.seen), (y, x, h, w)
+    # a whole latent: the model's own embedding
+    echo.seen.clear()
+    echo(torch.zeros(1, 16, H, W), None, None, None, False)
+    assert torch.equal(echo.seen[0], embed.cropped_pos_embed(H, W)[0])
+
+
+class EchoImageIds(torch.nn.Module):
+    """A stand-in FLUX transformer that records the rotary image ids each call gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(out_channels=None, patch_size=1, guidance_embeds=True)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def forward(self, hidden_states, img_ids, guidance, **kwargs):
+        assert guidance is not None
+        self.seen.append((hidden_states.shape[0], img_ids))
+        return (torch.zeros_like(hidden_states),)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_every_flux_piece_gets_the_rotary_ids_of_its_place(tiny_dirs, mode):
+    """Each FLUX piece's tokens carry the (0, row, column) ids of their place in the whole packed
+    latent ("global", as FLUX's pipeline ids the whole image), or from (0, 0) ("local")."""
+    from dataclasses import replace
+
+    from asd_models.fstd import FSTDConfig, TiledJob, sample_jobs
+    from asd_models.samplers import FSTD
+
+    c = load_components(tiny_dirs["flux"])
+    c.family = replace(c.family, tile_positions=mode)
+    echo = EchoImageIds()
+    H, W = 24, 40
+    boxes = FSTD(FSTDConfig(tile=8, size_multiple=2)).boxes(H, W, torch.Generator().manual_seed(0))(0)
+    cond = {"text": torch.zeros(1, 512, 32), "pooled": torch.zeros(1, 32), "guidance": torch.ones(1)}
+
+    class Identity:
+        def step(self, eps, t, latents, generator=None):
+            return SimpleNamespace(prev_sample=latents)
+
+    job = TiledJob(
+        torch.zeros(1, 16, H, W), Identity(), torch.tensor([1.0]), cond, None, 1.0, lambda i: boxes
+    )
+    sample_jobs(Denoiser(c, echo), [job], 64)
+    got = sorted((tuple(ids[0].tolist()), tuple(ids[-1].tolist())) for _, ids in echo.seen)
+    if mode == "global":
+        want = sorted(((0.0, y / 2, x / 2), (0.0, (y + h) / 2 - 1, (x + w) / 2 - 1)) for y, x, h, w in boxes)
+        assert got == want and sum(n for n, _ in echo.seen) == len(boxes)
+    else:
+        assert all(first == (0.0, 0.0, 0.0) for first, _ in got)
+        assert sum(n for n, _ in echo.seen) == len(boxes)  # one call per piece shape, not per place
+
+
+def test_a_flow_matching_schedule_is_shifted_for_the_whole_latent(tiny_dirs):
+    """The SD3-class scheduler: flow-matching Euler with the model's shift; img2img noises by
+    interpolation; the training target is the velocity."""
+    c = load_components(tiny_dirs["sd3"])
+    family = c.family
+    sched = family.sampling_scheduler(c, 4, (32, 48))
+    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert sched.timesteps[0] > 900 and float(sched.sigmas[-1]) == 0.0
+    # FLUX: the shift grows with the whole image's token count (one schedule for all its tiles)
+    flux = load_components(tiny_dirs["flux"])
+    small = flux.family.sampling_scheduler(flux, 4, (32, 32)).sigmas[1]
+    large = flux.family.sampling_scheduler(flux, 4, (256, 256)).sigmas[1]
+    assert float(large) > float(small)
+    x0, noise = torch.ones(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)
+    t = sched.timesteps[2:3]
+    sigma = float(sched.sigmas[2])
+    assert torch.allclose(family.noised(sched, x0, noise, t), x0 * (1 - sigma))
+    noisy, ts, target = family.training_example(c, x0, noise, torch.Generator().manual_seed(0))
+    assert torch.equal(target, noise - x0) and 0 < float(ts[0]) < 1000
+
+
 def test_a_folder_missing_a_component_names_it(tiny_dirs, tmp_path):
     broken = tmp_path / "sdxl"
     shutil.copytree(tiny_dirs["sdxl"], broken)
@@ -152,10 +283,12 @@ def test_arad_training_steps_on_every_family(tiny_dirs, family):
     trainer = AradTrainer(c, cfg)
     gen = torch.Generator().manual_seed(0)
 
+    channels = c.vae.config.latent_channels
+
     def batches():
         while True:
             yield {
-                "latents": torch.randn(2, 4, 8, 12, generator=gen),
+                "latents": torch.randn(2, channels, 8, 12, generator=gen),
                 "captions": ["a cat", ""],
                 "keys": ["a", "b"],
             }

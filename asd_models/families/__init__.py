@@ -9,12 +9,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asd_models.families.base import ModelComponents, ModelFamily, ModelNotFoundError
+from asd_models.families.flux import Flux, build_tiny_flux
 from asd_models.families.sd import StableDiffusion, build_tiny_sd
+from asd_models.families.sd3 import StableDiffusion3, build_tiny_sd3
 from asd_models.families.sdxl import StableDiffusionXL, build_tiny_sdxl
 
-FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (StableDiffusion, StableDiffusionXL)}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    f.name: f for f in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+}
 # each family's tiny model built in code (tests, `asd demo --family`, benches)
-TINY: dict[str, Callable[..., ModelComponents]] = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+TINY: dict[str, Callable[..., ModelComponents]] = {
+    "sd": build_tiny_sd,
+    "sdxl": build_tiny_sdxl,
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+}
+FAMILY_NAMES = tuple(TINY)
 
 
 def save_tiny(family: str, folder: Path, seed: int = 0, latent_size: int = 16) -> Path:

@@ -70,7 +70,8 @@ class StableDiffusionXL(ModelFamily):
 
     @torch.no_grad()
     def encode_prompts(self, c: ModelComponents, prompts: list[str]) -> Conditioning:
-        hidden, pooled = [], None
+        hidden: list[torch.Tensor] = []
+        pooled = torch.empty(0)  # set by the second encoder below
         for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
             ids = tok(
                 prompts,
