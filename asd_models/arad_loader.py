@@ -17,6 +17,7 @@ batch sequence is fixed, and `skip` replays a position without decoding a single
 from __future__ import annotations
 
 import io
+import json
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -182,12 +183,41 @@ class BucketBatchStream:
             epoch += 1
 
 
+CROP_FIELDS = ("crop_left", "crop_top", "cover_width", "cover_height")
+
+
+def sample_crop(sample: dict[str, Any], width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Where the sample's pixels were cut from the image ingest resized to cover its bucket:
+    (left, top, cover width, cover height) from the sample's `.json` (None: a dataset from before
+    ingest recorded it). The shard was read back from the store, so the box is checked: a crop
+    that does not fit its cover is a ValueError naming the sample."""
+    raw = sample.get("json")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        values = [meta[k] for k in CROP_FIELDS] if all(k in meta for k in CROP_FIELDS) else None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"sample {sample.get('__key__')}: its .json does not read ({exc})") from exc
+    if values is None:
+        return None
+    left, top, cover_w, cover_h = values
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or not (
+        0 <= left and 0 <= top and left + width <= cover_w and top + height <= cover_h
+    ):
+        raise ValueError(
+            f"sample {sample.get('__key__')}: crop {values} does not fit a {width}x{height} image in its cover"
+        )
+    return left, top, cover_w, cover_h
+
+
 def decode_batch(raw: RawBatch) -> dict[str, Any]:
-    """JPEG/PNG bytes -> float tensor B x 3 x H x W in [-1, 1]; captions; keys."""
+    """JPEG/PNG bytes -> float tensor B x 3 x H x W in [-1, 1]; captions; keys; where each was
+    cropped from its cover image (`crops`, None for a sample without the record)."""
     import numpy as np
     from PIL import Image
 
-    images, captions, keys = [], [], []
+    images, captions, keys, crops = [], [], [], []
     for s in raw.samples:
         data = next((s[k] for k in ("jpg", "jpeg", "png", "webp") if k in s), None)
         if data is None:
@@ -197,11 +227,13 @@ def decode_batch(raw: RawBatch) -> dict[str, Any]:
         txt = s.get("txt", b"")
         captions.append(txt.decode("utf-8", "replace") if isinstance(txt, bytes) else str(txt))
         keys.append(str(s.get("__key__")))
+        crops.append(sample_crop(s, arr.shape[1], arr.shape[0]))
     return {
         "bucket": raw.bucket,
         "pixels": torch.stack(images),
         "captions": captions,
         "keys": keys,
+        "crops": crops,
         "epoch": raw.epoch,
     }
 

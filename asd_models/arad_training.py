@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from asd_models.families.base import Conditioning, whole
+from asd_models.families.base import Conditioning, Place
 from asd_models.latent_scale import to_latents
+from asd_models.lora import add_trainable_lora
 
 StepLog = Callable[[int, int, float], None]  # step, total, loss
 
@@ -52,6 +53,7 @@ class TrainConfig:
     leftover: str  # a bucket's last partial batch: keep (smaller batch) | drop
     num_workers: int  # data-loader processes (part of the data order)
     seed: int
+    lora_rank: int  # 0: the whole denoiser; else a LoRA adapter of this rank is trained, the rest frozen
 
     def __post_init__(self) -> None:
         checks = {
@@ -68,6 +70,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay {self.ema_decay} must be in [0, 1)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank {self.lora_rank} must be >= 0 (0: no adapter)")
 
 
 def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -121,6 +125,9 @@ class AradTrainer:
         )
         unet = components.unet
         unet.train().requires_grad_(True)
+        if config.lora_rank:  # the base frozen: only the adapter trains (and is averaged, and saved)
+            add_trainable_lora(unet, config.lora_rank)
+        self.trained = [p for p in unet.parameters() if p.requires_grad]
         if config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and cuda):
             unet.enable_gradient_checkpointing()
         for frozen in (components.vae, components.text_encoder):
@@ -129,7 +136,7 @@ class AradTrainer:
                 frozen.to(dtype=self.weight_dtype)
         # on a GPU: one fused kernel for the whole optimizer step, and EMA over all tensors at once
         opt = torch.optim.AdamW(
-            unet.parameters(),
+            self.trained,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
             fused=acc.device.type == "cuda",
@@ -141,7 +148,7 @@ class AradTrainer:
         self.unet, self.optimizer = acc.prepare(unet, opt)
         self.ema = (
             EMAModel(
-                acc.unwrap_model(self.unet).parameters(),
+                self.trained,
                 decay=config.ema_decay,
                 use_ema_warmup=True,
                 foreach=acc.device.type == "cuda",
@@ -184,6 +191,23 @@ class AradTrainer:
                 self.latent_cache[k] = zi
         return z
 
+    def places(self, batch: dict[str, Any], x0: torch.Tensor) -> list[Place]:
+        """Where each sample stands, in latent pixels: its crop in the image ingest resized to
+        cover the bucket (`batch["crops"]`: SDXL's crop ids, a transformer's positions), as FSTD
+        places a piece in the whole latent; a sample without a recorded crop is a whole image."""
+        crops = batch.get("crops") or [None] * x0.shape[0]
+        f = self.c.vae_scale_factor
+        _, _, h, w = x0.shape
+        out: list[Place] = []
+        for crop in crops:
+            if crop is None:
+                out.append((0, 0, h, w, h, w))
+                continue
+            left, top, cover_w, cover_h = crop
+            ry, rx = top // f, left // f
+            out.append((ry, rx, h, w, max(cover_h // f, ry + h), max(cover_w // f, rx + w)))
+        return out
+
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         device = self.accelerator.device
         x0 = self._latents(batch)
@@ -196,7 +220,7 @@ class AradTrainer:
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         noisy, t, target = self.c.family.training_example(self.c, x0, noise, self.generator)
         with self.accelerator.autocast():
-            pred = self.c.family.predict(self.c, self.unet, noisy, t, cond, whole(noisy))
+            pred = self.c.family.predict(self.c, self.unet, noisy, t, cond, self.places(batch, x0))
         return F.mse_loss(pred.float(), target.float())
 
     # -- the loop -------------------------------------------------------------------------
@@ -220,14 +244,14 @@ class AradTrainer:
                     loss = self._loss(batch)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.grad_clip > 0:
-                        acc.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+                        acc.clip_grad_norm_(self.trained, cfg.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach().float().item())
             self.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
             self.lr_scheduler.step()
             if self.ema is not None:
-                self.ema.step(acc.unwrap_model(self.unet).parameters())
+                self.ema.step(self.trained)
             self.step += 1
             loss_value = sum(micro_losses) / len(micro_losses)
             if acc.num_processes > 1:
@@ -249,7 +273,7 @@ class AradTrainer:
         """The trained UNet (EMA weights when EMA is on), in eval mode, float32."""
         unet = self.accelerator.unwrap_model(self.unet)
         if self.ema is not None:
-            self.ema.copy_to(unet.parameters())
+            self.ema.copy_to(self.trained)
         if getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
         return unet.float().eval().requires_grad_(False)
@@ -312,6 +336,7 @@ class AradTrainer:
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         state = json.loads((folder / "trainer_state.json").read_text())
+        state["config"].setdefault("lora_rank", 0)  # a checkpoint from before adapters: none
         if state["config"] != asdict(self.config):
             diff = {
                 k: (v, state["config"].get(k))

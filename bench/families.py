@@ -10,7 +10,8 @@ a 2048x1024-class latent.
     python -m bench.families [--quick] [--json PATH] [--steps 10] [--train-steps 150] [--repeat 1]
 
 Seam score: mean |gradient| of the final latent across the unshifted tile-grid lines over the
-median across the other lines (1.0 = seamless); tile 64 latent. The ablations sample FSTD with
+median across the other lines (1.0 = seamless; a patch transformer's against its other patch
+borders); tile 64 latent. The ablations sample FSTD with
 each piece told its place in the whole image (the default) and as a picture of its own size:
 SDXL's crop ids ("offset" against "constant"), SD3's positions ("global" against "local"). Targets (issue "The models
 users already have"): FSTD seam <= 1.05x the full latent's, naive clearly worse; FSTD >= 2x
@@ -215,7 +216,8 @@ def main() -> None:
                         "latent": f"{h}x{w}",
                         "pixels": f"{w * 8}x{h * 8}",
                         "seconds": round(times[len(times) // 2], 2),
-                        "seam": round(latent_seam_score(out, TILE), 4),
+                        # a transformer's tile lines against its other patch borders
+                        "seam": round(latent_seam_score(out, TILE, getattr(unet.config, "patch_size", 1)), 4),
                         "finite": bool(torch.isfinite(out).all()),
                     }
                 )

@@ -154,7 +154,10 @@ def medium_unet():
     return folder
 
 
-def latent_seam_score(latents, tile: int) -> float:
+def latent_seam_score(latents, tile: int, period: int = 1) -> float:
+    """The seam score of a latent at the unshifted tile lines; `period`: a patch transformer's
+    token side (its latents carry a faint pattern at patch borders, so tile lines are compared
+    with the other patch borders only)."""
     import numpy as np
 
     from asd_models.seams import seam_score
@@ -163,7 +166,7 @@ def latent_seam_score(latents, tile: int) -> float:
     h, w = img.shape
     xs = [k * tile for k in range(1, math.ceil(w / tile)) if k * tile < w]
     ys = [k * tile for k in range(1, math.ceil(h / tile)) if k * tile < h]
-    return seam_score(np.asarray(img), xs, ys)
+    return seam_score(np.asarray(img), xs, ys, period)
 
 
 def worst_line(latents) -> float:

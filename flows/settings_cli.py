@@ -41,6 +41,15 @@ def add_settings_arguments(
             group.add_argument(
                 *flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
+        elif typing.get_origin(kind) is list:  # a repeatable flag: each use adds one item
+            group.add_argument(
+                *flags,
+                dest=name,
+                action="append",
+                default=None,
+                metavar=name.upper(),
+                help=text + " (repeatable)",
+            )
         elif typing.get_origin(kind) is Literal:
             group.add_argument(
                 *flags, dest=name, choices=[str(c) for c in typing.get_args(kind)], default=None, help=text

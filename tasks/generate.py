@@ -55,7 +55,7 @@ from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
 from tasks.outputs import add_viewer_assets, store_rendered, tar_members, write_shard_tar
 from tasks.progress import Progress, publish_table
-from tasks.render import packs, peak_memory_mb
+from tasks.render import packs, peak_memory_mb, pinned_to, stored_model_refs
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun
 
@@ -242,9 +242,8 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
 
     if todo:
         loads = model_loads()
-        pipe = cached_pipeline(
-            job.store_url, job.model, job.settings.upscaler, job.settings.device, job.settings.dtype
-        )
+        s = job.settings
+        pipe = cached_pipeline(job.store_url, job.model, s.upscaler, s.device, s.dtype, tuple(s.lora))
         out.model_loads = model_loads() - loads
         out.device_kind = pipe.device.type
         writer = store.writer(job.pending)
@@ -345,11 +344,7 @@ class Generate(Stage):
                 self.prompts_ref if self.prompts_ref.startswith("prompts/") else f"prompts/{self.prompts_ref}"
             )
         )
-        refs = {"model": model, "prompts": prompts}
-        if self.settings.upscaler and self.settings.upscaler.startswith(
-            "models/"
-        ):  # a stored upscaler: a parent too
-            refs["upscaler"] = str(store.resolve(self.settings.upscaler))
+        refs = {"model": model, "prompts": prompts, **stored_model_refs(store, self.settings)}
         settings = self.pinned(refs)
         plan = plan_job(store, model, read_prompts(store, prompts), settings)
         plan.check()  # before any version is started
@@ -362,12 +357,11 @@ class Generate(Stage):
         )
 
     def pinned(self, refs: dict[str, str]) -> GenerateSettings:
-        """The settings the shard tasks get: a stored upscaler pinned to its version, and where
-        the settings keep the default executor (threads) or Dask address (none), the run's
-        environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read here, where the run starts."""
-        return with_run_environment(
-            self.settings, {"upscaler": refs["upscaler"]} if "upscaler" in refs else None
-        )
+        """The settings the shard tasks get: a stored upscaler and the adapters pinned to their
+        versions, and where the settings keep the default executor (threads) or Dask address
+        (none), the run's environment's (`$ASD_EXECUTOR`, `$ASD_DASK_ADDRESS`), read here, where
+        the run starts."""
+        return with_run_environment(self.settings, pinned_to(self.settings, refs))
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
         model, prompts = inputs.refs["model"], inputs.refs["prompts"]

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from artifact_store import ArtifactRef, ArtifactStore, StoreError
 from asd_models.loading import ModelComponents, load_components
+from asd_models.lora import ADAPTER_DIR, Adapter, apply_adapters
 from asd_models.pipeline import AnySizePipeline
 from data_manifests.runtime import runtime
 from tasks.executors import worker_device
+from tasks.render import split_lora
 from tasks.runtime import run_logger
 
 _LOCK = threading.Lock()
@@ -52,12 +54,13 @@ def local_model_dir(store: ArtifactStore, ref: ArtifactRef | str) -> Path:
     ref = store.resolve(ref)
     target = cache_root() / "models" / ref.name / ref.version
     with _cache_lock(target):
-        if (target / "model_index.json").is_file() and not cached_copy_intact(store, ref, target):
+        # a complete copy has its VERIFIED stats (written before the rename that makes it the copy)
+        if (target / VERIFIED).is_file() and not cached_copy_intact(store, ref, target):
             run_logger().warning(
                 "cached copy of %s at %s differs from its commit record: downloading again", ref, target
             )
             shutil.rmtree(target)
-        if not (target / "model_index.json").is_file():
+        if not (target / VERIFIED).is_file():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".dl-"))
             try:
                 store.download(ref, tmp)
@@ -129,18 +132,23 @@ def model_loads() -> int:
 
 
 def cached_pipeline(
-    store_url: str, ref: str, upscaler: str | None = None, device: str = "auto", dtype: str = "auto"
+    store_url: str,
+    ref: str,
+    upscaler: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    lora: tuple[str, ...] = (),
 ) -> AnySizePipeline:
-    """Load a pipeline once per worker process, model version, upscaler, device and dtype
-    (threads that ask at once wait for the one load; two concurrent `from_pretrained` calls
-    corrupt each other)."""
+    """Load a pipeline once per worker process, model version, upscaler, device, dtype and
+    adapters (`lora`: pinned `models/NAME@V:WEIGHT` entries) (threads that ask at once wait for
+    the one load; two concurrent `from_pretrained` calls corrupt each other)."""
     with _LOAD_LOCK:
-        return _load_pipeline(store_url, ref, upscaler, worker_device(device), dtype)
+        return _load_pipeline(store_url, ref, upscaler, worker_device(device), dtype, tuple(lora))
 
 
 @lru_cache(maxsize=4)
 def _load_pipeline(
-    store_url: str, ref: str, upscaler: str | None, device: str, dtype: str
+    store_url: str, ref: str, upscaler: str | None, device: str, dtype: str, lora: tuple[str, ...]
 ) -> AnySizePipeline:
     from asd_models.devices import resolve_device, resolve_dtype
 
@@ -151,6 +159,11 @@ def _load_pipeline(
     store = ArtifactStore(store_url)
     up = resolve_base_model(store, upscaler) if upscaler else None
     pipe = AnySizePipeline.from_pretrained(local_model_dir(store, ref), upscaler=up)
+    adapters = []
+    for i, entry in enumerate(lora):
+        adapter_ref, weight = split_lora(entry)
+        adapters.append(Adapter(local_model_dir(store, adapter_ref) / ADAPTER_DIR, weight, f"lora{i}"))
+    apply_adapters(pipe.c.unet, adapters, pipe.c.family.name)
     dev = resolve_device(device)
     pipe.to(dev, resolve_dtype(dtype, dev))
     _LOADS[0] += 1

@@ -5,14 +5,17 @@ rows are packed to render together, and the peak memory a pack reports. Output w
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Any, Literal, TypeVar
 
 from pydantic import model_validator
 
+from asd_models.lora import LoraError
 from asd_models.memory import peak_rss_mb
 from asd_models.samplers import SAMPLER_NAMES, parse_sampler_options, sampler_named
 from data_manifests.settings import FanOutSettings, execution, output
 
+RenderSettingsT = TypeVar("RenderSettingsT", bound="RenderSettings")
 MAX_PACK_PIXELS = 1 << 30  # a pack's latents, conditioning and decode stay far inside one GPU's memory
 
 
@@ -62,6 +65,11 @@ class RenderSettings(FanOutSettings):
         "models/NAME@VERSION) instead of img2img with the same model",
     )
     noise_level: int = output(20, ge=0, le=1000, description="noise on the low-res image (upscaler stage 2)")
+    lora: list[str] = output(
+        [],
+        description="LoRA adapters applied to the denoiser on every tile: models/NAME@VERSION[:WEIGHT] (an "
+        "`asd train --lora-rank` result, weight 1.0 by default); repeat the flag to mix several",
+    )
     device: str = execution(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -114,6 +122,20 @@ class RenderSettings(FanOutSettings):
         return self
 
     @model_validator(mode="after")
+    def _lora_entries(self) -> RenderSettings:
+        """Each adapter reference is a model version with an optional finite weight."""
+        for entry in self.lora:
+            ref, weight = split_lora(entry)
+            check_ref_text(ref)
+            if not math.isfinite(weight) or abs(weight) > 100:
+                raise ValueError(f"lora {entry!r}: weight {weight} must be a finite number in [-100, 100]")
+        return self
+
+    def adapters(self) -> list[tuple[str, float]]:
+        """(reference, weight) of each adapter, in the order given."""
+        return [split_lora(e) for e in self.lora]
+
+    @model_validator(mode="after")
     def _tile_with_upscaler(self) -> RenderSettings:
         if self.upscaler and self.tile is not None:
             raise ValueError(
@@ -121,6 +143,51 @@ class RenderSettings(FanOutSettings):
                 "with upscaler"
             )
         return self
+
+
+def split_lora(entry: str) -> tuple[str, float]:
+    """`models/NAME@V:0.8` -> ("models/NAME@V", 0.8); no weight: 1.0."""
+    ref, sep, weight = entry.rpartition(":")
+    if not sep or "/" in weight or "@" in weight:
+        return entry, 1.0
+    try:
+        return ref, float(weight)
+    except ValueError:
+        raise ValueError(f"lora {entry!r}: {weight!r} after ':' is not a weight") from None
+
+
+def check_ref_text(ref: str) -> None:
+    """A model reference's text: models/NAME[@VERSION] or NAME[@VERSION]."""
+    from artifact_store import ArtifactRef
+
+    ArtifactRef.parse(ref if ref.startswith("models/") else f"models/{ref}")
+
+
+def stored_model_refs(store: Any, settings: RenderSettings) -> dict[str, str]:
+    """The stored models the settings name besides the job's model, each resolved to its version
+    by role: "upscaler", "lora0", "lora1", ... (the job's parents). An adapter that is not an
+    `asd train --lora-rank` result is refused naming it."""
+    refs: dict[str, str] = {}
+    if settings.upscaler and settings.upscaler.startswith("models/"):
+        refs["upscaler"] = str(store.resolve(settings.upscaler))
+    for i, (ref, _) in enumerate(settings.adapters()):
+        resolved = str(store.resolve(ref if ref.startswith("models/") else f"models/{ref}"))
+        if not (store.record(resolved).get("params") or {}).get("lora"):
+            raise LoraError(
+                f"lora {ref}: {resolved} is not a LoRA adapter (one is made by `asd train --lora-rank R`)"
+            )
+        refs[f"lora{i}"] = resolved
+    return refs
+
+
+def pinned_to(settings: RenderSettingsT, refs: dict[str, str]) -> dict[str, Any]:
+    """The settings' fields that `refs` (`stored_model_refs`) pin to versions: what the workers load."""
+    update: dict[str, Any] = {}
+    if "upscaler" in refs:
+        update["upscaler"] = refs["upscaler"]
+    if settings.lora:
+        update["lora"] = [f"{refs[f'lora{i}']}:{w}" for i, (_, w) in enumerate(settings.adapters())]
+    return update
 
 
 def packs(rows: list[dict[str, Any]], settings: RenderSettings) -> list[list[dict[str, Any]]]:

@@ -19,6 +19,7 @@ from asd_models.arad_training import AradTrainer, CheckpointMismatch, TrainConfi
 from asd_models.families import FAMILY_NAMES, save_tiny
 from asd_models.images import pil_to_tensor_m11
 from asd_models.loading import ModelComponents, load_components
+from asd_models.lora import ADAPTER_DIR, LoraError, save_adapter
 from data_engine.dataset_reader import StoreOpener, dataset_buckets, read_bucket_samples
 from data_manifests.settings import SEED_MAX, StageSettings, execution, output
 from tasks.model_cache import load_model_components
@@ -61,6 +62,14 @@ class TrainSettings(StageSettings):
         500, ge=0, description="a resumable checkpoint in the store every N steps (0: none)"
     )
     seed: int = output(0, ge=0, le=SEED_MAX, description="seed of weights, noise, timesteps and data order")
+    lora_rank: int = output(
+        0,
+        ge=0,
+        le=1024,
+        description="train a LoRA adapter of this rank on the denoiser's attention projections, the base "
+        "frozen; the model version holds the adapter alone, its base model a parent (0: fine-tune the "
+        "whole denoiser)",
+    )
 
     def train_config(self) -> TrainConfig:
         """The trainer's frozen config (the one place it is built): every TrainConfig field from here."""
@@ -182,7 +191,8 @@ def training_identity(dataset: str, base: str, cfg: TrainConfig, processes: int 
     """What a model (and a checkpoint to resume) is made from: same data, base model and config,
     and the number of processes (each draws its own share and noise: N processes train another
     model than one; a one-process identity is as it always was)."""
-    ident = {"dataset": dataset, "base": base, "config": cfg.__dict__, "kind": "arad"}
+    config = {k: v for k, v in cfg.__dict__.items() if k != "lora_rank" or v}  # no adapter: as it always was
+    ident = {"dataset": dataset, "base": base, "config": config, "kind": "arad"}
     return {**ident, "world_size": processes} if processes > 1 else ident
 
 
@@ -326,15 +336,18 @@ def _write_model(t: _Training, writer: Any, counts: dict[str, int], resumed_from
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         c = t.components
-        encoder_2 = c.text_encoder_2.float() if c.text_encoder_2 is not None else None
-        final = replace(
-            c,
-            unet=trainer.final_unet(),
-            vae=c.vae.float(),
-            text_encoder=c.text_encoder.float(),
-            text_encoder_2=encoder_2,
-        )
-        c.family.save(final, out)  # in the layout of the base model's family
+        if cfg.lora_rank:  # the adapter alone: the base model is its parent
+            save_adapter(trainer.final_unet(), out / ADAPTER_DIR, cfg.lora_rank, c.family.name)
+        else:
+            encoder_2 = c.text_encoder_2.float() if c.text_encoder_2 is not None else None
+            final = replace(
+                c,
+                unet=trainer.final_unet(),
+                vae=c.vae.float(),
+                text_encoder=c.text_encoder.float(),
+                text_encoder_2=encoder_2,
+            )
+            c.family.save(final, out)  # in the layout of the base model's family
         _save_loss_plot(losses, "ARAD denoising loss", out / "loss.png")
         (out / "training_log.json").write_text(
             json.dumps(
@@ -378,6 +391,11 @@ class Arad(Stage):
             str(store.resolve(self.base_model)) if self.base_model.startswith("models/") else self.base_model
         )
         refs = {"dataset": dataset, "base": base}
+        if self.settings.lora_rank and not base.startswith("models/"):
+            raise LoraError(
+                f"--lora-rank trains an adapter whose base must be a stored model (its parent); {base!r} is "
+                "not one: `asd model import` it first, then train on models/NAME"
+            )
         return Inputs(
             reads=[dataset] + ([base] if base.startswith("models/") else []),
             parents=[dataset] + ([base] if base.startswith("models/") else []),
@@ -428,6 +446,11 @@ class Arad(Stage):
             params={
                 "base_model": base,
                 **cfg.__dict__,
+                **(
+                    {"lora": {"rank": cfg.lora_rank, "family": t.components.family.name}}
+                    if cfg.lora_rank
+                    else {}
+                ),
                 "checkpoint_every": self.settings.checkpoint_every,
                 "world_size": world_size(),
             },

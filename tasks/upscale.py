@@ -52,7 +52,7 @@ from data_manifests.schemas import STATUS_FAILED, STATUS_OK, UPSCALE_FRAGMENT, U
 from tasks.executors import fan_out, task_runner_for, with_run_environment
 from tasks.outputs import add_viewer_assets, store_rendered
 from tasks.progress import Progress
-from tasks.render import packs
+from tasks.render import packs, pinned_to, stored_model_refs
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
 from tasks.upscale_rows import (
@@ -224,7 +224,7 @@ def upscale_partition(job: UpscaleJob, part: Partition, done: set[int] | None) -
             }
         )
     if todo:
-        pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype)
+        pipe = cached_pipeline(job.store_url, job.model, st.upscaler, st.device, st.dtype, tuple(st.lora))
         writer = store.writer(job.pending)
         for pack in packs(todo, st):
             _render_pack(pipe, pack, job, writer, rows)
@@ -385,9 +385,7 @@ class Upscale(Stage):
         )
         opened = self.opened(store)
         pinned = [ref for _, ref in opened if ref]
-        refs = {"model": model}
-        if self.settings.upscaler and self.settings.upscaler.startswith("models/"):
-            refs["upscaler"] = str(store.resolve(self.settings.upscaler))
+        refs = {"model": model, **stored_model_refs(store, self.settings)}
         return Inputs(
             reads=[
                 model,
@@ -403,9 +401,7 @@ class Upscale(Stage):
         )
 
     def build(self, run: StageRun, inputs: Inputs) -> Built:
-        st = with_run_environment(
-            self.settings, {"upscaler": inputs.refs["upscaler"]} if "upscaler" in inputs.refs else None
-        )
+        st = with_run_environment(self.settings, pinned_to(self.settings, inputs.refs))
         job = UpscaleJob(run.store.url, inputs.refs["model"], run.pending, st, s3_storage_options())
         results = upscale_partitions_flow.with_options(task_runner=task_runner_for(st))(self, job)
         counts = _merge(run, job, results)

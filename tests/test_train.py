@@ -357,3 +357,47 @@ def test_a_checkpoint_round_trip_leaves_the_global_rngs_alone(tiny_model_dir, tm
         "python_rng_untouched": True,
         "stream_restored": True,
     }
+
+
+def test_training_places_each_sample_at_its_ingest_crop(dataset, tmp_path):
+    """The crop box ingest recorded for each sample reaches the family's call: an SDXL-class UNet
+    is given the original (cover) size, the crop's top-left and the bucket size, as SDXL trains;
+    a forged box that does not fit its cover is refused naming the sample."""
+    import polars as pl
+
+    from asd_models.arad_loader import decode_batch, sample_crop
+    from asd_models.arad_training import AradTrainer
+    from asd_models.families import save_tiny
+    from asd_models.loading import load_components
+
+    store_url, ref = dataset
+    store = ArtifactStore(store_url)
+    manifest = pl.read_parquet(store.read_bytes(ref, "manifest.parquet")).filter(pl.col("status") == "ok")
+    boxes = {r["key"]: r for r in manifest.iter_rows(named=True)}
+    batch = decode_batch(next(iter(_stream(store_url, ref, batch_size=3, seed=0)[0])))
+    for key, crop in zip(batch["keys"], batch["crops"], strict=True):
+        row = boxes[key]
+        assert crop == (row["crop_left"], row["crop_top"], row["cover_width"], row["cover_height"])
+
+    c = load_components(save_tiny("sdxl", tmp_path / "sdxl"))
+    trainer = AradTrainer(c, TrainSettings(steps=1, batch_size=3, ema_decay=0).train_config())
+    seen = []
+    real_time_ids = c.family.time_ids
+
+    def record(places, f):
+        seen.append(places)
+        return real_time_ids(places, f)
+
+    object.__setattr__(c.family, "time_ids", record)
+    trainer._loss(batch)
+    f = c.vae_scale_factor
+    for (ry, rx, rh, rw, H, W), (left, top, cw, ch) in zip(seen[0], batch["crops"], strict=True):
+        assert (ry, rx) == (top // f, left // f) and (H, W) == (ch // f, cw // f)
+        assert (rh, rw) == tuple(batch["pixels"].shape[-2:][i] // f for i in (0, 1))
+
+    forged = {
+        "__key__": "x",
+        "json": json.dumps({"crop_left": 50, "crop_top": 0, "cover_width": 64, "cover_height": 64}),
+    }
+    with pytest.raises(ValueError, match="sample x: crop .* does not fit"):
+        sample_crop(forged, 32, 32)

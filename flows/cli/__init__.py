@@ -90,6 +90,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from artifact_store import StoreError
     from asd_models.arad_training import CheckpointMismatch
     from asd_models.loading import ModelNotFoundError
+    from asd_models.lora import LoraError
     from flows.backfill import BackfillError
 
     # CorruptRecord (a StoreError) is caught before these, in main(): it exits 1, not 2
@@ -105,6 +106,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         DeployError,
         BackfillError,
         CheckpointMismatch,
+        LoraError,
     )
 
 
