@@ -43,7 +43,12 @@ SIZES = [(128, 128), (128, 256)]  # latent (height, width): 1024^2- and 2048x102
 METHODS = ["full", "fstd", "naive", "multidiffusion"]
 TIME_DIM = 8
 # each family's tile-conditioning ablation: (the family's field, the value against its default)
-ABLATIONS = {"sdxl": ("tile_crops", "constant"), "sd3": ("tile_positions", "local")}
+ABLATIONS = {
+    "sdxl": ("tile_crops", "constant"),
+    "sd3": ("tile_positions", "local"),
+    "flux": ("tile_positions", "local"),
+}
+FLOW_MATCHING = ("sd3", "flux")  # patch transformers: tile lines compared with their other patch borders
 SD3_CONFIG = {
     "sample_size": 64,
     "patch_size": 2,
@@ -57,13 +62,27 @@ SD3_CONFIG = {
     "pooled_projection_dim": 32,
     "pos_embed_max_size": 128,
 }
+FLUX_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 16,  # 4 latent channels packed 2x2
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": False,
+    "axes_dims_rope": [4, 6, 6],
+}
 
 
 def family_unet(family: str):
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     if family == "sd3":
         return SD3Transformer2DModel(**SD3_CONFIG), dict(SD3_CONFIG)
+    if family == "flux":
+        return FluxTransformer2DModel(**FLUX_CONFIG), dict(FLUX_CONFIG)
     config = dict(UNET_CONFIG)
     if family == "sdxl":
         config.update(
@@ -89,13 +108,17 @@ def components(family: str, unet):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if family == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     return ModelComponents(unet, tiny["vae"], None, None, scheduler, "bench", family_named(family))
 
 
 def conditioning(family: str, n: int, unet):
     import torch
 
-    if family == "sd3":
+    if family in FLOW_MATCHING:
         return {"text": torch.zeros(n, 77, 32), "pooled": torch.zeros(n, 32)}
     cond = {"text": torch.zeros(n, 77, unet.config.cross_attention_dim)}
     if family == "sdxl":
@@ -164,7 +187,7 @@ def sample(family: str, unet, method: str, h: int, w: int, steps: int, ablated: 
     latents = c.family.start_latents(
         sched, torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
     )
-    sampler = bench_sampler(method, 8, unet)
+    sampler = bench_sampler(method, 8, unet, c.unet_multiple)
     job, _ = sampler.job(
         latents,
         sched,
@@ -190,7 +213,7 @@ def main() -> None:
         "--train-steps", type=int, default=None, help="default 150 (as bench.fstd; 50 with --quick)"
     )
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every arm; the median time is kept")
-    ap.add_argument("--families", default="sd,sdxl,sd3")
+    ap.add_argument("--families", default="sd,sdxl,sd3,flux")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_steps = args.train_steps or (50 if args.quick else 150)
@@ -217,7 +240,7 @@ def main() -> None:
                         "pixels": f"{w * 8}x{h * 8}",
                         "seconds": round(times[len(times) // 2], 2),
                         # a transformer's tile lines against its other patch borders
-                        "seam": round(latent_seam_score(out, TILE, getattr(unet.config, "patch_size", 1)), 4),
+                        "seam": round(latent_seam_score(out, TILE, 2 if family in FLOW_MATCHING else 1), 4),
                         "finite": bool(torch.isfinite(out).all()),
                     }
                 )
@@ -231,7 +254,7 @@ def main() -> None:
         r["seam_over_full"] = round(r["seam"] / same["full"]["seam"], 3)
         r["md_over_this"] = round(same["multidiffusion"]["seconds"] / r["seconds"], 2)
     print(
-        f"\nbench.families: tile {TILE} latent, {args.steps} steps (DDIM; SD3: flow-matching Euler), no CFG, denoisers trained "
+        f"\nbench.families: tile {TILE} latent, {args.steps} steps (DDIM; SD3, FLUX: flow-matching Euler), no CFG, denoisers trained "
         f"{train_steps} steps on smooth latents, {os.cpu_count()} CPU threads\n"
     )
     table(

@@ -69,12 +69,13 @@ METHODS = ["fstd", "fstd-bucketed", "naive", "multidiffusion", "mixture", "diffu
 # pieces to the GPU's few run sizes, side by side, so the cost of that shape discipline here is in view
 
 
-def bench_sampler(method: str, tile_batch_size: int, unet):
-    """The sampler a bench arm runs, on `unet`."""
+def bench_sampler(method: str, tile_batch_size: int, unet, size_multiple: int | None = None):
+    """The sampler a bench arm runs, on `unet` (on its lattice, or the family's `size_multiple`)."""
     from asd_models.samplers import sampler_named
 
     name, _, pieces = method.partition("-")
-    return sampler_named(name, TILE, tile_batch_size).with_pieces(pieces or None).on_unet(unet)
+    sampler = sampler_named(name, TILE, tile_batch_size, size_multiple)
+    return sampler.with_pieces(pieces or None).on_unet(unet)
 
 
 def smooth_latents(n: int, size: int, gen, max_freq: float = 3.0):

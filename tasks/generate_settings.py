@@ -20,8 +20,6 @@ from tasks.render import RenderSettings
 if TYPE_CHECKING:
     from asd_models.pipeline import RenderRequest
 
-MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)
-
 
 class GenerateSettings(RenderSettings):
     """FSTD generation: how every prompt of a job is rendered."""
@@ -38,12 +36,6 @@ class GenerateSettings(RenderSettings):
         le=4096,
         description="prompt rows per durability point: a chunk's "
         "fragment is written once its images are (a killed worker loses at most one chunk)",
-    )
-    max_job_pixels: int = execution(
-        MAX_JOB_PIXELS,
-        ge=1,
-        description="a job of more output pixels than this is "
-        "refused before anything is written (raise it for a larger job)",
     )
     retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
     layout: Literal["files", "webdataset"] = output(

@@ -74,6 +74,7 @@ def image_unet_evals(
     strength: float,
     cfg: bool,
     options: str = "",
+    stage1: bool = True,
 ) -> int:
     """UNet evaluations of one image: stage 1 (one bucket, every step) plus stage 2 (the
     sampler's boxes, with its `options`, over the canvas latent, for the steps strength leaves),
@@ -82,14 +83,14 @@ def image_unet_evals(
     from asd_models.samplers import parse_sampler_options, sampler_named
 
     f, m = geo.vae_scale_factor, geo.pixel_multiple
-    stage1 = steps
+    first = steps if stage1 else 0  # an upscale is stage 2 alone
     lat_w, lat_h = -(-width // m) * m // f, -(-height // m) * m // f
     stage2_steps = steps - img2img_start(steps, strength)
     s = sampler_named(sampler, tile or geo.sample_size, 8, geo.unet_multiple, salt).with_options(
         **parse_sampler_options(options)
     )
     stage2 = s.evals_per_step(lat_h, lat_w, stage2_steps) * stage2_steps
-    return int(round((stage1 + stage2) * (2 if cfg else 1)))
+    return int(round((first + stage2) * (2 if cfg else 1)))
 
 
 @dataclass

@@ -16,7 +16,10 @@ from asd_models.samplers import SAMPLER_NAMES, parse_sampler_options, sampler_na
 from data_manifests.settings import FanOutSettings, execution, output
 
 RenderSettingsT = TypeVar("RenderSettingsT", bound="RenderSettings")
-MAX_PACK_PIXELS = 1 << 30  # a pack's latents, conditioning and decode stay far inside one GPU's memory
+MAX_PACK_PIXELS = 1 << 30
+MAX_JOB_PIXELS = (
+    64 << 30
+)  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)  # a pack's latents, conditioning and decode stay far inside one GPU's memory
 
 
 class RenderSettings(FanOutSettings):
@@ -80,6 +83,12 @@ class RenderSettings(FanOutSettings):
     )
     pack: bool = execution(
         True, description="images of a shard advance together, their tiles sharing UNet calls"
+    )
+    max_job_pixels: int = execution(
+        MAX_JOB_PIXELS,
+        ge=1,
+        description="a job of more output pixels than this is "
+        "refused before anything is written (raise it for a larger job)",
     )
     pack_max_pixels: int = execution(
         16 << 20,

@@ -55,6 +55,7 @@ from tasks.progress import Progress
 from tasks.render import packs, pinned_to, stored_model_refs
 from tasks.runtime import run_logger
 from tasks.stage import Built, Inputs, Stage, StageRun, run_stage
+from tasks.upscale_plan import UpscalePlan, plan_upscale
 from tasks.upscale_rows import (
     PartitionRows,
     compact_rows,
@@ -371,6 +372,13 @@ class Upscale(Stage):
             )
         return open_source(spec, s3_storage_options(), self.settings.source_options()), None
 
+    def plan(self, store: ArtifactStore, model: str) -> UpscalePlan:
+        """What the job will do (`asd upscale --dry-run` prints it): once per stage object."""
+        if "_plan" not in self.__dict__:
+            sources = [src for src, _ in self.opened(store)]
+            object.__setattr__(self, "_plan", plan_upscale(store, model, sources, self.settings))
+        return self.__dict__["_plan"]
+
     def opened(self, store: ArtifactStore) -> list[tuple[Source, str | None]]:
         """Each source opened once, for the identity and the build."""
         if "_opened" not in self.__dict__:
@@ -386,6 +394,7 @@ class Upscale(Stage):
         opened = self.opened(store)
         pinned = [ref for _, ref in opened if ref]
         refs = {"model": model, **stored_model_refs(store, self.settings)}
+        self.plan(store, model).check()  # before any version is started
         return Inputs(
             reads=[
                 model,

@@ -26,7 +26,17 @@ from data_engine.sources import SourceRecord
 from data_manifests.schemas import STATUS_OK
 
 IMAGE_KINDS = ("generations", "upscales")
-_COLUMNS = ("image", "prompt", "status", "shard", "shard_offset", "shard_size", "shard_sha256")
+_COLUMNS = (
+    "image",
+    "prompt",
+    "status",
+    "shard",
+    "shard_offset",
+    "shard_size",
+    "shard_sha256",
+    "width",
+    "height",
+)
 _BATCH_ROWS = 4096
 
 
@@ -73,6 +83,9 @@ class VersionImages:
                             failed_stage=STAGE_SOURCE,
                         )
                         continue
+                    size = (row.get("width"), row.get("height"))  # what the manifest says (a plan's estimate)
+                    if all(isinstance(v, int) and v > 0 for v in size):
+                        meta["listed_size"] = size
                     yield SourceRecord(
                         source=f"{ref}/{row['image']}",
                         name=posixpath.basename(row["image"]),

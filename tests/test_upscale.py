@@ -283,3 +283,41 @@ def test_tiny_x4_upscaler_fitted_in_code_runs_the_upscaler_path(tiny_model_dir, 
     assert result.size == (128, 96)
     ssim, color = roundtrip(result.pixels, small)
     assert -1 <= ssim <= 1 and color >= 0
+
+
+def test_an_upscale_plan_counts_what_the_job_then_does(stored_model, tmp_path, capsys, prefect_harness):
+    """`asd upscale --dry-run` sizes every input from its header and writes nothing; a job over
+    --max-job-pixels is refused in one line before any version exists; at the cap it runs, and its
+    manifest holds exactly the planned output pixels and failures."""
+    import re
+
+    from flows.cli import main
+
+    folder = _photos(tmp_path / "in")  # 4 pictures, one broken file, one too wide to double
+    argv = ["--store", stored_model, "upscale", str(folder), "--model", "tiny", "--name", "planned"]
+    argv += ["--steps", "2"]
+    store = ArtifactStore(stored_model)
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs: 6 (4 sized, 0 URLs sized when downloaded, 2 that will fail)" in out, out
+    pixels = int(re.search(r"output pixels: ([\d,]+)", out).group(1).replace(",", ""))
+    evals = int(
+        re.search(r"UNet evaluations \(FSTD stage 2 tiles, guidance counted\): ([\d,]+)", out)
+        .group(1)
+        .replace(",", "")
+    )
+    assert pixels > 0 and evals > 0
+    assert ("upscales", "planned") not in store.list_artifacts()
+
+    with pytest.raises(SystemExit) as stop:
+        raise SystemExit(main([*argv, "--max-job-pixels", str(pixels - 1)]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("asd: refused:") and len(err.splitlines()) == 1, err
+    assert ("upscales", "planned") not in store.list_artifacts()
+
+    assert main([*argv, "--max-job-pixels", str(pixels)]) == 0
+    ref = capsys.readouterr().out.strip().splitlines()[0]
+    m = _manifest(stored_model, ref)
+    ok = m.filter(pl.col("status") == "ok")
+    assert sum(w * h for w, h in zip(ok["width"], ok["height"], strict=True)) == pixels
+    assert m.filter(pl.col("status") == "failed").height == 2

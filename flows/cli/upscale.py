@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli.common import checked_sources, ref_arg
+from flows.cli.common import UserError, checked_sources, ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
-from tasks.upscale import UpscaleSettings
+from tasks.job_plan import JobTooLarge
+from tasks.upscale import Upscale, UpscaleSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--model", required=True, help="NAME, NAME@VERSION or models/NAME@VERSION")
     u.add_argument("--name", default="upscales", help="name of the upscales artifact to write")
     u.add_argument("--rerun", action="store_true", help="upscale again even if this exact job is committed")
+    u.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the job would do (inputs, output pixels, UNet evaluations) and stop: nothing is written",
+    )
     add_settings_arguments(u, UpscaleSettings)
     u.set_defaults(func=cmd_upscale)
 
@@ -39,6 +45,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         store.resolve(ref_arg(args.model, "models"))
     )  # a missing model is named before anything starts
     sources = checked_sources(args.source, settings.source_options(), store)
+    stage = Upscale(tuple(sources), model, settings)
+    plan = stage.plan(store, model)
+    if args.dry_run:
+        print("\n".join(plan.lines()))
+        return 0
+    try:
+        plan.check()
+    except JobTooLarge as exc:
+        raise UserError(str(exc)) from None
     ref = upscale_flow(sources, model, args.name, settings, store.url, args.rerun)
     summary = store.record(ref).get("summary", {})
     print(ref)
