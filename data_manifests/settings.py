@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2^64)
@@ -68,6 +68,15 @@ class FanOutSettings(StageSettings):
     torch_threads: int | None = execution(
         None, ge=1, description="CPU threads of torch in each Dask worker (default: cores / workers)"
     )
+
+    @model_validator(mode="after")
+    def _dask_address_with_dask(self) -> FanOutSettings:
+        """An address given with the threads executor would be ignored: say so instead."""
+        if self.dask_address and self.executor != "dask":
+            raise ValueError(
+                f"dask_address {self.dask_address!r} is used only with executor 'dask' (add --executor dask)"
+            )
+        return self
 
 
 class PromptSpec(BaseModel):

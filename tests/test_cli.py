@@ -138,6 +138,36 @@ def _bad_csv(tmp_path):
         ),
         (["train", "--dataset", "d", "--model", "bad name"], "bad artifact name"),
         (["store", "gc", "--grace", "soon"], "--grace 'soon'"),
+        (["store", "gc", "--grace", "nan"], "--grace 'nan': a duration is a finite number"),
+        (["store", "gc", "--grace=-5m"], "finite number of seconds >= 0"),
+        (["dashboard", "serve", "--port", "99999"], "99999 is outside 0..65535"),
+        (
+            ["dashboard", "serve", "--host", "no-such-host.invalid", "--port", "0"],
+            "cannot listen on no-such-host.invalid",
+        ),
+        (["dashboard", "build", "--thumb-px", "-5"], "-5 is outside 16..4096"),
+        (
+            [
+                "generate",
+                "--model",
+                "m",
+                "--prompt",
+                "x",
+                "--size",
+                "64x64",
+                "--dask-address",
+                "tcp://10.9.9.9:1",
+            ],
+            "used only with executor 'dask'",
+        ),
+        (
+            ["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--lora", "m:lots"],
+            "'lots' after ':'",
+        ),
+        (
+            ["train", "--dataset", "d", "--model", "m", "--lora-rank", "-1"],
+            "--lora-rank: Input should be greater",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):

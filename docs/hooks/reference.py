@@ -7,6 +7,7 @@ A page holds a marker comment and gets the generated Markdown in its place:
     <!-- asd:environment -->  every ASD_* variable (data_manifests/runtime.py)
     <!-- asd:schemas -->      every Arrow schema of data_manifests/schemas.py, with its comments
     <!-- asd:samplers -->     the named samplers and their own options
+    <!-- asd:layout -->       the store's layout: the names artifact_store uses, with their comments
     <!-- asd:bench:NAME -->   what bench/NAME.py measures and how to run it (its docstring)
                               and its flags (its --help)
 """
@@ -108,6 +109,73 @@ def schemas() -> str:
     return "\n".join(out)
 
 
+def _constant_comments(path: Path) -> dict[str, tuple[Any, str]]:
+    """Module-level `NAME = value  # comment` constants of a source file."""
+    source = path.read_text()
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            out[node.targets[0].id] = (value, comments.get(node.lineno, ""))
+    return out
+
+
+def layout() -> str:
+    """The store's layout from the names `artifact_store` defines (so the page cannot drift)."""
+    from artifact_store.refs import NAME_RE, VERSION_RE
+
+    refs = _constant_comments(ROOT / "artifact_store" / "refs.py")
+    lists = _constant_comments(ROOT / "artifact_store" / "file_lists.py")
+
+    def row(path: str, key: str, table: dict[str, tuple[Any, str]], what: str = "") -> str:
+        return f"| `{path.format(table[key][0])}` | {what or table[key][1]} |"
+
+    kinds = ", ".join(f"`{k}`" for k in refs["KINDS"][0])
+    rows = [
+        "| path (under the store root) | what it is |",
+        "|---|---|",
+        f"| `<kind>/<name>/<version>/` | a version: kind one of {kinds}; name `{NAME_RE.pattern}`; "
+        f"version `{VERSION_RE.pattern}` (UTC time, then 8 random hex digits) |",
+        row(
+            "<kind>/<name>/<version>/{}",
+            "COMMIT_RECORD",
+            refs,
+            "the commit record, written last: a version without one is not committed",
+        ),
+        row(
+            "<kind>/<name>/<version>/{}/part-<n>.parquet",
+            "FILE_LIST_DIR",
+            lists,
+            "a large version's file list, in path-sorted parts the record names with their sha256",
+        ),
+        row("<kind>/<name>/<version>/{}", "PENDING_MARKER", refs),
+        row("<kind>/<name>/<version>/{}/<epoch>.json", "LEASE_DIR", refs),
+        row("<kind>/<name>/<version>/{}/", "FRAGMENT_DIR", refs),
+        row(
+            "<kind>/<name>/{}",
+            "LATEST_POINTER",
+            refs,
+            "the newest committed version's id (a hint: readers check it against its record)",
+        ),
+        row(
+            "{}/",
+            "CATALOG_DIR",
+            refs,
+            "one row per committed version (kind, name, version, parents, summary): what `asd store catalog` and the dashboard read",
+        ),
+        row("{}/", "SITE_DIR", refs),
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def samplers() -> str:
     from asd_models.samplers import SAMPLERS
 
@@ -163,6 +231,7 @@ GENERATORS = {
     "environment": environment,
     "schemas": schemas,
     "samplers": samplers,
+    "layout": layout,
 }
 
 

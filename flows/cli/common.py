@@ -7,6 +7,7 @@ import argparse
 import io
 import sys
 from pathlib import Path
+from typing import Any
 
 USER_ERROR = 2
 
@@ -25,6 +26,22 @@ class OneLineParser(argparse.ArgumentParser):
             file=sys.stderr,
         )
         raise SystemExit(USER_ERROR)
+
+
+def int_in(lo: int, hi: int) -> Any:
+    """An argparse type: an integer in [lo, hi] (else argparse's one-line error naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def ref_arg(text: str, kind: str) -> str:

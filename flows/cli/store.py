@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from flows.cli.common import OneLineParser, UserError
@@ -150,9 +151,12 @@ def _duration_s(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
         raise UserError(f"--grace {text!r}: use e.g. 90s, 30m, 24h, 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UserError(f"--grace {text!r}: a duration is a finite number of seconds >= 0")
+    return seconds
 
 
 def _print_lineage(store, ref: str, full: bool) -> None:
