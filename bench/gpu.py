@@ -233,7 +233,7 @@ def diffusers_arm(
         text_encoder=pipe.c.text_encoder,
         tokenizer=pipe.c.tokenizer,
         unet=pipe.c.unet,
-        scheduler=DDIMScheduler.from_config(pipe.scheduler_config),
+        scheduler=DDIMScheduler.from_config(pipe.c.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -93,6 +93,14 @@ def image_unet_evals(
     return int(round((first + stage2) * (2 if cfg else 1)))
 
 
+def over_cap(pixels: int, cap: int) -> str:
+    """The one-line refusal of a job of `pixels` output pixels over `max_job_pixels`."""
+    return (
+        f"refused: {pixels:,} output pixels is over max_job_pixels {cap:,}; "
+        "raise it (--max-job-pixels N) to run a job this large"
+    )
+
+
 @dataclass
 class JobPlan:
     images: int
@@ -138,10 +146,7 @@ class JobPlan:
         return out
 
     def refusal(self) -> str:
-        return (
-            f"refused: {self.pixels:,} output pixels is over max_job_pixels {self.max_job_pixels:,}; "
-            f"raise it (--max-job-pixels N) to run a job this large"
-        )
+        return over_cap(self.pixels, self.max_job_pixels)
 
     def check(self) -> None:
         if self.pixels > self.max_job_pixels:

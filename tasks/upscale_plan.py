@@ -14,7 +14,7 @@ from typing import Any
 
 from artifact_store import ArtifactStore
 from data_engine.source_records import SourceRecord
-from tasks.job_plan import JobTooLarge, ModelGeometry, image_unet_evals
+from tasks.job_plan import JobTooLarge, ModelGeometry, image_unet_evals, over_cap
 
 EXIF_ORIENTATION = 0x0112
 
@@ -51,10 +51,7 @@ class UpscalePlan:
         return out
 
     def refusal(self) -> str:
-        return (
-            f"refused: {self.pixels:,} output pixels is over max_job_pixels {self.max_job_pixels:,}; "
-            "raise it (--max-job-pixels N) to run a job this large"
-        )
+        return over_cap(self.pixels, self.max_job_pixels)
 
     def check(self) -> None:
         if self.pixels > self.max_job_pixels:

@@ -18,6 +18,13 @@ import torch
 
 from asd_models.families.base import ModelComponents, ModelFamily
 
+TILE_POSITIONS = ("global", "local")  # a piece's positions: its place in the whole image, or its own
+
+
+def check_tile_positions(value: str) -> None:
+    if value not in TILE_POSITIONS:
+        raise ValueError(f"tile_positions {value!r}: expected one of {', '.join(TILE_POSITIONS)}")
+
 
 def dynamic_shift_mu(config: Any, image_seq_len: int) -> float:
     """The resolution-dependent shift of a scheduler with `use_dynamic_shifting` (as FLUX's own

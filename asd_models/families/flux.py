@@ -19,9 +19,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from asd_models.families.base import Conditioning, ModelComponents, Place
-from asd_models.families.flow_matching import FlowMatching
+from asd_models.families.flow_matching import FlowMatching, check_tile_positions
 
-TILE_POSITIONS = ("global", "local")
 T5_TOKENS = 512  # FLUX's pipeline's max_sequence_length
 
 
@@ -71,10 +70,7 @@ class Flux(FlowMatching):
     tile_positions: Literal["global", "local"] = "global"
 
     def __post_init__(self) -> None:
-        if self.tile_positions not in TILE_POSITIONS:
-            raise ValueError(
-                f"tile_positions {self.tile_positions!r}: expected one of {', '.join(TILE_POSITIONS)}"
-            )
+        check_tile_positions(self.tile_positions)
 
     def patch(self, config: Mapping[str, Any]) -> int:
         return 2  # the 2x2 packing: the transformer's own patch_size is 1 token

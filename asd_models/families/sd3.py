@@ -22,9 +22,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from asd_models.families.base import Conditioning, ModelComponents, Place
-from asd_models.families.flow_matching import FlowMatching
+from asd_models.families.flow_matching import FlowMatching, check_tile_positions
 
-TILE_POSITIONS = ("global", "local")
 T5_TOKENS = 256  # SD3's pipeline's max_sequence_length: the T5 part of the text tokens
 
 # the places of the pieces of the batch the current thread's transformer call runs (None: whole)
@@ -117,10 +116,7 @@ class StableDiffusion3(FlowMatching):
     tile_positions: Literal["global", "local"] = "global"
 
     def __post_init__(self) -> None:
-        if self.tile_positions not in TILE_POSITIONS:
-            raise ValueError(
-                f"tile_positions {self.tile_positions!r}: expected one of {', '.join(TILE_POSITIONS)}"
-            )
+        check_tile_positions(self.tile_positions)
 
     def check_loaded(self, c: ModelComponents) -> None:
         place_aware(c.unet)

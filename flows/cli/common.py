@@ -44,6 +44,21 @@ def int_in(lo: int, hi: int) -> Any:
     return parse
 
 
+def planned(plan: Any, dry_run: bool) -> bool:
+    """A job's plan before any work: printed when `dry_run` (False: stop here), else checked
+    against its cap (over it: one line, exit 2). True: go on and run the job."""
+    from tasks.job_plan import JobTooLarge
+
+    if dry_run:
+        print("\n".join(plan.lines()))
+        return False
+    try:
+        plan.check()
+    except JobTooLarge as exc:
+        raise UserError(str(exc)) from None
+    return True
+
+
 def ref_arg(text: str, kind: str) -> str:
     """Accept NAME, NAME@VERSION or KIND/NAME@VERSION; checked before any work."""
     from artifact_store import ArtifactRef

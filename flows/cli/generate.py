@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from data_manifests.settings import PromptSpec
-from flows.cli.common import UserError, ref_arg
+from flows.cli.common import UserError, planned, ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
 from tasks.generate import GenerateSettings
-from tasks.job_plan import JobTooLarge, plan_job
+from tasks.job_plan import plan_job
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,14 +97,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.store)
     model = str(store.resolve(model))  # a missing model is named before the prompts are stored
     table = read_prompts(store, prompts) if isinstance(prompts, str) else prompts
-    plan = plan_job(store, model, table, settings)
-    if args.dry_run:
-        print("\n".join(plan.lines()))
+    if not planned(plan_job(store, model, table, settings), args.dry_run):
         return 0
-    try:
-        plan.check()
-    except JobTooLarge as exc:
-        raise UserError(str(exc)) from None
     if not isinstance(prompts, str):
         prompts = store_prompts(store.url, prompts, args.name, args.prompts or "--prompt")
     print(generate_flow(model, prompts, args.name, settings, store.url, args.rerun))

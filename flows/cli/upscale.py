@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli.common import UserError, checked_sources, ref_arg
+from flows.cli.common import checked_sources, planned, ref_arg
 from flows.settings_cli import add_settings_arguments, settings_from_args
-from tasks.job_plan import JobTooLarge
 from tasks.upscale import Upscale, UpscaleSettings
 
 
@@ -46,14 +45,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     )  # a missing model is named before anything starts
     sources = checked_sources(args.source, settings.source_options(), store)
     stage = Upscale(tuple(sources), model, settings)
-    plan = stage.plan(store, model)
-    if args.dry_run:
-        print("\n".join(plan.lines()))
+    if not planned(stage.plan(store, model), args.dry_run):
         return 0
-    try:
-        plan.check()
-    except JobTooLarge as exc:
-        raise UserError(str(exc)) from None
     ref = upscale_flow(sources, model, args.name, settings, store.url, args.rerun)
     summary = store.record(ref).get("summary", {})
     print(ref)
