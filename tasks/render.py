@@ -6,7 +6,7 @@ rows are packed to render together, and the peak memory a pack reports. Output w
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -15,11 +15,8 @@ from asd_models.memory import peak_rss_mb
 from asd_models.samplers import SAMPLER_NAMES, parse_sampler_options, sampler_named
 from data_manifests.settings import FanOutSettings, execution, output
 
-RenderSettingsT = TypeVar("RenderSettingsT", bound="RenderSettings")
-MAX_PACK_PIXELS = 1 << 30
-MAX_JOB_PIXELS = (
-    64 << 30
-)  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)  # a pack's latents, conditioning and decode stay far inside one GPU's memory
+MAX_PACK_PIXELS = 1 << 30  # a pack's latents, conditioning and decode stay far inside one GPU's memory
+MAX_JOB_PIXELS = 64 << 30  # 64 gigapixels: ~64k images of 1024^2 (--max-job-pixels raises it)
 
 
 class RenderSettings(FanOutSettings):
@@ -189,7 +186,7 @@ def stored_model_refs(store: Any, settings: RenderSettings) -> dict[str, str]:
     return refs
 
 
-def pinned_to(settings: RenderSettingsT, refs: dict[str, str]) -> dict[str, Any]:
+def pinned_to(settings: RenderSettings, refs: dict[str, str]) -> dict[str, Any]:
     """The settings' fields that `refs` (`stored_model_refs`) pin to versions: what the workers load."""
     update: dict[str, Any] = {}
     if "upscaler" in refs:
