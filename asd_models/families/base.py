@@ -32,6 +32,20 @@ def as_conditioning(cond: Conditioning | torch.Tensor) -> Conditioning:
     return {"text": cond} if isinstance(cond, torch.Tensor) else cond
 
 
+def token_ids(
+    tokenizer: Any, prompts: list[str], device: torch.device, length: int | None = None
+) -> torch.Tensor:
+    """The prompts' token ids, padded and truncated to `length` (default: the tokenizer's own
+    maximum), on the encoder's device: how every family's pipeline tokenizes."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model folder or model id that cannot be loaded offline, with what was expected."""
 

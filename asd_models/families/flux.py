@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from asd_models.families.base import Conditioning, ModelComponents, Place
+from asd_models.families.base import Conditioning, ModelComponents, Place, token_ids
 from asd_models.families.flow_matching import FlowMatching, check_tile_positions
 
 T5_TOKENS = 512  # FLUX's pipeline's max_sequence_length
@@ -98,20 +98,10 @@ class Flux(FlowMatching):
 
     @torch.no_grad()
     def encode_prompts(self, c: ModelComponents, prompts: list[str]) -> Conditioning:
-        tok, enc = c.tokenizer, c.text_encoder
-        ids = tok(
-            prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(enc.device)
-        pooled = enc(ids, output_hidden_states=False).pooler_output
-        tok2, enc2 = c.tokenizer_2, c.text_encoder_2
-        ids2 = tok2(
-            prompts, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt"
-        ).input_ids.to(enc2.device)
-        return {"text": enc2(ids2, output_hidden_states=False)[0], "pooled": pooled}
+        enc, t5 = c.text_encoder, c.text_encoder_2
+        pooled = enc(token_ids(c.tokenizer, prompts, enc.device), output_hidden_states=False).pooler_output
+        states = t5(token_ids(c.tokenizer_2, prompts, t5.device, T5_TOKENS), output_hidden_states=False)[0]
+        return {"text": states, "pooled": pooled}
 
     def guided(
         self, c: ModelComponents, cond: Conditioning, uncond: Conditioning | None, scale: float

@@ -14,6 +14,7 @@ from asd_models.families.base import (
     ModelFamily,
     Place,
     UNetCall,
+    token_ids,
 )
 
 
@@ -51,15 +52,7 @@ class StableDiffusion(ModelFamily):
 
     @torch.no_grad()
     def encode_prompts(self, c: ModelComponents, prompts: list[str]) -> Conditioning:
-        tok = c.tokenizer
-        ids = tok(
-            prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(c.text_encoder.device)
-        return {"text": c.text_encoder(ids)[0]}
+        return {"text": c.text_encoder(token_ids(c.tokenizer, prompts, c.text_encoder.device))[0]}
 
     def predict(
         self,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from asd_models.families.base import Conditioning, ModelComponents, Place
+from asd_models.families.base import Conditioning, ModelComponents, Place, token_ids
 from asd_models.families.flow_matching import FlowMatching, check_tile_positions
 
 T5_TOKENS = 256  # SD3's pipeline's max_sequence_length: the T5 part of the text tokens
@@ -141,14 +141,7 @@ class StableDiffusion3(FlowMatching):
     def encode_prompts(self, c: ModelComponents, prompts: list[str]) -> Conditioning:
         hidden, pooled = [], []
         for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            ids = tok(
-                prompts,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(enc.device)
-            out = enc(ids, output_hidden_states=True)
+            out = enc(token_ids(tok, prompts, enc.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1)
@@ -157,10 +150,7 @@ class StableDiffusion3(FlowMatching):
         if t5 is None or t5_tok is None:
             t5_states = torch.zeros(len(prompts), T5_TOKENS, joint, device=clip.device, dtype=clip.dtype)
         else:
-            ids = t5_tok(
-                prompts, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt"
-            ).input_ids.to(t5.device)
-            t5_states = t5(ids)[0].to(clip.dtype)
+            t5_states = t5(token_ids(t5_tok, prompts, t5.device, T5_TOKENS))[0].to(clip.dtype)
         clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
         return {"text": torch.cat([clip, t5_states], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 

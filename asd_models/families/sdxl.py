@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from asd_models.families.base import Conditioning, ModelComponents, ModelFamily, Place
+from asd_models.families.base import Conditioning, ModelComponents, ModelFamily, Place, token_ids
 
 TILE_CROPS = ("offset", "constant")
 
@@ -73,14 +73,7 @@ class StableDiffusionXL(ModelFamily):
         hidden: list[torch.Tensor] = []
         pooled = torch.empty(0)  # set by the second encoder below
         for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            ids = tok(
-                prompts,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(enc.device)
-            out = enc(ids, output_hidden_states=True)
+            out = enc(token_ids(tok, prompts, enc.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected pooled embedding
         return {"text": torch.cat(hidden, dim=-1), "pooled": pooled}
