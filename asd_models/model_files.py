@@ -20,8 +20,8 @@ HEADER_MAX = 100 << 20  # a safetensors header is a few MB even for the largest 
 CONVERT_HINT = (
     "convert it to safetensors where you trust it (diffusers: "
     "`DiffusionPipeline.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`; "
-    "a single-file checkpoint: `StableDiffusionPipeline.from_single_file(path).save_pretrained(out)`), "
-    "then import `out`"
+    "a single checkpoint: `safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], "
+    "'out.safetensors')`), then import `out`"
 )
 
 
@@ -49,8 +49,9 @@ def refuse_pickle(source: str) -> None:
         )
 
 
-def check_safetensors(path: Path) -> None:
-    """The file starts with a safetensors header: an 8-byte length, then that much JSON."""
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's table of tensors (name -> dtype, shape, offsets), read alone: the
+    file starts with an 8-byte length, then that much JSON. ModelNotFoundError when it does not."""
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -60,8 +61,12 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except ValueError as exc:
             raise ModelNotFoundError(f"{path} is not a safetensors file (its header is not JSON)") from exc
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("shape"), list) for k, v in header.items() if k != "__metadata__"
+    ):
         raise ModelNotFoundError(f"{path} is not a safetensors file (its header is not a table of tensors)")
+    header.pop("__metadata__", None)
+    return header
 
 
 def model_files(folder: Path, links_within: Path | None = None) -> ModelFiles:
@@ -99,7 +104,7 @@ def model_files(folder: Path, links_within: Path | None = None) -> ModelFiles:
             if p.suffix in PICKLE_EXTS or "/." in f"/{p.relative_to(folder)}":
                 continue
             if p.suffix == ".safetensors":
-                check_safetensors(p)
+                read_header(p)
             files[p.relative_to(folder).as_posix()] = p
         if config:
             try:

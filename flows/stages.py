@@ -200,8 +200,11 @@ def evaluate_flow(
 
 
 @flow(name="asd-model-import", log_prints=True)
-def model_import_flow(source: str, name: str, store_url: str | None = None, rerun: bool = False) -> str:
-    """A diffusers model folder, or a hub id in the local HF cache -> `models/<name>` (the same
-    bytes again reuse the version)."""
+def model_import_flow(
+    source: str, name: str, store_url: str | None = None, rerun: bool = False, config: str | None = None
+) -> str:
+    """A diffusers model folder, a hub id in the local HF cache, or a single-file checkpoint
+    (converted with the configs of `config`) -> `models/<name>` (the same bytes again reuse the
+    version)."""
     check_name(name)
-    return run_stage(ModelImport(source), name, store_url, rerun).ref
+    return run_stage(ModelImport(source, config), name, store_url, rerun).ref

@@ -123,6 +123,14 @@ def not_trusted(
     return None
 
 
+def not_this_jobs(row: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a resumed row is not the job's own (the fields it decides differ), None when it is."""
+    wrong = sorted(k for k, v in expected.items() if row.get(k) != v)
+    if not wrong:
+        return None
+    return f"its fragment's {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not this job's"
+
+
 def _tars_of(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The tar shards a fragment's entries list (webdataset layout: with the chunk's first image)."""
     return {f["path"]: f for e in entries for f in e.get("files") or [] if TAR_NAME.fullmatch(f["path"])}
@@ -132,15 +140,18 @@ def finished_entries(
     store: ArtifactStore,
     pending: PendingVersion,
     fragments: dict[tuple[int, int], str],
-    keys: dict[int, str],
+    expected: dict[int, dict[str, Any]],
     start: int,
     stop: int,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, FragmentRead]]:
-    """Entries of the shard's rows (`keys`: manifest row -> image key; [start, stop) its range in
-    the prompts table) that a previous run finished and that check out, keyed by row: from any
-    fragment overlapping the range (a rerun may chunk differently), each read once; and what
-    each fragment that read is. An image in a tar shard is taken when its fragment lists that tar
-    and the tar re-hashes (each tar once)."""
+    """Entries of the shard's rows that a previous run finished and that check out, keyed by row:
+    from any fragment overlapping the range (a rerun may chunk differently), each read once; and
+    what each fragment that read is. `expected`: manifest row -> the fields the job decides for
+    it (its image key, prompt, size, seed); [start, stop) the shard's range in the prompts table.
+    A fragment lives in the pending version, which anyone sharing the store can write, so an
+    entry is taken only when every field the job decides is the job's own, it names only its own
+    files and they re-hash; an image in a tar shard when its fragment lists that tar and the tar
+    re-hashes (each tar once)."""
     candidates: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
     read: dict[str, FragmentRead] = {}
     for (a, b), rel in sorted(fragments.items()):
@@ -153,7 +164,7 @@ def finished_entries(
         tars = _tars_of(entries)
         for e in entries:
             row = e.get("row")
-            if row in keys and e.get("key") == keys[row] and e.get("status") == STATUS_OK:
+            if row in expected and e.get("key") == expected[row]["key"] and e.get("status") == STATUS_OK:
                 candidates[row] = (e, tars.get(e["shard"]) if e.get("shard") else None)
 
     tar_verdicts: dict[str, str | None] = {}
@@ -163,6 +174,8 @@ def finished_entries(
 
     def check(item: tuple[dict[str, Any], dict[str, Any] | None]) -> tuple[int, str | None]:
         e, tar = item
+        if why := not_this_jobs(e, expected[e["row"]]):
+            return e["row"], why
         if not e.get("shard"):
             return e["row"], not_trusted(store, pending, e["key"], e.get("files") or [])
         if tar is None:
@@ -178,7 +191,10 @@ def finished_entries(
         for row, why in pool.map(check, candidates.values()):
             if why:
                 log.warning(
-                    "image %s of %s is not taken as done: %s; rendering it again", keys[row], pending.ref, why
+                    "image %s of %s is not taken as done: %s; rendering it again",
+                    expected[row]["key"],
+                    pending.ref,
+                    why,
                 )
             else:
                 taken[row] = candidates[row][0]

@@ -180,6 +180,9 @@ def _store_image(
     return row
 
 
+JOB_FIELDS = ("key", "prompt", "width", "height", "seed")  # what the job decides of an image's row
+
+
 @task(name="render-shard", cache_policy=NO_CACHE)
 def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
     """Render the valid prompt rows [start, stop) of the job into its pending version, chunk by
@@ -198,9 +201,11 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
     out = ShardResult(worker=worker)
     for r in rows:  # "index": position in the prompts table (chunks cut there); "row": the prompt file's row
         r["key"] = image_key(r, image_identity(job.model, r, job.settings))
-    keys = {r["row"]: r["key"] for r in rows}
+    expected = {r["row"]: {k: r[k] for k in JOB_FIELDS} for r in rows}
     existing = list_fragments(store, job.pending)
-    taken, read = finished_entries(store, job.pending, existing, keys, start, stop) if existing else ({}, {})
+    taken, read = (
+        finished_entries(store, job.pending, existing, expected, start, stop) if existing else ({}, {})
+    )
     chunks: dict[int, _Chunk] = {}
     todo = []
     for a, b in chunk_ranges(start, stop, job.settings.chunk_rows):

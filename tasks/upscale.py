@@ -50,6 +50,7 @@ from data_engine.sources import open_source
 from data_manifests.demo import DEMO_SOURCE, demo_photos_folder
 from data_manifests.schemas import STATUS_FAILED, STATUS_OK, UPSCALE_FRAGMENT, UPSCALES_MANIFEST
 from tasks.executors import fan_out, task_runner_for, with_run_environment
+from tasks.fragments import not_this_jobs
 from tasks.outputs import add_viewer_assets, store_rendered
 from tasks.progress import Progress
 from tasks.render import packs, pinned_to, stored_model_refs
@@ -133,9 +134,8 @@ def _not_this_jobs(row: dict[str, Any], rec: SourceRecord, n: int, job: UpscaleJ
         "strength": st.strength,
         "steps": st.steps,
     }
-    wrong = sorted(k for k, v in expected.items() if row.get(k) != v)
-    if wrong:
-        return f"its fragment's {', '.join(wrong)} are not this job's"
+    if why := not_this_jobs(row, expected):
+        return why
     try:
         width, height = st.target(int(row["input_width"]), int(row["input_height"]))
     except (KeyError, TypeError, ValueError):

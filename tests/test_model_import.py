@@ -11,11 +11,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import: not inside a capsys test
 from artifact_store import ArtifactStore
 from asd_models.families import TINY, save_tiny
+from bench.original_format import write_sd_single_file
 from flows.cli import main
 
 
@@ -118,7 +120,7 @@ def test_bad_sources_are_one_line_and_store_nothing(tiny_dirs, tmp_path, capsys)
     assert "never unpickles" in one_line_error(capsys, store_dir, "model", "import", str(ckpt), "--name", "a")
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"x")
-    assert "single-file checkpoint" in one_line_error(
+    assert "not a safetensors file" in one_line_error(
         capsys, store_dir, "model", "import", str(single), "--name", "b"
     )
     missing = tmp_path / "missing"
@@ -161,3 +163,133 @@ def test_an_imported_model_is_the_same_model(tiny_dirs, tmp_path, capsys):
     a = AnySizePipeline.from_pretrained(tiny_dirs["sdxl"]).generate_many(req)[0]
     b = AnySizePipeline.from_pretrained(local_model_dir(store, ref)).generate_many(req)[0]
     assert np.array_equal(a.pixels, b.pixels)
+
+
+def _components_equal(a_dir, b_dir, family: str) -> None:
+    from asd_models.loading import load_components
+
+    a, b = load_components(str(a_dir)), load_components(str(b_dir))
+    assert a.family.name == b.family.name == family
+    for ma, mb in zip(a.modules(), b.modules(), strict=True):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), type(ma).__name__
+
+
+def test_a_single_file_checkpoint_round_trips(tiny_dirs, tmp_path, capsys):
+    """An A1111/ComfyUI-style single file of the tiny SD model: its family read from its keys,
+    converted with the folder's configs, stored as the very same weights; the same file again
+    reuses the version; generate runs on it."""
+    from tasks.model_cache import local_model_dir
+
+    single = write_sd_single_file(tiny_dirs["sd"], tmp_path / "tiny-sd.safetensors")
+    store_dir = tmp_path / "store"
+    argv = ("model", "import", str(single), "--name", "single", "--config", str(tiny_dirs["sd"]))
+    assert asd(store_dir, *argv) == 0
+    ref = capsys.readouterr().out.strip().splitlines()[-1]
+    store = ArtifactStore(str(store_dir))
+    params = store.record(ref)["params"]
+    assert params["family"] == "sd" and params["checkpoint_type"] == "v1" and params["checkpoint_sha256"]
+    assert {rel.split("/")[0] for rel, _ in store.iter_files(ref)} >= {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+    }
+    _components_equal(tiny_dirs["sd"], local_model_dir(store, ref), "sd")
+    assert asd(store_dir, *argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ref
+    assert (
+        asd(
+            store_dir,
+            "generate",
+            "--model",
+            "single",
+            "--prompt",
+            "a barn",
+            "--size",
+            "70x64",
+            "--steps",
+            "1",
+        )
+        == 0
+    )
+
+
+def test_a_single_file_is_read_by_its_keys(tiny_dirs, tmp_path, capsys):
+    """What a file's keys say decides; a file, config or component that does not fit is one line
+    naming it, and nothing is stored."""
+    from safetensors.torch import load_file, save_file
+
+    store_dir = tmp_path / "store"
+    full = load_file(write_sd_single_file(tiny_dirs["sd"], tmp_path / "full.safetensors"))
+
+    def single(name: str, tensors: dict) -> str:
+        save_file(tensors, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    # no model's keys at all (e.g. a LoRA or an embedding)
+    err = one_line_error(
+        capsys,
+        store_dir,
+        "model",
+        "import",
+        single("lora.safetensors", {"lora_unet_x.alpha": torch.ones(1)}),
+        "--name",
+        "a",
+    )
+    assert "match no model family" in err and "model.diffusion_model.*" in err
+    # a model type no family takes (an x4 upscaler's keys)
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    upscaler = single("up.safetensors", {CHECKPOINT_KEY_NAMES["upscale"]: torch.ones(1), **full})
+    err = one_line_error(
+        capsys, store_dir, "model", "import", upscaler, "--name", "b", "--config", str(tiny_dirs["sd"])
+    )
+    assert "'upscale' checkpoint" in err and "no model family here imports" in err
+    # an SDXL checkpoint's keys with an SD config folder
+    xl = single("xl.safetensors", {CHECKPOINT_KEY_NAMES["xl_base"]: torch.ones(1), **full})
+    err = one_line_error(
+        capsys, store_dir, "model", "import", xl, "--name", "c", "--config", str(tiny_dirs["sd"])
+    )
+    assert "Stable Diffusion XL checkpoint" in err and "is a Stable Diffusion 1.x/2.x pipeline" in err
+    # the UNet alone, with a config folder that has no VAE weights: the missing part is named
+    unet_only = single("unet.safetensors", {k: v for k, v in full.items() if k.startswith("model.")})
+    configs = tmp_path / "configs-only"
+    shutil.copytree(tiny_dirs["sd"], configs)
+    for f in configs.rglob("*.safetensors"):
+        f.unlink()
+    err = one_line_error(
+        capsys, store_dir, "model", "import", unet_only, "--name", "d", "--config", str(configs)
+    )
+    assert "holds no vae" in err and "first_stage_model.*" in err
+    # weights that do not fit the config's shapes
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dirs["sd"], other)
+    cfg = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps(cfg | {"block_out_channels": [16, 32]}))
+    err = one_line_error(
+        capsys,
+        store_dir,
+        "model",
+        "import",
+        str(tmp_path / "full.safetensors"),
+        "--name",
+        "e",
+        "--config",
+        str(other),
+    )
+    assert "its unet weights do not convert" in err
+    # a single file's --config is required to be a folder of its own family, and absent for a folder
+    err = one_line_error(
+        capsys, store_dir, "model", "import", str(tiny_dirs["sd"]), "--name", "f", "--config", str(other)
+    )
+    assert "--config is for a single-file checkpoint" in err
+    # the default config is diffusers' model of the type, looked up in the cache only
+    err = one_line_error(
+        capsys, store_dir, "model", "import", str(tmp_path / "full.safetensors"), "--name", "g"
+    )
+    assert (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "not in the local Hugging Face cache" in err
+    )
+    assert not (store_dir / "models").exists() or not any((store_dir / "models").rglob("_COMMITTED.json"))

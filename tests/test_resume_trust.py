@@ -48,7 +48,8 @@ def _write(store: ArtifactStore, pending: PendingVersion, rel: str, data: bytes)
 
 
 def _taken(store: ArtifactStore, pending: PendingVersion) -> set[int]:
-    return set(finished_entries(store, pending, list_fragments(store, pending), KEYS, 0, 32)[0])
+    expected = {row: {"key": key, "prompt": "a cat"} for row, key in KEYS.items()}
+    return set(finished_entries(store, pending, list_fragments(store, pending), expected, 0, 32)[0])
 
 
 def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
@@ -67,6 +68,12 @@ def test_a_rerun_takes_only_intact_images_of_their_own_key(tmp_path, caplog):
     assert "not a file of this image" in caplog.text
 
     entries[1]["files"].pop()
+    entries[0]["prompt"] = "a forged prompt"  # a field the job decides, edited in the fragment
+    write_fragment(store, pending, 0, 32, entries)
+    assert _taken(store, pending) == {2}
+    assert "its fragment's prompt is not this job's" in caplog.text
+
+    entries[0]["prompt"] = "a cat"
     write_fragment(store, pending, 0, 32, entries)
     _write(store, pending, f"images/{KEYS[1]}.png", b"\x89PNG other pixels!")  # swapped image
     assert _taken(store, pending) == {2}

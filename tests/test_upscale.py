@@ -204,7 +204,7 @@ def test_killed_upscale_reruns_only_the_missing_images(stored_model, tmp_path):
     )
     done = _asd(stored_model, *common, env=ph)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "prompt are not this job's; rendered again" in done.stderr + done.stdout
+    assert "prompt is not this job's; rendered again" in done.stderr + done.stdout
     ref = done.stdout.strip().splitlines()[-2]
     summary = store.record(ref)["summary"]
     assert summary["images_ok"] == 6 and summary["images_failed"] == 2

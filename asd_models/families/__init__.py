@@ -54,6 +54,19 @@ def family_of_index(index: dict, where: str) -> ModelFamily:
     )
 
 
+def family_of_checkpoint_type(model_type: str, where: str) -> ModelFamily:
+    """The family that takes a single-file checkpoint of `model_type` (diffusers' name for what
+    the file's keys say it is)."""
+    for family in FAMILIES.values():
+        if model_type in family.single_file_types:
+            return family()
+    known = "; ".join(f"{f.name}: {', '.join(f.single_file_types)}" for f in FAMILIES.values())
+    raise ModelNotFoundError(
+        f"{where}: its keys say a {model_type!r} checkpoint (as diffusers names them), which no model "
+        f"family here imports (known: {known})"
+    )
+
+
 def family_of_folder(folder: Path) -> ModelFamily:
     """The family of a diffusers folder (Stable Diffusion when it has no model_index.json)."""
     index = folder / "model_index.json"

@@ -110,6 +110,11 @@ class ModelFamily:
     classes: ClassVar[dict[str, tuple[str, str]]]  # component -> (module, class) it loads with
     optional: ClassVar[tuple[str, ...]] = ()  # components a folder may leave out (null in model_index)
     denoiser: ClassVar[str] = "unet"  # the subfolder of the denoiser (a UNet or a transformer)
+    # single-file checkpoints (A1111/ComfyUI): the model types diffusers' key inference names
+    # that this family takes, and each component's key prefixes in such a file ("": the keys
+    # no other component claims, as in a bare transformer file)
+    single_file_types: ClassVar[tuple[str, ...]] = ()
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     # -- folders ---------------------------------------------------------------------------
     @property

@@ -56,6 +56,13 @@ class Flux(FlowMatching):
     description: ClassVar[str] = "FLUX (rectified-flow transformer)"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline", "FluxImg2ImgPipeline")
     example: ClassVar[str] = "black-forest-labs/FLUX.1-schnell"
+    single_file_types: ClassVar[tuple[str, ...]] = ("flux-dev", "flux-schnell")
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "transformer": ("model.diffusion_model.", ""),
+        "vae": ("first_stage_model.", "vae."),
+        "text_encoder": ("text_encoders.clip_l.",),
+        "text_encoder_2": ("text_encoders.t5xxl.",),
+    }
     denoiser: ClassVar[str] = "transformer"
     classes: ClassVar[dict[str, tuple[str, str]]] = {
         "transformer": ("diffusers", "FluxTransformer2DModel"),

@@ -27,6 +27,12 @@ class StableDiffusion(ModelFamily):
         "StableDiffusionUpscalePipeline",
     )
     example: ClassVar[str] = "stabilityai/stable-diffusion-2-1-base"
+    single_file_types: ClassVar[tuple[str, ...]] = ("v1", "v2")
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.",),
+        "text_encoder": ("cond_stage_model.",),
+    }
     classes: ClassVar[dict[str, tuple[str, str]]] = {
         "unet": ("diffusers", "UNet2DConditionModel"),
         "vae": ("diffusers", "AutoencoderKL"),

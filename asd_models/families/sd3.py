@@ -100,6 +100,14 @@ class StableDiffusion3(FlowMatching):
         "StableDiffusion3Img2ImgPipeline",
     )
     example: ClassVar[str] = "stabilityai/stable-diffusion-3.5-medium"
+    single_file_types: ClassVar[tuple[str, ...]] = ("sd3", "sd35_medium", "sd35_large")
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "transformer": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.", "vae."),
+        "text_encoder": ("text_encoders.clip_l.",),
+        "text_encoder_2": ("text_encoders.clip_g.",),
+        "text_encoder_3": ("text_encoders.t5xxl.",),
+    }
     denoiser: ClassVar[str] = "transformer"
     classes: ClassVar[dict[str, tuple[str, str]]] = {
         "transformer": ("diffusers", "SD3Transformer2DModel"),

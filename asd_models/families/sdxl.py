@@ -31,6 +31,13 @@ class StableDiffusionXL(ModelFamily):
         "StableDiffusionXLImg2ImgPipeline",
     )
     example: ClassVar[str] = "stabilityai/stable-diffusion-xl-base-1.0"
+    single_file_types: ClassVar[tuple[str, ...]] = ("xl_base",)
+    single_file_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.",),
+        "text_encoder": ("conditioner.embedders.0.",),
+        "text_encoder_2": ("conditioner.embedders.1.",),
+    }
     classes: ClassVar[dict[str, tuple[str, str]]] = {
         "unet": ("diffusers", "UNet2DConditionModel"),
         "vae": ("diffusers", "AutoencoderKL"),

@@ -14,9 +14,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     msub = m.add_subparsers(dest="model_cmd", required=True, parser_class=OneLineParser)
     imp = msub.add_parser(
         "import",
-        help="a diffusers folder (SD 1.x/2.x, SDXL), or a hub id in the local HF cache -> models/NAME",
+        help="a diffusers folder, a hub id in the local HF cache, or a single-file .safetensors -> models/NAME",
     )
-    imp.add_argument("source", help="a local diffusers pipeline folder, or a hub id already in the HF cache")
+    imp.add_argument(
+        "source",
+        help="a local diffusers pipeline folder, a hub id already in the HF cache, or a single-file "
+        "checkpoint .safetensors (A1111/ComfyUI; its family read from its keys)",
+    )
+    imp.add_argument(
+        "--config",
+        help="a single file's configs: a diffusers folder or cached hub id of its family (default: "
+        "diffusers' model of the type its keys say, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); "
+        "components the file lacks (FLUX files hold only the transformer) are taken from it",
+    )
     imp.add_argument("--name", required=True, help="the model's name in the store (models/NAME)")
     imp.add_argument("--rerun", action="store_true", help="import again even when the same bytes are stored")
     msub.add_parser("ls", help="every model version: family, source, how it was made")
@@ -48,7 +58,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         from flows.stages import model_import_flow
 
         check_name(args.name)
-        print(model_import_flow(args.source, args.name, store.url, args.rerun))
+        print(model_import_flow(args.source, args.name, store.url, args.rerun, args.config))
         return 0
     if args.model_cmd == "ls":
         found = False
