@@ -62,7 +62,9 @@ def read_header(path: Path) -> dict[str, dict]:
         except ValueError as exc:
             raise ModelNotFoundError(f"{path} is not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("shape"), list) for k, v in header.items() if k != "__metadata__"
+        isinstance(v, dict) and isinstance(v.get("shape"), list)
+        for k, v in header.items()
+        if k != "__metadata__"
     ):
         raise ModelNotFoundError(f"{path} is not a safetensors file (its header is not a table of tensors)")
     header.pop("__metadata__", None)
