@@ -137,6 +137,8 @@ class FragmentLog:
             return f"{rel} is missing"
         except StoreError as exc:
             return str(exc)
+        except OSError as exc:  # a file the store cannot read is one more image to render again
+            return f"{rel} does not read ({type(exc).__name__})"
         if digest != f.get("sha256") or size != f.get("size"):
             return f"{rel} does not match its recorded sha256"
         return None

@@ -75,15 +75,19 @@ def list_fragments(store: ArtifactStore, pending: PendingVersion) -> dict[tuple[
 
 @dataclass(frozen=True)
 class FragmentRead:
-    """A fragment as a rerun found it: its image keys, its sha256 and size (to reference it as
-    it is when every image in it checks out)."""
+    """A fragment as a rerun found it: its image keys, its number of rows, its sha256 and size
+    (to reference it as it is when it holds exactly the images that checked out, once each)."""
 
     keys: frozenset[str]
+    rows: int
     sha256: str
     size: int
 
+    def holds_exactly(self, entries: list[dict[str, Any]]) -> bool:
+        return self.rows == len(entries) == len(self.keys) and self.keys == {e["key"] for e in entries}
+
     def ref(self, rel: str, start: int, stop: int) -> FragmentRef:
-        return FragmentRef(rel, start, stop, len(self.keys), self.sha256, self.size)
+        return FragmentRef(rel, start, stop, self.rows, self.sha256, self.size)
 
 
 def read_fragment(
@@ -104,7 +108,7 @@ def read_fragment(
         )
         return None
     return entries, FragmentRead(
-        frozenset(e["key"] for e in entries), hashlib.sha256(data).hexdigest(), len(data)
+        frozenset(e["key"] for e in entries), len(entries), hashlib.sha256(data).hexdigest(), len(data)
     )
 
 

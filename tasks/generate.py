@@ -214,7 +214,7 @@ def render_shard(job: GenerationJob, start: int, stop: int) -> ShardResult:
             continue
         done = [taken[r["row"]] for r in mine if r["row"] in taken]
         was = read.get(existing.get((a, b), ""))
-        if len(done) == len(mine) and was is not None and was.keys == {e["key"] for e in done}:
+        if len(done) == len(mine) and was is not None and was.holds_exactly(done):
             out.fragments.append(was.ref(existing[(a, b)], a, b))  # the chunk's fragment, as it is
             out.ok += len(done)
             continue

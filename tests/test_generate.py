@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
-from artifact_store import ArtifactStore
+from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
 from asd_models.pipeline import AnySizePipeline, RenderRequest
+from tasks.fragments import list_fragments, write_fragment
 from tasks.generate import GenerateSettings
 
 REQUESTS = [
@@ -119,6 +121,12 @@ def test_killed_job_reruns_only_the_missing_images(stored_model, tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = ArtifactStore(stored_model)
     assert store.list_versions("generations", "resume") == []  # nothing half-committed is visible
+    # a damaged fragment between the runs: its rows listed twice (the rerun must not fail on it)
+    (version,) = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path("generations", "resume"))]
+    pending = PendingVersion(ArtifactRef("generations", "resume", version), "")
+    (rel,) = list_fragments(store, pending).values()
+    entries = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(pending.ref.prefix, rel)))).to_pylist()
+    write_fragment(store, pending, 0, 2, entries + entries)
     done = _asd(stored_model, *common, env={"PREFECT_HOME": str(tmp_path / "ph")})
     assert done.returncode == 0, done.stderr[-2000:]
     ref = done.stdout.strip().splitlines()[-1]
