@@ -2,7 +2,10 @@
 small): Parquet parts `_files/part-<n>.parquet` (path, sha256, size, S3 VersionId, the manifest
 row a file belongs to), written in row order with row groups of `GROUP_ROWS` files; the commit
 record names each part with its row range, sha256 and size, so the record stays a few KB
-whatever the number of files.
+whatever the number of files. A part is store data read back: before a process first reads
+from it, its bytes are hashed against the record's sha256 (once per process and part; not when
+the read is pinned to the recorded S3 object version, which cannot change), so an entry edited
+after the commit is refused, not acted on.
 
 Opening one file of such a version reads the record, the part whose row range holds the file's
 row, that part's footer and one row group (a generation's file names start with their row:
@@ -12,6 +15,7 @@ row, that part's footer and one row group (a generation's file names start with 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from artifact_store.refs import CorruptFile
 from data_manifests.schemas import FILE_LIST
 
 if TYPE_CHECKING:
@@ -175,6 +180,33 @@ def _entry(d: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+_CHECKED: set[tuple[str, str, str]] = set()  # (store root, part path, sha256) hashed in this process
+_CHECKED_LOCK = threading.Lock()
+HASH_BLOCK = 8 << 20
+
+
+def _check_part(store: StoreBackend, prefix: str, path: str, part: dict[str, Any]) -> None:
+    """The part's bytes are the ones the commit record names (CorruptFile otherwise); hashed once
+    per process and part. Not hashed: a read pinned to the recorded S3 object version (immutable),
+    and a part recorded without a sha256 (written before they were)."""
+    want = part.get("sha256")
+    key = (store.root, path, str(want))
+    if not want or "?versionId=" in path or key in _CHECKED:
+        return
+    h, size = hashlib.sha256(), 0
+    with store.vfs.open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+            size += len(block)
+    if h.hexdigest() != want or (isinstance(part.get("size"), int) and size != part["size"]):
+        raise CorruptFile(
+            f"{part['path']} of {prefix} (a file list) does not match the sha256 its commit record "
+            "gives: changed after the commit; `asd store verify` lists what else changed"
+        )
+    with _CHECKED_LOCK:
+        _CHECKED.add(key)
+
+
 @contextlib.contextmanager
 def _open_part(
     store: StoreBackend, prefix: str, part: dict[str, Any], pinned: str | None
@@ -183,6 +215,7 @@ def _open_part(
     object store its recorded size spares a HEAD, and each row group's columns come in one ranged
     GET (`pre_buffer`), with no read-ahead past them."""
     path = pinned or store.path(prefix, part["path"])
+    _check_part(store, prefix, path, part)
     if store.is_local or not isinstance(part.get("size"), int):
         with store.vfs.open(path, "rb") as f:
             yield pq.ParquetFile(f)
