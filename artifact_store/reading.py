@@ -34,6 +34,8 @@ LOCAL_WORKERS = (
     1  # a local disk: hashing is the work; threads cost more than they gave (bench.scale, 200k files)
 )
 
+_CHECKED: set[tuple[str, str, str]] = set()  # (root, path, sha256) of files open_checked hashed
+
 
 class VersionReading(StoreHost):
     """Files of committed versions (a part of `ArtifactStore`)."""
@@ -119,6 +121,30 @@ class VersionReading(StoreHost):
                 f"`asd store verify {ref}` lists what else changed"
             )
         return data
+
+    def open_checked(self, ref: ArtifactRef | str, relpath: str) -> Any:
+        """A committed file opened for reading after its bytes, read through the same handle,
+        hashed against its record's sha256 (CorruptFile when they differ); hashed once per process
+        and file, and not when the read is pinned to the recorded S3 object version, which cannot
+        change. What a reader acts on and seeks in (Parquet manifests, metrics) goes through here."""
+        ref, meta, path = self.listed(ref, relpath)
+        f = self.vfs.open(path, "rb")
+        key = (self.root, path, str(meta.get("sha256")))
+        if "?versionId=" in path or key in _CHECKED:
+            return f
+        h, size = hashlib.sha256(), 0
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+        if h.hexdigest() != meta.get("sha256") or size != meta.get("size"):
+            f.close()
+            raise CorruptFile(
+                f"{relpath} of {ref} does not match its recorded sha256 (changed after the commit); "
+                f"`asd store verify {ref}` lists what else changed"
+            )
+        f.seek(0)
+        _CHECKED.add(key)
+        return f
 
     def read_range(self, ref: ArtifactRef | str, relpath: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a committed file (one ranged request: a member of a tar shard),

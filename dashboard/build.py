@@ -127,11 +127,11 @@ def _lineage_html(
 
 def _pyramid_thumbnail(store: ArtifactStore, ref: ArtifactRef, dzi_rel: str, px: int) -> bytes:
     """The one-tile level of a Deep Zoom pyramid that fits `px` (the largest such), as PNG."""
-    dz = read_dzi(store.read_bytes(ref, dzi_rel))
+    dz = read_dzi(store.read_checked(ref, dzi_rel))
     level = dz.levels - 1
     while level > 0 and -(-max(dz.width, dz.height) // 2 ** (dz.levels - 1 - level)) > min(px, dz.tile_size):
         level -= 1
-    tile = store.read_bytes(ref, f"{dzi_rel[: -len('.dzi')]}_files/{level}/0_0.{dz.format}")
+    tile = store.read_checked(ref, f"{dzi_rel[: -len('.dzi')]}_files/{level}/0_0.{dz.format}")
     with Image.open(io.BytesIO(tile)) as im:
         out = io.BytesIO()
         im.convert("RGB").save(out, format="PNG")
@@ -145,7 +145,7 @@ def _zoom_page(site: _Site, ref: ArtifactRef, item: dict[str, Any]) -> str:
     if f"{item['key']}.html" not in site.existing(rel.rsplit("/", 1)[0]):
         up = "../" * 5  # zoom/<kind>/<name>/<version>/ -> the store root
         files = f"{up}{ref.prefix}/{item['deep_zoom'][: -len('.dzi')]}_files"
-        dz = read_dzi(site.store.read_bytes(ref, item["deep_zoom"]))
+        dz = read_dzi(site.store.read_checked(ref, item["deep_zoom"]))
         title = f"{item['key']} ({item['width']}x{item['height']})"
         site.write(rel, viewer_page(title, dz, files, f"{up}{ref.prefix}/{VIEWER_ASSETS}").encode())
     return f"{PAGE_ROOT}{rel}"
@@ -155,7 +155,7 @@ def _manifest_head(store: ArtifactStore, ref: ArtifactRef, n: int) -> tuple[list
     """The first `n` rows of a generations manifest, its row count and how many are ok: the
     footer and the first row groups only (a million-image manifest is never read whole); the ok
     count from the commit summary where it has one."""
-    with store.open(ref, "manifest.parquet") as f:
+    with store.open_checked(ref, "manifest.parquet") as f:
         pf = pq.ParquetFile(f)
         total = pf.metadata.num_rows
         head: list[dict[str, Any]] = []
@@ -166,7 +166,7 @@ def _manifest_head(store: ArtifactStore, ref: ArtifactRef, n: int) -> tuple[list
     summary = store.record(ref).get("summary") or {}
     ok = summary.get("images_ok")
     if not isinstance(ok, int):  # an older version: counted from the manifest (its status column only)
-        with store.open(ref, "manifest.parquet") as f:
+        with store.open_checked(ref, "manifest.parquet") as f:
             ok = pc.sum(pc.equal(pq.read_table(f, columns=["status"]).column("status"), "ok")).as_py() or 0
     return head, total, ok
 
@@ -193,41 +193,22 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     shown, n_rows, ok = _manifest_head(store, ref, site.max_images)
     pic_dir = f"img/{ref.kind}/{ref.name}/{ref.version}"
     have = site.existing(pic_dir)
-    cards = []
+    cards, bad = [], 0
     for item in shown:
-        thumb = heat = None
-        if item["status"] == "ok":
-            thumb_name, heat_name = f"{item['key']}.png", f"{item['key']}.seams.png"
-            if thumb_name not in have:
-                if item.get(
-                    "deep_zoom"
-                ):  # a large output: the thumbnail from its pyramid, never the whole image
-                    t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
-                elif item["width"] * item["height"] > HEATMAP_MAX_PIXELS:  # no pyramid: decoded in strips
-                    t, h = thumbnail_png(image_bytes(store, ref, item), site.thumb_px), None
-                else:
-                    png = image_bytes(store, ref, item)
-                    t, h = figures.thumbnail_and_heatmap(
-                        png, item["seam_x"] or [], item["seam_y"] or [], site.thumb_px
-                    )
-                site.write(f"{pic_dir}/{thumb_name}", t)
-                if h is not None:
-                    site.write(f"{pic_dir}/{heat_name}", h)
-                    have.add(heat_name)
-                site.made += 1
-            else:
-                site.reused += 1
-            thumb = f"{PAGE_ROOT}{pic_dir}/{thumb_name}"
-            site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
-            heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
-        full = _full_image_link(site, ref, item, pic_dir, have) if item["image"] else ""
-        viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
-        cards.append(gallery_card(item, thumb or "", heat, full, viewer))
+        try:
+            cards.append(_gallery_card(site, ref, item, pic_dir, have))
+        except (StoreError, OSError, ValueError, TypeError, KeyError) as exc:  # one bad row, not the page
+            bad += 1
+            log.warning(
+                "dashboard: %s, manifest row %r: %s: %s", ref, item.get("row"), type(exc).__name__, exc
+            )
     more = (
-        f"<p class=muted>showing {len(shown)} of {n_rows} images (--max-images)</p>"
-        if n_rows > len(shown)
+        f"<p class=muted>showing {len(shown) - bad} of {n_rows} images (--max-images)</p>"
+        if n_rows > len(shown) - bad
         else ""
     )
+    if bad:
+        more += f"<p><b>{bad} manifest row(s) could not be shown</b> (the build's log names them)</p>"
     return (
         f"<h2>Gallery</h2><p>{ok} rendered, {n_rows - ok} failed. Left: the image (click for full size); "
         "right: its seam heat-map (bright = abrupt change; cyan ticks = the sampler's unshifted tile "
@@ -235,11 +216,42 @@ def _generations_gallery(site: _Site, ref: ArtifactRef) -> str:
     )
 
 
+def _gallery_card(site: _Site, ref: ArtifactRef, item: dict[str, Any], pic_dir: str, have: set[str]) -> str:
+    """One manifest row's card: its thumbnail and heat-map (made once), its links."""
+    store = site.store
+    thumb = heat = None
+    if item["status"] == "ok":
+        thumb_name, heat_name = f"{item['key']}.png", f"{item['key']}.seams.png"
+        if thumb_name not in have:
+            if item.get("deep_zoom"):  # a large output: the thumbnail from its pyramid, never the whole image
+                t, h = _pyramid_thumbnail(store, ref, item["deep_zoom"], site.thumb_px), None
+            elif item["width"] * item["height"] > HEATMAP_MAX_PIXELS:  # no pyramid: decoded in strips
+                t, h = thumbnail_png(image_bytes(store, ref, item), site.thumb_px), None
+            else:
+                png = image_bytes(store, ref, item)
+                t, h = figures.thumbnail_and_heatmap(
+                    png, item["seam_x"] or [], item["seam_y"] or [], site.thumb_px
+                )
+            site.write(f"{pic_dir}/{thumb_name}", t)
+            if h is not None:
+                site.write(f"{pic_dir}/{heat_name}", h)
+                have.add(heat_name)
+            site.made += 1
+        else:
+            site.reused += 1
+        thumb = f"{PAGE_ROOT}{pic_dir}/{thumb_name}"
+        site.previews.setdefault(str(ref), []).append(f"{pic_dir}/{thumb_name}")
+        heat = f"{PAGE_ROOT}{pic_dir}/{heat_name}" if heat_name in have else None
+    full = _full_image_link(site, ref, item, pic_dir, have) if item["image"] else ""
+    viewer = _zoom_page(site, ref, item) if item.get("deep_zoom") and item.get("viewer") else None
+    return gallery_card(item, thumb or "", heat, full, viewer)
+
+
 def _model_loss(site: _Site, ref: ArtifactRef) -> str:
     rel = f"img/{ref.kind}/{ref.name}/{ref.version}/loss.png"
     if "loss.png" not in site.existing(rel.rsplit("/", 1)[0]):
         try:
-            losses = json.loads(site.store.read_bytes(ref, "training_log.json"))["loss"]
+            losses = json.loads(site.store.read_checked(ref, "training_log.json"))["loss"]
         except (StoreError, FileNotFoundError, KeyError, ValueError):
             return "<p class=muted>no training log</p>"
         site.write(rel, figures.loss_curve(losses, f"ARAD loss of {ref}"))
@@ -248,7 +260,9 @@ def _model_loss(site: _Site, ref: ArtifactRef) -> str:
 
 
 def _evaluation_metrics(site: _Site, ref: ArtifactRef) -> str:
-    with site.store.open(ref, "metrics.parquet") as f:  # one row per image too: only the summary is shown
+    with site.store.open_checked(
+        ref, "metrics.parquet"
+    ) as f:  # one row per image too: only the summary is shown
         m = pl.scan_parquet(f).filter(~pl.col("metric").str.contains("/", literal=True)).collect()
         n_all = pq.ParquetFile(f).metadata.num_rows
     rows = [

@@ -94,7 +94,7 @@ def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
         int(meta["size"]),
         ctype,
         STORED_POLICY,
-        lambda: store.open(ref, rel),
+        lambda: store.open_checked(ref, rel),  # bytes served are the recorded ones (CorruptFile: a 404)
         attachment=ctype in ACTIVE_TYPES,
     )
 
@@ -145,6 +145,10 @@ def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHand
                 self.end_headers()
                 return
             found = self._find(path)
+            try:  # opened (and a version's file checked) before any header goes out
+                src = found.open() if found is not None and body else None
+            except (StoreError, OSError):
+                found = None
             if found is None:
                 self._error(HTTPStatus.NOT_FOUND)
                 return
@@ -161,8 +165,8 @@ def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHand
                 self.send_header("Content-Type", found.ctype)
             self.send_header("Content-Length", str(found.size))
             self.end_headers()
-            if body:
-                with found.open() as src:
+            if src is not None:
+                with src:
                     _copy(src, self.wfile, found.size)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

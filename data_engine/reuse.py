@@ -36,7 +36,7 @@ class Reuse:
 def manifest_rows(store: ArtifactStore, ref: str, start: int, stop: int) -> list[dict[str, Any]]:
     """Rows [start, stop) of a version's manifest, reading only the row groups that hold them."""
     out: list[dict[str, Any]] = []
-    with store.open(ref, "manifest.parquet") as f:
+    with store.open_checked(ref, "manifest.parquet") as f:
         pf = pq.ParquetFile(f)
         first = 0
         for g in range(pf.num_row_groups):
@@ -102,7 +102,7 @@ def plan_reuse(
     if prev is None:
         return None, {}
     try:
-        entries = json.loads(store.read_bytes(prev, PARTITIONS_FILE))["partitions"]
+        entries = json.loads(store.read_checked(prev, PARTITIONS_FILE))["partitions"]
     except FileNotFoundError:
         log.info("%s predates partitioned ingest: nothing of it is reused", prev)
         return prev, {}
@@ -141,7 +141,7 @@ def _reusable_rows(
     )
     current = current.with_columns(pl.int_range(pl.len()).over("fingerprint").alias("_rank"))
     with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
-        with store.open(prev, "manifest.parquet") as src:
+        with store.open_checked(prev, "manifest.parquet") as src:
             while block := src.read(8 << 20):
                 tmp.write(block)
         tmp.flush()

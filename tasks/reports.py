@@ -63,7 +63,9 @@ def summary_markdown(store: ArtifactStore, refs: dict[str, str]) -> str:
     if "generations" in refs:
         gen = store.resolve(refs["generations"])
         summary = store.record(gen)["summary"]
-        with store.open(gen, "manifest.parquet") as f:  # its head only: a manifest may hold millions of rows
+        with store.open_checked(
+            gen, "manifest.parquet"
+        ) as f:  # its head only: a manifest may hold millions of rows
             pf = pq.ParquetFile(f)
             n_rows = pf.metadata.num_rows
             head = next(pf.iter_batches(batch_size=SUMMARY_IMAGES), None)

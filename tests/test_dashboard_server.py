@@ -159,3 +159,54 @@ def test_a_versions_scripts_never_run_and_the_viewer_script_comes_from_the_packa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_version_file_changed_after_its_commit_is_not_served(served):
+    """Served bytes are the recorded ones: a same-size edit of a committed file is a 404."""
+    store, ref, _, start = served
+    base, _ = start()
+    path = store.path(ref.prefix, "images/evil.svg")
+    data = store.fs.cat_file(path)
+    store.fs.pipe_file(path, data[:-2] + b"!>")
+    assert _get(f"{base}/{ref.prefix}/images/evil.svg")[0] == 404
+    assert _get(f"{base}/{ref.prefix}/big.bin")[0] == 200  # the rest is served
+
+
+def test_a_manifest_changed_after_its_commit_is_not_shown(tmp_path, caplog):
+    """The builder reads a manifest only after it hashes to its record: an edited one (a forged
+    row) is a warning and a note on its version's page, and the rest of the site builds; a row
+    it cannot show is a warning naming it, and the rest of its page builds."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_manifests.schemas import GENERATIONS_MANIFEST
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    row = {f.name: None for f in GENERATIONS_MANIFEST} | {
+        "key": "k",
+        "row": 0,
+        "prompt": "a barn",
+        "status": "ok",
+    }
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=GENERATIONS_MANIFEST), out)
+    refs = []
+    for name in ("good", "forged"):
+        w = store.new_version("generations", name)
+        w.put_bytes("manifest.parquet", out.getvalue())
+        refs.append(w.commit(parents=[], params={}, summary={"images_ok": 1}))
+    forged = io.BytesIO()
+    pq.write_table(
+        pa.Table.from_pylist([row | {"prompt": "<script>x</script>"}], schema=GENERATIONS_MANIFEST), forged
+    )
+    store.fs.pipe_file(store.path(refs[1].prefix, "manifest.parquet"), forged.getvalue())
+    build_site(store, thumb_px=32)
+    pages = {p.name: p.read_text() for p in (tmp_path / "store" / "_site").rglob(f"{refs[1].version}*.html")}
+    forged_page = next(t for t in pages.values() if "could not read this version" in t)
+    assert "does not match its recorded sha256" in forged_page and "&lt;script&gt;x" not in forged_page
+    assert "does not match its recorded sha256" in caplog.text
+    good = next((tmp_path / "store" / "_site").rglob(f"{refs[0].version}*.html")).read_text()
+    # the good version's one row names no image and no size: a warning naming it, the page built
+    assert "1 manifest row(s) could not be shown" in good and "manifest row 0" in caplog.text
