@@ -6,8 +6,10 @@ VersionId). Uncommitted versions, pending markers, commit records, run records a
 are a 404, as is any path that leaves the store or names a folder.
 
 It is built for a shared store that strangers may write into: files are streamed in chunks
-(HEAD reads none), every connection has a socket timeout, at most `max_connections` are served
-at once (the next get a 503 and are closed), every response carries `nosniff` and a
+(HEAD reads none), every connection has a socket timeout and a deadline for its whole request
+line and headers (a client trickling headers a byte at a time is dropped when it passes), at
+most `max_connections` are served at once and `per_client` from one address (the next get a
+503 and are closed), a version's file is served only while it hashes to its record, every response carries `nosniff` and a
 content-security policy, HTML/SVG/XML and scripts stored in versions are sent as attachments in
 a sandbox (never run on the dashboard's origin; the site's own zoom pages show large outputs),
 the viewer's script a version lists is sent from this package (a version's copy, edited or not,
@@ -20,6 +22,7 @@ import io
 import logging
 import mimetypes
 import posixpath
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,10 +102,32 @@ def _version_file(store: ArtifactStore, parts: list[str]) -> _Found | None:
     )
 
 
-def _handler(store: ArtifactStore, timeout_s: float) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    store: ArtifactStore, timeout_s: float, header_deadline_s: float
+) -> type[BaseHTTPRequestHandler]:
     class StoreFiles(BaseHTTPRequestHandler):
         server_version = "asd-dashboard"
         timeout = timeout_s  # per socket operation: a client that stops sending is dropped
+
+        def setup(self) -> None:
+            super().setup()
+            # the whole request line and headers within the deadline, however slowly they trickle
+            self._deadline = threading.Timer(header_deadline_s, self._too_slow)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _too_slow(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def parse_request(self) -> bool:
+            ok = super().parse_request()
+            self._deadline.cancel()
+            return ok
+
+        def finish(self) -> None:
+            self._deadline.cancel()
+            super().finish()
 
         def _find(self, path: str) -> _Found | None:
             rel = posixpath.normpath(unquote(path).lstrip("/")) + ("/" if path.endswith("/") else "")
@@ -199,14 +224,37 @@ class DashboardServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        per_client: int,
     ) -> None:
         super().__init__(address, handler)
-        self.max_connections = max_connections
+        self.max_connections, self.per_client = max_connections, per_client
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._by_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _take(self, client: str) -> bool:
+        """A slot for one more connection from `client`, if both caps allow it."""
+        with self._lock:
+            if self._by_client.get(client, 0) >= self.per_client:
+                return False
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._by_client[client] = self._by_client.get(client, 0) + 1
+            return True
+
+    def _give_back(self, client: str) -> None:
+        with self._lock:
+            left = self._by_client.pop(client, 1) - 1
+            if left:
+                self._by_client[client] = left
+            self._slots.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):  # full: a short 503, then the socket is closed
+        if not self._take(client_address[0]):  # full: a short 503, then the socket is closed
             with contextlib.suppress(OSError):  # a client already gone needs no answer
                 request.settimeout(1)
                 request.sendall(
@@ -221,7 +269,7 @@ class DashboardServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give_back(client_address[0])
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug(
@@ -235,6 +283,12 @@ def make_server(
     port: int = 8000,
     *,
     max_connections: int = 64,
+    per_client: int = 16,
     timeout_s: float = 20.0,
+    header_deadline_s: float = 10.0,
 ) -> DashboardServer:
-    return DashboardServer((host, port), _handler(store, timeout_s), max_connections)
+    """The server (not started): at most `max_connections` at once, `per_client` from one address;
+    `timeout_s` per socket operation, `header_deadline_s` for a whole request line and headers."""
+    return DashboardServer(
+        (host, port), _handler(store, timeout_s, header_deadline_s), max_connections, per_client
+    )

@@ -210,3 +210,40 @@ def test_a_manifest_changed_after_its_commit_is_not_shown(tmp_path, caplog):
     good = next((tmp_path / "store" / "_site").rglob(f"{refs[0].version}*.html")).read_text()
     # the good version's one row names no image and no size: a warning naming it, the page built
     assert "1 manifest row(s) could not be shown" in good and "manifest row 0" in caplog.text
+
+
+def test_a_client_trickling_headers_is_dropped_at_the_deadline_and_one_address_has_a_cap(served):
+    """The socket timeout is per read: a client sending a header byte just inside it would hold
+    its slot for ever; the whole request line and headers have a deadline. One address holds at
+    most `per_client` connections, so one client cannot take every slot."""
+    _, _, _, start = served
+    base, server = start(max_connections=8, per_client=2, timeout_s=1.0, header_deadline_s=1.0)
+    port = server.server_address[1]
+    trickler = socket.create_connection(("127.0.0.1", port))
+    trickler.sendall(b"GET /_site/index.html HTTP/1.1\r\n")
+    t0, dropped = time.monotonic(), False
+    while time.monotonic() - t0 < 5:
+        try:
+            trickler.sendall(b"X")  # a byte every 0.3 s: within the per-read timeout
+        except OSError:
+            dropped = True
+            break
+        time.sleep(0.3)
+        trickler.settimeout(0.01)
+        try:
+            if trickler.recv(100) == b"":
+                dropped = True
+                break
+        except TimeoutError:
+            pass
+    assert dropped and time.monotonic() - t0 < 3, time.monotonic() - t0
+    trickler.close()
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    time.sleep(0.2)
+    third = socket.create_connection(("127.0.0.1", port))
+    third.settimeout(5)
+    assert third.recv(100).startswith(b"HTTP/1.0 503")  # this address's cap, with slots left
+    for s in (third, *held):
+        s.close()
+    time.sleep(1.5)
+    assert _get(f"{base}/_site/index.html")[0] == 200
