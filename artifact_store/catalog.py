@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from artifact_store.refs import CATALOG_DIR, ArtifactRef
+from artifact_store.refs import CATALOG_DIR, KINDS, NAME_RE, VERSION_RE, ArtifactRef
 from data_manifests.schemas import CATALOG
 
 if TYPE_CHECKING:
@@ -51,14 +51,38 @@ def write_catalog_row(store: StoreBackend, record: dict[str, Any]) -> None:
     store.write_atomic(catalog_row_path(store, ref), buf.getvalue())
 
 
+def check_row(table: pa.Table, kind: str, name: str, version: str) -> None:
+    """A catalog file read back is store data: it must hold one row naming the version its path
+    names (kind, name, version, ref), with a valid name and version, sane parents and sizes
+    (ValueError naming the field otherwise)."""
+    if table.num_rows != 1:
+        raise ValueError(f"{table.num_rows} rows, not one")
+    row = table.to_pylist()[0]
+    expected = {"kind": kind, "name": name, "version": version, "ref": f"{kind}/{name}@{version}"}
+    wrong = sorted(k for k, v in expected.items() if row.get(k) != v)
+    if wrong:
+        raise ValueError(f"its {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not match its path")
+    if kind not in KINDS or not NAME_RE.fullmatch(name) or not VERSION_RE.fullmatch(version):
+        raise ValueError("its path names no version of this store")
+    for parent in row.get("parents") or []:  # a ref, or a source outside the store (a folder, a hub id)
+        if not isinstance(parent, str) or not parent or "\n" in parent or len(parent) > 4096:
+            raise ValueError("a parent is neither a ref nor a source")
+    if (row.get("size_bytes") or 0) < 0 or (row.get("file_count") or 0) < 0:
+        raise ValueError("a negative size or file count")
+
+
 def read_catalog_rows(store: StoreBackend) -> tuple[pa.Table, list[str]]:
-    """The catalog rows that read, and the paths of those that do not (a damaged or foreign
-    file is skipped with a warning naming it; `asd store catalog --rebuild` rewrites it)."""
+    """The catalog rows that read and check out (`check_row`), and the paths of those that do not
+    (a damaged, forged or foreign file is skipped with a warning naming it; `asd store catalog
+    --rebuild` rewrites the row of a committed version)."""
     tables, damaged = [], []
     for path in sorted(store.fs.glob(store.path(CATALOG_DIR, "*", "*", "*.parquet"))):
         try:
             with store.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, schema=CATALOG))
+                table = pq.read_table(f, schema=CATALOG)
+            kind, name, file = path.rsplit("/", 3)[1:]
+            check_row(table, kind, name, file[: -len(".parquet")])
+            tables.append(table)
         except (OSError, ValueError, pa.ArrowException) as exc:
             log.warning(
                 "catalog row %s is unreadable, skipped (%s: %s); `asd store catalog --rebuild` rewrites it",

@@ -57,6 +57,9 @@ class _Site:
         self.files = store.site_files()
         self.pages = self.made = self.reused = self.unchanged = 0
         self.previews: dict[str, list[str]] = {}  # generations ref -> its first thumbnails (for the index)
+        self.extra_pages: dict[
+            str, str
+        ] = {}  # zoom pages written for the version page being built: rel -> sha256
 
     def write(self, rel: str, data: bytes) -> None:
         self.files.write_atomic(rel, data)
@@ -64,12 +67,18 @@ class _Site:
     def existing(self, rel_dir: str) -> set[str]:
         return set(self.files.ls(rel_dir))
 
-    def page_exists(self, rel: str) -> bool:
-        return self.files.exists(rel)
-
-    def write_page(self, rel: str, title: str, body: str, root: str) -> None:
-        self.write(rel, page(title, body, root).encode())
+    def write_page(self, rel: str, title: str, body: str, root: str) -> str:
+        """The page written; its sha256 (the build state keeps it: a page edited since is rebuilt)."""
+        data = page(title, body, root).encode()
+        self.write(rel, data)
         self.pages += 1
+        return hashlib.sha256(data).hexdigest()
+
+    def page_sha256(self, rel: str) -> str | None:
+        try:
+            return hashlib.sha256(self.files.read(rel)).hexdigest()
+        except (OSError, StoreError):
+            return None
 
 
 def _read_state(store: ArtifactStore) -> dict[str, Any]:
@@ -142,12 +151,13 @@ def _zoom_page(site: _Site, ref: ArtifactRef, item: dict[str, Any]) -> str:
     """The site's own zoomable viewer of a large output (link from a version page), made from
     the version's `.dzi` by this code: the dashboard never runs a page stored in a version."""
     rel = f"zoom/{ref.kind}/{ref.name}/{ref.version}/{item['key']}.html"
-    if f"{item['key']}.html" not in site.existing(rel.rsplit("/", 1)[0]):
-        up = "../" * 5  # zoom/<kind>/<name>/<version>/ -> the store root
-        files = f"{up}{ref.prefix}/{item['deep_zoom'][: -len('.dzi')]}_files"
-        dz = read_dzi(site.store.read_checked(ref, item["deep_zoom"]))
-        title = f"{item['key']} ({item['width']}x{item['height']})"
-        site.write(rel, viewer_page(title, dz, files, f"{up}{ref.prefix}/{VIEWER_ASSETS}").encode())
+    up = "../" * 5  # zoom/<kind>/<name>/<version>/ -> the store root
+    files = f"{up}{ref.prefix}/{item['deep_zoom'][: -len('.dzi')]}_files"
+    dz = read_dzi(site.store.read_checked(ref, item["deep_zoom"]))
+    title = f"{item['key']} ({item['width']}x{item['height']})"
+    data = viewer_page(title, dz, files, f"{up}{ref.prefix}/{VIEWER_ASSETS}").encode()
+    site.write(rel, data)  # written with its version page, whatever was there
+    site.extra_pages[rel] = hashlib.sha256(data).hexdigest()
     return f"{PAGE_ROOT}{rel}"
 
 
@@ -348,6 +358,20 @@ def _trends(site: _Site, df: pl.DataFrame, parents: dict[str, list[str]]) -> str
     return "<h2>Metric trends</h2>" + ("".join(out) or "<p class=muted>no evaluations yet</p>")
 
 
+def _unchanged(site: _Site, rel: str, fp: str, before: Any) -> bool:
+    """A version page (and its zoom pages) may be kept: the last build made it from what it would
+    be made from now (`fp`), and every page it wrote still hashes to what it wrote (an edited or
+    removed page is rebuilt). A malformed state entry is "changed"."""
+    if (
+        not isinstance(before, dict)
+        or before.get("fp") != fp
+        or not isinstance(before.get("pages", {}), dict)
+    ):
+        return False
+    pages = {rel: before.get("sha256"), **before.get("pages", {})}
+    return all(isinstance(sha, str) and site.page_sha256(p) == sha for p, sha in pages.items())
+
+
 def build_site(
     store: ArtifactStore, thumb_px: int = 256, max_images: int = 200, prefect_ui: str | None = None
 ) -> SiteBuild:
@@ -365,14 +389,22 @@ def build_site(
         rel = version_page(row["kind"], row["name"], row["version"])
         fp = _page_fingerprint(site, row, parents, children)
         before = state.get(rel)
-        if isinstance(before, dict) and before.get("fp") == fp and site.page_exists(rel):
-            built[rel] = before  # nothing it shows changed: not rebuilt, not rewritten
-            if before.get("previews"):
-                site.previews[row["ref"]] = list(before["previews"])
+        if _unchanged(site, rel, fp, before):
+            built[rel] = before  # nothing it shows changed, and its pages are the ones written: kept
+            mine = f"img/{row['kind']}/{row['name']}/{row['version']}/"
+            previews = [p for p in before.get("previews") or [] if isinstance(p, str) and p.startswith(mine)]
+            if previews and all(".." not in p.split("/") for p in previews):  # the state is store data too
+                site.previews[row["ref"]] = previews
             site.unchanged += 1
             continue
-        site.write_page(rel, row["ref"], _version_body(site, row, parents, children), PAGE_ROOT)
-        built[rel] = {"fp": fp, "previews": site.previews.get(row["ref"], [])}
+        site.extra_pages = {}
+        sha = site.write_page(rel, row["ref"], _version_body(site, row, parents, children), PAGE_ROOT)
+        built[rel] = {
+            "fp": fp,
+            "sha256": sha,
+            "pages": site.extra_pages,
+            "previews": site.previews.get(row["ref"], []),
+        }
     site.write(BUILD_STATE, json.dumps(built, sort_keys=True).encode())
     sections = []
     for kind in sorted(KINDS, key=lambda k: (k != "generations", k != "evaluations", k)):

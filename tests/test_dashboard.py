@@ -152,6 +152,12 @@ def test_site_lists_versions_with_lineage_gallery_and_trends(populated_store):
     assert (
         "000000-200x120-abc.png" in store.fs.cat_file(store.path("_site", "index.html")).decode()
     )  # previews kept
+    # a page edited in the store since it was written is rebuilt, not kept: the site is store data
+    page_path = store.path("_site", "v", "models", "m1", f"{model.version}.html")
+    store.fs.pipe_file(page_path, b"<script>alert(1)</script>")
+    fourth = build_site(store, thumb_px=64)
+    assert (fourth.pages, fourth.pages_unchanged) == (2, 4)
+    assert b"<script>alert(1)" not in store.fs.cat_file(page_path)
 
 
 def test_server_serves_the_store_and_nothing_outside(populated_store, tmp_path):

@@ -113,3 +113,29 @@ def test_a_corrupt_catalog_file_is_skipped_with_a_warning_and_rebuilt(tmp_path, 
     assert asd_main(["--store", str(tmp_path), "store", "catalog", "--rebuild"]) == 0
     assert "(3 versions)" in capsys.readouterr().out
     assert "stray.parquet names no committed version" in caplog.text
+
+
+def test_a_catalog_row_that_names_another_version_is_not_taken(tmp_path, caplog):
+    """A catalog file is store data: a row whose fields do not name the version its path names
+    (a forged ref or name, a row copied under another name, two rows) is skipped with a warning,
+    and the rebuild writes the version's own row back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store, dref, mref, gref = _chain(str(tmp_path))
+    path = tmp_path / "_catalog" / "models" / "arad" / f"{mref.version}.parquet"
+    row = pq.read_table(path).to_pylist()[0]
+    for forged in (
+        [row | {"ref": "models/other@" + mref.version}],
+        [row | {"name": "../../x"}],
+        [row, row],
+        [row | {"parents": ["a\nb"]}],
+    ):
+        pq.write_table(pa.Table.from_pylist(forged, schema=pq.read_schema(path)), path)
+        with caplog.at_level(logging.WARNING, logger="asd.store"):
+            refs = set(ArtifactStore(str(tmp_path)).catalog().column("ref").to_pylist())
+        assert str(mref) not in refs and str(dref) in refs
+        assert f"{mref.version}.parquet is unreadable" in caplog.text
+        caplog.clear()
+    refs = set(ArtifactStore(str(tmp_path)).catalog(rebuild=True).column("ref").to_pylist())
+    assert str(mref) in refs and pq.read_table(path).to_pylist()[0]["ref"] == str(mref)
