@@ -389,7 +389,7 @@ def build_site(
         rel = version_page(row["kind"], row["name"], row["version"])
         fp = _page_fingerprint(site, row, parents, children)
         before = state.get(rel)
-        if _unchanged(site, rel, fp, before):
+        if isinstance(before, dict) and _unchanged(site, rel, fp, before):
             built[rel] = before  # nothing it shows changed, and its pages are the ones written: kept
             mine = f"img/{row['kind']}/{row['name']}/{row['version']}/"
             previews = [p for p in before.get("previews") or [] if isinstance(p, str) and p.startswith(mine)]
