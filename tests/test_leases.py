@@ -192,6 +192,8 @@ def test_gc_tampering_and_a_second_run_while_a_resumed_job_writes(store_url, tmp
         assert "is being written by" in refused.stderr and "flow run" in refused.stderr, refused.stderr[
             -2000:
         ]
+        assert "Traceback" not in refused.stderr, refused.stderr[-3000:]  # the refusal is one line
+        assert len([x for x in refused.stderr.splitlines() if x.startswith("asd: ")]) == 1
         waiter = _asd(store_url, *job, env={**env, "ASD_LEASE_WAIT_S": "240"}, wait=False)
         time.sleep(1)
         hold.touch()

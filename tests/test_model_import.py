@@ -293,3 +293,37 @@ def test_a_single_file_is_read_by_its_keys(tiny_dirs, tmp_path, capsys):
         "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "not in the local Hugging Face cache" in err
     )
     assert not (store_dir / "models").exists() or not any((store_dir / "models").rglob("_COMMITTED.json"))
+
+
+def test_an_error_found_inside_the_flow_is_one_line_on_a_terminal(tiny_dirs, tmp_path):
+    """A bad input found inside a flow (here: a single file whose default configs are not in
+    the cache) prints the CLI's one line, not Prefect's traceback before it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    single = write_sd_single_file(tiny_dirs["sd"], tmp_path / "tiny-sd.safetensors")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "PREFECT_HOME": str(tmp_path / "ph")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "--store",
+            str(tmp_path / "store"),
+            "model",
+            "import",
+            str(single),
+            "--name",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("asd: ")]
+    assert "not in the local Hugging Face cache" in line

@@ -7,6 +7,7 @@ mistake is one line, `asd: <what> (<where>)`, and exit code 2, before any work s
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -110,6 +111,32 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
+class _OneLineForUserErrors(logging.Filter):
+    """Prefect logs a flow's exception with its traceback to the console before the CLI prints
+    it: for a user error (a refused run, a bad input found inside a flow) that record is dropped
+    from the console, since the CLI's one line says it. The run's own log (the API handler, the
+    Prefect UI) keeps it."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, self.types)
+
+
+def _quiet_user_error_tracebacks() -> None:
+    """The filter above on every console handler (Prefect's sits on the root logger)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = _OneLineForUserErrors(_user_error_types())
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(quiet)
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM ends `asd` like Ctrl-C: cleanup runs (Prefect's temporary server is stopped)."""
 
@@ -130,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.server_guard import tie_temporary_server_to_this_process
 
     tie_temporary_server_to_this_process()
+    _quiet_user_error_tracebacks()
     try:
         return args.func(args)
     except CorruptRecord as exc:
