@@ -29,6 +29,7 @@ from asd_models.families.base import (
     as_denoiser,
     cat_conditioning,
 )
+from asd_models.image_share import ImageShare, assign, current_share
 from asd_models.memory import release_free_heap
 from asd_models.tiling import Box, gaussian_weights, grid_boxes, uniform_weights
 
@@ -292,10 +293,15 @@ def sample_jobs(model: Any, jobs: list[TiledJob], tile_batch_size: int = 8) -> l
                 tiles_by_shape[(latent_in.shape[1], rh, rw)].append(_Tile(j, box, ry, rx, latent_in, t_dev))
             acc[id(j)] = _Fusion(denoiser.out_channels, H, W, latent_in.device, weighted=not j.partition)
             j.boxes_this_step, j.tiles_done = len(boxes), 0
+        share = current_share()
+        if share is not None:  # this process runs its share of the pieces (image_share)
+            tiles_by_shape = _my_share(tiles_by_shape, share)
         for (_c, rh, rw), group in tiles_by_shape.items():
             for i in range(0, len(group), tile_batch_size):
                 _predict_batch(denoiser, group[i : i + tile_batch_size], rh, rw, dtype, acc)
         for j in active:
+            if share is not None:  # each position was written by one rank: the sum is the whole
+                acc[id(j)].all_reduce(share)
             eps = j.previous = acc[id(j)].noise(j.previous, j.partition or j.covers_all)
             t = j.timesteps[j.step]
             j.latents = j.scheduler.step(
@@ -310,6 +316,22 @@ def sample_jobs(model: Any, jobs: list[TiledJob], tile_batch_size: int = 8) -> l
         ):  # this round's freed tensors back to the system
             release_free_heap()
     return jobs
+
+
+def _my_share(
+    tiles_by_shape: dict[tuple[int, int, int], list[_Tile]], share: ImageShare
+) -> dict[tuple[int, int, int], list[_Tile]]:
+    """The pieces this rank runs (`assign`, by run area); the others' are counted as run (a job's
+    UNet evaluations are the whole image's, whichever rank made them)."""
+    every = [(shape, tile) for shape, group in tiles_by_shape.items() for tile in group]
+    owners = assign([rh * rw for (_c, rh, rw), _ in every], share.world)
+    mine: dict[tuple[int, int, int], list[_Tile]] = defaultdict(list)
+    for (shape, tile), owner in zip(every, owners, strict=True):
+        if owner == share.rank:
+            mine[shape].append(tile)
+        else:
+            tile.job.unet_tiles += 2 if tile.job.use_cfg else 1
+    return mine
 
 
 class _Fusion:
@@ -327,6 +349,12 @@ class _Fusion:
         wmap = _weights(weighting, h, w, eps.device)
         self.fused[:, :, y : y + h, x : x + w] += eps * wmap
         self.weight_sum[:, :, y : y + h, x : x + w] += wmap
+
+    def all_reduce(self, share: ImageShare) -> None:
+        """Every rank's pieces summed: the prediction (and weights) of all of them, on every rank."""
+        share.all_reduce(self.fused)
+        if self.weight_sum is not None:
+            share.all_reduce(self.weight_sum)
 
     def noise(self, previous: torch.Tensor | None, covered: bool) -> torch.Tensor:
         """The fused noise; positions no box covered take `previous` (checked on the device only

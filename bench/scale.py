@@ -54,8 +54,11 @@ def _stub_pipeline() -> None:
     class Stand:
         device = torch.device("cpu")
 
-        def default_sampler(self, *a: Any, **k: Any) -> None:
-            return None
+        def default_sampler(self, *a: Any, **k: Any) -> Any:
+            return self  # the stand-in is its own sampler: it takes any options and ignores them
+
+        def with_options(self, **k: Any) -> Any:
+            return self
 
         def generate_many(self, reqs: list[Any], sampler: Any, **k: Any) -> list[AnySizeResult]:
             return [

@@ -14,6 +14,7 @@ counts, never rows: its memory and Prefect's work do not grow with the number of
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -51,6 +52,7 @@ from tasks.generate_settings import (
     image_key,
     invalid_row,
 )
+from tasks.image_parallel import SharedRender, render_shared
 from tasks.job_plan import RATE_METRIC, plan_job
 from tasks.model_cache import cached_pipeline, model_loads
 from tasks.outputs import add_viewer_assets, store_rendered, tar_members, write_shard_tar
@@ -78,6 +80,24 @@ def _prompt_table(store_url: str, prompts_ref: str) -> pa.Table:
     return read_prompts(ArtifactStore(store_url), prompts_ref)
 
 
+def _shared_render(job: GenerationJob, reqs: list[Any], pipe: Any) -> SharedRender:
+    """A pack as `--image-parallel` ranks render it: each loads the job's model as this worker
+    did, on its own device (a GPU each, or CPU threads split between them)."""
+    import torch
+
+    s = job.settings
+    return SharedRender(
+        load=functools.partial(
+            cached_pipeline, job.store_url, job.model, s.upscaler, dtype=s.dtype, lora=tuple(s.lora)
+        ),
+        sampler_for=s.sampler_on,
+        requests=reqs,
+        memmap_pixels=s.large_image_pixels,
+        device=pipe.device.type,
+        threads=max(1, torch.get_num_threads() // s.image_parallel),
+    )
+
+
 def _render_pack(
     pipe: Any,
     pack: list[dict[str, Any]],
@@ -99,8 +119,12 @@ def _render_pack(
     window = peak_rss_window()  # correct with other threads rendering in this process; closed by `store`
     pack_peak = window.__enter__()
     t0 = time.perf_counter()
+    results: list[Any]
     try:  # progress is per shard (a log line each) and per job (the flow's artifact): no API calls per step
-        results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
+        if s.image_parallel > 1:
+            results = render_shared(_shared_render(job, reqs, pipe), s.image_parallel)
+        else:
+            results = pipe.generate_many(reqs, sampler, memmap_pixels=s.large_image_pixels)
         error = None
     except (ValueError, RuntimeError) as exc:
         results, error = [None] * len(pack), f"{type(exc).__name__}: {exc}"

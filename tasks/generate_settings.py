@@ -38,6 +38,15 @@ class GenerateSettings(RenderSettings):
         "fragment is written once its images are (a killed worker loses at most one chunk)",
     )
     retries: int = execution(2, ge=0, description="retries of a failed shard task (a lost worker, an error)")
+    image_parallel: int = execution(
+        1,
+        ge=1,
+        le=64,
+        description="processes that render each pack together, each taking a share of every step's "
+        "pieces (one per GPU, rank k on the k-th visible GPU; gloo on CPUs): for images too large for one "
+        "device's time. The images are the one-process images (equal with --tile-batch-size 1; a batch's "
+        "float rounding may move a pixel by one level otherwise)",
+    )
     layout: Literal["files", "webdataset"] = output(
         "files",
         description="files: one PNG object per image (what dashboards and S3 readers link to); webdataset: "
