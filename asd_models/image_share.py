@@ -3,8 +3,10 @@ FSTD's pieces are independent and their places depend only on the job's salt and
 every process computes the same pieces, runs its share of them (`assign`: balanced by area, the
 same answer on every rank), and one all-reduce of the fused prediction per step (each position
 written by exactly one process) gives every process the same latent; the scheduler step then
-runs on every rank. The share is set for the process (`image_share`) and read by the sampling
-loop (`asd_models.fstd.sample_jobs`); without one, nothing changes."""
+runs on every rank. The tiled VAE splits the same way: each rank encodes or decodes its share of
+the tiles (latents all-reduced, pixels summed into rank 0's output). The share is set for the
+process (`image_share`) and read by the sampling loop (`asd_models.fstd.sample_jobs`) and the
+tiled VAE (`asd_models.tiled_vae`); without one, nothing changes."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class ImageShare:
     rank: int
     world: int
     group: Any = None  # a torch.distributed process group (None: the default one)
+    device: str = "cpu"  # where this rank's collectives run (NCCL: its GPU)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:
@@ -38,6 +41,24 @@ class ImageShare:
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def mine(self, areas: list[int]) -> list[bool]:
+        """Which of these pieces (by area) this rank runs (`assign`)."""
+        return [owner == self.rank for owner in assign(areas, self.world)]
+
+    def gather_pixels(self, out: Any, strip_bytes: int = 64 << 20) -> None:
+        """Every rank's disjoint tiles of an H x W x 3 uint8 array (zeros elsewhere) summed into
+        rank 0's `out` (a memory-mapped one too), a strip of rows at a time through this rank's
+        device: the sum of disjoint tiles and zeros is exact."""
+        import numpy as np
+        import torch.distributed as dist
+
+        rows = max(1, strip_bytes // max(1, out.shape[1] * out.shape[2]))
+        for y in range(0, out.shape[0], rows):
+            strip = torch.from_numpy(np.ascontiguousarray(out[y : y + rows])).to(self.device)
+            dist.reduce(strip, dst=0, op=dist.ReduceOp.SUM, group=self.group)
+            if self.rank == 0:
+                out[y : y + rows] = strip.cpu().numpy()
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from asd_models.devices import auto_tile_batch_size, vae_upcast_dtype
 from asd_models.families.base import Conditioning, Denoiser
 from asd_models.fidelity import FIDELITY
 from asd_models.fstd import TiledJob, img2img_start, sample_jobs
-from asd_models.image_share import current_share
 from asd_models.images import CoverCanvas, pil_to_tensor_m11, shrunk_for, tensor_m11_to_pil
 from asd_models.large_images import output_array
 from asd_models.latent_scale import from_latents
@@ -422,10 +421,6 @@ class AnySizePipeline:
         del images
         stage("fstd")
         sample_jobs(Denoiser(self.upscaler or self.c), jobs, sampler.tile_batch_size)
-        share = current_share()
-        if share is not None and share.rank != 0:  # the other ranks helped denoise; rank 0 decodes
-            stage("done")
-            return []
         stage("decode")
         results = []
         for r, job in zip(renders, jobs, strict=True):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asd_models.image_share import current_share
 from asd_models.images import CoverCanvas
 from asd_models.latent_scale import from_latents, to_latents
 from asd_models.memory import release_free_heap
@@ -140,7 +141,11 @@ def tiled_decode(
     if out is None:
         out = np.zeros((bottom - top, right - left, 3), dtype=np.uint8)
     boxes = [(y, th, x, tw) for y, th in _tiles(h, tile) for x, tw in _tiles(w, tile)]
+    share = None if whole else current_share()  # with an image share: this rank's tiles, summed after
+    mine = share.mine([th * tw for _, th, _, tw in boxes]) if share else [True] * len(boxes)
     for i, (y, th, x, tw) in enumerate(boxes):
+        if not mine[i]:
+            continue
         y0, y1, x0, x1 = max(0, y - pad), min(h, y + th + pad), max(0, x - pad), min(w, x + tw + pad)
         img = decoder.decode(z[:, :, y0:y1, x0:x1]).sample[0]
         core = img[:, (y - y0) * f : (y - y0 + th) * f, (x - x0) * f : (x - x0 + tw) * f]
@@ -157,6 +162,8 @@ def tiled_decode(
             release_free_heap()
         if progress:
             progress(i + 1, len(boxes))
+    if share is not None:
+        share.gather_pixels(out)
     return out
 
 
@@ -215,7 +222,11 @@ def tiled_encode(
     session.applying()
     latents = torch.zeros(1, vae.config.latent_channels, H // f, W // f, device=device)
     boxes = [(y, th, x, tw) for y, th in _tiles(H, tile) for x, tw in _tiles(W, tile)]
+    share = current_share()  # with an image share: this rank's tiles, all-reduced after
+    mine = share.mine([th * tw for _, th, _, tw in boxes]) if share else [True] * len(boxes)
     for i, (y, th, x, tw) in enumerate(boxes):
+        if not mine[i]:
+            continue
         y0, y1, x0, x1 = max(0, y - pad), min(H, y + th + pad), max(0, x - pad), min(W, x + tw + pad)
         z = encoder.encode(region(y0, y1, x0, x1)).latent_dist.mean
         latents[:, :, y // f : (y + th) // f, x // f : (x + tw) // f] = z.float()[
@@ -223,4 +234,6 @@ def tiled_encode(
         ]
         if progress:
             progress(i + 1, len(boxes))
+    if share is not None:
+        share.all_reduce(latents)
     return to_latents(vae, latents)

@@ -4,8 +4,8 @@ TCP on 127.0.0.1, NCCL with one GPU a rank (rank k on the k-th visible device), 
 
 The ranks are child processes (`python -m tasks.image_parallel SPEC RANK`, as torchrun would
 start them; a Dask worker, a daemon, may start them too), each loading the model the same way
-and running the same `generate_many` under its share. Rank 0 decodes and hands the images back
-through files (an output over the memory-map threshold comes back memory-mapped, never read
+and running the same `generate_many` under its share (the tiled VAE's encode and decode split
+by tile too). Rank 0 hands the images back through files (an output over the memory-map threshold comes back memory-mapped, never read
 whole). A rank that fails or dies stops the others and fails the pack with one line naming it
 (its images become failed rows, rendered again when the job is run again); a rank that hangs is
 stopped by the process group's timeout."""
@@ -162,7 +162,7 @@ def _rank_main(out: Path, rank: int, world: int, port: int) -> None:
             torch.cuda.set_device(rank)
         pipe = spec.load(device=device)
         fault_point(f"image-parallel-rank-{rank}")  # tests: a rank killed after it joined the group
-        with image_share(ImageShare(rank, world)):
+        with image_share(ImageShare(rank, world, device=device)):
             results = pipe.generate_many(
                 spec.requests, spec.sampler_for(pipe), memmap_pixels=spec.memmap_pixels
             )
