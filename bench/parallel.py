@@ -1,7 +1,12 @@
 """One image by one process and by two (`--image-parallel 2`, gloo), each process one thread, on
 the CPU: wall time, speed-up and peak RSS per process, and whether the pixels are the same.
 
-    python -m bench.parallel [--side 2048] [--steps 4] [--json PATH]
+    python -m bench.parallel [--width 2560] [--height 2048] [--steps 4] [--json PATH]
+
+The default size is 2048^2-class and just past the size up to which the pipeline runs the VAE on
+the whole latent (256^2 latent pixels: its mid-block attention is global, so that decode cannot
+be split without changing the image); above it the canvas encode and the decode are tiled and
+split between the ranks like the denoising.
 
 The model is the tiny SD model built in code (random weights: time and memory do not depend on
 them). Every arm runs in a fresh process; the two-process arm's time includes starting its ranks
@@ -28,7 +33,7 @@ def _peak_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def arm(kind: str, folder: str, side: int, steps: int, out: str) -> dict:
+def arm(kind: str, folder: str, width: int, height: int, steps: int, out: str) -> dict:
     import functools
 
     import numpy as np
@@ -39,7 +44,7 @@ def arm(kind: str, folder: str, side: int, steps: int, out: str) -> dict:
     from tasks.image_parallel import SharedRender, pipeline_from_folder, render_shared
 
     torch.set_num_threads(1)
-    reqs = [RenderRequest("a harbour at dusk", side, side, seed=1, steps=steps)]
+    reqs = [RenderRequest("a harbour at dusk", width, height, seed=1, steps=steps)]
     sampler_for = functools.partial(AnySizePipeline.default_sampler, tile_batch_size=1)
     t0 = time.perf_counter()
     if kind == "one":
@@ -60,14 +65,15 @@ def arm(kind: str, folder: str, side: int, steps: int, out: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--side", type=int, default=2048, help="the image's width and height in pixels")
+    ap.add_argument("--width", type=int, default=2560, help="the image's width in pixels")
+    ap.add_argument("--height", type=int, default=2048, help="the image's height in pixels")
     ap.add_argument("--steps", type=int, default=4, help="denoising steps")
     ap.add_argument("--json", default="bench/results/parallel.json")
-    ap.add_argument("--arm", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--arm", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.arm:
-        kind, folder, side, steps, out = args.arm
-        print(json.dumps(arm(kind, folder, int(side), int(steps), out)))
+        kind, folder, width, height, steps, out = args.arm
+        print(json.dumps(arm(kind, folder, int(width), int(height), int(steps), out)))
         return
     import numpy as np
 
@@ -78,9 +84,8 @@ def main() -> None:
         rows = []
         for kind in ("one", "2"):
             out = str(Path(tmp) / f"{kind}.npy")
-            rows.append(
-                child_arm("bench.parallel", "--arm", kind, str(folder), str(args.side), str(args.steps), out)
-            )
+            size = (str(args.width), str(args.height))
+            rows.append(child_arm("bench.parallel", "--arm", kind, str(folder), *size, str(args.steps), out))
         same = bool(np.array_equal(np.load(Path(tmp) / "one.npy"), np.load(Path(tmp) / "2.npy")))
     for r in rows:
         r["speedup"] = round(rows[0]["seconds"] / r["seconds"], 2)
@@ -95,7 +100,7 @@ def main() -> None:
             "same pixels": "{same_pixels}",
         },
     )
-    write_json(args.json, {"side": args.side, "steps": args.steps, "rows": rows})
+    write_json(args.json, {"width": args.width, "height": args.height, "steps": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":
