@@ -168,6 +168,19 @@ def _bad_csv(tmp_path):
             ["train", "--dataset", "d", "--model", "m", "--lora-rank", "-1"],
             "--lora-rank: Input should be greater",
         ),
+        (["upscale", "x", "--model", "m", "--scale", "0"], "--scale: Input should be greater than 1"),
+        (["upscale", "x", "--model", "m", "--long-side", "-3"], "--long-side: Input should be greater"),
+        (["upscale", "x", "--model", "m", "--scale", "2", "--size", "10x10"], "not scale and size"),
+        (["ingest", "{tmp}/nowhere", "--dataset", "d"], "no such file or folder"),
+        (["model", "import", "{tmp}/nowhere", "--name", "x"], "nowhere does not exist"),
+        (["model", "import", "{tmp}/m.ckpt", "--name", "x"], "never unpickles"),
+        (["model", "show", "bad/name@x"], "bad artifact reference"),
+        (["demo", "--family", "nosuch"], "invalid choice: 'nosuch'"),
+        (["backfill", "asd-generate/generate", "--dates", "notadate"], "--dates 'notadate'"),
+        (
+            ["generate", "--model", "m", "--prompt", "x", "--size", "64x64", "--image-parallel", "0"],
+            "--image-parallel: Input should be greater",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):
@@ -180,6 +193,7 @@ def test_user_mistakes_are_one_line_and_exit_2(argv, words, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("asd: ") and "Traceback" not in err, err
     assert words in err, err
     assert not (tmp_path / "store" / "generations").exists()
+    assert not (tmp_path / "store" / "models").exists()
 
 
 @pytest.fixture(scope="module")

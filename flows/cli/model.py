@@ -56,8 +56,10 @@ def cmd_model(args: argparse.Namespace) -> int:
     if args.model_cmd == "import":
         from artifact_store import check_name
         from flows.stages import model_import_flow
+        from tasks.model_import import open_model_source
 
         check_name(args.name)
+        open_model_source(args.source, args.config)  # a source that is not a model: one line, before any flow
         print(model_import_flow(args.source, args.name, store.url, args.rerun, args.config))
         return 0
     if args.model_cmd == "ls":
