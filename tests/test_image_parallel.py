@@ -63,6 +63,7 @@ def test_two_processes_render_the_one_process_images(tiny_model_dir):
     assert isinstance(shared[0].pixels, np.memmap) and np.array_equal(alone_big[0].pixels, shared[0].pixels)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_fails_the_pack_in_one_line(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("ASD_FAULT_AT", "image-parallel-rank-1")
     spec = SharedRender(
