@@ -295,9 +295,10 @@ def test_a_single_file_is_read_by_its_keys(tiny_dirs, tmp_path, capsys):
     assert not (store_dir / "models").exists() or not any((store_dir / "models").rglob("_COMMITTED.json"))
 
 
-def test_an_error_found_inside_the_flow_is_one_line_on_a_terminal(tiny_dirs, tmp_path):
-    """A bad input found inside a flow (here: a single file whose default configs are not in
-    the cache) prints the CLI's one line, not Prefect's traceback before it."""
+def test_a_bad_source_is_one_line_on_a_terminal(tiny_dirs, tmp_path):
+    """A bad source (here: a single file whose default configs are not in the cache) prints the
+    CLI's one line on a real terminal, no traceback (a refusal found inside a flow, a lease held,
+    is the same one line: `tests/test_leases.py`)."""
     import subprocess
     import sys
     from pathlib import Path
