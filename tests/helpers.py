@@ -3,11 +3,31 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from bench.harness import S3Requests, free_port, kill_tree
 
-__all__ = ["S3Requests", "free_port", "kill_tree", "smooth_image"]
+__all__ = ["S3Requests", "asd_process", "free_port", "kill_tree", "smooth_image"]
+
+
+def asd_process(
+    store: str, *argv: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`asd --store STORE ARGV...` in a fresh process (a real terminal's stderr, not capsys), with
+    `env` over this environment; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--store", store, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).parent.parent,
+        timeout=timeout,
+    )
 
 
 def smooth_image(seed: int, n: int = 256) -> np.ndarray:

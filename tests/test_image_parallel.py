@@ -79,29 +79,24 @@ def test_a_rank_that_dies_fails_the_pack_in_one_line(tiny_model_dir, monkeypatch
 @pytest.mark.slow
 def test_asd_generate_image_parallel_gives_the_same_images(stored_model, tmp_path):
     """The CLI: --image-parallel 2 renders the images --image-parallel 1 does (one piece a call)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from artifact_store import ArtifactStore
+    from tests.helpers import asd_process
 
     common = ["--prompt", "a lighthouse", "--size", "296x168", "--steps", "3", "--tile-batch-size", "1"]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PREFECT_HOME": str(tmp_path / "ph"),
-    }  # a thread each, as the ranks
+    env = {"OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "ph")}  # a thread each, as the ranks
     refs = []
     for n in (1, 2):
-        done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "--store", stored_model, "generate", "--model", "tiny"]
-            + ["--name", f"ip{n}", *common, "--image-parallel", str(n)],
-            capture_output=True,
-            text=True,
+        done = asd_process(
+            stored_model,
+            "generate",
+            "--model",
+            "tiny",
+            "--name",
+            f"ip{n}",
+            *common,
+            "--image-parallel",
+            str(n),
             env=env,
-            cwd=Path(__file__).parent.parent,
-            timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         refs.append(done.stdout.strip().splitlines()[-1])

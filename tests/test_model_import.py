@@ -19,6 +19,7 @@ from artifact_store import ArtifactStore
 from asd_models.families import TINY, save_tiny
 from bench.original_format import write_sd_single_file
 from flows.cli import main
+from tests.helpers import asd_process
 
 
 @pytest.fixture(scope="module")
@@ -299,30 +300,11 @@ def test_a_bad_source_is_one_line_on_a_terminal(tiny_dirs, tmp_path):
     """A bad source (here: a single file whose default configs are not in the cache) prints the
     CLI's one line on a real terminal, no traceback (a refusal found inside a flow, a lease held,
     is the same one line: `tests/test_leases.py`)."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     single = write_sd_single_file(tiny_dirs["sd"], tmp_path / "tiny-sd.safetensors")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "PREFECT_HOME": str(tmp_path / "ph")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "--store",
-            str(tmp_path / "store"),
-            "model",
-            "import",
-            str(single),
-            "--name",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path(__file__).parent.parent,
-        timeout=300,
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty-cache"), "PREFECT_HOME": str(tmp_path / "ph")}
+    done = asd_process(
+        str(tmp_path / "store"), "model", "import", str(single), "--name", "x", env=env, timeout=300
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
