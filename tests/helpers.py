@@ -16,7 +16,7 @@ __all__ = ["S3Requests", "asd_process", "free_port", "kill_tree", "smooth_image"
 
 
 def asd_process(
-    store: str, *argv: str, env: dict[str, str] | None = None, timeout: int = 600
+    store: str, *argv: str, env: dict[str, str] | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """`asd --store STORE ARGV...` in a fresh process (a real terminal's stderr, not capsys), with
     `env` over this environment; its output captured as text."""
@@ -24,7 +24,7 @@ def asd_process(
         [sys.executable, "-m", "flows.cli", "--store", store, *argv],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
         cwd=Path(__file__).parent.parent,
         timeout=timeout,
     )

@@ -5,9 +5,6 @@ worker killed mid-shard and the job still completes with every image once)."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from artifact_store import ArtifactRef, ArtifactStore, PendingVersion
 from asd_models.pipeline import AnySizePipeline, RenderRequest
 from tasks.fragments import list_fragments, write_fragment
 from tasks.generate import GenerateSettings
+from tests.helpers import asd_process as _asd
 
 REQUESTS = [
     RenderRequest("a red cat", 128, 128, seed=1, steps=3),
@@ -82,17 +80,6 @@ def _prompt_file(path: Path, n: int) -> Path:
         }
     ).write_parquet(path)
     return path
-
-
-def _asd(store_url, *args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=Path(__file__).parent.parent,
-        timeout=300,
-    )
 
 
 def _manifest(store_url, ref):

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from PIL import Image
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
 from artifact_store import ArtifactStore
 from artifact_store.refs import CorruptFile
+from tests.helpers import asd_process as _asd
 from tests.helpers import smooth_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,17 +149,6 @@ def test_upscale_target_rules():
         UpscaleSettings(scale=3, long_side=512)
     with pytest.raises(ValueError, match="each side must be 64..16384"):
         UpscaleSettings(size="100000x64")
-
-
-def _asd(store_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
-        timeout=900,
-    )
 
 
 @pytest.mark.slow

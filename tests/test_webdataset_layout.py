@@ -8,8 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 import flows.stages  # noqa: F401 - Prefect sets up its log handlers on import
 from artifact_store import ArtifactStore
 from artifact_store.members import TarPacker, image_bytes, image_uri
+from tests.helpers import asd_process as _asd
 
 
 def _prompts(path: Path, n: int) -> Path:
@@ -34,17 +33,6 @@ def _prompts(path: Path, n: int) -> Path:
         }
     ).write_parquet(path)
     return path
-
-
-def _asd(store_url: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--store", store_url, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        cwd=Path(__file__).parent.parent,
-        timeout=600,
-    )
 
 
 def test_tar_packer_offsets_point_at_each_members_bytes():
